@@ -1,0 +1,197 @@
+//! The one door to key-wrapping keys (KWKs): a `KeyBackend` wraps and unwraps
+//! 256-bit keys under a named, versioned KWK that it never reveals.
+//!
+//! The PKCS#11 backend (`crate::hsm`) is the real one; `MemoryBackend` here is
+//! for unit tests of the formats only. Both implement exactly the same
+//! construction — AES-256-GCM, 96-bit IV, 128-bit tag, caller-supplied AAD —
+//! so a format test against the memory backend exercises the same bytes.
+
+use crate::error::{Error, Result};
+use crate::secret::SecretKey;
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use rand::RngCore;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// GCM IV length used for every wrap (enforced: some HSMs accept others).
+pub const WRAP_IV_LEN: usize = 12;
+/// GCM tag length for every wrap, in bytes (enforced likewise).
+pub const WRAP_TAG_LEN: usize = 16;
+/// A wrapped 256-bit key: 32 bytes of ciphertext followed by the 16-byte tag.
+pub const WRAPPED_KEY_LEN: usize = 32 + WRAP_TAG_LEN;
+
+/// Longest key name; names are `[A-Za-z0-9._-]{1,64}`.
+pub const MAX_KEY_NAME_LEN: usize = 64;
+
+/// A specific version of a named KWK.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyRef {
+    pub name: String,
+    pub version: u32,
+}
+
+impl std::fmt::Display for KeyRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} v{}", self.name, self.version)
+    }
+}
+
+/// A key encrypted under a KWK with AES-256-GCM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrappedKey {
+    /// The 12-byte GCM IV (chosen by us, or by an HSM that generates IVs).
+    pub iv: [u8; WRAP_IV_LEN],
+    /// Ciphertext (32 bytes) || tag (16 bytes).
+    pub ciphertext: [u8; WRAPPED_KEY_LEN],
+}
+
+/// Checks a key name is one hsmseal can store in headers and labels.
+pub fn validate_key_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_KEY_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::usage(format!(
+            "invalid key name {name:?}: use 1 to {MAX_KEY_NAME_LEN} characters from A-Z a-z 0-9 . _ -"
+        )))
+    }
+}
+
+/// Everything the formats need from a key store.
+///
+/// Implementations must be usable from several worker threads at once.
+pub trait KeyBackend: Send + Sync {
+    /// The version new encryptions under `name` must use (the active one).
+    fn current_version(&self, name: &str) -> Result<u32>;
+
+    /// Encrypts `key` under the KWK `kwk` with AES-256-GCM and `aad`.
+    fn wrap(&self, kwk: &KeyRef, key: &SecretKey, aad: &[u8]) -> Result<WrappedKey>;
+
+    /// Decrypts a wrapped key. A wrong tag (tampering, wrong AAD, wrong KWK)
+    /// is an `ErrorKind::Integrity` error that says authentication failed.
+    fn unwrap(&self, kwk: &KeyRef, wrapped: &WrappedKey, aad: &[u8]) -> Result<SecretKey>;
+
+    /// How many calls into the key store (HSM) this backend has made so far.
+    fn calls(&self) -> u64;
+}
+
+/// An in-memory key store for unit tests of the formats. Never used by the
+/// binary: its keys live in process memory.
+#[derive(Default)]
+pub struct MemoryBackend {
+    keys: Mutex<BTreeMap<String, Vec<SecretKey>>>,
+    calls: AtomicU64,
+}
+
+impl MemoryBackend {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a new version of `name` (version 1 if it is new) and returns it.
+    pub fn add_version(&self, name: &str) -> u32 {
+        let mut keys = self.keys.lock().expect("memory backend lock");
+        let versions = keys.entry(name.to_string()).or_default();
+        versions.push(SecretKey::random());
+        versions.len() as u32
+    }
+
+    fn cipher(&self, kwk: &KeyRef) -> Result<Aes256Gcm> {
+        let keys = self.keys.lock().expect("memory backend lock");
+        let k = keys
+            .get(&kwk.name)
+            .and_then(|v| v.get((kwk.version as usize).wrapping_sub(1)))
+            .ok_or_else(|| Error::key(format!("key {kwk} not found")))?;
+        Ok(Aes256Gcm::new(k.expose().into()))
+    }
+}
+
+impl KeyBackend for MemoryBackend {
+    fn current_version(&self, name: &str) -> Result<u32> {
+        let keys = self.keys.lock().expect("memory backend lock");
+        match keys.get(name) {
+            Some(v) if !v.is_empty() => Ok(v.len() as u32),
+            _ => Err(Error::key(format!("key {name:?} not found"))),
+        }
+    }
+
+    fn wrap(&self, kwk: &KeyRef, key: &SecretKey, aad: &[u8]) -> Result<WrappedKey> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let cipher = self.cipher(kwk)?;
+        let mut iv = [0u8; WRAP_IV_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut iv);
+        let ct = cipher
+            .encrypt(
+                Nonce::from_slice(&iv),
+                Payload {
+                    msg: key.expose(),
+                    aad,
+                },
+            )
+            .map_err(|_| Error::key("wrap failed"))?;
+        let mut ciphertext = [0u8; WRAPPED_KEY_LEN];
+        ciphertext.copy_from_slice(&ct);
+        Ok(WrappedKey { iv, ciphertext })
+    }
+
+    fn unwrap(&self, kwk: &KeyRef, wrapped: &WrappedKey, aad: &[u8]) -> Result<SecretKey> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let cipher = self.cipher(kwk)?;
+        let mut pt = cipher
+            .decrypt(
+                Nonce::from_slice(&wrapped.iv),
+                Payload {
+                    msg: &wrapped.ciphertext,
+                    aad,
+                },
+            )
+            .map_err(|_| {
+                Error::integrity(format!(
+                    "authentication failed unwrapping the data key with {kwk}: the data was modified or belongs to another key"
+                ))
+            })?;
+        SecretKey::from_slice(&mut pt).ok_or_else(|| Error::integrity("unwrapped key has the wrong length"))
+    }
+
+    fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_backend_round_trip_and_rejects_wrong_aad_and_version() {
+        let b = MemoryBackend::new();
+        b.add_version("k");
+        b.add_version("k");
+        assert_eq!(b.current_version("k").unwrap(), 2);
+        let v1 = KeyRef { name: "k".into(), version: 1 };
+        let v2 = KeyRef { name: "k".into(), version: 2 };
+        let dek = SecretKey::random();
+        let w = b.wrap(&v1, &dek, b"aad").unwrap();
+        assert_eq!(b.unwrap(&v1, &w, b"aad").unwrap().expose(), dek.expose());
+        assert_eq!(b.unwrap(&v1, &w, b"aae").unwrap_err().kind(), crate::error::ErrorKind::Integrity);
+        assert_eq!(b.unwrap(&v2, &w, b"aad").unwrap_err().kind(), crate::error::ErrorKind::Integrity);
+        let missing = KeyRef { name: "nope".into(), version: 1 };
+        assert_eq!(b.unwrap(&missing, &w, b"aad").unwrap_err().kind(), crate::error::ErrorKind::Key);
+        assert_eq!(b.calls(), 5);
+    }
+
+    #[test]
+    fn key_names_are_validated() {
+        assert!(validate_key_name("backups").is_ok());
+        assert!(validate_key_name("a.b_c-1").is_ok());
+        for bad in ["", "a b", "a/b", "a:b", &"x".repeat(65), "é"] {
+            assert!(validate_key_name(bad).is_err(), "{bad}");
+        }
+    }
+}

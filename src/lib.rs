@@ -1,0 +1,6 @@
+//! hsmseal: envelope encryption at rest with key-wrapping keys held in a
+//! PKCS#11 HSM. The `hsmseal` binary is a thin user of this library.
+
+pub mod error;
+pub mod keys;
+pub mod secret;
