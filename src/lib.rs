@@ -1,6 +1,8 @@
 //! hsmseal: envelope encryption at rest with key-wrapping keys held in a
 //! PKCS#11 HSM. The `hsmseal` binary is a thin user of this library.
 
+pub mod app;
+pub mod commands;
 pub mod error;
 pub mod keys;
 pub mod secret;
