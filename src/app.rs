@@ -45,7 +45,10 @@ impl App {
 
     /// The key to encrypt under: the flag if given, else the configured default.
     pub fn key_name(&self, flag: Option<&str>) -> Result<String> {
-        match flag.map(str::to_string).or_else(|| self.default_key.clone()) {
+        match flag
+            .map(str::to_string)
+            .or_else(|| self.default_key.clone())
+        {
             Some(k) => {
                 crate::keys::validate_key_name(&k)?;
                 Ok(k)

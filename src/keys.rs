@@ -156,7 +156,8 @@ impl KeyBackend for MemoryBackend {
                     "authentication failed unwrapping the data key with {kwk}: the data was modified or belongs to another key"
                 ))
             })?;
-        SecretKey::from_slice(&mut pt).ok_or_else(|| Error::integrity("unwrapped key has the wrong length"))
+        SecretKey::from_slice(&mut pt)
+            .ok_or_else(|| Error::integrity("unwrapped key has the wrong length"))
     }
 
     fn calls(&self) -> u64 {
@@ -174,15 +175,33 @@ mod tests {
         b.add_version("k");
         b.add_version("k");
         assert_eq!(b.current_version("k").unwrap(), 2);
-        let v1 = KeyRef { name: "k".into(), version: 1 };
-        let v2 = KeyRef { name: "k".into(), version: 2 };
+        let v1 = KeyRef {
+            name: "k".into(),
+            version: 1,
+        };
+        let v2 = KeyRef {
+            name: "k".into(),
+            version: 2,
+        };
         let dek = SecretKey::random();
         let w = b.wrap(&v1, &dek, b"aad").unwrap();
         assert_eq!(b.unwrap(&v1, &w, b"aad").unwrap().expose(), dek.expose());
-        assert_eq!(b.unwrap(&v1, &w, b"aae").unwrap_err().kind(), crate::error::ErrorKind::Integrity);
-        assert_eq!(b.unwrap(&v2, &w, b"aad").unwrap_err().kind(), crate::error::ErrorKind::Integrity);
-        let missing = KeyRef { name: "nope".into(), version: 1 };
-        assert_eq!(b.unwrap(&missing, &w, b"aad").unwrap_err().kind(), crate::error::ErrorKind::Key);
+        assert_eq!(
+            b.unwrap(&v1, &w, b"aae").unwrap_err().kind(),
+            crate::error::ErrorKind::Integrity
+        );
+        assert_eq!(
+            b.unwrap(&v2, &w, b"aad").unwrap_err().kind(),
+            crate::error::ErrorKind::Integrity
+        );
+        let missing = KeyRef {
+            name: "nope".into(),
+            version: 1,
+        };
+        assert_eq!(
+            b.unwrap(&missing, &w, b"aad").unwrap_err().kind(),
+            crate::error::ErrorKind::Key
+        );
         assert_eq!(b.calls(), 5);
     }
 

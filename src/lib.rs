@@ -5,4 +5,5 @@ pub mod app;
 pub mod commands;
 pub mod error;
 pub mod keys;
+pub mod output;
 pub mod secret;
