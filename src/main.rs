@@ -1,1 +1,16 @@
-fn main() {}
+//! The `hsmseal` binary: parse flags, run the command, turn the outcome into
+//! an exit code. All the work is in the library.
+
+use clap::Parser;
+
+fn main() {
+    let cli = hsmseal::cli::Cli::parse();
+    let code = match hsmseal::commands::run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("hsmseal: error: {e}");
+            e.exit_code()
+        }
+    };
+    std::process::exit(code);
+}

@@ -1,2 +1,49 @@
-//! One module per subcommand. Each exposes its clap arguments and a `run`
-//! that returns the process exit code.
+//! One module per subcommand. Each turns its parsed arguments into work and
+//! returns the process exit code (0 success, 1 some items failed); hard
+//! failures come back as `Error`, whose kind picks the exit code.
+
+pub mod columns;
+pub mod config;
+pub mod decrypt;
+pub mod doctor;
+pub mod encrypt;
+pub mod init;
+pub mod inspect;
+pub mod key;
+mod paths;
+pub mod verify;
+
+use crate::app::App;
+use crate::cli::{Cli, Command};
+use crate::config::{self as settings, Overrides};
+use crate::error::Result;
+
+/// Runs one parsed command line.
+pub fn run(cli: Cli) -> Result<i32> {
+    let g = &cli.global;
+    if let Command::Init(args) = &cli.command {
+        // init must not depend on an existing configuration.
+        return init::run(args, g.json, g.quiet);
+    }
+    let overrides = Overrides {
+        module: g.module.clone(),
+        token: g.token.clone(),
+        pin_file: g.pin_file.clone(),
+        key: None,
+        jobs: g.jobs,
+    };
+    let resolved = settings::resolve(&overrides)?;
+    resolved.export_softhsm2_conf();
+    let app = App::new(resolved, g.json, g.quiet);
+    match cli.command {
+        Command::Init(_) => unreachable!("handled above"),
+        Command::Key(cmd) => key::run(&app, cmd),
+        Command::Encrypt(args) => encrypt::run(&app, args),
+        Command::Decrypt(args) => decrypt::run(&app, args),
+        Command::Verify(args) => verify::run(&app, args),
+        Command::Inspect(args) => inspect::run(&app, args),
+        Command::Doctor => doctor::run(&app),
+        Command::Config(cmd) => config::run(&app, cmd),
+        Command::Columns(cmd) => columns::run(&app, cmd),
+    }
+}

@@ -1,0 +1,17 @@
+//! `hsmseal doctor`: can hsmseal work with this module, token and keys?
+//! Reports module and token details, the mechanisms hsmseal needs, and each
+//! key's attributes with anything that makes hsmseal refuse it.
+
+use crate::app::App;
+use crate::error::Result;
+
+pub fn run(app: &App) -> Result<i32> {
+    let hsm = app.hsm()?;
+    let report = hsm.doctor()?;
+    if app.json {
+        println!("{}", serde_json::to_string(&report).expect("serialisable"));
+    } else {
+        println!("{report}");
+    }
+    Ok(if report.healthy() { 0 } else { 1 })
+}
