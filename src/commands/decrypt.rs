@@ -28,10 +28,14 @@ pub fn run(app: &App, args: DecryptArgs) -> Result<i32> {
             (None, Input::File(p)) => Output::File(strip_suffix(p)?),
         };
         check_pair(input, &output, args.force)?;
-        let reader = input.open()?;
+        let mut reader = input.open()?;
+        // Reject what is not an hsmseal file before touching the HSM.
+        let (header, _) = file::read_header(&mut reader)?;
         let backend = app.backend()?;
         // 0600: decrypted data is for the owner only.
-        let report = write_output(&output, 0o600, args.force, |w| file::open(&*backend, reader, w, &opts))?;
+        let report = write_output(&output, 0o600, args.force, |w| {
+            file::open_payload(&*backend, &header, reader, w, &opts)
+        })?;
         Ok(Some(ItemReport {
             path: input.display(),
             output: Some(output.display()),

@@ -15,9 +15,10 @@ pub fn run(app: &App, args: VerifyArgs) -> Result<i32> {
         progress: None,
     };
     for_each_item(app, &inputs, Input::display, |input| {
-        let reader = input.open()?;
+        let mut reader = input.open()?;
+        let (header, _) = file::read_header(&mut reader)?;
         let backend = app.backend()?;
-        let report = file::verify(&*backend, reader, &opts)?;
+        let report = file::verify_payload(&*backend, &header, reader, &opts)?;
         if !app.json && !app.quiet {
             println!("{}: OK ({} bytes, key {})", input.display(), report.plaintext_bytes, report.kwk);
         }

@@ -71,7 +71,19 @@ pub fn open<R: Read, W: Write>(
     opts: &StreamOptions,
 ) -> Result<FileReport> {
     let (header, _) = read_header(&mut input)?;
-    let (dek, kwk) = unwrap_dek(backend, &header)?;
+    open_payload(backend, &header, input, output, opts)
+}
+
+/// Decrypts the payload that follows an already parsed header (so callers
+/// can reject a file that is not hsmseal before asking for a PIN).
+pub fn open_payload<R: Read, W: Write>(
+    backend: &dyn KeyBackend,
+    header: &Header,
+    input: R,
+    output: W,
+    opts: &StreamOptions,
+) -> Result<FileReport> {
+    let (dek, kwk) = unwrap_dek(backend, header)?;
     let n = stream::decrypt(&dek, &header::payload_context(), input, output, opts)?;
     Ok(FileReport {
         kwk,
@@ -82,7 +94,17 @@ pub fn open<R: Read, W: Write>(
 /// Authenticates a whole hsmseal file, writing nothing.
 pub fn verify<R: Read>(backend: &dyn KeyBackend, mut input: R, opts: &StreamOptions) -> Result<FileReport> {
     let (header, _) = read_header(&mut input)?;
-    let (dek, kwk) = unwrap_dek(backend, &header)?;
+    verify_payload(backend, &header, input, opts)
+}
+
+/// Authenticates the payload that follows an already parsed header.
+pub fn verify_payload<R: Read>(
+    backend: &dyn KeyBackend,
+    header: &Header,
+    input: R,
+    opts: &StreamOptions,
+) -> Result<FileReport> {
+    let (dek, kwk) = unwrap_dek(backend, header)?;
     let n = stream::verify(&dek, &header::payload_context(), input, opts)?;
     Ok(FileReport {
         kwk,

@@ -1,0 +1,44 @@
+# hsmseal — see README.md. `make demo` and `make test` work on a fresh
+# Debian machine: they install what they need (SoftHSM2, PostgreSQL for the
+# end-to-end test) first.
+
+CARGO ?= cargo
+BIN := target/release/hsmseal
+
+.PHONY: all build deps test unit-test pg-e2e demo bench lint fmt clean
+
+all: build
+
+deps:
+	./scripts/install-deps.sh
+
+build:
+	$(CARGO) build --release --locked
+
+# Unit, property, Wycheproof and CLI tests (each with its own SoftHSM2 token),
+# then the PostgreSQL end-to-end migration test.
+test: deps build unit-test pg-e2e
+
+unit-test:
+	$(CARGO) test --release --locked
+
+pg-e2e: deps build
+	./scripts/install-deps.sh postgresql
+	./scripts/pg-e2e.sh $(BIN)
+
+demo: deps build
+	./scripts/demo.sh $(BIN)
+
+bench: deps build
+	./scripts/bench.sh $(BIN)
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets --locked -- -D warnings
+
+fmt:
+	$(CARGO) fmt
+
+clean:
+	$(CARGO) clean
+	rm -rf target/demo bench-out
