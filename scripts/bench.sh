@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# `make bench`: hsmseal side by side with its peers, in one run, on this
+# machine; writes docs/PERFORMANCE.md. Never used as a test: no thresholds.
+#
+#   scripts/bench.sh [path/to/hsmseal]      (env: BENCH_SIZE_MIB=1024, BENCH_BIG_MIB=4096)
+#
+# Files: a 1 GiB file from the page cache to a file, encrypted and decrypted by
+# hsmseal, age (X25519 recipient), openssl enc -aes-256-ctr (no
+# authentication at all) and gpg --symmetric AES256 without compression;
+# wall time, CPU time and peak RSS from /usr/bin/time. Then hsmseal's peak RSS
+# on a 4 GiB file. Then the column benchmarks (scripts/bench-columns.sh).
+set -euo pipefail
+BIN=$(realpath "${1:-target/release/hsmseal}")
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+SIZE_MIB=${BENCH_SIZE_MIB:-1024}
+BIG_MIB=${BENCH_BIG_MIB:-4096}
+OUT="$ROOT/bench-out"
+"$ROOT/scripts/install-deps.sh" age gnupg openssl time
+rm -rf "$OUT"; mkdir -p "$OUT"; cd "$OUT"
+
+# A private SoftHSM2 token for the benchmark.
+unset HSMSEAL_CONFIG HSMSEAL_PKCS11_MODULE HSMSEAL_TOKEN HSMSEAL_PIN HSMSEAL_PIN_FILE HSMSEAL_KEY || true
+mkdir tokens
+printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level = ERROR\n' "$OUT" > softhsm2.conf
+export SOFTHSM2_CONF=$OUT/softhsm2.conf HSMSEAL_TOKEN=bench HSMSEAL_PIN=bench-pin-1234
+softhsm2-util --init-token --free --label bench --pin "$HSMSEAL_PIN" --so-pin so-pin-1234 >/dev/null
+"$BIN" key create bench >/dev/null
+
+head -c $((SIZE_MIB * 1024 * 1024)) /dev/urandom > input.bin
+cat input.bin > /dev/null   # into the page cache
+
+age-keygen -o age.key 2>/dev/null
+AGE_RECIPIENT=$(age-keygen -y age.key)
+KEYHEX=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+IVHEX=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+echo "bench-passphrase" > gpg.pass
+export GNUPGHOME=$OUT/gnupg; mkdir -m 700 "$GNUPGHOME"
+
+ROWS=()
+# measure TOOL OP CMD...: runs CMD under /usr/bin/time, records a table row.
+measure() {
+    local tool=$1 op=$2; shift 2
+    sync
+    /usr/bin/time -f '%e %U %S %M' -o time.txt "$@" >/dev/null 2>err.txt || { cat err.txt >&2; echo "bench: $tool $op failed" >&2; exit 1; }
+    read -r wall user sys rss < time.txt
+    local cpu mibs
+    cpu=$(awk -v u="$user" -v s="$sys" 'BEGIN{printf "%.2f", u+s}')
+    mibs=$(awk -v m="$SIZE_MIB" -v w="$wall" 'BEGIN{ if (w > 0) printf "%.0f", m/w; else print "-" }')
+    ROWS+=("| $tool | $op | $wall | $cpu | $mibs | $((rss / 1024)) |")
+    echo "$tool $op: ${wall}s wall, ${cpu}s cpu, ${mibs} MiB/s, $((rss / 1024)) MiB peak" >&2
+}
+
+rm -f input.bin.hseal
+measure hsmseal encrypt "$BIN" encrypt --key bench -o enc.hseal input.bin
+measure hsmseal decrypt "$BIN" decrypt -o dec.hsmseal.bin enc.hseal
+cmp input.bin dec.hsmseal.bin
+measure "age (X25519)" encrypt age -r "$AGE_RECIPIENT" -o enc.age input.bin
+measure "age (X25519)" decrypt age -d -i age.key -o dec.age.bin enc.age
+cmp input.bin dec.age.bin
+measure "openssl enc -aes-256-ctr" encrypt openssl enc -aes-256-ctr -K "$KEYHEX" -iv "$IVHEX" -in input.bin -out enc.ossl
+measure "openssl enc -aes-256-ctr" decrypt openssl enc -d -aes-256-ctr -K "$KEYHEX" -iv "$IVHEX" -in enc.ossl -out dec.ossl.bin
+cmp input.bin dec.ossl.bin
+measure "gpg --symmetric AES256" encrypt gpg --batch --yes --pinentry-mode loopback --passphrase-file gpg.pass --symmetric --cipher-algo AES256 --compress-algo none -o enc.gpg input.bin
+measure "gpg --symmetric AES256" decrypt gpg --batch --yes --pinentry-mode loopback --passphrase-file gpg.pass -d -o dec.gpg.bin enc.gpg
+cmp input.bin dec.gpg.bin
+rm -f dec.*.bin enc.*
+
+# Peak memory on a much bigger file (flat memory claim).
+head -c $((BIG_MIB * 1024 * 1024)) /dev/zero > big.bin
+/usr/bin/time -f '%e %M' -o time.txt "$BIN" encrypt --key bench -o big.hseal big.bin
+read -r BIG_ENC_WALL BIG_ENC_RSS < time.txt
+/usr/bin/time -f '%e %M' -o time.txt "$BIN" decrypt -o big.out big.hseal
+read -r BIG_DEC_WALL BIG_DEC_RSS < time.txt
+cmp big.bin big.out
+rm -f big.bin big.hseal big.out
+
+COLUMNS_MD=""
+if [ -x "$ROOT/scripts/bench-columns.sh" ]; then
+    COLUMNS_MD=$("$ROOT/scripts/bench-columns.sh" "$BIN")
+fi
+
+CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+{
+    echo "# Performance"
+    echo
+    echo "Produced by \`make bench\` (\`scripts/bench.sh target/release/hsmseal\`) on $(date -u +%Y-%m-%d):"
+    echo "$(nproc) cores ($CPU_MODEL), $(free -g | awk '/Mem:/{print $2}') GiB RAM, SoftHSM2 $(softhsm2-util --version)."
+    echo "All tools ran in the same run on the same input. Timings vary between runs by roughly ±10%."
+    echo
+    echo "## Files: ${SIZE_MIB} MiB from the page cache to a file"
+    echo
+    echo "Input: ${SIZE_MIB} MiB of random bytes, read once before timing so it is in the page cache; output to a file on the same disk."
+    echo "CPU = user + system seconds. Peak = maximum resident set size."
+    echo
+    echo "| tool | operation | wall s | CPU s | MiB/s | peak MiB |"
+    echo "|---|---|---:|---:|---:|---:|"
+    printf '%s\n' "${ROWS[@]}"
+    echo
+    echo "Versions: $(age --version 2>&1 | head -1) (age), $(openssl version), $(gpg --version | head -1)."
+    echo "openssl enc -aes-256-ctr does not authenticate anything; age and gpg do; hsmseal authenticates every 16 KiB chunk and makes one HSM call per file."
+    echo
+    echo "## Memory on a ${BIG_MIB} MiB file"
+    echo
+    echo "| operation | wall s | peak MiB |"
+    echo "|---|---:|---:|"
+    echo "| hsmseal encrypt | $BIG_ENC_WALL | $((BIG_ENC_RSS / 1024)) |"
+    echo "| hsmseal decrypt | $BIG_DEC_WALL | $((BIG_DEC_RSS / 1024)) |"
+    echo
+    if [ -n "$COLUMNS_MD" ]; then
+        echo "$COLUMNS_MD"
+    fi
+} > "$ROOT/docs/PERFORMANCE.md"
+rm -f input.bin
+echo "bench: wrote docs/PERFORMANCE.md" >&2
