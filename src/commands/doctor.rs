@@ -13,5 +13,5 @@ pub fn run(app: &App) -> Result<i32> {
     } else {
         println!("{report}");
     }
-    Ok(if report.healthy() { 0 } else { 1 })
+    Ok(if report.ok() { 0 } else { 1 })
 }
