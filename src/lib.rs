@@ -4,5 +4,6 @@
 pub mod app;
 pub mod commands;
 pub mod error;
+pub mod hsm;
 pub mod keys;
 pub mod secret;
