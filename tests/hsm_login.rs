@@ -49,7 +49,10 @@ fn not_logged_in_then_wrong_pin_once_then_right_pin() {
     h.login(&Pin::new(t.pin.clone())).unwrap();
     let report = h.doctor().unwrap();
     assert!(report.token.logged_in);
-    assert!(!report.token.user_pin_count_low, "reset by the good login: {report}");
+    assert!(
+        !report.token.user_pin_count_low,
+        "reset by the good login: {report}"
+    );
 
     h.create_key("login").unwrap();
     let k = KeyRef {
@@ -64,4 +67,23 @@ fn not_logged_in_then_wrong_pin_once_then_right_pin() {
     // process) and works while the first is alive.
     let h2 = Hsm::open(&t.module, &t.label).unwrap();
     assert_eq!(h2.unwrap(&k, &w, b"").unwrap().expose(), dek.expose());
+
+    // SoftHSM2 read SOFTHSM2_CONF once; pointing it elsewhere now must not
+    // silently keep using (or initialising tokens in) the old directory.
+    let other = TestToken::new();
+    std::env::set_var("SOFTHSM2_CONF", &other.conf);
+    for e in [
+        Hsm::open(&other.module, &other.label).unwrap_err(),
+        Hsm::init_token(
+            &other.module,
+            "x",
+            &Pin::new("so-pin-5678".into()),
+            &Pin::new("user-pin-1234".into()),
+        )
+        .unwrap_err(),
+    ] {
+        assert_eq!(e.kind(), ErrorKind::Token, "{e}");
+        assert!(e.to_string().contains("SOFTHSM2_CONF changed"), "{e}");
+    }
+    std::env::set_var("SOFTHSM2_CONF", &t.conf);
 }

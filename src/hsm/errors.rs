@@ -12,6 +12,7 @@
 use crate::error::Error;
 use cryptoki::context::Function;
 use cryptoki::error::{Error as CkError, RvError};
+use std::path::Path;
 
 /// The spec name of a return code: `RvError::GeneralError` -> `CKR_GENERAL_ERROR`.
 ///
@@ -70,17 +71,32 @@ fn advice(rv: RvError) -> &'static str {
 }
 
 /// A PKCS#11 failure as an `ErrorKind::Token` error:
-/// "`what` on token T failed: C_X returned CKR_Y; advice".
+/// "`what` on token "T" failed: C_X returned CKR_Y; advice".
 pub(crate) fn token_error(e: CkError, token: &str, what: &str) -> Error {
+    failure(e, &format!("token {token:?}"), what)
+}
+
+/// The same for calls made before a token is chosen:
+/// "`what` in module /x.so failed: ...".
+pub(crate) fn module_error(e: CkError, module: &Path, what: &str) -> Error {
+    failure(e, &format!("module {}", module.display()), what)
+}
+
+fn failure(e: CkError, place: &str, what: &str) -> Error {
+    let on = if place.starts_with("module") {
+        "in"
+    } else {
+        "on"
+    };
     match e {
         CkError::Pkcs11(rv, f) => Error::token(format!(
-            "{what} on token {token:?} failed: {} returned {}; {}",
+            "{what} {on} {place} failed: {} returned {}; {}",
             c_function_name(f),
             ckr_name(rv),
             advice(rv)
         )),
         other => Error::token(format!(
-            "{what} on token {token:?} failed: {other}; run `hsmseal doctor` to check the module and token"
+            "{what} {on} {place} failed: {other}; run `hsmseal doctor` to check the module and token"
         )),
     }
 }
@@ -130,5 +146,11 @@ mod tests {
         assert!(m.contains("\"prod\""), "{m}");
         assert!(m.contains("logs"), "{m}");
         assert!(!m.contains('\n'));
+        let e = module_error(
+            CkError::Pkcs11(RvError::GeneralError, Function::Initialize),
+            Path::new("/m.so"),
+            "initialising the module",
+        );
+        assert!(e.to_string().starts_with("initialising the module in module /m.so failed: C_Initialize returned CKR_GENERAL_ERROR"), "{e}");
     }
 }

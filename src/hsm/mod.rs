@@ -36,9 +36,10 @@ use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
 use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
-use errors::{rv_of, token_error};
+use errors::{module_error, rv_of, token_error};
 use rand::RngCore;
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
@@ -54,11 +55,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A module loaded and initialised in this process.
+struct LoadedModule {
+    path: PathBuf,
+    ctx: Pkcs11,
+    /// `SOFTHSM2_CONF` when it was initialised: SoftHSM2 reads it only then.
+    softhsm2_conf: Option<OsString>,
+}
+
 /// Process-wide PKCS#11 contexts, one per module file. `C_Initialize` may be
 /// called only once per process per module; a second `Hsm` on the same
 /// module shares the context (and the token login state, which PKCS#11 keeps
 /// per application, not per session).
-static CONTEXTS: Mutex<Vec<(PathBuf, Pkcs11)>> = Mutex::new(Vec::new());
+static CONTEXTS: Mutex<Vec<LoadedModule>> = Mutex::new(Vec::new());
 
 /// The process's context for `module`, loading and initialising it on first use.
 fn context(module: &Path) -> Result<Pkcs11> {
@@ -69,9 +78,18 @@ fn context(module: &Path) -> Result<Pkcs11> {
         ))
     };
     let canonical = std::fs::canonicalize(module).map_err(|e| load_error(e.to_string()))?;
+    let conf = std::env::var_os("SOFTHSM2_CONF");
     let mut contexts = lock(&CONTEXTS);
-    if let Some((_, ctx)) = contexts.iter().find(|(p, _)| *p == canonical) {
-        return Ok(ctx.clone());
+    if let Some(m) = contexts.iter().find(|m| m.path == canonical) {
+        // SoftHSM2 would silently keep using the first configuration's
+        // tokens; refuse rather than touch tokens the caller did not mean.
+        if m.softhsm2_conf != conf {
+            return Err(Error::token(format!(
+                "SOFTHSM2_CONF changed after module {} was initialised in this process; SoftHSM2 reads it only once — use a new process",
+                module.display()
+            )));
+        }
+        return Ok(m.ctx.clone());
     }
     let ctx = Pkcs11::new(&canonical).map_err(|e| load_error(e.to_string()))?;
     match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
@@ -80,31 +98,33 @@ fn context(module: &Path) -> Result<Pkcs11> {
         // cryptoki context): the library state is shared, so just use it.
         Err(e) if rv_of(&e) == Some(RvError::CryptokiAlreadyInitialized) => {}
         Err(e) => {
-            return Err(token_error(
+            return Err(module_error(
                 e,
-                &module.display().to_string(),
+                module,
                 "initialising the PKCS#11 module (for SoftHSM2, check SOFTHSM2_CONF and its directories.tokendir)",
-            )
-            .context(format!("module {}", module.display())))
+            ))
         }
     }
-    contexts.push((canonical, ctx.clone()));
+    contexts.push(LoadedModule {
+        path: canonical,
+        ctx: ctx.clone(),
+        softhsm2_conf: conf,
+    });
     Ok(ctx)
 }
 
 /// The slot holding the initialised token labelled `label` (compared trimmed).
 fn find_token(ctx: &Pkcs11, module: &Path, label: &str) -> Result<Slot> {
     let wanted = label.trim();
-    let what = format!("module {}", module.display());
     let slots = ctx
         .get_slots_with_token()
-        .map_err(|e| token_error(e, &what, "listing slots"))?;
+        .map_err(|e| module_error(e, module, "listing slots"))?;
     let mut found = Vec::new();
     let mut matches = Vec::new();
     for slot in slots {
         let info = ctx
             .get_token_info(slot)
-            .map_err(|e| token_error(e, &what, "reading token information"))?;
+            .map_err(|e| module_error(e, module, "reading token information"))?;
         if !info.token_initialized() {
             continue;
         }
@@ -278,7 +298,9 @@ impl Hsm {
 
     /// Initialises a fresh token labelled `label` in the module's first free
     /// slot and sets its user PIN (for `hsmseal init --dev`). For SoftHSM2
-    /// the caller has already set `SOFTHSM2_CONF`.
+    /// the caller has already set `SOFTHSM2_CONF`, before this process's
+    /// first use of the module (it is read once; a later change is refused
+    /// rather than silently initialising a token in the old directory).
     pub fn init_token(module: &Path, label: &str, so_pin: &Pin, user_pin: &Pin) -> Result<()> {
         let label = label.trim();
         if label.is_empty() || label.len() > 32 {
@@ -287,15 +309,14 @@ impl Hsm {
             )));
         }
         let ctx = context(module)?;
-        let what = format!("module {}", module.display());
         let slots = ctx
             .get_slots_with_token()
-            .map_err(|e| token_error(e, &what, "listing slots"))?;
+            .map_err(|e| module_error(e, module, "listing slots"))?;
         let mut free = None;
         for slot in slots {
             let info = ctx
                 .get_token_info(slot)
-                .map_err(|e| token_error(e, &what, "reading token information"))?;
+                .map_err(|e| module_error(e, module, "reading token information"))?;
             if info.token_initialized() {
                 if info.label().trim() == label {
                     return Err(Error::token(format!(
