@@ -20,7 +20,7 @@ use hsmseal::hsm::Hsm;
 use hsmseal::keys::{KeyBackend, KeyRef, WrappedKey};
 use hsmseal::secret::{Pin, SecretKey};
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 /// The token every test in this binary shares.
 fn token() -> &'static TestToken {
@@ -32,6 +32,16 @@ fn token() -> &'static TestToken {
         std::env::set_var("SOFTHSM2_CONF", &t.conf);
         t
     })
+}
+
+/// Tests here run one at a time. They share one token, and several create
+/// and destroy objects through their own cryptoki sessions; SoftHSM2's file
+/// object store misreads objects another session of the process is creating
+/// (see `MANAGEMENT` in src/hsm/mod.rs), which hsmseal guards against but
+/// these raw sessions cannot. Each test's own threads still run in parallel.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A fresh `Hsm` (own session pool and call counter), logged in.
@@ -87,6 +97,7 @@ fn today() -> String {
 
 #[test]
 fn created_key_has_exactly_the_required_attributes() {
+    let _serial = serial();
     let h = hsm();
     let info = h.create_key("t-create").unwrap();
     assert_eq!((info.name.as_str(), info.version), ("t-create", 1));
@@ -206,6 +217,7 @@ fn created_key_has_exactly_the_required_attributes() {
 
 #[test]
 fn create_twice_is_refused_and_rotation_adds_versions() {
+    let _serial = serial();
     let h = hsm();
     h.create_key("t-rotate").unwrap();
     let e = h.create_key("t-rotate").unwrap_err();
@@ -249,6 +261,7 @@ fn create_twice_is_refused_and_rotation_adds_versions() {
 
 #[test]
 fn wrap_unwrap_round_trip_and_every_tampering_fails_authentication() {
+    let _serial = serial();
     let h = hsm();
     h.create_key("t-wrap").unwrap();
     h.create_next_version("t-wrap").unwrap();
@@ -307,6 +320,7 @@ fn wrap_unwrap_round_trip_and_every_tampering_fails_authentication() {
 
 #[test]
 fn missing_keys_and_versions_are_key_errors() {
+    let _serial = serial();
     let h = hsm();
     let e = h.current_version("t-missing").unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Key);
@@ -338,6 +352,7 @@ fn missing_keys_and_versions_are_key_errors() {
 
 #[test]
 fn a_destroyed_key_is_not_used_from_the_cache() {
+    let _serial = serial();
     let h = hsm();
     h.create_key("t-destroyed").unwrap();
     let k = kref("t-destroyed", 1);
@@ -367,6 +382,7 @@ fn set(t: &mut Vec<Attribute>, a: Attribute) {
 
 #[test]
 fn weaker_keys_are_refused_for_wrap_and_unwrap_naming_the_attribute() {
+    let _serial = serial();
     weak_key("weak-extractable", |t| set(t, Attribute::Extractable(true)));
     weak_key("weak-wrap-decrypt", |t| set(t, Attribute::Wrap(true)));
     weak_key("weak-no-allowed", |t| {
@@ -456,6 +472,7 @@ fn weaker_keys_are_refused_for_wrap_and_unwrap_naming_the_attribute() {
 
 #[test]
 fn wrong_token_label_and_bad_module_are_token_errors() {
+    let _serial = serial();
     let t = token();
     let _ = hsm(); // the shared token exists
     let e = Hsm::open(&t.module, "no-such-token").unwrap_err();
@@ -485,6 +502,7 @@ fn wrong_token_label_and_bad_module_are_token_errors() {
 
 #[test]
 fn init_token_makes_a_usable_token_in_a_free_slot() {
+    let _serial = serial();
     let t = token();
     let _ = hsm(); // SOFTHSM2_CONF set, module initialised
     let label = format!("hsmseal-init-{}", std::process::id());
@@ -508,6 +526,7 @@ fn init_token_makes_a_usable_token_in_a_free_slot() {
 
 #[test]
 fn concurrent_wraps_and_unwraps_from_four_threads() {
+    let _serial = serial();
     let h = hsm();
     h.create_key("t-conc").unwrap();
     let k = kref("t-conc", 1);
@@ -529,7 +548,29 @@ fn concurrent_wraps_and_unwraps_from_four_threads() {
 }
 
 #[test]
+fn two_hsm_instances_in_one_process_manage_keys_concurrently() {
+    let _serial = serial();
+    // Without hsmseal's process-wide management lock, SoftHSM2 fails some of
+    // these (CKR_ATTRIBUTE_VALUE_INVALID reading labels of objects the other
+    // session is creating).
+    let (a, b) = (hsm(), hsm());
+    std::thread::scope(|s| {
+        for (h, prefix) in [(&a, "t-two-a"), (&b, "t-two-b")] {
+            s.spawn(move || {
+                for i in 0..40 {
+                    let name = format!("{prefix}{i}");
+                    h.create_key(&name).unwrap();
+                    assert_eq!(h.key_versions(&name).unwrap().len(), 1);
+                }
+            });
+        }
+    });
+    assert_eq!(a.current_version("t-two-b39").unwrap(), 1);
+}
+
+#[test]
 fn doctor_reports_module_token_mechanisms_and_keys() {
+    let _serial = serial();
     let t = token();
     let h = hsm();
     h.create_key("t-doctor").unwrap();
@@ -584,6 +625,7 @@ fn cpu_seconds() -> f64 {
 #[test]
 #[ignore = "measurement, not a test"]
 fn measure_wraps_per_second() {
+    let _serial = serial();
     let h = hsm();
     let _ = h.create_key("t-measure");
     let k = kref("t-measure", 1);

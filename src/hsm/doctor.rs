@@ -100,7 +100,7 @@ impl Hsm {
             .get_token_info(self.slot)
             .map_err(|e| token_error(e, t, "reading token information"))?;
         let logged_in = {
-            let admin = super::lock(&self.admin);
+            let admin = self.admin();
             matches!(
                 admin.get_session_info().map(|i| i.session_state()),
                 Ok(SessionState::RoUser | SessionState::RwUser)
@@ -261,7 +261,7 @@ impl fmt::Display for DoctorReport {
             Some(keys) => {
                 writeln!(f, "keys:")?;
                 for k in keys {
-                    let created = k.created.as_deref().unwrap_or("----------");
+                    let created = k.created.as_deref().unwrap_or("unknown   ");
                     let status = if k.is_ok() {
                         "ok".to_string()
                     } else {

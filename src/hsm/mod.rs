@@ -55,6 +55,30 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Serialises object management (search, attribute reads, generation,
+/// login, token initialisation) across every `Hsm` in the process. SoftHSM2's
+/// file object store misreads an object that another session of the same
+/// process is creating: seen here as `CKR_ATTRIBUTE_VALUE_INVALID` or a
+/// malformed value from `C_GetAttributeValue`, and `CKR_GENERAL_ERROR` or
+/// `CKR_FUNCTION_FAILED` from a concurrent `C_GenerateKey`. One `Hsm`'s
+/// admin mutex covers only its own session. Wrap and unwrap never take this
+/// lock: they are the hot path, and do not race that way.
+static MANAGEMENT: Mutex<()> = Mutex::new(());
+
+/// The admin session, held together with [`MANAGEMENT`] (always taken
+/// first, so the two locks cannot deadlock).
+struct Admin<'a> {
+    session: MutexGuard<'a, Session>,
+    _management: MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for Admin<'_> {
+    type Target = Session;
+    fn deref(&self) -> &Session {
+        &self.session
+    }
+}
+
 /// A module loaded and initialised in this process.
 struct LoadedModule {
     path: PathBuf,
@@ -266,7 +290,7 @@ impl Hsm {
             )));
         }
         let auth = AuthPin::from(pin.expose());
-        let admin = lock(&self.admin);
+        let admin = self.admin();
         match admin.login(UserType::User, Some(&auth)) {
             Ok(()) => Ok(()),
             Err(e) => match rv_of(&e) {
@@ -309,6 +333,7 @@ impl Hsm {
             )));
         }
         let ctx = context(module)?;
+        let _management = lock(&MANAGEMENT);
         let slots = ctx
             .get_slots_with_token()
             .map_err(|e| module_error(e, module, "listing slots"))?;
@@ -431,8 +456,16 @@ impl Hsm {
 
     /// The admin session, after checking the token is logged in (private
     /// objects are invisible otherwise, which would look like "no keys").
-    fn admin_logged_in(&self) -> Result<MutexGuard<'_, Session>> {
-        let admin = lock(&self.admin);
+    fn admin(&self) -> Admin<'_> {
+        let management = lock(&MANAGEMENT);
+        Admin {
+            session: lock(&self.admin),
+            _management: management,
+        }
+    }
+
+    fn admin_logged_in(&self) -> Result<Admin<'_>> {
+        let admin = self.admin();
         let state = admin
             .get_session_info()
             .map_err(|e| token_error(e, &self.token_label, "reading the session state"))?
