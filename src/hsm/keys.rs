@@ -184,12 +184,12 @@ pub fn parse_label(label: &[u8]) -> Option<KeyRef> {
 ///   choosing (Clulow, "On the Security of PKCS #11", CHES 2003).
 /// - `SIGN`/`VERIFY`/`DERIVE` false: no use for them, and derivation is
 ///   another way to leak key material.
-/// - `ALLOWED_MECHANISMS` = [`CKM_AES_GCM`]: the key cannot be used with ECB,
+/// - `ALLOWED_MECHANISMS` = `[CKM_AES_GCM]`: the key cannot be used with ECB,
 ///   CBC or anything else an attacker might prefer.
 ///   SoftHSM2 2.6.1 accepts and enforces this attribute.
 /// - `START_DATE`: today (UTC), shown as the creation date by `key list`.
 ///   SoftHSM2 2.6.1 stores it but cannot read it back from a private object
-///   (see [`CHECKED_ATTRIBUTES`]), so there `created` is unknown.
+///   (SoftHSMv2 issues #655, #804), so there `created` is unknown.
 pub fn kwk_template(name: &str, version: u32, today: Date) -> Vec<Attribute> {
     let label = label(name, version).into_bytes();
     vec![

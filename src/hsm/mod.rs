@@ -3,7 +3,7 @@
 //!
 //! Invariants:
 //! - One `Pkcs11` context per module per process, `C_Initialize`d once with
-//!   OS locking and never finalised (see [`context`]). SoftHSM2 reads
+//!   OS locking and never finalised (see `context`). SoftHSM2 reads
 //!   `SOFTHSM2_CONF` at that moment, so the environment must be set before
 //!   the first [`Hsm::open`] or [`Hsm::init_token`].
 //! - Each [`Hsm`] keeps one *admin* session open for its whole life: PKCS#11
@@ -12,6 +12,8 @@
 //!   come and go. It also serves key lookup and creation.
 //! - Wrap and unwrap run on pooled sessions, one per concurrent caller
 //!   (a PKCS#11 session holds one operation at a time and is not `Sync`).
+//!   Everything else (search, attributes, generation, login) runs on the
+//!   admin session under one process-wide lock (see `MANAGEMENT`).
 //! - A key handle is used only after its attributes passed
 //!   [`keys::problems`]; verified handles are cached per (name, version).
 //! - No PIN or key byte appears in an error, a log line or `Debug` output.
@@ -391,6 +393,8 @@ impl Hsm {
     }
 
     /// Creates version 1 of `name`. Fails if any version of it exists.
+    /// (Check and creation are not atomic against another process creating
+    /// the same name at the same moment; PKCS#11 has no way to make them so.)
     pub fn create_key(&self, name: &str) -> Result<KeyInfo> {
         validate_key_name(name)?;
         let admin = self.admin_logged_in()?;
@@ -454,8 +458,7 @@ impl Hsm {
 
     // ---- internals ----
 
-    /// The admin session, after checking the token is logged in (private
-    /// objects are invisible otherwise, which would look like "no keys").
+    /// The admin session, with the process-wide management lock.
     fn admin(&self) -> Admin<'_> {
         let management = lock(&MANAGEMENT);
         Admin {
@@ -464,6 +467,8 @@ impl Hsm {
         }
     }
 
+    /// [`Self::admin`], after checking the token is logged in (private
+    /// objects are invisible otherwise, which would look like "no keys").
     fn admin_logged_in(&self) -> Result<Admin<'_>> {
         let admin = self.admin();
         let state = admin
