@@ -12,6 +12,7 @@ pub mod commands;
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub mod hsm;
 pub mod keys;
 pub mod output;
 pub mod secret;

@@ -1,0 +1,840 @@
+//! The PKCS#11 key backend: KWKs live in a token reached through a vendor's
+//! PKCS#11 module (SoftHSM2 in development and tests).
+//!
+//! Invariants:
+//! - One `Pkcs11` context per module per process, `C_Initialize`d once with
+//!   OS locking and never finalised (see `context`). SoftHSM2 reads
+//!   `SOFTHSM2_CONF` at that moment, so the environment must be set before
+//!   the first [`Hsm::open`] or [`Hsm::init_token`].
+//! - Each [`Hsm`] keeps one *admin* session open for its whole life: PKCS#11
+//!   logs the application out when its last session on a token closes, and
+//!   the admin session is what keeps the login alive while pooled sessions
+//!   come and go. It also serves key lookup and creation.
+//! - Wrap and unwrap run on pooled sessions, one per concurrent caller
+//!   (a PKCS#11 session holds one operation at a time and is not `Sync`).
+//!   Everything else (search, attributes, generation, login) runs on the
+//!   admin session under one process-wide lock (see `MANAGEMENT`).
+//! - A key handle is used only after its attributes passed
+//!   [`keys::problems`]; verified handles are cached per (name, version).
+//! - No PIN or key byte appears in an error, a log line or `Debug` output.
+
+pub mod doctor;
+mod errors;
+pub mod keys;
+
+pub use doctor::DoctorReport;
+pub use keys::{KeyAttributes, KeyInfo};
+
+use crate::error::{Error, Result};
+use crate::keys::{
+    validate_key_name, KeyBackend, KeyRef, WrappedKey, WRAPPED_KEY_LEN, WRAP_IV_LEN, WRAP_TAG_LEN,
+};
+use crate::secret::{Pin, SecretKey};
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
+use cryptoki::session::{Session, SessionState, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use errors::{module_error, rv_of, token_error};
+use rand::RngCore;
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock};
+use zeroize::Zeroizing;
+
+/// Idle sessions kept for reuse; more than the number of worker threads
+/// would only hold token resources.
+const MAX_POOLED_SESSIONS: usize = 64;
+
+/// Locks a mutex, recovering from poisoning: the protected values (sessions,
+/// a handle cache) stay consistent even if a holder panicked.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Serialises object management (search, attribute reads, generation,
+/// login, token initialisation) across every `Hsm` in the process. SoftHSM2's
+/// file object store misreads an object that another session of the same
+/// process is creating: seen here as `CKR_ATTRIBUTE_VALUE_INVALID` or a
+/// malformed value from `C_GetAttributeValue`, and `CKR_GENERAL_ERROR` or
+/// `CKR_FUNCTION_FAILED` from a concurrent `C_GenerateKey`. One `Hsm`'s
+/// admin mutex covers only its own session. Wrap and unwrap never take this
+/// lock: they are the hot path, and do not race that way.
+static MANAGEMENT: Mutex<()> = Mutex::new(());
+
+/// The admin session, held together with [`MANAGEMENT`] (always taken
+/// first, so the two locks cannot deadlock).
+struct Admin<'a> {
+    session: MutexGuard<'a, Session>,
+    _management: MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for Admin<'_> {
+    type Target = Session;
+    fn deref(&self) -> &Session {
+        &self.session
+    }
+}
+
+/// A module loaded and initialised in this process.
+struct LoadedModule {
+    path: PathBuf,
+    ctx: Pkcs11,
+    /// `SOFTHSM2_CONF` when it was initialised: SoftHSM2 reads it only then.
+    softhsm2_conf: Option<OsString>,
+}
+
+/// Process-wide PKCS#11 contexts, one per module file. `C_Initialize` may be
+/// called only once per process per module; a second `Hsm` on the same
+/// module shares the context (and the token login state, which PKCS#11 keeps
+/// per application, not per session).
+static CONTEXTS: Mutex<Vec<LoadedModule>> = Mutex::new(Vec::new());
+
+/// The process's context for `module`, loading and initialising it on first use.
+fn context(module: &Path) -> Result<Pkcs11> {
+    let load_error = |detail: String| {
+        Error::token(format!(
+            "cannot load PKCS#11 module {}: {detail} — set --module or HSMSEAL_PKCS11_MODULE",
+            module.display()
+        ))
+    };
+    let canonical = std::fs::canonicalize(module).map_err(|e| load_error(e.to_string()))?;
+    let conf = std::env::var_os("SOFTHSM2_CONF");
+    let mut contexts = lock(&CONTEXTS);
+    if let Some(m) = contexts.iter().find(|m| m.path == canonical) {
+        // SoftHSM2 would silently keep using the first configuration's
+        // tokens; refuse rather than touch tokens the caller did not mean.
+        if m.softhsm2_conf != conf {
+            return Err(Error::token(format!(
+                "SOFTHSM2_CONF changed after module {} was initialised in this process; SoftHSM2 reads it only once — use a new process",
+                module.display()
+            )));
+        }
+        return Ok(m.ctx.clone());
+    }
+    let ctx = Pkcs11::new(&canonical).map_err(|e| load_error(e.to_string()))?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) => {}
+        // Another part of the process initialised it (e.g. a test's own
+        // cryptoki context): the library state is shared, so just use it.
+        Err(e) if rv_of(&e) == Some(RvError::CryptokiAlreadyInitialized) => {}
+        Err(e) => {
+            return Err(module_error(
+                e,
+                module,
+                "initialising the PKCS#11 module (for SoftHSM2, check SOFTHSM2_CONF and its directories.tokendir)",
+            ))
+        }
+    }
+    contexts.push(LoadedModule {
+        path: canonical,
+        ctx: ctx.clone(),
+        softhsm2_conf: conf,
+    });
+    Ok(ctx)
+}
+
+/// The slot holding the initialised token labelled `label` (compared trimmed).
+fn find_token(ctx: &Pkcs11, module: &Path, label: &str) -> Result<Slot> {
+    let wanted = label.trim();
+    let slots = ctx
+        .get_slots_with_token()
+        .map_err(|e| module_error(e, module, "listing slots"))?;
+    let mut found = Vec::new();
+    let mut matches = Vec::new();
+    for slot in slots {
+        let info = ctx
+            .get_token_info(slot)
+            .map_err(|e| module_error(e, module, "reading token information"))?;
+        if !info.token_initialized() {
+            continue;
+        }
+        let l = info.label().trim().to_string();
+        if l == wanted {
+            matches.push(slot);
+        }
+        found.push(format!("{l:?}"));
+    }
+    match matches.len() {
+        1 => Ok(matches[0]),
+        0 => Err(Error::token(format!(
+            "no token labelled {wanted:?} in PKCS#11 module {}; tokens found: {} — set --token or HSMSEAL_TOKEN",
+            module.display(),
+            if found.is_empty() {
+                "none (for SoftHSM2, check SOFTHSM2_CONF)".to_string()
+            } else {
+                found.join(", ")
+            }
+        ))),
+        n => Err(Error::token(format!(
+            "{n} tokens are labelled {wanted:?} in PKCS#11 module {}; hsmseal will not guess which one holds the keys — relabel or remove the others",
+            module.display()
+        ))),
+    }
+}
+
+/// A token in a PKCS#11 module, holding hsmseal's KWKs.
+pub struct Hsm {
+    ctx: Pkcs11,
+    slot: Slot,
+    module: PathBuf,
+    token_label: String,
+    /// Held for the `Hsm`'s whole life (keeps the login); used for login,
+    /// key lookup, attribute reads and key generation.
+    admin: Mutex<Session>,
+    /// Idle sessions for wrap/unwrap: take one, use it, put it back.
+    pool: Mutex<Vec<Session>>,
+    /// Handles whose attributes passed the check. The check is trusted for
+    /// the life of this `Hsm` (one CLI run); a handle that stops working is
+    /// evicted and looked up again.
+    verified: RwLock<HashMap<KeyRef, ObjectHandle>>,
+    /// Wrap and unwrap operations sent to the token (one `C_Encrypt` or
+    /// `C_Decrypt` each).
+    calls: AtomicU64,
+}
+
+impl std::fmt::Debug for Hsm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hsm")
+            .field("module", &self.module)
+            .field("token", &self.token_label)
+            .field("slot", &self.slot.id())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A session borrowed from the pool; it goes back on drop unless discarded.
+struct PooledSession<'a> {
+    hsm: &'a Hsm,
+    session: Option<Session>,
+}
+
+impl PooledSession<'_> {
+    fn get(&self) -> &Session {
+        self.session.as_ref().expect("session present until drop")
+    }
+    /// Closes the session instead of returning it: after an unexpected
+    /// failure we do not trust its operation state.
+    fn discard(mut self) {
+        self.session.take();
+    }
+}
+
+impl Drop for PooledSession<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            let mut pool = lock(&self.hsm.pool);
+            if pool.len() < MAX_POOLED_SESSIONS {
+                pool.push(s);
+            }
+        }
+    }
+}
+
+impl Hsm {
+    /// Loads the module, initialises it (once per process) and finds the
+    /// token whose label is `token_label`. Does not log in.
+    pub fn open(module: &Path, token_label: &str) -> Result<Hsm> {
+        let ctx = context(module)?;
+        let slot = find_token(&ctx, module, token_label)?;
+        let label = token_label.trim().to_string();
+        let admin = match ctx.open_rw_session(slot) {
+            Ok(s) => s,
+            // A write-protected token can still wrap and unwrap.
+            Err(e) if rv_of(&e) == Some(RvError::TokenWriteProtected) => ctx
+                .open_ro_session(slot)
+                .map_err(|e| token_error(e, &label, "opening a session"))?,
+            Err(e) => return Err(token_error(e, &label, "opening a session")),
+        };
+        Ok(Hsm {
+            ctx,
+            slot,
+            module: module.to_path_buf(),
+            token_label: label,
+            admin: Mutex::new(admin),
+            pool: Mutex::new(Vec::new()),
+            verified: RwLock::new(HashMap::new()),
+            calls: AtomicU64::new(0),
+        })
+    }
+
+    /// The token's label (trimmed), as used in messages.
+    pub fn token_label(&self) -> &str {
+        &self.token_label
+    }
+
+    /// The module path this token was opened through.
+    pub fn module(&self) -> &Path {
+        &self.module
+    }
+
+    /// Logs in as the normal user, once. A wrong PIN is never retried: a
+    /// few wrong tries lock the token on real HSMs.
+    pub fn login(&self, pin: &Pin) -> Result<()> {
+        let t = &self.token_label;
+        let info = self
+            .ctx
+            .get_token_info(self.slot)
+            .map_err(|e| token_error(e, t, "reading token information"))?;
+        // Refuse up front when the token says a login cannot succeed, rather
+        // than spend a try.
+        if info.user_pin_locked() {
+            return Err(pin_locked(t));
+        }
+        if !info.user_pin_initialized() {
+            return Err(Error::pin(format!(
+                "token {t:?} has no user PIN yet; its security officer must set one (SoftHSM2: `hsmseal init --dev` or `softhsm2-util --init-token`)"
+            )));
+        }
+        let auth = AuthPin::from(pin.expose());
+        let admin = self.admin();
+        match admin.login(UserType::User, Some(&auth)) {
+            Ok(()) => Ok(()),
+            Err(e) => match rv_of(&e) {
+                // Another Hsm in this process (same token) already logged in.
+                Some(RvError::UserAlreadyLoggedIn) => Ok(()),
+                Some(RvError::PinIncorrect) => {
+                    let left = match self.ctx.get_token_info(self.slot) {
+                        Ok(i) if i.user_pin_locked() => "; the token has now locked the PIN",
+                        Ok(i) if i.user_pin_final_try() => {
+                            "; one more wrong PIN will lock the token"
+                        }
+                        _ => "",
+                    };
+                    Err(Error::pin(format!(
+                        "wrong PIN for token {t:?} (not retried, to avoid locking the token){left}"
+                    )))
+                }
+                Some(RvError::PinLocked) => Err(pin_locked(t)),
+                Some(RvError::PinLenRange) | Some(RvError::PinInvalid) => Err(Error::pin(format!(
+                    "the PIN for token {t:?} has a length or characters the token does not accept (not retried)"
+                ))),
+                Some(RvError::PinExpired) => Err(Error::pin(format!(
+                    "the user PIN of token {t:?} has expired; change it with the vendor's tool"
+                ))),
+                _ => Err(token_error(e, t, "logging in")),
+            },
+        }
+    }
+
+    /// Initialises a fresh token labelled `label` in the module's first free
+    /// slot and sets its user PIN (for `hsmseal init --dev`). For SoftHSM2
+    /// the caller has already set `SOFTHSM2_CONF`, before this process's
+    /// first use of the module (it is read once; a later change is refused
+    /// rather than silently initialising a token in the old directory).
+    pub fn init_token(module: &Path, label: &str, so_pin: &Pin, user_pin: &Pin) -> Result<()> {
+        let label = label.trim();
+        if label.is_empty() || label.len() > 32 {
+            return Err(Error::usage(format!(
+                "invalid token label {label:?}: use 1 to 32 bytes"
+            )));
+        }
+        let ctx = context(module)?;
+        let _management = lock(&MANAGEMENT);
+        let slots = ctx
+            .get_slots_with_token()
+            .map_err(|e| module_error(e, module, "listing slots"))?;
+        let mut free = None;
+        for slot in slots {
+            let info = ctx
+                .get_token_info(slot)
+                .map_err(|e| module_error(e, module, "reading token information"))?;
+            if info.token_initialized() {
+                if info.label().trim() == label {
+                    return Err(Error::token(format!(
+                        "a token labelled {label:?} already exists in module {}; choose another label",
+                        module.display()
+                    )));
+                }
+            } else if free.is_none() {
+                free = Some(slot);
+            }
+        }
+        let free = free.ok_or_else(|| {
+            Error::token(format!(
+                "no free slot in module {} to initialise a token in (for SoftHSM2, check that SOFTHSM2_CONF's directories.tokendir exists and is writable)",
+                module.display()
+            ))
+        })?;
+        let so = AuthPin::from(so_pin.expose());
+        ctx.init_token(free, &so, label)
+            .map_err(|e| match rv_of(&e) {
+                Some(RvError::PinLenRange) | Some(RvError::PinInvalid) => Error::pin(format!(
+                    "the security officer PIN has a length or characters module {} does not accept",
+                    module.display()
+                )),
+                _ => token_error(e, label, "initialising the token"),
+            })?;
+        // SoftHSM2 moves a newly initialised token to a new slot id, so look
+        // it up again by its label.
+        let slot = find_token(&ctx, module, label)?;
+        let session = ctx
+            .open_rw_session(slot)
+            .map_err(|e| token_error(e, label, "opening a session"))?;
+        session
+            .login(UserType::So, Some(&so))
+            .map_err(|e| token_error(e, label, "logging in as security officer"))?;
+        let user = AuthPin::from(user_pin.expose());
+        session.init_pin(&user).map_err(|e| match rv_of(&e) {
+            Some(RvError::PinLenRange) | Some(RvError::PinInvalid) => Error::pin(format!(
+                "the user PIN has a length or characters token {label:?} does not accept"
+            )),
+            _ => token_error(e, label, "setting the user PIN"),
+        })?;
+        session
+            .logout()
+            .map_err(|e| token_error(e, label, "logging out the security officer"))?;
+        Ok(())
+    }
+
+    /// Creates version 1 of `name`. Fails if any version of it exists.
+    /// (Check and creation are not atomic against another process creating
+    /// the same name at the same moment; PKCS#11 has no way to make them so.)
+    pub fn create_key(&self, name: &str) -> Result<KeyInfo> {
+        validate_key_name(name)?;
+        let admin = self.admin_logged_in()?;
+        let existing = self.versions_on(&admin, name)?;
+        if let Some(last) = existing.last() {
+            return Err(Error::key(format!(
+                "key {name:?} already exists on token {:?} (latest v{}); use `hsmseal key rotate {name}` to add a version",
+                self.token_label, last.0
+            )));
+        }
+        self.generate(&admin, name, 1)
+    }
+
+    /// Creates version N+1 of `name` with the same template (key rotation).
+    pub fn create_next_version(&self, name: &str) -> Result<KeyInfo> {
+        validate_key_name(name)?;
+        let admin = self.admin_logged_in()?;
+        let existing = self.versions_on(&admin, name)?;
+        let last = match existing.last() {
+            Some((v, _)) => *v,
+            None => return Err(self.key_not_found(name)),
+        };
+        let next = last.checked_add(1).ok_or_else(|| {
+            Error::key(format!("key {name:?} has reached the last version number"))
+        })?;
+        self.generate(&admin, name, next)
+    }
+
+    /// All hsmseal keys on the token, sorted by name then version, each with
+    /// its attributes and problems.
+    pub fn list_keys(&self) -> Result<Vec<KeyInfo>> {
+        let admin = self.admin_logged_in()?;
+        let mut out = Vec::new();
+        for (k, h) in self.scan(&admin)? {
+            if let Some(info) = self.key_info_if_present(&admin, &k, h)? {
+                out.push(info);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The versions of one key, oldest first; `ErrorKind::Key` if none.
+    pub fn key_versions(&self, name: &str) -> Result<Vec<KeyInfo>> {
+        validate_key_name(name)?;
+        let admin = self.admin_logged_in()?;
+        let mut out = Vec::new();
+        for (version, h) in self.versions_on(&admin, name)? {
+            let k = KeyRef {
+                name: name.to_string(),
+                version,
+            };
+            if let Some(info) = self.key_info_if_present(&admin, &k, h)? {
+                out.push(info);
+            }
+        }
+        if out.is_empty() {
+            return Err(self.key_not_found(name));
+        }
+        Ok(out)
+    }
+
+    // ---- internals ----
+
+    /// The admin session, with the process-wide management lock.
+    fn admin(&self) -> Admin<'_> {
+        let management = lock(&MANAGEMENT);
+        Admin {
+            session: lock(&self.admin),
+            _management: management,
+        }
+    }
+
+    /// [`Self::admin`], after checking the token is logged in (private
+    /// objects are invisible otherwise, which would look like "no keys").
+    fn admin_logged_in(&self) -> Result<Admin<'_>> {
+        let admin = self.admin();
+        let state = admin
+            .get_session_info()
+            .map_err(|e| token_error(e, &self.token_label, "reading the session state"))?
+            .session_state();
+        match state {
+            SessionState::RoUser | SessionState::RwUser => Ok(admin),
+            _ => Err(Error::pin(format!(
+                "not logged in to token {:?}: give the user PIN with HSMSEAL_PIN, --pin-file or at the prompt",
+                self.token_label
+            ))),
+        }
+    }
+
+    /// Every object whose label is an hsmseal key label, sorted.
+    fn scan(&self, admin: &Session) -> Result<Vec<(KeyRef, ObjectHandle)>> {
+        let t = &self.token_label;
+        // An empty template finds every object the user can see, so an
+        // object of the wrong class with our label shows up (and is refused)
+        // rather than hiding.
+        let handles = admin
+            .find_objects(&[])
+            .map_err(|e| token_error(e, t, "searching for keys"))?;
+        let mut out = Vec::new();
+        for h in handles {
+            let attrs = match admin.get_attributes(h, &[AttributeType::Label]) {
+                Ok(a) => a,
+                // Destroyed by someone else since the search: not a key any more.
+                Err(e) if is_gone(&e) => continue,
+                Err(e) => return Err(token_error(e, t, "reading a key label")),
+            };
+            for a in attrs {
+                if let Attribute::Label(l) = a {
+                    if let Some(k) = keys::parse_label(&l) {
+                        out.push((k, h));
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// (version, handle) of every object labelled as a version of `name`.
+    fn versions_on(&self, admin: &Session, name: &str) -> Result<Vec<(u32, ObjectHandle)>> {
+        Ok(self
+            .scan(admin)?
+            .into_iter()
+            .filter(|(k, _)| k.name == name)
+            .map(|(k, h)| (k.version, h))
+            .collect())
+    }
+
+    fn read_attributes(&self, admin: &Session, h: ObjectHandle) -> Result<KeyAttributes> {
+        let attrs = admin
+            .get_attributes(h, keys::CHECKED_ATTRIBUTES)
+            .map_err(|e| token_error(e, &self.token_label, "reading key attributes"))?;
+        Ok(KeyAttributes::from_attributes(&attrs))
+    }
+
+    fn key_info(&self, admin: &Session, k: &KeyRef, h: ObjectHandle) -> Result<KeyInfo> {
+        Ok(make_key_info(k, self.read_attributes(admin, h)?, admin, h))
+    }
+
+    /// [`Self::key_info`], or `None` if the object was destroyed meanwhile.
+    fn key_info_if_present(
+        &self,
+        admin: &Session,
+        k: &KeyRef,
+        h: ObjectHandle,
+    ) -> Result<Option<KeyInfo>> {
+        match admin.get_attributes(h, keys::CHECKED_ATTRIBUTES) {
+            Ok(attrs) => Ok(Some(make_key_info(
+                k,
+                KeyAttributes::from_attributes(&attrs),
+                admin,
+                h,
+            ))),
+            Err(e) if is_gone(&e) => Ok(None),
+            Err(e) => Err(token_error(e, &self.token_label, "reading key attributes")),
+        }
+    }
+
+    fn generate(&self, admin: &Session, name: &str, version: u32) -> Result<KeyInfo> {
+        let k = KeyRef {
+            name: name.to_string(),
+            version,
+        };
+        let template = keys::kwk_template(name, version, keys::today_utc());
+        let h = admin
+            .generate_key(&Mechanism::AesKeyGen, &template)
+            .map_err(|e| {
+                token_error(
+                    e,
+                    &self.token_label,
+                    &format!("generating key {k} with CKM_AES_KEY_GEN"),
+                )
+            })?;
+        // Check what the token made, not what we asked for: a token that
+        // ignores part of the template must not leave a weak key behind.
+        let info = self.key_info(admin, &k, h)?;
+        if !info.is_ok() {
+            let destroyed = match admin.destroy_object(h) {
+                Ok(()) => "it was destroyed",
+                Err(_) => "destroying it failed too, remove it by hand",
+            };
+            return Err(Error::token(format!(
+                "token {:?} did not honour hsmseal's key template for {k}: {}; {destroyed}. Run `hsmseal doctor`",
+                self.token_label,
+                info.problems.join("; ")
+            )));
+        }
+        self.verified
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(k, h);
+        Ok(info)
+    }
+
+    fn key_not_found(&self, name: &str) -> Error {
+        Error::key(format!(
+            "key {name:?} not found on token {:?} (see `hsmseal key list`)",
+            self.token_label
+        ))
+    }
+
+    /// The handle of `k`, after checking its attributes (cached).
+    fn resolve(&self, k: &KeyRef) -> Result<ObjectHandle> {
+        if let Some(h) = self
+            .verified
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(k)
+        {
+            return Ok(*h);
+        }
+        validate_key_name(&k.name)?;
+        let admin = self.admin_logged_in()?;
+        let label = keys::label(&k.name, k.version);
+        let handles = admin
+            .find_objects(&[Attribute::Label(label.clone().into_bytes())])
+            .map_err(|e| token_error(e, &self.token_label, &format!("looking up key {k}")))?;
+        let h = match handles.as_slice() {
+            [h] => *h,
+            [] => {
+                return Err(if self.versions_on(&admin, &k.name)?.is_empty() {
+                    self.key_not_found(&k.name)
+                } else {
+                    Error::key(format!(
+                        "key {k} not found on token {:?} (destroyed or never created)",
+                        self.token_label
+                    ))
+                })
+            }
+            many => {
+                return Err(Error::key(format!(
+                    "{} objects on token {:?} are labelled {label}; hsmseal will not guess which one is key {k} — remove the duplicates",
+                    many.len(),
+                    self.token_label
+                )))
+            }
+        };
+        let problems = keys::problems(&self.read_attributes(&admin, h)?);
+        if !problems.is_empty() {
+            return Err(Error::key(keys::refusal(k, &problems)));
+        }
+        self.verified
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(k.clone(), h);
+        Ok(h)
+    }
+
+    fn evict(&self, k: &KeyRef) {
+        self.verified
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(k);
+    }
+
+    fn session(&self) -> Result<PooledSession<'_>> {
+        let idle = lock(&self.pool).pop();
+        let session = match idle {
+            Some(s) => s,
+            // Read-only is enough to use token keys; the admin session's
+            // login covers it.
+            None => self
+                .ctx
+                .open_ro_session(self.slot)
+                .map_err(|e| token_error(e, &self.token_label, "opening a session"))?,
+        };
+        Ok(PooledSession {
+            hsm: self,
+            session: Some(session),
+        })
+    }
+
+    /// Runs one wrap or unwrap, retrying once with a fresh lookup if the
+    /// cached handle went stale (key destroyed and re-created, token reset).
+    fn with_key<T>(
+        &self,
+        k: &KeyRef,
+        op: impl Fn(&Session, ObjectHandle) -> Result<T, CkError>,
+        on_error: impl Fn(CkError) -> Error,
+    ) -> Result<T> {
+        let mut retried = false;
+        loop {
+            let h = self.resolve(k)?;
+            let session = self.session()?;
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            match op(session.get(), h) {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    session.discard();
+                    if is_gone(&e) && !retried {
+                        self.evict(k);
+                        retried = true;
+                        continue;
+                    }
+                    return Err(on_error(e));
+                }
+            }
+        }
+    }
+}
+
+/// `CKA_START_DATE` as `YYYY-MM-DD`, or `None` if unset or unreadable (see
+/// [`keys::CHECKED_ATTRIBUTES`] for why unreadable is expected on SoftHSM2).
+fn read_start_date(admin: &Session, h: ObjectHandle) -> Option<String> {
+    let attrs = admin.get_attributes(h, &[AttributeType::StartDate]).ok()?;
+    attrs.iter().find_map(|a| match a {
+        Attribute::StartDate(d) => keys::date_string(d),
+        _ => None,
+    })
+}
+
+fn make_key_info(
+    k: &KeyRef,
+    mut attributes: KeyAttributes,
+    admin: &Session,
+    h: ObjectHandle,
+) -> KeyInfo {
+    attributes.start_date = read_start_date(admin, h);
+    KeyInfo {
+        name: k.name.clone(),
+        version: k.version,
+        label: keys::label(&k.name, k.version),
+        created: attributes.start_date.clone(),
+        problems: keys::problems(&attributes),
+        attributes,
+    }
+}
+
+/// True for the codes a token returns for an object that no longer exists.
+fn is_gone(e: &CkError) -> bool {
+    matches!(
+        rv_of(e),
+        Some(RvError::ObjectHandleInvalid) | Some(RvError::KeyHandleInvalid)
+    )
+}
+
+fn pin_locked(token: &str) -> Error {
+    Error::pin(format!(
+        "the user PIN of token {token:?} is locked; its security officer must reset it (e.g. `pkcs11-tool --login --login-type so --init-pin`)"
+    ))
+}
+
+fn gcm_params<'a>(iv: &'a mut [u8], aad: &'a [u8]) -> Result<GcmParams<'a>, CkError> {
+    GcmParams::new(iv, aad, ((WRAP_TAG_LEN * 8) as u64).into())
+}
+
+/// The IV length in GCM parameters after a call (a module may rewrite them).
+fn gcm_iv_len(mech: &mut Mechanism) -> usize {
+    match mech {
+        Mechanism::AesGcm(p) => p.iv().len(),
+        _ => 0,
+    }
+}
+
+impl KeyBackend for Hsm {
+    fn current_version(&self, name: &str) -> Result<u32> {
+        validate_key_name(name)?;
+        let latest = {
+            let admin = self.admin_logged_in()?;
+            self.versions_on(&admin, name)?.last().map(|(v, _)| *v)
+        };
+        // Room for issue 4: skip disabled versions here.
+        let version = latest.ok_or_else(|| self.key_not_found(name))?;
+        self.resolve(&KeyRef {
+            name: name.to_string(),
+            version,
+        })?;
+        Ok(version)
+    }
+
+    fn wrap(&self, kwk: &KeyRef, key: &SecretKey, aad: &[u8]) -> Result<WrappedKey> {
+        let t = &self.token_label;
+        let (iv_len, iv, ct) = self.with_key(
+            kwk,
+            |session, h| {
+                // Our random IV goes in; an HSM that generates GCM IVs itself
+                // writes its own into the same buffer, and that is what we keep.
+                let mut iv = [0u8; WRAP_IV_LEN];
+                rand::rngs::OsRng.fill_bytes(&mut iv);
+                let mut mech = Mechanism::AesGcm(gcm_params(&mut iv, aad)?);
+                let ct = session.encrypt(&mech, h, key.expose())?;
+                let iv_len = gcm_iv_len(&mut mech);
+                Ok((iv_len, iv, ct))
+            },
+            |e| token_error(e, t, &format!("wrapping a data key with {kwk}")),
+        )?;
+        // The format stores exactly 12 bytes of IV: a module that changed the
+        // length in the parameters it was given is not one we can use.
+        if iv_len != WRAP_IV_LEN {
+            return Err(Error::token(format!(
+                "wrapping a data key with {kwk} on token {t:?}: the module returned a {iv_len}-byte AES-GCM IV; hsmseal needs 12-byte IVs"
+            )));
+        }
+        if ct.len() != WRAPPED_KEY_LEN {
+            return Err(Error::token(format!(
+                "wrapping a data key with {kwk} on token {t:?}: C_Encrypt returned {} bytes, expected {WRAPPED_KEY_LEN} (32-byte key and 16-byte tag); the module's AES-GCM output is not standard",
+                ct.len()
+            )));
+        }
+        let mut ciphertext = [0u8; WRAPPED_KEY_LEN];
+        ciphertext.copy_from_slice(&ct);
+        Ok(WrappedKey { iv, ciphertext })
+    }
+
+    fn unwrap(&self, kwk: &KeyRef, wrapped: &WrappedKey, aad: &[u8]) -> Result<SecretKey> {
+        let t = &self.token_label;
+        let mut pt = self.with_key(
+            kwk,
+            |session, h| {
+                let mut iv = wrapped.iv;
+                let mech = Mechanism::AesGcm(gcm_params(&mut iv, aad)?);
+                // Zeroizing from the moment the plaintext key exists: its
+                // whole buffer is wiped on drop whatever happens next.
+                session
+                    .decrypt(&mech, h, &wrapped.ciphertext)
+                    .map(Zeroizing::new)
+            },
+            |e| match e {
+                // SoftHSM2 reports a bad GCM tag as CKR_GENERAL_ERROR; the
+                // spec's answer is CKR_ENCRYPTED_DATA_INVALID. Only on
+                // C_Decrypt itself: the same codes from C_DecryptInit mean
+                // something else.
+                CkError::Pkcs11(
+                    RvError::GeneralError | RvError::EncryptedDataInvalid,
+                    Function::Decrypt,
+                ) => Error::integrity(format!(
+                    "authentication failed unwrapping the data key with {kwk}: the header was modified or the data belongs to another key"
+                )),
+                e => token_error(e, t, &format!("unwrapping a data key with {kwk}")),
+            },
+        )?;
+        let n = pt.len();
+        SecretKey::from_slice(&mut pt).ok_or_else(|| {
+            Error::token(format!(
+                "unwrapping a data key with {kwk} on token {t:?}: C_Decrypt returned {n} bytes, expected 32"
+            ))
+        })
+    }
+
+    fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+}

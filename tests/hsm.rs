@@ -1,0 +1,676 @@
+//! In-process tests of `hsmseal::hsm::Hsm` against a real SoftHSM2 token.
+//!
+//! SoftHSM2 reads `SOFTHSM2_CONF` once per process (at `C_Initialize`), so
+//! every test in this binary shares ONE token, created on first use, and
+//! uses its own key names. Tests that need a login state of their own (wrong
+//! PIN, not logged in) live in `tests/hsm_login.rs`, a separate process.
+
+mod common;
+
+use common::TestToken;
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::types::AuthPin;
+use hsmseal::error::ErrorKind;
+use hsmseal::hsm::keys::{kwk_template, today_utc};
+use hsmseal::hsm::Hsm;
+use hsmseal::keys::{KeyBackend, KeyRef, WrappedKey};
+use hsmseal::secret::{Pin, SecretKey};
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+/// The token every test in this binary shares.
+fn token() -> &'static TestToken {
+    static TOKEN: OnceLock<TestToken> = OnceLock::new();
+    TOKEN.get_or_init(|| {
+        // A static is never dropped: keep its directory under target/tmp.
+        let t = TestToken::new_in(Path::new(env!("CARGO_TARGET_TMPDIR")));
+        // Before any Hsm::open in this process: SoftHSM2 reads it once.
+        std::env::set_var("SOFTHSM2_CONF", &t.conf);
+        t
+    })
+}
+
+/// Tests here run one at a time. They share one token, and several create
+/// and destroy objects through their own cryptoki sessions; SoftHSM2's file
+/// object store misreads objects another session of the process is creating
+/// (see `MANAGEMENT` in src/hsm/mod.rs), which hsmseal guards against but
+/// these raw sessions cannot. Each test's own threads still run in parallel.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A fresh `Hsm` (own session pool and call counter), logged in.
+fn hsm() -> Hsm {
+    let t = token();
+    let h = Hsm::open(&t.module, &t.label).expect("open token");
+    h.login(&Pin::new(t.pin.clone())).expect("login");
+    h
+}
+
+fn kref(name: &str, version: u32) -> KeyRef {
+    KeyRef {
+        name: name.to_string(),
+        version,
+    }
+}
+
+/// A logged-in session of the test's own cryptoki context on the shared
+/// token, to create and inspect objects behind hsmseal's back. (Same module
+/// file, so the same library state: C_Initialize reports it already done.)
+fn raw_session() -> Session {
+    let t = token();
+    let ctx = Pkcs11::new(&t.module).expect("load module");
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => panic!("C_Initialize: {e}"),
+    }
+    let slot = ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label().trim() == t.label)
+        .expect("test token slot");
+    let s = ctx.open_rw_session(slot).unwrap();
+    match s.login(UserType::User, Some(&AuthPin::from(t.pin.as_str()))) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+        Err(e) => panic!("C_Login: {e}"),
+    }
+    s
+}
+
+fn find_by_label(s: &Session, label: &str) -> ObjectHandle {
+    let found = s
+        .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
+        .unwrap();
+    assert_eq!(found.len(), 1, "objects labelled {label}");
+    found[0]
+}
+
+fn today() -> String {
+    hsmseal::hsm::keys::date_string(&today_utc()).unwrap()
+}
+
+#[test]
+fn created_key_has_exactly_the_required_attributes() {
+    let _serial = serial();
+    let h = hsm();
+    let info = h.create_key("t-create").unwrap();
+    assert_eq!((info.name.as_str(), info.version), ("t-create", 1));
+    assert_eq!(info.label, "hsmseal:t-create:v1");
+    assert!(info.problems.is_empty(), "{:?}", info.problems);
+
+    // Read the object back with cryptoki directly, against literal values.
+    let s = raw_session();
+    let obj = find_by_label(&s, "hsmseal:t-create:v1");
+    let attrs = s
+        .get_attributes(
+            obj,
+            &[
+                AttributeType::Class,
+                AttributeType::KeyType,
+                AttributeType::ValueLen,
+                AttributeType::Token,
+                AttributeType::Private,
+                AttributeType::Sensitive,
+                AttributeType::AlwaysSensitive,
+                AttributeType::Extractable,
+                AttributeType::NeverExtractable,
+                AttributeType::Encrypt,
+                AttributeType::Decrypt,
+                AttributeType::Wrap,
+                AttributeType::Unwrap,
+                AttributeType::Sign,
+                AttributeType::Verify,
+                AttributeType::Derive,
+                AttributeType::AllowedMechanisms,
+                AttributeType::Id,
+                // Sensitive: the token must not return it at all.
+                AttributeType::Value,
+            ],
+        )
+        .unwrap();
+    let expected = [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(32u64.into()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::AlwaysSensitive(true),
+        Attribute::Extractable(false),
+        Attribute::NeverExtractable(true),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+        Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]),
+        Attribute::Id(b"hsmseal:t-create:v1".to_vec()),
+    ];
+    for e in &expected {
+        assert!(attrs.contains(e), "missing {e:?} in {attrs:?}");
+    }
+    // CKA_START_DATE is set to today. SoftHSM2 (2.6.1) stores it but fails
+    // C_GetAttributeValue with CKR_GENERAL_ERROR when reading it from a
+    // private object (SoftHSMv2 issues #655, #804); hsmseal then reports no
+    // creation date. Accept exactly that, or today's date from a fixed one.
+    match s.get_attributes(obj, &[AttributeType::StartDate]) {
+        Ok(a) => {
+            let date = a.iter().find_map(|a| match a {
+                Attribute::StartDate(d) => hsmseal::hsm::keys::date_string(d),
+                _ => None,
+            });
+            assert_eq!(date.as_deref(), Some(today().as_str()));
+            assert_eq!(info.created.as_deref(), Some(today().as_str()));
+        }
+        Err(CkError::Pkcs11(RvError::GeneralError, _)) => assert_eq!(info.created, None),
+        Err(e) => panic!("reading CKA_START_DATE: {e}"),
+    }
+    assert!(
+        !attrs.iter().any(|a| matches!(a, Attribute::Value(_))),
+        "CKA_VALUE was readable"
+    );
+
+    // The token enforces the attributes: the key cannot encrypt with ECB
+    // (CKA_ALLOWED_MECHANISMS) nor wrap another key (CKA_WRAP false).
+    let ecb = s.encrypt(&Mechanism::AesEcb, obj, &[0u8; 16]);
+    assert!(ecb.is_err(), "CKM_AES_ECB was allowed");
+    let other = s
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::ValueLen(32u64.into()),
+                Attribute::Extractable(true),
+            ],
+        )
+        .unwrap();
+    assert!(
+        s.wrap_key(&Mechanism::AesKeyWrapPad, obj, other).is_err(),
+        "C_WrapKey was allowed"
+    );
+
+    // list and versions show it, with no problems.
+    let listed: Vec<_> = h
+        .list_keys()
+        .unwrap()
+        .into_iter()
+        .filter(|k| k.name == "t-create")
+        .collect();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].problems.is_empty());
+    assert_eq!(
+        listed[0].attributes.allowed_mechanisms,
+        Some(vec!["CKM_AES_GCM".to_string()])
+    );
+    let versions = h.key_versions("t-create").unwrap();
+    assert_eq!(versions.len(), 1);
+    assert_eq!(versions[0].version, 1);
+    assert!(versions[0].problems.is_empty());
+}
+
+#[test]
+fn create_twice_is_refused_and_rotation_adds_versions() {
+    let _serial = serial();
+    let h = hsm();
+    h.create_key("t-rotate").unwrap();
+    let e = h.create_key("t-rotate").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Key, "{e}");
+    assert!(e.to_string().contains("already exists"), "{e}");
+
+    let v2 = h.create_next_version("t-rotate").unwrap();
+    assert_eq!(v2.version, 2);
+    assert_eq!(v2.label, "hsmseal:t-rotate:v2");
+    assert!(v2.problems.is_empty());
+    assert_eq!(h.current_version("t-rotate").unwrap(), 2);
+    let versions: Vec<u32> = h
+        .key_versions("t-rotate")
+        .unwrap()
+        .iter()
+        .map(|k| k.version)
+        .collect();
+    assert_eq!(versions, [1, 2]);
+    // The same template: v2 is as strong as v1, read back directly.
+    let s = raw_session();
+    let obj = find_by_label(&s, "hsmseal:t-rotate:v2");
+    let attrs = s
+        .get_attributes(
+            obj,
+            &[
+                AttributeType::Extractable,
+                AttributeType::Wrap,
+                AttributeType::AllowedMechanisms,
+            ],
+        )
+        .unwrap();
+    assert!(attrs.contains(&Attribute::Extractable(false)));
+    assert!(attrs.contains(&Attribute::Wrap(false)));
+    assert!(attrs.contains(&Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM])));
+
+    let e = h.create_next_version("t-rotate-none").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Key, "{e}");
+    let e = h.create_key("bad name").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Usage, "{e}");
+}
+
+#[test]
+fn wrap_unwrap_round_trip_and_every_tampering_fails_authentication() {
+    let _serial = serial();
+    let h = hsm();
+    h.create_key("t-wrap").unwrap();
+    h.create_next_version("t-wrap").unwrap();
+    let v1 = kref("t-wrap", 1);
+    let v2 = kref("t-wrap", 2);
+    let dek = SecretKey::random();
+    let aad = b"hsmseal/1 t-wrap v1 ctx";
+
+    assert_eq!(h.calls(), 0);
+    let w = h.wrap(&v1, &dek, aad).unwrap();
+    assert_eq!(h.calls(), 1);
+    let back = h.unwrap(&v1, &w, aad).unwrap();
+    assert_eq!(back.expose(), dek.expose());
+    assert_eq!(h.calls(), 2);
+    // Fresh IV per wrap.
+    let w2 = h.wrap(&v1, &dek, aad).unwrap();
+    assert_ne!(w.iv, w2.iv);
+    assert_ne!(w.ciphertext, w2.ciphertext);
+
+    let integrity = |r: hsmseal::error::Result<SecretKey>, what: &str| {
+        let e = r.expect_err(what);
+        assert_eq!(e.kind(), ErrorKind::Integrity, "{what}: {e}");
+        assert!(
+            e.to_string().contains("authentication failed"),
+            "{what}: {e}"
+        );
+        assert!(e.to_string().contains("t-wrap v"), "{what}: {e}");
+    };
+    integrity(h.unwrap(&v1, &w, b"hsmseal/1 t-wrap v1 ctY"), "other AAD");
+    integrity(h.unwrap(&v1, &w, b""), "empty AAD");
+    integrity(h.unwrap(&v2, &w, aad), "other version");
+    for (what, i) in [
+        ("IV", None),
+        ("ciphertext", Some(0)),
+        ("ciphertext end", Some(31)),
+        ("tag", Some(32)),
+        ("tag end", Some(47)),
+    ] {
+        let mut bad: WrappedKey = w.clone();
+        match i {
+            None => bad.iv[11] ^= 0x01,
+            Some(i) => bad.ciphertext[i] ^= 0x80,
+        }
+        integrity(h.unwrap(&v1, &bad, aad), what);
+    }
+    // The sessions that saw failures were discarded; the key still works.
+    assert_eq!(h.unwrap(&v1, &w, aad).unwrap().expose(), dek.expose());
+    // 3 wraps/unwraps above + 8 failed unwraps + 1 = every call counted.
+    assert_eq!(h.calls(), 3 + 8 + 1);
+
+    // A wrap under v2 unwraps under v2 only.
+    let w3 = h.wrap(&v2, &dek, aad).unwrap();
+    assert_eq!(h.unwrap(&v2, &w3, aad).unwrap().expose(), dek.expose());
+    integrity(h.unwrap(&v1, &w3, aad), "v1 for a v2 wrap");
+}
+
+#[test]
+fn missing_keys_and_versions_are_key_errors() {
+    let _serial = serial();
+    let h = hsm();
+    let e = h.current_version("t-missing").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Key);
+    assert!(
+        e.to_string().contains("\"t-missing\" not found on token"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("hsmseal key list"), "{e}");
+    let e = h.key_versions("t-missing").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Key);
+
+    h.create_key("t-gap").unwrap();
+    let e = h
+        .wrap(&kref("t-gap", 3), &SecretKey::random(), b"")
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Key);
+    assert!(
+        e.to_string().contains("key t-gap v3 not found on token")
+            && e.to_string().contains("destroyed or never created"),
+        "{e}"
+    );
+    let fake = WrappedKey {
+        iv: [0; 12],
+        ciphertext: [0; 48],
+    };
+    let e = h.unwrap(&kref("t-missing", 1), &fake, b"").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Key, "{e}");
+}
+
+#[test]
+fn a_destroyed_key_is_not_used_from_the_cache() {
+    let _serial = serial();
+    let h = hsm();
+    h.create_key("t-destroyed").unwrap();
+    let k = kref("t-destroyed", 1);
+    let w = h.wrap(&k, &SecretKey::random(), b"a").unwrap();
+    let s = raw_session();
+    s.destroy_object(find_by_label(&s, "hsmseal:t-destroyed:v1"))
+        .unwrap();
+    let e = h.unwrap(&k, &w, b"a").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Key, "{e}");
+    assert!(e.to_string().contains("not found"), "{e}");
+}
+
+/// Generates `hsmseal:{name}:v1` outside hsmseal: hsmseal's own template,
+/// changed by `weaken`.
+fn weak_key(name: &str, weaken: impl FnOnce(&mut Vec<Attribute>)) {
+    let mut t = kwk_template(name, 1, today_utc());
+    weaken(&mut t);
+    let s = raw_session();
+    s.generate_key(&Mechanism::AesKeyGen, &t)
+        .unwrap_or_else(|e| panic!("generating weak key {name}: {e}"));
+}
+
+fn set(t: &mut Vec<Attribute>, a: Attribute) {
+    t.retain(|x| x.attribute_type() != a.attribute_type());
+    t.push(a);
+}
+
+#[test]
+fn weaker_keys_are_refused_for_wrap_and_unwrap_naming_the_attribute() {
+    let _serial = serial();
+    weak_key("weak-extractable", |t| set(t, Attribute::Extractable(true)));
+    weak_key("weak-wrap-decrypt", |t| set(t, Attribute::Wrap(true)));
+    weak_key("weak-no-allowed", |t| {
+        t.retain(|a| a.attribute_type() != AttributeType::AllowedMechanisms)
+    });
+    weak_key("weak-ecb-allowed", |t| {
+        set(
+            t,
+            Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM, MechanismType::AES_ECB]),
+        )
+    });
+    let h = hsm();
+    let fake = WrappedKey {
+        iv: [1; 12],
+        ciphertext: [2; 48],
+    };
+    for (name, needle) in [
+        (
+            "weak-extractable",
+            "CKA_EXTRACTABLE is true (the key could leave the HSM)",
+        ),
+        (
+            "weak-wrap-decrypt",
+            "CKA_WRAP and CKA_DECRYPT are both true",
+        ),
+        ("weak-no-allowed", "CKA_ALLOWED_MECHANISMS is"),
+        (
+            "weak-ecb-allowed",
+            "CKA_ALLOWED_MECHANISMS allows CKM_AES_ECB",
+        ),
+    ] {
+        let k = kref(name, 1);
+        let before = h.calls();
+        for (op, e) in [
+            ("wrap", h.wrap(&k, &SecretKey::random(), b"x").unwrap_err()),
+            ("unwrap", h.unwrap(&k, &fake, b"x").unwrap_err()),
+            ("current_version", h.current_version(name).unwrap_err()),
+        ] {
+            let m = e.to_string();
+            assert_eq!(e.kind(), ErrorKind::Key, "{name} {op}: {m}");
+            assert!(
+                m.starts_with(&format!("key {name} v1 is refused: ")),
+                "{name} {op}: {m}"
+            );
+            assert!(m.contains(needle), "{name} {op}: {m}");
+            assert!(m.contains("hsmseal key create"), "{name} {op}: {m}");
+            assert!(!m.contains('\n'));
+        }
+        // Refused before any encryption call reached the token.
+        assert_eq!(h.calls(), before, "{name}");
+        let listed = h.key_versions(name).unwrap();
+        assert!(
+            listed[0]
+                .problems
+                .iter()
+                .any(|p| p.contains(needle.split(" (").next().unwrap())),
+            "{name}: {:?}",
+            listed[0].problems
+        );
+    }
+    // Control for the enforcement check in the creation test: without
+    // CKA_ALLOWED_MECHANISMS the token does let the key encrypt with ECB.
+    let s = raw_session();
+    let obj = find_by_label(&s, "hsmseal:weak-no-allowed:v1");
+    assert!(s.encrypt(&Mechanism::AesEcb, obj, &[0u8; 16]).is_ok());
+
+    // The extractable one is also named as having maybe left the HSM.
+    let info = &h.key_versions("weak-extractable").unwrap()[0];
+    assert!(
+        info.problems
+            .iter()
+            .any(|p| p.contains("CKA_NEVER_EXTRACTABLE is false")),
+        "{:?}",
+        info.problems
+    );
+    // doctor reports them.
+    let report = h.doctor().unwrap();
+    assert!(!report.ok());
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("weak-wrap-decrypt v1 is refused")),
+        "{report}"
+    );
+}
+
+#[test]
+fn wrong_token_label_and_bad_module_are_token_errors() {
+    let _serial = serial();
+    let t = token();
+    let _ = hsm(); // the shared token exists
+    let e = Hsm::open(&t.module, "no-such-token").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Token, "{e}");
+    let m = e.to_string();
+    assert!(m.contains("no token labelled \"no-such-token\""), "{m}");
+    assert!(
+        m.contains(&format!("{:?}", t.label)),
+        "lists the labels found: {m}"
+    );
+    assert!(m.contains("HSMSEAL_TOKEN"), "{m}");
+
+    let e = Hsm::open(Path::new("/nonexistent/libpkcs11.so"), &t.label).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Token, "{e}");
+    let m = e.to_string();
+    assert!(
+        m.starts_with("cannot load PKCS#11 module /nonexistent/libpkcs11.so: "),
+        "{m}"
+    );
+    assert!(m.contains("set --module or HSMSEAL_PKCS11_MODULE"), "{m}");
+
+    // A file that exists but is not a shared library.
+    let e = Hsm::open(&t.conf, &t.label).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Token, "{e}");
+    assert!(e.to_string().contains("cannot load PKCS#11 module"), "{e}");
+}
+
+#[test]
+fn init_token_makes_a_usable_token_in_a_free_slot() {
+    let _serial = serial();
+    let t = token();
+    let _ = hsm(); // SOFTHSM2_CONF set, module initialised
+    let label = format!("hsmseal-init-{}", std::process::id());
+    let so = Pin::new("init-so-9876".into());
+    let user = Pin::new("init-user-5432".into());
+    Hsm::init_token(&t.module, &label, &so, &user).unwrap();
+    let e = Hsm::init_token(&t.module, &label, &so, &user).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Token, "{e}");
+    assert!(e.to_string().contains("already exists"), "{e}");
+
+    let h = Hsm::open(&t.module, &label).unwrap();
+    h.login(&user).unwrap();
+    h.create_key("t-init").unwrap();
+    let k = kref("t-init", 1);
+    let dek = SecretKey::random();
+    let w = h.wrap(&k, &dek, b"i").unwrap();
+    assert_eq!(h.unwrap(&k, &w, b"i").unwrap().expose(), dek.expose());
+    // The key is on the new token only.
+    assert!(hsm().key_versions("t-init").is_err());
+}
+
+#[test]
+fn concurrent_wraps_and_unwraps_from_four_threads() {
+    let _serial = serial();
+    let h = hsm();
+    h.create_key("t-conc").unwrap();
+    let k = kref("t-conc", 1);
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let (h, k) = (&h, &k);
+            s.spawn(move || {
+                for i in 0..200 {
+                    let aad = format!("thread {t} item {i}");
+                    let dek = SecretKey::random();
+                    let w = h.wrap(k, &dek, aad.as_bytes()).unwrap();
+                    let back = h.unwrap(k, &w, aad.as_bytes()).unwrap();
+                    assert_eq!(back.expose(), dek.expose());
+                }
+            });
+        }
+    });
+    assert_eq!(h.calls(), 4 * 200 * 2);
+}
+
+#[test]
+fn two_hsm_instances_in_one_process_manage_keys_concurrently() {
+    let _serial = serial();
+    // Without hsmseal's process-wide management lock, SoftHSM2 fails some of
+    // these (CKR_ATTRIBUTE_VALUE_INVALID reading labels of objects the other
+    // session is creating).
+    let (a, b) = (hsm(), hsm());
+    std::thread::scope(|s| {
+        for (h, prefix) in [(&a, "t-two-a"), (&b, "t-two-b")] {
+            s.spawn(move || {
+                for i in 0..40 {
+                    let name = format!("{prefix}{i}");
+                    h.create_key(&name).unwrap();
+                    assert_eq!(h.key_versions(&name).unwrap().len(), 1);
+                }
+            });
+        }
+    });
+    assert_eq!(a.current_version("t-two-b39").unwrap(), 1);
+}
+
+#[test]
+fn doctor_reports_module_token_mechanisms_and_keys() {
+    let _serial = serial();
+    let t = token();
+    let h = hsm();
+    h.create_key("t-doctor").unwrap();
+    let r = h.doctor().unwrap();
+    assert_eq!(r.token.label, t.label);
+    assert!(r.token.logged_in);
+    assert!(!r.token.user_pin_locked);
+    assert!(
+        r.library.manufacturer.contains("SoftHSM"),
+        "{}",
+        r.library.manufacturer
+    );
+    for m in &r.mechanisms {
+        assert!(m.supported && m.problems.is_empty(), "{m:?}");
+    }
+    let names: Vec<&str> = r.mechanisms.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["CKM_AES_GCM", "CKM_AES_KEY_GEN"]);
+    let keys = r.keys.as_ref().expect("keys listed when logged in");
+    assert!(keys
+        .iter()
+        .any(|k| k.name == "t-doctor" && k.problems.is_empty()));
+    let text = r.to_string();
+    assert!(
+        text.contains("CKM_AES_GCM") && text.contains("t-doctor v1"),
+        "{text}"
+    );
+    let json = serde_json::to_string(&r).unwrap();
+    assert!(
+        json.contains("\"allowed_mechanisms\":[\"CKM_AES_GCM\"]"),
+        "{json}"
+    );
+    for secret in [&t.pin, &t.so_pin] {
+        assert!(!text.contains(secret.as_str()) && !json.contains(secret.as_str()));
+    }
+    assert!(!format!("{h:?}").contains(t.pin.as_str()));
+}
+
+/// Process CPU time (user + system) in seconds, from /proc/self/stat.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the ")" that ends the command name; utime and stime are
+    // fields 14 and 15 of the whole line, in clock ticks (100 per second).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Wraps (or unwraps) per second with 1, 2 and 4 threads, and how many
+/// cores' worth of CPU the process used meanwhile.
+/// `cargo test --test hsm -- --ignored --nocapture measure`
+#[test]
+#[ignore = "measurement, not a test"]
+fn measure_wraps_per_second() {
+    let _serial = serial();
+    let h = hsm();
+    let _ = h.create_key("t-measure");
+    let k = kref("t-measure", 1);
+    let dek = SecretKey::random();
+    let w = h.wrap(&k, &dek, b"measure aad").unwrap();
+    let per_thread = 20_000;
+    for threads in [1usize, 2, 4] {
+        for op in ["wrap", "unwrap"] {
+            let (start, cpu) = (std::time::Instant::now(), cpu_seconds());
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    s.spawn(|| {
+                        for _ in 0..per_thread {
+                            if op == "wrap" {
+                                h.wrap(&k, &dek, b"measure aad").unwrap();
+                            } else {
+                                h.unwrap(&k, &w, b"measure aad").unwrap();
+                            }
+                        }
+                    });
+                }
+            });
+            let secs = start.elapsed().as_secs_f64();
+            let cores = (cpu_seconds() - cpu) / secs;
+            let rate = (threads * per_thread) as f64 / secs;
+            println!("{op}: {threads} thread(s): {rate:.0}/s, {cores:.2} cores busy");
+        }
+    }
+    // Same, but each thread with its own key: SoftHSM2 serialises work on
+    // one object (it re-checks the object's file on every operation).
+    let _ = h.create_key("t-measure-2");
+    let k2 = kref("t-measure-2", 1);
+    let (start, cpu) = (std::time::Instant::now(), cpu_seconds());
+    std::thread::scope(|s| {
+        for key in [&k, &k2] {
+            let (h, dek) = (&h, &dek);
+            s.spawn(move || {
+                for _ in 0..per_thread {
+                    h.wrap(key, dek, b"measure aad").unwrap();
+                }
+            });
+        }
+    });
+    let secs = start.elapsed().as_secs_f64();
+    let cores = (cpu_seconds() - cpu) / secs;
+    let rate = (2 * per_thread) as f64 / secs;
+    println!("wrap: 2 thread(s), a key each: {rate:.0}/s, {cores:.2} cores busy");
+}
