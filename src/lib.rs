@@ -6,3 +6,4 @@ pub mod commands;
 pub mod error;
 pub mod keys;
 pub mod secret;
+pub mod stream;

@@ -1,0 +1,408 @@
+//! Batches of chunks, the per-batch AEAD work, and the two drivers that move
+//! batches from the reader through the cipher to the writer: a sequential one
+//! and a pipelined one with crypto worker threads.
+//!
+//! A batch buffer holds up to `BATCH_CHUNKS` chunk slots of `ENC_CHUNK_LEN`
+//! bytes. Sealing reads plaintext into the first `CHUNK_SIZE` bytes of each
+//! slot and the tag lands right after it, so the sealed batch is one
+//! contiguous run of ciphertext. Opening reads ciphertext contiguously and
+//! decrypts in place, leaving each chunk's plaintext at the start of its slot.
+//! Buffers are allocated once per stream and reused, so memory is constant.
+
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Mutex};
+
+use aes_gcm::aead::AeadInPlace;
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+use zeroize::Zeroize;
+
+use super::kdf::{Derived, NONCE_LEN};
+use super::{CHUNK_SIZE, ENC_CHUNK_LEN, TAG_LEN};
+use crate::error::{Error, Result};
+
+/// Chunks per batch: 64 chunks is ~1 MiB, large enough that channel and
+/// syscall overhead vanish, small enough to stay near the cores' caches.
+pub(super) const BATCH_CHUNKS: usize = 64;
+pub(super) const BATCH_BYTES: usize = BATCH_CHUNKS * ENC_CHUNK_LEN;
+
+/// Most worker threads used, whatever the caller asks for.
+const MAX_THREADS: usize = 64;
+
+pub(super) struct Batch {
+    pub(super) buf: Vec<u8>,
+    /// Position of this batch in the stream, for writing batches in order.
+    seq: u64,
+    /// Counter of the first chunk in the batch.
+    pub(super) first_chunk: u64,
+    pub(super) n_chunks: usize,
+    /// Length of the last chunk's bytes in this batch: plaintext when
+    /// sealing, ciphertext including the tag when opening. Every other chunk
+    /// of the batch is full-size.
+    pub(super) tail_len: usize,
+    /// Opening: how many leading chunks authenticated (and were decrypted).
+    pub(super) authenticated: usize,
+    /// An error the reader found right after this batch's chunks (a
+    /// truncated stream). It is reported only once the chunks before it have
+    /// been checked and released, so the first failure in stream order wins.
+    pub(super) trailer: Option<Error>,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Batch {
+            buf: vec![0u8; BATCH_BYTES],
+            seq: 0,
+            first_chunk: 0,
+            n_chunks: 0,
+            tail_len: 0,
+            authenticated: 0,
+            trailer: None,
+        }
+    }
+
+    /// Sealing: bytes of ciphertext the batch holds once sealed.
+    pub(super) fn sealed_len(&self) -> usize {
+        (self.n_chunks - 1) * ENC_CHUNK_LEN + self.tail_len + TAG_LEN
+    }
+
+    /// Sealing: plaintext bytes in the batch.
+    pub(super) fn plain_len(&self) -> usize {
+        (self.n_chunks - 1) * CHUNK_SIZE + self.tail_len
+    }
+}
+
+impl Drop for Batch {
+    // Opening leaves plaintext in the buffer; do not hand it back to the
+    // allocator readable.
+    fn drop(&mut self) {
+        self.buf.zeroize();
+    }
+}
+
+/// The AEAD with this stream's key, and the base nonce.
+pub(super) struct ChunkCipher {
+    aead: Aes256Gcm,
+    base_nonce: [u8; NONCE_LEN],
+}
+
+impl Drop for ChunkCipher {
+    fn drop(&mut self) {
+        // The AES key schedule wipes itself (aes-gcm's `zeroize` feature).
+        self.base_nonce.zeroize();
+    }
+}
+
+impl ChunkCipher {
+    pub(super) fn new(derived: &Derived) -> Self {
+        ChunkCipher {
+            aead: Aes256Gcm::new(derived.aead_key().into()),
+            base_nonce: derived.base_nonce(),
+        }
+    }
+
+    /// base_nonce XOR the big-endian chunk counter in the last 8 bytes
+    /// (the counter is below 2^38, so it never reaches the first 4 bytes).
+    fn nonce(&self, counter: u64) -> Nonce<aes_gcm::aead::consts::U12> {
+        let mut n = self.base_nonce;
+        for (b, c) in n[NONCE_LEN - 8..].iter_mut().zip(counter.to_be_bytes()) {
+            *b ^= c;
+        }
+        n.into()
+    }
+
+    /// Encrypts every chunk of the batch in place and appends its tag.
+    pub(super) fn seal(&self, b: &mut Batch) {
+        for i in 0..b.n_chunks {
+            let len = if i + 1 == b.n_chunks {
+                b.tail_len
+            } else {
+                CHUNK_SIZE
+            };
+            let slot = &mut b.buf[i * ENC_CHUNK_LEN..i * ENC_CHUNK_LEN + len + TAG_LEN];
+            let (data, tag_out) = slot.split_at_mut(len);
+            let nonce = self.nonce(b.first_chunk + i as u64);
+            // Only fails for messages over 64 GiB; a chunk is 16 KiB.
+            let tag = self
+                .aead
+                .encrypt_in_place_detached(&nonce, b"", data)
+                .expect("a chunk is far below the AES-GCM length limit");
+            tag_out.copy_from_slice(&tag);
+        }
+    }
+
+    /// Authenticates and decrypts chunks in order, stopping at the first
+    /// that fails; `b.authenticated` says how many succeeded. aes-gcm
+    /// checks the tag before it decrypts, so a failed chunk stays ciphertext.
+    pub(super) fn open(&self, b: &mut Batch) {
+        b.authenticated = 0;
+        for i in 0..b.n_chunks {
+            let len = if i + 1 == b.n_chunks {
+                b.tail_len
+            } else {
+                ENC_CHUNK_LEN
+            };
+            let slot = &mut b.buf[i * ENC_CHUNK_LEN..i * ENC_CHUNK_LEN + len];
+            let (data, tag) = slot.split_at_mut(len - TAG_LEN);
+            let nonce = self.nonce(b.first_chunk + i as u64);
+            let tag = Tag::from_slice(tag);
+            if self
+                .aead
+                .decrypt_in_place_detached(&nonce, b"", data, tag)
+                .is_err()
+            {
+                return;
+            }
+            b.authenticated += 1;
+        }
+    }
+}
+
+/// Reads until `buf` is full or the input ends; returns the bytes read.
+pub(super) fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Reads plaintext into the first `CHUNK_SIZE` bytes of each chunk slot of
+/// `buf`, until all are full or the input ends; returns the bytes read.
+/// One vectored read fills many slots, so a file costs one syscall a batch.
+pub(super) fn read_full_slots(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let total = buf.len() / ENC_CHUNK_LEN * CHUNK_SIZE;
+    let mut filled = 0;
+    while filled < total {
+        let (first, skip) = (filled / CHUNK_SIZE, filled % CHUNK_SIZE);
+        let mut iov: Vec<IoSliceMut<'_>> = buf
+            .chunks_exact_mut(ENC_CHUNK_LEN)
+            .skip(first)
+            .enumerate()
+            .map(|(j, slot)| {
+                let from = if j == 0 { skip } else { 0 };
+                IoSliceMut::new(&mut slot[from..CHUNK_SIZE])
+            })
+            .collect();
+        match r.read_vectored(&mut iov) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Writes the plaintext of the first `n_chunks` slots of `buf` (each full
+/// except the last, which has `last_len` bytes), skipping the tag space.
+pub(super) fn write_all_slots(
+    w: &mut dyn Write,
+    buf: &[u8],
+    n_chunks: usize,
+    last_len: usize,
+) -> io::Result<()> {
+    if n_chunks == 0 {
+        return Ok(());
+    }
+    let total = (n_chunks - 1) * CHUNK_SIZE + last_len;
+    let mut done = 0;
+    while done < total {
+        let (first, skip) = (done / CHUNK_SIZE, done % CHUNK_SIZE);
+        let iov: Vec<IoSlice<'_>> = buf
+            .chunks_exact(ENC_CHUNK_LEN)
+            .take(n_chunks)
+            .enumerate()
+            .skip(first)
+            .map(|(i, slot)| {
+                let len = if i + 1 == n_chunks {
+                    last_len
+                } else {
+                    CHUNK_SIZE
+                };
+                let from = if i == first { skip } else { 0 };
+                IoSlice::new(&slot[from..len])
+            })
+            .collect();
+        match w.write_vectored(&iov) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Fills a batch from the input; returns true when the input has ended.
+pub(super) type ReadFn<'a> = dyn FnMut(&mut Batch) -> Result<bool> + 'a;
+/// The crypto applied to a batch; runs on worker threads.
+pub(super) type CryptFn<'a> = dyn Fn(&mut Batch) + Sync + 'a;
+/// Emits a processed batch; an error stops the stream.
+pub(super) type WriteFn<'a> = dyn FnMut(&mut Batch) -> Result<()> + 'a;
+
+/// Moves every batch of the stream through `read`, `crypt` and `write`, in
+/// stream order for `write`. With more than one thread, reading and writing
+/// stay on the calling thread (the reader and writer need not be `Send`)
+/// while `threads` workers run `crypt`, so I/O overlaps with crypto.
+pub(super) fn run(
+    threads: usize,
+    read: &mut ReadFn<'_>,
+    crypt: &CryptFn<'_>,
+    write: &mut WriteFn<'_>,
+) -> Result<()> {
+    if threads <= 1 {
+        let mut b = Batch::new();
+        loop {
+            let last = read(&mut b)?;
+            crypt(&mut b);
+            write(&mut b)?;
+            if last {
+                return Ok(());
+            }
+        }
+    }
+    run_parallel(threads.min(MAX_THREADS), read, crypt, write)
+}
+
+/// What a worker hands back: the processed batch, or the sequence number of
+/// a batch whose processing panicked.
+type Done = std::result::Result<Batch, u64>;
+
+fn worker_failed() -> Error {
+    Error::io("internal error: a crypto worker thread failed")
+}
+
+fn run_parallel(
+    threads: usize,
+    read: &mut ReadFn<'_>,
+    crypt: &CryptFn<'_>,
+    write: &mut WriteFn<'_>,
+) -> Result<()> {
+    let cancel = AtomicBool::new(false);
+    let (work_tx, work_rx) = mpsc::channel::<Batch>();
+    // std's Receiver cannot be shared; workers take turns at it.
+    let work_rx = Mutex::new(work_rx);
+    let (done_tx, done_rx) = mpsc::channel::<Done>();
+
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let done_tx = done_tx.clone();
+                let (work_rx, cancel) = (&work_rx, &cancel);
+                s.spawn(move || worker(work_rx, done_tx, crypt, cancel))
+            })
+            .collect();
+        drop(done_tx);
+
+        // Dropping the work sender (when `coordinate` returns) is what tells
+        // the workers to exit; it must happen before the joins below.
+        let result = coordinate(threads, read, write, work_tx, &done_rx);
+        if result.is_err() {
+            cancel.store(true, Ordering::Relaxed);
+        }
+        // Join every worker by hand: a panicked worker then surfaces as an
+        // error here instead of a panic out of `thread::scope`.
+        let mut panicked = false;
+        for h in handles {
+            panicked |= h.join().is_err();
+        }
+        match result {
+            Ok(()) if panicked => Err(worker_failed()),
+            r => r,
+        }
+    })
+}
+
+fn worker(
+    work_rx: &Mutex<mpsc::Receiver<Batch>>,
+    done_tx: mpsc::Sender<Done>,
+    crypt: &CryptFn<'_>,
+    cancel: &AtomicBool,
+) {
+    loop {
+        let next = match work_rx.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let Ok(mut batch) = next else {
+            return; // the coordinator is done
+        };
+        if cancel.load(Ordering::Relaxed) {
+            continue; // the stream already failed; just drain
+        }
+        let seq = batch.seq;
+        let msg = match catch_unwind(AssertUnwindSafe(|| crypt(&mut batch))) {
+            Ok(()) => Ok(batch),
+            Err(_) => Err(seq),
+        };
+        if done_tx.send(msg).is_err() {
+            return;
+        }
+    }
+}
+
+/// The calling thread's side of the pipeline: keeps up to `in_flight`
+/// batches between reading and writing, reads ahead while workers encrypt,
+/// and writes finished batches strictly in stream order.
+fn coordinate(
+    threads: usize,
+    read: &mut ReadFn<'_>,
+    write: &mut WriteFn<'_>,
+    work_tx: mpsc::Sender<Batch>,
+    done_rx: &mpsc::Receiver<Done>,
+) -> Result<()> {
+    // Enough batches for every worker to have one in hand and one queued,
+    // plus one being read and one being written: ~6 MiB with 2 threads.
+    let in_flight = 2 * threads + 2;
+    let mut free: Vec<Batch> = Vec::with_capacity(in_flight);
+    // Finished batches waiting for their turn, at index seq % in_flight.
+    let mut ready: Vec<Option<Batch>> = (0..in_flight).map(|_| None).collect();
+    let (mut next_read, mut next_write) = (0u64, 0u64);
+    let mut input_done = false;
+
+    let mut accept = |msg: Done,
+                      ready: &mut Vec<Option<Batch>>,
+                      free: &mut Vec<Batch>,
+                      next_write: &mut u64|
+     -> Result<()> {
+        let b = msg.map_err(|_| worker_failed())?;
+        let slot = (b.seq % in_flight as u64) as usize;
+        ready[slot] = Some(b);
+        // Write out every batch that is now next in order.
+        loop {
+            let slot = (*next_write % in_flight as u64) as usize;
+            let Some(mut b) = ready[slot].take() else {
+                return Ok(());
+            };
+            write(&mut b)?;
+            *next_write += 1;
+            free.push(b);
+        }
+    };
+
+    loop {
+        while !input_done && next_read - next_write < in_flight as u64 {
+            let mut b = free.pop().unwrap_or_else(Batch::new);
+            b.seq = next_read;
+            input_done = read(&mut b)?;
+            next_read += 1;
+            work_tx.send(b).map_err(|_| worker_failed())?;
+            // Write whatever finished meanwhile, without waiting.
+            while let Ok(msg) = done_rx.try_recv() {
+                accept(msg, &mut ready, &mut free, &mut next_write)?;
+            }
+        }
+        if next_write == next_read {
+            return Ok(());
+        }
+        let msg = done_rx.recv().map_err(|_| worker_failed())?;
+        accept(msg, &mut ready, &mut free, &mut next_write)?;
+    }
+}
