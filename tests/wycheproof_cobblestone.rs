@@ -80,13 +80,17 @@ fn check_valid(
     assert_eq!(stream::ciphertext_len(len as u64), ct.len() as u64, "{id}");
 
     let key = SecretKey::from_bytes(t.key[..].try_into().expect("32-byte key"));
-    assert_eq!(
-        stream::verify(&key, &t.ctx, ct, opts).unwrap_or_else(|e| panic!("{id}: verify: {e}")),
-        len as u64
-    );
-    let mut pt2 = Vec::new();
-    stream::decrypt(&key, &t.ctx, ct, &mut pt2, opts).unwrap_or_else(|e| panic!("{id}: {e}"));
-    assert_eq!(pt2, pt, "{id}: decrypt with SecretKey");
+    // The SecretKey entry points and verify() share the decryption path;
+    // run them on the small vectors only (debug builds of the AEAD are slow
+    // and the 4 MiB vectors are about counter encoding, covered above).
+    if ct.len() < 1 << 16 {
+        let n =
+            stream::verify(&key, &t.ctx, ct, opts).unwrap_or_else(|e| panic!("{id}: verify: {e}"));
+        assert_eq!(n, len as u64, "{id}: verify");
+        let mut pt2 = Vec::new();
+        stream::decrypt(&key, &t.ctx, ct, &mut pt2, opts).unwrap_or_else(|e| panic!("{id}: {e}"));
+        assert_eq!(pt2, pt, "{id}: decrypt with SecretKey");
+    }
 
     // Encryption is deterministic given the salt: it must reproduce the
     // vector byte for byte (derivation, nonces, chunking, final chunk).

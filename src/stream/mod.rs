@@ -132,6 +132,7 @@ fn seal_stream(
         } else {
             (n / CHUNK_SIZE, CHUNK_SIZE)
         };
+        b.touch(b.sealed_len());
         next_chunk += b.n_chunks as u64;
         check_chunk_count(next_chunk)?;
         Ok(last)
@@ -238,6 +239,7 @@ fn open_stream(
     let mut next_chunk = 0u64;
     let mut read = |b: &mut Batch| -> Result<bool> {
         let n = read_full(input, &mut b.buf).map_err(read_err)?;
+        b.touch(n);
         b.first_chunk = next_chunk;
         b.trailer = None;
         if n == BATCH_BYTES {
