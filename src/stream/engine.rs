@@ -27,8 +27,9 @@ use crate::error::{Error, Result};
 pub(super) const BATCH_CHUNKS: usize = 64;
 pub(super) const BATCH_BYTES: usize = BATCH_CHUNKS * ENC_CHUNK_LEN;
 
-/// Most worker threads used, whatever the caller asks for.
-const MAX_THREADS: usize = 64;
+/// Most worker threads used, whatever the caller asks for; bounds memory
+/// (batches in flight grow with threads) far beyond what I/O can feed.
+const MAX_THREADS: usize = 16;
 
 pub(super) struct Batch {
     pub(super) buf: Vec<u8>,
@@ -266,18 +267,21 @@ pub(super) fn run(
     crypt: &CryptFn<'_>,
     write: &mut WriteFn<'_>,
 ) -> Result<()> {
-    if threads <= 1 {
-        let mut b = Batch::new();
-        loop {
-            let last = read(&mut b)?;
-            crypt(&mut b);
-            write(&mut b)?;
-            if last {
-                return Ok(());
-            }
-        }
+    let mut b = Batch::new();
+    let mut last = read(&mut b)?;
+    if threads > 1 && !last {
+        return run_parallel(threads.min(MAX_THREADS), b, read, crypt, write);
     }
-    run_parallel(threads.min(MAX_THREADS), read, crypt, write)
+    // One thread, or a stream that fits one batch: starting workers would
+    // cost more than it saves (bulk runs encrypt many small files).
+    loop {
+        crypt(&mut b);
+        write(&mut b)?;
+        if last {
+            return Ok(());
+        }
+        last = read(&mut b)?;
+    }
 }
 
 /// What a worker hands back: the processed batch, or the sequence number of
@@ -290,6 +294,7 @@ fn worker_failed() -> Error {
 
 fn run_parallel(
     threads: usize,
+    first: Batch,
     read: &mut ReadFn<'_>,
     crypt: &CryptFn<'_>,
     write: &mut WriteFn<'_>,
@@ -312,7 +317,7 @@ fn run_parallel(
 
         // Dropping the work sender (when `coordinate` returns) is what tells
         // the workers to exit; it must happen before the joins below.
-        let result = coordinate(threads, read, write, work_tx, &done_rx);
+        let result = coordinate(threads, first, read, write, work_tx, &done_rx);
         if result.is_err() {
             cancel.store(true, Ordering::Relaxed);
         }
@@ -362,19 +367,23 @@ fn worker(
 /// and writes finished batches strictly in stream order.
 fn coordinate(
     threads: usize,
+    first: Batch,
     read: &mut ReadFn<'_>,
     write: &mut WriteFn<'_>,
     work_tx: mpsc::Sender<Batch>,
     done_rx: &mpsc::Receiver<Done>,
 ) -> Result<()> {
     // Enough batches for every worker to have one in hand and one queued,
-    // plus one being read and one being written: ~6 MiB with 2 threads.
+    // plus one being read and one being written: ~6 MiB with 2 threads,
+    // ~36 MiB at most (MAX_THREADS).
     let in_flight = 2 * threads + 2;
     let mut free: Vec<Batch> = Vec::with_capacity(in_flight);
     // Finished batches waiting for their turn, at index seq % in_flight.
     let mut ready: Vec<Option<Batch>> = (0..in_flight).map(|_| None).collect();
     let (mut next_read, mut next_write) = (0u64, 0u64);
     let mut input_done = false;
+    // The batch `run` already read (seq 0) goes out first.
+    let mut first = Some(first);
 
     let mut accept = |msg: Done,
                       ready: &mut Vec<Option<Batch>>,
@@ -398,9 +407,15 @@ fn coordinate(
 
     loop {
         while !input_done && next_read - next_write < in_flight as u64 {
-            let mut b = free.pop().unwrap_or_else(Batch::new);
+            let mut b = match first.take() {
+                Some(b) => b, // read by `run`, known not to be the last
+                None => {
+                    let mut b = free.pop().unwrap_or_else(Batch::new);
+                    input_done = read(&mut b)?;
+                    b
+                }
+            };
             b.seq = next_read;
-            input_done = read(&mut b)?;
             next_read += 1;
             work_tx.send(b).map_err(|_| worker_failed())?;
             // Write whatever finished meanwhile, without waiting.
@@ -466,10 +481,12 @@ mod tests {
 
     #[test]
     fn batches_are_written_in_order_and_buffers_reused() {
-        for threads in [1, 2, 3, 8] {
-            let (written, r) = drive(threads, 100, &invert, None);
-            r.unwrap();
-            assert_eq!(written, (0..100).collect::<Vec<_>>(), "threads {threads}");
+        for threads in [1, 2, 3, 8, 100] {
+            for n in [1, 2, 100] {
+                let (written, r) = drive(threads, n, &invert, None);
+                r.unwrap();
+                assert_eq!(written, (0..n).collect::<Vec<_>>(), "threads {threads}");
+            }
         }
     }
 
