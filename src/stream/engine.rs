@@ -10,8 +10,9 @@
 //! Buffers are allocated once per stream and reused, so memory is constant.
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::mem::ManuallyDrop;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{compiler_fence, AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
 
 use aes_gcm::aead::AeadInPlace;
@@ -93,21 +94,36 @@ impl Drop for Batch {
 
 /// The AEAD with this stream's key, and the base nonce.
 pub(super) struct ChunkCipher {
-    aead: Aes256Gcm,
+    /// Never dropped normally: wiped by hand in `Drop` (see there).
+    aead: ManuallyDrop<Aes256Gcm>,
     base_nonce: [u8; NONCE_LEN],
 }
 
 impl Drop for ChunkCipher {
     fn drop(&mut self) {
-        // The AES key schedule wipes itself (aes-gcm's `zeroize` feature).
         self.base_nonce.zeroize();
+        // The AES round keys and the GHASH key are as good as the stream
+        // key, but aes-gcm 0.10 wipes them only when the `aes` and `polyval`
+        // crates' own `zeroize` features are enabled, which nothing here
+        // turns on. So overwrite the cipher's bytes. It owns no heap memory,
+        // so not running its destructor afterwards leaks nothing.
+        let p = std::ptr::addr_of_mut!(*self.aead).cast::<u8>();
+        for i in 0..std::mem::size_of::<Aes256Gcm>() {
+            // SAFETY: `p` points to the `size_of::<Aes256Gcm>()` bytes of
+            // `self.aead`, which this struct owns and which are neither read
+            // nor dropped after this (it is in a `ManuallyDrop`). Raw
+            // volatile writes, so no reference to padding is formed and the
+            // stores are not optimised away.
+            unsafe { p.add(i).write_volatile(0) };
+        }
+        compiler_fence(Ordering::SeqCst);
     }
 }
 
 impl ChunkCipher {
     pub(super) fn new(derived: &Derived) -> Self {
         ChunkCipher {
-            aead: Aes256Gcm::new(derived.aead_key().into()),
+            aead: ManuallyDrop::new(Aes256Gcm::new(derived.aead_key().into())),
             base_nonce: derived.base_nonce(),
         }
     }
