@@ -15,8 +15,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{compiler_fence, AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
 
-use aes_gcm::aead::AeadInPlace;
-use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
 use zeroize::Zeroize;
 
 use super::kdf::{Derived, NONCE_LEN};
@@ -93,9 +92,14 @@ impl Drop for Batch {
 }
 
 /// The AEAD with this stream's key, and the base nonce.
+///
+/// AES-256-GCM comes from ring: with VAES and VPCLMULQDQ it seals ~9.5 GB/s
+/// per core here, against ~1.5 GB/s for the aes-gcm crate (AES-NI and
+/// one-block-at-a-time CLMUL GHASH), and on two cores that shared with the
+/// I/O decides whether a 1 GiB file goes faster than `openssl enc`.
 pub(super) struct ChunkCipher {
     /// Never dropped normally: wiped by hand in `Drop` (see there).
-    aead: ManuallyDrop<Aes256Gcm>,
+    aead: ManuallyDrop<LessSafeKey>,
     base_nonce: [u8; NONCE_LEN],
 }
 
@@ -103,13 +107,12 @@ impl Drop for ChunkCipher {
     fn drop(&mut self) {
         self.base_nonce.zeroize();
         // The AES round keys and the GHASH key are as good as the stream
-        // key, but aes-gcm 0.10 wipes them only when the `aes` and `polyval`
-        // crates' own `zeroize` features are enabled, which nothing here
-        // turns on. So overwrite the cipher's bytes. It owns no heap memory,
-        // so not running its destructor afterwards leaks nothing.
+        // key, and ring never wipes them. So overwrite the key's bytes. It
+        // owns no heap memory and has no destructor of its own, so not
+        // running one afterwards leaks nothing.
         let p = std::ptr::addr_of_mut!(*self.aead).cast::<u8>();
-        for i in 0..std::mem::size_of::<Aes256Gcm>() {
-            // SAFETY: `p` points to the `size_of::<Aes256Gcm>()` bytes of
+        for i in 0..std::mem::size_of::<LessSafeKey>() {
+            // SAFETY: `p` points to the `size_of::<LessSafeKey>()` bytes of
             // `self.aead`, which this struct owns and which are neither read
             // nor dropped after this (it is in a `ManuallyDrop`). Raw
             // volatile writes, so no reference to padding is formed and the
@@ -122,20 +125,24 @@ impl Drop for ChunkCipher {
 
 impl ChunkCipher {
     pub(super) fn new(derived: &Derived) -> Self {
+        // Fails only for a key that is not 32 bytes, and this one is.
+        let key = UnboundKey::new(&AES_256_GCM, derived.aead_key())
+            .expect("AES-256-GCM takes a 32-byte key");
         ChunkCipher {
-            aead: ManuallyDrop::new(Aes256Gcm::new(derived.aead_key().into())),
+            aead: ManuallyDrop::new(LessSafeKey::new(key)),
             base_nonce: derived.base_nonce(),
         }
     }
 
     /// base_nonce XOR the big-endian chunk counter in the last 8 bytes
     /// (the counter is below 2^38, so it never reaches the first 4 bytes).
-    fn nonce(&self, counter: u64) -> Nonce<aes_gcm::aead::consts::U12> {
+    /// Unique per chunk, and every stream has its own key.
+    fn nonce(&self, counter: u64) -> Nonce {
         let mut n = self.base_nonce;
         for (b, c) in n[NONCE_LEN - 8..].iter_mut().zip(counter.to_be_bytes()) {
             *b ^= c;
         }
-        n.into()
+        Nonce::assume_unique_for_key(n)
     }
 
     /// Encrypts every chunk of the batch in place and appends its tag.
@@ -152,15 +159,16 @@ impl ChunkCipher {
             // Only fails for messages over 64 GiB; a chunk is 16 KiB.
             let tag = self
                 .aead
-                .encrypt_in_place_detached(&nonce, b"", data)
+                .seal_in_place_separate_tag(nonce, Aad::empty(), data)
                 .expect("a chunk is far below the AES-GCM length limit");
-            tag_out.copy_from_slice(&tag);
+            tag_out.copy_from_slice(tag.as_ref());
         }
     }
 
     /// Authenticates and decrypts chunks in order, stopping at the first
-    /// that fails; `b.authenticated` says how many succeeded. aes-gcm
-    /// checks the tag before it decrypts, so a failed chunk stays ciphertext.
+    /// that fails; `b.authenticated` says how many succeeded. ring decrypts
+    /// while it authenticates and zeroes a chunk whose tag is wrong; either
+    /// way the writer releases only the first `b.authenticated` chunks.
     pub(super) fn open(&self, b: &mut Batch) {
         b.authenticated = 0;
         for i in 0..b.n_chunks {
@@ -172,10 +180,10 @@ impl ChunkCipher {
             let slot = &mut b.buf[i * ENC_CHUNK_LEN..i * ENC_CHUNK_LEN + len];
             let (data, tag) = slot.split_at_mut(len - TAG_LEN);
             let nonce = self.nonce(b.first_chunk + i as u64);
-            let tag = Tag::from_slice(tag);
+            let tag = Tag::from(<[u8; TAG_LEN]>::try_from(&*tag).expect("16-byte tag"));
             if self
                 .aead
-                .decrypt_in_place_detached(&nonce, b"", data, tag)
+                .open_in_place_separate_tag(nonce, Aad::empty(), tag, data, 0..)
                 .is_err()
             {
                 return;
