@@ -16,3 +16,4 @@ pub mod hsm;
 pub mod keys;
 pub mod output;
 pub mod secret;
+pub mod stream;
