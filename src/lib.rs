@@ -2,6 +2,7 @@
 //! PKCS#11 HSM. The `hsmseal` binary is a thin user of this library.
 
 pub mod app;
+pub mod columns;
 pub mod commands;
 pub mod error;
 pub mod keys;
