@@ -50,7 +50,7 @@ const BLOCK_BYTES: usize = 4 << 20;
 /// Longest record (line, or CSV record with embedded newlines).
 pub const MAX_RECORD: usize = 64 << 20;
 /// Input read size.
-const READ_CHUNK: usize = 1 << 20;
+const READ_CHUNK: usize = 4 << 20;
 const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// The dump formats.
@@ -276,18 +276,22 @@ enum Done {
     Err(u64, Error),
 }
 
-/// Recycled byte buffers, so blocks do not fault in fresh pages.
+/// Recycled byte buffers, so blocks do not fault in fresh pages. Input and
+/// output buffers are kept apart: their sizes differ several times over.
 #[derive(Default)]
-struct Pool(Mutex<Vec<Vec<u8>>>);
+struct Pool {
+    inputs: Mutex<Vec<Vec<u8>>>,
+    outputs: Mutex<Vec<Vec<u8>>>,
+}
 
 impl Pool {
-    fn take(&self) -> Vec<u8> {
-        self.0.lock().expect("pool lock").pop().unwrap_or_default()
+    fn take(list: &Mutex<Vec<Vec<u8>>>) -> Vec<u8> {
+        list.lock().expect("pool lock").pop().unwrap_or_default()
     }
-    fn give(&self, mut v: Vec<u8>) {
+    fn give(list: &Mutex<Vec<Vec<u8>>>, mut v: Vec<u8>) {
         v.clear();
-        let mut p = self.0.lock().expect("pool lock");
-        if p.len() < 64 {
+        let mut p = list.lock().expect("pool lock");
+        if p.len() < 32 {
             p.push(v);
         }
     }
@@ -676,7 +680,9 @@ fn read_blocks<R: Read>(
                 break;
             }
             if p == src.buf.len() {
-                if src.eof {
+                // Hand over what we have before reading: refilling with a
+                // block pending would move the whole block in memory.
+                if src.eof || !recs.is_empty() {
                     break;
                 }
                 src.pos = blk;
@@ -710,6 +716,9 @@ fn read_blocks<R: Read>(
                     fields.truncate(base);
                     if src.buf.len() - p > MAX_RECORD {
                         return Err((seq, row_err(row, too_long())));
+                    }
+                    if !recs.is_empty() {
+                        break;
                     }
                     src.pos = blk;
                     let rel = p - blk;
@@ -749,7 +758,7 @@ fn read_blocks<R: Read>(
         if slot_rx.recv().is_err() || stop.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let mut data = pool.take();
+        let mut data = Pool::take(&pool.inputs);
         data.extend_from_slice(&src.buf[blk..p]);
         src.pos = p;
         let block = Block {
@@ -793,7 +802,7 @@ fn write_in_order(
                 .write_all(&buf)
                 .map_err(|e| Error::io(format!("writing the output: {e}")))?;
             written += buf.len() as u64;
-            pool.give(buf);
+            Pool::give(&pool.outputs, buf);
             next += 1;
             let _ = slot_tx.try_send(());
         }
@@ -890,15 +899,21 @@ fn worker(
             let _ = done_tx.send(Done::Err(block.seq, Error::format("stopped")));
             continue;
         }
-        let mut out = pool.take();
-        out.reserve(block.data.len() * 2);
+        let mut out = Pool::take(&pool.outputs);
+        // Encrypting turns each cell into a ~200-byte token: reserve for it
+        // so the buffer is not regrown (and copied) while filling.
+        let cells = block.recs.len() * layout.slots.len();
+        out.reserve(match mode {
+            Mode::Encrypt(..) => block.data.len() + cells * 224,
+            _ => block.data.len(),
+        });
         let r = if layout.fmt.is_table() {
             w.table_block(layout, &block, &mut out)
         } else {
             w.jsonl_block(layout, &block, &mut out)
         };
         w.stats.bytes_in += block.data.len() as u64;
-        pool.give(block.data);
+        Pool::give(&pool.inputs, block.data);
         let msg = match r {
             Ok(()) => Done::Ok(block.seq, out),
             Err(e) => Done::Err(block.seq, e),

@@ -6,15 +6,17 @@
 //! body   = envelope record
 //! envelope (replaceable by rotation, not authenticated by the record):
 //!          u8 n | key name (n bytes) | u32be key version | wrap IV (12) | wrapped batch key (48)
-//! record = DEK nonce (12) | AES-256-GCM(batch key, DEK nonce, DEK, binding) (32 + 16)
-//!        | AES-256-GCM(DEK, 0^12, flags || value, binding) (1 + len + 16)
+//! record = DEK nonce (12) | AES-256-GCM(batch key, DEK nonce, DEK, AAD = binding) (32 + 16)
+//!        | AES-256-GCM(DEK, 0^12, flags || value, AAD = empty) (1 + len + 16)
 //! ```
 //!
 //! Invariants:
 //! - Every record has its own random DEK, used for exactly one message; that
 //!   is why the value may be encrypted under the fixed all-zero nonce.
-//! - The binding (format version, context, column, row id) is the AAD of both
-//!   record layers, so a token moved to another column, context or row fails.
+//! - The binding (format version, context, column, row id) is the AAD of the
+//!   DEK layer, so a token moved to another column, context or row fails: its
+//!   DEK cannot be recovered, and the value is only readable with that DEK
+//!   (binding the value layer again would cost GHASH work and add nothing).
 //! - The envelope is outside the binding: `rotate` swaps it alone.
 //! - Only canonical base64 is accepted (no padding, no stray trailing bits),
 //!   so any single-character change of a token is rejected.
@@ -315,7 +317,7 @@ impl<'a> Sealer<'a> {
         rnd.zeroize();
         // One message per DEK: the all-zero nonce is never reused under a key.
         let tag = dek
-            .encrypt_in_place_detached(&Nonce::default(), aad, &mut body[at..])
+            .encrypt_in_place_detached(&Nonce::default(), b"", &mut body[at..])
             .map_err(|_| Error::format("encryption failed"))?;
         body.extend_from_slice(&tag);
         encode_text(body, out);
@@ -446,7 +448,7 @@ impl<'a> Opener<'a> {
         dek.zeroize();
         let (pt, tag) = value_ct.split_at_mut(value_ct.len() - TAG_LEN);
         cipher
-            .decrypt_in_place_detached(&Nonce::default(), aad, pt, Tag::from_slice(tag))
+            .decrypt_in_place_detached(&Nonce::default(), b"", pt, Tag::from_slice(tag))
             .map_err(|_| auth_failed())?;
         let flags = pt[0];
         if flags & !KNOWN_FLAGS != 0 {
