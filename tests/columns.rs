@@ -618,3 +618,131 @@ fn streams_many_blocks_in_order() {
         assert_eq!(decd, input);
     }
 }
+
+/// A key backend with one fixed, known KWK: for the test vector in
+/// docs/FORMAT-columns.md.
+struct FixedKwk;
+
+impl FixedKwk {
+    fn cipher() -> aes_gcm::Aes256Gcm {
+        use aes_gcm::KeyInit;
+        let k: Vec<u8> = (0u8..32).collect();
+        aes_gcm::Aes256Gcm::new_from_slice(&k).unwrap()
+    }
+}
+
+impl KeyBackend for FixedKwk {
+    fn current_version(&self, _: &str) -> Result<u32> {
+        Ok(1)
+    }
+    fn wrap(
+        &self,
+        _: &KeyRef,
+        _: &hsmseal::secret::SecretKey,
+        _: &[u8],
+    ) -> Result<hsmseal::keys::WrappedKey> {
+        unimplemented!("the vector is built by hand")
+    }
+    fn unwrap(
+        &self,
+        kwk: &KeyRef,
+        w: &hsmseal::keys::WrappedKey,
+        aad: &[u8],
+    ) -> Result<hsmseal::secret::SecretKey> {
+        use aes_gcm::aead::{Aead, Payload};
+        assert_eq!((kwk.name.as_str(), kwk.version), ("pii", 1));
+        let mut pt = Self::cipher()
+            .decrypt(
+                aes_gcm::Nonce::from_slice(&w.iv),
+                Payload {
+                    msg: &w.ciphertext,
+                    aad,
+                },
+            )
+            .map_err(|_| hsmseal::error::Error::integrity("bad"))?;
+        Ok(hsmseal::secret::SecretKey::from_slice(&mut pt).unwrap())
+    }
+    fn calls(&self) -> u64 {
+        0
+    }
+}
+
+/// The test vector of docs/FORMAT-columns.md, built from the spec with
+/// nothing but AES-GCM and base64, must open with the implementation.
+#[test]
+fn spec_test_vector() {
+    use aes_gcm::aead::{Aead, KeyInit, Payload};
+    use base64::Engine;
+    let lp = |out: &mut Vec<u8>, b: &[u8]| {
+        out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+        out.extend_from_slice(b);
+    };
+    let batch_key: Vec<u8> = (0x20u8..0x40).collect();
+    let dek: Vec<u8> = (0x40u8..0x60).collect();
+    let wrap_iv: Vec<u8> = (0x60u8..0x6c).collect();
+    let dek_nonce: Vec<u8> = (0x70u8..0x7c).collect();
+    // Wrap AAD.
+    let mut wrap_aad = Vec::new();
+    lp(&mut wrap_aad, b"hsmseal/columns/batch-key");
+    wrap_aad.push(1);
+    lp(&mut wrap_aad, b"pii");
+    wrap_aad.extend_from_slice(&1u32.to_be_bytes());
+    // Binding.
+    let mut binding = Vec::new();
+    lp(&mut binding, b"hsmseal/columns/record");
+    binding.push(1);
+    lp(&mut binding, b"app.users");
+    binding.push(1);
+    lp(&mut binding, b"ssn");
+    binding.push(1);
+    lp(&mut binding, b"42");
+    let wrapped = FixedKwk::cipher()
+        .encrypt(
+            aes_gcm::Nonce::from_slice(&wrap_iv),
+            Payload {
+                msg: &batch_key,
+                aad: &wrap_aad,
+            },
+        )
+        .unwrap();
+    let enc_dek = aes_gcm::Aes256Gcm::new_from_slice(&batch_key)
+        .unwrap()
+        .encrypt(
+            aes_gcm::Nonce::from_slice(&dek_nonce),
+            Payload {
+                msg: &dek,
+                aad: &binding,
+            },
+        )
+        .unwrap();
+    let mut pt = vec![0u8]; // flags
+    pt.extend_from_slice(b"123-45-6789");
+    let enc_value = aes_gcm::Aes256Gcm::new_from_slice(&dek)
+        .unwrap()
+        .encrypt(&aes_gcm::Nonce::default(), &pt[..])
+        .unwrap();
+    let mut body = vec![3u8];
+    body.extend_from_slice(b"pii");
+    body.extend_from_slice(&1u32.to_be_bytes());
+    body.extend_from_slice(&wrap_iv);
+    body.extend_from_slice(&wrapped);
+    body.extend_from_slice(&dek_nonce);
+    body.extend_from_slice(&enc_dek);
+    body.extend_from_slice(&enc_value);
+    assert_eq!(body.len(), 142 + 3 + 11);
+    let token = format!(
+        "hsc1.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&body)
+    );
+    println!("{token}");
+    assert_eq!(token, SPEC_VECTOR);
+    let mut o = opts(Format::Csv, &["ssn"]);
+    o.row_id = Some("id".into());
+    o.context = "app.users".into();
+    let input = format!("id,ssn\n42,{token}\n");
+    let mut out = Vec::new();
+    columns::decrypt(&FixedKwk, &o, Cursor::new(input.into_bytes()), &mut out).unwrap();
+    assert_eq!(out, b"id,ssn\n42,123-45-6789\n");
+}
+
+const SPEC_VECTOR: &str = "hsc1.A3BpaQAAAAFgYWJjZGVmZ2hpamvK-rl2n2WlSFQ_0wBeoO9sFkS7urBRBO6bmLpXQM_JN_ERz4q_3sXBRkL40Uya-etwcXJzdHV2d3h5enspPyAok-2BGWBSagskv05cOBqS_F1NNqiZuDsTiDLHQoiX2IHonE0OBUR33ZDKlhlaBQJLuVznhu68oMrhfe-JNjnnOBkefHMxwPIo";
