@@ -582,19 +582,26 @@ fn run(
             let (layout, pool, stop, done_tx, work_rx) =
                 (&*layout, &*pool, &*stop, done_tx.clone(), &work_rx);
             let (batch_cache, rewrap_cache) = (&batch_cache, &rewrap_cache);
-            handles.push(scope.spawn(move || {
-                worker(
-                    mode,
-                    opts,
-                    layout,
-                    batch_cache,
-                    rewrap_cache,
-                    work_rx,
-                    &done_tx,
-                    pool,
-                    stop,
-                )
-            }));
+            let h = std::thread::Builder::new()
+                .name("hsmseal-columns-worker".into())
+                .spawn_scoped(scope, move || {
+                    worker(
+                        mode,
+                        opts,
+                        layout,
+                        batch_cache,
+                        rewrap_cache,
+                        work_rx,
+                        &done_tx,
+                        pool,
+                        stop,
+                    )
+                })
+                .map_err(|e| {
+                    stop.store(true, Ordering::Relaxed);
+                    Error::io(format!("cannot start a worker thread: {e}"))
+                })?;
+            handles.push(h);
         }
         drop(done_tx);
         let written = write_in_order(&done_rx, &slot_tx, &pool, &mut output, &stop);

@@ -212,7 +212,8 @@ fn options(a: &DumpArgs) -> Result<ColumnOptions> {
     })
 }
 
-/// The summary on stderr: JSON with `--json`, a line with `--stats`.
+/// The summary on stderr: JSON with `--json`, a line with `--stats` (asked
+/// for explicitly, so printed even with `--quiet`).
 fn report(app: &App, a: &DumpArgs, op: &str, fmt: Format, key: Option<&KeyRef>, s: &ColumnStats) {
     if app.json {
         let v = serde_json::json!({
@@ -222,7 +223,7 @@ fn report(app: &App, a: &DumpArgs, op: &str, fmt: Format, key: Option<&KeyRef>, 
             "stats": s,
         });
         eprintln!("{v}");
-    } else if a.stats && !app.quiet {
+    } else if a.stats {
         eprintln!(
             "columns {op}: {} rows, {} cells, {} nulls, {} batches, {} HSM calls, {:.3} s ({:.0} cells/s)",
             s.rows,
