@@ -597,6 +597,12 @@ fn empty_input_and_header_only() {
     let (out, s) = enc(&b, &k, &o, b"a,b\n").unwrap();
     assert_eq!((out.as_slice(), s.rows), (&b"a,b\n"[..], 0));
     assert!(enc(&b, &k, &o, b"").is_err());
+    let mut o2 = opts(Format::PgCopy, &["2"]);
+    o2.header = false;
+    o2.row_id = Some("1".into());
+    let (out, s) = enc(&b, &k, &o2, b"").unwrap();
+    assert_eq!((out.len(), s.rows), (0, 0));
+    assert_eq!(dec(&b, &o2, b"").unwrap().0, b"");
     let (out, _) = enc(&b, &k, &opts(Format::Jsonl, &["x"]), b"").unwrap();
     assert!(out.is_empty());
 }

@@ -391,8 +391,13 @@ fn too_long() -> Error {
 }
 
 /// Checks `--columns`/`--row-id` and resolves them against the header (or
-/// the first record's width with `--no-header`).
-fn layout(opts: &ColumnOptions, header: Option<&[Vec<u8>]>, width: usize) -> Result<Layout> {
+/// the first record's width with `--no-header`). `width` is `None` when
+/// there is no record at all (or for JSONL).
+fn layout(
+    opts: &ColumnOptions,
+    header: Option<&[Vec<u8>]>,
+    width: Option<usize>,
+) -> Result<Layout> {
     let fmt = opts.format;
     if opts.columns.is_empty() {
         return Err(Error::usage("no columns selected: pass --columns a,b"));
@@ -421,7 +426,7 @@ fn layout(opts: &ColumnOptions, header: Option<&[Vec<u8>]>, width: usize) -> Res
                     "with --no-header, columns are 1-based positions: {name:?} is not one"
                 ))
             })?;
-            if i > width {
+            if let Some(width) = width.filter(|&w| i > w) {
                 return Err(Error::usage(format!(
                     "row 1: column {i} selected but the row has only {width} fields"
                 )));
@@ -434,17 +439,12 @@ fn layout(opts: &ColumnOptions, header: Option<&[Vec<u8>]>, width: usize) -> Res
             .collect();
         match hits.len() {
             1 => Ok((ColumnId::Name(name.to_string()), hits[0])),
-            0 => {
-                let list: Vec<String> = names
-                    .iter()
-                    .take(20)
-                    .map(|n| String::from_utf8_lossy(n).into_owned())
-                    .collect();
-                Err(Error::usage(format!(
-                    "column {name:?} is not in the header (it has: {})",
-                    list.join(", ")
-                )))
-            }
+            // The header's names are not listed: if the first line is in
+            // fact data, they would put plaintext into an error message.
+            0 => Err(Error::usage(format!(
+                "column {name:?} is not in the header ({} columns); if the input has no header, pass --no-header and 1-based positions",
+                names.len()
+            ))),
             n => Err(Error::format(format!(
                 "column {name:?} appears {n} times in the header"
             ))),
@@ -463,14 +463,15 @@ fn layout(opts: &ColumnOptions, header: Option<&[Vec<u8>]>, width: usize) -> Res
         slots.sort_by_key(|s| s.pos);
     }
     let row_id = opts.row_id.as_deref().map(resolve).transpose()?;
+    let width = width.unwrap_or(0);
     let mut slot_of = vec![0u32; if fmt.is_table() { width } else { 0 }];
-    if fmt.is_table() {
-        for (j, s) in slots.iter().enumerate() {
-            slot_of[s.pos] = j as u32 + 1;
+    for (j, s) in slots.iter().enumerate() {
+        if let Some(x) = slot_of.get_mut(s.pos) {
+            *x = j as u32 + 1;
         }
-        if let Some((_, p)) = &row_id {
-            slot_of[*p] = slots.len() as u32 + 1;
-        }
+    }
+    if let Some(x) = row_id.as_ref().and_then(|(_, p)| slot_of.get_mut(*p)) {
+        *x = slots.len() as u32 + 1;
     }
     Ok(Layout {
         fmt,
@@ -511,27 +512,22 @@ fn run(
     let mut first_row = 1;
     let layout = if fmt.is_table() {
         match first_record(&mut src, fmt)? {
-            None => {
-                // Empty input: nothing to check columns against.
-                layout(opts, Some(&[]), 0).or_else(|e| {
-                    if opts.header {
-                        Err(e)
-                    } else {
-                        layout(opts, None, usize::MAX)
-                    }
-                })?
-            }
+            // Empty input. With a header expected, that is an error (there
+            // is no header to find the columns in); without, an empty dump
+            // just stays empty.
+            None if opts.header => layout(opts, Some(&[]), Some(0))?,
+            None => layout(opts, None, None)?,
             Some((len, fields)) if opts.header => {
-                let l = layout(opts, Some(&fields), fields.len())?;
+                let l = layout(opts, Some(&fields), Some(fields.len()))?;
                 head.extend_from_slice(&src.buf[src.pos..src.pos + len]);
                 src.pos += len;
                 first_row = 2;
                 l
             }
-            Some((_, fields)) => layout(opts, None, fields.len())?,
+            Some((_, fields)) => layout(opts, None, Some(fields.len()))?,
         }
     } else {
-        layout(opts, None, 0)?
+        layout(opts, None, None)?
     };
     output
         .write_all(&head)
