@@ -219,3 +219,45 @@ proptest! {
         check(Format::Jsonl, &write_jsonl(&t), &t.2)?;
     }
 }
+
+fn garbage() -> impl Strategy<Value = Vec<u8>> {
+    let byte = prop_oneof![
+        Just(b','),
+        Just(b'"'),
+        Just(b'\n'),
+        Just(b'\r'),
+        Just(b'\t'),
+        Just(b'\\'),
+        Just(b'{'),
+        Just(b'}'),
+        Just(b'['),
+        Just(b':'),
+        Just(b'N'),
+        b'a'..=b'c',
+        any::<u8>(),
+    ];
+    prop::collection::vec(byte, 0..200)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Arbitrary input never panics: every outcome is output or an error.
+    #[test]
+    fn garbage_never_panics(input in garbage(), header in any::<bool>(), f in 0usize..4) {
+        let (b, k) = backend();
+        let format = [Format::Csv, Format::Tsv, Format::PgCopy, Format::Jsonl][f];
+        let o = ColumnOptions {
+            format,
+            columns: if header || format == Format::Jsonl { vec!["a".into()] } else { vec!["2".into()] },
+            header: header || format == Format::Jsonl,
+            row_id: None,
+            allow_plaintext: true,
+            ..ColumnOptions::default()
+        };
+        let mut out = Vec::new();
+        let _ = columns::encrypt(b, k, &o, Cursor::new(input.clone()), &mut out);
+        let mut out = Vec::new();
+        let _ = columns::decrypt(b, &o, Cursor::new(input), &mut out);
+    }
+}
