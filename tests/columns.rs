@@ -752,3 +752,31 @@ fn spec_test_vector() {
 }
 
 const SPEC_VECTOR: &str = "hsc1.A3BpaQAAAAFgYWJjZGVmZ2hpamvK-rl2n2WlSFQ_0wBeoO9sFkS7urBRBO6bmLpXQM_JN_ERz4q_3sXBRkL40Uya-etwcXJzdHV2d3h5enspPyAok-2BGWBSagskv05cOBqS_F1NNqiZuDsTiDLHQoiX2IHonE0OBUR33ZDKlhlaBQJLuVznhu68oMrhfe-JNjnnOBkefHMxwPIo";
+
+#[test]
+fn the_first_error_in_input_order_is_reported() {
+    let (b, k) = backend();
+    let mut input = b"id,v\n".to_vec();
+    for i in 0..20_000 {
+        if i == 15_000 {
+            input.extend_from_slice(b"ragged\n");
+        } else {
+            input.extend_from_slice(format!("{i},v{i}\n").as_bytes());
+        }
+    }
+    input.extend_from_slice(b"1,\"unterminated\n");
+    for jobs in [1, 2, 3] {
+        for _ in 0..3 {
+            let mut o = opts(Format::Csv, &["v"]);
+            o.jobs = jobs;
+            let mut out = Vec::new();
+            let e = columns::encrypt(&b, &k, &o, Cursor::new(input.clone()), &mut out).unwrap_err();
+            assert_eq!(
+                e.message(),
+                "row 15002: has 1 fields, expected 2 (ragged row)"
+            );
+            // Nothing from the bad row on was written.
+            assert!(count_tokens(&out) <= 15_000);
+        }
+    }
+}

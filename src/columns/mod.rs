@@ -32,7 +32,7 @@ use crate::keys::{KeyBackend, KeyRef};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -297,6 +297,40 @@ impl Pool {
     }
 }
 
+/// How a run ends early.
+struct Halt {
+    /// Everyone should leave: the writer is done, or a worker could not start.
+    over: AtomicBool,
+    /// The lowest block sequence number that failed: blocks after it need
+    /// not be made; blocks before it still must, they are written first.
+    error_at: AtomicU64,
+}
+
+impl Halt {
+    fn new() -> Self {
+        Halt {
+            over: AtomicBool::new(false),
+            error_at: AtomicU64::new(u64::MAX),
+        }
+    }
+    fn end(&self) {
+        self.over.store(true, Ordering::Relaxed);
+    }
+    fn fail(&self, seq: u64) {
+        self.error_at.fetch_min(seq, Ordering::Relaxed);
+    }
+    fn is_over(&self) -> bool {
+        self.over.load(Ordering::Relaxed)
+    }
+    /// True if no more blocks should be read.
+    fn stop_reading(&self) -> bool {
+        self.is_over() || self.error_at.load(Ordering::Relaxed) != u64::MAX
+    }
+    fn skip(&self, seq: u64) -> bool {
+        seq > self.error_at.load(Ordering::Relaxed)
+    }
+}
+
 /// Buffered input with the unconsumed part at `buf[pos..]`.
 struct Source<R> {
     input: R,
@@ -544,7 +578,7 @@ fn run(
     let batch_cache = BatchCache::new();
     let rewrap_cache = RewrapCache::new();
     let pool = Arc::new(Pool::default());
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(Halt::new());
     let in_flight = jobs * 3 + 2;
     let (work_tx, work_rx) = mpsc::channel::<Block>();
     let work_rx = Mutex::new(work_rx);
@@ -567,6 +601,7 @@ fn run(
                     &mut src, &layout, first_row, &work_tx, &slot_rx, &pool, &stop,
                 );
                 if let Err((seq, e)) = r {
+                    stop.fail(seq);
                     let _ = done_tx.send(Done::Err(seq, e));
                 }
             })
@@ -594,7 +629,7 @@ fn run(
                     )
                 })
                 .map_err(|e| {
-                    stop.store(true, Ordering::Relaxed);
+                    stop.end();
                     Error::io(format!("cannot start a worker thread: {e}"))
                 })?;
             handles.push(h);
@@ -602,7 +637,7 @@ fn run(
         drop(done_tx);
         let written = write_in_order(&done_rx, &slot_tx, &pool, &mut output, &stop);
         // Let idle workers and the reader see the end (or the error).
-        stop.store(true, Ordering::Relaxed);
+        stop.end();
         drop(slot_tx);
         let mut totals = Vec::new();
         for h in handles {
@@ -665,7 +700,7 @@ fn read_blocks<R: Read>(
     work_tx: &mpsc::Sender<Block>,
     slot_rx: &mpsc::Receiver<()>,
     pool: &Pool,
-    stop: &AtomicBool,
+    stop: &Halt,
 ) -> std::result::Result<(), (u64, Error)> {
     let fmt = layout.fmt;
     let width = layout.width();
@@ -757,9 +792,17 @@ fn read_blocks<R: Read>(
         if recs.is_empty() {
             return Ok(());
         }
-        // Wait for a free slot: this is what bounds memory.
-        if slot_rx.recv().is_err() || stop.load(Ordering::Relaxed) {
-            return Ok(());
+        // Wait for a free slot: this is what bounds memory. Poll `stop` so
+        // a run that failed elsewhere never leaves the reader waiting.
+        loop {
+            if stop.stop_reading() {
+                return Ok(());
+            }
+            match slot_rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(()) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+            }
         }
         let mut data = Pool::take(&pool.inputs);
         data.extend_from_slice(&src.buf[blk..p]);
@@ -785,7 +828,7 @@ fn write_in_order(
     slot_tx: &mpsc::SyncSender<()>,
     pool: &Pool,
     output: &mut impl Write,
-    stop: &AtomicBool,
+    stop: &Halt,
 ) -> Result<u64> {
     let mut pending: BTreeMap<u64, std::result::Result<Vec<u8>, Error>> = BTreeMap::new();
     let mut next = 0u64;
@@ -795,7 +838,7 @@ fn write_in_order(
             Done::Ok(seq, buf) => pending.insert(seq, Ok(buf)),
             Done::Err(seq, e) => {
                 // Later blocks no longer matter; earlier ones still get written.
-                stop.store(true, Ordering::Relaxed);
+                stop.fail(seq);
                 pending.insert(seq, Err(e))
             }
         };
@@ -861,10 +904,17 @@ fn worker(
     work_rx: &Mutex<mpsc::Receiver<Block>>,
     done_tx: &mpsc::Sender<Done>,
     pool: &Pool,
-    stop: &AtomicBool,
+    stop: &Halt,
 ) -> Result<WorkerStats> {
     let crypto = match mode {
-        Mode::Encrypt(b, k) => Crypto::Seal(Box::new(Sealer::new(b, k, opts.batch_size)?)),
+        Mode::Encrypt(b, k) => match Sealer::new(b, k, opts.batch_size) {
+            Ok(s) => Crypto::Seal(Box::new(s)),
+            Err(e) => {
+                // Without this worker the run cannot finish: end it.
+                stop.end();
+                return Err(e);
+            }
+        },
         Mode::Decrypt(b) => Crypto::Open(Opener::new(b, batch_cache)),
         Mode::Rotate(b, k) => Crypto::Rewrap(Rewrapper::new(b, k, rewrap_cache)),
         Mode::Passthrough => Crypto::Copy,
@@ -890,15 +940,15 @@ fn worker(
         let block = match next {
             Ok(b) => b,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                if stop.load(Ordering::Relaxed) {
+                if stop.is_over() {
                     break;
                 }
                 continue;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
-        if stop.load(Ordering::Relaxed) {
-            // An earlier error ends the run: skip the work, keep order.
+        if stop.skip(block.seq) {
+            // An earlier block failed: this one will never be written.
             let _ = done_tx.send(Done::Err(block.seq, Error::format("stopped")));
             continue;
         }
@@ -919,7 +969,10 @@ fn worker(
         Pool::give(&pool.inputs, block.data);
         let msg = match r {
             Ok(()) => Done::Ok(block.seq, out),
-            Err(e) => Done::Err(block.seq, e),
+            Err(e) => {
+                stop.fail(block.seq);
+                Done::Err(block.seq, e)
+            }
         };
         if done_tx.send(msg).is_err() {
             break;
