@@ -1,12 +1,11 @@
-//! The `columns` subcommands through their clap arguments and `run`, with
-//! the in-memory key backend standing in for the HSM: files in and out,
+//! The `columns` subcommands through their clap arguments and `execute`,
+//! with the in-memory key backend standing in for the HSM: files in and out,
 //! atomic output (nothing under the final name on failure), format from the
 //! file extension, exit codes.
 
 use clap::Parser;
-use hsmseal::app::App;
-use hsmseal::commands::columns::{run, ColumnsCommand};
-use hsmseal::error::ErrorKind;
+use hsmseal::commands::columns::{execute, ColumnsCommand};
+use hsmseal::error::{ErrorKind, Result};
 use hsmseal::keys::{KeyBackend, MemoryBackend};
 use std::sync::Arc;
 
@@ -16,14 +15,23 @@ struct Cli {
     cmd: ColumnsCommand,
 }
 
+/// What `run` does once it has the backend and the key name.
+struct App(Arc<MemoryBackend>);
+
 fn app(b: &Arc<MemoryBackend>) -> App {
-    let b = b.clone();
-    App::new(
-        false,
-        true,
-        Some("pii".into()),
-        Box::new(move || Ok(b.clone() as Arc<dyn KeyBackend>)),
-    )
+    App(b.clone())
+}
+
+fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
+    let key = match &cmd {
+        ColumnsCommand::Encrypt(a) => Some(a.key.clone().unwrap_or_else(|| "pii".into())),
+        ColumnsCommand::Rotate(a) => Some(a.key.clone().unwrap_or_else(|| "pii".into())),
+        _ => None,
+    };
+    if let Some(k) = &key {
+        hsmseal::keys::validate_key_name(k)?;
+    }
+    execute(Some(&*app.0 as &dyn KeyBackend), key, false, 2, cmd)
 }
 
 fn cmd(args: &[&str]) -> ColumnsCommand {
@@ -160,7 +168,6 @@ fn usage_errors() {
         &["encrypt", "-c", "b", "-i", f, "-o", f][..],
         &["encrypt", "-c", "b", "--format", "xml", "-i", f][..],
         &["encrypt", "-c", "b", "--batch-size", "0", "-i", f][..],
-        &["encrypt", "-c", "b", "--jobs", "0", "-i", f][..],
         &["encrypt", "-c", "b", "--key", "bad name", "-i", f][..],
         &["encrypt", "-c", "x", "--no-header", "-i", f][..],
     ] {

@@ -5,7 +5,7 @@
 use crate::app::App;
 use crate::columns::{self, ColumnOptions, ColumnStats, Format};
 use crate::error::{Error, Result};
-use crate::keys::KeyRef;
+use crate::keys::{KeyBackend, KeyRef};
 use crate::output::{same_file, AtomicFile};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -56,12 +56,10 @@ pub struct DumpArgs {
     /// Overwrite the output file if it exists.
     #[arg(long)]
     pub force: bool,
-    /// Print a summary (rows, cells, batches, HSM calls, seconds) on stderr.
+    /// Print a summary (rows, cells, batches, HSM calls, seconds) on stderr
+    /// (with --json: as JSON, also on stderr: stdout carries the dump).
     #[arg(long)]
     pub stats: bool,
-    /// Worker threads (default: one per core).
-    #[arg(long, short = 'j')]
-    pub jobs: Option<usize>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -100,19 +98,56 @@ pub struct RotateArgs {
 
 /// Runs a `columns` subcommand; returns the exit code.
 pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
-    let (op, dump) = match &cmd {
-        ColumnsCommand::Encrypt(a) => ("encrypt", &a.dump),
-        ColumnsCommand::Decrypt(a) => ("decrypt", &a.dump),
-        ColumnsCommand::Rotate(a) => ("rotate", &a.dump),
-        ColumnsCommand::Passthrough(a) => ("passthrough", a),
+    // Usage errors first: no PIN prompt or HSM login for a mistyped flag.
+    let key_name = match &cmd {
+        ColumnsCommand::Encrypt(EncryptArgs { key, .. })
+        | ColumnsCommand::Rotate(RotateArgs { key, .. }) => Some(app.key_name(key.as_deref())?),
+        _ => None,
     };
+    options(dump_args(&cmd))?;
+    let backend = match &cmd {
+        ColumnsCommand::Passthrough(_) => None,
+        _ => Some(app.backend()?),
+    };
+    // 0: one worker per core (the global --jobs setting, once App has it).
+    execute(backend.as_deref(), key_name, app.json, 0, cmd)
+}
+
+fn dump_args(cmd: &ColumnsCommand) -> &DumpArgs {
+    match cmd {
+        ColumnsCommand::Encrypt(a) => &a.dump,
+        ColumnsCommand::Decrypt(a) => &a.dump,
+        ColumnsCommand::Rotate(a) => &a.dump,
+        ColumnsCommand::Passthrough(a) => a,
+    }
+}
+
+/// Runs a `columns` subcommand with a given key backend (the HSM, or a test
+/// backend): `key_name` is the resolved key for encrypt and rotate, `json`
+/// selects the JSON summary, `jobs` the worker threads (0: one per core).
+pub fn execute(
+    backend: Option<&dyn KeyBackend>,
+    key_name: Option<String>,
+    json: bool,
+    jobs: usize,
+    cmd: ColumnsCommand,
+) -> Result<i32> {
+    let op = match &cmd {
+        ColumnsCommand::Encrypt(_) => "encrypt",
+        ColumnsCommand::Decrypt(_) => "decrypt",
+        ColumnsCommand::Rotate(_) => "rotate",
+        ColumnsCommand::Passthrough(_) => "passthrough",
+    };
+    let dump = dump_args(&cmd);
     let mut opts = options(dump)?;
+    opts.jobs = jobs;
     match &cmd {
         ColumnsCommand::Encrypt(a) => opts.batch_size = a.batch_size,
         ColumnsCommand::Decrypt(a) => opts.allow_plaintext = a.allow_plaintext,
         ColumnsCommand::Rotate(a) => opts.allow_plaintext = a.allow_plaintext,
         ColumnsCommand::Passthrough(_) => {}
     }
+    let backend = || backend.ok_or_else(|| Error::usage("no key backend for this command"));
     let input_path = dump.input.as_deref().filter(|p| *p != Path::new("-"));
     let output_path = dump.output.as_deref().filter(|p| *p != Path::new("-"));
     if let (Some(i), Some(o)) = (input_path, output_path) {
@@ -123,48 +158,33 @@ pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
             )));
         }
     }
+    // Resolve the key version before creating any output file.
+    let target = match key_name {
+        Some(name) if op == "encrypt" || op == "rotate" => {
+            let version = backend()?.current_version(&name)?;
+            Some(KeyRef { name, version })
+        }
+        _ => None,
+    };
     let input: Box<dyn Read + Send> = match input_path {
         Some(p) => Box::new(
             std::fs::File::open(p).map_err(|e| Error::io_at("cannot open", p.display(), &e))?,
         ),
         None => Box::new(std::io::stdin()),
     };
-    // Resolve the key before creating any output file.
-    let backend = match &cmd {
-        ColumnsCommand::Passthrough(_) => None,
-        _ => Some(app.backend()?),
-    };
-    let target = match &cmd {
-        ColumnsCommand::Encrypt(EncryptArgs { key, .. })
-        | ColumnsCommand::Rotate(RotateArgs { key, .. }) => {
-            let name = app.key_name(key.as_deref())?;
-            let b = backend.as_ref().expect("backend opened above");
-            let version = b.current_version(&name)?;
-            Some(KeyRef { name, version })
-        }
-        _ => None,
-    };
     let place = input_path.map_or_else(|| "stdin".to_string(), |p| p.display().to_string());
     let go = |out: &mut dyn Write| -> Result<ColumnStats> {
-        let backend = backend.as_deref();
+        let target = || {
+            target
+                .as_ref()
+                .ok_or_else(|| Error::usage("no key given: pass --key NAME"))
+        };
         match &cmd {
-            ColumnsCommand::Encrypt(_) => columns::encrypt(
-                backend.expect("opened"),
-                target.as_ref().expect("resolved"),
-                &opts,
-                input,
-                out,
-            ),
-            ColumnsCommand::Decrypt(_) => {
-                columns::decrypt(backend.expect("opened"), &opts, input, out)
+            ColumnsCommand::Encrypt(_) => {
+                columns::encrypt(backend()?, target()?, &opts, input, out)
             }
-            ColumnsCommand::Rotate(_) => columns::rotate(
-                backend.expect("opened"),
-                target.as_ref().expect("resolved"),
-                &opts,
-                input,
-                out,
-            ),
+            ColumnsCommand::Decrypt(_) => columns::decrypt(backend()?, &opts, input, out),
+            ColumnsCommand::Rotate(_) => columns::rotate(backend()?, target()?, &opts, input, out),
             ColumnsCommand::Passthrough(_) => columns::passthrough(&opts, input, out),
         }
     };
@@ -184,7 +204,7 @@ pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
             s
         }
     };
-    report(app, dump, op, opts.format, target.as_ref(), &stats);
+    report(json, dump, op, opts.format, target.as_ref(), &stats);
     Ok(0)
 }
 
@@ -198,24 +218,20 @@ fn options(a: &DumpArgs) -> Result<ColumnOptions> {
             .or_else(|| a.output.as_deref().and_then(Format::from_path))
             .unwrap_or(Format::Csv),
     };
-    if a.jobs == Some(0) {
-        return Err(Error::usage("--jobs must be at least 1"));
-    }
     Ok(ColumnOptions {
         format,
         columns: a.columns.iter().map(|c| c.trim().to_string()).collect(),
         header: !a.no_header,
         row_id: a.row_id.clone(),
         context: a.context.clone(),
-        jobs: a.jobs.unwrap_or(0),
         ..ColumnOptions::default()
     })
 }
 
 /// The summary on stderr: JSON with `--json`, a line with `--stats` (asked
 /// for explicitly, so printed even with `--quiet`).
-fn report(app: &App, a: &DumpArgs, op: &str, fmt: Format, key: Option<&KeyRef>, s: &ColumnStats) {
-    if app.json {
+fn report(json: bool, a: &DumpArgs, op: &str, fmt: Format, key: Option<&KeyRef>, s: &ColumnStats) {
+    if json {
         let v = serde_json::json!({
             "command": format!("columns {op}"),
             "format": fmt,
