@@ -507,6 +507,16 @@ fn header_problems_fail_before_any_output() {
     let mut o = opts(Format::Csv, &["ssn"]);
     o.row_id = Some("ssn".into());
     assert_eq!(err_msg(enc(&b, &k, &o, input)).0, ErrorKind::Usage);
+    for (cols, rid) in [(&["1", "01"][..], None), (&["2"][..], Some("02"))] {
+        let mut o = opts(Format::Csv, cols);
+        o.header = false;
+        o.row_id = rid.map(str::to_string);
+        assert_eq!(
+            err_msg(enc(&b, &k, &o, input)).0,
+            ErrorKind::Usage,
+            "{cols:?}"
+        );
+    }
     let mut o = opts(Format::Csv, &["5"]);
     o.header = false;
     let mut out = Vec::new();

@@ -493,10 +493,22 @@ fn layout(
             pos,
         });
     }
+    let row_id = opts.row_id.as_deref().map(resolve).transpose()?;
     if fmt.is_table() {
         slots.sort_by_key(|s| s.pos);
+        // Names were compared as written; positions can still collide
+        // ("1" and "01").
+        if let Some(w) = slots.windows(2).find(|w| w[0].pos == w[1].pos) {
+            return Err(Error::usage(format!("{} is selected twice", w[0].id)));
+        }
+        if let Some((id, p)) = &row_id {
+            if slots.iter().any(|s| s.pos == *p) {
+                return Err(Error::usage(format!(
+                    "{id} is the --row-id column and cannot also be encrypted"
+                )));
+            }
+        }
     }
-    let row_id = opts.row_id.as_deref().map(resolve).transpose()?;
     let width = width.unwrap_or(0);
     let mut slot_of = vec![0u32; if fmt.is_table() { width } else { 0 }];
     for (j, s) in slots.iter().enumerate() {
