@@ -918,6 +918,17 @@ fn worker(
     pool: &Pool,
     stop: &Halt,
 ) -> Result<WorkerStats> {
+    // A panic (a bug) must not leave the reader and writer waiting for this
+    // worker's block forever.
+    struct EndOnPanic<'a>(&'a Halt);
+    impl Drop for EndOnPanic<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                self.0.end();
+            }
+        }
+    }
+    let _guard = EndOnPanic(stop);
     let crypto = match mode {
         Mode::Encrypt(b, k) => match Sealer::new(b, k, opts.batch_size) {
             Ok(s) => Crypto::Seal(Box::new(s)),
