@@ -577,6 +577,43 @@ mod tests {
         assert!(o.open(&other, &tok).is_err());
     }
 
+    /// Exhaustive: every substitution by another base64url character, every
+    /// deletion and every insertion, at every position of a token.
+    #[test]
+    fn every_single_character_change_is_rejected() {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let (b, k) = setup();
+        let mut s = Sealer::new(&b, &k, 10).unwrap();
+        let pre = binding_prefix("ctx", &ColumnId::Name("c".into()));
+        let mut aad = Vec::new();
+        binding(&mut aad, &pre, Some(b"1"));
+        let mut tok = Vec::new();
+        s.seal(&aad, 0, b"value", &mut tok).unwrap();
+        let cache = BatchCache::new();
+        let mut o = Opener::new(&b, &cache);
+        assert!(o.open(&aad, &tok).is_ok());
+        let mut tried = 0;
+        for i in 0..=tok.len() {
+            for &c in ALPHABET.iter().chain(b".") {
+                if i < tok.len() && c != tok[i] {
+                    let mut t = tok.clone();
+                    t[i] = c;
+                    assert!(o.open(&aad, &t).is_err(), "substitution {i} {}", c as char);
+                    tried += 1;
+                }
+                let mut t = tok.clone();
+                t.insert(i, c);
+                assert!(o.open(&aad, &t).is_err(), "insertion {i} {}", c as char);
+            }
+            if i < tok.len() {
+                let mut t = tok.clone();
+                t.remove(i);
+                assert!(o.open(&aad, &t).is_err(), "deletion {i}");
+            }
+        }
+        assert!(tried > 60 * tok.len());
+    }
+
     #[test]
     fn rotation_replaces_envelope_only() {
         let (b, k1) = setup();
