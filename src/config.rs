@@ -104,12 +104,16 @@ pub fn load_file() -> Result<Option<(PathBuf, FileConfig)>> {
             p
         }
     };
-    let text = fs::read_to_string(&path).map_err(|e| Error::io_at("cannot read", path.display(), &e))?;
+    let text =
+        fs::read_to_string(&path).map_err(|e| Error::io_at("cannot read", path.display(), &e))?;
     let cfg: FileConfig = toml::from_str(&text).map_err(|e| {
         Error::usage(format!(
             "{}: {}",
             path.display(),
-            e.message().lines().next().unwrap_or("invalid configuration")
+            e.message()
+                .lines()
+                .next()
+                .unwrap_or("invalid configuration")
         ))
     })?;
     Ok(Some((path, cfg)))
@@ -130,17 +134,37 @@ pub fn resolve(flags: &Overrides) -> Result<Settings> {
         .as_deref()
         .map(crate::output::parent_dir)
         .unwrap_or_else(|| PathBuf::from("."));
-    let from_file = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+    let from_file = |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    };
     let file_src = || Source::File(file_path.clone().unwrap_or_default());
 
-    fn pick<T>(flag: Option<T>, envv: Option<(T, &str)>, file: Option<T>, file_src: Source) -> Option<Setting<T>> {
+    fn pick<T>(
+        flag: Option<T>,
+        envv: Option<(T, &str)>,
+        file: Option<T>,
+        file_src: Source,
+    ) -> Option<Setting<T>> {
         if let Some(v) = flag {
-            return Some(Setting { value: v, source: Source::Flag });
+            return Some(Setting {
+                value: v,
+                source: Source::Flag,
+            });
         }
         if let Some((v, name)) = envv {
-            return Some(Setting { value: v, source: Source::Env(name.into()) });
+            return Some(Setting {
+                value: v,
+                source: Source::Env(name.into()),
+            });
         }
-        file.map(|v| Setting { value: v, source: file_src })
+        file.map(|v| Setting {
+            value: v,
+            source: file_src,
+        })
     }
 
     let module = pick(
@@ -173,10 +197,9 @@ pub fn resolve(flags: &Overrides) -> Result<Settings> {
     );
     let jobs_env = match env("HSMSEAL_JOBS") {
         Some(v) => Some((
-            v.parse::<usize>()
-                .ok()
-                .filter(|&n| n > 0)
-                .ok_or_else(|| Error::usage(format!("HSMSEAL_JOBS={v:?} is not a positive number")))?,
+            v.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| {
+                Error::usage(format!("HSMSEAL_JOBS={v:?} is not a positive number"))
+            })?,
             "HSMSEAL_JOBS",
         )),
         None => None,
@@ -214,7 +237,9 @@ pub fn resolve(flags: &Overrides) -> Result<Settings> {
 
 /// Number of cores, the default worker count.
 pub fn default_jobs() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 impl Settings {
@@ -241,12 +266,19 @@ impl Settings {
     pub fn read_pin(&self) -> Result<Pin> {
         let from_file = |s: &Setting<PathBuf>| -> Result<Pin> {
             let text = fs::read_to_string(&s.value).map_err(|e| {
-                Error::pin(format!("cannot read PIN file {} ({}): {e}", s.value.display(), s.source))
+                Error::pin(format!(
+                    "cannot read PIN file {} ({}): {e}",
+                    s.value.display(),
+                    s.source
+                ))
             })?;
             warn_if_readable_by_others(&s.value);
             let pin = text.trim_end_matches(['\n', '\r']).to_string();
             if pin.is_empty() {
-                return Err(Error::pin(format!("PIN file {} is empty", s.value.display())));
+                return Err(Error::pin(format!(
+                    "PIN file {} is empty",
+                    s.value.display()
+                )));
             }
             Ok(Pin::new(pin))
         };

@@ -8,6 +8,7 @@
 
 pub mod app;
 pub mod cli;
+pub mod columns;
 pub mod commands;
 pub mod config;
 pub mod envelope;

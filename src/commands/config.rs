@@ -14,7 +14,11 @@ pub fn run(app: &App, cmd: ConfigCommand) -> Result<i32> {
 
 fn show(app: &App) -> Result<i32> {
     let s = &app.settings;
-    let pin_source = if s.pin_file.as_ref().is_some_and(|p| p.source == crate::config::Source::Flag) {
+    let pin_source = if s
+        .pin_file
+        .as_ref()
+        .is_some_and(|p| p.source == crate::config::Source::Flag)
+    {
         "--pin-file (redacted)".to_string()
     } else if std::env::var("HSMSEAL_PIN").is_ok_and(|p| !p.is_empty()) {
         "environment HSMSEAL_PIN (redacted)".to_string()
@@ -38,7 +42,10 @@ fn show(app: &App) -> Result<i32> {
     println!(
         "{:<14} {}",
         "config file",
-        s.config_file.as_ref().map(|p| p.display().to_string()).unwrap_or("(none)".into())
+        s.config_file
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or("(none)".into())
     );
     line("module", &Some(s.module.clone()));
     line("token", &s.token);

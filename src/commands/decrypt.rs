@@ -15,7 +15,9 @@ use std::path::PathBuf;
 pub fn run(app: &App, args: DecryptArgs) -> Result<i32> {
     let inputs = Input::list(&args.inputs)?;
     if args.output.is_some() && inputs.len() > 1 {
-        return Err(Error::usage("-o takes a single input; several inputs are each written without their .hseal suffix"));
+        return Err(Error::usage(
+            "-o takes a single input; several inputs are each written without their .hseal suffix",
+        ));
     }
     let opts = StreamOptions {
         threads: app.jobs,

@@ -1,7 +1,9 @@
 //! `hsmseal encrypt`: each input gets a fresh data key wrapped by the HSM key.
 //! Inputs are only read; outputs appear atomically.
 
-use super::paths::{check_binary_stdout, check_pair, for_each_item, write_output, Input, ItemReport, Output};
+use super::paths::{
+    check_binary_stdout, check_pair, for_each_item, write_output, Input, ItemReport, Output,
+};
 use crate::app::App;
 use crate::cli::EncryptArgs;
 use crate::envelope::{file, header};
@@ -17,7 +19,9 @@ pub const SUFFIX: &str = ".hseal";
 pub fn run(app: &App, args: EncryptArgs) -> Result<i32> {
     let inputs = Input::list(&args.inputs)?;
     if args.output.is_some() && inputs.len() > 1 {
-        return Err(Error::usage("-o takes a single input; each of several inputs is written to INPUT.hseal"));
+        return Err(Error::usage(
+            "-o takes a single input; each of several inputs is written to INPUT.hseal",
+        ));
     }
     let name = app.key_name(args.key.as_deref())?;
     let backend = app.backend()?;
@@ -46,7 +50,10 @@ pub fn run(app: &App, args: EncryptArgs) -> Result<i32> {
         let mut head = [0u8; 8];
         let n = read_up_to(&mut reader, &mut head)?;
         if header::looks_like_hsmseal(&head[..n]) {
-            app.info(format!("hsmseal: skipped {}: already encrypted by hsmseal", input.display()));
+            app.info(format!(
+                "hsmseal: skipped {}: already encrypted by hsmseal",
+                input.display()
+            ));
             return Ok(Some(ItemReport {
                 path: input.display(),
                 action: "encrypt",
@@ -55,7 +62,9 @@ pub fn run(app: &App, args: EncryptArgs) -> Result<i32> {
             }));
         }
         let chained = std::io::Cursor::new(head[..n].to_vec()).chain(reader);
-        let report = write_output(&output, 0o644, args.force, |w| file::seal(&*backend, &kwk, chained, w, &opts))?;
+        let report = write_output(&output, 0o644, args.force, |w| {
+            file::seal(&*backend, &kwk, chained, w, &opts)
+        })?;
         Ok(Some(ItemReport {
             path: input.display(),
             output: Some(output.display()),

@@ -49,7 +49,8 @@ pub fn run(args: &InitArgs, json: bool, quiet: bool) -> Result<i32> {
         .mode(0o700)
         .create(dir.join("tokens"))
         .map_err(|e| Error::io_at("cannot create", dir.display(), &e))?;
-    let abs_dir = fs::canonicalize(dir).map_err(|e| Error::io_at("cannot resolve", dir.display(), &e))?;
+    let abs_dir =
+        fs::canonicalize(dir).map_err(|e| Error::io_at("cannot resolve", dir.display(), &e))?;
     write_private(
         &conf,
         format!(
@@ -65,8 +66,14 @@ pub fn run(args: &InitArgs, json: bool, quiet: bool) -> Result<i32> {
     let mut rng = rand::rngs::OsRng;
     let user_pin = Pin::new(Alphanumeric.sample_string(&mut rng, 24));
     let so_pin = Pin::new(Alphanumeric.sample_string(&mut rng, 24));
-    write_private(&dir.join("user-pin"), format!("{}\n", user_pin.expose()).as_bytes())?;
-    write_private(&dir.join("so-pin"), format!("{}\n", so_pin.expose()).as_bytes())?;
+    write_private(
+        &dir.join("user-pin"),
+        format!("{}\n", user_pin.expose()).as_bytes(),
+    )?;
+    write_private(
+        &dir.join("so-pin"),
+        format!("{}\n", so_pin.expose()).as_bytes(),
+    )?;
 
     // SoftHSM2 reads SOFTHSM2_CONF when the module is initialised; this
     // process has started no other thread yet.

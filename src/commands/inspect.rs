@@ -38,12 +38,18 @@ pub fn run(app: &App, args: InspectArgs) -> Result<i32> {
         let h = header::Header::parse(&buf[..n])?;
         let (slot_index, slot) = h.active();
         let file_bytes = match input {
-            Input::File(p) => Some(std::fs::metadata(p).map_err(|e| Error::io(format!("cannot stat: {e}")))?.len()),
+            Input::File(p) => Some(
+                std::fs::metadata(p)
+                    .map_err(|e| Error::io(format!("cannot stat: {e}")))?
+                    .len(),
+            ),
             Input::Stdin => None,
         };
         let plaintext_bytes = match file_bytes {
             Some(len) => Some(file::plaintext_len(len).ok_or_else(|| {
-                Error::integrity(format!("file length {len} is impossible for an hsmseal file: truncated or extended"))
+                Error::integrity(format!(
+                    "file length {len} is impossible for an hsmseal file: truncated or extended"
+                ))
             })?),
             None => None,
         };
@@ -65,10 +71,18 @@ pub fn run(app: &App, args: InspectArgs) -> Result<i32> {
             println!("{}", serde_json::to_string(&info).expect("serialisable"));
         } else {
             println!("{}", info.path);
-            println!("  format:      hsmseal v{} ({} byte header)", info.format_version, info.header_bytes);
+            println!(
+                "  format:      hsmseal v{} ({} byte header)",
+                info.format_version, info.header_bytes
+            );
             println!("  payload:     {}", info.payload);
-            println!("  key:         {} v{} (slot {}, sequence {})", info.key, info.key_version, slot_index, slot.seq);
-            if let (Some(f), Some(p), Some(c)) = (info.file_bytes, info.plaintext_bytes, info.chunks) {
+            println!(
+                "  key:         {} v{} (slot {}, sequence {})",
+                info.key, info.key_version, slot_index, slot.seq
+            );
+            if let (Some(f), Some(p), Some(c)) =
+                (info.file_bytes, info.plaintext_bytes, info.chunks)
+            {
                 println!("  size:        {f} bytes ({p} bytes of plaintext in {c} chunks)");
             }
             println!("  note:        not authenticated; run `hsmseal verify` to check every byte");

@@ -17,7 +17,12 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
             if app.json {
                 println!("{}", serde_json::to_string(&info).expect("serialisable"));
             } else {
-                println!("created {} v{} on token {}", info.name, info.version, app.settings.token_label()?);
+                println!(
+                    "created {} v{} on token {}",
+                    info.name,
+                    info.version,
+                    app.settings.token_label()?
+                );
             }
         }
         KeyCommand::List => print_keys(app, &hsm.list_keys()?),
@@ -38,8 +43,17 @@ fn print_keys(app: &App, keys: &[KeyInfo]) {
         println!("no hsmseal keys on this token (create one with `hsmseal key create NAME`)");
         return;
     }
-    let current = |k: &KeyInfo| keys.iter().filter(|o| o.name == k.name).map(|o| o.version).max() == Some(k.version);
-    println!("{:<24} {:>7}  {:<12} {:<12} status", "NAME", "VERSION", "CREATED", "STATE");
+    let current = |k: &KeyInfo| {
+        keys.iter()
+            .filter(|o| o.name == k.name)
+            .map(|o| o.version)
+            .max()
+            == Some(k.version)
+    };
+    println!(
+        "{:<24} {:>7}  {:<12} {:<12} status",
+        "NAME", "VERSION", "CREATED", "STATE"
+    );
     for k in keys {
         let state = if current(k) { "active" } else { "decrypt-only" };
         let status = if k.problems.is_empty() {

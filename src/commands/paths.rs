@@ -35,7 +35,9 @@ impl Input {
             args.iter().map(|p| Input::from_arg(p)).collect()
         };
         if inputs.len() > 1 && inputs.contains(&Input::Stdin) {
-            return Err(Error::usage("stdin (-) can only be used as the single input"));
+            return Err(Error::usage(
+                "stdin (-) can only be used as the single input",
+            ));
         }
         Ok(inputs)
     }
@@ -53,7 +55,9 @@ impl Input {
             Input::Stdin => Ok(Box::new(io::stdin())),
             Input::File(p) => {
                 let f = File::open(p).map_err(|e| Error::io(format!("cannot open: {e}")))?;
-                let meta = f.metadata().map_err(|e| Error::io(format!("cannot stat: {e}")))?;
+                let meta = f
+                    .metadata()
+                    .map_err(|e| Error::io(format!("cannot stat: {e}")))?;
                 if meta.is_dir() {
                     return Err(Error::usage("is a directory"));
                 }
@@ -130,7 +134,8 @@ pub fn write_output<T>(
             let stdout = io::stdout();
             let mut lock = io::BufWriter::with_capacity(1 << 20, stdout.lock());
             let r = f(&mut lock)?;
-            lock.flush().map_err(|e| Error::io(format!("writing stdout: {e}")))?;
+            lock.flush()
+                .map_err(|e| Error::io(format!("writing stdout: {e}")))?;
             Ok(r)
         }
         Output::File(p) => {

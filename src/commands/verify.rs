@@ -20,7 +20,12 @@ pub fn run(app: &App, args: VerifyArgs) -> Result<i32> {
         let backend = app.backend()?;
         let report = file::verify_payload(&*backend, &header, reader, &opts)?;
         if !app.json && !app.quiet {
-            println!("{}: OK ({} bytes, key {})", input.display(), report.plaintext_bytes, report.kwk);
+            println!(
+                "{}: OK ({} bytes, key {})",
+                input.display(),
+                report.plaintext_bytes,
+                report.kwk
+            );
         }
         Ok(Some(ItemReport {
             path: input.display(),

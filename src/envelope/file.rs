@@ -92,7 +92,11 @@ pub fn open_payload<R: Read, W: Write>(
 }
 
 /// Authenticates a whole hsmseal file, writing nothing.
-pub fn verify<R: Read>(backend: &dyn KeyBackend, mut input: R, opts: &StreamOptions) -> Result<FileReport> {
+pub fn verify<R: Read>(
+    backend: &dyn KeyBackend,
+    mut input: R,
+    opts: &StreamOptions,
+) -> Result<FileReport> {
     let (header, _) = read_header(&mut input)?;
     verify_payload(backend, &header, input, opts)
 }
@@ -140,7 +144,13 @@ mod tests {
     fn setup() -> (MemoryBackend, KeyRef) {
         let b = MemoryBackend::new();
         b.add_version("k");
-        (b, KeyRef { name: "k".into(), version: 1 })
+        (
+            b,
+            KeyRef {
+                name: "k".into(),
+                version: 1,
+            },
+        )
     }
 
     #[test]
@@ -163,19 +173,25 @@ mod tests {
     #[test]
     fn every_bit_flip_and_truncation_of_a_small_file_is_rejected() {
         let (b, k) = setup();
-        let pt = vec![0x5au8; 40];
+        let pt = [0x5au8; 40];
         let mut ct = Vec::new();
         seal(&b, &k, &pt[..], &mut ct, &opts()).unwrap();
         for i in 0..ct.len() * 8 {
             let mut c = ct.clone();
             c[i / 8] ^= 1 << (i % 8);
             let mut out = Vec::new();
-            assert!(open(&b, &c[..], &mut out, &opts()).is_err(), "bit {i} accepted");
+            assert!(
+                open(&b, &c[..], &mut out, &opts()).is_err(),
+                "bit {i} accepted"
+            );
             assert!(out.is_empty(), "bit {i}: plaintext released");
         }
         for n in 0..ct.len() {
             let mut out = Vec::new();
-            assert!(open(&b, &ct[..n], &mut out, &opts()).is_err(), "length {n} accepted");
+            assert!(
+                open(&b, &ct[..n], &mut out, &opts()).is_err(),
+                "length {n} accepted"
+            );
         }
     }
 

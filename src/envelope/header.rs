@@ -113,7 +113,14 @@ impl Header {
     /// A new header with one envelope in slot 0.
     pub fn new(kwk: KeyRef, wrapped: WrappedKey) -> Header {
         Header {
-            slots: [Some(Slot { seq: 1, kwk, wrapped }), None],
+            slots: [
+                Some(Slot {
+                    seq: 1,
+                    kwk,
+                    wrapped,
+                }),
+                None,
+            ],
         }
     }
 
@@ -174,14 +181,19 @@ impl Header {
         let mut reserved_ok = h[PREFIX_LEN..SLOT_OFFSETS[0]].iter().all(|&b| b == 0);
         reserved_ok &= h[SLOT_OFFSETS[1] + SLOT_LEN..].iter().all(|&b| b == 0);
         if !reserved_ok {
-            return Err(Error::integrity("header is damaged (non-zero reserved bytes)"));
+            return Err(Error::integrity(
+                "header is damaged (non-zero reserved bytes)",
+            ));
         }
         let mut slots: [Option<Slot>; SLOT_COUNT] = [None, None];
         for (i, off) in SLOT_OFFSETS.iter().enumerate() {
-            slots[i] = decode_slot(&h[*off..*off + SLOT_LEN]).map_err(|m| Error::integrity(format!("header slot {i} is damaged: {m}")))?;
+            slots[i] = decode_slot(&h[*off..*off + SLOT_LEN])
+                .map_err(|m| Error::integrity(format!("header slot {i} is damaged: {m}")))?;
         }
         match (&slots[0], &slots[1]) {
-            (None, None) => Err(Error::integrity("header has no key envelope (both slots empty)")),
+            (None, None) => Err(Error::integrity(
+                "header has no key envelope (both slots empty)",
+            )),
             (Some(a), Some(b)) if a.seq == b.seq => Err(Error::integrity(
                 "header is damaged (two envelopes with the same sequence number)",
             )),
@@ -218,10 +230,13 @@ fn decode_slot(b: &[u8]) -> std::result::Result<Option<Slot>, String> {
     if seq == 0 || name_len == 0 || name_len > MAX_KEY_NAME_LEN {
         return Err("bad sequence number or key name length".into());
     }
-    if b[NAME + name_len..VERSION].iter().any(|&x| x != 0) || b[RESERVED..CHECKSUM].iter().any(|&x| x != 0) {
+    if b[NAME + name_len..VERSION].iter().any(|&x| x != 0)
+        || b[RESERVED..CHECKSUM].iter().any(|&x| x != 0)
+    {
         return Err("non-zero padding".into());
     }
-    let name = std::str::from_utf8(&b[NAME..NAME + name_len]).map_err(|_| "key name is not UTF-8".to_string())?;
+    let name = std::str::from_utf8(&b[NAME..NAME + name_len])
+        .map_err(|_| "key name is not UTF-8".to_string())?;
     crate::keys::validate_key_name(name).map_err(|_| "invalid key name".to_string())?;
     let version = u32::from_be_bytes(b[VERSION..VERSION + 4].try_into().expect("4 bytes"));
     if version == 0 {
@@ -247,8 +262,14 @@ mod tests {
 
     fn sample() -> Header {
         Header::new(
-            KeyRef { name: "backups".into(), version: 3 },
-            WrappedKey { iv: [1; 12], ciphertext: [2; 48] },
+            KeyRef {
+                name: "backups".into(),
+                version: 3,
+            },
+            WrappedKey {
+                iv: [1; 12],
+                ciphertext: [2; 48],
+            },
         )
     }
 
@@ -286,8 +307,14 @@ mod tests {
         let mut h = sample();
         let newer = Slot {
             seq: 2,
-            kwk: KeyRef { name: "backups".into(), version: 4 },
-            wrapped: WrappedKey { iv: [3; 12], ciphertext: [4; 48] },
+            kwk: KeyRef {
+                name: "backups".into(),
+                version: 4,
+            },
+            wrapped: WrappedKey {
+                iv: [3; 12],
+                ciphertext: [4; 48],
+            },
         };
         h.slots[1] = Some(newer.clone());
         let p = Header::parse(&h.to_bytes()).unwrap();
@@ -302,6 +329,9 @@ mod tests {
         for n in 0..HEADER_LEN {
             assert!(Header::parse(&b[..n]).is_err(), "length {n}");
         }
-        assert_eq!(Header::parse(b"hello world").unwrap_err().kind(), crate::error::ErrorKind::Format);
+        assert_eq!(
+            Header::parse(b"hello world").unwrap_err().kind(),
+            crate::error::ErrorKind::Format
+        );
     }
 }

@@ -1,0 +1,225 @@
+//! PostgreSQL `COPY ... TO STDOUT` text format (`--format pgcopy`).
+//!
+//! Records end at LF (a CR right before it belongs to the terminator);
+//! fields are separated by tab; `\N` is NULL; a backslash escapes the next
+//! byte: `\b \f \n \r \t \v` are control characters, `\` followed by one to
+//! three octal digits or by `x` and one or two hex digits is that byte, and
+//! any other escaped byte stands for itself (so `\\` is a backslash and a
+//! backslash before a real tab or newline makes it data, as PostgreSQL reads
+//! it). A line that is exactly `\.` is the end-of-data marker and is copied.
+//!
+//! Encrypted values are the decoded values; decryption writes them back the
+//! way PostgreSQL writes them (see [`encode`]), so input PostgreSQL wrote
+//! round-trips byte for byte and non-canonical escapes (`\x41` for `A`) are
+//! normalised. Unselected fields are always copied as their raw bytes.
+
+use super::csv::MAX_FIELD;
+use super::scan::find3;
+use crate::error::{Error, Result};
+
+/// Parses one line at the start of `buf` (see [`super::csv::parse_record`]
+/// for the contract); `on_field` gets raw spans.
+pub fn parse_record(
+    buf: &[u8],
+    eof: bool,
+    mut on_field: impl FnMut(usize, usize, usize, bool) -> Result<()>,
+) -> Result<Option<(usize, usize)>> {
+    let n = buf.len();
+    let mut start = 0;
+    let mut i = 0;
+    let mut idx = 0;
+    // Position just past the last escape, so an escaped CR before LF stays data.
+    let mut escaped_to = 0;
+    loop {
+        match find3(&buf[i..], b'\t', b'\n', b'\\') {
+            None => {
+                if !eof {
+                    if n - start > MAX_FIELD {
+                        check_len(idx, n - start)?;
+                    }
+                    return Ok(None);
+                }
+                check_len(idx, n - start)?;
+                on_field(idx, start, n, false)?;
+                return Ok(Some((n, idx + 1)));
+            }
+            Some(p) => {
+                let q = i + p;
+                match buf[q] {
+                    b'\\' => {
+                        if q + 1 >= n && !eof {
+                            return Ok(None);
+                        }
+                        i = (q + 2).min(n);
+                        escaped_to = i;
+                    }
+                    b'\t' => {
+                        check_len(idx, q - start)?;
+                        on_field(idx, start, q, false)?;
+                        idx += 1;
+                        i = q + 1;
+                        start = i;
+                    }
+                    _ => {
+                        let fend = if q > start && q > escaped_to && buf[q - 1] == b'\r' {
+                            q - 1
+                        } else {
+                            q
+                        };
+                        check_len(idx, fend - start)?;
+                        on_field(idx, start, fend, false)?;
+                        return Ok(Some((q + 1, idx + 1)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn check_len(idx: usize, len: usize) -> Result<()> {
+    if len > MAX_FIELD {
+        Err(Error::format(format!(
+            "field {}: field of {len} bytes is over the {} MiB limit",
+            idx + 1,
+            MAX_FIELD >> 20
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+/// True for the NULL marker.
+pub fn is_null(raw: &[u8]) -> bool {
+    raw == b"\\N"
+}
+
+/// True for the end-of-data line.
+pub fn is_end_marker(raw_line: &[u8]) -> bool {
+    raw_line == b"\\."
+}
+
+/// The value of a raw (non-NULL) field, escapes decoded. Uses `scratch`
+/// only when there is a backslash.
+pub fn decode<'a>(raw: &'a [u8], scratch: &'a mut Vec<u8>) -> &'a [u8] {
+    if !raw.contains(&b'\\') {
+        return raw;
+    }
+    scratch.clear();
+    let mut i = 0;
+    while i < raw.len() {
+        let c = raw[i];
+        i += 1;
+        if c != b'\\' || i == raw.len() {
+            scratch.push(c);
+            continue;
+        }
+        let e = raw[i];
+        i += 1;
+        let b = match e {
+            b'b' => 0x08,
+            b'f' => 0x0c,
+            b'n' => b'\n',
+            b'r' => b'\r',
+            b't' => b'\t',
+            b'v' => 0x0b,
+            b'0'..=b'7' => {
+                let mut v = (e - b'0') as u32;
+                for _ in 0..2 {
+                    match raw.get(i) {
+                        Some(&d @ b'0'..=b'7') => {
+                            v = v * 8 + (d - b'0') as u32;
+                            i += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                (v & 0xff) as u8
+            }
+            b'x' if raw.get(i).is_some_and(u8::is_ascii_hexdigit) => {
+                let mut v = hex(raw[i]);
+                i += 1;
+                if let Some(&d) = raw.get(i).filter(|d| d.is_ascii_hexdigit()) {
+                    v = v * 16 + hex(d);
+                    i += 1;
+                }
+                v
+            }
+            other => other,
+        };
+        scratch.push(b);
+    }
+    scratch
+}
+
+fn hex(d: u8) -> u8 {
+    match d {
+        b'0'..=b'9' => d - b'0',
+        b'a'..=b'f' => d - b'a' + 10,
+        _ => d - b'A' + 10,
+    }
+}
+
+/// Appends `value` escaped as PostgreSQL's `COPY TO` writes text fields:
+/// backslash, BS, FF, LF, CR, tab and VT as two-character escapes, every
+/// other byte as itself.
+pub fn encode(value: &[u8], out: &mut Vec<u8>) {
+    let mut rest = value;
+    loop {
+        let p = rest
+            .iter()
+            .position(|&c| c == b'\\' || (c < 0x20 && matches!(c, 8..=13)));
+        match p {
+            None => {
+                out.extend_from_slice(rest);
+                return;
+            }
+            Some(p) => {
+                out.extend_from_slice(&rest[..p]);
+                let e = match rest[p] {
+                    b'\\' => b'\\',
+                    0x08 => b'b',
+                    0x0c => b'f',
+                    b'\n' => b'n',
+                    b'\r' => b'r',
+                    b'\t' => b't',
+                    _ => b'v',
+                };
+                out.extend_from_slice(&[b'\\', e]);
+                rest = &rest[p + 1..];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_and_encode() {
+        let mut s = Vec::new();
+        assert_eq!(decode(b"a\\tb\\\\c\\n", &mut s), b"a\tb\\c\n");
+        assert_eq!(decode(b"\\101\\x42\\x4g\\q\\xz", &mut s), b"AB\x04gqxz");
+        let mut out = Vec::new();
+        encode(b"a\tb\\c\n\r\x08\x0b\x0c\x01\xc3\xa9", &mut out);
+        assert_eq!(out, b"a\\tb\\\\c\\n\\r\\b\\v\\f\x01\xc3\xa9");
+        assert_eq!(decode(&out, &mut s), b"a\tb\\c\n\r\x08\x0b\x0c\x01\xc3\xa9");
+    }
+
+    #[test]
+    fn splits_fields_and_lines() {
+        let buf = b"1\ta\\\tb\t\\N\r\nnext";
+        let mut f = Vec::new();
+        let r = parse_record(buf, false, |_, s, e, _| {
+            f.push(buf[s..e].to_vec());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(r, Some((11, 3)));
+        assert_eq!(f, vec![b"1".to_vec(), b"a\\\tb".to_vec(), b"\\N".to_vec()]);
+        assert_eq!(
+            parse_record(b"x\\", false, |_, _, _, _| Ok(())).unwrap(),
+            None
+        );
+    }
+}

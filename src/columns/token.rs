@@ -1,0 +1,640 @@
+//! The column token format (version 1): one encrypted cell as a
+//! self-contained ASCII string, and the key hierarchy behind it.
+//!
+//! ```text
+//! token  = "hsc1." base64url-no-pad(body)
+//! body   = envelope record
+//! envelope (replaceable by rotation, not authenticated by the record):
+//!          u8 n | key name (n bytes) | u32be key version | wrap IV (12) | wrapped batch key (48)
+//! record = DEK nonce (12) | AES-256-GCM(batch key, DEK nonce, DEK, AAD = binding) (32 + 16)
+//!        | AES-256-GCM(DEK, 0^12, flags || value, AAD = empty) (1 + len + 16)
+//! ```
+//!
+//! Invariants:
+//! - Every record has its own random DEK, used for exactly one message; that
+//!   is why the value may be encrypted under the fixed all-zero nonce.
+//! - The binding (format version, context, column, row id) is the AAD of the
+//!   DEK layer, so a token moved to another column, context or row fails: its
+//!   DEK cannot be recovered, and the value is only readable with that DEK
+//!   (binding the value layer again would cost GHASH work and add nothing).
+//! - The envelope is outside the binding: `rotate` swaps it alone.
+//! - Only canonical base64 is accepted (no padding, no stray trailing bits),
+//!   so any single-character change of a token is rejected.
+//!
+//! docs/FORMAT-columns.md specifies all of this byte by byte.
+
+use crate::error::{Error, Result};
+use crate::keys::{KeyBackend, KeyRef, WrappedKey, WRAPPED_KEY_LEN, WRAP_IV_LEN};
+use crate::secret::SecretKey;
+use aes_gcm::aead::{AeadInPlace, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use zeroize::Zeroize;
+
+/// Token format version, also spelled out in [`PREFIX`].
+pub const TOKEN_VERSION: u8 = 1;
+/// Every version-1 token starts with these five ASCII bytes.
+pub const PREFIX: &[u8] = b"hsc1.";
+
+/// Domain separation string of the record binding (the AAD of a record).
+pub const BINDING_DOMAIN: &[u8] = b"hsmseal/columns/record";
+/// Domain separation string of the batch-key wrap AAD (passed to the HSM).
+pub const WRAP_DOMAIN: &[u8] = b"hsmseal/columns/batch-key";
+
+/// Flags byte, bit 0: the CSV/TSV field was quoted in the input.
+pub const FLAG_QUOTED: u8 = 0x01;
+/// Flags byte, bit 1: the value is JSON text (a non-string JSON value, or a
+/// string whose escaping differs from the canonical one), not a string.
+pub const FLAG_JSON: u8 = 0x02;
+const KNOWN_FLAGS: u8 = FLAG_QUOTED | FLAG_JSON;
+
+/// Longest plaintext value that may be encrypted into one token.
+pub const MAX_VALUE: usize = 16 << 20;
+
+const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+const DEK_CT_LEN: usize = 32 + TAG_LEN;
+/// Bytes of a body besides the key name and the value.
+const FIXED_LEN: usize =
+    1 + 4 + WRAP_IV_LEN + WRAPPED_KEY_LEN + NONCE_LEN + DEK_CT_LEN + 1 + TAG_LEN;
+
+/// Default number of records protected by one batch key.
+pub const DEFAULT_BATCH_SIZE: u64 = 10_000;
+/// Largest `--batch-size`: stays far below the 2^32 random-nonce limit of
+/// AES-GCM under one key.
+pub const MAX_BATCH_SIZE: u64 = 1_000_000;
+
+/// How many unwrapped batch keys decryption keeps (FIFO, zeroized on drop).
+pub const BATCH_CACHE_ENTRIES: usize = 4096;
+
+/// Length of the whole token text for a key name of `name_len` bytes and a
+/// value of `value_len` bytes.
+pub fn token_len(name_len: usize, value_len: usize) -> usize {
+    PREFIX.len() + base64_len(FIXED_LEN + name_len + value_len)
+}
+
+fn base64_len(n: usize) -> usize {
+    (n * 4).div_ceil(3)
+}
+
+/// Largest token text accepted on decrypt.
+pub const MAX_TOKEN_LEN: usize =
+    5 + (FIXED_LEN + crate::keys::MAX_KEY_NAME_LEN + MAX_VALUE) * 4 / 3 + 4;
+
+/// Which column a binding names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ColumnId {
+    /// A header name (CSV/TSV/pgcopy with a header) or a JSON top-level key.
+    Name(String),
+    /// A 1-based field position (`--no-header`).
+    Index(u32),
+}
+
+impl std::fmt::Display for ColumnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ColumnId::Name(n) => write!(f, "column {n:?}"),
+            ColumnId::Index(i) => write!(f, "column {i}"),
+        }
+    }
+}
+
+/// The constant part of a column's binding: everything but the row id.
+pub fn binding_prefix(context: &str, column: &ColumnId) -> Vec<u8> {
+    let mut b = Vec::with_capacity(64);
+    put_bytes(&mut b, BINDING_DOMAIN);
+    b.push(TOKEN_VERSION);
+    put_bytes(&mut b, context.as_bytes());
+    match column {
+        ColumnId::Name(n) => {
+            b.push(1);
+            put_bytes(&mut b, n.as_bytes());
+        }
+        ColumnId::Index(i) => {
+            b.push(2);
+            b.extend_from_slice(&i.to_be_bytes());
+        }
+    }
+    b
+}
+
+/// Completes a binding: `prefix` from [`binding_prefix`], then the row id.
+pub fn binding(out: &mut Vec<u8>, prefix: &[u8], row_id: Option<&[u8]>) {
+    out.clear();
+    out.extend_from_slice(prefix);
+    match row_id {
+        None => out.push(0),
+        Some(id) => {
+            out.push(1);
+            put_bytes(out, id);
+        }
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    // Lengths are capped far below 4 GiB (values at 16 MiB), so u32 is exact.
+    out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+    out.extend_from_slice(b);
+}
+
+/// The AAD the KWK wrap of a batch key is made with.
+pub fn wrap_aad(kwk: &KeyRef) -> Vec<u8> {
+    let mut b = Vec::with_capacity(48);
+    put_bytes(&mut b, WRAP_DOMAIN);
+    b.push(TOKEN_VERSION);
+    put_bytes(&mut b, kwk.name.as_bytes());
+    b.extend_from_slice(&kwk.version.to_be_bytes());
+    b
+}
+
+/// Serialises a batch envelope.
+fn envelope_bytes(kwk: &KeyRef, wrapped: &WrappedKey) -> Vec<u8> {
+    let mut e = Vec::with_capacity(1 + kwk.name.len() + 4 + WRAP_IV_LEN + WRAPPED_KEY_LEN);
+    e.push(kwk.name.len() as u8);
+    e.extend_from_slice(kwk.name.as_bytes());
+    e.extend_from_slice(&kwk.version.to_be_bytes());
+    e.extend_from_slice(&wrapped.iv);
+    e.extend_from_slice(&wrapped.ciphertext);
+    e
+}
+
+/// A parsed envelope.
+fn parse_envelope(env: &[u8]) -> Result<(KeyRef, WrappedKey)> {
+    let n = env[0] as usize;
+    let name = std::str::from_utf8(&env[1..1 + n])
+        .ok()
+        .filter(|s| crate::keys::validate_key_name(s).is_ok())
+        .ok_or_else(|| Error::format("malformed token: invalid key name"))?;
+    let mut v = [0u8; 4];
+    v.copy_from_slice(&env[1 + n..5 + n]);
+    let mut iv = [0u8; WRAP_IV_LEN];
+    iv.copy_from_slice(&env[5 + n..5 + n + WRAP_IV_LEN]);
+    let mut ciphertext = [0u8; WRAPPED_KEY_LEN];
+    ciphertext.copy_from_slice(&env[5 + n + WRAP_IV_LEN..]);
+    Ok((
+        KeyRef {
+            name: name.to_string(),
+            version: u32::from_be_bytes(v),
+        },
+        WrappedKey { iv, ciphertext },
+    ))
+}
+
+/// Length of the envelope at the start of `body`, after checking the body is
+/// long enough to hold it and a record.
+fn envelope_len(body: &[u8]) -> Result<usize> {
+    let n = *body
+        .first()
+        .ok_or_else(|| Error::format("malformed token: empty"))? as usize;
+    if n == 0 || n > crate::keys::MAX_KEY_NAME_LEN {
+        return Err(Error::format("malformed token: bad key name length"));
+    }
+    if body.len() < FIXED_LEN + n {
+        return Err(Error::format("malformed token: too short"));
+    }
+    Ok(1 + n + 4 + WRAP_IV_LEN + WRAPPED_KEY_LEN)
+}
+
+/// Decodes the text of a token into `body` (cleared first). Errors (kind
+/// Format) if it lacks the prefix or is not canonical base64url.
+pub fn decode_text(text: &[u8], body: &mut Vec<u8>) -> Result<()> {
+    body.clear();
+    let b64 = text
+        .strip_prefix(PREFIX)
+        .ok_or_else(|| Error::format("not an hsmseal column token"))?;
+    if b64.len() > MAX_TOKEN_LEN {
+        return Err(Error::format("malformed token: too long"));
+    }
+    URL_SAFE_NO_PAD
+        .decode_vec(b64, body)
+        .map_err(|_| Error::format("malformed token: invalid base64url"))?;
+    envelope_len(body).map(|_| ())
+}
+
+/// Appends the text of a token with binary `body` to `out`.
+pub fn encode_text(body: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(PREFIX);
+    encode_b64(body, out);
+}
+
+/// Appends base64url (no padding) of `body` to `out`.
+fn encode_b64(body: &[u8], out: &mut Vec<u8>) {
+    let at = out.len();
+    out.resize(at + base64_len(body.len()), 0);
+    let n = URL_SAFE_NO_PAD
+        .encode_slice(body, &mut out[at..])
+        .expect("buffer sized by base64_len");
+    out.truncate(at + n);
+}
+
+/// A batch key ready for use: its AES-GCM instance and its envelope.
+struct Batch {
+    cipher: Aes256Gcm,
+    envelope: Vec<u8>,
+    /// `PREFIX` and the base64 text of the envelope's first `3k` bytes: the
+    /// same in every token of the batch, so it is encoded once (base64 of a
+    /// multiple of 3 bytes does not depend on what follows).
+    text_head: Vec<u8>,
+}
+
+/// Makes tokens. One per worker thread: it owns a CSPRNG seeded once from the
+/// OS and the worker's current batch key.
+pub struct Sealer<'a> {
+    backend: &'a dyn KeyBackend,
+    kwk: &'a KeyRef,
+    wrap_aad: Vec<u8>,
+    rng: ChaCha20Rng,
+    batch_size: u64,
+    batch: Option<Batch>,
+    used: u64,
+    body: Vec<u8>,
+    /// Batch keys made (each one HSM wrap call).
+    pub batches: u64,
+    /// Calls into the key backend.
+    pub hsm_calls: u64,
+}
+
+impl<'a> Sealer<'a> {
+    pub fn new(backend: &'a dyn KeyBackend, kwk: &'a KeyRef, batch_size: u64) -> Result<Self> {
+        let rng = ChaCha20Rng::from_rng(rand::rngs::OsRng)
+            .map_err(|e| Error::io(format!("cannot seed the random generator: {e}")))?;
+        Ok(Sealer {
+            backend,
+            kwk,
+            wrap_aad: wrap_aad(kwk),
+            rng,
+            batch_size: batch_size.max(1),
+            batch: None,
+            used: 0,
+            body: Vec::with_capacity(512),
+            batches: 0,
+            hsm_calls: 0,
+        })
+    }
+
+    fn new_batch(&mut self) -> Result<()> {
+        let key = SecretKey::generate(&mut self.rng);
+        self.hsm_calls += 1;
+        let wrapped = self.backend.wrap(self.kwk, &key, &self.wrap_aad)?;
+        let envelope = envelope_bytes(self.kwk, &wrapped);
+        let mut text_head = Vec::new();
+        encode_text(&envelope[..envelope.len() / 3 * 3], &mut text_head);
+        self.batch = Some(Batch {
+            cipher: Aes256Gcm::new(key.expose().into()),
+            envelope,
+            text_head,
+        });
+        self.batches += 1;
+        self.used = 0;
+        Ok(())
+    }
+
+    /// Encrypts `value` with `flags` under binding `aad` and appends the
+    /// token text to `out`.
+    pub fn seal(&mut self, aad: &[u8], flags: u8, value: &[u8], out: &mut Vec<u8>) -> Result<()> {
+        if value.len() > MAX_VALUE {
+            return Err(Error::format(format!(
+                "value of {} bytes is over the {} MiB limit per field",
+                value.len(),
+                MAX_VALUE >> 20
+            )));
+        }
+        if self.batch.is_none() || self.used >= self.batch_size {
+            self.new_batch()?;
+        }
+        self.used += 1;
+        let batch = self.batch.as_ref().expect("batch made above");
+        // DEK and its nonce in one draw from the worker's CSPRNG.
+        let mut rnd = [0u8; 32 + NONCE_LEN];
+        self.rng.fill_bytes(&mut rnd);
+        // `body` holds the token body from byte 3k of the envelope on.
+        let body = &mut self.body;
+        body.clear();
+        body.extend_from_slice(&batch.envelope[batch.envelope.len() / 3 * 3..]);
+        body.extend_from_slice(&rnd[32..]);
+        let at = body.len();
+        body.extend_from_slice(&rnd[..32]);
+        let tag = batch
+            .cipher
+            .encrypt_in_place_detached(Nonce::from_slice(&rnd[32..]), aad, &mut body[at..])
+            .map_err(|_| Error::format("encryption failed"))?;
+        body.extend_from_slice(&tag);
+        let at = body.len();
+        body.push(flags);
+        body.extend_from_slice(value);
+        let dek = Aes256Gcm::new_from_slice(&rnd[..32]).expect("32-byte key");
+        rnd.zeroize();
+        // One message per DEK: the all-zero nonce is never reused under a key.
+        let tag = dek
+            .encrypt_in_place_detached(&Nonce::default(), b"", &mut body[at..])
+            .map_err(|_| Error::format("encryption failed"))?;
+        body.extend_from_slice(&tag);
+        out.extend_from_slice(&batch.text_head);
+        encode_b64(body, out);
+        Ok(())
+    }
+}
+
+/// A cache entry: filled by the first worker that needs it while the others
+/// wait on its lock, so each distinct envelope costs one HSM round.
+type CacheSlot<V> = Arc<Mutex<Option<V>>>;
+
+/// Values derived from batch envelopes (an unwrapped batch cipher, or a
+/// rewrapped envelope), shared by all workers, keyed by the envelope bytes
+/// and bounded to [`BATCH_CACHE_ENTRIES`] (first in, first out). Evicted
+/// batch ciphers are zeroized when their last user drops them.
+pub struct EnvelopeCache<V> {
+    inner: Mutex<CacheInner<V>>,
+    calls: std::sync::atomic::AtomicU64,
+}
+
+struct CacheInner<V> {
+    map: HashMap<Vec<u8>, CacheSlot<V>>,
+    order: VecDeque<Vec<u8>>,
+}
+
+impl<V: Clone> Default for EnvelopeCache<V> {
+    fn default() -> Self {
+        EnvelopeCache {
+            inner: Mutex::new(CacheInner {
+                map: HashMap::new(),
+                order: VecDeque::new(),
+            }),
+            calls: Default::default(),
+        }
+    }
+}
+
+impl<V: Clone> EnvelopeCache<V> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// HSM calls made to fill this cache.
+    pub fn hsm_calls(&self) -> u64 {
+        self.calls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The value for `envelope`, made by `init` (counted as `calls` HSM
+    /// calls) the first time.
+    fn get(&self, envelope: &[u8], calls: u64, init: impl FnOnce() -> Result<V>) -> Result<V> {
+        let slot = {
+            let mut inner = self.inner.lock().expect("envelope cache lock");
+            if let Some(s) = inner.map.get(envelope) {
+                s.clone()
+            } else {
+                if inner.order.len() >= BATCH_CACHE_ENTRIES {
+                    if let Some(old) = inner.order.pop_front() {
+                        inner.map.remove(&old);
+                    }
+                }
+                let s = CacheSlot::default();
+                inner.map.insert(envelope.to_vec(), s.clone());
+                inner.order.push_back(envelope.to_vec());
+                s
+            }
+        };
+        let mut guard = slot.lock().expect("envelope cache slot lock");
+        if let Some(v) = guard.as_ref() {
+            return Ok(v.clone());
+        }
+        self.calls
+            .fetch_add(calls, std::sync::atomic::Ordering::Relaxed);
+        let v = init()?;
+        *guard = Some(v.clone());
+        Ok(v)
+    }
+}
+
+/// Unwrapped batch ciphers for decryption.
+pub type BatchCache = EnvelopeCache<Arc<Aes256Gcm>>;
+/// New envelopes by old envelope, for rotation.
+pub type RewrapCache = EnvelopeCache<Arc<Vec<u8>>>;
+
+/// Opens tokens. One per worker thread; remembers the last batch it used so
+/// consecutive tokens of one batch skip the shared cache.
+pub struct Opener<'a> {
+    backend: &'a dyn KeyBackend,
+    cache: &'a BatchCache,
+    last: Option<(Vec<u8>, Arc<Aes256Gcm>)>,
+    body: Vec<u8>,
+}
+
+impl<'a> Opener<'a> {
+    pub fn new(backend: &'a dyn KeyBackend, cache: &'a BatchCache) -> Self {
+        Opener {
+            backend,
+            cache,
+            last: None,
+            body: Vec::with_capacity(512),
+        }
+    }
+
+    /// Authenticates and decrypts the token `text` under binding `aad`.
+    /// Returns the flags and the plaintext value (valid until the next call).
+    pub fn open(&mut self, aad: &[u8], text: &[u8]) -> Result<(u8, &[u8])> {
+        decode_text(text, &mut self.body)?;
+        let elen = envelope_len(&self.body)?;
+        let hit = matches!(&self.last, Some((e, _)) if e[..] == self.body[..elen]);
+        if !hit {
+            let env = &self.body[..elen];
+            let backend = self.backend;
+            let c = self.cache.get(env, 1, || {
+                let (kwk, wrapped) = parse_envelope(env)?;
+                let key = backend.unwrap(&kwk, &wrapped, &wrap_aad(&kwk))?;
+                Ok(Arc::new(Aes256Gcm::new(key.expose().into())))
+            })?;
+            self.last = Some((env.to_vec(), c));
+        }
+        let batch = &self.last.as_ref().expect("set above").1;
+        let body = &mut self.body;
+        let (nonce, rest) = body[elen..].split_at_mut(NONCE_LEN);
+        let (dek_ct, value_ct) = rest.split_at_mut(DEK_CT_LEN);
+        let (dek, dek_tag) = dek_ct.split_at_mut(32);
+        batch
+            .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, dek, Tag::from_slice(dek_tag))
+            .map_err(|_| auth_failed())?;
+        let cipher = Aes256Gcm::new_from_slice(dek).expect("32-byte key");
+        dek.zeroize();
+        let (pt, tag) = value_ct.split_at_mut(value_ct.len() - TAG_LEN);
+        cipher
+            .decrypt_in_place_detached(&Nonce::default(), b"", pt, Tag::from_slice(tag))
+            .map_err(|_| auth_failed())?;
+        let flags = pt[0];
+        if flags & !KNOWN_FLAGS != 0 {
+            return Err(Error::format("token has unknown flags"));
+        }
+        let end = self.body.len() - TAG_LEN;
+        Ok((flags, &self.body[elen + NONCE_LEN + DEK_CT_LEN + 1..end]))
+    }
+}
+
+/// Rewraps token envelopes to a new KWK version (`columns rotate`). One per
+/// worker, sharing a [`RewrapCache`] so each distinct batch costs one unwrap
+/// and one wrap.
+pub struct Rewrapper<'a> {
+    backend: &'a dyn KeyBackend,
+    target: &'a KeyRef,
+    target_aad: Vec<u8>,
+    cache: &'a RewrapCache,
+    last: Option<(Vec<u8>, Arc<Vec<u8>>)>,
+    body: Vec<u8>,
+}
+
+impl<'a> Rewrapper<'a> {
+    pub fn new(backend: &'a dyn KeyBackend, target: &'a KeyRef, cache: &'a RewrapCache) -> Self {
+        Rewrapper {
+            backend,
+            target,
+            target_aad: wrap_aad(target),
+            cache,
+            last: None,
+            body: Vec::with_capacity(512),
+        }
+    }
+
+    /// Appends to `out` the token `text` with its envelope rewrapped under the
+    /// target KWK; the record part is copied untouched. A token already under
+    /// the target is copied as it is. Returns whether it changed.
+    ///
+    /// The batch key is authenticated by its unwrap; the records are not
+    /// opened (that needs their bindings), so `decrypt` remains the check.
+    pub fn rewrap(&mut self, text: &[u8], out: &mut Vec<u8>) -> Result<bool> {
+        decode_text(text, &mut self.body)?;
+        let elen = envelope_len(&self.body)?;
+        let env = &self.body[..elen];
+        let hit = matches!(&self.last, Some((e, _)) if e[..] == env[..]);
+        if !hit {
+            let (kwk, wrapped) = parse_envelope(env)?;
+            if kwk == *self.target {
+                out.extend_from_slice(text);
+                return Ok(false);
+            }
+            let (backend, target, target_aad) = (self.backend, self.target, &self.target_aad);
+            let new = self.cache.get(env, 2, || {
+                let key = backend.unwrap(&kwk, &wrapped, &wrap_aad(&kwk))?;
+                let new = backend.wrap(target, &key, target_aad)?;
+                Ok(Arc::new(envelope_bytes(target, &new)))
+            })?;
+            self.last = Some((env.to_vec(), new));
+        }
+        let new = &self.last.as_ref().expect("set above").1;
+        let mut nbody = Vec::with_capacity(self.body.len() + 64);
+        nbody.extend_from_slice(new);
+        nbody.extend_from_slice(&self.body[elen..]);
+        encode_text(&nbody, out);
+        Ok(true)
+    }
+}
+
+fn auth_failed() -> Error {
+    Error::integrity(
+        "token authentication failed: it was modified, or moved from another row, column or context",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::MemoryBackend;
+
+    fn setup() -> (MemoryBackend, KeyRef) {
+        let b = MemoryBackend::new();
+        let v = b.add_version("pii");
+        (
+            b,
+            KeyRef {
+                name: "pii".into(),
+                version: v,
+            },
+        )
+    }
+
+    #[test]
+    fn seal_open_round_trip_and_binding() {
+        let (b, k) = setup();
+        let mut s = Sealer::new(&b, &k, 10).unwrap();
+        let pre = binding_prefix("app.users", &ColumnId::Name("ssn".into()));
+        let mut aad = Vec::new();
+        binding(&mut aad, &pre, Some(b"17"));
+        let mut tok = Vec::new();
+        s.seal(&aad, FLAG_QUOTED, b"123-45-6789", &mut tok).unwrap();
+        assert!(tok.starts_with(PREFIX));
+        assert_eq!(tok.len(), token_len(3, 11));
+        let cache = BatchCache::new();
+        let mut o = Opener::new(&b, &cache);
+        let (f, v) = o.open(&aad, &tok).unwrap();
+        assert_eq!((f, v), (FLAG_QUOTED, &b"123-45-6789"[..]));
+        let mut other = Vec::new();
+        binding(&mut other, &pre, Some(b"18"));
+        assert!(o.open(&other, &tok).is_err());
+        binding(&mut other, &pre, None);
+        assert!(o.open(&other, &tok).is_err());
+    }
+
+    /// Exhaustive: every substitution by another base64url character, every
+    /// deletion and every insertion, at every position of a token.
+    #[test]
+    fn every_single_character_change_is_rejected() {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let (b, k) = setup();
+        let mut s = Sealer::new(&b, &k, 10).unwrap();
+        let pre = binding_prefix("ctx", &ColumnId::Name("c".into()));
+        let mut aad = Vec::new();
+        binding(&mut aad, &pre, Some(b"1"));
+        let mut tok = Vec::new();
+        s.seal(&aad, 0, b"value", &mut tok).unwrap();
+        let cache = BatchCache::new();
+        let mut o = Opener::new(&b, &cache);
+        assert!(o.open(&aad, &tok).is_ok());
+        let mut tried = 0;
+        for i in 0..=tok.len() {
+            for &c in ALPHABET.iter().chain(b".") {
+                if i < tok.len() && c != tok[i] {
+                    let mut t = tok.clone();
+                    t[i] = c;
+                    assert!(o.open(&aad, &t).is_err(), "substitution {i} {}", c as char);
+                    tried += 1;
+                }
+                let mut t = tok.clone();
+                t.insert(i, c);
+                assert!(o.open(&aad, &t).is_err(), "insertion {i} {}", c as char);
+            }
+            if i < tok.len() {
+                let mut t = tok.clone();
+                t.remove(i);
+                assert!(o.open(&aad, &t).is_err(), "deletion {i}");
+            }
+        }
+        assert!(tried > 60 * tok.len());
+    }
+
+    #[test]
+    fn rotation_replaces_envelope_only() {
+        let (b, k1) = setup();
+        let mut s = Sealer::new(&b, &k1, 10).unwrap();
+        let pre = binding_prefix("", &ColumnId::Index(2));
+        let mut aad = Vec::new();
+        binding(&mut aad, &pre, None);
+        let mut tok = Vec::new();
+        s.seal(&aad, 0, b"x", &mut tok).unwrap();
+        let k2 = KeyRef {
+            name: "pii".into(),
+            version: b.add_version("pii"),
+        };
+        let rc = RewrapCache::new();
+        let mut r = Rewrapper::new(&b, &k2, &rc);
+        let mut t2 = Vec::new();
+        assert!(r.rewrap(&tok, &mut t2).unwrap());
+        assert_ne!(t2, tok);
+        let cache = BatchCache::new();
+        let mut o = Opener::new(&b, &cache);
+        let (_, v) = o.open(&aad, &t2).unwrap();
+        assert_eq!(v, b"x");
+    }
+}

@@ -1,0 +1,183 @@
+//! The `columns` subcommands through their clap arguments and `execute`,
+//! with the in-memory key backend standing in for the HSM: files in and out,
+//! atomic output (nothing under the final name on failure), format from the
+//! file extension, exit codes.
+
+use clap::Parser;
+use hsmseal::commands::columns::{execute, ColumnsCommand};
+use hsmseal::error::{ErrorKind, Result};
+use hsmseal::keys::{KeyBackend, MemoryBackend};
+use std::sync::Arc;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: ColumnsCommand,
+}
+
+/// What `run` does once it has the backend and the key name.
+struct App(Arc<MemoryBackend>);
+
+fn app(b: &Arc<MemoryBackend>) -> App {
+    App(b.clone())
+}
+
+fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
+    let key = match &cmd {
+        ColumnsCommand::Encrypt(a) => Some(a.key.clone().unwrap_or_else(|| "pii".into())),
+        ColumnsCommand::Rotate(a) => Some(a.key.clone().unwrap_or_else(|| "pii".into())),
+        _ => None,
+    };
+    if let Some(k) = &key {
+        hsmseal::keys::validate_key_name(k)?;
+    }
+    execute(Some(&*app.0 as &dyn KeyBackend), key, false, 2, cmd)
+}
+
+fn cmd(args: &[&str]) -> ColumnsCommand {
+    Cli::try_parse_from(std::iter::once("columns").chain(args.iter().copied()))
+        .unwrap()
+        .cmd
+}
+
+#[test]
+fn encrypt_and_decrypt_files_by_extension() {
+    let b = Arc::new(MemoryBackend::new());
+    b.add_version("pii");
+    let d = tempfile::tempdir().unwrap();
+    let input = d.path().join("users.tsv");
+    std::fs::write(&input, "id\tssn\n1\t\"a\tb\"\n2\t\n").unwrap();
+    let enc = d.path().join("users.enc.tsv");
+    let dec = d.path().join("users.dec.tsv");
+    let p = |x: &std::path::Path| x.to_str().unwrap().to_string();
+    let a = app(&b);
+    let code = run(
+        &a,
+        cmd(&[
+            "encrypt",
+            "--columns",
+            "ssn",
+            "--row-id",
+            "id",
+            "--context",
+            "t",
+            "-i",
+            &p(&input),
+            "-o",
+            &p(&enc),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(code, 0);
+    let text = std::fs::read_to_string(&enc).unwrap();
+    assert!(text.starts_with("id\tssn\n1\thsc1."), "{text}");
+    assert!(text.ends_with("\n2\t\n"), "NULL kept: {text}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&enc).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // Refuses to overwrite without --force.
+    let e = run(
+        &a,
+        cmd(&["encrypt", "-c", "ssn", "-i", &p(&input), "-o", &p(&enc)]),
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Usage);
+    // Wrong context: integrity error, and no output file left behind.
+    let e = run(
+        &a,
+        cmd(&[
+            "decrypt",
+            "-c",
+            "ssn",
+            "--row-id",
+            "id",
+            "-i",
+            &p(&enc),
+            "-o",
+            &p(&dec),
+        ]),
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Integrity);
+    assert!(e.message().contains("row 2, column \"ssn\""), "{e}");
+    assert_eq!(
+        std::fs::read_dir(d.path()).unwrap().count(),
+        2,
+        "temp or output left"
+    );
+    run(
+        &a,
+        cmd(&[
+            "decrypt",
+            "-c",
+            "ssn",
+            "--row-id",
+            "id",
+            "--context",
+            "t",
+            "-i",
+            &p(&enc),
+            "-o",
+            &p(&dec),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(&dec).unwrap(), std::fs::read(&input).unwrap());
+    // Rotation to a new key version keeps the file decryptable.
+    b.add_version("pii");
+    let rot = d.path().join("users.rot.tsv");
+    run(
+        &a,
+        cmd(&["rotate", "-c", "ssn", "-i", &p(&enc), "-o", &p(&rot)]),
+    )
+    .unwrap();
+    assert_ne!(std::fs::read(&rot).unwrap(), std::fs::read(&enc).unwrap());
+    run(
+        &a,
+        cmd(&[
+            "decrypt",
+            "-c",
+            "ssn",
+            "--row-id",
+            "id",
+            "--context",
+            "t",
+            "-i",
+            &p(&rot),
+            "-o",
+            &p(&dec),
+            "--force",
+        ]),
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(&dec).unwrap(), std::fs::read(&input).unwrap());
+}
+
+#[test]
+fn usage_errors() {
+    let b = Arc::new(MemoryBackend::new());
+    b.add_version("pii");
+    let a = app(&b);
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("x.csv");
+    std::fs::write(&f, "a,b\n1,2\n").unwrap();
+    let f = f.to_str().unwrap();
+    for args in [
+        &["encrypt", "-c", "b", "-i", f, "-o", f][..],
+        &["encrypt", "-c", "b", "--format", "xml", "-i", f][..],
+        &["encrypt", "-c", "b", "--batch-size", "0", "-i", f][..],
+        &["encrypt", "-c", "b", "--key", "bad name", "-i", f][..],
+        &["encrypt", "-c", "x", "--no-header", "-i", f][..],
+    ] {
+        let e = run(&a, cmd(args)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Usage, "{args:?}: {e}");
+    }
+    assert!(
+        Cli::try_parse_from(["columns", "encrypt"]).is_err(),
+        "--columns is required"
+    );
+    let e = run(&a, cmd(&["encrypt", "-c", "b", "--key", "nokey", "-i", f])).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Key);
+}
