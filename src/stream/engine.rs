@@ -28,8 +28,9 @@ use crate::error::{Error, Result};
 pub(super) const BATCH_CHUNKS: usize = 64;
 pub(super) const BATCH_BYTES: usize = BATCH_CHUNKS * ENC_CHUNK_LEN;
 
-/// Most worker threads used, whatever the caller asks for; bounds memory
-/// (batches in flight grow with threads) far beyond what I/O can feed.
+/// Most worker threads used, whatever the caller asks for. Sixteen already
+/// outrun any disk; the cap bounds memory, as batches in flight grow with
+/// threads.
 const MAX_THREADS: usize = 16;
 
 pub(super) struct Batch {
@@ -95,9 +96,10 @@ impl Drop for Batch {
 /// The AEAD with this stream's key, and the base nonce.
 ///
 /// AES-256-GCM comes from ring: with VAES and VPCLMULQDQ it seals ~9.5 GB/s
-/// per core here, against ~1.5 GB/s for the aes-gcm crate (AES-NI and
-/// one-block-at-a-time CLMUL GHASH), and on two cores that shared with the
-/// I/O decides whether a 1 GiB file goes faster than `openssl enc`.
+/// per core on the build machines, against ~1.5 GB/s for the aes-gcm crate
+/// (AES-NI and one-block-at-a-time CLMUL GHASH). On two cores that also do
+/// the I/O, that difference decides whether a 1 GiB file goes faster than
+/// `openssl enc`.
 pub(super) struct ChunkCipher {
     /// Never dropped normally: wiped by hand in `Drop` (see there).
     aead: ManuallyDrop<LessSafeKey>,
