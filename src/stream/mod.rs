@@ -305,13 +305,15 @@ fn too_long() -> Error {
     Error::integrity("invalid payload: more than 2^38 chunks")
 }
 
-/// Exact payload size for a plaintext of `plaintext_len` bytes.
+/// Exact payload size for a plaintext of `plaintext_len` bytes (saturating
+/// at `u64::MAX` for lengths no stream can have).
 pub fn ciphertext_len(plaintext_len: u64) -> u64 {
     let (full, rem) = (
         plaintext_len / CHUNK_SIZE as u64,
         plaintext_len % CHUNK_SIZE as u64,
     );
-    PAYLOAD_HEADER_LEN as u64 + full * ENC_CHUNK_LEN as u64 + rem + TAG_LEN as u64
+    full.saturating_mul(ENC_CHUNK_LEN as u64)
+        .saturating_add(PAYLOAD_HEADER_LEN as u64 + rem + TAG_LEN as u64)
 }
 
 /// Plaintext size of a payload of `ciphertext_len` bytes, or `None` if no
@@ -347,5 +349,7 @@ mod tests {
         for n in [0u64, 1, 16383, 16384, 16385, 1 << 30, (1 << 40) + 7] {
             assert_eq!(plaintext_len(ciphertext_len(n)), Some(n));
         }
+        assert_eq!(ciphertext_len(u64::MAX), u64::MAX);
+        assert_eq!(plaintext_len(u64::MAX), None);
     }
 }
