@@ -269,12 +269,24 @@ pub(super) fn run(
     write: &mut WriteFn<'_>,
 ) -> Result<()> {
     let mut b = Batch::new();
-    let mut last = read(&mut b)?;
+    let last = read(&mut b)?;
     if threads > 1 && !last {
         return run_parallel(threads.min(MAX_THREADS), b, read, crypt, write);
     }
     // One thread, or a stream that fits one batch: starting workers would
     // cost more than it saves (bulk runs encrypt many small files).
+    run_sequential(b, last, read, crypt, write)
+}
+
+/// Processes `b` (already read; `last` if the input ended in it) and the
+/// rest of the stream on the calling thread.
+fn run_sequential(
+    mut b: Batch,
+    mut last: bool,
+    read: &mut ReadFn<'_>,
+    crypt: &CryptFn<'_>,
+    write: &mut WriteFn<'_>,
+) -> Result<()> {
     loop {
         crypt(&mut b);
         write(&mut b)?;
@@ -307,18 +319,26 @@ fn run_parallel(
     let (done_tx, done_rx) = mpsc::channel::<Done>();
 
     std::thread::scope(|s| {
+        // `Builder::spawn_scoped` rather than `Scope::spawn`, which panics
+        // when the system refuses a thread; with fewer workers, carry on.
         let handles: Vec<_> = (0..threads)
-            .map(|_| {
+            .map_while(|_| {
                 let done_tx = done_tx.clone();
                 let (work_rx, cancel) = (&work_rx, &cancel);
-                s.spawn(move || worker(work_rx, done_tx, crypt, cancel))
+                std::thread::Builder::new()
+                    .name("hsmseal-crypto".into())
+                    .spawn_scoped(s, move || worker(work_rx, done_tx, crypt, cancel))
+                    .ok()
             })
             .collect();
         drop(done_tx);
+        if handles.is_empty() {
+            return run_sequential(first, false, read, crypt, write);
+        }
 
         // Dropping the work sender (when `coordinate` returns) is what tells
         // the workers to exit; it must happen before the joins below.
-        let result = coordinate(threads, first, read, write, work_tx, &done_rx);
+        let result = coordinate(handles.len(), first, read, write, work_tx, &done_rx);
         if result.is_err() {
             cancel.store(true, Ordering::Relaxed);
         }
