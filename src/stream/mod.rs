@@ -24,7 +24,7 @@ use crate::secret::SecretKey;
 mod engine;
 mod kdf;
 
-use engine::{read_full, read_full_slots, write_all_slots, Batch, ChunkCipher, BATCH_BYTES};
+use engine::{read_full, read_full_slots, Batch, ChunkCipher, BATCH_BYTES};
 
 /// Plaintext bytes in every chunk but the final one.
 pub const CHUNK_SIZE: usize = 16384;
@@ -281,8 +281,9 @@ fn open_stream(
             } else {
                 CHUNK_SIZE
             };
-            write_all_slots(output, &b.buf, good, last_len).map_err(write_err)?;
+            // `open` left the authenticated plaintext contiguous.
             let n = (good - 1) * CHUNK_SIZE + last_len;
+            output.write_all(&b.buf[..n]).map_err(write_err)?;
             total += n as u64;
             add_progress(opts, n);
         }
@@ -304,13 +305,15 @@ fn too_long() -> Error {
     Error::integrity("invalid payload: more than 2^38 chunks")
 }
 
-/// Exact payload size for a plaintext of `plaintext_len` bytes.
+/// Exact payload size for a plaintext of `plaintext_len` bytes (saturating
+/// at `u64::MAX` for lengths no stream can have).
 pub fn ciphertext_len(plaintext_len: u64) -> u64 {
     let (full, rem) = (
         plaintext_len / CHUNK_SIZE as u64,
         plaintext_len % CHUNK_SIZE as u64,
     );
-    PAYLOAD_HEADER_LEN as u64 + full * ENC_CHUNK_LEN as u64 + rem + TAG_LEN as u64
+    full.saturating_mul(ENC_CHUNK_LEN as u64)
+        .saturating_add(PAYLOAD_HEADER_LEN as u64 + rem + TAG_LEN as u64)
 }
 
 /// Plaintext size of a payload of `ciphertext_len` bytes, or `None` if no
@@ -346,5 +349,7 @@ mod tests {
         for n in [0u64, 1, 16383, 16384, 16385, 1 << 30, (1 << 40) + 7] {
             assert_eq!(plaintext_len(ciphertext_len(n)), Some(n));
         }
+        assert_eq!(ciphertext_len(u64::MAX), u64::MAX);
+        assert_eq!(plaintext_len(u64::MAX), None);
     }
 }
