@@ -636,7 +636,7 @@ fn streams_many_blocks_in_order() {
 }
 
 /// A key backend with one fixed, known KWK: for the test vector in
-/// docs/FORMAT-columns.md.
+/// docs/FORMAT.md (section 6).
 struct FixedKwk;
 
 impl FixedKwk {
@@ -683,7 +683,7 @@ impl KeyBackend for FixedKwk {
     }
 }
 
-/// The test vector of docs/FORMAT-columns.md, built from the spec with
+/// The test vector of docs/FORMAT.md (section 6), built from the spec with
 /// nothing but AES-GCM and base64, must open with the implementation.
 #[test]
 fn spec_test_vector() {

@@ -2,7 +2,7 @@
 //! JSON Lines and PostgreSQL `COPY` text dumps (`hsmseal columns ...`).
 //!
 //! Every selected, non-NULL value becomes a self-contained token (see
-//! [`token`] and docs/FORMAT-columns.md) with its own random DEK; DEKs are
+//! [`token`] and docs/FORMAT.md (section 6)) with its own random DEK; DEKs are
 //! protected by batch keys, and only batch keys go to the HSM, so HSM calls
 //! grow with batches, not rows.
 //!

@@ -21,7 +21,7 @@
 //! - Only canonical base64 is accepted (no padding, no stray trailing bits),
 //!   so any single-character change of a token is rejected.
 //!
-//! docs/FORMAT-columns.md specifies all of this byte by byte.
+//! docs/FORMAT.md (section 6) specifies all of this byte by byte.
 
 use crate::error::{Error, Result};
 use crate::keys::{KeyBackend, KeyRef, WrappedKey, WRAPPED_KEY_LEN, WRAP_IV_LEN};
