@@ -85,7 +85,20 @@ pub enum Command {
     /// Authenticate hsmseal files completely; writes nothing, prints nothing secret
     Verify(VerifyArgs),
     /// Show format version, key name and version, and sizes (no HSM access, no secrets)
+    ///
+    /// With -r DIR, summarise which key versions the files under DIR depend on
+    /// (what a `key purge` would make unreadable). Changes nothing.
     Inspect(InspectArgs),
+    /// Rewrap files' data keys under the current key version, in place
+    ///
+    /// Changes on disk: only the 1024-byte header of each file that is not
+    /// already on the current version; the payload is neither read nor moved,
+    /// so any file rotates in the same time. Crash-safe: killed at any point,
+    /// each file decrypts under the old or the new version. With --reencrypt,
+    /// a new data key and payload replace the file atomically. Changes in the
+    /// HSM: none. Files that fail authentication are left untouched and
+    /// reported; the run goes on and exits 1.
+    Rotate(RotateArgs),
     /// Report the PKCS#11 module, token, mechanisms and key attributes
     Doctor,
     /// Show resolved settings
@@ -164,8 +177,29 @@ pub struct VerifyArgs {
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
+    /// Summarise the hsmseal files under this directory (repeatable)
+    #[arg(long, short = 'r', value_name = "DIR")]
+    pub recursive: Vec<PathBuf>,
     /// Files to describe ("-" for stdin)
-    #[arg(required = true)]
+    #[arg(required_unless_present = "recursive")]
+    pub inputs: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct RotateArgs {
+    /// Move files to this key's current version (default: each file's own key)
+    #[arg(long, short = 'k')]
+    pub key: Option<String>,
+    /// Draw a new data key and re-encrypt the payload (after a suspected data key exposure)
+    #[arg(long)]
+    pub reencrypt: bool,
+    /// Report what would change; change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Rotate every hsmseal file under this directory (repeatable)
+    #[arg(long, short = 'r', value_name = "DIR")]
+    pub recursive: Vec<PathBuf>,
+    /// Files to rotate in place
     pub inputs: Vec<PathBuf>,
 }
 

@@ -30,6 +30,9 @@ struct Inspection {
 }
 
 pub fn run(app: &App, args: InspectArgs) -> Result<i32> {
+    if !args.recursive.is_empty() {
+        return summarise(app, &args.recursive);
+    }
     let inputs = Input::list(&args.inputs)?;
     for_each_item(app, &inputs, Input::display, |input| {
         let mut r = input.open()?;
@@ -89,4 +92,81 @@ pub fn run(app: &App, args: InspectArgs) -> Result<i32> {
         }
         Ok(None)
     })
+}
+
+#[derive(Serialize, Default)]
+struct KeyUse {
+    key: String,
+    version: u32,
+    files: u64,
+    bytes: u64,
+}
+
+/// `inspect -r DIR`: which key versions the hsmseal files under the
+/// directories depend on, from their headers alone.
+fn summarise(app: &App, dirs: &[std::path::PathBuf]) -> Result<i32> {
+    use std::collections::BTreeMap;
+    let mut uses: BTreeMap<(String, u32), KeyUse> = BTreeMap::new();
+    let (mut files, mut other) = (0u64, 0u64);
+    let mut damaged: Vec<serde_json::Value> = Vec::new();
+    for dir in dirs {
+        for path in super::walk::files_under(dir)? {
+            if !super::walk::starts_with_magic(&path) {
+                other += 1;
+                continue;
+            }
+            files += 1;
+            let parsed = std::fs::File::open(&path)
+                .map_err(|e| Error::io(format!("cannot open: {e}")))
+                .and_then(|mut f| file::read_header(&mut f).map(|(h, _)| h));
+            match parsed {
+                Ok(h) => {
+                    let k = &h.active().1.kwk;
+                    let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                    let u = uses
+                        .entry((k.name.clone(), k.version))
+                        .or_insert_with(|| KeyUse {
+                            key: k.name.clone(),
+                            version: k.version,
+                            ..Default::default()
+                        });
+                    u.files += 1;
+                    u.bytes += len;
+                }
+                Err(e) => damaged.push(serde_json::json!({
+                    "path": path.display().to_string(), "error": e.message()
+                })),
+            }
+        }
+    }
+    let keys: Vec<&KeyUse> = uses.values().collect();
+    if app.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "hsmseal_files": files, "other_files": other,
+                "keys": keys, "damaged": damaged, "authenticated": false
+            })
+        );
+    } else {
+        println!("{files} hsmseal files ({other} other files skipped)");
+        println!(
+            "{:<24} {:>7} {:>10} {:>16}",
+            "KEY", "VERSION", "FILES", "BYTES"
+        );
+        for u in &keys {
+            println!(
+                "{:<24} {:>7} {:>10} {:>16}",
+                u.key, u.version, u.files, u.bytes
+            );
+        }
+        for d in &damaged {
+            println!(
+                "damaged: {} ({})",
+                d["path"].as_str().unwrap_or(""),
+                d["error"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(if damaged.is_empty() { 0 } else { 1 })
 }

@@ -11,7 +11,9 @@ pub mod init;
 pub mod inspect;
 pub mod key;
 mod paths;
+pub mod rotate;
 pub mod verify;
+mod walk;
 
 use crate::app::App;
 use crate::cli::{Cli, Command};
@@ -42,6 +44,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Decrypt(args) => decrypt::run(&app, args),
         Command::Verify(args) => verify::run(&app, args),
         Command::Inspect(args) => inspect::run(&app, args),
+        Command::Rotate(args) => rotate::run(&app, args),
         Command::Doctor => doctor::run(&app),
         Command::Config(cmd) => config::run(&app, cmd),
         Command::Columns(cmd) => columns::run(&app, cmd),

@@ -159,6 +159,10 @@ pub struct ItemReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_version: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes: Option<u64>,
     pub status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -210,6 +210,26 @@ impl ChunkCipher {
     }
 }
 
+impl ChunkCipher {
+    /// Authenticates and decrypts the single chunk `counter` held in
+    /// `chunk` (ciphertext || tag), in place. Returns the plaintext length,
+    /// or None if it does not authenticate (ring then zeroes the buffer).
+    pub(super) fn open_one(&self, counter: u64, chunk: &mut [u8]) -> Option<usize> {
+        let len = chunk.len().checked_sub(TAG_LEN)?;
+        let tag: [u8; TAG_LEN] = chunk[len..].try_into().expect("16 bytes");
+        self.aead
+            .open_in_place_separate_tag(
+                self.nonce(counter),
+                Aad::empty(),
+                Tag::from(tag),
+                &mut chunk[..len],
+                0..,
+            )
+            .ok()
+            .map(|p| p.len())
+    }
+}
+
 /// Reads until `buf` is full or the input ends; returns the bytes read.
 pub(super) fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut filled = 0;

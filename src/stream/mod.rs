@@ -301,6 +301,61 @@ fn open_stream(
     Ok(total)
 }
 
+/// Authenticates a payload's key and length without reading its body:
+/// checks the key commitment, then decrypts the final chunk at the position
+/// the payload length implies (the C2SP random-access length check). A wrong
+/// key, a truncation or an extension is caught; a modified middle chunk is
+/// not (that takes `verify`). Reads at most 56 + 16400 bytes whatever the
+/// payload size, which is what lets rotation cost the same for any file.
+///
+/// `input` is positioned at the payload's first byte; `payload_len` is its
+/// full length. Returns the plaintext length.
+pub fn authenticate_key_and_length<R: Read + io::Seek>(
+    key: &SecretKey,
+    context: &[u8],
+    input: &mut R,
+    payload_len: u64,
+) -> Result<u64> {
+    let start = input.stream_position().map_err(read_err)?;
+    let plain_len = plaintext_len(payload_len).ok_or_else(|| {
+        Error::integrity(format!(
+            "truncated or extended: {payload_len} bytes is not a possible payload length"
+        ))
+    })?;
+    let mut header = [0u8; PAYLOAD_HEADER_LEN];
+    if read_full(input, &mut header).map_err(read_err)? < PAYLOAD_HEADER_LEN {
+        return Err(Error::integrity(
+            "truncated: the payload header is incomplete",
+        ));
+    }
+    let salt: &[u8; SALT_LEN] = header[..SALT_LEN].try_into().expect("fixed length");
+    let commitment: &[u8; COMMITMENT_LEN] = header[SALT_LEN..].try_into().expect("fixed length");
+    let derived = kdf::derive(key.expose(), salt, context);
+    if !kdf::ct_eq(derived.commitment(), commitment) {
+        return Err(Error::integrity(
+            "key commitment mismatch: wrong key or context, or a modified header",
+        ));
+    }
+    let cipher = ChunkCipher::new(&derived);
+    drop(derived);
+    let last = plain_len / CHUNK_SIZE as u64;
+    let offset = PAYLOAD_HEADER_LEN as u64 + last * ENC_CHUNK_LEN as u64;
+    let len = (payload_len - offset) as usize;
+    input
+        .seek(io::SeekFrom::Start(start + offset))
+        .map_err(read_err)?;
+    let mut chunk = zeroize::Zeroizing::new(vec![0u8; len]);
+    if read_full(input, &mut chunk).map_err(read_err)? < len {
+        return Err(Error::integrity(
+            "truncated: the file shrank while being read",
+        ));
+    }
+    match cipher.open_one(last, &mut chunk) {
+        Some(_) => Ok(plain_len),
+        None => Err(auth_failed(last, true)),
+    }
+}
+
 fn too_long() -> Error {
     Error::integrity("invalid payload: more than 2^38 chunks")
 }
@@ -330,6 +385,55 @@ pub fn plaintext_len(ciphertext_len: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sealed(len: usize) -> (SecretKey, Vec<u8>) {
+        let key = SecretKey::from_bytes([9; 32]);
+        let pt: Vec<u8> = (0..len).map(|i| i as u8).collect();
+        let mut ct = Vec::new();
+        let opts = StreamOptions {
+            threads: 1,
+            progress: None,
+        };
+        encrypt(&key, b"ctx", &pt[..], &mut ct, &opts).unwrap();
+        (key, ct)
+    }
+
+    #[test]
+    fn length_check_accepts_valid_payloads() {
+        for len in [0usize, 1, 16383, 16384, 16385, 40_000] {
+            let (key, ct) = sealed(len);
+            let mut c = io::Cursor::new(&ct);
+            let n = authenticate_key_and_length(&key, b"ctx", &mut c, ct.len() as u64).unwrap();
+            assert_eq!(n, len as u64);
+        }
+    }
+
+    #[test]
+    fn length_check_rejects_truncation_extension_wrong_key_and_final_chunk_damage() {
+        let (key, ct) = sealed(40_000);
+        let check = |bytes: &[u8], key: &SecretKey, ctx: &[u8]| {
+            let mut c = io::Cursor::new(bytes);
+            authenticate_key_and_length(key, ctx, &mut c, bytes.len() as u64).is_err()
+        };
+        for n in 0..ct.len() {
+            assert!(check(&ct[..n], &key, b"ctx"), "truncation to {n} accepted");
+        }
+        let mut ext = ct.clone();
+        ext.extend_from_slice(&[0; 16]);
+        assert!(check(&ext, &key, b"ctx"));
+        assert!(check(&ct, &SecretKey::from_bytes([8; 32]), b"ctx"));
+        assert!(check(&ct, &key, b"other"));
+        for i in (ct.len() - 100)..ct.len() {
+            let mut b = ct.clone();
+            b[i] ^= 1;
+            assert!(check(&b, &key, b"ctx"), "final-chunk flip at {i} accepted");
+        }
+        for i in 0..PAYLOAD_HEADER_LEN {
+            let mut b = ct.clone();
+            b[i] ^= 0x10;
+            assert!(check(&b, &key, b"ctx"), "header flip at {i} accepted");
+        }
+    }
 
     #[test]
     fn chunk_limit_is_2_pow_38() {
