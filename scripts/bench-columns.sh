@@ -85,6 +85,13 @@ run encrypt columns encrypt --key pii --columns "$COLS" --row-id id --context ap
 run decrypt columns decrypt --columns "$COLS" --row-id id --context app.users \
     -i "$WORK/users.enc.csv" -o "$WORK/users.dec.csv"
 cmp "$WORK/users.csv" "$WORK/users.dec.csv"
+# Rotation: a new KWK version, then rewrap every token's batch key.
+"$HSMSEAL" key rotate pii >/dev/null
+run rotate columns rotate --key pii --columns "$COLS" --row-id id --context app.users \
+    -i "$WORK/users.enc.csv" -o "$WORK/users.rot.csv"
+"$HSMSEAL" columns decrypt --columns "$COLS" --row-id id --context app.users \
+    -i "$WORK/users.rot.csv" -o "$WORK/users.dec2.csv" 2>/dev/null
+cmp "$WORK/users.csv" "$WORK/users.dec2.csv"
 
 in_bytes=$(stat -c %s "$WORK/users.csv")
 enc_bytes=$(stat -c %s "$WORK/users.enc.csv")
@@ -93,7 +100,7 @@ printf '\nColumns benchmark: %s rows, 6 columns, 3 encrypted (%s cells, %s NULLs
     "$ROWS" "$cells" "$(field "$WORK/encrypt.json" nulls)" "$(nproc)" "$(awk "BEGIN {print $in_bytes / 1048576}")"
 echo "| run | seconds (pipeline) | cells/s (pipeline) | seconds (process) | cells/s (process) | HSM calls | batches | peak RSS (MiB) |"
 echo "|---|---|---|---|---|---|---|---|"
-for r in passthrough encrypt decrypt; do
+for r in passthrough encrypt decrypt rotate; do
     s=$(field "$WORK/$r.json" seconds)
     c=$(field "$WORK/$r.json" cells)
     w=$(wall "$WORK/$r.time")
