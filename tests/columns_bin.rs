@@ -2,82 +2,27 @@
 //! streaming stdin to stdout, the JSON summary on stderr (HSM calls equal
 //! batches), exit codes, and no output before a header error.
 //!
-//! Skipped (with a message) while the binary has no `columns` command.
 
-use std::io::Write;
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+mod clisupport;
+mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_hsmseal");
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+use clisupport::Cli;
+use std::process::{Command, Output};
 
-/// A private SoftHSM2 token and working directory.
+const BIN: &str = clisupport::BIN;
+
+/// A private SoftHSM2 token and working directory (tests/common).
 struct Env {
-    dir: tempfile::TempDir,
+    cli: Cli,
 }
 
 impl Env {
     fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let tokens = dir.path().join("tokens");
-        std::fs::create_dir(&tokens).unwrap();
-        std::fs::write(
-            dir.path().join("softhsm2.conf"),
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
-        )
-        .unwrap();
-        let e = Env { dir };
-        let out = Command::new("softhsm2-util")
-            .args([
-                "--init-token",
-                "--free",
-                "--label",
-                "cols",
-                "--pin",
-                "4321",
-                "--so-pin",
-                "87654321",
-            ])
-            .env("SOFTHSM2_CONF", e.dir.path().join("softhsm2.conf"))
-            .output()
-            .expect("softhsm2-util (apt-get install softhsm2)");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        e
+        Env { cli: Cli::new() }
     }
 
     fn run(&self, args: &[&str], stdin: &[u8]) -> Output {
-        let mut c = Command::new(BIN);
-        for (k, _) in std::env::vars_os() {
-            let k = k.to_string_lossy().into_owned();
-            if k.starts_with("HSMSEAL_") {
-                c.env_remove(k);
-            }
-        }
-        c.args(args)
-            .current_dir(self.dir.path())
-            .env("SOFTHSM2_CONF", self.dir.path().join("softhsm2.conf"))
-            .env("HSMSEAL_PKCS11_MODULE", MODULE)
-            .env("HSMSEAL_TOKEN", "cols")
-            .env("HSMSEAL_PIN", "4321")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().expect("spawn hsmseal");
-        let mut w = child.stdin.take().unwrap();
-        let data = stdin.to_vec();
-        let t = std::thread::spawn(move || {
-            let _ = w.write_all(&data);
-        });
-        let out = child.wait_with_output().unwrap();
-        t.join().unwrap();
-        out
+        self.cli.run_with(args, Some(stdin), &[])
     }
 }
 
@@ -91,20 +36,8 @@ fn summary(o: &Output) -> serde_json::Value {
         .unwrap_or_else(|x| panic!("{x}: {e}"))
 }
 
-fn binary_has_columns() -> bool {
-    let help = Command::new(BIN).arg("--help").output().unwrap();
-    let has = String::from_utf8_lossy(&help.stdout).contains("columns");
-    if !has {
-        eprintln!("skipped: this hsmseal binary has no `columns` command yet");
-    }
-    has && Path::new(MODULE).exists()
-}
-
 #[test]
 fn columns_round_trip_through_a_softhsm2_token() {
-    if !binary_has_columns() {
-        return;
-    }
     let e = Env::new();
     let k = e.run(&["key", "create", "k"], b"");
     assert!(k.status.success(), "{}", err(&k));
