@@ -7,9 +7,7 @@ mod clisupport;
 mod common;
 
 use clisupport::Cli;
-use std::process::{Command, Output};
-
-const BIN: &str = clisupport::BIN;
+use std::process::Output;
 
 /// A private SoftHSM2 token and working directory (tests/common).
 struct Env {
