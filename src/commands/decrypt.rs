@@ -38,6 +38,9 @@ pub fn run(app: &App, args: DecryptArgs) -> Result<i32> {
         let report = write_output(&output, 0o600, args.force, |w| {
             file::open_payload(&*backend, &header, reader, w, &opts)
         })?;
+        if !app.json && output != Output::Stdout {
+            app.info(format!("decrypted {} -> {} ({})", input.display(), output.display(), report.kwk));
+        }
         Ok(Some(ItemReport {
             path: input.display(),
             output: Some(output.display()),
