@@ -125,20 +125,119 @@ pub struct InitArgs {
     pub force: bool,
 }
 
+/// Key lifecycle commands. None of them reads or writes a file: they change
+/// (or describe) key objects in the HSM only. Each says what it changed.
 #[derive(Subcommand, Debug)]
 pub enum KeyCommand {
     /// Create version 1 of a new key-wrapping key inside the HSM
     ///
-    /// Creates one AES-256 secret key object on the token: sensitive, never
-    /// extractable, encrypt/decrypt only (no wrap/unwrap), CKM_AES_GCM only.
+    /// Changes in the HSM: creates one AES-256 secret key object on the token:
+    /// sensitive, never extractable, encrypt/decrypt only (no wrap/unwrap),
+    /// CKM_AES_GCM only; its CKA_ID records its creation time.
+    ///
+    /// Changes on disk: none.
     Create {
         /// Key name: 1-64 characters from A-Z a-z 0-9 . _ -
         name: String,
     },
-    /// List hsmseal keys on the token
+    /// Create version N+1 of a key and make it the one new encryptions use
+    ///
+    /// Changes in the HSM: creates one new key object (same attributes as
+    /// `key create`), numbered one above the highest version ever issued.
+    /// Older versions stay on the token, decrypt-only.
+    ///
+    /// Changes on disk: none; existing files stay under their old version until
+    /// `hsmseal rotate` rewraps them.
+    Rotate {
+        /// Key name
+        name: String,
+    },
+    /// List hsmseal keys on the token: every version with its state and creation time
+    ///
+    /// States: active (the current version, used by new encryptions),
+    /// decrypt-only (older versions), disabled (`key disable`: the HSM refuses
+    /// it), destroyed (`key destroy`/`key purge`: gone). Changes nothing.
     List,
-    /// Show every version of a key with its attributes
-    Info { name: String },
+    /// Show every version of a key with its state, creation time and attributes
+    ///
+    /// Changes nothing. --json adds each version's PKCS#11 attributes.
+    Info {
+        /// Key name
+        name: String,
+    },
+    /// Disable one version: the HSM refuses to encrypt or decrypt with it
+    ///
+    /// Changes in the HSM: sets CKA_ENCRYPT and CKA_DECRYPT of that version's
+    /// key object to false; the token itself then refuses it, for hsmseal and
+    /// every other client. Data under it cannot be decrypted until
+    /// `key enable`. If it was the current version, new encryptions use the
+    /// highest remaining enabled version (none: encryption fails).
+    ///
+    /// Changes on disk: none.
+    Disable {
+        /// Key name
+        name: String,
+        /// Version to disable
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        version: u32,
+    },
+    /// Re-enable a version turned off by `key disable`
+    ///
+    /// Changes in the HSM: sets CKA_ENCRYPT and CKA_DECRYPT of that version's
+    /// key object back to true.
+    ///
+    /// Changes on disk: none.
+    Enable {
+        /// Key name
+        name: String,
+        /// Version to enable
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        version: u32,
+    },
+    /// Destroy one version for good (crypto-shredding); irreversible
+    ///
+    /// Changes in the HSM: deletes that version's key object from the token
+    /// (C_DestroyObject). Everything encrypted under it — files, column
+    /// values, every backup copy — can never be decrypted again. Destroying
+    /// the newest version also stores a small CKO_DATA record of its number
+    /// so version numbers are never reused.
+    ///
+    /// Changes on disk: none. Requires --yes; the current version also --force.
+    Destroy {
+        /// Key name
+        name: String,
+        /// Version to destroy
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        version: u32,
+        /// Confirm: destroy it
+        #[arg(long)]
+        yes: bool,
+        /// Allow destroying the current version (new encryptions use it)
+        #[arg(long)]
+        force: bool,
+    },
+    /// Retention: destroy every non-current version created before a cutoff
+    ///
+    /// Changes in the HSM: deletes the key object of every version that is not
+    /// the current one and was created at or before now - DURATION; data
+    /// still under those versions becomes unreadable everywhere, backups
+    /// included (crypto-shredding). Spared: the current version, newer
+    /// versions, and versions whose creation time is unknown.
+    ///
+    /// Changes on disk: none. Requires --yes unless --dry-run.
+    Purge {
+        /// Key name
+        name: String,
+        /// Age limit: a whole number and a unit, s m h d or w (400d, 12h, 2w)
+        #[arg(long, value_name = "DURATION", value_parser = crate::commands::key::parse_duration)]
+        older_than: u64,
+        /// Report what would be destroyed; change nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Confirm: destroy them
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Args, Debug)]

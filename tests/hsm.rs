@@ -15,8 +15,8 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 use hsmseal::error::ErrorKind;
-use hsmseal::hsm::keys::{kwk_template, today_utc};
-use hsmseal::hsm::Hsm;
+use hsmseal::hsm::keys::{kwk_template, now_unix, parse_rfc3339, today_utc};
+use hsmseal::hsm::{Hsm, KeyState};
 use hsmseal::keys::{KeyBackend, KeyRef, WrappedKey};
 use hsmseal::secret::{Pin, SecretKey};
 use std::path::Path;
@@ -152,15 +152,28 @@ fn created_key_has_exactly_the_required_attributes() {
         Attribute::Verify(false),
         Attribute::Derive(false),
         Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]),
-        Attribute::Id(b"hsmseal:t-create:v1".to_vec()),
     ];
     for e in &expected {
         assert!(attrs.contains(e), "missing {e:?} in {attrs:?}");
     }
+    // CKA_ID: the label, then the creation time, which hsmseal reports.
+    let id = attrs
+        .iter()
+        .find_map(|a| match a {
+            Attribute::Id(id) => Some(String::from_utf8(id.clone()).unwrap()),
+            _ => None,
+        })
+        .unwrap();
+    let time = id.strip_prefix("hsmseal:t-create:v1@").expect(&id);
+    let created = parse_rfc3339(time).expect(time);
+    assert!(created.abs_diff(now_unix()) < 120, "{id}");
+    assert_eq!(info.created.as_deref(), Some(time));
+    assert_eq!(info.created_not_after, Some(created));
+    assert_eq!(info.state, KeyState::Active);
     // CKA_START_DATE is set to today. SoftHSM2 (2.6.1) stores it but fails
     // C_GetAttributeValue with CKR_GENERAL_ERROR when reading it from a
-    // private object (SoftHSMv2 issues #655, #804); hsmseal then reports no
-    // creation date. Accept exactly that, or today's date from a fixed one.
+    // private object (SoftHSMv2 issues #655, #804), which is why the time
+    // is in CKA_ID too. Accept exactly that, or today's date from a fixed one.
     match s.get_attributes(obj, &[AttributeType::StartDate]) {
         Ok(a) => {
             let date = a.iter().find_map(|a| match a {
@@ -168,9 +181,9 @@ fn created_key_has_exactly_the_required_attributes() {
                 _ => None,
             });
             assert_eq!(date.as_deref(), Some(today().as_str()));
-            assert_eq!(info.created.as_deref(), Some(today().as_str()));
         }
-        Err(CkError::Pkcs11(RvError::GeneralError, _)) => assert_eq!(info.created, None),
+        // hsmseal got the time from CKA_ID anyway (checked above).
+        Err(CkError::Pkcs11(RvError::GeneralError, _)) => {}
         Err(e) => panic!("reading CKA_START_DATE: {e}"),
     }
     assert!(
@@ -206,7 +219,7 @@ fn created_key_has_exactly_the_required_attributes() {
     assert_eq!(listed.len(), 1);
     assert!(listed[0].problems.is_empty());
     assert_eq!(
-        listed[0].attributes.allowed_mechanisms,
+        listed[0].attributes.as_ref().unwrap().allowed_mechanisms,
         Some(vec!["CKM_AES_GCM".to_string()])
     );
     let versions = h.key_versions("t-create").unwrap();
@@ -339,7 +352,8 @@ fn missing_keys_and_versions_are_key_errors() {
     assert_eq!(e.kind(), ErrorKind::Key);
     assert!(
         e.to_string().contains("key t-gap v3 not found on token")
-            && e.to_string().contains("destroyed or never created"),
+            && e.to_string()
+                .contains("the newest version is v1; v3 was never created"),
         "{e}"
     );
     let fake = WrappedKey {
@@ -368,7 +382,7 @@ fn a_destroyed_key_is_not_used_from_the_cache() {
 /// Generates `hsmseal:{name}:v1` outside hsmseal: hsmseal's own template,
 /// changed by `weaken`.
 fn weak_key(name: &str, weaken: impl FnOnce(&mut Vec<Attribute>)) {
-    let mut t = kwk_template(name, 1, today_utc());
+    let mut t = kwk_template(name, 1, now_unix());
     weaken(&mut t);
     let s = raw_session();
     s.generate_key(&Mechanism::AesKeyGen, &t)
@@ -673,4 +687,205 @@ fn measure_wraps_per_second() {
     let cores = (cpu_seconds() - cpu) / secs;
     let rate = (2 * per_thread) as f64 / secs;
     println!("wrap: 2 thread(s), a key each: {rate:.0}/s, {cores:.2} cores busy");
+}
+
+fn states(h: &Hsm, name: &str) -> Vec<(u32, KeyState)> {
+    h.key_versions(name)
+        .unwrap()
+        .iter()
+        .map(|k| (k.version, k.state))
+        .collect()
+}
+
+#[test]
+fn a_disabled_version_is_refused_by_the_hsm_itself_and_skipped_as_current() {
+    let _serial = serial();
+    let h = hsm();
+    h.create_key("t-disable").unwrap();
+    h.create_next_version("t-disable").unwrap();
+    let (v1, v2) = (kref("t-disable", 1), kref("t-disable", 2));
+    let dek = SecretKey::random();
+    let w1 = h.wrap(&v1, &dek, b"a").unwrap();
+    let w2 = h.wrap(&v2, &dek, b"a").unwrap();
+    // Another Hsm in the process has v1 verified and cached.
+    let other = hsm();
+    other.unwrap(&v1, &w1, b"a").unwrap();
+
+    let c = h.disable_version(&v1).unwrap();
+    assert!(c.changed);
+    assert_eq!(
+        (c.previous_state, c.state),
+        (KeyState::DecryptOnly, KeyState::Disabled)
+    );
+    assert_eq!(c.current_version, Some(2));
+    assert_eq!(
+        states(&h, "t-disable"),
+        [(1, KeyState::Disabled), (2, KeyState::Active)]
+    );
+    // Disabled is its own state, not a weakness.
+    assert!(h.key_versions("t-disable").unwrap()[0].problems.is_empty());
+
+    // The token refuses it whoever asks.
+    let s = raw_session();
+    let obj = find_by_label(&s, "hsmseal:t-disable:v1");
+    assert!(matches!(
+        s.get_attributes(obj, &[AttributeType::Encrypt, AttributeType::Decrypt])
+            .unwrap()[..],
+        [Attribute::Encrypt(false), Attribute::Decrypt(false)]
+    ));
+    let mut iv = [0u8; 12];
+    let gcm = Mechanism::AesGcm(
+        cryptoki::mechanism::aead::GcmParams::new(&mut iv, b"", 128u64.into()).unwrap(),
+    );
+    assert!(matches!(
+        s.encrypt(&gcm, obj, &[0u8; 32]),
+        Err(CkError::Pkcs11(RvError::KeyFunctionNotPermitted, _))
+    ));
+
+    // hsmseal names it, in this Hsm and in the one whose cache had it.
+    for (who, hh) in [("same", &h), ("other", &other)] {
+        let e = hh.unwrap(&v1, &w1, b"a").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Key, "{who}: {e}");
+        assert!(
+            e.to_string()
+                .starts_with("key t-disable v1 is disabled (`hsmseal key disable`);"),
+            "{who}: {e}"
+        );
+        let e = hh.wrap(&v1, &dek, b"a").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Key, "{who}: {e}");
+        assert_eq!(hh.unwrap(&v2, &w2, b"a").unwrap().expose(), dek.expose());
+    }
+    // Idempotent.
+    assert!(!h.disable_version(&v1).unwrap().changed);
+
+    // Disabling the newest makes the highest enabled one current; disabling
+    // every version leaves none, with a clear error.
+    h.disable_version(&v2).unwrap();
+    let e = h.current_version("t-disable").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Key, "{e}");
+    assert!(e.to_string().contains("no enabled version"), "{e}");
+    let c = h.enable_version(&v1).unwrap();
+    assert_eq!((c.state, c.current_version), (KeyState::Active, Some(1)));
+    assert_eq!(h.current_version("t-disable").unwrap(), 1);
+    assert_eq!(
+        states(&h, "t-disable"),
+        [(1, KeyState::Active), (2, KeyState::Disabled)]
+    );
+    h.enable_version(&v2).unwrap();
+    assert_eq!(h.current_version("t-disable").unwrap(), 2);
+    assert_eq!(h.unwrap(&v1, &w1, b"a").unwrap().expose(), dek.expose());
+    assert_eq!(other.unwrap(&v1, &w1, b"a").unwrap().expose(), dek.expose());
+
+    // Only one of the two flags off is not "disabled": that key is weak.
+    s.update_attributes(obj, &[Attribute::Decrypt(false)])
+        .unwrap();
+    let e = h.unwrap(&v1, &w1, b"a").unwrap_err();
+    assert!(
+        e.to_string().contains("is refused: CKA_DECRYPT is false"),
+        "{e}"
+    );
+}
+
+#[test]
+fn destroyed_versions_stay_listed_and_their_numbers_are_never_reused() {
+    let _serial = serial();
+    let h = hsm();
+    h.create_key("t-destroy").unwrap();
+    h.create_next_version("t-destroy").unwrap();
+    h.create_next_version("t-destroy").unwrap();
+    let dek = SecretKey::random();
+    let w1 = h.wrap(&kref("t-destroy", 1), &dek, b"a").unwrap();
+
+    // The current version needs force; nothing changes without it.
+    let e = h.destroy_version(&kref("t-destroy", 3), false).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Usage, "{e}");
+    assert!(e.to_string().contains("current version"), "{e}");
+    assert_eq!(h.key_versions("t-destroy").unwrap().len(), 3);
+
+    let c = h.destroy_version(&kref("t-destroy", 1), false).unwrap();
+    assert!(c.changed);
+    assert_eq!(c.state, KeyState::Destroyed);
+    let e = h.unwrap(&kref("t-destroy", 1), &w1, b"a").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Key, "{e}");
+    assert!(
+        e.to_string()
+            .contains("key t-destroy v1 not found on token")
+            && e.to_string().contains("destroyed"),
+        "{e}"
+    );
+    assert!(
+        !h.destroy_version(&kref("t-destroy", 1), false)
+            .unwrap()
+            .changed
+    );
+
+    // Destroying the newest (with force) leaves a high-water record, so the
+    // next version is 4, not 3 again.
+    let c = h.destroy_version(&kref("t-destroy", 3), true).unwrap();
+    assert_eq!(
+        (c.previous_state, c.current_version),
+        (KeyState::Active, Some(2))
+    );
+    assert_eq!(
+        states(&h, "t-destroy"),
+        [
+            (1, KeyState::Destroyed),
+            (2, KeyState::Active),
+            (3, KeyState::Destroyed)
+        ]
+    );
+    let s = raw_session();
+    let record = find_by_label(&s, "hsmseal:t-destroy:high-water");
+    assert!(s
+        .get_attributes(record, &[AttributeType::Value])
+        .unwrap()
+        .contains(&Attribute::Value(b"3".to_vec())));
+    assert_eq!(h.create_next_version("t-destroy").unwrap().version, 4);
+    let e = h
+        .wrap(&kref("t-destroy", 5), &dek, b"a")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("never created"), "{e}");
+
+    // Everything gone: the name is remembered, create refuses, rotate goes on.
+    h.destroy_version(&kref("t-destroy", 2), false).unwrap();
+    h.destroy_version(&kref("t-destroy", 4), true).unwrap();
+    assert!(states(&h, "t-destroy")
+        .iter()
+        .all(|(_, s)| *s == KeyState::Destroyed));
+    let e = h.current_version("t-destroy").unwrap_err();
+    assert!(e.to_string().contains("no versions left"), "{e}");
+    let e = h.create_key("t-destroy").unwrap_err();
+    assert!(e.to_string().contains("never reused"), "{e}");
+    // One record remains (superseded ones are removed).
+    let records = s
+        .find_objects(&[Attribute::Label(b"hsmseal:t-destroy:high-water".to_vec())])
+        .unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(h.create_next_version("t-destroy").unwrap().version, 5);
+}
+
+#[test]
+fn keys_without_a_time_in_their_id_fall_back_and_are_never_purged() {
+    let _serial = serial();
+    // Made the way hsmseal did before CKA_ID carried the time.
+    let mut t = kwk_template("t-old", 1, now_unix());
+    set(&mut t, Attribute::Id(b"hsmseal:t-old:v1".to_vec()));
+    raw_session()
+        .generate_key(&Mechanism::AesKeyGen, &t)
+        .unwrap();
+    let h = hsm();
+    h.create_next_version("t-old").unwrap();
+    let old = &h.key_versions("t-old").unwrap()[0];
+    // SoftHSM2 cannot return CKA_START_DATE of a private key: unknown.
+    // A token that can gives the day.
+    match &old.created {
+        None => assert_eq!(old.created_not_after, None),
+        Some(d) => assert_eq!(d, &today()),
+    }
+    let r = h.purge("t-old", 0, now_unix() + 86_400 * 2, false).unwrap();
+    if old.created.is_none() {
+        assert!(r.destroyed.is_empty(), "{r:?}");
+        assert!(r.spared[0].reason.contains("unknown"), "{r:?}");
+    }
 }

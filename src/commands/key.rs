@@ -1,72 +1,314 @@
-//! `hsmseal key create|list|info`: key-wrapping keys live in the HSM; these
-//! commands create them there and describe them. No key material is ever
-//! shown (it cannot be: the keys are never extractable).
+//! `hsmseal key create|rotate|list|info|disable|enable|destroy|purge`:
+//! key-wrapping keys live in the HSM; these commands create them there,
+//! move them through their lifecycle (see `crate::hsm::lifecycle`) and
+//! describe them. They never read or write a file, and no key material is
+//! ever shown (it cannot be: the keys are never extractable).
+//!
+//! Every command that changes the token says what it changed, on stdout
+//! (one JSON object with `--json`). The irreversible ones (`destroy`,
+//! `purge`) refuse without `--yes`, after checking what they would do so the
+//! refusal can say it.
 
 use crate::app::App;
 use crate::cli::KeyCommand;
-use crate::error::Result;
-use crate::hsm::KeyInfo;
-use crate::keys::validate_key_name;
+use crate::error::{Error, Result};
+use crate::hsm::{KeyInfo, KeyState, PurgeReport, StateChange};
+use crate::keys::{validate_key_name, KeyRef};
 
 pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
+    // Names are checked before the PIN is asked for.
+    match &cmd {
+        KeyCommand::List => {}
+        KeyCommand::Create { name }
+        | KeyCommand::Rotate { name }
+        | KeyCommand::Info { name }
+        | KeyCommand::Disable { name, .. }
+        | KeyCommand::Enable { name, .. }
+        | KeyCommand::Destroy { name, .. }
+        | KeyCommand::Purge { name, .. } => validate_key_name(name)?,
+    }
     let hsm = app.hsm()?;
+    let token = hsm.token_label().to_string();
     match cmd {
         KeyCommand::Create { name } => {
-            validate_key_name(&name)?;
             let info = hsm.create_key(&name)?;
             if app.json {
-                println!("{}", serde_json::to_string(&info).expect("serialisable"));
+                print_json(&info);
             } else {
                 println!(
-                    "created {} v{} on token {}",
-                    info.name,
-                    info.version,
-                    app.settings.token_label()?
+                    "created {} v{} on token {token}; files were not changed",
+                    info.name, info.version
+                );
+            }
+        }
+        KeyCommand::Rotate { name } => {
+            let info = hsm.create_next_version(&name)?;
+            if app.json {
+                print_json(&info);
+            } else {
+                println!(
+                    "created {name} v{v} on token {token}: new encryptions under {name} use v{v}; older versions stay decrypt-only. Files were not changed (`hsmseal rotate` rewraps them under v{v})",
+                    v = info.version
                 );
             }
         }
         KeyCommand::List => print_keys(app, &hsm.list_keys()?),
-        KeyCommand::Info { name } => {
-            validate_key_name(&name)?;
-            print_keys(app, &hsm.key_versions(&name)?)
+        KeyCommand::Info { name } => print_keys(app, &hsm.key_versions(&name)?),
+        KeyCommand::Disable { name, version } => {
+            let change = hsm.disable_version(&KeyRef { name, version })?;
+            print_change(app, &change);
+        }
+        KeyCommand::Enable { name, version } => {
+            let change = hsm.enable_version(&KeyRef { name, version })?;
+            print_change(app, &change);
+        }
+        KeyCommand::Destroy {
+            name,
+            version,
+            yes,
+            force,
+        } => {
+            let k = KeyRef { name, version };
+            if !yes {
+                // Check first (exists, not current without --force), so the
+                // refusal names what would actually happen.
+                return Err(match hsm.check_destroy(&k, force)? {
+                    None => Error::usage(format!(
+                        "{k} is already destroyed on token {token:?}; nothing to do (and --yes is required to destroy anything)"
+                    )),
+                    Some(info) => Error::usage(format!(
+                        "refusing to destroy {k} without --yes: its key object {} ({}) would be deleted from token {token:?}, and everything encrypted under it (files, column values, every backup copy) could never be decrypted again",
+                        info.label, info.state
+                    )),
+                });
+            }
+            let change = hsm.destroy_version(&k, force)?;
+            print_change(app, &change);
+        }
+        KeyCommand::Purge {
+            name,
+            older_than,
+            dry_run,
+            yes,
+        } => {
+            let now = crate::hsm::keys::now_unix();
+            if !dry_run && !yes {
+                let plan = hsm.purge(&name, older_than, now, true)?;
+                let what = if plan.destroyed.is_empty() {
+                    "nothing is old enough today".to_string()
+                } else {
+                    format!(
+                        "it would destroy {} of key {name} on token {token:?}, and data under those versions could never be decrypted again",
+                        versions(&plan.destroyed)
+                    )
+                };
+                return Err(Error::usage(format!(
+                    "refusing to purge without --yes: {what}. Check with --dry-run, then confirm with --yes"
+                )));
+            }
+            let report = hsm.purge(&name, older_than, now, dry_run)?;
+            print_purge(app, &report);
         }
     }
     Ok(0)
 }
 
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string(v).expect("serialisable"));
+}
+
+/// `v1, v3`
+fn versions(items: &[crate::hsm::PurgeItem]) -> String {
+    items
+        .iter()
+        .map(|i| format!("v{}", i.version))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What new encryptions use now, for the end of a message.
+fn current_note(name: &str, current: Option<u32>) -> String {
+    match current {
+        Some(v) => format!("new encryptions under {name} use v{v}"),
+        None => format!(
+            "key {name} has no usable version: encryption under it fails until `hsmseal key enable` or `hsmseal key rotate {name}`"
+        ),
+    }
+}
+
+fn print_change(app: &App, c: &StateChange) {
+    if app.json {
+        print_json(c);
+        return;
+    }
+    let k = format!("{} v{}", c.key, c.version);
+    let t = &c.token;
+    let what = match (c.action, c.changed) {
+        ("disable", true) => format!(
+            "disabled {k} on token {t}: CKA_ENCRYPT and CKA_DECRYPT are now false, the HSM refuses to use it"
+        ),
+        ("enable", true) => format!(
+            "enabled {k} on token {t}: CKA_ENCRYPT and CKA_DECRYPT are true again"
+        ),
+        ("destroy", true) => format!(
+            "destroyed {k} on token {t}: its key object is deleted; data under it can never be decrypted again"
+        ),
+        (_, false) => format!("{k} was already {} on token {t}; nothing changed", c.state),
+        (other, true) => format!("{other} {k} on token {t}"),
+    };
+    println!(
+        "{what}; {}. Files were not changed",
+        current_note(&c.key, c.current_version)
+    );
+}
+
+fn print_purge(app: &App, r: &PurgeReport) {
+    if app.json {
+        print_json(r);
+        return;
+    }
+    let verb = if r.dry_run {
+        "would destroy"
+    } else {
+        "destroyed"
+    };
+    println!(
+        "purge of key {} on token {} (cutoff {}){}:",
+        r.key,
+        r.token,
+        r.cutoff,
+        if r.dry_run {
+            ", dry run: nothing changed"
+        } else {
+            ""
+        }
+    );
+    for i in &r.destroyed {
+        println!(
+            "  {verb:<13} v{:<5} {:<12} created {:<20} {}",
+            i.version,
+            i.state.to_string(),
+            i.created.as_deref().unwrap_or("unknown"),
+            i.reason
+        );
+    }
+    for i in &r.spared {
+        println!(
+            "  {:<13} v{:<5} {:<12} created {:<20} {}",
+            "spared",
+            i.version,
+            i.state.to_string(),
+            i.created.as_deref().unwrap_or("unknown"),
+            i.reason
+        );
+    }
+    if r.destroyed.is_empty() {
+        println!("  nothing to destroy");
+    }
+    println!("files were not changed");
+}
+
 fn print_keys(app: &App, keys: &[KeyInfo]) {
     if app.json {
-        println!("{}", serde_json::to_string(keys).expect("serialisable"));
+        print_json(&keys);
         return;
     }
     if keys.is_empty() {
         println!("no hsmseal keys on this token (create one with `hsmseal key create NAME`)");
         return;
     }
-    let current = |k: &KeyInfo| {
-        keys.iter()
-            .filter(|o| o.name == k.name)
-            .map(|o| o.version)
-            .max()
-            == Some(k.version)
-    };
     println!(
-        "{:<24} {:>7}  {:<12} {:<12} status",
-        "NAME", "VERSION", "CREATED", "STATE"
+        "{:<24} {:>7}  {:<12}  {:<20}  STATUS",
+        "NAME", "VERSION", "STATE", "CREATED"
     );
     for k in keys {
-        let state = if current(k) { "active" } else { "decrypt-only" };
-        let status = if k.problems.is_empty() {
-            "ok".to_string()
-        } else {
-            format!("REFUSED: {}", k.problems.join("; "))
+        let status = match (k.state, k.problems.is_empty()) {
+            (KeyState::Destroyed, _) => "-".to_string(),
+            (_, true) => "ok".to_string(),
+            (_, false) => format!("REFUSED: {}", k.problems.join("; ")),
         };
         println!(
-            "{:<24} {:>7}  {:<12} {:<12} {status}",
+            "{:<24} {:>7}  {:<12}  {:<20}  {status}",
             k.name,
             k.version,
+            k.state.to_string(),
             k.created.as_deref().unwrap_or("-"),
-            state
         );
+    }
+}
+
+/// Parses a retention age: a whole number followed by one unit, `s`, `m`,
+/// `h`, `d` or `w` (`400d`, `12h`, `30m`, `90s`, `2w`), into seconds. One
+/// unit only and no months or years: those have no fixed length, and a
+/// purge cutoff must mean exactly one thing.
+pub fn parse_duration(s: &str) -> std::result::Result<u64, String> {
+    let bad = || {
+        format!(
+            "invalid duration {s:?}: use a whole number followed by s, m, h, d or w (e.g. 400d, 12h, 30m, 90s, 2w)"
+        )
+    };
+    let unit = s.chars().last().ok_or_else(bad)?;
+    let seconds: u64 = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        'w' => 7 * 86_400,
+        _ => return Err(bad()),
+    };
+    let digits = &s[..s.len() - 1];
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    n.checked_mul(seconds)
+        .ok_or_else(|| format!("invalid duration {s:?}: too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+
+    #[test]
+    fn durations_parse_to_seconds() {
+        for (s, secs) in [
+            ("0s", 0),
+            ("90s", 90),
+            ("30m", 1800),
+            ("12h", 43_200),
+            ("400d", 400 * 86_400),
+            ("2w", 14 * 86_400),
+            ("007d", 7 * 86_400),
+        ] {
+            assert_eq!(parse_duration(s), Ok(secs), "{s}");
+        }
+    }
+
+    #[test]
+    fn garbage_durations_are_rejected() {
+        for bad in [
+            "",
+            "d",
+            "400",
+            "-1d",
+            "+1d",
+            "1.5d",
+            "1 d",
+            " 1d",
+            "1d ",
+            "1D",
+            "1y",
+            "1mo",
+            "1d12h",
+            "１d",
+            "1µs",
+            "99999999999999999999d",
+        ] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.starts_with("invalid duration"), "{bad}: {e}");
+        }
+        assert!(parse_duration("18446744073709551615w")
+            .unwrap_err()
+            .contains("too long"));
     }
 }

@@ -261,7 +261,12 @@ impl fmt::Display for DoctorReport {
             Some(keys) => {
                 writeln!(f, "keys:")?;
                 for k in keys {
-                    let created = k.created.as_deref().unwrap_or("unknown   ");
+                    let name = format!("{} v{}", k.name, k.version);
+                    if k.state == super::keys::KeyState::Destroyed {
+                        writeln!(f, "  {name:<24} {:<12}", k.state.to_string())?;
+                        continue;
+                    }
+                    let created = k.created.as_deref().unwrap_or("unknown");
                     let status = if k.is_ok() {
                         "ok".to_string()
                     } else {
@@ -269,8 +274,8 @@ impl fmt::Display for DoctorReport {
                     };
                     writeln!(
                         f,
-                        "  {:<24} created {created}  {status}",
-                        format!("{} v{}", k.name, k.version)
+                        "  {name:<24} {:<12} created {created:<20}  {status}",
+                        k.state.to_string()
                     )?;
                 }
             }

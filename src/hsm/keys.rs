@@ -1,9 +1,14 @@
 //! KWK objects on the token: how they are labelled, the template they are
 //! generated with, and the attribute check every key passes before use.
 //!
-//! A KWK version is one AES-256 secret key object whose `CKA_LABEL` and
-//! `CKA_ID` are both `hsmseal:{name}:v{version}`. Versions of a name are
-//! separate objects, so retiring one never touches the others.
+//! A KWK version is one AES-256 secret key object labelled
+//! `hsmseal:{name}:v{version}`; its `CKA_ID` is the label followed by
+//! `@` and its creation time (`hsmseal:backups:v2@2025-01-31T12:00:00Z`),
+//! because `CKA_ID` is the one place every token lets us read a creation time
+//! back from (SoftHSM2 cannot return `CKA_START_DATE` of a private object).
+//! Versions of a name are separate objects, so retiring one never touches the
+//! others. A version is *disabled* by setting its `CKA_ENCRYPT` and
+//! `CKA_DECRYPT` to false: the HSM itself then refuses to use it.
 //!
 //! Invariant: hsmseal never wraps or unwraps with a key for which
 //! [`problems`] returns anything. The check is done on the attributes the
@@ -23,6 +28,34 @@ pub const LABEL_PREFIX: &str = "hsmseal:";
 /// KWK length in bytes (AES-256).
 pub const KWK_LEN: u64 = 32;
 
+/// Where a key version is in its life (docs/FORMAT.md section 1).
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyState {
+    /// The current version: new encryptions use it (the highest version
+    /// that is not disabled).
+    Active,
+    /// An older (or, below a disabled newest one, lower) version: still
+    /// decrypts what was encrypted under it.
+    DecryptOnly,
+    /// `CKA_ENCRYPT` and `CKA_DECRYPT` are false: the HSM refuses both.
+    Disabled,
+    /// The object is gone from the token (a version number below the highest
+    /// ever issued with no object): what was encrypted under it is lost.
+    Destroyed,
+}
+
+impl std::fmt::Display for KeyState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KeyState::Active => "active",
+            KeyState::DecryptOnly => "decrypt-only",
+            KeyState::Disabled => "disabled",
+            KeyState::Destroyed => "destroyed",
+        })
+    }
+}
+
 /// One version of a named KWK as found on the token.
 #[derive(Serialize, Clone, Debug)]
 pub struct KeyInfo {
@@ -30,10 +63,21 @@ pub struct KeyInfo {
     pub version: u32,
     /// `hsmseal:{name}:v{version}`.
     pub label: String,
-    /// `YYYY-MM-DD` from `CKA_START_DATE`, if the token recorded one.
+    pub state: KeyState,
+    /// Creation time: `YYYY-MM-DDTHH:MM:SSZ` from `CKA_ID`, else the
+    /// `YYYY-MM-DD` of `CKA_START_DATE`; `None` if the token recorded
+    /// neither (and for destroyed versions).
     pub created: Option<String>,
-    pub attributes: KeyAttributes,
-    /// Why this key is weaker than hsmseal requires; empty means usable.
+    /// The latest Unix time the version can have been created: exact from
+    /// `CKA_ID`, the end of the day from `CKA_START_DATE`. What retention
+    /// (`key purge`) compares, so a day-precision date never makes a key
+    /// look older than it is.
+    #[serde(skip)]
+    pub created_not_after: Option<u64>,
+    /// `None` for a destroyed version (there is no object to read).
+    pub attributes: Option<KeyAttributes>,
+    /// Why this key is weaker than hsmseal requires; empty means usable
+    /// (a disabled or destroyed version has no problems: it is not weak).
     pub problems: Vec<String>,
 }
 
@@ -44,9 +88,24 @@ impl KeyInfo {
             version: self.version,
         }
     }
-    /// True when hsmseal will use this key.
+    /// True when the key's attributes are as strong as hsmseal requires
+    /// (it may still be disabled or destroyed: see [`KeyInfo::state`]).
     pub fn is_ok(&self) -> bool {
         self.problems.is_empty()
+    }
+
+    /// The entry for a version number that has no object any more.
+    pub fn destroyed(name: &str, version: u32) -> KeyInfo {
+        KeyInfo {
+            name: name.to_string(),
+            version,
+            label: label(name, version),
+            state: KeyState::Destroyed,
+            created: None,
+            created_not_after: None,
+            attributes: None,
+            problems: Vec::new(),
+        }
     }
 }
 
@@ -140,9 +199,50 @@ impl KeyAttributes {
     }
 }
 
-/// The label (and `CKA_ID`) of a key version.
+/// The label of a key version.
 pub fn label(name: &str, version: u32) -> String {
     format!("{LABEL_PREFIX}{name}:v{version}")
+}
+
+/// The `CKA_ID` of a key version: its label, `@`, and its creation time
+/// (RFC 3339, UTC, whole seconds). Keys are looked up by label, so the ID is
+/// free to carry the time.
+pub fn key_id(name: &str, version: u32, created_unix: u64) -> String {
+    format!("{}@{}", label(name, version), rfc3339(created_unix))
+}
+
+/// The creation time recorded in a `CKA_ID` made by [`key_id`] for `key`;
+/// `None` for any other ID (keys made before IDs carried a time, or by
+/// another tool), so a key never borrows another key's time.
+pub fn created_from_id(id: &[u8], key: &KeyRef) -> Option<u64> {
+    let s = std::str::from_utf8(id).ok()?;
+    let time = s
+        .strip_prefix(label(&key.name, key.version).as_str())?
+        .strip_prefix('@')?;
+    parse_rfc3339(time)
+}
+
+/// The label of a version high-water record (a `CKO_DATA` object, see
+/// `crate::hsm::lifecycle`) for key `name`.
+pub fn high_water_label(name: &str) -> String {
+    format!("{LABEL_PREFIX}{name}:high-water")
+}
+
+/// The key name of a label made by [`high_water_label`].
+pub fn parse_high_water_label(label: &[u8]) -> Option<String> {
+    let s = std::str::from_utf8(label).ok()?;
+    let name = s.strip_prefix(LABEL_PREFIX)?.strip_suffix(":high-water")?;
+    validate_key_name(name).ok()?;
+    Some(name.to_string())
+}
+
+/// A canonical decimal version number (as in labels): no sign, no leading
+/// zero, 1..=u32::MAX.
+pub fn parse_version(s: &str) -> Option<u32> {
+    if s.is_empty() || s.starts_with('0') || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
 }
 
 /// Parses a label made by [`label`]; anything else (another application's
@@ -153,13 +253,7 @@ pub fn parse_label(label: &[u8]) -> Option<KeyRef> {
     let rest = s.strip_prefix(LABEL_PREFIX)?;
     let (name, version) = rest.rsplit_once(":v")?;
     validate_key_name(name).ok()?;
-    if version.is_empty()
-        || version.starts_with('0')
-        || !version.bytes().all(|b| b.is_ascii_digit())
-    {
-        return None;
-    }
-    let version: u32 = version.parse().ok()?;
+    let version = parse_version(version)?;
     Some(KeyRef {
         name: name.to_string(),
         version,
@@ -187,10 +281,17 @@ pub fn parse_label(label: &[u8]) -> Option<KeyRef> {
 /// - `ALLOWED_MECHANISMS` = `[CKM_AES_GCM]`: the key cannot be used with ECB,
 ///   CBC or anything else an attacker might prefer.
 ///   SoftHSM2 2.6.1 accepts and enforces this attribute.
-/// - `START_DATE`: today (UTC), shown as the creation date by `key list`.
-///   SoftHSM2 2.6.1 stores it but cannot read it back from a private object
-///   (SoftHSMv2 issues #655, #804), so there `created` is unknown.
-pub fn kwk_template(name: &str, version: u32, today: Date) -> Vec<Attribute> {
+/// - `ID`: the label and the creation time ([`key_id`]), which `key list`
+///   shows and `key purge` goes by.
+/// - `START_DATE`: the creation day (UTC), the standard place for it, read
+///   when the ID carries no time. SoftHSM2 2.6.1 stores it but cannot read it
+///   back from a private object (SoftHSMv2 issues #655, #804).
+///
+/// `CKA_MODIFIABLE` is left at its default (true): disabling a version sets
+/// its `CKA_ENCRYPT`/`CKA_DECRYPT` to false later. Anything else someone
+/// might change (say `CKA_WRAP` to true) is caught by [`problems`].
+pub fn kwk_template(name: &str, version: u32, created_unix: u64) -> Vec<Attribute> {
+    let id = key_id(name, version, created_unix).into_bytes();
     let label = label(name, version).into_bytes();
     vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
@@ -208,16 +309,34 @@ pub fn kwk_template(name: &str, version: u32, today: Date) -> Vec<Attribute> {
         Attribute::Verify(false),
         Attribute::Derive(false),
         Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]),
-        Attribute::Label(label.clone()),
-        Attribute::Id(label),
-        Attribute::StartDate(today),
+        Attribute::Label(label),
+        Attribute::Id(id),
+        Attribute::StartDate(date_utc(created_unix)),
     ]
+}
+
+/// True for a version `hsmseal key disable` turned off: `CKA_ENCRYPT` and
+/// `CKA_DECRYPT` both false. Only one of them false is not this state (the
+/// key is then merely broken, and [`problems`] says so).
+pub fn is_disabled(a: &KeyAttributes) -> bool {
+    a.encrypt == Some(false) && a.decrypt == Some(false)
+}
+
+/// The one-line refusal for a disabled version.
+pub fn disabled_refusal(key: &KeyRef) -> String {
+    format!(
+        "key {key} is disabled (`hsmseal key disable`); the HSM refuses to use it, so data under it cannot be decrypted until `hsmseal key enable {} --version {}`",
+        key.name, key.version
+    )
 }
 
 /// Every way `a` is weaker than a KWK made by [`kwk_template`], each as a
 /// short clause naming the attribute and why it matters. Empty = usable.
+/// A disabled key ([`is_disabled`]) is not weak: its `CKA_ENCRYPT` and
+/// `CKA_DECRYPT` being false is reported as disabled, not here.
 pub fn problems(a: &KeyAttributes) -> Vec<String> {
     let mut p = Vec::new();
+    let disabled = is_disabled(a);
     let secret_key = ObjectClass::SECRET_KEY.to_string();
     let aes = KeyType::AES.to_string();
     let gcm = MechanismType::AES_GCM.to_string();
@@ -282,6 +401,9 @@ pub fn problems(a: &KeyAttributes) -> Vec<String> {
         ("CKA_DECRYPT", a.decrypt, true, "it cannot unwrap data keys"),
     ];
     for (attr, value, required, why) in flags {
+        if disabled && (attr == "CKA_ENCRYPT" || attr == "CKA_DECRYPT") {
+            continue;
+        }
         match value {
             Some(v) if v == required => {}
             Some(v) => p.push(format!("{attr} is {v} ({why})")),
@@ -366,14 +488,74 @@ pub fn date_string(d: &Date) -> Option<String> {
     Some(format!("{}-{}-{}", s(&d.year), s(&d.month), s(&d.day)))
 }
 
-/// Today's date in UTC as a `CK_DATE`.
-pub fn today_utc() -> Date {
-    let secs = std::time::SystemTime::now()
+/// The end (last second) of a `YYYY-MM-DD` day as Unix time.
+pub fn date_end_unix(date: &str) -> Option<u64> {
+    let b = date.as_bytes();
+    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    let (y, m, d) = (num(&b[0..4])?, num(&b[5..7])?, num(&b[8..10])?);
+    let days = days_from_civil(i64::from(y), m, d);
+    // Reject impossible dates (2024-02-30): they do not round-trip.
+    if civil_from_days(days) != (i64::from(y), m, d) || days < 0 {
+        return None;
+    }
+    Some(days as u64 * 86_400 + 86_399)
+}
+
+/// Seconds since the Unix epoch now (0 if the clock is before it).
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+        .unwrap_or(0)
+}
+
+/// Today's date in UTC as a `CK_DATE`.
+pub fn today_utc() -> Date {
+    date_utc(now_unix())
+}
+
+/// The UTC date of a Unix time as a `CK_DATE`.
+pub fn date_utc(unix: u64) -> Date {
+    let (y, m, d) = civil_from_days((unix / 86_400) as i64);
     Date::new(digits::<4>(y as u32), digits::<2>(m), digits::<2>(d))
+}
+
+/// A Unix time as RFC 3339 in UTC with whole seconds:
+/// `2025-01-31T12:00:00Z`.
+pub fn rfc3339(unix: u64) -> String {
+    let (y, m, d) = civil_from_days((unix / 86_400) as i64);
+    let s = unix % 86_400;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
+}
+
+/// Parses exactly the form [`rfc3339`] writes (and nothing looser: no
+/// offsets, fractions or lowercase), from 1970 on.
+pub fn parse_rfc3339(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.len() != 20 || b[10] != b'T' || b[13] != b':' || b[16] != b':' || b[19] != b'Z' {
+        return None;
+    }
+    let day_end = date_end_unix(&s[..10])?;
+    let (h, m, sec) = (num(&b[11..13])?, num(&b[14..16])?, num(&b[17..19])?);
+    if h > 23 || m > 59 || sec > 59 {
+        return None;
+    }
+    Some(day_end - 86_399 + u64::from(h * 3600 + m * 60 + sec))
+}
+
+/// A fixed-width run of ASCII digits.
+fn num(b: &[u8]) -> Option<u32> {
+    if b.is_empty() || !b.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(b).ok()?.parse().ok()
 }
 
 fn digits<const N: usize>(mut v: u32) -> [u8; N] {
@@ -399,6 +581,20 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// (year, month, day) to days since 1970-01-01 (Howard Hinnant's
+/// `days_from_civil`, the inverse of [`civil_from_days`]). Out-of-range
+/// months and days give a date that does not round-trip, which callers use
+/// to reject them.
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 #[cfg(test)]
@@ -544,7 +740,8 @@ mod tests {
 
     #[test]
     fn template_asks_for_exactly_the_required_attributes() {
-        let t = kwk_template("k", 2, Date::new(*b"2024", *b"03", *b"09"));
+        // 2024-03-09T10:11:12Z
+        let t = kwk_template("k", 2, 1_709_979_072);
         let a = KeyAttributes::from_attributes(&t);
         // The template lacks what only the token can report.
         let mut expected = good();
@@ -553,7 +750,124 @@ mod tests {
         expected.start_date = Some("2024-03-09".into());
         assert_eq!(a, expected);
         assert!(t.contains(&Attribute::Label(b"hsmseal:k:v2".to_vec())));
-        assert!(t.contains(&Attribute::Id(b"hsmseal:k:v2".to_vec())));
+        assert!(t.contains(&Attribute::Id(
+            b"hsmseal:k:v2@2024-03-09T10:11:12Z".to_vec()
+        )));
+    }
+
+    #[test]
+    fn creation_time_round_trips_through_the_id_of_that_key_only() {
+        let k = KeyRef {
+            name: "k".into(),
+            version: 2,
+        };
+        let id = key_id("k", 2, 1_709_979_072);
+        assert_eq!(created_from_id(id.as_bytes(), &k), Some(1_709_979_072));
+        for other in [
+            "hsmseal:k:v2",
+            "hsmseal:k:v3@2024-03-09T10:11:12Z",
+            "hsmseal:kk:v2@2024-03-09T10:11:12Z",
+            "hsmseal:k:v2@",
+            "hsmseal:k:v2@2024-03-09T10:11:12Z ",
+            "hsmseal:k:v2@2024-03-09 10:11:12Z",
+            "hsmseal:k:v2@2024-03-09T10:11:12+00:00",
+        ] {
+            assert_eq!(created_from_id(other.as_bytes(), &k), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn rfc3339_writes_and_parses_strictly() {
+        for t in [
+            0,
+            59,
+            86_399,
+            86_400,
+            951_782_400,
+            1_709_979_072,
+            4_102_444_799,
+        ] {
+            let s = rfc3339(t);
+            assert_eq!(parse_rfc3339(&s), Some(t), "{s}");
+        }
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(4_102_444_799), "2099-12-31T23:59:59Z");
+        for bad in [
+            "",
+            "2024-02-30T00:00:00Z",
+            "2023-02-29T00:00:00Z",
+            "2024-13-01T00:00:00Z",
+            "2024-00-10T00:00:00Z",
+            "2024-01-00T00:00:00Z",
+            "2024-01-01T24:00:00Z",
+            "2024-01-01T00:60:00Z",
+            "2024-01-01T00:00:60Z",
+            "2024-01-01t00:00:00Z",
+            "2024-01-01T00:00:00z",
+            "2024-01-01T00:00:00.5Z",
+            "1969-12-31T23:59:59Z",
+            "+024-01-01T00:00:00Z",
+            "2024-1-01T00:00:00Z ",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+        assert_eq!(date_end_unix("1970-01-01"), Some(86_399));
+        assert_eq!(date_end_unix("2000-02-29"), Some(951_868_799));
+        assert_eq!(date_end_unix("2001-02-29"), None);
+        assert_eq!(date_end_unix("2001-02-2x"), None);
+    }
+
+    #[test]
+    fn a_disabled_key_is_not_weak_but_one_missing_use_is() {
+        let mut a = good();
+        a.encrypt = Some(false);
+        a.decrypt = Some(false);
+        assert!(is_disabled(&a));
+        assert!(problems(&a).is_empty(), "{:?}", problems(&a));
+        // Disabled and weak: the weakness is still named.
+        a.extractable = Some(true);
+        assert_eq!(problems(&a).len(), 1, "{:?}", problems(&a));
+        let mut a = good();
+        a.decrypt = Some(false);
+        assert!(!is_disabled(&a));
+        assert!(problems(&a)
+            .iter()
+            .any(|p| p.contains("CKA_DECRYPT is false")));
+        let k = KeyRef {
+            name: "backups".into(),
+            version: 1,
+        };
+        let m = disabled_refusal(&k);
+        assert!(
+            m.starts_with("key backups v1 is disabled (`hsmseal key disable`);"),
+            "{m}"
+        );
+        assert!(m.contains("hsmseal key enable backups --version 1"), "{m}");
+    }
+
+    #[test]
+    fn high_water_labels() {
+        assert_eq!(high_water_label("a.b"), "hsmseal:a.b:high-water");
+        assert_eq!(
+            parse_high_water_label(b"hsmseal:a.b:high-water").as_deref(),
+            Some("a.b")
+        );
+        for bad in [
+            &b"hsmseal::high-water"[..],
+            b"hsmseal:a:b:high-water",
+            b"hsmseal:a:high-water ",
+            b"other:a:high-water",
+        ] {
+            assert_eq!(parse_high_water_label(bad), None);
+        }
+        // Never mistaken for a key label, nor a key label for it.
+        assert!(parse_label(b"hsmseal:a:high-water").is_none());
+        assert!(parse_high_water_label(b"hsmseal:a:v1").is_none());
+        assert_eq!(parse_version("12"), Some(12));
+        for bad in ["", "0", "01", "-1", "+1", "4294967296", "1 "] {
+            assert_eq!(parse_version(bad), None, "{bad}");
+        }
     }
 
     #[test]

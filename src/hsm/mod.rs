@@ -15,15 +15,23 @@
 //!   Everything else (search, attributes, generation, login) runs on the
 //!   admin session under one process-wide lock (see `MANAGEMENT`).
 //! - A key handle is used only after its attributes passed
-//!   [`keys::problems`]; verified handles are cached per (name, version).
+//!   [`keys::problems`] and it is not disabled; verified handles are cached
+//!   per (name, version). Every key-changing method of this `Hsm` evicts
+//!   what it changed; a change made elsewhere (another process) is caught
+//!   because the token then refuses the cached handle (destroyed: invalid
+//!   handle; disabled: `CKR_KEY_FUNCTION_NOT_PERMITTED`), which evicts it and
+//!   looks the key up again.
+//! - Key lifecycle (versions, states, destroy, purge) lives in [`lifecycle`].
 //! - No PIN or key byte appears in an error, a log line or `Debug` output.
 
 pub mod doctor;
 mod errors;
 pub mod keys;
+pub mod lifecycle;
 
 pub use doctor::DoctorReport;
-pub use keys::{KeyAttributes, KeyInfo};
+pub use keys::{KeyAttributes, KeyInfo, KeyState};
+pub use lifecycle::{PurgeItem, PurgeReport, StateChange};
 
 use crate::error::{Error, Result};
 use crate::keys::{
@@ -34,11 +42,12 @@ use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use errors::{module_error, rv_of, token_error};
+use lifecycle::{Family, Scan};
 use rand::RngCore;
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -193,6 +202,10 @@ pub struct Hsm {
     /// the life of this `Hsm` (one CLI run); a handle that stops working is
     /// evicted and looked up again.
     verified: RwLock<HashMap<KeyRef, ObjectHandle>>,
+    /// The current version per key name, as first found in this `Hsm`'s
+    /// life: a bulk run looks it up once, not once per file. Cleared by this
+    /// `Hsm`'s own key changes and whenever a handle of the name is evicted.
+    current: RwLock<HashMap<String, u32>>,
     /// Wrap and unwrap operations sent to the token (one `C_Encrypt` or
     /// `C_Decrypt` each).
     calls: AtomicU64,
@@ -259,6 +272,7 @@ impl Hsm {
             admin: Mutex::new(admin),
             pool: Mutex::new(Vec::new()),
             verified: RwLock::new(HashMap::new()),
+            current: RwLock::new(HashMap::new()),
             calls: AtomicU64::new(0),
         })
     }
@@ -392,70 +406,6 @@ impl Hsm {
         Ok(())
     }
 
-    /// Creates version 1 of `name`. Fails if any version of it exists.
-    /// (Check and creation are not atomic against another process creating
-    /// the same name at the same moment; PKCS#11 has no way to make them so.)
-    pub fn create_key(&self, name: &str) -> Result<KeyInfo> {
-        validate_key_name(name)?;
-        let admin = self.admin_logged_in()?;
-        let existing = self.versions_on(&admin, name)?;
-        if let Some(last) = existing.last() {
-            return Err(Error::key(format!(
-                "key {name:?} already exists on token {:?} (latest v{}); use `hsmseal key rotate {name}` to add a version",
-                self.token_label, last.0
-            )));
-        }
-        self.generate(&admin, name, 1)
-    }
-
-    /// Creates version N+1 of `name` with the same template (key rotation).
-    pub fn create_next_version(&self, name: &str) -> Result<KeyInfo> {
-        validate_key_name(name)?;
-        let admin = self.admin_logged_in()?;
-        let existing = self.versions_on(&admin, name)?;
-        let last = match existing.last() {
-            Some((v, _)) => *v,
-            None => return Err(self.key_not_found(name)),
-        };
-        let next = last.checked_add(1).ok_or_else(|| {
-            Error::key(format!("key {name:?} has reached the last version number"))
-        })?;
-        self.generate(&admin, name, next)
-    }
-
-    /// All hsmseal keys on the token, sorted by name then version, each with
-    /// its attributes and problems.
-    pub fn list_keys(&self) -> Result<Vec<KeyInfo>> {
-        let admin = self.admin_logged_in()?;
-        let mut out = Vec::new();
-        for (k, h) in self.scan(&admin)? {
-            if let Some(info) = self.key_info_if_present(&admin, &k, h)? {
-                out.push(info);
-            }
-        }
-        Ok(out)
-    }
-
-    /// The versions of one key, oldest first; `ErrorKind::Key` if none.
-    pub fn key_versions(&self, name: &str) -> Result<Vec<KeyInfo>> {
-        validate_key_name(name)?;
-        let admin = self.admin_logged_in()?;
-        let mut out = Vec::new();
-        for (version, h) in self.versions_on(&admin, name)? {
-            let k = KeyRef {
-                name: name.to_string(),
-                version,
-            };
-            if let Some(info) = self.key_info_if_present(&admin, &k, h)? {
-                out.push(info);
-            }
-        }
-        if out.is_empty() {
-            return Err(self.key_not_found(name));
-        }
-        Ok(out)
-    }
-
     // ---- internals ----
 
     /// The admin session, with the process-wide management lock.
@@ -484,8 +434,9 @@ impl Hsm {
         }
     }
 
-    /// Every object whose label is an hsmseal key label, sorted.
-    fn scan(&self, admin: &Session) -> Result<Vec<(KeyRef, ObjectHandle)>> {
+    /// Every hsmseal object on the token: key versions (sorted) and
+    /// version high-water records.
+    fn scan(&self, admin: &Session) -> Result<Scan> {
         let t = &self.token_label;
         // An empty template finds every object the user can see, so an
         // object of the wrong class with our label shows up (and is refused)
@@ -493,7 +444,7 @@ impl Hsm {
         let handles = admin
             .find_objects(&[])
             .map_err(|e| token_error(e, t, "searching for keys"))?;
-        let mut out = Vec::new();
+        let mut out = Scan::default();
         for h in handles {
             let attrs = match admin.get_attributes(h, &[AttributeType::Label]) {
                 Ok(a) => a,
@@ -504,23 +455,42 @@ impl Hsm {
             for a in attrs {
                 if let Attribute::Label(l) = a {
                     if let Some(k) = keys::parse_label(&l) {
-                        out.push((k, h));
+                        out.keys.push((k, h));
+                    } else if let Some(name) = keys::parse_high_water_label(&l) {
+                        out.records.push((name, h));
                     }
                 }
             }
         }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.keys.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
 
-    /// (version, handle) of every object labelled as a version of `name`.
-    fn versions_on(&self, admin: &Session, name: &str) -> Result<Vec<(u32, ObjectHandle)>> {
-        Ok(self
-            .scan(admin)?
-            .into_iter()
+    /// What the token holds for `name`.
+    fn family(&self, admin: &Session, name: &str) -> Result<Family> {
+        let scan = self.scan(admin)?;
+        Ok(self.family_from(admin, &scan, name))
+    }
+
+    /// [`Self::family`] for one name from a scan already made.
+    fn family_from(&self, admin: &Session, scan: &Scan, name: &str) -> Family {
+        let mut f = Family {
+            name: name.to_string(),
+            ..Family::default()
+        };
+        f.keys = scan
+            .keys
+            .iter()
             .filter(|(k, _)| k.name == name)
-            .map(|(k, h)| (k.version, h))
-            .collect())
+            .map(|(k, h)| (k.version, *h))
+            .collect();
+        for (_, h) in scan.records.iter().filter(|(n, _)| n == name) {
+            f.records.push(*h);
+            if let Some(v) = read_high_water(admin, *h) {
+                f.high_water = f.high_water.max(v);
+            }
+        }
+        f
     }
 
     fn read_attributes(&self, admin: &Session, h: ObjectHandle) -> Result<KeyAttributes> {
@@ -532,6 +502,17 @@ impl Hsm {
 
     fn key_info(&self, admin: &Session, k: &KeyRef, h: ObjectHandle) -> Result<KeyInfo> {
         Ok(make_key_info(k, self.read_attributes(admin, h)?, admin, h))
+    }
+
+    /// Whether the object `h` is disabled; `None` if it is gone.
+    fn disabled(&self, admin: &Session, h: ObjectHandle) -> Result<Option<bool>> {
+        match admin.get_attributes(h, &[AttributeType::Encrypt, AttributeType::Decrypt]) {
+            Ok(attrs) => Ok(Some(keys::is_disabled(&KeyAttributes::from_attributes(
+                &attrs,
+            )))),
+            Err(e) if is_gone(&e) => Ok(None),
+            Err(e) => Err(token_error(e, &self.token_label, "reading key attributes")),
+        }
     }
 
     /// [`Self::key_info`], or `None` if the object was destroyed meanwhile.
@@ -558,7 +539,7 @@ impl Hsm {
             name: name.to_string(),
             version,
         };
-        let template = keys::kwk_template(name, version, keys::today_utc());
+        let template = keys::kwk_template(name, version, keys::now_unix());
         let h = admin
             .generate_key(&Mechanism::AesKeyGen, &template)
             .map_err(|e| {
@@ -586,7 +567,56 @@ impl Hsm {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(k, h);
+        self.forget_current(name);
         Ok(info)
+    }
+
+    /// Why version `version` of `family` has no object: destroyed (its
+    /// number was issued), or never created.
+    fn missing_version(&self, family: &Family, version: u32) -> Error {
+        let name = &family.name;
+        let t = &self.token_label;
+        if family.is_empty() {
+            self.key_not_found(name)
+        } else if version <= family.last_issued() {
+            Error::key(format!(
+                "key {name} v{version} not found on token {t:?}: it was destroyed (`hsmseal key destroy` or `key purge`); data encrypted under it can no longer be decrypted"
+            ))
+        } else {
+            Error::key(format!(
+                "key {name} v{version} not found on token {t:?}: the newest version is v{}; v{version} was never created here (or was destroyed by another tool)",
+                family.last_issued()
+            ))
+        }
+    }
+
+    /// Why `family` has no current version: unknown, all destroyed, or
+    /// every remaining version disabled.
+    fn no_current_version(&self, family: &Family) -> Error {
+        let name = &family.name;
+        let t = &self.token_label;
+        let last = family.last_issued();
+        if family.is_empty() {
+            self.key_not_found(name)
+        } else if family.keys.is_empty() {
+            Error::key(format!(
+                "key {name} has no versions left on token {t:?} (v1 to v{last} were destroyed); `hsmseal key rotate {name}` creates v{}",
+                u64::from(last) + 1
+            ))
+        } else {
+            Error::key(format!(
+                "key {name} has no enabled version on token {t:?} (every remaining version is disabled); `hsmseal key enable {name} --version N` re-enables one, `hsmseal key rotate {name}` creates v{}",
+                u64::from(last) + 1
+            ))
+        }
+    }
+
+    fn duplicates(&self, k: &KeyRef, n: usize) -> Error {
+        Error::key(format!(
+            "{n} objects on token {:?} are labelled {}; hsmseal will not guess which one is key {k} — remove the duplicates",
+            self.token_label,
+            keys::label(&k.name, k.version)
+        ))
     }
 
     fn key_not_found(&self, name: &str) -> Error {
@@ -615,26 +645,18 @@ impl Hsm {
         let h = match handles.as_slice() {
             [h] => *h,
             [] => {
-                return Err(if self.versions_on(&admin, &k.name)?.is_empty() {
-                    self.key_not_found(&k.name)
-                } else {
-                    Error::key(format!(
-                        "key {k} not found on token {:?} (destroyed or never created)",
-                        self.token_label
-                    ))
-                })
+                let family = self.family(&admin, &k.name)?;
+                return Err(self.missing_version(&family, k.version));
             }
-            many => {
-                return Err(Error::key(format!(
-                    "{} objects on token {:?} are labelled {label}; hsmseal will not guess which one is key {k} — remove the duplicates",
-                    many.len(),
-                    self.token_label
-                )))
-            }
+            many => return Err(self.duplicates(k, many.len())),
         };
-        let problems = keys::problems(&self.read_attributes(&admin, h)?);
+        let attributes = self.read_attributes(&admin, h)?;
+        let problems = keys::problems(&attributes);
         if !problems.is_empty() {
             return Err(Error::key(keys::refusal(k, &problems)));
+        }
+        if keys::is_disabled(&attributes) {
+            return Err(Error::key(keys::disabled_refusal(k)));
         }
         self.verified
             .write()
@@ -643,11 +665,21 @@ impl Hsm {
         Ok(h)
     }
 
+    /// Forgets the verified handle of `k` and the current version of its
+    /// name, so both are looked up again.
     fn evict(&self, k: &KeyRef) {
         self.verified
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(k);
+        self.forget_current(&k.name);
+    }
+
+    fn forget_current(&self, name: &str) {
+        self.current
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
     }
 
     fn session(&self) -> Result<PooledSession<'_>> {
@@ -668,7 +700,9 @@ impl Hsm {
     }
 
     /// Runs one wrap or unwrap, retrying once with a fresh lookup if the
-    /// cached handle went stale (key destroyed and re-created, token reset).
+    /// cached handle went stale (key destroyed and re-created, token reset)
+    /// or the token refuses it (disabled by another process since it was
+    /// verified): the fresh lookup then reports why.
     fn with_key<T>(
         &self,
         k: &KeyRef,
@@ -684,7 +718,7 @@ impl Hsm {
                 Ok(v) => return Ok(v),
                 Err(e) => {
                     session.discard();
-                    if is_gone(&e) && !retried {
+                    if (is_gone(&e) || is_not_permitted(&e)) && !retried {
                         self.evict(k);
                         retried = true;
                         continue;
@@ -693,6 +727,52 @@ impl Hsm {
                 }
             }
         }
+    }
+}
+
+/// The value of a high-water record: a canonical decimal version number in
+/// a `CKO_DATA` object. Anything else is ignored (the record only guards
+/// against reusing a version number; see [`lifecycle`]).
+fn read_high_water(admin: &Session, h: ObjectHandle) -> Option<u32> {
+    let attrs = admin
+        .get_attributes(h, &[AttributeType::Class, AttributeType::Value])
+        .ok()?;
+    let mut class_ok = false;
+    let mut value = None;
+    for a in attrs {
+        match a {
+            Attribute::Class(c) => class_ok = c == ObjectClass::DATA,
+            Attribute::Value(v) => value = String::from_utf8(v).ok(),
+            _ => {}
+        }
+    }
+    if !class_ok {
+        return None;
+    }
+    keys::parse_version(&value?)
+}
+
+/// The creation time of `k`: from its `CKA_ID` (see [`keys::key_id`]), else
+/// the day of `start_date`. (display string, latest possible Unix time)
+fn created(
+    admin: &Session,
+    h: ObjectHandle,
+    k: &KeyRef,
+    start_date: Option<&str>,
+) -> (Option<String>, Option<u64>) {
+    let from_id = admin
+        .get_attributes(h, &[AttributeType::Id])
+        .ok()
+        .and_then(|attrs| {
+            attrs.iter().find_map(|a| match a {
+                Attribute::Id(id) => keys::created_from_id(id, k),
+                _ => None,
+            })
+        });
+    match (from_id, start_date) {
+        (Some(t), _) => (Some(keys::rfc3339(t)), Some(t)),
+        (None, Some(d)) => (Some(d.to_string()), keys::date_end_unix(d)),
+        (None, None) => (None, None),
     }
 }
 
@@ -713,14 +793,30 @@ fn make_key_info(
     h: ObjectHandle,
 ) -> KeyInfo {
     attributes.start_date = read_start_date(admin, h);
+    let (created, created_not_after) = created(admin, h, k, attributes.start_date.as_deref());
+    // Provisional: which version is active depends on its siblings
+    // (`lifecycle::Family::states`).
+    let state = if keys::is_disabled(&attributes) {
+        KeyState::Disabled
+    } else {
+        KeyState::DecryptOnly
+    };
     KeyInfo {
         name: k.name.clone(),
         version: k.version,
         label: keys::label(&k.name, k.version),
-        created: attributes.start_date.clone(),
+        state,
+        created,
+        created_not_after,
         problems: keys::problems(&attributes),
-        attributes,
+        attributes: Some(attributes),
     }
+}
+
+/// True for the code a token returns for a key whose attributes forbid the
+/// operation (here: a version disabled since its handle was verified).
+fn is_not_permitted(e: &CkError) -> bool {
+    rv_of(e) == Some(RvError::KeyFunctionNotPermitted)
 }
 
 /// True for the codes a token returns for an object that no longer exists.
@@ -750,18 +846,48 @@ fn gcm_iv_len(mech: &mut Mechanism) -> usize {
 }
 
 impl KeyBackend for Hsm {
+    /// The highest version of `name` that is not disabled (destroyed
+    /// versions have no object and so are never current). A current version
+    /// with weak attributes is an error, not skipped: falling back to an
+    /// older key silently would hide the problem.
     fn current_version(&self, name: &str) -> Result<u32> {
         validate_key_name(name)?;
-        let latest = {
-            let admin = self.admin_logged_in()?;
-            self.versions_on(&admin, name)?.last().map(|(v, _)| *v)
+        let cached = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .copied();
+        let version = match cached {
+            Some(v) => v,
+            None => {
+                let admin = self.admin_logged_in()?;
+                let family = self.family(&admin, name)?;
+                let mut found = None;
+                for (v, h) in family.keys.iter().rev() {
+                    if self.disabled(&admin, *h)? == Some(false) {
+                        found = Some(*v);
+                        break;
+                    }
+                }
+                match found {
+                    Some(v) => v,
+                    None => return Err(self.no_current_version(&family)),
+                }
+            }
         };
-        // Room for issue 4: skip disabled versions here.
-        let version = latest.ok_or_else(|| self.key_not_found(name))?;
-        self.resolve(&KeyRef {
+        let k = KeyRef {
             name: name.to_string(),
             version,
-        })?;
+        };
+        if let Err(e) = self.resolve(&k) {
+            self.forget_current(name);
+            return Err(e);
+        }
+        self.current
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), version);
         Ok(version)
     }
 

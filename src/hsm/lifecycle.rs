@@ -1,0 +1,615 @@
+//! Key versions and their lifecycle on the token: create, rotate, list with
+//! states, disable/enable, destroy and purge (docs/FORMAT.md section 1).
+//!
+//! How each state is represented, so that any PKCS#11 client sees the same
+//! thing and the HSM itself enforces it where it can:
+//! - **active / decrypt-only**: a key object labelled `hsmseal:{name}:v{n}`
+//!   with `CKA_ENCRYPT` and `CKA_DECRYPT` true. The *current* (active)
+//!   version is the highest one that is not disabled; the others decrypt
+//!   only because hsmseal wraps new keys under the current one.
+//! - **disabled**: the same object with `CKA_ENCRYPT` and `CKA_DECRYPT` set to
+//!   false (`C_SetAttributeValue`); the token refuses `C_EncryptInit` and
+//!   `C_DecryptInit` with it (`CKR_KEY_FUNCTION_NOT_PERMITTED`), whoever asks.
+//!   A token that refuses the change makes `key disable` fail: hsmseal keeps
+//!   no disabled state of its own that other clients would ignore.
+//! - **destroyed**: no object (`C_DestroyObject`). A version number below the
+//!   highest ever issued with no object is shown as destroyed, so the
+//!   history stays visible.
+//!
+//! Version numbers are never reused. The next version is one more than the
+//! highest ever issued, which is the highest existing object, or, once the
+//! newest version has been destroyed, the number kept in a *high-water
+//! record*: a `CKO_DATA` object labelled `hsmseal:{name}:high-water` whose
+//! `CKA_VALUE` is that version number in ASCII decimal. It is written before
+//! the newest version is destroyed (a crash in between leaves a record and a
+//! key that agree); a token that cannot store it refuses the destroy. Reuse
+//! would not be a security problem (the AAD names the version, so a new key
+//! with an old number fails authentication), but old data would then report
+//! "authentication failed" instead of "destroyed".
+//!
+//! None of this is atomic against another process changing the same key at
+//! the same moment: PKCS#11 has no transactions. Within a process every
+//! change runs under the admin session's lock.
+
+use super::errors::{c_function_name, ckr_name, rv_of, token_error};
+use super::keys::{self, KeyInfo, KeyState};
+use super::{is_gone, Hsm};
+use crate::error::{Error, Result};
+use crate::keys::{validate_key_name, KeyRef};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// At most this many destroyed versions are listed per key (the newest
+/// ones). Versions are sequential, so real keys never come close; the cap
+/// only keeps a stray `hsmseal:x:v4000000000` object from another tool from
+/// making `key list` enumerate billions of entries.
+const MAX_LISTED_DESTROYED: usize = 4096;
+
+/// Every hsmseal object found on the token.
+#[derive(Default)]
+pub(super) struct Scan {
+    /// Key version objects, sorted by name then version.
+    pub(super) keys: Vec<(KeyRef, ObjectHandle)>,
+    /// High-water records: (key name, object).
+    pub(super) records: Vec<(String, ObjectHandle)>,
+}
+
+/// What the token holds for one key name.
+#[derive(Default)]
+pub(super) struct Family {
+    pub(super) name: String,
+    /// (version, object) of every key object, by version (a version appears
+    /// twice if two objects carry its label).
+    pub(super) keys: Vec<(u32, ObjectHandle)>,
+    /// The highest version number any high-water record holds (0: none).
+    pub(super) high_water: u32,
+    /// The high-water record objects (normally at most one).
+    pub(super) records: Vec<ObjectHandle>,
+}
+
+impl Family {
+    /// The highest version that has an object.
+    pub(super) fn newest(&self) -> Option<u32> {
+        self.keys.last().map(|(v, _)| *v)
+    }
+
+    /// The highest version number ever issued, as far as the token shows.
+    pub(super) fn last_issued(&self) -> u32 {
+        self.newest().unwrap_or(0).max(self.high_water)
+    }
+
+    /// True if the token knows nothing of this name.
+    pub(super) fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.high_water == 0
+    }
+
+    fn handles(&self, version: u32) -> Vec<ObjectHandle> {
+        self.keys
+            .iter()
+            .filter(|(v, _)| *v == version)
+            .map(|(_, h)| *h)
+            .collect()
+    }
+}
+
+/// What `key disable`, `key enable` or `key destroy` did.
+#[derive(Serialize, Clone, Debug)]
+pub struct StateChange {
+    pub key: String,
+    pub version: u32,
+    pub token: String,
+    /// `disable`, `enable` or `destroy`.
+    pub action: &'static str,
+    /// False if the version was already in the requested state.
+    pub changed: bool,
+    pub previous_state: KeyState,
+    pub state: KeyState,
+    /// The version new encryptions use after the change (`None`: none can).
+    pub current_version: Option<u32>,
+}
+
+/// One version considered by `key purge`.
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct PurgeItem {
+    pub version: u32,
+    /// Its state before the purge.
+    pub state: KeyState,
+    pub created: Option<String>,
+    pub reason: &'static str,
+}
+
+/// What `key purge` destroyed (or, with `dry_run`, would destroy) and spared.
+#[derive(Serialize, Clone, Debug)]
+pub struct PurgeReport {
+    pub key: String,
+    pub token: String,
+    pub dry_run: bool,
+    /// Versions created at or before this moment (RFC 3339) are purged.
+    pub cutoff: String,
+    /// The current version, which is always spared.
+    pub current_version: Option<u32>,
+    pub destroyed: Vec<PurgeItem>,
+    pub spared: Vec<PurgeItem>,
+}
+
+const REASON_OLD: &str = "created at or before the cutoff";
+const REASON_CURRENT: &str = "current version (new encryptions use it)";
+const REASON_NEW: &str = "created after the cutoff";
+const REASON_UNKNOWN: &str =
+    "creation time unknown (never purged; `hsmseal key destroy` removes it explicitly)";
+
+/// Which versions a purge with `cutoff` (Unix seconds) destroys: every
+/// version that exists, is not the current one and was created at or before
+/// the cutoff. A version whose creation time is unknown is spared: retention
+/// must never destroy a key it cannot date.
+pub fn plan_purge(versions: &[KeyInfo], cutoff: u64) -> (Vec<PurgeItem>, Vec<PurgeItem>) {
+    let mut destroy = Vec::new();
+    let mut spare = Vec::new();
+    for k in versions {
+        let item = |reason| PurgeItem {
+            version: k.version,
+            state: k.state,
+            created: k.created.clone(),
+            reason,
+        };
+        match (k.state, k.created_not_after) {
+            (KeyState::Destroyed, _) => {}
+            (KeyState::Active, _) => spare.push(item(REASON_CURRENT)),
+            (_, None) => spare.push(item(REASON_UNKNOWN)),
+            (_, Some(t)) if t <= cutoff => destroy.push(item(REASON_OLD)),
+            (_, Some(_)) => spare.push(item(REASON_NEW)),
+        }
+    }
+    (destroy, spare)
+}
+
+/// The version marked active in a listing of one key.
+fn current_of(versions: &[KeyInfo]) -> Option<u32> {
+    versions
+        .iter()
+        .find(|k| k.state == KeyState::Active)
+        .map(|k| k.version)
+}
+
+fn state_of(versions: &[KeyInfo], version: u32) -> KeyState {
+    versions
+        .iter()
+        .find(|k| k.version == version)
+        .map(|k| k.state)
+        .unwrap_or(KeyState::Destroyed)
+}
+
+/// "C_X returned CKR_Y" for a message of our own.
+fn returned(e: &CkError) -> String {
+    match e {
+        CkError::Pkcs11(rv, f) => format!("{} returned {}", c_function_name(*f), ckr_name(*rv)),
+        other => other.to_string(),
+    }
+}
+
+impl Hsm {
+    /// Creates version 1 of `name`. Fails if the token knows the name (any
+    /// version, even destroyed ones: their numbers are never reused).
+    /// (Check and creation are not atomic against another process creating
+    /// the same name at the same moment; PKCS#11 has no way to make them so.)
+    pub fn create_key(&self, name: &str) -> Result<KeyInfo> {
+        validate_key_name(name)?;
+        let admin = self.admin_logged_in()?;
+        let family = self.family(&admin, name)?;
+        let t = &self.token_label;
+        if let Some(newest) = family.newest() {
+            return Err(Error::key(format!(
+                "key {name:?} already exists on token {t:?} (latest v{newest}); use `hsmseal key rotate {name}` to add a version"
+            )));
+        }
+        if !family.is_empty() {
+            let last = family.last_issued();
+            return Err(Error::key(format!(
+                "key {name:?} existed on token {t:?}: v1 to v{last} were destroyed; `hsmseal key rotate {name}` creates v{} (version numbers are never reused)",
+                u64::from(last) + 1
+            )));
+        }
+        let mut info = self.generate(&admin, name, 1)?;
+        info.state = KeyState::Active;
+        Ok(info)
+    }
+
+    /// Creates version N+1 of `name` with the same template (key rotation),
+    /// N being the highest version ever issued (destroyed ones included), and
+    /// returns it: it is the current version from now on.
+    pub fn create_next_version(&self, name: &str) -> Result<KeyInfo> {
+        validate_key_name(name)?;
+        let admin = self.admin_logged_in()?;
+        let family = self.family(&admin, name)?;
+        if family.is_empty() {
+            return Err(self.key_not_found(name));
+        }
+        let next = family.last_issued().checked_add(1).ok_or_else(|| {
+            Error::key(format!("key {name:?} has reached the last version number"))
+        })?;
+        let mut info = self.generate(&admin, name, next)?;
+        info.state = KeyState::Active;
+        Ok(info)
+    }
+
+    /// All hsmseal keys on the token, sorted by name then version, each
+    /// version with its state, creation time, attributes and problems
+    /// (destroyed versions included, see [`Self::key_versions`]).
+    pub fn list_keys(&self) -> Result<Vec<KeyInfo>> {
+        let admin = self.admin_logged_in()?;
+        let scan = self.scan(&admin)?;
+        let names: BTreeSet<&str> = scan
+            .keys
+            .iter()
+            .map(|(k, _)| k.name.as_str())
+            .chain(scan.records.iter().map(|(n, _)| n.as_str()))
+            .collect();
+        let mut out = Vec::new();
+        for name in names {
+            let family = self.family_from(&admin, &scan, name);
+            if !family.is_empty() {
+                out.extend(self.version_infos(&admin, &family)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every version of one key from v1 to the highest ever issued, oldest
+    /// first, with states; `ErrorKind::Key` if the token knows no such key.
+    pub fn key_versions(&self, name: &str) -> Result<Vec<KeyInfo>> {
+        validate_key_name(name)?;
+        let admin = self.admin_logged_in()?;
+        let family = self.family(&admin, name)?;
+        if family.is_empty() {
+            return Err(self.key_not_found(name));
+        }
+        self.version_infos(&admin, &family)
+    }
+
+    /// Turns version `k` off in the HSM: `CKA_ENCRYPT` and `CKA_DECRYPT`
+    /// false, so the token refuses to wrap or unwrap with it. If it was the
+    /// current version, the highest remaining enabled version becomes
+    /// current (or none, and encryption under the name fails). Idempotent.
+    pub fn disable_version(&self, k: &KeyRef) -> Result<StateChange> {
+        self.set_enabled(k, false)
+    }
+
+    /// Undoes [`Self::disable_version`]. Idempotent.
+    pub fn enable_version(&self, k: &KeyRef) -> Result<StateChange> {
+        self.set_enabled(k, true)
+    }
+
+    /// Checks that [`Self::destroy_version`] may destroy `k`, changing
+    /// nothing: the version's entry, or `None` if it is already destroyed.
+    pub fn check_destroy(&self, k: &KeyRef, force: bool) -> Result<Option<KeyInfo>> {
+        validate_key_name(&k.name)?;
+        let admin = self.admin_logged_in()?;
+        let family = self.family(&admin, &k.name)?;
+        self.destroy_target(&admin, &family, k, force)
+    }
+
+    /// Deletes every object labelled as version `k` from the token
+    /// (`C_DestroyObject`); irreversible. Refuses the current version unless
+    /// `force`. Idempotent: an already destroyed version is reported
+    /// unchanged.
+    pub fn destroy_version(&self, k: &KeyRef, force: bool) -> Result<StateChange> {
+        validate_key_name(&k.name)?;
+        let admin = self.admin_logged_in()?;
+        let family = self.family(&admin, &k.name)?;
+        let target = self.destroy_target(&admin, &family, k, force)?;
+        let previous_state = target
+            .as_ref()
+            .map(|i| i.state)
+            .unwrap_or(KeyState::Destroyed);
+        if target.is_some() {
+            self.destroy_versions(&admin, &family, &[k.version])?;
+        }
+        let after = self.family(&admin, &k.name)?;
+        let versions = self.version_infos(&admin, &after)?;
+        Ok(StateChange {
+            key: k.name.clone(),
+            version: k.version,
+            token: self.token_label.clone(),
+            action: "destroy",
+            changed: target.is_some(),
+            previous_state,
+            state: state_of(&versions, k.version),
+            current_version: current_of(&versions),
+        })
+    }
+
+    /// Retention: destroys every version of `name` that is not the current
+    /// one and was created at or before `now - older_than` (seconds).
+    /// Versions with an unknown creation time are spared. With `dry_run`,
+    /// only reports what it would destroy.
+    pub fn purge(
+        &self,
+        name: &str,
+        older_than: u64,
+        now: u64,
+        dry_run: bool,
+    ) -> Result<PurgeReport> {
+        validate_key_name(name)?;
+        let admin = self.admin_logged_in()?;
+        let family = self.family(&admin, name)?;
+        if family.is_empty() {
+            return Err(self.key_not_found(name));
+        }
+        let versions = self.version_infos(&admin, &family)?;
+        let cutoff = now.saturating_sub(older_than);
+        let (destroyed, spared) = plan_purge(&versions, cutoff);
+        if !dry_run && !destroyed.is_empty() {
+            let targets: Vec<u32> = destroyed.iter().map(|i| i.version).collect();
+            self.destroy_versions(&admin, &family, &targets)?;
+        }
+        Ok(PurgeReport {
+            key: name.to_string(),
+            token: self.token_label.clone(),
+            dry_run,
+            cutoff: keys::rfc3339(cutoff),
+            current_version: current_of(&versions),
+            destroyed,
+            spared,
+        })
+    }
+
+    // ---- internals ----
+
+    /// The entries of `family` from v1 to the highest issued, with states:
+    /// present objects as read, missing numbers as destroyed.
+    pub(super) fn version_infos(&self, admin: &Session, family: &Family) -> Result<Vec<KeyInfo>> {
+        let mut present: BTreeMap<u32, Vec<KeyInfo>> = BTreeMap::new();
+        for (v, h) in &family.keys {
+            let k = KeyRef {
+                name: family.name.clone(),
+                version: *v,
+            };
+            if let Some(info) = self.key_info_if_present(admin, &k, *h)? {
+                present.entry(*v).or_default().push(info);
+            }
+        }
+        // Same rule as `current_version`: the highest version with an
+        // object that is not disabled.
+        let current = present
+            .iter()
+            .rev()
+            .find(|(_, infos)| infos.iter().any(|i| i.state != KeyState::Disabled))
+            .map(|(v, _)| *v);
+        let mut out = Vec::new();
+        for (v, infos) in present.iter_mut() {
+            let n = infos.len();
+            for info in infos.iter_mut() {
+                if Some(*v) == current {
+                    info.state = KeyState::Active;
+                }
+                if n > 1 {
+                    info.problems.push(format!(
+                        "{n} objects carry the label {} (hsmseal will not guess which one is this version)",
+                        info.label
+                    ));
+                }
+            }
+        }
+        // Missing numbers, newest first, bounded (see MAX_LISTED_DESTROYED).
+        let mut destroyed = Vec::new();
+        let mut v = family.last_issued();
+        while v >= 1 && destroyed.len() < MAX_LISTED_DESTROYED {
+            if !present.contains_key(&v) {
+                destroyed.push(KeyInfo::destroyed(&family.name, v));
+            }
+            v -= 1;
+        }
+        out.extend(present.into_values().flatten());
+        out.extend(destroyed);
+        out.sort_by_key(|k| k.version);
+        Ok(out)
+    }
+
+    fn set_enabled(&self, k: &KeyRef, enable: bool) -> Result<StateChange> {
+        validate_key_name(&k.name)?;
+        let t = &self.token_label;
+        let action = if enable { "enable" } else { "disable" };
+        let admin = self.admin_logged_in()?;
+        let family = self.family(&admin, &k.name)?;
+        let handles = family.handles(k.version);
+        if handles.is_empty() {
+            return Err(self.missing_version(&family, k.version));
+        }
+        let before = self.version_infos(&admin, &family)?;
+        let mut changed = false;
+        for h in handles {
+            let Some(disabled) = self.disabled(&admin, h)? else {
+                continue;
+            };
+            if disabled != enable {
+                continue;
+            }
+            admin
+                .update_attributes(h, &[Attribute::Encrypt(enable), Attribute::Decrypt(enable)])
+                .map_err(|e| match rv_of(&e) {
+                    Some(
+                        RvError::AttributeReadOnly
+                        | RvError::ActionProhibited
+                        | RvError::AttributeTypeInvalid
+                        | RvError::AttributeValueInvalid,
+                    ) => Error::token(format!(
+                        "token {t:?} does not let hsmseal change CKA_ENCRYPT/CKA_DECRYPT of key {k} ({}), so it cannot {action} it there (hsmseal keeps no disabled state of its own, which other PKCS#11 clients would ignore); `hsmseal key destroy` removes a version for good",
+                        returned(&e)
+                    )),
+                    _ => token_error(e, t, &format!("{action} key {k}: setting CKA_ENCRYPT and CKA_DECRYPT")),
+                })?;
+            changed = true;
+        }
+        self.evict(k);
+        let after = self.family(&admin, &k.name)?;
+        let versions = self.version_infos(&admin, &after)?;
+        let state = state_of(&versions, k.version);
+        // Check what the token did, not what we asked for.
+        if (state == KeyState::Disabled) == enable {
+            return Err(Error::token(format!(
+                "token {t:?} accepted the change to CKA_ENCRYPT/CKA_DECRYPT of key {k} but reports the key as {state}; it cannot be {action}d on this token"
+            )));
+        }
+        Ok(StateChange {
+            key: k.name.clone(),
+            version: k.version,
+            token: t.clone(),
+            action,
+            changed,
+            previous_state: state_of(&before, k.version),
+            state,
+            current_version: current_of(&versions),
+        })
+    }
+
+    /// `k`'s entry if [`Self::destroy_version`] may destroy it, `None` if it
+    /// is already destroyed, or why not.
+    fn destroy_target(
+        &self,
+        admin: &Session,
+        family: &Family,
+        k: &KeyRef,
+        force: bool,
+    ) -> Result<Option<KeyInfo>> {
+        if family.is_empty() {
+            return Err(self.key_not_found(&k.name));
+        }
+        if k.version > family.last_issued() {
+            return Err(self.missing_version(family, k.version));
+        }
+        let versions = self.version_infos(admin, family)?;
+        let Some(info) = versions
+            .into_iter()
+            .find(|i| i.version == k.version && i.state != KeyState::Destroyed)
+        else {
+            return Ok(None);
+        };
+        if info.state == KeyState::Active && !force {
+            return Err(Error::usage(format!(
+                "refusing to destroy {k}: it is the current version, which new encryptions under {} use. Run `hsmseal key rotate {}` first, or pass --force (new encryptions then use the highest remaining enabled version, or fail if there is none)",
+                k.name, k.name
+            )));
+        }
+        Ok(Some(info))
+    }
+
+    /// Destroys every object of each of `versions`, after recording the
+    /// newest version number if it is among them (so it is never reused).
+    fn destroy_versions(&self, admin: &Session, family: &Family, versions: &[u32]) -> Result<()> {
+        let t = &self.token_label;
+        let name = &family.name;
+        if let Some(newest) = family.newest() {
+            if versions.contains(&newest) && newest > family.high_water {
+                self.write_high_water(admin, family, newest)?;
+            }
+        }
+        let mut done: Vec<String> = Vec::new();
+        for &v in versions {
+            let k = KeyRef {
+                name: name.clone(),
+                version: v,
+            };
+            for h in family.handles(v) {
+                match admin.destroy_object(h) {
+                    Ok(()) => {}
+                    // Someone else destroyed it meanwhile: the result we wanted.
+                    Err(e) if is_gone(&e) => {}
+                    Err(e) => {
+                        let already = if done.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (already destroyed: {})", done.join(", "))
+                        };
+                        return Err(token_error(e, t, &format!("destroying key {k}{already}")));
+                    }
+                }
+            }
+            self.evict(&k);
+            done.push(format!("v{v}"));
+        }
+        Ok(())
+    }
+
+    /// Records on the token that versions up to `version` of the family were
+    /// issued (a new high-water record; older ones are then removed).
+    fn write_high_water(&self, admin: &Session, family: &Family, version: u32) -> Result<()> {
+        let name = &family.name;
+        let template = [
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Label(keys::high_water_label(name).into_bytes()),
+            Attribute::Application(b"hsmseal".to_vec()),
+            Attribute::Value(version.to_string().into_bytes()),
+        ];
+        admin.create_object(&template).map_err(|e| {
+            Error::token(format!(
+                "cannot record on token {:?} that {name} v{version} was issued ({}: creating a CKO_DATA object), so its number could be reused after it is destroyed; nothing was destroyed. Run `hsmseal key rotate {name}` first so v{version} is not the newest version",
+                self.token_label,
+                returned(&e)
+            ))
+        })?;
+        // Superseded: the new record holds the highest number. One left
+        // behind (a failure here) is harmless: the highest value wins.
+        for old in &family.records {
+            let _ = admin.destroy_object(*old);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(version: u32, state: KeyState, created: Option<u64>) -> KeyInfo {
+        let mut k = KeyInfo::destroyed("k", version);
+        k.state = state;
+        k.created_not_after = created;
+        k.created = created.map(keys::rfc3339);
+        k
+    }
+
+    #[test]
+    fn purge_spares_the_current_version_newer_ones_and_undated_ones() {
+        let versions = [
+            info(1, KeyState::DecryptOnly, Some(100)),
+            info(2, KeyState::Destroyed, None),
+            info(3, KeyState::Disabled, Some(200)),
+            info(4, KeyState::DecryptOnly, None),
+            info(5, KeyState::DecryptOnly, Some(201)),
+            info(6, KeyState::Active, Some(50)),
+            info(7, KeyState::Disabled, Some(60)),
+        ];
+        let (destroy, spare) = plan_purge(&versions, 200);
+        let v = |items: &[PurgeItem]| items.iter().map(|i| i.version).collect::<Vec<_>>();
+        // At the cutoff exactly counts as old; a disabled version newer than
+        // the current one is not current, so it goes too.
+        assert_eq!(v(&destroy), [1, 3, 7]);
+        assert_eq!(v(&spare), [4, 5, 6]);
+        assert_eq!(spare[0].reason, REASON_UNKNOWN);
+        assert_eq!(spare[1].reason, REASON_NEW);
+        assert_eq!(spare[2].reason, REASON_CURRENT);
+        assert!(destroy.iter().all(|i| i.reason == REASON_OLD));
+        assert_eq!(destroy[1].state, KeyState::Disabled);
+        // Nothing is old enough (the current version's age never matters).
+        let (destroy, spare) = plan_purge(&versions, 59);
+        assert!(destroy.is_empty(), "{destroy:?}");
+        assert_eq!(spare.len(), 6);
+    }
+
+    #[test]
+    fn family_numbers() {
+        let mut f = Family::default();
+        assert!(f.is_empty());
+        assert_eq!(f.last_issued(), 0);
+        f.high_water = 4;
+        assert!(!f.is_empty());
+        assert_eq!(f.last_issued(), 4);
+        assert_eq!(f.newest(), None);
+        assert!(f.handles(4).is_empty());
+    }
+}
