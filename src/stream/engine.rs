@@ -10,11 +10,12 @@
 //! the start of the buffer. Either way the writer does one plain write.
 //! Buffers are allocated once per stream and reused, so memory is constant.
 
+use std::collections::VecDeque;
 use std::io::{self, IoSliceMut, Read};
 use std::mem::ManuallyDrop;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{compiler_fence, AtomicBool, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::atomic::{compiler_fence, Ordering};
+use std::sync::{mpsc, Condvar, Mutex};
 
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
 use zeroize::Zeroize;
@@ -305,6 +306,89 @@ fn worker_failed() -> Error {
     Error::io("internal error: a crypto worker thread failed")
 }
 
+/// Batches waiting for crypto, shared by the workers and the coordinator
+/// (which takes one itself rather than sit idle waiting for a worker).
+struct WorkQueue {
+    state: Mutex<QueueState>,
+    available: Condvar,
+}
+
+struct QueueState {
+    batches: VecDeque<Batch>,
+    /// No more batches will come: workers exit once the queue is empty.
+    closed: bool,
+}
+
+impl WorkQueue {
+    fn new(capacity: usize) -> Self {
+        WorkQueue {
+            state: Mutex::new(QueueState {
+                batches: VecDeque::with_capacity(capacity),
+                closed: false,
+            }),
+            available: Condvar::new(),
+        }
+    }
+
+    // Nothing panics while the lock is held, so a poisoned lock cannot
+    // happen; treat it as closed all the same rather than unwrap.
+    fn push(&self, b: Batch) -> Result<()> {
+        let mut st = self.state.lock().map_err(|_| worker_failed())?;
+        st.batches.push_back(b);
+        drop(st);
+        self.available.notify_one();
+        Ok(())
+    }
+
+    /// The oldest waiting batch, if any, without blocking.
+    fn try_pop(&self) -> Option<Batch> {
+        self.state.lock().ok()?.batches.pop_front()
+    }
+
+    /// The oldest waiting batch; blocks until there is one, or returns
+    /// `None` once the queue is closed and empty.
+    fn pop(&self) -> Option<Batch> {
+        let mut st = self.state.lock().ok()?;
+        loop {
+            if let Some(b) = st.batches.pop_front() {
+                return Some(b);
+            }
+            if st.closed {
+                return None;
+            }
+            st = self.available.wait(st).ok()?;
+        }
+    }
+
+    fn close(&self) {
+        if let Ok(mut st) = self.state.lock() {
+            st.closed = true;
+            // Batches nobody will process: drop (and wipe) them now.
+            st.batches.clear();
+        }
+        self.available.notify_all();
+    }
+}
+
+/// Closes the queue when the coordinator is done, however it leaves, so
+/// that the workers exit and can be joined.
+struct CloseOnDrop<'a>(&'a WorkQueue);
+
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// Runs `crypt` on a batch, turning a panic into a `Done` error.
+fn process(crypt: &CryptFn<'_>, mut batch: Batch) -> Done {
+    let seq = batch.seq;
+    match catch_unwind(AssertUnwindSafe(|| crypt(&mut batch))) {
+        Ok(()) => Ok(batch),
+        Err(_) => Err(seq),
+    }
+}
+
 fn run_parallel(
     threads: usize,
     first: Batch,
@@ -312,10 +396,11 @@ fn run_parallel(
     crypt: &CryptFn<'_>,
     write: &mut WriteFn<'_>,
 ) -> Result<()> {
-    let cancel = AtomicBool::new(false);
-    let (work_tx, work_rx) = mpsc::channel::<Batch>();
-    // std's Receiver cannot be shared; workers take turns at it.
-    let work_rx = Mutex::new(work_rx);
+    // Enough batches for every worker to have one in hand and one queued,
+    // plus one being read and one being written: ~6 MiB with 2 threads,
+    // ~36 MiB at most (MAX_THREADS).
+    let in_flight = 2 * threads + 2;
+    let queue = WorkQueue::new(in_flight);
     let (done_tx, done_rx) = mpsc::channel::<Done>();
 
     std::thread::scope(|s| {
@@ -324,10 +409,10 @@ fn run_parallel(
         let handles: Vec<_> = (0..threads)
             .map_while(|_| {
                 let done_tx = done_tx.clone();
-                let (work_rx, cancel) = (&work_rx, &cancel);
+                let queue = &queue;
                 std::thread::Builder::new()
                     .name("hsmseal-crypto".into())
-                    .spawn_scoped(s, move || worker(work_rx, done_tx, crypt, cancel))
+                    .spawn_scoped(s, move || worker(queue, done_tx, crypt))
                     .ok()
             })
             .collect();
@@ -336,12 +421,13 @@ fn run_parallel(
             return run_sequential(first, false, read, crypt, write);
         }
 
-        // Dropping the work sender (when `coordinate` returns) is what tells
-        // the workers to exit; it must happen before the joins below.
-        let result = coordinate(handles.len(), first, read, write, work_tx, &done_rx);
-        if result.is_err() {
-            cancel.store(true, Ordering::Relaxed);
-        }
+        let result = {
+            // Closing the queue (when this block ends, whatever the
+            // outcome) is what tells the workers to exit; it must happen
+            // before the joins below.
+            let _close = CloseOnDrop(&queue);
+            coordinate(in_flight, first, read, crypt, write, &queue, &done_rx)
+        };
         // Join every worker by hand: a panicked worker then surfaces as an
         // error here instead of a panic out of `thread::scope`.
         let mut panicked = false;
@@ -355,49 +441,29 @@ fn run_parallel(
     })
 }
 
-fn worker(
-    work_rx: &Mutex<mpsc::Receiver<Batch>>,
-    done_tx: mpsc::Sender<Done>,
-    crypt: &CryptFn<'_>,
-    cancel: &AtomicBool,
-) {
-    loop {
-        let next = match work_rx.lock() {
-            Ok(rx) => rx.recv(),
-            Err(_) => return,
-        };
-        let Ok(mut batch) = next else {
-            return; // the coordinator is done
-        };
-        if cancel.load(Ordering::Relaxed) {
-            continue; // the stream already failed; just drain
-        }
-        let seq = batch.seq;
-        let msg = match catch_unwind(AssertUnwindSafe(|| crypt(&mut batch))) {
-            Ok(()) => Ok(batch),
-            Err(_) => Err(seq),
-        };
-        if done_tx.send(msg).is_err() {
-            return;
+fn worker(queue: &WorkQueue, done_tx: mpsc::Sender<Done>, crypt: &CryptFn<'_>) {
+    while let Some(batch) = queue.pop() {
+        if done_tx.send(process(crypt, batch)).is_err() {
+            return; // the coordinator has gone
         }
     }
 }
 
 /// The calling thread's side of the pipeline: keeps up to `in_flight`
 /// batches between reading and writing, reads ahead while workers encrypt,
-/// and writes finished batches strictly in stream order.
+/// writes finished batches strictly in stream order, and when it can
+/// neither read nor write, processes a waiting batch itself. That last part
+/// keeps a run from stalling on a worker the scheduler has not got round to
+/// (the machines are small and shared), and costs nothing otherwise.
 fn coordinate(
-    threads: usize,
+    in_flight: usize,
     first: Batch,
     read: &mut ReadFn<'_>,
+    crypt: &CryptFn<'_>,
     write: &mut WriteFn<'_>,
-    work_tx: mpsc::Sender<Batch>,
+    queue: &WorkQueue,
     done_rx: &mpsc::Receiver<Done>,
 ) -> Result<()> {
-    // Enough batches for every worker to have one in hand and one queued,
-    // plus one being read and one being written: ~6 MiB with 2 threads,
-    // ~36 MiB at most (MAX_THREADS).
-    let in_flight = 2 * threads + 2;
     let mut free: Vec<Batch> = Vec::with_capacity(in_flight);
     // Finished batches waiting for their turn, at index seq % in_flight.
     let mut ready: Vec<Option<Batch>> = (0..in_flight).map(|_| None).collect();
@@ -427,7 +493,7 @@ fn coordinate(
     };
 
     loop {
-        while !input_done && next_read - next_write < in_flight as u64 {
+        if !input_done && next_read - next_write < in_flight as u64 {
             let mut b = match first.take() {
                 Some(b) => b, // read by `run`, known not to be the last
                 None => {
@@ -438,17 +504,21 @@ fn coordinate(
             };
             b.seq = next_read;
             next_read += 1;
-            work_tx.send(b).map_err(|_| worker_failed())?;
-            // Write whatever finished meanwhile, without waiting.
-            while let Ok(msg) = done_rx.try_recv() {
-                accept(msg, &mut ready, &mut free, &mut next_write)?;
-            }
-        }
-        if next_write == next_read {
+            queue.push(b)?;
+        } else if next_write == next_read {
             return Ok(());
+        } else if let Some(b) = queue.try_pop() {
+            let msg = process(crypt, b);
+            accept(msg, &mut ready, &mut free, &mut next_write)?;
+        } else {
+            // Everything in flight is in a worker's hands.
+            let msg = done_rx.recv().map_err(|_| worker_failed())?;
+            accept(msg, &mut ready, &mut free, &mut next_write)?;
         }
-        let msg = done_rx.recv().map_err(|_| worker_failed())?;
-        accept(msg, &mut ready, &mut free, &mut next_write)?;
+        // Write whatever finished meanwhile, without waiting.
+        while let Ok(msg) = done_rx.try_recv() {
+            accept(msg, &mut ready, &mut free, &mut next_write)?;
+        }
     }
 }
 
