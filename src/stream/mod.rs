@@ -24,7 +24,7 @@ use crate::secret::SecretKey;
 mod engine;
 mod kdf;
 
-use engine::{read_full, read_full_slots, Batch, ChunkCipher, BATCH_BYTES};
+use engine::{read_full, Batch, ChunkCipher, BATCH_BYTES, BATCH_PLAIN};
 
 /// Plaintext bytes in every chunk but the final one.
 pub const CHUNK_SIZE: usize = 16384;
@@ -122,11 +122,11 @@ fn seal_stream(
 
     let mut next_chunk = 0u64;
     let mut read = |b: &mut Batch| -> Result<bool> {
-        let n = read_full_slots(input, &mut b.buf).map_err(read_err)?;
+        let n = read_full(input, &mut b.buf[..BATCH_PLAIN]).map_err(read_err)?;
         b.first_chunk = next_chunk;
         // A batch that is not filled holds the final, short chunk (possibly
         // empty); a full batch is followed by at least that final chunk.
-        let last = n < BATCH_BYTES / ENC_CHUNK_LEN * CHUNK_SIZE;
+        let last = n < BATCH_PLAIN;
         (b.n_chunks, b.tail_len) = if last {
             (n / CHUNK_SIZE + 1, n % CHUNK_SIZE)
         } else {
