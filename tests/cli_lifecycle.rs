@@ -16,25 +16,61 @@ fn rotate_twice_rewrap_everything_then_shred_the_old_versions() {
     write(&c.path("db.sql"), &plain);
     c.ok(&["encrypt", "--key", "backups", "db.sql"]);
     std::fs::copy(c.path("db.sql.hseal"), c.path("left-on-v1.hseal")).unwrap();
-    let csv = b"id,name,ssn\n1,\"Doe, Jane\",123-45-6789\n2,\"O'Neil \"\"Mac\"\"\",\n3,,987-65-4321\n";
+    let csv =
+        b"id,name,ssn\n1,\"Doe, Jane\",123-45-6789\n2,\"O'Neil \"\"Mac\"\"\",\n3,,987-65-4321\n";
     write(&c.path("users.csv"), csv);
-    let cols = ["--columns", "name,ssn", "--row-id", "id", "--context", "app.users"];
-    let mut args = vec!["columns", "encrypt", "--key", "backups", "-i", "users.csv", "-o", "users.enc.csv"];
+    let cols = [
+        "--columns",
+        "name,ssn",
+        "--row-id",
+        "id",
+        "--context",
+        "app.users",
+    ];
+    let mut args = vec![
+        "columns",
+        "encrypt",
+        "--key",
+        "backups",
+        "-i",
+        "users.csv",
+        "-o",
+        "users.enc.csv",
+    ];
     args.extend(cols);
     c.ok(&args);
 
     c.ok(&["key", "rotate", "backups"]);
     c.ok(&["key", "rotate", "backups"]);
-    let info: serde_json::Value = serde_json::from_slice(&c.ok(&["--json", "key", "info", "backups"])).unwrap();
-    let versions: Vec<u64> = info.as_array().unwrap().iter().map(|k| k["version"].as_u64().unwrap()).collect();
+    let info: serde_json::Value =
+        serde_json::from_slice(&c.ok(&["--json", "key", "info", "backups"])).unwrap();
+    let versions: Vec<u64> = info
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["version"].as_u64().unwrap())
+        .collect();
     assert_eq!(versions, [1, 2, 3]);
 
     let payload_before = std::fs::read(c.path("db.sql.hseal")).unwrap()[1024..].to_vec();
     c.ok(&["rotate", "db.sql.hseal"]);
-    assert_eq!(std::fs::read(c.path("db.sql.hseal")).unwrap()[1024..], payload_before[..]);
-    let v: serde_json::Value = serde_json::from_slice(&c.ok(&["--json", "inspect", "db.sql.hseal"])).unwrap();
+    assert_eq!(
+        std::fs::read(c.path("db.sql.hseal")).unwrap()[1024..],
+        payload_before[..]
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&c.ok(&["--json", "inspect", "db.sql.hseal"])).unwrap();
     assert_eq!(v["key_version"], 3);
-    let mut args = vec!["columns", "rotate", "--key", "backups", "-i", "users.enc.csv", "-o", "users.rot.csv"];
+    let mut args = vec![
+        "columns",
+        "rotate",
+        "--key",
+        "backups",
+        "-i",
+        "users.enc.csv",
+        "-o",
+        "users.rot.csv",
+    ];
     args.extend(cols);
     c.ok(&args);
 
@@ -44,7 +80,14 @@ fn rotate_twice_rewrap_everything_then_shred_the_old_versions() {
     // Everything rotated decrypts.
     c.ok(&["decrypt", "-o", "db.out", "db.sql.hseal"]);
     assert_eq!(std::fs::read(c.path("db.out")).unwrap(), plain);
-    let mut args = vec!["columns", "decrypt", "-i", "users.rot.csv", "-o", "users.out.csv"];
+    let mut args = vec![
+        "columns",
+        "decrypt",
+        "-i",
+        "users.rot.csv",
+        "-o",
+        "users.out.csv",
+    ];
     args.extend(cols);
     c.ok(&args);
     assert_eq!(std::fs::read(c.path("users.out.csv")).unwrap(), csv);
@@ -54,7 +97,14 @@ fn rotate_twice_rewrap_everything_then_shred_the_old_versions() {
     assert!(stderr(&out).contains("backups v1"), "{}", stderr(&out));
     assert!(stderr(&out).contains("destroyed"), "{}", stderr(&out));
     assert!(!c.path("v1.out").exists());
-    let mut args = vec!["columns", "decrypt", "-i", "users.enc.csv", "-o", "users.old.csv"];
+    let mut args = vec![
+        "columns",
+        "decrypt",
+        "-i",
+        "users.enc.csv",
+        "-o",
+        "users.old.csv",
+    ];
     args.extend(cols);
     let out = c.run(&args);
     assert_eq!(code(&out), 4, "{}", stderr(&out));

@@ -39,7 +39,12 @@ pub fn run(app: &App, args: DecryptArgs) -> Result<i32> {
             file::open_payload(&*backend, &header, reader, w, &opts)
         })?;
         if !app.json && output != Output::Stdout {
-            app.info(format!("decrypted {} -> {} ({})", input.display(), output.display(), report.kwk));
+            app.info(format!(
+                "decrypted {} -> {} ({})",
+                input.display(),
+                output.display(),
+                report.kwk
+            ));
         }
         Ok(Some(ItemReport {
             path: input.display(),
