@@ -13,7 +13,7 @@ Exit codes:
   1    some items of a bulk run failed (each is reported)
   2    usage or configuration error (bad flags, refused overwrite)
   3    authentication failed: data tampered, truncated, reordered or wrongly keyed
-  4    key error: key or version not found, or its attributes are too weak
+  4    key error: key or version not found, disabled or destroyed, or its attributes are too weak
   5    token error: PKCS#11 module or token not found or failing
   6    PIN error: wrong or missing PIN (a wrong PIN is never retried)
   7    I/O error
@@ -68,7 +68,7 @@ pub enum Command {
     /// Writes DIR/softhsm2.conf, DIR/tokens/, DIR/user-pin and DIR/so-pin (0600)
     /// and ./hsmseal.toml. This is a software token: for development only.
     Init(InitArgs),
-    /// Create and inspect key-wrapping keys in the HSM
+    /// Create, rotate, disable, destroy and purge key-wrapping keys in the HSM (never touches files)
     #[command(subcommand)]
     Key(KeyCommand),
     /// Encrypt files (or stdin) under a key held in the HSM

@@ -261,6 +261,13 @@ fn rotation_survives_kill_9_at_any_point() {
     c.ok(&["-q", "rotate", "--key", "b", "-r", "d"]);
     let full = t0.elapsed();
     c.ok(&["-q", "rotate", "--key", "a", "-r", "d"]);
+    // SoftHSM2 rewrites its token.object file in place at every C_Login (to
+    // reset the PIN flags), so a client killed during login can leave the
+    // *token* unreadable ("no token labelled ..."), whatever that client
+    // was. Rotation changes no token object, so the token is restored from a
+    // snapshot after each kill: this test is about hsmseal's files.
+    let token_dir = c.token.dir.path().to_path_buf();
+    let snapshot = snapshot_files(&token_dir);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
     let mut partial = 0;
     for run in 0..50 {
@@ -274,6 +281,7 @@ fn rotation_survives_kill_9_at_any_point() {
         std::thread::sleep(delay);
         let _ = child.kill(); // SIGKILL
         child.wait().unwrap();
+        restore_files(&snapshot);
         let keys = keys_of(&c);
         let moved = keys.iter().filter(|k| *k == target).count();
         if moved > 0 && moved < N {
@@ -307,4 +315,24 @@ fn rotation_survives_kill_9_at_any_point() {
         assert_eq!(out.stdout, originals[i], "{f}");
     }
     assert!(keys_of(&c).iter().all(|k| k == "b"));
+}
+
+/// Every file under `dir` with its bytes.
+fn snapshot_files(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(snapshot_files(&p));
+        } else {
+            out.push((p.clone(), std::fs::read(&p).unwrap()));
+        }
+    }
+    out
+}
+
+fn restore_files(files: &[(std::path::PathBuf, Vec<u8>)]) {
+    for (p, bytes) in files {
+        std::fs::write(p, bytes).unwrap();
+    }
 }
