@@ -59,6 +59,19 @@ fn write_err(e: io::Error) -> Error {
     Error::io(format!("writing output: {e}"))
 }
 
+/// Bytes per write call: a batch goes out in 64 KiB pieces. On the build
+/// machines' sandboxed file system, copying 1 GiB with ~1 MiB writes took
+/// 1.6-3.0 s against 0.6-0.9 s with 16-64 KiB ones (interleaved runs);
+/// elsewhere 16 writes a batch instead of one cost next to nothing.
+const WRITE_PIECE: usize = 64 * 1024;
+
+fn write_pieces(output: &mut dyn Write, data: &[u8]) -> Result<()> {
+    for piece in data.chunks(WRITE_PIECE) {
+        output.write_all(piece).map_err(write_err)?;
+    }
+    Ok(())
+}
+
 fn add_progress(opts: &StreamOptions, n: usize) {
     if let Some(p) = opts.progress {
         p.fetch_add(n as u64, Ordering::Relaxed);
@@ -140,9 +153,7 @@ fn seal_stream(
     let crypt = |b: &mut Batch| cipher.seal(b);
     let mut total = 0u64;
     let mut write = |b: &mut Batch| -> Result<()> {
-        output
-            .write_all(&b.buf[..b.sealed_len()])
-            .map_err(write_err)?;
+        write_pieces(output, &b.buf[..b.sealed_len()])?;
         total += b.plain_len() as u64;
         add_progress(opts, b.plain_len());
         Ok(())
@@ -283,7 +294,7 @@ fn open_stream(
             };
             // `open` left the authenticated plaintext contiguous.
             let n = (good - 1) * CHUNK_SIZE + last_len;
-            output.write_all(&b.buf[..n]).map_err(write_err)?;
+            write_pieces(output, &b.buf[..n])?;
             total += n as u64;
             add_progress(opts, n);
         }
