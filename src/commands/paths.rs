@@ -61,7 +61,7 @@ impl Input {
                 if meta.is_dir() {
                     return Err(Error::usage("is a directory"));
                 }
-                Ok(Box::new(BufReader::with_capacity(1 << 20, f)))
+                Ok(Box::new(BufReader::with_capacity(crate::output::IO_BUF, f)))
             }
         }
     }
@@ -132,7 +132,7 @@ pub fn write_output<T>(
     match output {
         Output::Stdout => {
             let stdout = io::stdout();
-            let mut lock = io::BufWriter::with_capacity(1 << 20, stdout.lock());
+            let mut lock = io::BufWriter::with_capacity(crate::output::IO_BUF, stdout.lock());
             let r = f(&mut lock)?;
             lock.flush()
                 .map_err(|e| Error::io(format!("writing stdout: {e}")))?;

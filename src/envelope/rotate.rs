@@ -194,7 +194,7 @@ pub fn reencrypt(
     let (tx, rx) = mpsc::sync_channel(8);
     let threads = opts.threads;
     let decrypted = std::thread::scope(|s| {
-        let reader = io::BufReader::with_capacity(1 << 20, &mut f);
+        let reader = io::BufReader::with_capacity(crate::output::IO_BUF, &mut f);
         let dek = &dek;
         let worker = s.spawn(move || {
             let o = StreamOptions {
