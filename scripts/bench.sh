@@ -153,7 +153,8 @@ CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
     echo
     echo "Produced by \`make bench\` (\`scripts/bench.sh target/release/hsmseal\`) on $(date -u +%Y-%m-%d):"
     echo "$(nproc) cores ($CPU_MODEL), $(free -g | awk '/Mem:/{print $2}') GiB RAM, SoftHSM2 $(softhsm2-util --version)."
-    echo "All tools ran in the same run on the same input. Timings vary between runs by roughly ±10%."
+    echo "All tools ran in the same run on the same input. Disk writes on these machines vary widely from run to run"
+    echo "(the same openssl command took 1.3 s to 2.3 s within minutes), so compare medians within one run only."
     echo
     echo "## Files: ${SIZE_MIB} MiB from the page cache to a file"
     echo
