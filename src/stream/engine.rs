@@ -8,10 +8,11 @@
 //! sealed batch is one contiguous run of ciphertext. Opening reads
 //! ciphertext contiguously and decrypts it in place, shifted so that the
 //! plaintext ends up contiguous at the start of the buffer. Either way the
-//! reader and the writer each make one plain call per batch, which any
-//! `Read`/`Write` serves well (vectored I/O is slow on some file systems and
-//! not implemented by many readers).
-//! Buffers are allocated once per stream and reused, so memory is constant.
+//! reader fills a batch with plain `read` calls and the writer sends one
+//! contiguous run out with plain `write` calls, which any `Read`/`Write`
+//! serves well (vectored I/O is slow on some file systems and not
+//! implemented by many readers). Buffers are allocated once per stream and
+//! reused, so memory is constant.
 
 use std::collections::VecDeque;
 use std::io::{self, Read};
@@ -189,8 +190,8 @@ impl ChunkCipher {
     /// Authenticates and decrypts chunks in order, stopping at the first
     /// that fails; `b.authenticated` says how many succeeded. Chunk `i`'s
     /// plaintext lands at `i * CHUNK_SIZE`, so the authenticated plaintext is
-    /// contiguous at the start of the buffer and goes out in one plain
-    /// write (a chunk-by-chunk `writev` to a file is markedly slower here). ring
+    /// contiguous at the start of the buffer and goes out in plain writes (a
+    /// chunk-by-chunk `writev` to a file is markedly slower here). ring
     /// decrypts while it authenticates and zeroes a chunk whose tag is
     /// wrong; either way the writer releases only authenticated chunks.
     pub(super) fn open(&self, b: &mut Batch) {
