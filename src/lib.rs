@@ -17,4 +17,5 @@ pub mod hsm;
 pub mod keys;
 pub mod output;
 pub mod secret;
+pub mod signals;
 pub mod stream;

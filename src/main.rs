@@ -5,6 +5,7 @@ use clap::Parser;
 
 fn main() {
     let cli = hsmseal::cli::Cli::parse();
+    hsmseal::signals::install();
     let code = match hsmseal::commands::run(cli) {
         Ok(code) => code,
         Err(e) => {

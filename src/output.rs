@@ -19,6 +19,33 @@ use std::path::{Path, PathBuf};
 /// build machines than 64 KiB pieces.
 pub const IO_BUF: usize = 64 * 1024;
 
+/// Temporary files being written right now, so a SIGINT/SIGTERM handler can
+/// remove them before the process exits (destructors do not run then).
+static LIVE_TEMPS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn register_temp(p: &Path) {
+    if let Ok(mut v) = LIVE_TEMPS.lock() {
+        v.push(p.to_path_buf());
+    }
+}
+
+fn unregister_temp(p: &Path) {
+    if let Ok(mut v) = LIVE_TEMPS.lock() {
+        v.retain(|x| x != p);
+    }
+}
+
+/// Removes every temporary file still being written. Called on SIGINT and
+/// SIGTERM just before exiting; finished outputs are already renamed into
+/// place and are untouched, inputs are never written.
+pub fn remove_live_temps() {
+    if let Ok(v) = LIVE_TEMPS.lock() {
+        for p in v.iter() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
 /// Marker in every temporary file name hsmseal creates.
 pub const TEMP_MARKER: &str = ".hsmseal-tmp-";
 
@@ -52,6 +79,8 @@ impl AtomicFile {
         for _ in 0..16 {
             let suffix: u64 = rand::random();
             let temp = dir.join(format!(".{name}{TEMP_MARKER}{suffix:016x}"));
+            // Registered before it exists, so a signal can never miss it.
+            register_temp(&temp);
             match OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -67,13 +96,18 @@ impl AtomicFile {
                         committed: false,
                     })
                 }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last_err = Some(e),
+                // Not ours: never let a signal handler delete it.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    unregister_temp(&temp);
+                    last_err = Some(e)
+                }
                 Err(e) => {
+                    unregister_temp(&temp);
                     return Err(Error::io_at(
                         "cannot create a temporary file in",
                         dir.display(),
                         &e,
-                    ))
+                    ));
                 }
             }
         }
@@ -112,6 +146,7 @@ impl AtomicFile {
         fs::rename(&self.temp, &self.dest)
             .map_err(|e| Error::io_at("cannot rename into place", self.dest.display(), &e))?;
         self.committed = true;
+        unregister_temp(&self.temp);
         sync_dir(&parent_dir(&self.dest))
     }
 }
@@ -142,6 +177,7 @@ impl Drop for AtomicFile {
         if !self.committed {
             drop(self.file.take());
             let _ = fs::remove_file(&self.temp);
+            unregister_temp(&self.temp);
         }
     }
 }

@@ -1,0 +1,25 @@
+//! SIGINT and SIGTERM: stop, remove the temporary files being written, and
+//! exit 130 or 143. Outputs already renamed into place are complete and
+//! stay; inputs are never written; a file being rotated in place is valid at
+//! every instant (see docs/FORMAT.md section 5), so stopping anywhere is safe.
+
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+/// Starts the signal-watching thread. If the handler cannot be installed the
+/// default behaviour (immediate exit) remains, which still never leaves a
+/// partial output under its final name.
+pub fn install() {
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+        return;
+    };
+    let _ = std::thread::Builder::new()
+        .name("hsmseal-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                crate::output::remove_live_temps();
+                let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+                eprintln!("hsmseal: interrupted by {name}; temporary files removed");
+                std::process::exit(128 + sig);
+            }
+        });
+}
