@@ -18,7 +18,7 @@ Exit codes:
   6    PIN error: wrong or missing PIN (a wrong PIN is never retried)
   7    I/O error
   8    input is not in the expected format
-  130  interrupted";
+  130  interrupted by SIGINT (143: SIGTERM); temporary files are removed";
 
 #[derive(Parser, Debug)]
 #[command(
