@@ -220,13 +220,14 @@ fn auth_failed(chunk: u64, final_chunk: bool) -> Error {
     }
 }
 
-fn open_stream(
+/// Reads the payload's salt and commitment, derives the stream's key and
+/// checks the commitment: before any chunk, so a wrong key or context never
+/// even reaches the AEAD (key commitment).
+fn open_payload_header(
     key: &[u8; 32],
     context: &[u8],
     input: &mut dyn Read,
-    output: &mut dyn Write,
-    opts: &StreamOptions,
-) -> Result<u64> {
+) -> Result<ChunkCipher> {
     let mut header = [0u8; PAYLOAD_HEADER_LEN];
     let n = read_full(input, &mut header).map_err(read_err)?;
     if n < PAYLOAD_HEADER_LEN {
@@ -237,15 +238,22 @@ fn open_stream(
     let salt: &[u8; SALT_LEN] = header[..SALT_LEN].try_into().expect("fixed length");
     let commitment: &[u8; COMMITMENT_LEN] = header[SALT_LEN..].try_into().expect("fixed length");
     let derived = kdf::derive(key, salt, context);
-    // Checked before any chunk: a wrong key or context must not even reach
-    // the AEAD (key commitment).
     if !kdf::ct_eq(derived.commitment(), commitment) {
         return Err(Error::integrity(
             "key commitment mismatch: wrong key or context, or a modified header",
         ));
     }
-    let cipher = ChunkCipher::new(&derived);
-    drop(derived);
+    Ok(ChunkCipher::new(&derived))
+}
+
+fn open_stream(
+    key: &[u8; 32],
+    context: &[u8],
+    input: &mut dyn Read,
+    output: &mut dyn Write,
+    opts: &StreamOptions,
+) -> Result<u64> {
+    let cipher = open_payload_header(key, context, input)?;
 
     let mut next_chunk = 0u64;
     let mut read = |b: &mut Batch| -> Result<bool> {
@@ -333,22 +341,7 @@ pub fn authenticate_key_and_length<R: Read + io::Seek>(
             "truncated or extended: {payload_len} bytes is not a possible payload length"
         ))
     })?;
-    let mut header = [0u8; PAYLOAD_HEADER_LEN];
-    if read_full(input, &mut header).map_err(read_err)? < PAYLOAD_HEADER_LEN {
-        return Err(Error::integrity(
-            "truncated: the payload header is incomplete",
-        ));
-    }
-    let salt: &[u8; SALT_LEN] = header[..SALT_LEN].try_into().expect("fixed length");
-    let commitment: &[u8; COMMITMENT_LEN] = header[SALT_LEN..].try_into().expect("fixed length");
-    let derived = kdf::derive(key.expose(), salt, context);
-    if !kdf::ct_eq(derived.commitment(), commitment) {
-        return Err(Error::integrity(
-            "key commitment mismatch: wrong key or context, or a modified header",
-        ));
-    }
-    let cipher = ChunkCipher::new(&derived);
-    drop(derived);
+    let cipher = open_payload_header(key.expose(), context, input)?;
     let last = plain_len / CHUNK_SIZE as u64;
     let offset = PAYLOAD_HEADER_LEN as u64 + last * ENC_CHUNK_LEN as u64;
     let len = (payload_len - offset) as usize;
