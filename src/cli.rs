@@ -245,18 +245,19 @@ pub struct EncryptArgs {
     /// Key to encrypt under (default: default_key from hsmseal.toml) [env: HSMSEAL_KEY]
     #[arg(long, short = 'k')]
     pub key: Option<String>,
-    /// Output file ("-" for stdout); only with a single input
-    #[arg(long, short = 'o', value_name = "OUT")]
-    pub output: Option<PathBuf>,
-    /// Overwrite existing outputs
-    #[arg(long)]
-    pub force: bool,
-    /// Input files ("-" or none for stdin)
-    pub inputs: Vec<PathBuf>,
+    #[command(flatten)]
+    pub io: OutputArgs,
 }
 
 #[derive(Args, Debug)]
 pub struct DecryptArgs {
+    #[command(flatten)]
+    pub io: OutputArgs,
+}
+
+/// Inputs and where their outputs go, shared by encrypt and decrypt.
+#[derive(Args, Debug)]
+pub struct OutputArgs {
     /// Output file ("-" for stdout); only with a single input
     #[arg(long, short = 'o', value_name = "OUT")]
     pub output: Option<PathBuf>,

@@ -4,7 +4,9 @@
 //! ends the run with a non-zero exit.
 
 use super::encrypt::SUFFIX;
-use super::paths::{check_pair, for_each_item, write_output, Input, ItemReport, Output};
+use super::paths::{
+    check_pair, for_each_item, inputs_of, output_of, write_output, Input, ItemReport, Output,
+};
 use crate::app::App;
 use crate::cli::DecryptArgs;
 use crate::envelope::file;
@@ -13,29 +15,23 @@ use crate::stream::StreamOptions;
 use std::path::PathBuf;
 
 pub fn run(app: &App, args: DecryptArgs) -> Result<i32> {
-    let inputs = Input::list(&args.inputs)?;
-    if args.output.is_some() && inputs.len() > 1 {
-        return Err(Error::usage(
-            "-o takes a single input; several inputs are each written without their .hseal suffix",
-        ));
-    }
+    let inputs = inputs_of(
+        &args.io,
+        "several inputs are each written without their .hseal suffix",
+    )?;
     let opts = StreamOptions {
         threads: app.jobs,
         progress: None,
     };
     for_each_item(app, &inputs, Input::display, |input| {
-        let output = match (&args.output, input) {
-            (Some(o), _) => Output::from_arg(o),
-            (None, Input::Stdin) => Output::Stdout,
-            (None, Input::File(p)) => Output::File(strip_suffix(p)?),
-        };
-        check_pair(input, &output, args.force)?;
+        let output = output_of(&args.io, input, strip_suffix)?;
+        check_pair(input, &output, args.io.force)?;
         let mut reader = input.open()?;
         // Reject what is not an hsmseal file before touching the HSM.
         let (header, _) = file::read_header(&mut reader)?;
         let backend = app.backend()?;
         // 0600: decrypted data is for the owner only.
-        let report = write_output(&output, 0o600, args.force, |w| {
+        let report = write_output(&output, 0o600, args.io.force, |w| {
             file::open_payload(&*backend, &header, reader, w, &opts)
         })?;
         if !app.json && output != Output::Stdout {

@@ -2,7 +2,6 @@
 //! header alone. No HSM access, no secrets, nothing authenticated: the
 //! output says so, and `verify` is the command that authenticates.
 
-use super::encrypt::read_up_to;
 use super::paths::{for_each_item, Input};
 use crate::app::App;
 use crate::cli::InspectArgs;
@@ -37,7 +36,7 @@ pub fn run(app: &App, args: InspectArgs) -> Result<i32> {
     for_each_item(app, &inputs, Input::display, |input| {
         let mut r = input.open()?;
         let mut buf = vec![0u8; header::HEADER_LEN];
-        let n = read_up_to(&mut r, &mut buf)?;
+        let n = file::read_up_to(&mut r, &mut buf)?;
         let h = header::Header::parse(&buf[..n])?;
         let (slot_index, slot) = h.active();
         let file_bytes = match input {

@@ -4,6 +4,7 @@
 //! exits 1; a run with a single item exits with that item's own error code.
 
 use crate::app::App;
+use crate::cli::OutputArgs;
 use crate::error::{Error, Result};
 use crate::output::{same_file, AtomicFile};
 use serde::Serialize;
@@ -89,6 +90,30 @@ impl Output {
             Output::File(p) => p.display().to_string(),
         }
     }
+}
+
+/// The inputs of an encrypt or decrypt run. `-o` names one output, so it
+/// takes one input; `several` says where several inputs' outputs go instead.
+pub fn inputs_of(args: &OutputArgs, several: &str) -> Result<Vec<Input>> {
+    let inputs = Input::list(&args.inputs)?;
+    if args.output.is_some() && inputs.len() > 1 {
+        return Err(Error::usage(format!("-o takes a single input; {several}")));
+    }
+    Ok(inputs)
+}
+
+/// Where `input`'s output goes: `-o` if given, stdout for stdin, else the
+/// file name `derive` makes from the input's.
+pub fn output_of(
+    args: &OutputArgs,
+    input: &Input,
+    derive: impl FnOnce(&Path) -> Result<PathBuf>,
+) -> Result<Output> {
+    Ok(match (&args.output, input) {
+        (Some(o), _) => Output::from_arg(o),
+        (None, Input::Stdin) => Output::Stdout,
+        (None, Input::File(p)) => Output::File(derive(p)?),
+    })
 }
 
 /// Checks an (input, output) pair before any work: the output must not be

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::keys::{KeyBackend, KeyRef};
 use crate::secret::SecretKey;
 use crate::stream::{self, StreamOptions};
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 
 /// What a seal or open did, for reports.
 #[derive(Debug, Clone)]
@@ -39,18 +39,15 @@ pub fn seal<R: Read, W: Write>(
     })
 }
 
+/// Reads until `buf` is full or the input ends; returns the bytes read.
+pub fn read_up_to(input: &mut dyn Read, buf: &mut [u8]) -> Result<usize> {
+    stream::read_full(input, buf).map_err(|e| Error::io(format!("reading input: {e}")))
+}
+
 /// Reads exactly the header (or as much as there is) from `input`.
 pub fn read_header<R: Read>(input: &mut R) -> Result<(Header, [u8; HEADER_LEN])> {
     let mut buf = [0u8; HEADER_LEN];
-    let mut got = 0;
-    while got < HEADER_LEN {
-        match input.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Error::io(format!("reading input: {e}"))),
-        }
-    }
+    let got = read_up_to(input, &mut buf)?;
     let header = Header::parse(&buf[..got])?;
     Ok((header, buf))
 }

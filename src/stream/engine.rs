@@ -250,7 +250,7 @@ impl ChunkCipher {
 }
 
 /// Reads until `buf` is full or the input ends; returns the bytes read.
-pub(super) fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         match r.read(&mut buf[filled..]) {

@@ -24,7 +24,8 @@ use crate::secret::SecretKey;
 mod engine;
 mod kdf;
 
-use engine::{read_full, Batch, ChunkCipher, BATCH_BYTES, BATCH_PLAIN};
+pub(crate) use engine::read_full;
+use engine::{Batch, ChunkCipher, BATCH_BYTES, BATCH_PLAIN};
 
 /// Plaintext bytes in every chunk but the final one.
 pub const CHUNK_SIZE: usize = 16384;
