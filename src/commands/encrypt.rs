@@ -3,7 +3,7 @@
 
 use super::paths::{
     check_binary_stdout, check_pair, for_each_item, inputs_of, output_of, write_output, Input,
-    ItemReport,
+    ItemReport, Output,
 };
 use crate::app::App;
 use crate::cli::EncryptArgs;
@@ -57,6 +57,14 @@ pub fn run(app: &App, args: EncryptArgs) -> Result<i32> {
         let report = write_output(&output, 0o644, args.io.force, |w| {
             file::seal(&*backend, &kwk, chained, w, &opts)
         })?;
+        if !app.json && output != Output::Stdout {
+            app.info(format!(
+                "encrypted {} -> {} ({})",
+                input.display(),
+                output.display(),
+                report.kwk
+            ));
+        }
         Ok(Some(ItemReport {
             path: input.display(),
             output: Some(output.display()),
