@@ -5,7 +5,72 @@ use crate::config::Settings;
 use crate::error::{Error, Result};
 use crate::hsm::Hsm;
 use crate::keys::KeyBackend;
-use std::sync::{Arc, OnceLock};
+use crate::keys::KeyRef;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// What one run did, item by item: the numbers the `--json` summary and the
+/// audit log report. Updated by the per-item loop from any worker thread.
+#[derive(Default)]
+pub struct RunStats {
+    pub ok: AtomicU64,
+    pub failed: AtomicU64,
+    pub skipped: AtomicU64,
+    /// Plaintext bytes processed by successful items.
+    pub bytes: AtomicU64,
+    /// Every key version the run used (read or wrote under).
+    keys: Mutex<BTreeSet<KeyRef>>,
+}
+
+impl RunStats {
+    pub fn add_key(&self, k: KeyRef) {
+        if let Ok(mut s) = self.keys.lock() {
+            s.insert(k);
+        }
+    }
+    pub fn keys(&self) -> Vec<KeyRef> {
+        self.keys
+            .lock()
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+    pub fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+    pub fn skipped(&self) -> u64 {
+        self.skipped.load(Ordering::Relaxed)
+    }
+    /// Counts one finished item from its report.
+    pub fn record(&self, r: &crate::commands::ItemReport) {
+        let counter = if r.status == "skipped" || r.status == "unchanged" {
+            &self.skipped
+        } else {
+            &self.ok
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.bytes
+            .fetch_add(r.bytes.unwrap_or(0), Ordering::Relaxed);
+        if let (Some(name), Some(version)) = (&r.key, r.version) {
+            self.add_key(KeyRef {
+                name: name.clone(),
+                version,
+            });
+        }
+        if let (Some(name), Some(version)) = (&r.from_key, r.from_version) {
+            self.add_key(KeyRef {
+                name: name.clone(),
+                version,
+            });
+        }
+    }
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
 
 /// Shared state for one invocation of the binary.
 pub struct App {
@@ -18,6 +83,10 @@ pub struct App {
     /// Worker threads.
     pub jobs: usize,
     pub settings: Settings,
+    /// Counts and keys of this run, for the summary and the audit log.
+    pub stats: RunStats,
+    /// When the run started.
+    pub started: std::time::Instant,
     hsm: OnceLock<Arc<Hsm>>,
 }
 
@@ -29,6 +98,8 @@ impl App {
             default_key: settings.default_key.as_ref().map(|s| s.value.clone()),
             jobs: settings.jobs.value,
             settings,
+            stats: RunStats::default(),
+            started: std::time::Instant::now(),
             hsm: OnceLock::new(),
         }
     }
@@ -69,6 +140,11 @@ impl App {
                 "no key given: pass --key NAME, set HSMSEAL_KEY, or set default_key in hsmseal.toml",
             )),
         }
+    }
+
+    /// HSM calls made so far by this run (0 if the HSM was never opened).
+    pub fn hsm_calls(&self) -> u64 {
+        self.hsm.get().map(|h| h.calls()).unwrap_or(0)
     }
 
     /// Informational message on stderr unless `--quiet`.

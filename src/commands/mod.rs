@@ -11,6 +11,7 @@ pub mod init;
 pub mod inspect;
 pub mod key;
 mod paths;
+pub use paths::ItemReport;
 pub mod rotate;
 pub mod verify;
 mod walk;

@@ -209,6 +209,9 @@ pub fn for_each_item<T>(
     for item in items {
         match work(item) {
             Ok(report) => {
+                if let Some(r) = &report {
+                    app.stats.record(r);
+                }
                 // None: the command printed its own report.
                 if let (true, Some(report)) = (app.json, report) {
                     println!("{}", serde_json::to_string(&report).expect("serialisable"));
@@ -216,6 +219,9 @@ pub fn for_each_item<T>(
             }
             Err(e) => {
                 let e = e.context(name(item));
+                app.stats
+                    .failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if app.json {
                     let report = ItemReport {
                         path: name(item),
