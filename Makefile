@@ -5,7 +5,7 @@
 CARGO ?= cargo
 BIN := target/release/hsmseal
 
-.PHONY: all build deps test unit-test pg-e2e demo bench lint fmt clean
+.PHONY: all build deps test unit-test pg-e2e demo bench docs lint fmt clean
 
 all: build
 
@@ -31,6 +31,11 @@ demo: deps build
 
 bench: deps build
 	./scripts/bench.sh $(BIN)
+
+# Shell completions and man pages, generated from the clap definitions
+# (examples/gen-docs.rs), into target/docs/{completions,man}.
+docs:
+	$(CARGO) run --release --locked --example gen-docs -- target/docs
 
 lint:
 	$(CARGO) fmt --check
