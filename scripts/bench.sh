@@ -8,7 +8,8 @@
 # hsmseal, age (X25519 recipient), openssl enc -aes-256-ctr (no
 # authentication at all) and gpg --symmetric AES256 without compression;
 # wall time, CPU time and peak RSS from /usr/bin/time. Then hsmseal's peak RSS
-# on a 4 GiB file. Then the column benchmarks (scripts/bench-columns.sh).
+# on a 4 GiB file. Then bulk runs over a tree of 10,000 small files
+# (scripts/bench-bulk.sh) and the column benchmarks (scripts/bench-columns.sh).
 set -euo pipefail
 BIN=$(realpath "${1:-target/release/hsmseal}")
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -117,22 +118,6 @@ REENC_1G=$(timed "$BIN" -q rotate --reencrypt --key bench enc.hseal)
 "$BIN" -q verify enc.hseal small.hseal
 rm -f enc.hseal small.hseal small.bin
 
-# 10,000 small files (1-64 KiB): encrypt and rotate, files/s and HSM calls.
-mkdir many
-python3 - <<'PY'
-import os, random
-rnd = random.Random(1)
-for i in range(10000):
-    with open(f"many/f{i:05d}", "wb") as f:
-        f.write(os.urandom(rnd.randint(1024, 65536)))
-PY
-MANY_ENC=$(cd many && timed "$BIN" -q encrypt --key bench $(ls))
-find many -type f ! -name '*.hseal' -delete
-/usr/bin/time -f '%e' -o time.txt "$BIN" --json rotate --key bench2 -r many > rotate.json 2>err.txt || { cat err.txt >&2; exit 1; }
-MANY_ROT=$(cat time.txt)
-MANY_ROT_CALLS=$(tail -1 rotate.json | python3 -c 'import json,sys; print(json.load(sys.stdin)["summary"]["hsm_calls"])')
-rm -rf many rotate.json
-
 # Peak memory on a much bigger file (flat memory claim).
 head -c $((BIG_MIB * 1024 * 1024)) /dev/zero > big.bin
 /usr/bin/time -f '%e %M' -o time.txt "$BIN" encrypt --key bench -o big.hseal big.bin
@@ -142,6 +127,7 @@ read -r BIG_DEC_WALL BIG_DEC_RSS < time.txt
 cmp big.bin big.out
 rm -f big.bin big.hseal big.out
 
+BULK_MD=$("$ROOT/scripts/bench-bulk.sh" "$BIN")
 COLUMNS_MD=""
 if [ -x "$ROOT/scripts/bench-columns.sh" ]; then
     COLUMNS_MD=$("$ROOT/scripts/bench-columns.sh" "$BIN")
@@ -185,12 +171,7 @@ CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
     echo
     echo "Ratio rotate / re-encrypt on ${SIZE_MIB} MiB: $(awk -v a="$ROT_1G" -v b="$REENC_1G" 'BEGIN{ if (b > 0) printf "%.4f", a/b; else print "-" }')."
     echo
-    echo "10,000 files of 1-64 KiB, one process each step:"
-    echo
-    echo "| operation | wall s | files/s | HSM calls |"
-    echo "|---|---:|---:|---:|"
-    echo "| encrypt 10,000 files | $MANY_ENC | $(awk -v w="$MANY_ENC" 'BEGIN{printf "%.0f", 10000/w}') | 10000 |"
-    echo "| rotate 10,000 files (-r DIR) | $MANY_ROT | $(awk -v w="$MANY_ROT" 'BEGIN{printf "%.0f", 10000/w}') | $MANY_ROT_CALLS |"
+    echo "$BULK_MD"
     echo
     echo "## Memory on a ${BIG_MIB} MiB file"
     echo
