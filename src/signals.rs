@@ -2,6 +2,11 @@
 //! exit 130 or 143. Outputs already renamed into place are complete and
 //! stay; inputs are never written; a file being rotated in place is valid at
 //! every instant (see docs/FORMAT.md section 5), so stopping anywhere is safe.
+//! A file being replaced by `--in-place` loses its original only after the
+//! new file is durable and checked, so stopping leaves one or both.
+//! Exiting waits for a login or key management call in progress to finish
+//! (at most 10 s), so the token's own files are never cut short; no new one
+//! starts meanwhile.
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 
@@ -16,7 +21,11 @@ pub fn install() {
         .name("hsmseal-signals".into())
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
-                crate::output::remove_live_temps();
+                crate::output::remove_live_temps_for_exit();
+                // Never exit in the middle of a login or another token write:
+                // SoftHSM2 rewrites its token.object file at every C_Login,
+                // and cutting that short can leave the token unreadable.
+                crate::hsm::quiesce(std::time::Duration::from_secs(10));
                 let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
                 eprintln!("hsmseal: interrupted by {name}; temporary files removed");
                 std::process::exit(128 + sig);
