@@ -381,6 +381,7 @@ fn summary(app: &App, spec: &Spec, n_items: usize, workers: usize, t: &Tally) {
 struct Bar {
     pb: Option<ProgressBar>,
     bytes: bool,
+    items: usize,
 }
 
 impl Bar {
@@ -389,6 +390,7 @@ impl Bar {
             return Bar {
                 pb: None,
                 bytes: false,
+                items: 0,
             };
         }
         let (len, template) = if spec.bytes_progress {
@@ -399,7 +401,7 @@ impl Bar {
         } else {
             (
                 items.len() as u64,
-                "{spinner} {elapsed_precise} [{wide_bar}] {pos}/{len} items {per_sec} ETA {eta} {msg}",
+                "{spinner} {elapsed_precise} [{wide_bar}] {per_sec} ETA {eta} {msg}",
             )
         };
         let pb = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
@@ -411,6 +413,7 @@ impl Bar {
         Bar {
             pb: Some(pb),
             bytes: spec.bytes_progress,
+            items: items.len(),
         }
     }
 
@@ -418,9 +421,9 @@ impl Bar {
         if let Some(pb) = &self.pb {
             pb.set_position(if self.bytes { bytes } else { t.done });
             pb.set_message(if t.failed > 0 {
-                format!("{} done, {} failed", t.done, t.failed)
+                format!("{}/{} items, {} failed", t.done, self.items, t.failed)
             } else {
-                format!("{} done", t.done)
+                format!("{}/{} items", t.done, self.items)
             });
         }
     }
