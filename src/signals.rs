@@ -10,6 +10,10 @@
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 
+extern "C" {
+    fn _exit(status: std::os::raw::c_int) -> !;
+}
+
 /// Starts the signal-watching thread. If the handler cannot be installed the
 /// default behaviour (immediate exit) remains, which still never leaves a
 /// partial output under its final name.
@@ -28,7 +32,14 @@ pub fn install() {
                 crate::hsm::quiesce(std::time::Duration::from_secs(10));
                 let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
                 eprintln!("hsmseal: interrupted by {name}; temporary files removed");
-                std::process::exit(128 + sig);
+                // _exit, not exit: exit() would run the C library's atexit
+                // handlers and the PKCS#11 module's static destructors while
+                // worker threads are still inside the module (seen as a
+                // SIGSEGV instead of exit 143 during bulk runs).
+                // No stdout flush: a worker streaming to stdout holds its
+                // lock; lines already printed were flushed at their newline.
+                // SAFETY: _exit(2) is async-signal-safe and only ends the process.
+                unsafe { _exit(128 + sig) }
             }
         });
 }

@@ -540,3 +540,22 @@ fn sigterm_during_a_bulk_rotate_leaves_every_file_decryptable() {
         .collect();
     assert_eq!(back, want);
 }
+
+#[test]
+fn json_reports_go_to_stderr_when_the_data_goes_to_stdout() {
+    let c = Cli::with_key();
+    let plain = data(100_000, 9);
+    let out = c.run_with(&["--json", "encrypt", "--key", "k"], Some(&plain), &[]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    write(&c.path("s.hseal"), &out.stdout);
+    let lines: Vec<serde_json::Value> = stderr(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["status"], "ok");
+    assert_eq!(lines[1]["summary"]["ok"], 1);
+    let out = c.run(&["--json", "decrypt", "-o", "-", "s.hseal"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(out.stdout, plain);
+    assert!(stderr(&out).contains("\"summary\""));
+}

@@ -10,7 +10,8 @@
 //!   every item's output file depends on that item alone, and the per-item
 //!   lines (`--json` objects, stdout results, stderr notes and errors) are
 //!   printed in input order, each as soon as every item before it is done.
-//!   With `--json` a final `{"summary": ...}` line follows them.
+//!   With `--json` a final `{"summary": ...}` line follows them (on stderr
+//!   instead of stdout when the command's data goes to stdout).
 //! - Failures: a failed item is reported and the run goes on; the exit code
 //!   is 1 if any failed. A run of exactly one item exits with that item's
 //!   own error code instead (as if it had been run alone).
@@ -168,6 +169,9 @@ pub struct Spec {
     pub json_summary: bool,
     /// Show a progress bar (on a terminal, without --quiet).
     pub bar: bool,
+    /// The command writes its data to stdout (`-o -`, stdin to stdout): the
+    /// `--json` lines then go to stderr so they never mix with the data.
+    pub data_on_stdout: bool,
     /// Summary keys counting items by status: (key, status).
     pub status_counts: &'static [(&'static str, &'static str)],
     /// Further summary fields.
@@ -190,6 +194,9 @@ pub fn for_each_item(
         threads: if workers > 1 { 1 } else { app.jobs },
         progress: Some(&progress_bytes),
     };
+    if items.is_empty() && !app.quiet {
+        eprintln!("hsmseal: {}: no files selected", spec.action);
+    }
     let bar = Bar::new(app, spec, items);
     let mut tally = Tally::default();
     let mut single_error = None;
@@ -302,7 +309,7 @@ fn finish(
                     Some(l) => l,
                     None => serde_json::to_string(&report).expect("serialisable"),
                 };
-                bar.println(&line);
+                bar.report(&line);
             } else if let Some(text) = &report.text {
                 bar.println(text);
             }
@@ -321,7 +328,7 @@ fn finish(
                     exit_code: Some(e.exit_code()),
                     ..Default::default()
                 };
-                bar.println(&serde_json::to_string(&report).expect("serialisable"));
+                bar.report(&serde_json::to_string(&report).expect("serialisable"));
             }
             if n_items == 1 {
                 return Some(e);
@@ -357,7 +364,12 @@ fn summary(app: &App, spec: &Spec, n_items: usize, workers: usize, t: &Tally) {
         m.insert("seconds".into(), seconds.into());
         m.insert("hsm_calls".into(), hsm_calls.into());
         m.insert("jobs".into(), workers.into());
-        println!("{}", serde_json::json!({ "summary": m }));
+        let line = serde_json::json!({ "summary": m }).to_string();
+        if spec.data_on_stdout {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
     } else if !app.quiet && n_items > 1 {
         let mut parts = vec![format!("{} ok", t.ok)];
         for (key, status) in spec.status_counts {
@@ -379,6 +391,7 @@ fn summary(app: &App, spec: &Spec, n_items: usize, workers: usize, t: &Tally) {
 
 /// The progress bar, or nothing when stderr is not a terminal or with --quiet.
 struct Bar {
+    json_to_stderr: bool,
     pb: Option<ProgressBar>,
     bytes: bool,
     items: usize,
@@ -388,6 +401,7 @@ impl Bar {
     fn new(app: &App, spec: &Spec, items: &[Item]) -> Bar {
         if !spec.bar || app.quiet || !std::io::stderr().is_terminal() {
             return Bar {
+                json_to_stderr: spec.data_on_stdout,
                 pb: None,
                 bytes: false,
                 items: 0,
@@ -404,13 +418,23 @@ impl Bar {
                 "{spinner} {elapsed_precise} [{wide_bar}] {per_sec} ETA {eta} {msg}",
             )
         };
-        let pb = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+        // Unknown sizes (stdin): bytes and rate without a total or ETA.
+        let (len, template) = if spec.bytes_progress && len == 0 {
+            (
+                None,
+                "{spinner} {elapsed_precise} {bytes} {binary_bytes_per_sec} {msg}",
+            )
+        } else {
+            (Some(len), template)
+        };
+        let pb = ProgressBar::with_draw_target(len, ProgressDrawTarget::stderr());
         if let Ok(style) = ProgressStyle::with_template(template) {
             pb.set_style(style.progress_chars("=> "));
         }
         pb.set_message(format!("0/{} items", items.len()));
         pb.enable_steady_tick(Duration::from_millis(200));
         Bar {
+            json_to_stderr: spec.data_on_stdout,
             pb: Some(pb),
             bytes: spec.bytes_progress,
             items: items.len(),
@@ -425,6 +449,15 @@ impl Bar {
             } else {
                 format!("{}/{} items", t.done, self.items)
             });
+        }
+    }
+
+    /// A `--json` line: on stdout, or stderr if the data goes to stdout.
+    fn report(&self, line: &str) {
+        if self.json_to_stderr {
+            self.eprintln(line)
+        } else {
+            self.println(line)
         }
     }
 

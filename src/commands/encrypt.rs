@@ -52,6 +52,7 @@ pub fn run(app: &App, args: EncryptArgs) -> Result<i32> {
         bytes_progress: true,
         json_summary: true,
         bar: true,
+        data_on_stdout: outputs.iter().any(|o| matches!(o, Ok(Output::Stdout))),
         ..Default::default()
     };
     for_each_item(app, &spec, &items, |i, item, opts| {

@@ -42,6 +42,7 @@ pub fn run(app: &App, args: RotateArgs) -> Result<i32> {
             ("would_rotate", "would-rotate"),
         ],
         extra: vec![("dry_run", args.dry_run.into())],
+        ..Default::default()
     };
     for_each_item(app, &spec, &items, |_, item, opts| {
         let path = item.path().expect("rotate items are files");
