@@ -88,6 +88,9 @@ pub struct App {
     /// When the run started.
     pub started: std::time::Instant,
     hsm: OnceLock<Arc<Hsm>>,
+    /// Held while the HSM is being opened, so concurrent workers log in
+    /// once; keeps the error if that failed (a wrong PIN is never retried).
+    hsm_init: Mutex<Option<Error>>,
 }
 
 impl App {
@@ -101,6 +104,7 @@ impl App {
             stats: RunStats::default(),
             started: std::time::Instant::now(),
             hsm: OnceLock::new(),
+            hsm_init: Mutex::new(None),
         }
     }
 
@@ -109,7 +113,16 @@ impl App {
         if let Some(h) = self.hsm.get() {
             return Ok(h.clone());
         }
-        let hsm = self.open_hsm(true)?;
+        let mut failed = self.hsm_init.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = self.hsm.get() {
+            return Ok(h.clone());
+        }
+        if let Some(e) = &*failed {
+            return Err(e.clone());
+        }
+        let hsm = self
+            .open_hsm(true)
+            .inspect_err(|e| *failed = Some(e.clone()))?;
         Ok(self.hsm.get_or_init(|| Arc::new(hsm)).clone())
     }
 

@@ -73,16 +73,28 @@ pub enum Command {
     Key(KeyCommand),
     /// Encrypt files (or stdin) under a key held in the HSM
     ///
-    /// Writes INPUT.hseal next to each input (or -o OUT, or stdout for stdin).
-    /// Each file gets a fresh data key, wrapped by the HSM key. The input is never modified.
+    /// Writes INPUT.hseal next to each input (or -o OUT, or stdout for stdin;
+    /// --output-dir DIR mirrors the tree under DIR). Each file gets a fresh data
+    /// key, wrapped by the HSM key. The input is never modified (--in-place
+    /// removes it only once its ciphertext is durable and decrypts back to it).
+    /// Files that already are hsmseal files are skipped and reported.
+    ///
+    /// Bulk runs (-r DIR, several inputs): --jobs workers, each with its own HSM
+    /// session; a progress bar on a terminal (stderr); with --json one line per
+    /// item, in input order, then a {"summary": ...} line. A failed item is
+    /// reported and the run goes on, then exits 1.
     Encrypt(EncryptArgs),
     /// Decrypt hsmseal files (or stdin)
     ///
     /// Writes INPUT without its .hseal suffix (or -o OUT, or stdout), mode 0600.
     /// A file output appears only once the whole input has authenticated;
     /// stdout receives only authenticated chunks and the exit code is non-zero at the first failure.
+    /// Under -r DIR only hsmseal files are taken. Bulk runs, --output-dir and
+    /// --in-place work as for encrypt.
     Decrypt(DecryptArgs),
     /// Authenticate hsmseal files completely; writes nothing, prints nothing secret
+    ///
+    /// Under -r DIR only hsmseal files are taken. Bulk runs work as for encrypt.
     Verify(VerifyArgs),
     /// Show format version, key name and version, and sizes (no HSM access, no secrets)
     ///
@@ -261,25 +273,61 @@ pub struct OutputArgs {
     /// Output file ("-" for stdout); only with a single input
     #[arg(long, short = 'o', value_name = "OUT")]
     pub output: Option<PathBuf>,
+    /// Write outputs under DIR, mirroring each input's path relative to its
+    /// -r directory (a file named directly goes to DIR/NAME); directories are
+    /// created as needed
+    #[arg(long, value_name = "DIR", conflicts_with = "output")]
+    pub output_dir: Option<PathBuf>,
+    /// Replace each input by its output: the original is removed only after the
+    /// output is written, fsynced and read back and checked against it; a
+    /// failing item keeps its original
+    #[arg(long, conflicts_with_all = ["output", "output_dir"])]
+    pub in_place: bool,
+    /// Suffix of encrypted file names: added by encrypt, removed by decrypt
+    #[arg(long, value_name = "SUFFIX", default_value = ".hseal")]
+    pub suffix: String,
     /// Overwrite existing outputs
     #[arg(long)]
     pub force: bool,
+    #[command(flatten)]
+    pub select: SelectArgs,
     /// Input files ("-" or none for stdin)
     pub inputs: Vec<PathBuf>,
 }
 
+/// Which files a bulk run takes, shared by the file commands.
+#[derive(Args, Debug, Clone, Default)]
+pub struct SelectArgs {
+    /// Every file under this directory, recursively (repeatable). Symbolic
+    /// links inside are not followed (reported as skipped; a broken one as
+    /// failed). decrypt, verify, rotate and inspect take only hsmseal files
+    #[arg(long, short = 'r', value_name = "DIR")]
+    pub recursive: Vec<PathBuf>,
+    /// Under -r, take only files matching GLOB (repeatable). A GLOB with a "/"
+    /// is matched against the path relative to the -r directory, one without
+    /// against the file name; * and ? stop at "/", ** does not, [a-z] classes
+    #[arg(long, value_name = "GLOB")]
+    pub include: Vec<String>,
+    /// Under -r, leave out files matching GLOB (repeatable; same rules as
+    /// --include, e.g. '*.tmp' or 'cache/**'); wins over --include
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+}
+
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
+    #[command(flatten)]
+    pub select: SelectArgs,
     /// Files to authenticate ("-" for stdin)
-    #[arg(required = true)]
+    #[arg(required_unless_present = "recursive")]
     pub inputs: Vec<PathBuf>,
 }
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// Summarise the hsmseal files under this directory (repeatable)
-    #[arg(long, short = 'r', value_name = "DIR")]
-    pub recursive: Vec<PathBuf>,
+    /// With -r: a summary of which key versions the files depend on
+    #[command(flatten)]
+    pub select: SelectArgs,
     /// Files to describe ("-" for stdin)
     #[arg(required_unless_present = "recursive")]
     pub inputs: Vec<PathBuf>,
@@ -296,9 +344,8 @@ pub struct RotateArgs {
     /// Report what would change; change nothing
     #[arg(long)]
     pub dry_run: bool,
-    /// Rotate every hsmseal file under this directory (repeatable)
-    #[arg(long, short = 'r', value_name = "DIR")]
-    pub recursive: Vec<PathBuf>,
+    #[command(flatten)]
+    pub select: SelectArgs,
     /// Files to rotate in place
     pub inputs: Vec<PathBuf>,
 }

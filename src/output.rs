@@ -23,12 +23,6 @@ pub const IO_BUF: usize = 64 * 1024;
 /// remove them before the process exits (destructors do not run then).
 static LIVE_TEMPS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
 
-fn register_temp(p: &Path) {
-    if let Ok(mut v) = LIVE_TEMPS.lock() {
-        v.push(p.to_path_buf());
-    }
-}
-
 fn unregister_temp(p: &Path) {
     if let Ok(mut v) = LIVE_TEMPS.lock() {
         v.retain(|x| x != p);
@@ -37,13 +31,15 @@ fn unregister_temp(p: &Path) {
 
 /// Removes every temporary file still being written. Called on SIGINT and
 /// SIGTERM just before exiting; finished outputs are already renamed into
-/// place and are untouched, inputs are never written.
-pub fn remove_live_temps() {
-    if let Ok(v) = LIVE_TEMPS.lock() {
-        for p in v.iter() {
-            let _ = fs::remove_file(p);
-        }
+/// place and are untouched, inputs are never written. The registry stays
+/// locked afterwards, so no worker thread can create another temporary file
+/// before the process exits (creating one happens under this lock).
+pub fn remove_live_temps_for_exit() {
+    let guard = LIVE_TEMPS.lock().unwrap_or_else(|p| p.into_inner());
+    for p in guard.iter() {
+        let _ = fs::remove_file(p);
     }
+    std::mem::forget(guard);
 }
 
 /// Marker in every temporary file name hsmseal creates.
@@ -79,14 +75,21 @@ impl AtomicFile {
         for _ in 0..16 {
             let suffix: u64 = rand::random();
             let temp = dir.join(format!(".{name}{TEMP_MARKER}{suffix:016x}"));
-            // Registered before it exists, so a signal can never miss it.
-            register_temp(&temp);
-            match OpenOptions::new()
+            // Registered and created under the registry's lock, so a signal
+            // handler sees every temporary file that exists (and none can
+            // appear after it has cleaned up).
+            let mut live = LIVE_TEMPS.lock().unwrap_or_else(|p| p.into_inner());
+            live.push(temp.clone());
+            let opened = OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(mode)
-                .open(&temp)
-            {
+                .open(&temp);
+            if opened.is_err() {
+                live.pop();
+            }
+            drop(live);
+            match opened {
                 Ok(f) => {
                     return Ok(AtomicFile {
                         file: Some(io::BufWriter::with_capacity(IO_BUF, f)),
@@ -96,13 +99,9 @@ impl AtomicFile {
                         committed: false,
                     })
                 }
-                // Not ours: never let a signal handler delete it.
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    unregister_temp(&temp);
-                    last_err = Some(e)
-                }
+                // Not ours: it was never registered, so no signal handler deletes it.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last_err = Some(e),
                 Err(e) => {
-                    unregister_temp(&temp);
                     return Err(Error::io_at(
                         "cannot create a temporary file in",
                         dir.display(),

@@ -222,10 +222,14 @@ fn bulk_run_reports_each_failure_and_finishes_the_rest() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 3);
+    // One line per item in input order, then the summary.
+    assert_eq!(lines.len(), 4);
     assert_eq!(lines.iter().filter(|l| l["status"] == "ok").count(), 2);
     assert_eq!(lines[1]["status"], "failed");
     assert_eq!(lines[1]["exit_code"], 7);
+    assert_eq!(lines[3]["summary"]["items"], 3);
+    assert_eq!(lines[3]["summary"]["ok"], 2);
+    assert_eq!(lines[3]["summary"]["failed"], 1);
     // An already-encrypted input is skipped, not double-encrypted.
     let out = c.run(&["--json", "encrypt", "--key", "k", "a.hseal"]);
     assert_eq!(code(&out), 0);

@@ -3,46 +3,67 @@
 //! to stdout, only authenticated chunks are written and the first failure
 //! ends the run with a non-zero exit.
 
-use super::encrypt::SUFFIX;
+use super::bulk::{self, for_each_item, Spec, Want};
+use super::encrypt::check_suffix;
 use super::paths::{
-    check_pair, for_each_item, inputs_of, output_of, write_output, Input, ItemReport, Output,
+    check_pair, make_parent, plan_outputs, replace_original, write_output, Input, ItemReport,
+    Output,
 };
 use crate::app::App;
 use crate::cli::DecryptArgs;
 use crate::envelope::file;
 use crate::error::{Error, Result};
-use crate::stream::StreamOptions;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub fn run(app: &App, args: DecryptArgs) -> Result<i32> {
-    let inputs = inputs_of(
-        &args.io,
-        "several inputs are each written without their .hseal suffix",
-    )?;
-    let opts = StreamOptions {
-        threads: app.jobs,
-        progress: None,
+    let io = &args.io;
+    check_suffix(io)?;
+    let items = bulk::select(&io.inputs, &io.select, Want::Sealed, true)?;
+    if io.in_place && items.iter().any(|i| i.input == Input::Stdin) {
+        return Err(Error::usage("--in-place works on files, not stdin"));
+    }
+    let outputs = plan_outputs(io, &items, |p| strip_suffix(p, &io.suffix))?;
+    let spec = Spec {
+        action: "decrypt",
+        bytes_progress: true,
+        json_summary: true,
+        bar: true,
+        data_on_stdout: outputs.iter().any(|o| matches!(o, Ok(Output::Stdout))),
+        ..Default::default()
     };
-    for_each_item(app, &inputs, Input::display, |input| {
-        let output = output_of(&args.io, input, strip_suffix)?;
-        check_pair(input, &output, args.io.force)?;
+    for_each_item(app, &spec, &items, |i, item, opts| {
+        let output = outputs[i].clone()?;
+        let input = &item.input;
+        check_pair(input, &output, io.force)?;
         let mut reader = input.open()?;
         // Reject what is not an hsmseal file before touching the HSM.
         let (header, _) = file::read_header(&mut reader)?;
         let backend = app.backend()?;
+        make_parent(&output)?;
         // 0600: decrypted data is for the owner only.
-        let report = write_output(&output, 0o600, args.io.force, |w| {
-            file::open_payload(&*backend, &header, reader, w, &opts)
+        let report = write_output(&output, 0o600, io.force, |w| {
+            file::open_payload(&*backend, &header, reader, w, opts)
         })?;
-        if !app.json && output != Output::Stdout {
-            app.info(format!(
+        if let (true, Input::File(orig), Output::File(new)) = (io.in_place, input, &output) {
+            replace_original(&*backend, orig, new, orig, new)?;
+        }
+        let note = match (&output, io.in_place) {
+            _ if app.json => None,
+            (Output::Stdout, _) => None,
+            (_, true) => Some(format!(
+                "decrypted {} -> {} ({}), original removed",
+                input.display(),
+                output.display(),
+                report.kwk
+            )),
+            (_, false) => Some(format!(
                 "decrypted {} -> {} ({})",
                 input.display(),
                 output.display(),
                 report.kwk
-            ));
-        }
-        Ok(Some(ItemReport {
+            )),
+        };
+        Ok(ItemReport {
             path: input.display(),
             output: Some(output.display()),
             action: "decrypt",
@@ -50,17 +71,18 @@ pub fn run(app: &App, args: DecryptArgs) -> Result<i32> {
             version: Some(report.kwk.version),
             bytes: Some(report.plaintext_bytes),
             status: "ok",
+            note,
             ..Default::default()
-        }))
+        })
     })
 }
 
-fn strip_suffix(p: &std::path::Path) -> Result<PathBuf> {
+fn strip_suffix(p: &Path, suffix: &str) -> Result<PathBuf> {
     let s = p.to_string_lossy();
-    match s.strip_suffix(SUFFIX) {
+    match s.strip_suffix(suffix) {
         Some(base) if !base.is_empty() && !base.ends_with('/') => Ok(PathBuf::from(base)),
         _ => Err(Error::usage(format!(
-            "cannot derive an output name (no {SUFFIX} suffix); pass -o OUT"
+            "cannot derive an output name (no {suffix} suffix); pass -o OUT, or --suffix if the files use another one"
         ))),
     }
 }

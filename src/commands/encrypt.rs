@@ -1,71 +1,103 @@
 //! `hsmseal encrypt`: each input gets a fresh data key wrapped by the HSM key.
-//! Inputs are only read; outputs appear atomically.
+//! Inputs are only read (`--in-place` removes one only after its ciphertext
+//! is durable and decrypts back to it); outputs appear atomically.
 
+use super::bulk::{self, for_each_item, Spec, Want};
 use super::paths::{
-    check_binary_stdout, check_pair, for_each_item, inputs_of, output_of, write_output, Input,
-    ItemReport, Output,
+    check_binary_stdout, check_pair, make_parent, plan_outputs, replace_original, write_output,
+    Input, ItemReport, Output,
 };
 use crate::app::App;
-use crate::cli::EncryptArgs;
+use crate::cli::{EncryptArgs, OutputArgs};
 use crate::envelope::{file, header};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::keys::KeyRef;
-use crate::stream::StreamOptions;
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Default suffix of encrypted files.
 pub const SUFFIX: &str = ".hseal";
 
+/// Checks `--suffix`: not empty, and a name ending, not a path.
+pub fn check_suffix(io: &OutputArgs) -> Result<()> {
+    if io.suffix.is_empty() || io.suffix.contains('/') {
+        return Err(Error::usage(format!(
+            "--suffix {:?}: give a non-empty file name ending such as .hseal",
+            io.suffix
+        )));
+    }
+    Ok(())
+}
+
 pub fn run(app: &App, args: EncryptArgs) -> Result<i32> {
-    let inputs = inputs_of(&args.io, "each of several inputs is written to INPUT.hseal")?;
+    let io = &args.io;
+    check_suffix(io)?;
+    let items = bulk::select(&io.inputs, &io.select, Want::AnyFile, true)?;
+    if io.in_place && items.iter().any(|i| i.input == Input::Stdin) {
+        return Err(Error::usage("--in-place works on files, not stdin"));
+    }
+    let outputs = plan_outputs(io, &items, |p: &Path| {
+        let mut s = p.as_os_str().to_owned();
+        s.push(&io.suffix);
+        Ok(PathBuf::from(s))
+    })?;
     let name = app.key_name(args.key.as_deref())?;
     let backend = app.backend()?;
     let kwk = KeyRef {
         version: backend.current_version(&name)?,
         name,
     };
-    let opts = StreamOptions {
-        threads: app.jobs,
-        progress: None,
+    let spec = Spec {
+        action: "encrypt",
+        bytes_progress: true,
+        json_summary: true,
+        bar: true,
+        data_on_stdout: outputs.iter().any(|o| matches!(o, Ok(Output::Stdout))),
+        ..Default::default()
     };
-    for_each_item(app, &inputs, Input::display, |input| {
-        let output = output_of(&args.io, input, |p| {
-            let mut s = p.as_os_str().to_owned();
-            s.push(SUFFIX);
-            Ok(PathBuf::from(s))
-        })?;
-        check_pair(input, &output, args.io.force)?;
+    for_each_item(app, &spec, &items, |i, item, opts| {
+        let output = outputs[i].clone()?;
+        let input = &item.input;
+        check_pair(input, &output, io.force)?;
         check_binary_stdout(&output)?;
         let mut reader = input.open()?;
         // Never wrap an hsmseal file in another layer by accident.
         let mut head = [0u8; 8];
         let n = file::read_up_to(&mut reader, &mut head)?;
         if header::looks_like_hsmseal(&head[..n]) {
-            app.info(format!(
-                "hsmseal: skipped {}: already encrypted by hsmseal",
-                input.display()
-            ));
-            return Ok(Some(ItemReport {
+            return Ok(ItemReport {
                 path: input.display(),
                 action: "encrypt",
                 status: "skipped",
+                reason: Some("already encrypted by hsmseal".into()),
                 ..Default::default()
-            }));
+            });
         }
         let chained = std::io::Cursor::new(head[..n].to_vec()).chain(reader);
-        let report = write_output(&output, 0o644, args.io.force, |w| {
-            file::seal(&*backend, &kwk, chained, w, &opts)
+        make_parent(&output)?;
+        let report = write_output(&output, 0o644, io.force, |w| {
+            file::seal(&*backend, &kwk, chained, w, opts)
         })?;
-        if !app.json && output != Output::Stdout {
-            app.info(format!(
+        if let (true, Input::File(orig), Output::File(new)) = (io.in_place, input, &output) {
+            replace_original(&*backend, orig, new, new, orig)?;
+        }
+        let note = match (&output, io.in_place) {
+            _ if app.json => None,
+            (Output::Stdout, _) => None,
+            (_, true) => Some(format!(
+                "encrypted {} -> {} ({}), original removed",
+                input.display(),
+                output.display(),
+                report.kwk
+            )),
+            (_, false) => Some(format!(
                 "encrypted {} -> {} ({})",
                 input.display(),
                 output.display(),
                 report.kwk
-            ));
-        }
-        Ok(Some(ItemReport {
+            )),
+        };
+        Ok(ItemReport {
             path: input.display(),
             output: Some(output.display()),
             action: "encrypt",
@@ -73,7 +105,8 @@ pub fn run(app: &App, args: EncryptArgs) -> Result<i32> {
             version: Some(report.kwk.version),
             bytes: Some(report.plaintext_bytes),
             status: "ok",
+            note,
             ..Default::default()
-        }))
+        })
     })
 }

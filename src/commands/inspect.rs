@@ -2,7 +2,8 @@
 //! header alone. No HSM access, no secrets, nothing authenticated: the
 //! output says so, and `verify` is the command that authenticates.
 
-use super::paths::{for_each_item, Input};
+use super::bulk::{self, for_each_item, Spec, Want};
+use super::paths::{Input, ItemReport};
 use crate::app::App;
 use crate::cli::InspectArgs;
 use crate::envelope::{file, header};
@@ -29,11 +30,16 @@ struct Inspection {
 }
 
 pub fn run(app: &App, args: InspectArgs) -> Result<i32> {
-    if !args.recursive.is_empty() {
-        return summarise(app, &args.recursive);
+    if !args.select.recursive.is_empty() {
+        return summarise(app, &args.select);
     }
-    let inputs = Input::list(&args.inputs)?;
-    for_each_item(app, &inputs, Input::display, |input| {
+    let items = bulk::select(&args.inputs, &args.select, Want::Sealed, false)?;
+    let spec = Spec {
+        action: "inspect",
+        ..Default::default()
+    };
+    for_each_item(app, &spec, &items, |_, item, _| {
+        let input = &item.input;
         let mut r = input.open()?;
         let mut buf = vec![0u8; header::HEADER_LEN];
         let n = file::read_up_to(&mut r, &mut buf)?;
@@ -69,27 +75,30 @@ pub fn run(app: &App, args: InspectArgs) -> Result<i32> {
             chunks: plaintext_bytes.map(|p| p / crate::stream::CHUNK_SIZE as u64 + 1),
             authenticated: false,
         };
-        if app.json {
-            println!("{}", serde_json::to_string(&info).expect("serialisable"));
-        } else {
-            println!("{}", info.path);
-            println!(
-                "  format:      hsmseal v{} ({} byte header)",
-                info.format_version, info.header_bytes
-            );
-            println!("  payload:     {}", info.payload);
-            println!(
-                "  key:         {} v{} (slot {}, sequence {})",
-                info.key, info.key_version, slot_index, slot.seq
-            );
-            if let (Some(f), Some(p), Some(c)) =
-                (info.file_bytes, info.plaintext_bytes, info.chunks)
-            {
-                println!("  size:        {f} bytes ({p} bytes of plaintext in {c} chunks)");
-            }
-            println!("  note:        not authenticated; run `hsmseal verify` to check every byte");
+        let json_line = serde_json::to_string(&info).expect("serialisable");
+        let mut text = format!(
+            "{}\n  format:      hsmseal v{} ({} byte header)\n  payload:     {}\n  key:         {} v{} (slot {}, sequence {})",
+            info.path, info.format_version, info.header_bytes, info.payload,
+            info.key, info.key_version, slot_index, slot.seq
+        );
+        if let (Some(f), Some(p), Some(c)) = (info.file_bytes, info.plaintext_bytes, info.chunks) {
+            text.push_str(&format!(
+                "\n  size:        {f} bytes ({p} bytes of plaintext in {c} chunks)"
+            ));
         }
-        Ok(None)
+        text.push_str(
+            "\n  note:        not authenticated; run `hsmseal verify` to check every byte",
+        );
+        Ok(ItemReport {
+            path: info.path.clone(),
+            action: "inspect",
+            key: Some(info.key.clone()),
+            version: Some(info.key_version),
+            status: "ok",
+            text: Some(text),
+            json_line: Some(json_line),
+            ..Default::default()
+        })
     })
 }
 
@@ -103,14 +112,18 @@ struct KeyUse {
 
 /// `inspect -r DIR`: which key versions the hsmseal files under the
 /// directories depend on, from their headers alone.
-fn summarise(app: &App, dirs: &[std::path::PathBuf]) -> Result<i32> {
+fn summarise(app: &App, sel: &crate::cli::SelectArgs) -> Result<i32> {
+    let filter = super::glob::Filter::new(&sel.include, &sel.exclude)?;
     use std::collections::BTreeMap;
     let mut uses: BTreeMap<(String, u32), KeyUse> = BTreeMap::new();
     let (mut files, mut other) = (0u64, 0u64);
     let mut damaged: Vec<serde_json::Value> = Vec::new();
-    for dir in dirs {
-        for path in super::walk::files_under(dir)? {
-            if !super::walk::starts_with_magic(&path) {
+    for dir in &sel.recursive {
+        for entry in super::walk::entries_under(dir, &filter)? {
+            let path = entry.path;
+            if !matches!(entry.found, super::walk::Found::File { .. })
+                || matches!(super::walk::magic_of(&path), Ok(false))
+            {
                 other += 1;
                 continue;
             }

@@ -2,11 +2,13 @@
 //! returns the process exit code (0 success, 1 some items failed); hard
 //! failures come back as `Error`, whose kind picks the exit code.
 
+mod bulk;
 pub mod columns;
 pub mod config;
 pub mod decrypt;
 pub mod doctor;
 pub mod encrypt;
+mod glob;
 pub mod init;
 pub mod inspect;
 pub mod key;

@@ -1,11 +1,9 @@
-//! Inputs, outputs and the per-item loop shared by the file commands.
-//!
-//! A bulk run reports each failed item on stderr, goes on with the rest, and
-//! exits 1; a run with a single item exits with that item's own error code.
+//! Inputs and outputs shared by the file commands, and the per-item report.
 
-use crate::app::App;
+use super::bulk::Item;
 use crate::cli::OutputArgs;
 use crate::error::{Error, Result};
+use crate::keys::KeyBackend;
 use crate::output::{same_file, AtomicFile};
 use serde::Serialize;
 use std::fs::File;
@@ -26,21 +24,6 @@ impl Input {
         } else {
             Input::File(p.to_path_buf())
         }
-    }
-
-    /// The inputs named on the command line; none means stdin.
-    pub fn list(args: &[PathBuf]) -> Result<Vec<Input>> {
-        let inputs: Vec<Input> = if args.is_empty() {
-            vec![Input::Stdin]
-        } else {
-            args.iter().map(|p| Input::from_arg(p)).collect()
-        };
-        if inputs.len() > 1 && inputs.contains(&Input::Stdin) {
-            return Err(Error::usage(
-                "stdin (-) can only be used as the single input",
-            ));
-        }
-        Ok(inputs)
     }
 
     pub fn display(&self) -> String {
@@ -92,28 +75,137 @@ impl Output {
     }
 }
 
-/// The inputs of an encrypt or decrypt run. `-o` names one output, so it
-/// takes one input; `several` says where several inputs' outputs go instead.
-pub fn inputs_of(args: &OutputArgs, several: &str) -> Result<Vec<Input>> {
-    let inputs = Input::list(&args.inputs)?;
-    if args.output.is_some() && inputs.len() > 1 {
-        return Err(Error::usage(format!("-o takes a single input; {several}")));
+/// Where each item's output goes, decided before any work so that two
+/// items never write the same file: `-o` if given (a single input), stdout
+/// for stdin, `--output-dir DIR` joined with `derive(item's relative path)`,
+/// else `derive(input path)` next to the input (also for `--in-place`).
+pub fn plan_outputs(
+    args: &OutputArgs,
+    items: &[Item],
+    derive: impl Fn(&Path) -> Result<PathBuf>,
+) -> Result<Vec<Result<Output>>> {
+    if args.output.is_some() && items.len() > 1 {
+        return Err(Error::usage(
+            "-o takes a single input; with several, use --output-dir DIR or let each output go next to its input",
+        ));
     }
-    Ok(inputs)
+    let mut seen: std::collections::HashMap<PathBuf, String> = Default::default();
+    Ok(items
+        .iter()
+        .map(|item| {
+            let out = match (&args.output, &item.input) {
+                (Some(o), _) => Output::from_arg(o),
+                (None, Input::Stdin) => Output::Stdout,
+                (None, Input::File(p)) => match &args.output_dir {
+                    Some(dir) => Output::File(dir.join(derive(&item.rel)?)),
+                    None => Output::File(derive(p)?),
+                },
+            };
+            if let Output::File(p) = &out {
+                if let Some(first) = seen.insert(p.clone(), item.display()) {
+                    return Err(Error::usage(format!(
+                        "{} would also be the output of {first}; rename one of them",
+                        p.display()
+                    )));
+                }
+            }
+            Ok(out)
+        })
+        .collect())
 }
 
-/// Where `input`'s output goes: `-o` if given, stdout for stdin, else the
-/// file name `derive` makes from the input's.
-pub fn output_of(
-    args: &OutputArgs,
-    input: &Input,
-    derive: impl FnOnce(&Path) -> Result<PathBuf>,
-) -> Result<Output> {
-    Ok(match (&args.output, input) {
-        (Some(o), _) => Output::from_arg(o),
-        (None, Input::Stdin) => Output::Stdout,
-        (None, Input::File(p)) => Output::File(derive(p)?),
-    })
+/// Creates the directories an `--output-dir` output needs.
+pub fn make_parent(output: &Output) -> Result<()> {
+    if let Output::File(p) = output {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io_at("cannot create directory", dir.display(), &e))?;
+        }
+    }
+    Ok(())
+}
+
+/// `--in-place`: `new` has been written and fsynced; read it back, check
+/// that it holds exactly the bytes of `original` (for encrypt, `sealed` is
+/// the new file; for decrypt, the original), and only then remove the
+/// original and fsync its directory. If the check fails, the new file is
+/// removed and the original kept. Killed in between, both files exist.
+pub fn replace_original(
+    backend: &dyn KeyBackend,
+    original: &Path,
+    new: &Path,
+    sealed: &Path,
+    plain: &Path,
+) -> Result<()> {
+    if let Err(e) = sealed_matches(backend, sealed, plain) {
+        let _ = std::fs::remove_file(new);
+        return Err(Error::new(
+            e.kind(),
+            format!(
+                "{} did not check out against the original, removed it and kept the original: {}",
+                new.display(),
+                e.message()
+            ),
+        ));
+    }
+    std::fs::remove_file(original)
+        .map_err(|e| Error::io_at("cannot remove the original", original.display(), &e))?;
+    crate::output::sync_dir(&crate::output::parent_dir(original))
+}
+
+/// Decrypts `sealed` and compares the plaintext with the file `plain`.
+fn sealed_matches(backend: &dyn KeyBackend, sealed: &Path, plain: &Path) -> Result<()> {
+    let open = |p: &Path| {
+        File::open(p)
+            .map(|f| BufReader::with_capacity(crate::output::IO_BUF, f))
+            .map_err(|e| Error::io_at("cannot open", p.display(), &e))
+    };
+    let mut reader = open(sealed)?;
+    let (header, _) = crate::envelope::file::read_header(&mut reader)?;
+    let mut cmp = Compare {
+        other: open(plain)?,
+        differs: false,
+    };
+    let opts = crate::stream::StreamOptions {
+        threads: 1,
+        progress: None,
+    };
+    let r = crate::envelope::file::open_payload(backend, &header, reader, &mut cmp, &opts);
+    if cmp.differs {
+        return Err(Error::integrity(
+            "the ciphertext does not decrypt to the original",
+        ));
+    }
+    r?;
+    let mut rest = [0u8; 1];
+    match cmp.other.read(&mut rest) {
+        Ok(0) => Ok(()),
+        Ok(_) => Err(Error::integrity(
+            "the ciphertext holds less than the original",
+        )),
+        Err(e) => Err(Error::io_at("reading", plain.display(), &e)),
+    }
+}
+
+/// A writer that compares what it is given with another file's bytes.
+struct Compare<R: Read> {
+    other: R,
+    differs: bool,
+}
+
+impl<R: Read> Write for Compare<R> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut theirs = vec![0u8; buf.len()];
+        let got = crate::stream::read_full(&mut self.other, &mut theirs)?;
+        if got != buf.len() || theirs != buf {
+            self.differs = true;
+            return Err(io::Error::other("differs from the original"));
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Checks an (input, output) pair before any work: the output must not be
@@ -194,57 +286,16 @@ pub struct ItemReport {
     pub error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
-}
-
-/// Runs `work` for each item, reporting failures and going on. `work`
-/// returns the item's `--json` report, or None if it printed its own.
-/// Returns the exit code: 0, the single item's error code, or 1.
-pub fn for_each_item<T>(
-    app: &App,
-    items: &[T],
-    name: impl Fn(&T) -> String,
-    mut work: impl FnMut(&T) -> Result<Option<ItemReport>>,
-) -> Result<i32> {
-    let mut failed: Vec<Error> = Vec::new();
-    for item in items {
-        match work(item) {
-            Ok(report) => {
-                if let Some(r) = &report {
-                    app.stats.record(r);
-                }
-                // None: the command printed its own report.
-                if let (true, Some(report)) = (app.json, report) {
-                    println!("{}", serde_json::to_string(&report).expect("serialisable"));
-                }
-            }
-            Err(e) => {
-                let e = e.context(name(item));
-                app.stats
-                    .failed
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if app.json {
-                    let report = ItemReport {
-                        path: name(item),
-                        action: "error",
-                        status: "failed",
-                        error: Some(e.message().to_string()),
-                        exit_code: Some(e.exit_code()),
-                        ..Default::default()
-                    };
-                    println!("{}", serde_json::to_string(&report).expect("serialisable"));
-                }
-                if items.len() == 1 {
-                    return Err(e);
-                }
-                eprintln!("hsmseal: error: {e}");
-                failed.push(e);
-            }
-        }
-    }
-    if failed.is_empty() {
-        Ok(0)
-    } else {
-        eprintln!("hsmseal: {} of {} items failed", failed.len(), items.len());
-        Ok(1)
-    }
+    /// Why an item was skipped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Informational line for stderr (unless --quiet), printed in input order.
+    #[serde(skip)]
+    pub note: Option<String>,
+    /// Human-readable result for stdout (without --json), printed in input order.
+    #[serde(skip)]
+    pub text: Option<String>,
+    /// Replaces the serialised report as the item's --json line.
+    #[serde(skip)]
+    pub json_line: Option<String>,
 }

@@ -1,53 +1,164 @@
-//! `-r DIR`: the regular files under a directory, in a stable order.
+//! `-r DIR`: what is under a directory, in a stable order.
 //!
 //! Symbolic links are not followed (a link could lead outside the tree or
-//! into a loop); hsmseal's own temporary files are skipped.
+//! into a loop): they are reported, a broken one as a failure. hsmseal's own
+//! temporary files are skipped. A subdirectory that cannot be read is
+//! reported and the walk goes on.
 
+use super::glob::Filter;
 use crate::error::{Error, Result};
 use crate::output::TEMP_MARKER;
 use std::path::{Path, PathBuf};
 
-/// Every regular file under `root`, sorted by path.
-pub fn files_under(root: &Path) -> Result<Vec<PathBuf>> {
+/// What the walk found at a path.
+#[derive(Debug)]
+pub enum Found {
+    File {
+        len: u64,
+    },
+    /// A symbolic link (not followed); `broken` if its target does not exist.
+    Symlink {
+        broken: bool,
+    },
+    /// A FIFO, socket or device.
+    Special,
+    /// A directory that could not be read.
+    Unreadable(Error),
+}
+
+#[derive(Debug)]
+pub struct Entry {
+    pub path: PathBuf,
+    /// Relative to the walked root.
+    pub rel: PathBuf,
+    pub found: Found,
+}
+
+/// Everything under `root` that `filter` takes, sorted by path.
+/// Directories themselves are not entries; `filter` is applied to the path
+/// relative to `root`.
+pub fn entries_under(root: &Path, filter: &Filter) -> Result<Vec<Entry>> {
     let meta = std::fs::symlink_metadata(root)
         .map_err(|e| Error::io_at("cannot read directory", root.display(), &e))?;
     if !meta.is_dir() {
         return Err(Error::usage(format!(
-            "{} is not a directory",
+            "{} is not a directory (-r takes a directory)",
             root.display()
         )));
     }
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let entries = std::fs::read_dir(&dir)
-            .map_err(|e| Error::io_at("cannot read directory", dir.display(), &e))?;
+        let listing = std::fs::read_dir(&dir).and_then(|rd| rd.collect::<Result<Vec<_>, _>>());
+        let entries = match listing {
+            Ok(v) => v,
+            Err(e) if dir == root => {
+                return Err(Error::io_at("cannot read directory", dir.display(), &e))
+            }
+            Err(e) => {
+                out.push(Entry {
+                    rel: rel_of(root, &dir),
+                    found: Found::Unreadable(Error::io(format!("cannot read directory: {e}"))),
+                    path: dir,
+                });
+                continue;
+            }
+        };
         for entry in entries {
-            let entry =
-                entry.map_err(|e| Error::io_at("cannot read directory", dir.display(), &e))?;
-            let ft = entry
-                .file_type()
-                .map_err(|e| Error::io_at("cannot stat", entry.path().display(), &e))?;
             if entry.file_name().to_string_lossy().contains(TEMP_MARKER) {
                 continue;
             }
+            let path = entry.path();
+            let meta = match std::fs::symlink_metadata(&path) {
+                Ok(m) => m,
+                // Vanished since the listing: nothing to do.
+                Err(_) => continue,
+            };
+            let ft = meta.file_type();
             if ft.is_dir() {
-                stack.push(entry.path());
-            } else if ft.is_file() {
-                out.push(entry.path());
+                stack.push(path);
+                continue;
             }
+            let rel = rel_of(root, &path);
+            if !filter.takes(&rel.to_string_lossy()) {
+                continue;
+            }
+            let found = if ft.is_file() {
+                Found::File { len: meta.len() }
+            } else if ft.is_symlink() {
+                Found::Symlink {
+                    broken: std::fs::metadata(&path).is_err(),
+                }
+            } else {
+                Found::Special
+            };
+            out.push(Entry { path, rel, found });
         }
     }
-    out.sort();
+    out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
 }
 
-/// The first bytes of a file, to tell hsmseal files from others.
-pub fn starts_with_magic(path: &Path) -> bool {
+fn rel_of(root: &Path, p: &Path) -> PathBuf {
+    p.strip_prefix(root).unwrap_or(p).to_path_buf()
+}
+
+/// Whether a file starts with the hsmseal magic; an error if it cannot be
+/// opened or read (so the caller can report it rather than pass it over).
+pub fn magic_of(path: &Path) -> std::io::Result<bool> {
     use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
     let mut head = [0u8; 8];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut head))
-        .map(|_| crate::envelope::header::looks_like_hsmseal(&head))
-        .unwrap_or(false)
+    let mut got = 0;
+    while got < head.len() {
+        match f.read(&mut head[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got == head.len() && crate::envelope::header::looks_like_hsmseal(&head))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn walks_sorted_reports_links_and_filters() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        std::fs::create_dir_all(r.join("a/b")).unwrap();
+        std::fs::write(r.join("a/b/x.sql"), b"1").unwrap();
+        std::fs::write(r.join("a/y.tmp"), b"22").unwrap();
+        std::fs::write(r.join("z"), b"").unwrap();
+        std::fs::write(r.join(format!(".z{TEMP_MARKER}1")), b"").unwrap();
+        std::os::unix::fs::symlink(r.join("nowhere"), r.join("dangling")).unwrap();
+        std::os::unix::fs::symlink(r.join("z"), r.join("link")).unwrap();
+        let all = entries_under(r, &Filter::default()).unwrap();
+        let rels: Vec<String> = all
+            .iter()
+            .map(|e| e.rel.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(rels, ["a/b/x.sql", "a/y.tmp", "dangling", "link", "z"]);
+        assert!(matches!(all[0].found, Found::File { len: 1 }));
+        assert!(matches!(all[2].found, Found::Symlink { broken: true }));
+        assert!(matches!(all[3].found, Found::Symlink { broken: false }));
+        let f = Filter::new(&[], &["*.tmp".into(), "dangling".into()]).unwrap();
+        let rels: Vec<PathBuf> = entries_under(r, &f)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.rel)
+            .collect();
+        assert_eq!(
+            rels,
+            [
+                PathBuf::from("a/b/x.sql"),
+                PathBuf::from("link"),
+                PathBuf::from("z")
+            ]
+        );
+        assert!(entries_under(&r.join("z"), &Filter::default()).is_err());
+    }
 }

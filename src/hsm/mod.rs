@@ -76,6 +76,27 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// lock: they are the hot path, and do not race that way.
 static MANAGEMENT: Mutex<()> = Mutex::new(());
 
+/// For a process about to exit on a signal: waits until no login, key
+/// generation or other object management is in progress (at most `max`),
+/// then blocks any new one for the rest of the process's life. A token
+/// whose files are being rewritten (SoftHSM2 rewrites token.object at every
+/// `C_Login`) is then never left half-written by the exit.
+pub fn quiesce(max: std::time::Duration) {
+    let deadline = std::time::Instant::now() + max;
+    loop {
+        match MANAGEMENT.try_lock() {
+            Ok(guard) => return std::mem::forget(guard),
+            Err(std::sync::TryLockError::Poisoned(p)) => return std::mem::forget(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                if std::time::Instant::now() >= deadline {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
+    }
+}
+
 /// The admin session, held together with [`MANAGEMENT`] (always taken
 /// first, so the two locks cannot deadlock).
 struct Admin<'a> {

@@ -1,0 +1,485 @@
+//! Bulk runs: which items a command takes (inputs named on the command line
+//! and files found under `-r` directories), and the loop that processes them
+//! on `--jobs` worker threads.
+//!
+//! - Workers: `min(jobs, items)` threads take items in turn; each borrows its
+//!   own HSM session from the pool while it wraps or unwraps. With one worker
+//!   (one item, or `--jobs 1`) a file's payload crypto uses `jobs` threads
+//!   instead, so a single big file still uses every core.
+//! - Output: what a run writes does not depend on the number of workers:
+//!   every item's output file depends on that item alone, and the per-item
+//!   lines (`--json` objects, stdout results, stderr notes and errors) are
+//!   printed in input order, each as soon as every item before it is done.
+//!   With `--json` a final `{"summary": ...}` line follows them (on stderr
+//!   instead of stdout when the command's data goes to stdout).
+//! - Failures: a failed item is reported and the run goes on; the exit code
+//!   is 1 if any failed. A run of exactly one item exits with that item's
+//!   own error code instead (as if it had been run alone).
+//! - Progress: a bar on stderr when stderr is a terminal and `--quiet` is not
+//!   given (bytes/s, items done and failed, ETA); nothing otherwise.
+
+use super::glob::Filter;
+use super::paths::{Input, ItemReport};
+use super::walk::{self, Found};
+use crate::app::App;
+use crate::cli::SelectArgs;
+use crate::error::{Error, Result};
+use crate::stream::StreamOptions;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// One unit of work of a bulk run.
+#[derive(Debug)]
+pub struct Item {
+    pub input: Input,
+    /// Where an `--output-dir` output goes below the directory: the path
+    /// relative to the `-r` directory the file was found under, or the file
+    /// name of an input named on the command line.
+    pub rel: PathBuf,
+    /// Size in bytes, if known (for the progress bar's total).
+    pub len: Option<u64>,
+    /// Decided while selecting: reported without running the command.
+    pub verdict: Option<Verdict>,
+}
+
+#[derive(Debug)]
+pub enum Verdict {
+    Skip(String),
+    Fail(Error),
+}
+
+impl Item {
+    pub fn display(&self) -> String {
+        self.input.display()
+    }
+
+    /// The path of a file input (every item but stdin).
+    pub fn path(&self) -> Option<&std::path::Path> {
+        match &self.input {
+            Input::File(p) => Some(p),
+            Input::Stdin => None,
+        }
+    }
+}
+
+/// Which files under `-r` a command takes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Want {
+    /// Every regular file (encrypt: hsmseal files are then skipped and reported).
+    AnyFile,
+    /// Only files that start with the hsmseal magic; others are not items.
+    Sealed,
+}
+
+/// The items of a run: the named inputs (none: stdin, if `stdin_ok`), then
+/// each `-r` directory's files in path order. Filters apply to files found
+/// under `-r` only; a file named on the command line is always taken.
+pub fn select(
+    inputs: &[PathBuf],
+    sel: &SelectArgs,
+    want: Want,
+    stdin_ok: bool,
+) -> Result<Vec<Item>> {
+    let filter = Filter::new(&sel.include, &sel.exclude)?;
+    if sel.recursive.is_empty() && (!sel.include.is_empty() || !sel.exclude.is_empty()) {
+        return Err(Error::usage(
+            "--include and --exclude select files under -r DIR; name a directory with -r",
+        ));
+    }
+    let mut items = Vec::new();
+    let named: Vec<Input> = if inputs.is_empty() && sel.recursive.is_empty() && stdin_ok {
+        vec![Input::Stdin]
+    } else {
+        inputs.iter().map(|p| Input::from_arg(p)).collect()
+    };
+    if named.contains(&Input::Stdin) && (named.len() > 1 || !sel.recursive.is_empty()) {
+        return Err(Error::usage(
+            "stdin (-) can only be used as the single input",
+        ));
+    }
+    for input in named {
+        let (rel, len) = match &input {
+            Input::File(p) => (
+                p.file_name()
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| p.clone()),
+                std::fs::metadata(p).ok().map(|m| m.len()),
+            ),
+            Input::Stdin => (PathBuf::new(), None),
+        };
+        items.push(Item {
+            input,
+            rel,
+            len,
+            verdict: None,
+        });
+    }
+    for root in &sel.recursive {
+        for e in walk::entries_under(root, &filter)? {
+            let (len, verdict) = match e.found {
+                Found::File { len } => {
+                    if want == Want::Sealed {
+                        // Unreadable files stay in, to be reported.
+                        if let Ok(false) = walk::magic_of(&e.path) {
+                            continue;
+                        }
+                    }
+                    (Some(len), None)
+                }
+                Found::Symlink { broken: true } => (
+                    None,
+                    Some(Verdict::Fail(Error::io(
+                        "broken symbolic link (links under -r are not followed)",
+                    ))),
+                ),
+                Found::Symlink { broken: false } => (
+                    None,
+                    Some(Verdict::Skip(
+                        "symbolic link, not followed under -r (name its target to include it)"
+                            .into(),
+                    )),
+                ),
+                Found::Special => (None, Some(Verdict::Skip("not a regular file".into()))),
+                Found::Unreadable(err) => (None, Some(Verdict::Fail(err))),
+            };
+            items.push(Item {
+                input: Input::File(e.path),
+                rel: e.rel,
+                len,
+                verdict,
+            });
+        }
+    }
+    Ok(items)
+}
+
+/// What the summary says besides the common counts.
+#[derive(Default)]
+pub struct Spec {
+    /// `encrypt`, `decrypt`, ...
+    pub action: &'static str,
+    /// The progress bar counts payload bytes (else items).
+    pub bytes_progress: bool,
+    /// Print the `--json` summary line (inspect prints its own objects only).
+    pub json_summary: bool,
+    /// Show a progress bar (on a terminal, without --quiet).
+    pub bar: bool,
+    /// The command writes its data to stdout (`-o -`, stdin to stdout): the
+    /// `--json` lines then go to stderr so they never mix with the data.
+    pub data_on_stdout: bool,
+    /// Summary keys counting items by status: (key, status).
+    pub status_counts: &'static [(&'static str, &'static str)],
+    /// Further summary fields.
+    pub extra: Vec<(&'static str, serde_json::Value)>,
+}
+
+/// Runs `work` on every item (see the module documentation). `work` gets
+/// the stream options for the item's payload (thread count, progress
+/// counter) with the item and its index, and returns the item's report. Returns the exit code: 0, 1 if
+/// some items failed, or the single item's error.
+pub fn for_each_item(
+    app: &App,
+    spec: &Spec,
+    items: &[Item],
+    work: impl Fn(usize, &Item, &StreamOptions) -> Result<ItemReport> + Sync,
+) -> Result<i32> {
+    let workers = app.jobs.max(1).min(items.len()).max(1);
+    let progress_bytes = AtomicU64::new(0);
+    let opts = StreamOptions {
+        threads: if workers > 1 { 1 } else { app.jobs },
+        progress: Some(&progress_bytes),
+    };
+    if items.is_empty() && !app.quiet {
+        eprintln!("hsmseal: {}: no files selected", spec.action);
+    }
+    let bar = Bar::new(app, spec, items);
+    let mut tally = Tally::default();
+    let mut single_error = None;
+    let next = AtomicUsize::new(0);
+    let (tx, rx) = mpsc::channel::<(usize, Result<ItemReport>)>();
+    std::thread::scope(|s| {
+        for w in 0..workers {
+            let tx = tx.clone();
+            let (next, work, opts) = (&next, &work, &opts);
+            std::thread::Builder::new()
+                .name(format!("hsmseal-worker-{w}"))
+                .spawn_scoped(s, move || loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
+                    let r = match &item.verdict {
+                        None => work(i, item, opts),
+                        Some(Verdict::Fail(e)) => Err(e.clone()),
+                        Some(Verdict::Skip(why)) => Ok(ItemReport {
+                            path: item.display(),
+                            action: spec.action,
+                            status: "skipped",
+                            reason: Some(why.clone()),
+                            ..Default::default()
+                        }),
+                    };
+                    if tx.send((i, r)).is_err() {
+                        break;
+                    }
+                })
+                .expect("spawn a worker thread");
+        }
+        drop(tx);
+        // Collect on this thread; print in input order.
+        let mut pending = BTreeMap::new();
+        let mut next_out = 0;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok((i, r)) => {
+                    pending.insert(i, r);
+                    while let Some(r) = pending.remove(&next_out) {
+                        let item = &items[next_out];
+                        next_out += 1;
+                        if let Some(e) = finish(app, spec, item, r, items.len(), &mut tally, &bar) {
+                            single_error = Some(e);
+                        }
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            bar.update(&tally, progress_bytes.load(Ordering::Relaxed));
+        }
+    });
+    bar.finish();
+    summary(app, spec, items.len(), workers, &tally);
+    if let Some(e) = single_error {
+        return Err(e);
+    }
+    if tally.failed == 0 {
+        Ok(0)
+    } else {
+        eprintln!("hsmseal: {} of {} items failed", tally.failed, items.len());
+        Ok(1)
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    done: u64,
+    ok: u64,
+    skipped: u64,
+    failed: u64,
+    bytes: u64,
+    statuses: BTreeMap<&'static str, u64>,
+}
+
+/// Reports one finished item. Returns its error for a single-item run.
+fn finish(
+    app: &App,
+    spec: &Spec,
+    item: &Item,
+    r: Result<ItemReport>,
+    n_items: usize,
+    tally: &mut Tally,
+    bar: &Bar,
+) -> Option<Error> {
+    tally.done += 1;
+    match r {
+        Ok(mut report) => {
+            app.stats.record(&report);
+            if report.status == "skipped" || report.status == "unchanged" {
+                tally.skipped += 1;
+            } else {
+                tally.ok += 1;
+            }
+            *tally.statuses.entry(report.status).or_default() += 1;
+            tally.bytes += report.bytes.unwrap_or(0);
+            if report.status == "skipped" && report.note.is_none() {
+                if let Some(why) = &report.reason {
+                    report.note = Some(format!("hsmseal: skipped {}: {why}", report.path));
+                }
+            }
+            if let Some(note) = &report.note {
+                if !app.quiet {
+                    bar.eprintln(note);
+                }
+            }
+            if app.json {
+                let line = match report.json_line.take() {
+                    Some(l) => l,
+                    None => serde_json::to_string(&report).expect("serialisable"),
+                };
+                bar.report(&line);
+            } else if let Some(text) = &report.text {
+                bar.println(text);
+            }
+            None
+        }
+        Err(e) => {
+            let e = e.context(item.display());
+            tally.failed += 1;
+            app.stats.failed.fetch_add(1, Ordering::Relaxed);
+            if app.json {
+                let report = ItemReport {
+                    path: item.display(),
+                    action: spec.action,
+                    status: "failed",
+                    error: Some(e.message().to_string()),
+                    exit_code: Some(e.exit_code()),
+                    ..Default::default()
+                };
+                bar.report(&serde_json::to_string(&report).expect("serialisable"));
+            }
+            if n_items == 1 {
+                return Some(e);
+            }
+            bar.eprintln(&format!("hsmseal: error: {e}"));
+            None
+        }
+    }
+}
+
+/// The `--json` summary line, or a human one on stderr for a multi-item run.
+fn summary(app: &App, spec: &Spec, n_items: usize, workers: usize, t: &Tally) {
+    let seconds = app.started.elapsed().as_secs_f64();
+    let hsm_calls = app.hsm_calls();
+    if app.json {
+        if !spec.json_summary {
+            return;
+        }
+        let mut m = serde_json::Map::new();
+        m.insert("action".into(), spec.action.into());
+        m.insert("items".into(), n_items.into());
+        m.insert("ok".into(), t.ok.into());
+        m.insert("skipped".into(), t.skipped.into());
+        m.insert("failed".into(), t.failed.into());
+        for (key, status) in spec.status_counts {
+            let n = t.statuses.get(status).copied().unwrap_or(0);
+            m.insert((*key).into(), n.into());
+        }
+        for (k, v) in &spec.extra {
+            m.insert((*k).into(), v.clone());
+        }
+        m.insert("bytes".into(), t.bytes.into());
+        m.insert("seconds".into(), seconds.into());
+        m.insert("hsm_calls".into(), hsm_calls.into());
+        m.insert("jobs".into(), workers.into());
+        let line = serde_json::json!({ "summary": m }).to_string();
+        if spec.data_on_stdout {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    } else if !app.quiet && n_items > 1 {
+        let mut parts = vec![format!("{} ok", t.ok)];
+        for (key, status) in spec.status_counts {
+            if let Some(n) = t.statuses.get(status) {
+                parts.push(format!("{n} {}", key.replace('_', " ")));
+            }
+        }
+        parts.push(format!("{} skipped", t.skipped));
+        parts.push(format!("{} failed", t.failed));
+        let mib = t.bytes as f64 / (1024.0 * 1024.0);
+        eprintln!(
+            "{}: {n_items} items: {}; {mib:.1} MiB in {seconds:.2} s ({:.1} MiB/s), {hsm_calls} HSM calls, {workers} jobs",
+            spec.action,
+            parts.join(", "),
+            if seconds > 0.0 { mib / seconds } else { 0.0 },
+        );
+    }
+}
+
+/// The progress bar, or nothing when stderr is not a terminal or with --quiet.
+struct Bar {
+    json_to_stderr: bool,
+    pb: Option<ProgressBar>,
+    bytes: bool,
+    items: usize,
+}
+
+impl Bar {
+    fn new(app: &App, spec: &Spec, items: &[Item]) -> Bar {
+        if !spec.bar || app.quiet || !std::io::stderr().is_terminal() {
+            return Bar {
+                json_to_stderr: spec.data_on_stdout,
+                pb: None,
+                bytes: false,
+                items: 0,
+            };
+        }
+        let (len, template) = if spec.bytes_progress {
+            (
+                items.iter().filter_map(|i| i.len).sum::<u64>(),
+                "{spinner} {elapsed_precise} [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+            )
+        } else {
+            (
+                items.len() as u64,
+                "{spinner} {elapsed_precise} [{wide_bar}] {per_sec} ETA {eta} {msg}",
+            )
+        };
+        // Unknown sizes (stdin): bytes and rate without a total or ETA.
+        let (len, template) = if spec.bytes_progress && len == 0 {
+            (
+                None,
+                "{spinner} {elapsed_precise} {bytes} {binary_bytes_per_sec} {msg}",
+            )
+        } else {
+            (Some(len), template)
+        };
+        let pb = ProgressBar::with_draw_target(len, ProgressDrawTarget::stderr());
+        if let Ok(style) = ProgressStyle::with_template(template) {
+            pb.set_style(style.progress_chars("=> "));
+        }
+        pb.set_message(format!("0/{} items", items.len()));
+        pb.enable_steady_tick(Duration::from_millis(200));
+        Bar {
+            json_to_stderr: spec.data_on_stdout,
+            pb: Some(pb),
+            bytes: spec.bytes_progress,
+            items: items.len(),
+        }
+    }
+
+    fn update(&self, t: &Tally, bytes: u64) {
+        if let Some(pb) = &self.pb {
+            pb.set_position(if self.bytes { bytes } else { t.done });
+            pb.set_message(if t.failed > 0 {
+                format!("{}/{} items, {} failed", t.done, self.items, t.failed)
+            } else {
+                format!("{}/{} items", t.done, self.items)
+            });
+        }
+    }
+
+    /// A `--json` line: on stdout, or stderr if the data goes to stdout.
+    fn report(&self, line: &str) {
+        if self.json_to_stderr {
+            self.eprintln(line)
+        } else {
+            self.println(line)
+        }
+    }
+
+    /// A line for stdout that does not tear the bar.
+    fn println(&self, line: &str) {
+        match &self.pb {
+            Some(pb) => pb.suspend(|| println!("{line}")),
+            None => println!("{line}"),
+        }
+    }
+
+    /// A line for stderr, above the bar.
+    fn eprintln(&self, line: &str) {
+        match &self.pb {
+            Some(pb) => pb.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(pb) = &self.pb {
+            pb.finish_and_clear();
+        }
+    }
+}
