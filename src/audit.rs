@@ -592,7 +592,7 @@ pub fn verify(backend: &dyn AuditBackend, path: &Path) -> Result<VerifyReport> {
             report.problem = problem(
                 no,
                 ProblemKind::Truncated,
-                format!("line {no} is incomplete: the log was cut in the middle of a line"),
+                "incomplete: the log was cut in the middle of this line".to_string(),
             );
             return Ok(report);
         }
@@ -602,7 +602,7 @@ pub fn verify(backend: &dyn AuditBackend, path: &Path) -> Result<VerifyReport> {
                 report.problem = problem(
                     no,
                     ProblemKind::Edited,
-                    format!("line {no} is not a valid audit entry ({why}): edited"),
+                    format!("not a valid audit entry ({why}): edited"),
                 );
                 return Ok(report);
             }
@@ -629,7 +629,7 @@ pub fn verify(backend: &dyn AuditBackend, path: &Path) -> Result<VerifyReport> {
             &expected_prev,
             log_id.as_deref(),
         )?;
-        report.problem = problem(no, kind, format!("line {no}: {why}"));
+        report.problem = problem(no, kind, why);
         return Ok(report);
     }
     // Every line is intact; now the end must match the HSM head.
@@ -651,7 +651,7 @@ pub fn verify(backend: &dyn AuditBackend, path: &Path) -> Result<VerifyReport> {
                 n,
                 ProblemKind::Edited,
                 format!(
-                    "line {n} (seq {}) is not the entry the HSM's head record holds: edited",
+                    "seq {} is not the entry the HSM's head record holds: edited",
                     last.seq
                 ),
             );
@@ -681,8 +681,7 @@ pub fn verify(backend: &dyn AuditBackend, path: &Path) -> Result<VerifyReport> {
             first_extra.min(n),
             ProblemKind::Inserted,
             format!(
-                "line {}: entries after the HSM's head record (seq {}) were added without updating it: inserted",
-                first_extra.min(n),
+                "entries after the HSM's head record (seq {}) were added without updating it: inserted",
                 head.seq
             ),
         );

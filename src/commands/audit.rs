@@ -167,8 +167,9 @@ fn verify(app: &App, log: Option<PathBuf>) -> Result<i32> {
             n => format!("; lines 1-{} are intact", n - 1),
         };
         return Err(Error::integrity(format!(
-            "audit log {}: {} [{}{intact}]",
+            "audit log {}: line {}: {} [{}{intact}]",
             path.display(),
+            p.line,
             p.message,
             p.kind,
         )));
