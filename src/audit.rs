@@ -863,3 +863,285 @@ pub fn host_name() -> String {
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hmac::{Hmac, Mac};
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    /// The HSM's part in memory: an HMAC key and a map of heads.
+    struct Memory {
+        key: [u8; 32],
+        heads: Mutex<HashMap<String, Head>>,
+    }
+
+    impl Memory {
+        fn new(key: u8) -> Memory {
+            Memory {
+                key: [key; 32],
+                heads: Mutex::new(HashMap::new()),
+            }
+        }
+    }
+
+    impl AuditBackend for Memory {
+        fn check_audit_key(&self) -> Result<()> {
+            Ok(())
+        }
+        fn audit_mac(&self, data: &[u8]) -> Result<[u8; 32]> {
+            let mut m = Hmac::<Sha256>::new_from_slice(&self.key).unwrap();
+            m.update(data);
+            Ok(m.finalize().into_bytes().into())
+        }
+        fn audit_check_mac(&self, data: &[u8], mac: &[u8; 32]) -> Result<bool> {
+            Ok(self.audit_mac(data)? == *mac)
+        }
+        fn audit_head(&self, log_id: &str) -> Result<Option<Head>> {
+            Ok(self.heads.lock().unwrap().get(log_id).cloned())
+        }
+        fn set_audit_head(&self, log_id: &str, head: &Head) -> Result<()> {
+            self.heads
+                .lock()
+                .unwrap()
+                .insert(log_id.to_string(), head.clone());
+            Ok(())
+        }
+        fn audit_heads_for_path(&self, path: &str) -> Result<Vec<(String, Head)>> {
+            Ok(self
+                .heads
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, h)| h.path == path)
+                .map(|(id, h)| (id.clone(), h.clone()))
+                .collect())
+        }
+    }
+
+    fn rec(command: &str) -> Record {
+        Record {
+            command: command.into(),
+            keys: vec!["k v1".into(), "weird \"name\"\n v2".into()],
+            ok: 2,
+            bytes: 10,
+            result: "ok",
+            error: Some("a.hseal: authentication failed\nsecond line".into()),
+            ..Default::default()
+        }
+    }
+
+    fn log_of(n: usize) -> (Memory, tempfile::TempDir, std::path::PathBuf) {
+        let m = Memory::new(7);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("audit.log");
+        for i in 0..n {
+            assert_eq!(
+                append(&m, &p, &rec(&format!("c{i}")), false).unwrap(),
+                i as u64
+            );
+        }
+        (m, dir, p)
+    }
+
+    fn problem_of(m: &Memory, p: &Path) -> Option<(usize, ProblemKind)> {
+        let r = verify(m, p).unwrap();
+        assert_eq!(r.intact, r.problem.is_none());
+        r.problem.map(|p| (p.line, p.kind))
+    }
+
+    fn rewrite(p: &Path, f: impl FnOnce(&mut Vec<String>)) {
+        let mut l: Vec<String> = fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect();
+        f(&mut l);
+        let mut t = l.join("\n");
+        t.push('\n');
+        fs::write(p, t).unwrap();
+    }
+
+    #[test]
+    fn lines_have_the_fixed_layout_and_the_mac_covers_everything_before_it() {
+        let (m, _d, p) = log_of(2);
+        let text = fs::read_to_string(&p).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("{\"v\":1,\"log\":\""), "{}", lines[0]);
+        assert!(lines[0].contains(&format!("\"prev\":\"{}\"", "0".repeat(64))));
+        let at = lines[1].find(",\"mac\":\"").unwrap();
+        assert_eq!(at, lines[1].len() - MAC_SUFFIX_LEN);
+        let mac = m.audit_mac(&lines[1].as_bytes()[..at]).unwrap();
+        assert!(lines[1].ends_with(&format!("\"mac\":\"{}\"}}", hex(&mac))));
+        assert!(lines[1].contains(&format!(
+            "\"prev\":\"{}\"",
+            hex(&sha256(lines[0].as_bytes()))
+        )));
+        // Newlines in values are escaped: one entry, one line.
+        assert_eq!(lines.len(), 2);
+        let v: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+        assert_eq!(v["keys"][1], "weird \"name\"\n v2");
+        let order: Vec<&str> = [
+            "v",
+            "log",
+            "seq",
+            "time",
+            "user",
+            "host",
+            "pid",
+            "command",
+            "keys",
+            "items",
+            "bytes",
+            "hsm_calls",
+            "seconds",
+            "result",
+            "exit_code",
+            "error",
+            "prev",
+            "mac",
+        ]
+        .to_vec();
+        let mut pos = 0;
+        for f in order {
+            let i = lines[1][pos..]
+                .find(&format!("\"{f}\":"))
+                .unwrap_or_else(|| panic!("{f} out of order"));
+            pos += i;
+        }
+        assert_eq!(problem_of(&m, &p), None);
+    }
+
+    #[test]
+    fn tampering_is_classified() {
+        type Edit = fn(&mut Vec<String>);
+        let cases: [(Edit, usize, ProblemKind); 9] = [
+            (
+                |l| l[2] = l[2].replace("\"bytes\":10", "\"bytes\":12"),
+                3,
+                ProblemKind::Edited,
+            ),
+            (
+                |l| l[0] = l[0].replace("\"c0\"", "\"cX\""),
+                1,
+                ProblemKind::Edited,
+            ),
+            (|l| drop(l.remove(2)), 3, ProblemKind::Deleted),
+            (|l| drop(l.drain(1..3)), 2, ProblemKind::Deleted),
+            (|l| l.insert(3, l[1].clone()), 4, ProblemKind::Inserted),
+            (|l| l.push(l[0].clone()), 6, ProblemKind::Inserted),
+            (|l| l.swap(1, 2), 2, ProblemKind::Reordered),
+            (|l| drop(l.pop()), 5, ProblemKind::Truncated),
+            (|l| l[3] = "garbage".into(), 4, ProblemKind::Edited),
+        ];
+        for (i, (edit, line, kind)) in cases.into_iter().enumerate() {
+            let (m, _d, p) = log_of(5);
+            rewrite(&p, edit);
+            assert_eq!(problem_of(&m, &p), Some((line, kind)), "case {i}");
+            // Appending checks only the end of the log against the head
+            // (a full check would cost an HSM call per line): a log whose
+            // end changed is refused, a change in the middle is left to
+            // `audit verify`.
+            if line < 5 {
+                continue;
+            }
+            let before = fs::read(&p).unwrap();
+            let e = append(&m, &p, &rec("x"), false).unwrap_err();
+            assert_eq!(
+                e.kind(),
+                crate::error::ErrorKind::Integrity,
+                "case {i}: {e}"
+            );
+            assert!(e.message().contains("hsmseal audit verify"), "{e}");
+            assert_eq!(fs::read(&p).unwrap(), before);
+        }
+    }
+
+    #[test]
+    fn a_line_cut_short_and_a_log_from_another_key() {
+        let (m, _d, p) = log_of(3);
+        let text = fs::read(&p).unwrap();
+        fs::write(&p, &text[..text.len() - 10]).unwrap();
+        assert_eq!(problem_of(&m, &p), Some((3, ProblemKind::Truncated)));
+        fs::write(&p, &text).unwrap();
+        let other = Memory::new(8);
+        *other.heads.lock().unwrap() = m.heads.lock().unwrap().clone();
+        assert_eq!(problem_of(&other, &p), Some((1, ProblemKind::Edited)));
+        // The head gone: not intact either.
+        m.heads.lock().unwrap().clear();
+        assert_eq!(problem_of(&m, &p), Some((3, ProblemKind::NoHead)));
+    }
+
+    #[test]
+    fn the_crash_window_between_line_and_head_is_accepted_once() {
+        let (m, _d, p) = log_of(3);
+        let id = m.heads.lock().unwrap().keys().next().unwrap().clone();
+        // As if the run that wrote line 3 died before updating the head.
+        let lines: Vec<String> = fs::read_to_string(&p)
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect();
+        let behind = Head {
+            seq: 1,
+            hash: sha256(lines[1].as_bytes()),
+            path: absolute(&p).unwrap(),
+        };
+        m.set_audit_head(&id, &behind).unwrap();
+        let r = verify(&m, &p).unwrap();
+        assert!(r.intact && r.note.is_some(), "{r:?}");
+        // The next append accepts it and brings the head up to date.
+        assert_eq!(append(&m, &p, &rec("after"), false).unwrap(), 3);
+        let r = verify(&m, &p).unwrap();
+        assert!(r.intact && r.note.is_none(), "{r:?}");
+        // Two behind is not a crash: refused.
+        let two_behind = Head { seq: 1, ..behind };
+        m.set_audit_head(&id, &two_behind).unwrap();
+        assert_eq!(problem_of(&m, &p), Some((3, ProblemKind::Inserted)));
+        assert!(append(&m, &p, &rec("x"), false).is_err());
+    }
+
+    #[test]
+    fn a_deleted_log_is_not_silently_restarted() {
+        let (m, _d, p) = log_of(2);
+        fs::remove_file(&p).unwrap();
+        assert_eq!(problem_of(&m, &p), Some((1, ProblemKind::Truncated)));
+        assert!(check(&m, &p).is_err());
+        assert!(append(&m, &p, &rec("x"), false).is_err());
+        // `audit init` (new_log_ok) starts a new log with a new id.
+        assert_eq!(append(&m, &p, &rec("audit init"), true).unwrap(), 0);
+        assert_eq!(problem_of(&m, &p), None);
+        assert_eq!(m.heads.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn concurrent_appends_are_serialised_by_the_lock() {
+        let (m, _d, p) = log_of(1);
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (m, p) = (&m, &p);
+                s.spawn(move || {
+                    for i in 0..10 {
+                        append(m, p, &rec(&format!("t{t}-{i}")), false).unwrap();
+                    }
+                });
+            }
+        });
+        let r = verify(&m, &p).unwrap();
+        assert!(r.intact, "{r:?}");
+        assert_eq!(r.entries, 41);
+    }
+
+    #[test]
+    fn heads_round_trip() {
+        let h = Head {
+            seq: 42,
+            hash: [0xab; 32],
+            path: "/var/log/with space/audit.log".into(),
+        };
+        assert_eq!(Head::decode(&h.encode()), Some(h.clone()));
+        assert_eq!(Head::decode(b"v2 1 00"), None);
+        assert_eq!(Head::decode(b"v1 -1 00"), None);
+    }
+}
