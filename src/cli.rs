@@ -59,6 +59,9 @@ pub struct GlobalArgs {
     /// Worker threads (default: number of cores) [env: HSMSEAL_JOBS]
     #[arg(long, short = 'j', global = true, value_name = "N")]
     pub jobs: Option<usize>,
+    /// Append an audit entry for this run to this log [env: HSMSEAL_AUDIT_LOG]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub audit_log: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -119,6 +122,35 @@ pub enum Command {
     /// Encrypt, decrypt or rotate selected columns of CSV, TSV, JSONL or PostgreSQL COPY dumps
     #[command(subcommand)]
     Columns(crate::commands::columns::ColumnsCommand),
+    /// Set up and check the tamper-evident audit log
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// The audit log (--audit-log, HSMSEAL_AUDIT_LOG or audit_log in
+/// hsmseal.toml): one HSM-authenticated, hash-chained JSON line per run of a
+/// command that touches keys or data (docs/FORMAT.md section 7).
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Create the audit HMAC key in the HSM (if absent) and start the log
+    ///
+    /// Changes in the HSM: creates one 32-byte generic secret key labelled
+    /// hsmseal-audit-hmac (sensitive, never extractable, sign/verify with
+    /// CKM_SHA256_HMAC only) unless it exists; creates or updates the log's
+    /// head record (a CKO_DATA object) when it appends.
+    ///
+    /// Changes on disk: appends an `audit init` entry to the configured log,
+    /// if one is configured (a missing or empty log starts afresh).
+    Init,
+    /// Check a log: chain, MACs (in the HSM) and the HSM head record
+    ///
+    /// Reports the first edited, deleted, inserted, reordered or truncated
+    /// entry and exits 3; exits 0 with "N entries, chain intact, head matches
+    /// the HSM" otherwise; 4 if the token has no audit key. Changes nothing.
+    Verify {
+        /// The log (default: the configured audit log)
+        log: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Debug)]

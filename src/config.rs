@@ -68,6 +68,7 @@ pub struct Overrides {
     pub pin_file: Option<PathBuf>,
     pub key: Option<String>,
     pub jobs: Option<usize>,
+    pub audit_log: Option<PathBuf>,
 }
 
 /// Fully resolved settings.
@@ -212,7 +213,7 @@ pub fn resolve(flags: &Overrides) -> Result<Settings> {
         return Err(Error::usage("jobs must be at least 1"));
     }
     let audit_log = pick(
-        None,
+        flags.audit_log.clone(),
         env("HSMSEAL_AUDIT_LOG").map(|v| (PathBuf::from(v), "HSMSEAL_AUDIT_LOG")),
         cfg.audit_log.as_deref().map(from_file),
         file_src(),

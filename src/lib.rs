@@ -7,6 +7,7 @@
 //! per subcommand), `config`, `output` (atomic files), `error` (exit codes).
 
 pub mod app;
+pub mod audit;
 pub mod cli;
 pub mod columns;
 pub mod commands;

@@ -9,6 +9,7 @@ use crate::keys::{KeyBackend, KeyRef};
 use crate::output::{same_file, AtomicFile};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ColumnsCommand {
@@ -110,7 +111,18 @@ pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
         _ => Some(app.backend()?),
     };
     // 0: one worker per core (the global --jobs setting, once App has it).
-    execute(backend.as_deref(), key_name, app.json, app.jobs, cmd)
+    let (stats, key) = execute_with_stats(backend.as_deref(), key_name, app.json, app.jobs, cmd)?;
+    // For the audit entry: cells are the items, NULLs and plaintext cells
+    // left as they were are skipped.
+    app.stats.ok.fetch_add(stats.cells, Ordering::Relaxed);
+    app.stats
+        .skipped
+        .fetch_add(stats.nulls + stats.plaintext, Ordering::Relaxed);
+    app.stats.bytes.fetch_add(stats.bytes_in, Ordering::Relaxed);
+    if let Some(k) = key {
+        app.stats.add_key(k);
+    }
+    Ok(0)
 }
 
 fn dump_args(cmd: &ColumnsCommand) -> &DumpArgs {
@@ -132,6 +144,18 @@ pub fn execute(
     jobs: usize,
     cmd: ColumnsCommand,
 ) -> Result<i32> {
+    execute_with_stats(backend, key_name, json, jobs, cmd).map(|_| 0)
+}
+
+/// [`execute`], returning the run's statistics and the key version it
+/// encrypted or rewrapped under.
+pub fn execute_with_stats(
+    backend: Option<&dyn KeyBackend>,
+    key_name: Option<String>,
+    json: bool,
+    jobs: usize,
+    cmd: ColumnsCommand,
+) -> Result<(ColumnStats, Option<KeyRef>)> {
     let op = match &cmd {
         ColumnsCommand::Encrypt(_) => "encrypt",
         ColumnsCommand::Decrypt(_) => "decrypt",
@@ -205,7 +229,7 @@ pub fn execute(
         }
     };
     report(json, dump, op, opts.format, target.as_ref(), &stats);
-    Ok(0)
+    Ok((stats, target))
 }
 
 fn options(a: &DumpArgs) -> Result<ColumnOptions> {

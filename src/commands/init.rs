@@ -2,10 +2,12 @@
 //!
 //! Creates DIR/softhsm2.conf and DIR/tokens/, initialises a token with random
 //! SO and user PINs stored in DIR/so-pin and DIR/user-pin (0600), and writes
-//! ./hsmseal.toml pointing at all of it. A software token's keys are files
+//! ./hsmseal.toml pointing at all of it. It also creates the audit HMAC key
+//! in the token and starts DIR/audit.log with this run's entry. A software token's keys are files
 //! protected by the PIN file next to them: fine for development and tests,
 //! not for production, and the command says so.
 
+use crate::audit::{self, Record};
 use crate::cli::InitArgs;
 use crate::config::{FileConfig, CONFIG_FILE, DEFAULT_MODULE};
 use crate::error::{Error, Result};
@@ -18,6 +20,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 pub fn run(args: &InitArgs, json: bool, quiet: bool) -> Result<i32> {
+    let started = std::time::Instant::now();
     if !args.dev {
         return Err(Error::usage("only `hsmseal init --dev` exists: production tokens are set up with your HSM vendor's tools"));
     }
@@ -80,11 +83,26 @@ pub fn run(args: &InitArgs, json: bool, quiet: bool) -> Result<i32> {
     std::env::set_var("SOFTHSM2_CONF", abs_dir.join("softhsm2.conf"));
     Hsm::init_token(&module, &args.label, &so_pin, &user_pin)?;
 
+    // The audit log's HMAC key, and the log's first entry (this run).
+    let audit_log = dir.join("audit.log");
+    let hsm = Hsm::open(&module, &args.label)?;
+    hsm.login(&user_pin)?;
+    hsm.create_audit_key()?;
+    let record = Record {
+        command: "init --dev".into(),
+        ok: 1,
+        seconds: started.elapsed().as_secs_f64(),
+        result: "ok",
+        ..Default::default()
+    };
+    audit::append(&hsm, &audit_log, &record, true)?;
+
     let cfg = FileConfig {
         module: Some(module.clone()),
         token: Some(args.label.clone()),
         pin_file: Some(dir.join("user-pin")),
         softhsm2_conf: Some(dir.join("softhsm2.conf")),
+        audit_log: Some(audit_log.clone()),
         ..Default::default()
     };
     let text = format!(
@@ -101,17 +119,18 @@ pub fn run(args: &InitArgs, json: bool, quiet: bool) -> Result<i32> {
             "{}",
             serde_json::json!({
                 "token": args.label, "dir": abs_dir, "config": CONFIG_FILE,
-                "module": module, "software_token": true
+                "module": module, "software_token": true, "audit_log": audit_log
             })
         );
     } else if !quiet {
         eprintln!(
-            "Created SoftHSM2 token {:?} in {} and {CONFIG_FILE}.\n\
+            "Created SoftHSM2 token {:?} in {} and {CONFIG_FILE}, with an audit log at {}.\n\
              This is a SOFTWARE token for trying hsmseal out: its keys are files protected only by\n\
              the PIN file beside them. Use a real HSM's PKCS#11 module in production.\n\
              Next: hsmseal key create backups && hsmseal encrypt --key backups FILE",
             args.label,
-            dir.display()
+            dir.display(),
+            audit_log.display()
         );
     }
     Ok(0)

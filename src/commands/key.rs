@@ -14,6 +14,7 @@ use crate::cli::KeyCommand;
 use crate::error::{Error, Result};
 use crate::hsm::{KeyInfo, KeyState, PurgeReport, StateChange};
 use crate::keys::{validate_key_name, KeyRef};
+use std::sync::atomic::Ordering;
 
 pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
     // Names are checked before the PIN is asked for.
@@ -29,9 +30,30 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
     }
     let hsm = app.hsm()?;
     let token = hsm.token_label().to_string();
+    // For the audit entry: the version a command acts on is named even if
+    // it fails; versions created or destroyed are counted as items.
+    let done = |k: KeyRef, changed: bool| {
+        app.stats.add_key(k);
+        let counter = if changed {
+            &app.stats.ok
+        } else {
+            &app.stats.skipped
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    };
+    match &cmd {
+        KeyCommand::Disable { name, version }
+        | KeyCommand::Enable { name, version }
+        | KeyCommand::Destroy { name, version, .. } => app.stats.add_key(KeyRef {
+            name: name.clone(),
+            version: *version,
+        }),
+        _ => {}
+    }
     match cmd {
         KeyCommand::Create { name } => {
             let info = hsm.create_key(&name)?;
+            done(info.key_ref(), true);
             if app.json {
                 print_json(&info);
             } else {
@@ -43,6 +65,7 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
         }
         KeyCommand::Rotate { name } => {
             let info = hsm.create_next_version(&name)?;
+            done(info.key_ref(), true);
             if app.json {
                 print_json(&info);
             } else {
@@ -56,10 +79,12 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
         KeyCommand::Info { name } => print_keys(app, &hsm.key_versions(&name)?),
         KeyCommand::Disable { name, version } => {
             let change = hsm.disable_version(&KeyRef { name, version })?;
+            done(change.key_ref(), change.changed);
             print_change(app, &change);
         }
         KeyCommand::Enable { name, version } => {
             let change = hsm.enable_version(&KeyRef { name, version })?;
+            done(change.key_ref(), change.changed);
             print_change(app, &change);
         }
         KeyCommand::Destroy {
@@ -83,6 +108,7 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
                 });
             }
             let change = hsm.destroy_version(&k, force)?;
+            done(change.key_ref(), change.changed);
             print_change(app, &change);
         }
         KeyCommand::Purge {
@@ -107,6 +133,18 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
                 )));
             }
             let report = hsm.purge(&name, older_than, now, dry_run)?;
+            for i in &report.destroyed {
+                let k = KeyRef {
+                    name: name.clone(),
+                    version: i.version,
+                };
+                // A dry run destroys nothing: counted as skipped, keys not named.
+                if dry_run {
+                    app.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    done(k, true);
+                }
+            }
             print_purge(app, &report);
         }
     }

@@ -2,6 +2,7 @@
 //! returns the process exit code (0 success, 1 some items failed); hard
 //! failures come back as `Error`, whose kind picks the exit code.
 
+pub mod audit;
 mod bulk;
 pub mod columns;
 pub mod config;
@@ -36,11 +37,19 @@ pub fn run(cli: Cli) -> Result<i32> {
         pin_file: g.pin_file.clone(),
         key: None,
         jobs: g.jobs,
+        audit_log: g.audit_log.clone(),
     };
     let resolved = settings::resolve(&overrides)?;
     resolved.export_softhsm2_conf();
     let app = App::new(resolved, g.json, g.quiet);
-    match cli.command {
+    // A command that touches keys or data runs only if its audit entry can
+    // be appended afterwards (log intact, audit key present): checked first.
+    let logged = audit::logged_name(&cli.command)
+        .and_then(|name| audit::configured_log(&app).map(|log| (name, log)));
+    if let Some((_, log)) = &logged {
+        crate::audit::check(&*app.hsm()?, log)?;
+    }
+    let outcome = match cli.command {
         Command::Init(_) => unreachable!("handled above"),
         Command::Key(cmd) => key::run(&app, cmd),
         Command::Encrypt(args) => encrypt::run(&app, args),
@@ -51,5 +60,10 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Doctor => doctor::run(&app),
         Command::Config(cmd) => config::run(&app, cmd),
         Command::Columns(cmd) => columns::run(&app, cmd),
+        Command::Audit(cmd) => audit::run(&app, cmd),
+    };
+    match logged {
+        Some((name, log)) => audit::after_run(&app, &name, &log, outcome),
+        None => outcome,
     }
 }

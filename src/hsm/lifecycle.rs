@@ -111,6 +111,15 @@ pub struct StateChange {
     pub current_version: Option<u32>,
 }
 
+impl StateChange {
+    pub fn key_ref(&self) -> KeyRef {
+        KeyRef {
+            name: self.key.clone(),
+            version: self.version,
+        }
+    }
+}
+
 /// One version considered by `key purge`.
 #[derive(Serialize, Clone, Debug, PartialEq, Eq)]
 pub struct PurgeItem {

@@ -24,6 +24,7 @@
 //! - Key lifecycle (versions, states, destroy, purge) lives in [`lifecycle`].
 //! - No PIN or key byte appears in an error, a log line or `Debug` output.
 
+pub mod audit_key;
 pub mod doctor;
 mod errors;
 pub mod keys;
@@ -230,6 +231,8 @@ pub struct Hsm {
     /// Wrap and unwrap operations sent to the token (one `C_Encrypt` or
     /// `C_Decrypt` each).
     calls: AtomicU64,
+    /// The audit HMAC key, once found and checked (see [`audit_key`]).
+    audit_key: Mutex<Option<ObjectHandle>>,
 }
 
 impl std::fmt::Debug for Hsm {
@@ -295,6 +298,7 @@ impl Hsm {
             verified: RwLock::new(HashMap::new()),
             current: RwLock::new(HashMap::new()),
             calls: AtomicU64::new(0),
+            audit_key: Mutex::new(None),
         })
     }
 

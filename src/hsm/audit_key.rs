@@ -1,0 +1,499 @@
+//! The audit log's anchors in the token (docs/FORMAT.md section 7): the
+//! HMAC key that authenticates every line, and one *head* record per log
+//! that holds the last sequence number and line hash, so that cutting lines
+//! off the end of a log is detected.
+//!
+//! - **HMAC key**: a `CKO_SECRET_KEY` of type `CKK_GENERIC_SECRET`, 32 bytes,
+//!   generated in the token with `CKM_GENERIC_SECRET_KEY_GEN`, labelled
+//!   [`AUDIT_KEY_LABEL`]: token, private, sensitive, never extractable, sign
+//!   and verify only, `CKA_ALLOWED_MECHANISMS = [CKM_SHA256_HMAC]`. Checked
+//!   before every use ([`audit_key_problems`]), like KWKs are.
+//! - **Head**: a `CKO_DATA` object (token, private) labelled
+//!   `hsmseal-audit-head:<log id>` whose `CKA_VALUE` is
+//!   `v1 <seq> <sha256 hex of the last line> <absolute log path>`
+//!   ([`Head::encode`]), rewritten with `C_SetAttributeValue` after every
+//!   append.
+//!
+//! Neither label starts with `hsmseal:` (the KWK prefix), so `key list` and
+//! the key scan never see these objects.
+//!
+//! Object management (search, generation, attribute changes) runs on the
+//! admin session under the process-wide management lock, like the key
+//! lifecycle; `C_Sign`/`C_Verify` run on a pooled session.
+
+use super::errors::{rv_of, token_error};
+use super::keys::{self, KeyAttributes};
+use super::{is_gone, Hsm};
+use crate::audit::{AuditBackend, Head};
+use crate::error::{Error, Result};
+use cryptoki::error::RvError;
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+
+/// Label of the audit HMAC key. Deliberately not under `hsmseal:`.
+pub const AUDIT_KEY_LABEL: &str = "hsmseal-audit-hmac";
+/// Label prefix of head records; the log id follows.
+pub const HEAD_LABEL_PREFIX: &str = "hsmseal-audit-head:";
+/// `CKA_APPLICATION` of head records.
+const HEAD_APPLICATION: &[u8] = b"hsmseal-audit";
+/// HMAC key length in bytes.
+pub const AUDIT_KEY_LEN: u64 = 32;
+
+/// The template for `C_GenerateKey(CKM_GENERIC_SECRET_KEY_GEN)`.
+pub fn audit_key_template(created_unix: u64) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::ValueLen(AUDIT_KEY_LEN.into()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
+        Attribute::Verify(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+        Attribute::AllowedMechanisms(vec![MechanismType::SHA256_HMAC]),
+        Attribute::Label(AUDIT_KEY_LABEL.as_bytes().to_vec()),
+        Attribute::Id(format!("{AUDIT_KEY_LABEL}@{}", keys::rfc3339(created_unix)).into_bytes()),
+    ]
+}
+
+/// Every way `a` is weaker than a key made by [`audit_key_template`]; empty
+/// means usable. A token that does not report `CKA_ALLOWED_MECHANISMS` is
+/// accepted (the key can still only sign and verify); one that lists any
+/// mechanism besides `CKM_SHA256_HMAC` is not.
+pub fn audit_key_problems(a: &KeyAttributes) -> Vec<String> {
+    let mut p = Vec::new();
+    let secret_key = ObjectClass::SECRET_KEY.to_string();
+    let generic = KeyType::GENERIC_SECRET.to_string();
+    match &a.class {
+        Some(c) if *c == secret_key => {}
+        Some(c) => p.push(format!("CKA_CLASS is {c}, not {secret_key}")),
+        None => p.push("CKA_CLASS could not be read".to_string()),
+    }
+    match &a.key_type {
+        Some(t) if *t == generic => {}
+        Some(t) => p.push(format!("CKA_KEY_TYPE is {t}, not {generic}")),
+        None => p.push("CKA_KEY_TYPE could not be read".to_string()),
+    }
+    match a.value_len {
+        Some(n) if n >= AUDIT_KEY_LEN => {}
+        Some(n) => p.push(format!(
+            "CKA_VALUE_LEN is {n} bytes (at least {AUDIT_KEY_LEN} are required)"
+        )),
+        None => p.push("CKA_VALUE_LEN could not be read".to_string()),
+    }
+    let required: [(&str, Option<bool>, bool, &str); 8] = [
+        (
+            "CKA_TOKEN",
+            a.token,
+            true,
+            "it would vanish with the session",
+        ),
+        (
+            "CKA_PRIVATE",
+            a.private,
+            true,
+            "it is usable without logging in",
+        ),
+        (
+            "CKA_SENSITIVE",
+            a.sensitive,
+            true,
+            "its value can be read out of the HSM",
+        ),
+        (
+            "CKA_ALWAYS_SENSITIVE",
+            a.always_sensitive,
+            true,
+            "its value was readable at some point",
+        ),
+        (
+            "CKA_EXTRACTABLE",
+            a.extractable,
+            false,
+            "it could leave the HSM, and whoever holds a copy can rewrite the log",
+        ),
+        (
+            "CKA_NEVER_EXTRACTABLE",
+            a.never_extractable,
+            true,
+            "it may have left the HSM before",
+        ),
+        (
+            "CKA_SIGN",
+            a.sign,
+            true,
+            "it cannot authenticate new entries",
+        ),
+        ("CKA_VERIFY", a.verify, true, "it cannot check entries"),
+    ];
+    for (attr, value, want, why) in required {
+        match value {
+            Some(v) if v == want => {}
+            Some(v) => p.push(format!("{attr} is {v} ({why})")),
+            None => p.push(format!("{attr} could not be read")),
+        }
+    }
+    for (attr, value) in [
+        ("CKA_ENCRYPT", a.encrypt),
+        ("CKA_DECRYPT", a.decrypt),
+        ("CKA_WRAP", a.wrap),
+        ("CKA_UNWRAP", a.unwrap),
+        ("CKA_DERIVE", a.derive),
+    ] {
+        if value == Some(true) {
+            p.push(format!(
+                "{attr} is true (the audit key must only sign and verify)"
+            ));
+        }
+    }
+    let hmac = MechanismType::SHA256_HMAC.to_string();
+    if let Some(m) = &a.allowed_mechanisms {
+        let extra: Vec<&str> = m
+            .iter()
+            .filter(|x| **x != hmac)
+            .map(String::as_str)
+            .collect();
+        if !extra.is_empty() {
+            p.push(format!(
+                "CKA_ALLOWED_MECHANISMS allows {} (only {hmac} is accepted)",
+                extra.join(", ")
+            ));
+        }
+    }
+    p
+}
+
+/// The label of the head record of log `log_id`.
+pub fn head_label(log_id: &str) -> String {
+    format!("{HEAD_LABEL_PREFIX}{log_id}")
+}
+
+/// What `audit init` found or did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditKeyStatus {
+    Created,
+    Exists,
+}
+
+impl Hsm {
+    /// Creates the audit HMAC key unless the token already has one (which
+    /// is then checked). Idempotent.
+    pub fn create_audit_key(&self) -> Result<AuditKeyStatus> {
+        let admin = self.admin_logged_in()?;
+        if self.find_audit_key(&admin)?.is_some() {
+            return Ok(AuditKeyStatus::Exists);
+        }
+        let t = &self.token_label;
+        let h = admin
+            .generate_key(
+                &Mechanism::GenericSecretKeyGen,
+                &audit_key_template(keys::now_unix()),
+            )
+            .map_err(|e| {
+                token_error(
+                    e,
+                    t,
+                    &format!("generating the audit key {AUDIT_KEY_LABEL} with CKM_GENERIC_SECRET_KEY_GEN"),
+                )
+            })?;
+        // Check what the token made, not what we asked for.
+        let problems = audit_key_problems(&self.read_attributes(&admin, h)?);
+        if !problems.is_empty() {
+            let destroyed = match admin.destroy_object(h) {
+                Ok(()) => "it was destroyed",
+                Err(_) => "destroying it failed too, remove it by hand",
+            };
+            return Err(Error::token(format!(
+                "token {t:?} did not honour hsmseal's template for the audit key {AUDIT_KEY_LABEL}: {}; {destroyed}",
+                problems.join("; ")
+            )));
+        }
+        *super::lock(&self.audit_key) = Some(h);
+        Ok(AuditKeyStatus::Created)
+    }
+
+    /// The audit key's handle if the token has one, after checking its
+    /// attributes (refused with a key error naming the weak attributes).
+    fn find_audit_key(&self, admin: &Session) -> Result<Option<ObjectHandle>> {
+        let t = &self.token_label;
+        let handles = admin
+            .find_objects(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Label(AUDIT_KEY_LABEL.as_bytes().to_vec()),
+            ])
+            .map_err(|e| token_error(e, t, "looking up the audit key"))?;
+        let h = match handles.as_slice() {
+            [] => return Ok(None),
+            [h] => *h,
+            many => {
+                return Err(Error::key(format!(
+                    "{} objects on token {t:?} are labelled {AUDIT_KEY_LABEL}; hsmseal will not guess which one authenticates the audit log — remove the duplicates",
+                    many.len()
+                )))
+            }
+        };
+        let problems = audit_key_problems(&self.read_attributes(admin, h)?);
+        if !problems.is_empty() {
+            return Err(Error::key(format!(
+                "the audit key {AUDIT_KEY_LABEL} on token {t:?} is refused: {}",
+                problems.join("; ")
+            )));
+        }
+        Ok(Some(h))
+    }
+
+    /// The audit key's handle (cached for this `Hsm`'s life), or a key
+    /// error saying how to create it.
+    fn audit_key_handle(&self) -> Result<ObjectHandle> {
+        if let Some(h) = *super::lock(&self.audit_key) {
+            return Ok(h);
+        }
+        let admin = self.admin_logged_in()?;
+        let h = self.find_audit_key(&admin)?.ok_or_else(|| {
+            Error::key(format!(
+                "no audit key ({AUDIT_KEY_LABEL}) on token {:?}: run `hsmseal audit init` (a log written with another token's key cannot be checked here)",
+                self.token_label
+            ))
+        })?;
+        *super::lock(&self.audit_key) = Some(h);
+        Ok(h)
+    }
+
+    /// Every head record: (object, label, value).
+    fn head_objects(&self, admin: &Session) -> Result<Vec<(ObjectHandle, String, Vec<u8>)>> {
+        let t = &self.token_label;
+        let handles = admin
+            .find_objects(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Application(HEAD_APPLICATION.to_vec()),
+            ])
+            .map_err(|e| token_error(e, t, "searching for audit head records"))?;
+        let mut out = Vec::new();
+        for h in handles {
+            let attrs = match admin.get_attributes(h, &[AttributeType::Label, AttributeType::Value])
+            {
+                Ok(a) => a,
+                Err(e) if is_gone(&e) => continue,
+                Err(e) => return Err(token_error(e, t, "reading an audit head record")),
+            };
+            let mut label = None;
+            let mut value = None;
+            for a in attrs {
+                match a {
+                    Attribute::Label(l) => label = String::from_utf8(l).ok(),
+                    Attribute::Value(v) => value = Some(v),
+                    _ => {}
+                }
+            }
+            if let (Some(l), Some(v)) = (label, value) {
+                if l.starts_with(HEAD_LABEL_PREFIX) {
+                    out.push((h, l, v));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl AuditBackend for Hsm {
+    fn check_audit_key(&self) -> Result<()> {
+        self.audit_key_handle().map(|_| ())
+    }
+
+    fn audit_mac(&self, data: &[u8]) -> Result<[u8; 32]> {
+        let h = self.audit_key_handle()?;
+        let session = self.session()?;
+        let mac = session
+            .get()
+            .sign(&Mechanism::Sha256Hmac, h, data)
+            .map_err(|e| {
+                token_error(
+                    e,
+                    &self.token_label,
+                    "authenticating an audit entry (C_Sign with CKM_SHA256_HMAC)",
+                )
+            })?;
+        mac.try_into().map_err(|m: Vec<u8>| {
+            Error::token(format!(
+                "C_Sign with CKM_SHA256_HMAC on token {:?} returned {} bytes, expected 32",
+                self.token_label,
+                m.len()
+            ))
+        })
+    }
+
+    fn audit_check_mac(&self, data: &[u8], mac: &[u8; 32]) -> Result<bool> {
+        let h = self.audit_key_handle()?;
+        let session = self.session()?;
+        match session.get().verify(&Mechanism::Sha256Hmac, h, data, mac) {
+            Ok(()) => Ok(true),
+            Err(e)
+                if matches!(
+                    rv_of(&e),
+                    Some(RvError::SignatureInvalid | RvError::SignatureLenRange)
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(token_error(
+                e,
+                &self.token_label,
+                "checking an audit entry (C_Verify with CKM_SHA256_HMAC)",
+            )),
+        }
+    }
+
+    fn audit_head(&self, log_id: &str) -> Result<Option<Head>> {
+        let admin = self.admin_logged_in()?;
+        let label = head_label(log_id);
+        let mut found: Vec<Head> = Vec::new();
+        for (_, l, v) in self.head_objects(&admin)? {
+            if l == label {
+                found.push(Head::decode(&v).ok_or_else(|| {
+                    Error::integrity(format!(
+                        "the audit head record {label} on token {:?} has an unreadable value",
+                        self.token_label
+                    ))
+                })?);
+            }
+        }
+        match found.len() {
+            0 => Ok(None),
+            1 => Ok(found.pop()),
+            n => Err(Error::integrity(format!(
+                "{n} audit head records on token {:?} are labelled {label}; remove the extra ones with the vendor's tool after checking the log",
+                self.token_label
+            ))),
+        }
+    }
+
+    fn set_audit_head(&self, log_id: &str, head: &Head) -> Result<()> {
+        let admin = self.admin_logged_in()?;
+        let t = &self.token_label;
+        let label = head_label(log_id);
+        let value = head.encode();
+        let existing: Vec<ObjectHandle> = self
+            .head_objects(&admin)?
+            .into_iter()
+            .filter(|(_, l, _)| *l == label)
+            .map(|(h, _, _)| h)
+            .collect();
+        match existing.as_slice() {
+            [h] => {
+                match admin.update_attributes(*h, &[Attribute::Value(value.clone())]) {
+                    Ok(()) => return Ok(()),
+                    // A token that will not change CKA_VALUE of a data
+                    // object: replace the object instead (below).
+                    Err(e)
+                        if matches!(
+                            rv_of(&e),
+                            Some(RvError::AttributeReadOnly | RvError::ActionProhibited)
+                        ) => {}
+                    Err(e) => {
+                        return Err(token_error(
+                            e,
+                            t,
+                            &format!("updating the audit head record {label}"),
+                        ))
+                    }
+                }
+            }
+            [] => {}
+            _ => {
+                return Err(Error::integrity(format!(
+                    "{} audit head records on token {t:?} are labelled {label}",
+                    existing.len()
+                )))
+            }
+        }
+        admin
+            .create_object(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Modifiable(true),
+                Attribute::Label(label.clone().into_bytes()),
+                Attribute::Application(HEAD_APPLICATION.to_vec()),
+                Attribute::Value(value),
+            ])
+            .map_err(|e| token_error(e, t, &format!("creating the audit head record {label}")))?;
+        for old in existing {
+            let _ = admin.destroy_object(old);
+        }
+        Ok(())
+    }
+
+    fn audit_heads_for_path(&self, path: &str) -> Result<Vec<(String, Head)>> {
+        let admin = self.admin_logged_in()?;
+        Ok(self
+            .head_objects(&admin)?
+            .into_iter()
+            .filter_map(|(_, l, v)| {
+                let head = Head::decode(&v)?;
+                let id = l.strip_prefix(HEAD_LABEL_PREFIX)?.to_string();
+                (head.path == path).then_some((id, head))
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> KeyAttributes {
+        KeyAttributes::from_attributes(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::ValueLen(32u64.into()),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::AlwaysSensitive(true),
+            Attribute::Extractable(false),
+            Attribute::NeverExtractable(true),
+            Attribute::Sign(true),
+            Attribute::Verify(true),
+            Attribute::Encrypt(false),
+            Attribute::Decrypt(false),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+            Attribute::Derive(false),
+            Attribute::AllowedMechanisms(vec![MechanismType::SHA256_HMAC]),
+        ])
+    }
+
+    #[test]
+    fn the_template_key_has_no_problems_and_weak_ones_are_named() {
+        assert!(audit_key_problems(&good()).is_empty());
+        let mut a = good();
+        a.extractable = Some(true);
+        let p = audit_key_problems(&a).join("; ");
+        assert!(p.contains("CKA_EXTRACTABLE is true"), "{p}");
+        let mut a = good();
+        a.decrypt = Some(true);
+        a.allowed_mechanisms = Some(vec!["CKM_SHA256_HMAC".into(), "CKM_AES_ECB".into()]);
+        let p = audit_key_problems(&a).join("; ");
+        assert!(p.contains("CKA_DECRYPT is true"), "{p}");
+        assert!(p.contains("allows CKM_AES_ECB"), "{p}");
+        let mut a = good();
+        a.key_type = Some(KeyType::AES.to_string());
+        assert!(audit_key_problems(&a).join(";").contains("CKA_KEY_TYPE"));
+    }
+
+    #[test]
+    fn audit_labels_are_not_kwk_labels() {
+        assert!(keys::parse_label(AUDIT_KEY_LABEL.as_bytes()).is_none());
+        let l = head_label("0123456789abcdef0123456789abcdef");
+        assert!(keys::parse_label(l.as_bytes()).is_none());
+        assert!(keys::parse_high_water_label(l.as_bytes()).is_none());
+        assert!(!AUDIT_KEY_LABEL.starts_with(keys::LABEL_PREFIX));
+    }
+}
