@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: the operator's job end to end on a local SoftHSM2 token.
 # Creates a dev token and a key, encrypts a sample backup, inspects,
-# verifies and decrypts it, and shows the result. Runs in target/demo
+# verifies and decrypts it, rotates, seals column dumps and a whole tree with
+# parallel workers, and checks the audit log. Runs in target/demo
 # (recreated each time); touches no other token.
 set -euo pipefail
 BIN=$(realpath "${1:-target/release/hsmseal}")
@@ -69,6 +70,21 @@ step cat users.enc.csv
 step "$BIN" columns decrypt --columns name,ssn --row-id id --context app.users -i users.enc.csv -o users.dec.csv
 step cmp users.csv users.dec.csv
 echo "users.dec.csv is byte-identical to users.csv"
+
+echo
+echo "A whole tree: every file encrypted by 2 workers into a mirror directory, then verified"
+mkdir -p tree/2025/01 tree/2025/02
+for m in 01 02; do for d in 1 2 3; do head -c $((d * 40000)) backup.sql > "tree/2025/$m/day$d.sql"; done; done
+step "$BIN" --jobs 2 encrypt --key backups -r tree --output-dir sealed
+step "$BIN" --json verify -r sealed
+step "$BIN" decrypt -r sealed --output-dir unsealed
+step diff -r tree unsealed
+echo "unsealed/ is identical to tree/"
+
+echo
+echo "Every run above left one line in the audit log, chained and MAC'd by a key in the HSM"
+step tail -n 2 .hsmseal/audit.log
+step "$BIN" audit verify
 
 echo
 echo "demo OK (files in $DEMO)"
