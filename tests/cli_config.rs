@@ -77,9 +77,22 @@ fn each_setting_says_where_it_came_from() {
     // Flags beat both.
     let v = show(
         &c,
-        &["--token", "from-flag", "--jobs", "7"],
-        &[("HSMSEAL_TOKEN", "from-env"), ("HSMSEAL_JOBS", "5")],
+        &[
+            "--token",
+            "from-flag",
+            "--jobs",
+            "7",
+            "--audit-log",
+            "/tmp/flag-audit.log",
+        ],
+        &[
+            ("HSMSEAL_TOKEN", "from-env"),
+            ("HSMSEAL_JOBS", "5"),
+            ("HSMSEAL_AUDIT_LOG", "/tmp/env-audit.log"),
+        ],
     );
+    assert_eq!(v["audit_log"]["value"], "/tmp/flag-audit.log");
+    assert_eq!(v["audit_log"]["source"], "flag");
     assert_eq!(v["token"]["value"], "from-flag");
     assert_eq!(v["token"]["source"], "flag");
     assert_eq!(v["jobs"]["value"], 7);

@@ -6,8 +6,8 @@
 use super::bulk::{self, for_each_item, Spec, Want};
 use super::encrypt::check_suffix;
 use super::paths::{
-    check_pair, make_parent, plan_outputs, replace_original, write_output, Input, ItemReport,
-    Output,
+    check_pair, done_note, make_parent, plan_outputs, replace_original, write_output, Input,
+    ItemReport, Output,
 };
 use crate::app::App;
 use crate::cli::DecryptArgs;
@@ -47,22 +47,7 @@ pub fn run(app: &App, args: DecryptArgs) -> Result<i32> {
         if let (true, Input::File(orig), Output::File(new)) = (io.in_place, input, &output) {
             replace_original(&*backend, orig, new, orig, new)?;
         }
-        let note = match (&output, io.in_place) {
-            _ if app.json => None,
-            (Output::Stdout, _) => None,
-            (_, true) => Some(format!(
-                "decrypted {} -> {} ({}), original removed",
-                input.display(),
-                output.display(),
-                report.kwk
-            )),
-            (_, false) => Some(format!(
-                "decrypted {} -> {} ({})",
-                input.display(),
-                output.display(),
-                report.kwk
-            )),
-        };
+        let note = done_note(app, "decrypted", input, &output, &report.kwk, io.in_place);
         Ok(ItemReport {
             path: input.display(),
             output: Some(output.display()),

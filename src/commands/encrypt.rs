@@ -4,8 +4,8 @@
 
 use super::bulk::{self, for_each_item, Spec, Want};
 use super::paths::{
-    check_binary_stdout, check_pair, make_parent, plan_outputs, replace_original, write_output,
-    Input, ItemReport, Output,
+    check_binary_stdout, check_pair, done_note, make_parent, plan_outputs, replace_original,
+    write_output, Input, ItemReport, Output,
 };
 use crate::app::App;
 use crate::cli::{EncryptArgs, OutputArgs};
@@ -81,22 +81,7 @@ pub fn run(app: &App, args: EncryptArgs) -> Result<i32> {
         if let (true, Input::File(orig), Output::File(new)) = (io.in_place, input, &output) {
             replace_original(&*backend, orig, new, new, orig)?;
         }
-        let note = match (&output, io.in_place) {
-            _ if app.json => None,
-            (Output::Stdout, _) => None,
-            (_, true) => Some(format!(
-                "encrypted {} -> {} ({}), original removed",
-                input.display(),
-                output.display(),
-                report.kwk
-            )),
-            (_, false) => Some(format!(
-                "encrypted {} -> {} ({})",
-                input.display(),
-                output.display(),
-                report.kwk
-            )),
-        };
+        let note = done_note(app, "encrypted", input, &output, &report.kwk, io.in_place);
         Ok(ItemReport {
             path: input.display(),
             output: Some(output.display()),

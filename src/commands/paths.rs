@@ -1,6 +1,7 @@
 //! Inputs and outputs shared by the file commands, and the per-item report.
 
 use super::bulk::Item;
+use crate::app::App;
 use crate::cli::OutputArgs;
 use crate::error::{Error, Result};
 use crate::keys::KeyBackend;
@@ -123,6 +124,27 @@ pub fn make_parent(output: &Output) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The human line for a finished encrypt or decrypt ("encrypted A -> B
+/// (key v2)"); none with `--json` or when the data went to stdout.
+pub fn done_note(
+    app: &App,
+    verb: &str,
+    input: &Input,
+    output: &Output,
+    kwk: &crate::keys::KeyRef,
+    in_place: bool,
+) -> Option<String> {
+    if app.json || *output == Output::Stdout {
+        return None;
+    }
+    let removed = if in_place { ", original removed" } else { "" };
+    Some(format!(
+        "{verb} {} -> {} ({kwk}){removed}",
+        input.display(),
+        output.display()
+    ))
 }
 
 /// `--in-place`: `new` has been written and fsynced; read it back, check
