@@ -13,5 +13,6 @@ fn main() {
             e.exit_code()
         }
     };
-    std::process::exit(code);
+    // Not std::process::exit: see signals::exit_now.
+    hsmseal::signals::exit_now(code);
 }

@@ -6,12 +6,87 @@
 //! new file is durable and checked, so stopping leaves one or both.
 //! Exiting waits for a login or key management call in progress to finish
 //! (at most 10 s), so the token's own files are never cut short; no new one
-//! starts meanwhile.
+//! starts meanwhile. Before that, a run with an audit log gets its entry,
+//! `"result":"interrupted"`, with what it had done so far (at most 10 s).
 
 use signal_hook::consts::{SIGINT, SIGTERM};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// What to do for the record before exiting on a signal: the audit log's
+/// "interrupted" entry of the run in progress. Whoever holds this lock owns
+/// the run's last word: the signal thread (to run the hook), or the main
+/// thread while it appends the run's normal entry (the signal thread then
+/// waits for it, and finds no hook).
+type Hook = Box<dyn FnOnce(i32) + Send>;
+static ON_INTERRUPT: Mutex<Option<Hook>> = Mutex::new(None);
+
+/// Longest wait for the main thread's own audit append, or for the hook.
+const RECORD_WAIT: Duration = Duration::from_secs(10);
+
+/// Registers `hook(signal)` to run once if SIGINT/SIGTERM arrives.
+pub fn on_interrupt(hook: impl FnOnce(i32) + Send + 'static) {
+    if let Ok(mut h) = ON_INTERRUPT.lock() {
+        *h = Some(Box::new(hook));
+    }
+}
+
+/// Unregisters the hook and runs `f` (the run's normal audit append) while
+/// holding its lock, so a signal arriving meanwhile waits for `f` and then
+/// exits without a second entry.
+pub fn without_interrupt_hook<T>(f: impl FnOnce() -> T) -> T {
+    let mut guard = ON_INTERRUPT.lock().unwrap_or_else(|p| p.into_inner());
+    guard.take();
+    let r = f();
+    drop(guard);
+    r
+}
+
+/// Signal thread: runs the hook, if any, on a thread of its own so a stuck
+/// HSM cannot keep the process alive for more than `RECORD_WAIT`.
+fn record_interruption(sig: i32) {
+    let deadline = Instant::now() + RECORD_WAIT;
+    let hook = loop {
+        match ON_INTERRUPT.try_lock() {
+            Ok(mut g) => break g.take(),
+            Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner().take(),
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        }
+    };
+    let Some(hook) = hook else { return };
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("hsmseal-interrupt-record".into())
+        .spawn(move || {
+            hook(sig);
+            let _ = done_tx.send(());
+        });
+    if spawned.is_ok() {
+        let _ = done_rx.recv_timeout(RECORD_WAIT);
+    }
+}
 
 extern "C" {
     fn _exit(status: std::os::raw::c_int) -> !;
+}
+
+/// Ends the process with `code` without running C `atexit` handlers or
+/// static destructors (stdout and stderr are flushed first). The PKCS#11
+/// session was already closed and the module finalised when the HSM handle
+/// was dropped; SoftHSM2's own static destructors, run again by `exit()`,
+/// can corrupt the heap at exit together with OpenSSL 3's cleanup (seen
+/// once in CI as "malloc_consolidate(): invalid chunk size" and an abort
+/// after a run had finished; a known class of SoftHSM2 bugs, e.g.
+/// SoftHSMv2 issue 635). Nothing of hsmseal's depends on those handlers.
+pub fn exit_now(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: _exit(2) only ends the process.
+    unsafe { _exit(code) }
 }
 
 /// Starts the signal-watching thread. If the handler cannot be installed the
@@ -26,6 +101,9 @@ pub fn install() {
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
                 crate::output::remove_live_temps_for_exit();
+                // The audit entry of the interrupted run (or the wait for
+                // the one the main thread is appending).
+                record_interruption(sig);
                 // Never exit in the middle of a login or another token write:
                 // SoftHSM2 rewrites its token.object file at every C_Login,
                 // and cutting that short can leave the token unreadable.

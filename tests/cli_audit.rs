@@ -490,3 +490,100 @@ fn audit_log_from_the_environment_and_the_file_is_private() {
     let mode = std::fs::metadata(c.path(LOG)).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+#[test]
+fn an_interrupted_bulk_decrypt_is_logged_with_what_it_had_done() {
+    use std::time::{Duration, Instant};
+    let c = Cli::new();
+    ok(&c, &["audit", "init"]);
+    ok(&c, &["key", "create", "k"]);
+    for i in 0..400usize {
+        let p = c.path(&format!("t/d{}/f{i:03}", i % 4));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        write(&p, &clisupport::data(30_000 + i * 50, i as u64));
+    }
+    ok(
+        &c,
+        &[
+            "-q",
+            "encrypt",
+            "--key",
+            "k",
+            "-r",
+            "t",
+            "--output-dir",
+            "sealed",
+        ],
+    );
+    let before = lines(&c.path(LOG)).len();
+
+    // Decrypt the tree and stop it with SIGTERM once 20 outputs exist: files
+    // already decrypted are on disk, so the log must record the run.
+    let mut interrupted = None;
+    for extra_ms in [0u64, 10, 30] {
+        let _ = std::fs::remove_dir_all(c.path("plain"));
+        let mut cmd = c.cmd();
+        cmd.args(["--audit-log", LOG, "--jobs", "2", "decrypt", "-r", "sealed"])
+            .args(["--output-dir", "plain"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while walk_files(&c.path("plain")) < 20 && child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the run did not start");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(extra_ms));
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let status = child.wait().unwrap();
+        let last = entries(&c.path(LOG)).pop().unwrap();
+        assert_eq!(last["command"], "decrypt");
+        if status.code() == Some(143) {
+            interrupted = Some(last);
+            break;
+        }
+        assert_eq!(status.code(), Some(0), "{status:?}");
+        assert_eq!(last["result"], "ok");
+    }
+    let last = interrupted.expect("no run was interrupted");
+    println!("interrupted entry: {last}");
+    assert_eq!(last["result"], "interrupted", "{last}");
+    assert_eq!(last["exit_code"], 143);
+    assert_eq!(last["error"], "interrupted by SIGTERM");
+    // It counts what was done before the signal: every item counted ok has
+    // its output on disk (reports are counted in input order, so a few
+    // finished outputs may not be counted yet).
+    let done = last["items"]["ok"].as_u64().unwrap();
+    let on_disk = walk_files(&c.path("plain"));
+    assert!(
+        done as usize <= on_disk && done < 400,
+        "{last}: {on_disk} on disk"
+    );
+    if done > 0 {
+        assert_eq!(last["keys"][0], "k v1", "{last}");
+        assert!(last["bytes"].as_u64().unwrap() > 0, "{last}");
+    }
+    assert!(lines(&c.path(LOG)).len() > before);
+    // One entry per run, chain intact, head up to date.
+    let out = c.run(&["audit", "verify", LOG]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    ok(&c, &["verify", "sealed/d0/f000.hseal"]);
+}
+
+fn walk_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.map(|e| {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    walk_files(&p)
+                } else {
+                    1
+                }
+            })
+            .sum()
+        })
+        .unwrap_or(0)
+}

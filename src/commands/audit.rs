@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::hsm::audit_key::{AuditKeyStatus, AUDIT_KEY_LABEL};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 pub fn run(app: &App, cmd: AuditCommand) -> Result<i32> {
     match cmd {
@@ -63,6 +64,16 @@ fn record(app: &App, command: &str, outcome: &Result<i32>) -> Record {
         Ok(code) => ("failed", *code, None),
         Err(e) => ("error", e.exit_code(), Some(e.to_string())),
     };
+    record_as(app, command, result, exit_code, error)
+}
+
+fn record_as(
+    app: &App,
+    command: &str,
+    result: &'static str,
+    exit_code: i32,
+    error: Option<String>,
+) -> Record {
     Record {
         command: command.to_string(),
         keys: app.stats.keys().iter().map(|k| k.to_string()).collect(),
@@ -84,9 +95,10 @@ fn record(app: &App, command: &str, outcome: &Result<i32>) -> Record {
 /// reported on stderr as well.
 pub fn after_run(app: &App, command: &str, log: &Path, outcome: Result<i32>) -> Result<i32> {
     let rec = record(app, command, &outcome);
-    let appended = app
-        .hsm()
-        .and_then(|hsm| audit::append(&*hsm, log, &rec, false));
+    let appended = crate::signals::without_interrupt_hook(|| {
+        app.hsm()
+            .and_then(|hsm| audit::append(&*hsm, log, &rec, false))
+    });
     match (appended, outcome) {
         (Ok(_), outcome) => outcome,
         (Err(ae), Ok(_)) => Err(Error::new(
@@ -103,6 +115,34 @@ pub fn after_run(app: &App, command: &str, log: &Path, outcome: Result<i32>) -> 
             Err(e)
         }
     }
+}
+
+/// Before a logged command: if SIGINT/SIGTERM stops it, the signal thread
+/// appends an entry with `"result":"interrupted"`, exit code 128 + signal,
+/// and the counts so far (files already decrypted are on disk: the log must
+/// say so). A run killed outright (SIGKILL, power loss) leaves no entry.
+pub fn log_if_interrupted(app: &Arc<App>, command: &str, log: &Path) {
+    let (app, command, log) = (Arc::clone(app), command.to_string(), log.to_path_buf());
+    crate::signals::on_interrupt(move |sig| {
+        let name = if sig == libc::SIGINT {
+            "SIGINT"
+        } else {
+            "SIGTERM"
+        };
+        let rec = record_as(
+            &app,
+            &command,
+            "interrupted",
+            128 + sig,
+            Some(format!("interrupted by {name}")),
+        );
+        let appended = app
+            .hsm()
+            .and_then(|hsm| audit::append(&*hsm, &log, &rec, false));
+        if let Err(e) = appended {
+            eprintln!("hsmseal: error: the audit entry of this interrupted `{command}` was not written: {e}");
+        }
+    });
 }
 
 fn init(app: &App) -> Result<i32> {

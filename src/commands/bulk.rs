@@ -222,6 +222,15 @@ pub fn for_each_item(
                             ..Default::default()
                         }),
                     };
+                    // Counted as soon as it is done, not when its report is
+                    // printed in order: an interrupted run's audit entry
+                    // must count every output already in place.
+                    match &r {
+                        Ok(report) => app.stats.record(report),
+                        Err(_) => {
+                            app.stats.failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                     if tx.send((i, r)).is_err() {
                         break;
                     }
@@ -286,7 +295,6 @@ fn finish(
     tally.done += 1;
     match r {
         Ok(mut report) => {
-            app.stats.record(&report);
             if report.status == "skipped" || report.status == "unchanged" {
                 tally.skipped += 1;
             } else {
@@ -318,7 +326,6 @@ fn finish(
         Err(e) => {
             let e = e.context(item.display());
             tally.failed += 1;
-            app.stats.failed.fetch_add(1, Ordering::Relaxed);
             if app.json {
                 let report = ItemReport {
                     path: item.display(),

@@ -41,13 +41,15 @@ pub fn run(cli: Cli) -> Result<i32> {
     };
     let resolved = settings::resolve(&overrides)?;
     resolved.export_softhsm2_conf();
-    let app = App::new(resolved, g.json, g.quiet);
+    // Shared with the signal thread, which logs an interrupted run.
+    let app = std::sync::Arc::new(App::new(resolved, g.json, g.quiet));
     // A command that touches keys or data runs only if its audit entry can
     // be appended afterwards (log intact, audit key present): checked first.
     let logged = audit::logged_name(&cli.command)
         .and_then(|name| audit::configured_log(&app).map(|log| (name, log)));
-    if let Some((_, log)) = &logged {
+    if let Some((name, log)) = &logged {
         crate::audit::check(&*app.hsm()?, log)?;
+        audit::log_if_interrupted(&app, name, log);
     }
     let outcome = match cli.command {
         Command::Init(_) => unreachable!("handled above"),
