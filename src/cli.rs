@@ -18,7 +18,8 @@ Exit codes:
   6    PIN error: wrong or missing PIN (a wrong PIN is never retried)
   7    I/O error
   8    input is not in the expected format
-  130  interrupted by SIGINT (143: SIGTERM); temporary files are removed";
+  130  interrupted by SIGINT (143: SIGTERM); temporary files are removed
+  141  stdout was closed by its reader (e.g. `| head`); stopped quietly";
 
 #[derive(Parser, Debug)]
 #[command(

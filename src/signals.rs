@@ -18,14 +18,15 @@ use std::time::{Duration, Instant};
 /// the run's last word: the signal thread (to run the hook), or the main
 /// thread while it appends the run's normal entry (the signal thread then
 /// waits for it, and finds no hook).
-type Hook = Box<dyn FnOnce(i32) + Send>;
+type Hook = Box<dyn FnOnce(i32, &str) + Send>;
 static ON_INTERRUPT: Mutex<Option<Hook>> = Mutex::new(None);
 
 /// Longest wait for the main thread's own audit append, or for the hook.
 const RECORD_WAIT: Duration = Duration::from_secs(10);
 
-/// Registers `hook(signal)` to run once if SIGINT/SIGTERM arrives.
-pub fn on_interrupt(hook: impl FnOnce(i32) + Send + 'static) {
+/// Registers `hook(exit_code, why)` to run once if the run is stopped
+/// (SIGINT, SIGTERM, or its stdout closed by the reader).
+pub fn on_interrupt(hook: impl FnOnce(i32, &str) + Send + 'static) {
     if let Ok(mut h) = ON_INTERRUPT.lock() {
         *h = Some(Box::new(hook));
     }
@@ -44,7 +45,7 @@ pub fn without_interrupt_hook<T>(f: impl FnOnce() -> T) -> T {
 
 /// Signal thread: runs the hook, if any, on a thread of its own so a stuck
 /// HSM cannot keep the process alive for more than `RECORD_WAIT`.
-fn record_interruption(sig: i32) {
+fn record_interruption(code: i32, why: &'static str) {
     let deadline = Instant::now() + RECORD_WAIT;
     let hook = loop {
         match ON_INTERRUPT.try_lock() {
@@ -61,7 +62,7 @@ fn record_interruption(sig: i32) {
     let spawned = std::thread::Builder::new()
         .name("hsmseal-interrupt-record".into())
         .spawn(move || {
-            hook(sig);
+            hook(code, why);
             let _ = done_tx.send(());
         });
     if spawned.is_ok() {
@@ -89,6 +90,89 @@ pub fn exit_now(code: i32) -> ! {
     unsafe { _exit(code) }
 }
 
+/// Exit code of a run whose stdout was closed by its reader (`| head`):
+/// 128 + SIGPIPE, what a shell reports for a tool killed by SIGPIPE.
+pub const STDOUT_CLOSED_EXIT: i32 = 128 + 13;
+
+/// The reader of stdout went away (EPIPE): stop the run as if interrupted,
+/// quietly (as Unix tools do), with exit code 141.
+pub fn stdout_closed() -> ! {
+    stop(
+        STDOUT_CLOSED_EXIT,
+        "stopped: stdout was closed by its reader",
+        false,
+    )
+}
+
+/// Stops the run from any thread: removes the temporary files being
+/// written, records the interruption in the audit log (if any), waits for a
+/// login or key management call in progress, and ends the process with
+/// `code`. Outputs already renamed into place are complete and stay.
+fn stop(code: i32, why: &'static str, say: bool) -> ! {
+    crate::output::remove_live_temps_for_exit();
+    // The audit entry of the interrupted run (or the wait for the one the
+    // main thread is appending).
+    record_interruption(code, why);
+    // Never exit in the middle of a login or another token write: SoftHSM2
+    // rewrites its token.object file at every C_Login, and cutting that
+    // short can leave the token unreadable.
+    crate::hsm::quiesce(std::time::Duration::from_secs(10));
+    if say {
+        eprintln!("hsmseal: {why}; temporary files removed");
+    }
+    // _exit, not exit: exit() would run the C library's atexit handlers and
+    // the PKCS#11 module's static destructors while worker threads are
+    // still inside the module (seen as a SIGSEGV instead of exit 143 during
+    // bulk runs). No stdout flush: a worker streaming to stdout may hold
+    // its lock; lines already printed were flushed at their newline.
+    // SAFETY: _exit(2) only ends the process.
+    unsafe { _exit(code) }
+}
+
+/// Writes one line to stdout (the `outln!` macro). A closed stdout stops
+/// the run (`stdout_closed`); any other write error is reported and stops
+/// it with exit code 7 (I/O), never a panic.
+pub fn print_line(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if let Err(e) = out.write_fmt(args).and_then(|_| out.write_all(b"\n")) {
+        drop(out);
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            stdout_closed();
+        }
+        eprintln!("hsmseal: error: writing stdout: {e}");
+        stop(7, "stopped: writing stdout failed", false);
+    }
+}
+
+/// `println!` for hsmseal's results: see [`print_line`].
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::signals::print_line(format_args!($($arg)*))
+    };
+}
+
+/// A writer to stdout for data (decrypted bytes, dumps) that stops the run
+/// quietly when the reader has gone away instead of failing with an error.
+pub struct PipeAware<W>(pub W);
+
+impl<W: std::io::Write> std::io::Write for PipeAware<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.0.write(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => stdout_closed(),
+            r => r,
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self.0.flush() {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => stdout_closed(),
+            r => r,
+        }
+    }
+}
+
 /// Starts the signal-watching thread. If the handler cannot be installed the
 /// default behaviour (immediate exit) remains, which still never leaves a
 /// partial output under its final name.
@@ -100,24 +184,12 @@ pub fn install() {
         .name("hsmseal-signals".into())
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
-                crate::output::remove_live_temps_for_exit();
-                // The audit entry of the interrupted run (or the wait for
-                // the one the main thread is appending).
-                record_interruption(sig);
-                // Never exit in the middle of a login or another token write:
-                // SoftHSM2 rewrites its token.object file at every C_Login,
-                // and cutting that short can leave the token unreadable.
-                crate::hsm::quiesce(std::time::Duration::from_secs(10));
-                let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
-                eprintln!("hsmseal: interrupted by {name}; temporary files removed");
-                // _exit, not exit: exit() would run the C library's atexit
-                // handlers and the PKCS#11 module's static destructors while
-                // worker threads are still inside the module (seen as a
-                // SIGSEGV instead of exit 143 during bulk runs).
-                // No stdout flush: a worker streaming to stdout holds its
-                // lock; lines already printed were flushed at their newline.
-                // SAFETY: _exit(2) is async-signal-safe and only ends the process.
-                unsafe { _exit(128 + sig) }
+                let why = if sig == SIGINT {
+                    "interrupted by SIGINT"
+                } else {
+                    "interrupted by SIGTERM"
+                };
+                stop(128 + sig, why, true);
             }
         });
 }

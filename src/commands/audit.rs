@@ -117,25 +117,15 @@ pub fn after_run(app: &App, command: &str, log: &Path, outcome: Result<i32>) -> 
     }
 }
 
-/// Before a logged command: if SIGINT/SIGTERM stops it, the signal thread
-/// appends an entry with `"result":"interrupted"`, exit code 128 + signal,
+/// Before a logged command: if SIGINT/SIGTERM (or a closed stdout) stops
+/// it, the stopping thread appends an entry with `"result":"interrupted"`,
+/// its exit code (130, 143, 141),
 /// and the counts so far (files already decrypted are on disk: the log must
 /// say so). A run killed outright (SIGKILL, power loss) leaves no entry.
 pub fn log_if_interrupted(app: &Arc<App>, command: &str, log: &Path) {
     let (app, command, log) = (Arc::clone(app), command.to_string(), log.to_path_buf());
-    crate::signals::on_interrupt(move |sig| {
-        let name = if sig == libc::SIGINT {
-            "SIGINT"
-        } else {
-            "SIGTERM"
-        };
-        let rec = record_as(
-            &app,
-            &command,
-            "interrupted",
-            128 + sig,
-            Some(format!("interrupted by {name}")),
-        );
+    crate::signals::on_interrupt(move |code, why| {
+        let rec = record_as(&app, &command, "interrupted", code, Some(why.to_string()));
         let appended = app
             .hsm()
             .and_then(|hsm| audit::append(&*hsm, &log, &rec, false));
@@ -160,7 +150,7 @@ fn init(app: &App) -> Result<i32> {
         seq = Some(audit::append(&*hsm, log, &rec, true)?);
     }
     if app.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::json!({
                 "token": token,
@@ -173,16 +163,16 @@ fn init(app: &App) -> Result<i32> {
         return Ok(0);
     }
     match status {
-        AuditKeyStatus::Created => println!(
+        AuditKeyStatus::Created => crate::outln!(
             "created the audit HMAC key {AUDIT_KEY_LABEL} on token {token} (never extractable; signs with CKM_SHA256_HMAC only)"
         ),
-        AuditKeyStatus::Exists => println!(
+        AuditKeyStatus::Exists => crate::outln!(
             "the audit HMAC key {AUDIT_KEY_LABEL} already exists on token {token}; nothing changed in the HSM"
         ),
     }
     match (&log, seq) {
-        (Some(log), Some(seq)) => println!("appended entry {seq} to audit log {}", log.display()),
-        _ => println!(
+        (Some(log), Some(seq)) => crate::outln!("appended entry {seq} to audit log {}", log.display()),
+        _ => crate::outln!(
             "no audit log is configured: set --audit-log PATH, HSMSEAL_AUDIT_LOG or audit_log in hsmseal.toml"
         ),
     }
@@ -198,7 +188,7 @@ fn verify(app: &App, log: Option<PathBuf>) -> Result<i32> {
     let hsm = app.hsm()?;
     let report = audit::verify(&*hsm, &path)?;
     if app.json {
-        println!("{}", serde_json::to_string(&report).expect("serialisable"));
+        crate::outln!("{}", serde_json::to_string(&report).expect("serialisable"));
     }
     if let Some(p) = &report.problem {
         let intact = match p.line {
@@ -215,7 +205,7 @@ fn verify(app: &App, log: Option<PathBuf>) -> Result<i32> {
         )));
     }
     if !app.json {
-        println!(
+        crate::outln!(
             "{}: {} entries, chain intact, head matches the HSM",
             path.display(),
             report.entries

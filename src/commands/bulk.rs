@@ -375,7 +375,7 @@ fn summary(app: &App, spec: &Spec, n_items: usize, workers: usize, t: &Tally) {
         if spec.data_on_stdout {
             eprintln!("{line}");
         } else {
-            println!("{line}");
+            crate::outln!("{line}");
         }
     } else if !app.quiet && n_items > 1 {
         let mut parts = vec![format!("{} ok", t.ok)];
@@ -471,8 +471,8 @@ impl Bar {
     /// A line for stdout that does not tear the bar.
     fn println(&self, line: &str) {
         match &self.pb {
-            Some(pb) => pb.suspend(|| println!("{line}")),
-            None => println!("{line}"),
+            Some(pb) => pb.suspend(|| crate::outln!("{line}")),
+            None => crate::outln!("{line}"),
         }
     }
 

@@ -221,7 +221,10 @@ pub fn execute_with_stats(
         }
         None => {
             let stdout = std::io::stdout();
-            let mut w = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+            let mut w = std::io::BufWriter::with_capacity(
+                1 << 20,
+                crate::signals::PipeAware(stdout.lock()),
+            );
             let s = go(&mut w).map_err(|e| e.context(&place))?;
             w.flush()
                 .map_err(|e| Error::io(format!("writing stdout: {e}")))?;

@@ -30,16 +30,16 @@ fn show(app: &App) -> Result<i32> {
     if app.json {
         let mut v = serde_json::to_value(s).expect("serialisable");
         v["pin"] = serde_json::Value::String(pin_source);
-        println!("{v}");
+        crate::outln!("{v}");
         return Ok(0);
     }
     fn line<T: std::fmt::Debug>(name: &str, s: &Option<Setting<T>>) {
         match s {
-            Some(s) => println!("{name:<14} {:?}  ({})", s.value, s.source),
-            None => println!("{name:<14} (not set)"),
+            Some(s) => crate::outln!("{name:<14} {:?}  ({})", s.value, s.source),
+            None => crate::outln!("{name:<14} (not set)"),
         }
     }
-    println!(
+    crate::outln!(
         "{:<14} {}",
         "config file",
         s.config_file
@@ -49,7 +49,7 @@ fn show(app: &App) -> Result<i32> {
     );
     line("module", &Some(s.module.clone()));
     line("token", &s.token);
-    println!("{:<14} {pin_source}", "pin");
+    crate::outln!("{:<14} {pin_source}", "pin");
     line("default_key", &s.default_key);
     line("jobs", &Some(s.jobs.clone()));
     line("audit_log", &s.audit_log);

@@ -9,9 +9,9 @@ pub fn run(app: &App) -> Result<i32> {
     let hsm = app.hsm()?;
     let report = hsm.doctor()?;
     if app.json {
-        println!("{}", serde_json::to_string(&report).expect("serialisable"));
+        crate::outln!("{}", serde_json::to_string(&report).expect("serialisable"));
     } else {
-        println!("{report}");
+        crate::outln!("{report}");
     }
     Ok(if report.ok() { 0 } else { 1 })
 }

@@ -115,7 +115,7 @@ pub fn run(args: &InitArgs, json: bool, quiet: bool) -> Result<i32> {
     fs::rename(&tmp, &config_path).map_err(|e| Error::io_at("cannot write", CONFIG_FILE, &e))?;
 
     if json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::json!({
                 "token": args.label, "dir": abs_dir, "config": CONFIG_FILE,

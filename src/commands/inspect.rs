@@ -153,7 +153,7 @@ fn summarise(app: &App, sel: &crate::cli::SelectArgs) -> Result<i32> {
     }
     let keys: Vec<&KeyUse> = uses.values().collect();
     if app.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::json!({
                 "hsmseal_files": files, "other_files": other,
@@ -161,19 +161,25 @@ fn summarise(app: &App, sel: &crate::cli::SelectArgs) -> Result<i32> {
             })
         );
     } else {
-        println!("{files} hsmseal files ({other} other files skipped)");
-        println!(
+        crate::outln!("{files} hsmseal files ({other} other files skipped)");
+        crate::outln!(
             "{:<24} {:>7} {:>10} {:>16}",
-            "KEY", "VERSION", "FILES", "BYTES"
+            "KEY",
+            "VERSION",
+            "FILES",
+            "BYTES"
         );
         for u in &keys {
-            println!(
+            crate::outln!(
                 "{:<24} {:>7} {:>10} {:>16}",
-                u.key, u.version, u.files, u.bytes
+                u.key,
+                u.version,
+                u.files,
+                u.bytes
             );
         }
         for d in &damaged {
-            println!(
+            crate::outln!(
                 "damaged: {} ({})",
                 d["path"].as_str().unwrap_or(""),
                 d["error"].as_str().unwrap_or("")

@@ -57,9 +57,10 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
             if app.json {
                 print_json(&info);
             } else {
-                println!(
+                crate::outln!(
                     "created {} v{} on token {token}; files were not changed",
-                    info.name, info.version
+                    info.name,
+                    info.version
                 );
             }
         }
@@ -69,7 +70,7 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
             if app.json {
                 print_json(&info);
             } else {
-                println!(
+                crate::outln!(
                     "created {name} v{v} on token {token}: new encryptions under {name} use v{v}; older versions stay decrypt-only. Files were not changed (`hsmseal rotate` rewraps them under v{v})",
                     v = info.version
                 );
@@ -152,7 +153,7 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {
-    println!("{}", serde_json::to_string(v).expect("serialisable"));
+    crate::outln!("{}", serde_json::to_string(v).expect("serialisable"));
 }
 
 /// `v1, v3`
@@ -194,7 +195,7 @@ fn print_change(app: &App, c: &StateChange) {
         (_, false) => format!("{k} was already {} on token {t}; nothing changed", c.state),
         (other, true) => format!("{other} {k} on token {t}"),
     };
-    println!(
+    crate::outln!(
         "{what}; {}. Files were not changed",
         current_note(&c.key, c.current_version)
     );
@@ -210,7 +211,7 @@ fn print_purge(app: &App, r: &PurgeReport) {
     } else {
         "destroyed"
     };
-    println!(
+    crate::outln!(
         "purge of key {} on token {} (cutoff {}){}:",
         r.key,
         r.token,
@@ -222,7 +223,7 @@ fn print_purge(app: &App, r: &PurgeReport) {
         }
     );
     for i in &r.destroyed {
-        println!(
+        crate::outln!(
             "  {verb:<13} v{:<5} {:<12} created {:<20} {}",
             i.version,
             i.state.to_string(),
@@ -231,7 +232,7 @@ fn print_purge(app: &App, r: &PurgeReport) {
         );
     }
     for i in &r.spared {
-        println!(
+        crate::outln!(
             "  {:<13} v{:<5} {:<12} created {:<20} {}",
             "spared",
             i.version,
@@ -241,9 +242,9 @@ fn print_purge(app: &App, r: &PurgeReport) {
         );
     }
     if r.destroyed.is_empty() {
-        println!("  nothing to destroy");
+        crate::outln!("  nothing to destroy");
     }
-    println!("files were not changed");
+    crate::outln!("files were not changed");
 }
 
 fn print_keys(app: &App, keys: &[KeyInfo]) {
@@ -252,12 +253,15 @@ fn print_keys(app: &App, keys: &[KeyInfo]) {
         return;
     }
     if keys.is_empty() {
-        println!("no hsmseal keys on this token (create one with `hsmseal key create NAME`)");
+        crate::outln!("no hsmseal keys on this token (create one with `hsmseal key create NAME`)");
         return;
     }
-    println!(
+    crate::outln!(
         "{:<24} {:>7}  {:<12}  {:<20}  STATUS",
-        "NAME", "VERSION", "STATE", "CREATED"
+        "NAME",
+        "VERSION",
+        "STATE",
+        "CREATED"
     );
     for k in keys {
         let status = match (k.state, k.problems.is_empty()) {
@@ -265,7 +269,7 @@ fn print_keys(app: &App, keys: &[KeyInfo]) {
             (_, true) => "ok".to_string(),
             (_, false) => format!("REFUSED: {}", k.problems.join("; ")),
         };
-        println!(
+        crate::outln!(
             "{:<24} {:>7}  {:<12}  {:<20}  {status}",
             k.name,
             k.version,

@@ -271,7 +271,10 @@ pub fn write_output<T>(
     match output {
         Output::Stdout => {
             let stdout = io::stdout();
-            let mut lock = io::BufWriter::with_capacity(crate::output::IO_BUF, stdout.lock());
+            let mut lock = io::BufWriter::with_capacity(
+                crate::output::IO_BUF,
+                crate::signals::PipeAware(stdout.lock()),
+            );
             let r = f(&mut lock)?;
             lock.flush()
                 .map_err(|e| Error::io(format!("writing stdout: {e}")))?;
