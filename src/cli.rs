@@ -57,7 +57,7 @@ pub struct GlobalArgs {
     /// No progress or informational messages on stderr
     #[arg(long, short, global = true)]
     pub quiet: bool,
-    /// Worker threads (default: number of cores) [env: HSMSEAL_JOBS]
+    /// Workers: files processed at once, each with its own HSM session; a single file's payload uses N threads (default: number of cores) [env: HSMSEAL_JOBS]
     #[arg(long, short = 'j', global = true, value_name = "N")]
     pub jobs: Option<usize>,
     /// Append an audit entry for this run to this log [env: HSMSEAL_AUDIT_LOG]
