@@ -608,6 +608,9 @@ pub fn verify(backend: &dyn AuditBackend, path: &Path) -> Result<VerifyReport> {
             }
         };
         let mac_ok = backend.audit_check_mac(&lines[i][..p.signed_len], &p.mac)?;
+        if i == 0 && !mac_ok {
+            wrong_key(backend, &lines, &parsed, &p.log)?;
+        }
         let same_log = log_id.as_deref().is_none_or(|id| id == p.log);
         let chain_ok = same_log && p.seq == i as u64 && p.prev == expected_prev;
         if mac_ok && chain_ok {
@@ -689,6 +692,32 @@ pub fn verify(backend: &dyn AuditBackend, path: &Path) -> Result<VerifyReport> {
     }
     report.intact = true;
     Ok(report)
+}
+
+/// A log written under another token's audit key: the token has no head
+/// record for its id and not one of its lines' MACs verifies. That is a key
+/// error (exit 4), not tampering: this token cannot judge the log. (A line
+/// that verifies, or a head record, means this is our log and a failing
+/// first line was edited.)
+fn wrong_key(
+    backend: &dyn AuditBackend,
+    lines: &[&[u8]],
+    parsed: &[std::result::Result<Parsed, String>],
+    log_id: &str,
+) -> Result<()> {
+    if backend.audit_head(log_id)?.is_some() {
+        return Ok(());
+    }
+    for (line, p) in lines.iter().zip(parsed).skip(1) {
+        if let Ok(p) = p {
+            if backend.audit_check_mac(&line[..p.signed_len], &p.mac)? {
+                return Ok(());
+            }
+        }
+    }
+    Err(Error::key(format!(
+        "no entry of log {log_id} verifies under this token's audit key and the token holds no head record for it: the log was written with another token (select it with --token)"
+    )))
 }
 
 /// Why line `i` (whose MAC or chain failed) is wrong; see FORMAT.md 7.6.

@@ -286,6 +286,16 @@ fn each_kind_of_tampering_is_reported_with_its_line() {
     let mut t = orig.clone();
     t[0] = t[0].replace("audit init", "audit inix");
     assert_problem(&verify_lines(&c, "edit0.log", &t), 1, "edited");
+    // Edit the log id of the first line (no head record exists for the new
+    // id, but the other lines verify: this token's log, edited).
+    let mut t = orig.clone();
+    let id = entries(&c.path(LOG))[0]["log"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let forged_id: String = id.chars().rev().collect();
+    t[0] = t[0].replace(&id, &forged_id);
+    assert_problem(&verify_lines(&c, "edit-id.log", &t), 1, "edited");
 
     // Delete a middle line, and the first line.
     let mut t = orig.clone();
@@ -436,11 +446,14 @@ fn without_the_audit_key_nothing_is_called_intact() {
         "{}",
         stderr(&out)
     );
-    // Another token with its own audit key: the MACs do not verify.
+    // Another token with its own audit key: no MAC verifies and it has no
+    // head record for this log, so it is not this token's log (exit 4),
+    // not "intact" and not blamed on tampering.
     let out = other.run(&["audit", "init"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let out = other.run(&["audit", "verify", log.to_str().unwrap()]);
-    assert_problem(&out, 1, "edited");
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    assert!(stderr(&out).contains("another token"), "{}", stderr(&out));
     // The key deleted from this token.
     delete_audit_key(&c);
     let out = c.run(&["audit", "verify", LOG]);
