@@ -5,10 +5,7 @@
 
 use super::bulk::{self, for_each_item, Spec, Want};
 use super::encrypt::check_suffix;
-use super::paths::{
-    check_pair, done_note, make_parent, plan_outputs, replace_original, write_output, Input,
-    ItemReport, Output,
-};
+use super::paths::{check_pair, plan_outputs, write_item, Direction, Input, Output};
 use crate::app::App;
 use crate::cli::DecryptArgs;
 use crate::envelope::file;
@@ -39,25 +36,8 @@ pub fn run(app: &App, args: DecryptArgs) -> Result<i32> {
         // Reject what is not an hsmseal file before touching the HSM.
         let (header, _) = file::read_header(&mut reader)?;
         let backend = app.backend()?;
-        make_parent(&output)?;
-        // 0600: decrypted data is for the owner only.
-        let report = write_output(&output, 0o600, io.force, |w| {
+        write_item(app, &*backend, Direction::Open, io, input, &output, |w| {
             file::open_payload(&*backend, &header, reader, w, opts)
-        })?;
-        if let (true, Input::File(orig), Output::File(new)) = (io.in_place, input, &output) {
-            replace_original(&*backend, orig, new, orig, new)?;
-        }
-        let note = done_note(app, "decrypted", input, &output, &report.kwk, io.in_place);
-        Ok(ItemReport {
-            path: input.display(),
-            output: Some(output.display()),
-            action: "decrypt",
-            key: Some(report.kwk.name),
-            version: Some(report.kwk.version),
-            bytes: Some(report.plaintext_bytes),
-            status: "ok",
-            note,
-            ..Default::default()
         })
     })
 }

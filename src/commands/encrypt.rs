@@ -4,8 +4,7 @@
 
 use super::bulk::{self, for_each_item, Spec, Want};
 use super::paths::{
-    check_binary_stdout, check_pair, done_note, make_parent, plan_outputs, replace_original,
-    write_output, Input, ItemReport, Output,
+    check_binary_stdout, check_pair, plan_outputs, write_item, Direction, Input, ItemReport, Output,
 };
 use crate::app::App;
 use crate::cli::{EncryptArgs, OutputArgs};
@@ -74,24 +73,8 @@ pub fn run(app: &App, args: EncryptArgs) -> Result<i32> {
             });
         }
         let chained = std::io::Cursor::new(head[..n].to_vec()).chain(reader);
-        make_parent(&output)?;
-        let report = write_output(&output, 0o644, io.force, |w| {
+        write_item(app, &*backend, Direction::Seal, io, input, &output, |w| {
             file::seal(&*backend, &kwk, chained, w, opts)
-        })?;
-        if let (true, Input::File(orig), Output::File(new)) = (io.in_place, input, &output) {
-            replace_original(&*backend, orig, new, new, orig)?;
-        }
-        let note = done_note(app, "encrypted", input, &output, &report.kwk, io.in_place);
-        Ok(ItemReport {
-            path: input.display(),
-            output: Some(output.display()),
-            action: "encrypt",
-            key: Some(report.kwk.name),
-            version: Some(report.kwk.version),
-            bytes: Some(report.plaintext_bytes),
-            status: "ok",
-            note,
-            ..Default::default()
         })
     })
 }

@@ -116,7 +116,7 @@ pub fn plan_outputs(
 }
 
 /// Creates the directories an `--output-dir` output needs.
-pub fn make_parent(output: &Output) -> Result<()> {
+fn make_parent(output: &Output) -> Result<()> {
     if let Output::File(p) = output {
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
@@ -126,25 +126,65 @@ pub fn make_parent(output: &Output) -> Result<()> {
     Ok(())
 }
 
-/// The human line for a finished encrypt or decrypt ("encrypted A -> B
-/// (key v2)"); none with `--json` or when the data went to stdout.
-pub fn done_note(
+/// Which way an encrypt or decrypt item goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Seal,
+    Open,
+}
+
+/// The common end of an encrypt or decrypt item: write `output` through
+/// `f` (atomically for a file: 0644 ciphertext, 0600 plaintext), replace
+/// the original for `--in-place`, and report the item.
+pub fn write_item(
     app: &App,
-    verb: &str,
+    backend: &dyn KeyBackend,
+    dir: Direction,
+    io: &OutputArgs,
     input: &Input,
     output: &Output,
-    kwk: &crate::keys::KeyRef,
-    in_place: bool,
-) -> Option<String> {
-    if app.json || *output == Output::Stdout {
-        return None;
+    f: impl FnOnce(&mut dyn Write) -> Result<crate::envelope::file::FileReport>,
+) -> Result<ItemReport> {
+    let (action, verb, mode) = match dir {
+        Direction::Seal => ("encrypt", "encrypted", 0o644),
+        // Decrypted data is for the owner only.
+        Direction::Open => ("decrypt", "decrypted", 0o600),
+    };
+    make_parent(output)?;
+    let report = write_output(output, mode, io.force, f)?;
+    if let (true, Input::File(orig), Output::File(new)) = (io.in_place, input, output) {
+        let (sealed, plain) = match dir {
+            Direction::Seal => (new, orig),
+            Direction::Open => (orig, new),
+        };
+        replace_original(backend, orig, new, sealed, plain)?;
     }
-    let removed = if in_place { ", original removed" } else { "" };
-    Some(format!(
-        "{verb} {} -> {} ({kwk}){removed}",
-        input.display(),
-        output.display()
-    ))
+    // The human line ("encrypted A -> B (key v2)"); none with --json or
+    // when the data went to stdout.
+    let note = (!app.json && *output != Output::Stdout).then(|| {
+        let removed = if io.in_place {
+            ", original removed"
+        } else {
+            ""
+        };
+        format!(
+            "{verb} {} -> {} ({}){removed}",
+            input.display(),
+            output.display(),
+            report.kwk
+        )
+    });
+    Ok(ItemReport {
+        path: input.display(),
+        output: Some(output.display()),
+        action,
+        key: Some(report.kwk.name),
+        version: Some(report.kwk.version),
+        bytes: Some(report.plaintext_bytes),
+        status: "ok",
+        note,
+        ..Default::default()
+    })
 }
 
 /// `--in-place`: `new` has been written and fsynced; read it back, check
@@ -152,7 +192,7 @@ pub fn done_note(
 /// the new file; for decrypt, the original), and only then remove the
 /// original and fsync its directory. If the check fails, the new file is
 /// removed and the original kept. Killed in between, both files exist.
-pub fn replace_original(
+fn replace_original(
     backend: &dyn KeyBackend,
     original: &Path,
     new: &Path,
