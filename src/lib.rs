@@ -14,6 +14,7 @@ pub mod commands;
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub mod hardening;
 pub mod hsm;
 pub mod keys;
 pub mod output;
