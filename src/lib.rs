@@ -12,6 +12,7 @@ pub mod cli;
 pub mod columns;
 pub mod commands;
 pub mod config;
+pub mod deps;
 pub mod envelope;
 pub mod error;
 pub mod hardening;
