@@ -297,8 +297,7 @@ fn sigterm_mid_stream_ends_with_the_marker_after_whole_records() {
         let mut lines = text.lines();
         assert_eq!(lines.next(), Some("id,name,ssn"));
         let tok_len = hsmseal::columns::token::token_len(1, 0);
-        let mut n = 0u64;
-        for l in lines {
+        for (n, l) in lines.enumerate() {
             let f: Vec<&str> = l.split(',').collect();
             assert_eq!(f.len(), 3, "round {round}: {l}");
             assert_eq!(f[0], n.to_string(), "round {round}");
@@ -310,7 +309,6 @@ fn sigterm_mid_stream_ends_with_the_marker_after_whole_records() {
                 f[2].starts_with("hsc1.") && f[2].len() > tok_len,
                 "round {round}"
             );
-            n += 1;
         }
         assert!(data.len() + MARKER.len() >= want, "round {round}");
     }
