@@ -53,8 +53,9 @@ pub fn parse_record(
                             if !eof {
                                 return Ok(None);
                             }
-                            // PostgreSQL's COPY rejects it too; taking it as
-                            // data would write it back as `\\` (issue 9).
+                            // The dump was cut short. As data it would be
+                            // written back as `\\`, and PostgreSQL 15's COPY
+                            // drops it: a value changes either way (issue 9).
                             return Err(Error::format(format!(
                                 "field {}: a backslash at the end of the input escapes nothing (is the dump cut short?)",
                                 idx + 1

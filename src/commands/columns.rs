@@ -145,12 +145,13 @@ pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
     };
     // 0: one worker per core (the global --jobs setting, once App has it).
     let (stats, key) = execute_with_stats(backend.as_deref(), key_name, app.json, app.jobs, cmd)?;
-    // For the audit entry: cells are the items, NULLs and plaintext cells
-    // left as they were are skipped.
+    // For the audit entry: cells are the items; NULLs, and plaintext cells
+    // or tokens left as they were on request, are skipped.
     app.stats.ok.fetch_add(stats.cells, Ordering::Relaxed);
-    app.stats
-        .skipped
-        .fetch_add(stats.nulls + stats.plaintext, Ordering::Relaxed);
+    app.stats.skipped.fetch_add(
+        stats.nulls + stats.plaintext + stats.tokens_skipped,
+        Ordering::Relaxed,
+    );
     app.stats.bytes.fetch_add(stats.bytes_in, Ordering::Relaxed);
     if let Some(k) = key {
         app.stats.add_key(k);
