@@ -6,6 +6,12 @@
 #     \copy ... to stdout csv header | columns encrypt | \copy users_enc from stdin csv header
 #     \copy users_enc to stdout csv header | columns decrypt   == first export, byte for byte
 #   and the same through COPY ... TO STDOUT / FROM STDIN (text format, pgcopy).
+#   Failed runs (issue 9): `columns decrypt` meeting a damaged token at row
+#   20,000 of 30,000, `columns encrypt` meeting a NULL row id at the last
+#   row, and a run refused before any output, piped into `psql -1 -c "\copy
+#   ... FROM pstdin"` and plain `psql -c` for CSV, TSV (read as CSV with a
+#   tab delimiter) and COPY text with HEADER: hsmseal exits non-zero, psql
+#   fails on the abort marker, and the target table is left untouched.
 #
 # Usage: scripts/pg-e2e.sh [HSMSEAL_BINARY]      (default: target/release/hsmseal)
 # Environment: PG_E2E_ROWS (default 100000), PG_E2E_KEEP=1 keeps the temp dir.
@@ -192,3 +198,106 @@ psql_ -c "COPY (SELECT * FROM users_enc_copy ORDER BY id::bigint) TO STDOUT" \
 cmp "$WORK/orig.copy" "$WORK/roundtrip.copy" || { log "pgcopy: round trip differs"; exit 1; }
 
 log "CSV and pgcopy round trips of $ROWS rows are byte-identical"
+
+# --- Failed runs: the loader fails too, the target table stays untouched ----
+FROWS=$(( ROWS < 30000 ? ROWS : 30000 ))
+DROW=$(( FROWS * 2 / 3 ))       # id of the row whose token is damaged
+log "failed runs: $FROWS-row dumps, a damaged token at id $DROW, a NULL row id at the last row"
+psql_ <<SQL
+CREATE TABLE small AS SELECT * FROM users WHERE id <= $FROWS;
+CREATE TABLE target_plain (LIKE users);
+INSERT INTO target_plain (id, full_name) VALUES (0, 'sentinel');
+CREATE TABLE target_enc (LIKE users_enc);
+INSERT INTO target_enc (id, full_name) VALUES ('0', 'sentinel');
+SQL
+
+# Load options, export options and hsmseal --format of each dump format.
+declare -A LOAD=([csv]="FORMAT csv, HEADER" [tsv]="FORMAT csv, DELIMITER E'\\t', HEADER" [pgcopy]="FORMAT text, HEADER")
+COLUMNS=(--columns "$COLS" --row-id id --context app.users)
+
+untouched() {   # TABLE: only the sentinel row
+    [[ $(psql_ -At -c "SELECT count(*) || ':' || min(id::text) || ':' || min(full_name) FROM $1") == "1:0:sentinel" ]]
+}
+reset_target() { psql_ -c "DELETE FROM $1 WHERE id::text <> '0'"; }
+
+# expect_abort WHAT WANT_RC TABLE FORMAT PSQL_FLAG INPUT -- HSMSEAL_ARGS...
+# Runs INPUT | hsmseal ARGS | psql [PSQL_FLAG] -c "\copy TABLE FROM pstdin"
+# and checks hsmseal exits WANT_RC, psql fails on the abort marker, and
+# TABLE still holds only its sentinel row.
+expect_abort() {
+    local what=$1 want=$2 table=$3 fmt=$4 single=$5 input=$6
+    shift 7
+    local rc
+    set +e
+    "$HSMSEAL" "$@" <"$input" 2>"$WORK/hsmseal.err" \
+        | psql_ $single -c "\\copy $table FROM pstdin (${LOAD[$fmt]})" >/dev/null 2>"$WORK/psql.err"
+    rc=("${PIPESTATUS[@]}")
+    set -e
+    [[ ${rc[0]} == "$want" ]] \
+        || { log "$what: hsmseal exited ${rc[0]}, expected $want: $(cat "$WORK/hsmseal.err")"; exit 1; }
+    [[ ${rc[1]} != 0 ]] || { log "$what: psql exited 0 after a failed hsmseal run"; exit 1; }
+    grep -q 'hsmseal: aborted' "$WORK/psql.err" \
+        || { log "$what: psql failed, but not on the abort marker: $(cat "$WORK/psql.err")"; exit 1; }
+    untouched "$table" || { log "$what: $table was changed by a failed run"; exit 1; }
+    log "$what: hsmseal exit ${rc[0]}, psql failed ($(grep -m1 ERROR "$WORK/psql.err" | cut -c1-60)), $table untouched"
+}
+
+# The same pipeline with good input loads every row: the failures above are
+# the marker's doing, not a mismatch between dump and table.
+expect_load() {
+    local what=$1 table=$2 fmt=$3 input=$4
+    shift 5
+    "$HSMSEAL" "$@" <"$input" | psql_ -1 -c "\\copy $table FROM pstdin (${LOAD[$fmt]})"
+    local n
+    n=$(psql_ -At -c "SELECT count(*) FROM $table")
+    [[ $n == $((FROWS + 1)) ]] || { log "$what: loaded $((n - 1)) rows, expected $FROWS"; exit 1; }
+    reset_target "$table"
+}
+
+# Damages the last token on the line of record id $DROW (in its record
+# part, near the end, so the batch key still unwraps).
+damage() {
+    python3 - "$1" "$2" "$DROW" <<'PY'
+import re, sys
+src, dst, rid = sys.argv[1], sys.argv[2], sys.argv[3].encode()
+lines = open(src, "rb").read().split(b"\n")
+i = next(i for i, l in enumerate(lines) if re.match(rb"%s[,\t]" % rid, l))
+toks = list(re.finditer(rb"hsc1\.[A-Za-z0-9_-]+", lines[i]))
+p = toks[-1].end() - 10
+l = lines[i]
+lines[i] = l[:p] + (b"B" if l[p:p + 1] == b"A" else b"A") + l[p + 1:]
+open(dst, "wb").write(b"\n".join(lines))
+PY
+}
+
+psql_ -c "\\copy (SELECT * FROM small ORDER BY id) TO '$WORK/small.csv' CSV HEADER"
+psql_ -c "\\copy (SELECT * FROM small ORDER BY id) TO '$WORK/small.tsv' (FORMAT csv, DELIMITER E'\\t', HEADER)"
+psql_ -c "\\copy (SELECT * FROM small ORDER BY id) TO '$WORK/small.pgcopy' (FORMAT text, HEADER)"
+NULLID="SELECT CASE WHEN id = $FROWS THEN NULL ELSE id END AS id, full_name, email, national_id, notes, created_at, balance, active FROM small ORDER BY small.id"
+psql_ -c "\\copy ($NULLID) TO '$WORK/nullid.csv' CSV HEADER"
+psql_ -c "\\copy ($NULLID) TO '$WORK/nullid.tsv' (FORMAT csv, DELIMITER E'\\t', HEADER)"
+psql_ -c "\\copy ($NULLID) TO '$WORK/nullid.pgcopy' (FORMAT text, HEADER)"
+
+for fmt in csv tsv pgcopy; do
+    "$HSMSEAL" columns encrypt --key pii --format "$fmt" "${COLUMNS[@]}" \
+        -i "$WORK/small.$fmt" -o "$WORK/small.enc.$fmt"
+    damage "$WORK/small.enc.$fmt" "$WORK/damaged.$fmt"
+    cmp -s "$WORK/small.enc.$fmt" "$WORK/damaged.$fmt" && { log "$fmt: damage() changed nothing"; exit 1; }
+
+    expect_load "$fmt decrypt" target_plain "$fmt" "$WORK/small.enc.$fmt" \
+        -- columns decrypt --format "$fmt" "${COLUMNS[@]}"
+    expect_load "$fmt encrypt" target_enc "$fmt" "$WORK/small.$fmt" \
+        -- columns encrypt --key pii --format "$fmt" "${COLUMNS[@]}"
+    for single in -1 ""; do
+        mode="psql${single:+ $single}"
+        expect_abort "$fmt decrypt, damaged token, $mode" 3 target_plain "$fmt" "$single" "$WORK/damaged.$fmt" \
+            -- columns decrypt --format "$fmt" "${COLUMNS[@]}"
+        expect_abort "$fmt encrypt, NULL row id at the last row, $mode" 8 target_enc "$fmt" "$single" "$WORK/nullid.$fmt" \
+            -- columns encrypt --key pii --format "$fmt" "${COLUMNS[@]}"
+        # Refused before any output (stdin without --format): the marker's
+        # first line is taken for the header, its second line fails.
+        expect_abort "$fmt encrypt, refused before output, $mode" 2 target_enc "$fmt" "$single" "$WORK/small.$fmt" \
+            -- columns encrypt --key pii "${COLUMNS[@]}"
+    done
+done
+log "failed runs never loaded a row: every psql failed on the abort marker"

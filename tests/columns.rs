@@ -685,8 +685,33 @@ impl KeyBackend for FixedKwk {
 
 /// The test vector of docs/FORMAT.md (section 6), built from the spec with
 /// nothing but AES-GCM and base64, must open with the implementation.
+/// docs/FORMAT.md's test vectors, built from the spec's text: flags 0 (a
+/// token made before formats were bound: decrypts in any format) and flags
+/// 0x04 (made from a CSV dump: decrypts as CSV only).
 #[test]
 fn spec_test_vector() {
+    let legacy = spec_token(0);
+    assert_eq!(legacy, SPEC_VECTOR);
+    let csv = spec_token(0x04);
+    assert_eq!(csv, SPEC_VECTOR_CSV);
+    let mut o = opts(Format::Csv, &["ssn"]);
+    o.row_id = Some("id".into());
+    o.context = "app.users".into();
+    for (token, tsv_ok) in [(&legacy, true), (&csv, false)] {
+        let input = format!("id,ssn\n42,{token}\n");
+        let mut out = Vec::new();
+        columns::decrypt(&FixedKwk, &o, Cursor::new(input.into_bytes()), &mut out).unwrap();
+        assert_eq!(out, b"id,ssn\n42,123-45-6789\n");
+        let mut t = o.clone();
+        t.format = Format::Tsv;
+        let input = format!("id\tssn\n42\t{token}\n");
+        let mut out = Vec::new();
+        let r = columns::decrypt(&FixedKwk, &t, Cursor::new(input.into_bytes()), &mut out);
+        assert_eq!(r.is_ok(), tsv_ok, "{r:?}");
+    }
+}
+
+fn spec_token(flags: u8) -> String {
     use aes_gcm::aead::{Aead, KeyInit, Payload};
     use base64::Engine;
     let lp = |out: &mut Vec<u8>, b: &[u8]| {
@@ -731,7 +756,7 @@ fn spec_test_vector() {
             },
         )
         .unwrap();
-    let mut pt = vec![0u8]; // flags
+    let mut pt = vec![flags];
     pt.extend_from_slice(b"123-45-6789");
     let enc_value = aes_gcm::Aes256Gcm::new_from_slice(&dek)
         .unwrap()
@@ -751,16 +776,10 @@ fn spec_test_vector() {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&body)
     );
     println!("{token}");
-    assert_eq!(token, SPEC_VECTOR);
-    let mut o = opts(Format::Csv, &["ssn"]);
-    o.row_id = Some("id".into());
-    o.context = "app.users".into();
-    let input = format!("id,ssn\n42,{token}\n");
-    let mut out = Vec::new();
-    columns::decrypt(&FixedKwk, &o, Cursor::new(input.into_bytes()), &mut out).unwrap();
-    assert_eq!(out, b"id,ssn\n42,123-45-6789\n");
+    token
 }
 
+const SPEC_VECTOR_CSV: &str = "hsc1.A3BpaQAAAAFgYWJjZGVmZ2hpamvK-rl2n2WlSFQ_0wBeoO9sFkS7urBRBO6bmLpXQM_JN_ERz4q_3sXBRkL40Uya-etwcXJzdHV2d3h5enspPyAok-2BGWBSagskv05cOBqS_F1NNqiZuDsTiDLHQoiX2IHonE0OBUR33ZDKlhleBQJLuVznhu68oMoyHZPnVianHpeAR0BO440h";
 const SPEC_VECTOR: &str = "hsc1.A3BpaQAAAAFgYWJjZGVmZ2hpamvK-rl2n2WlSFQ_0wBeoO9sFkS7urBRBO6bmLpXQM_JN_ERz4q_3sXBRkL40Uya-etwcXJzdHV2d3h5enspPyAok-2BGWBSagskv05cOBqS_F1NNqiZuDsTiDLHQoiX2IHonE0OBUR33ZDKlhlaBQJLuVznhu68oMrhfe-JNjnnOBkefHMxwPIo";
 
 #[test]

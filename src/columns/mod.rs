@@ -19,8 +19,16 @@
 //! Invariants: bytes outside selected fields are copied as they are; NULLs
 //! stay NULL; a header that does not match `--columns` fails before any
 //! output; every error names its row (1-based, counting the header line) and
-//! column.
+//! column. Output is handed to the writer in blocks of whole records, and
+//! the first failure stops it: what was written is a prefix of the right
+//! output ending at a record boundary (the caller ends a stream with
+//! [`abort::MARKER`] then). Never silently wrong (issue 9): encrypt refuses
+//! a value that already is a token, decrypt a value that is not one, a
+//! token made from another dump format, and a value that decrypts to a
+//! token, unless the option for each says otherwise (and the cells are
+//! counted); input containing the abort marker is refused.
 
+pub mod abort;
 pub mod csv;
 pub mod jsonl;
 pub mod pgcopy;
@@ -37,8 +45,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use token::{
-    binding, binding_prefix, BatchCache, ColumnId, Opener, RewrapCache, Rewrapper, Sealer,
-    FLAG_JSON, FLAG_QUOTED, PREFIX,
+    binding, binding_prefix, looks_like_token, BatchCache, ColumnId, Opener, RewrapCache,
+    Rewrapper, Sealer, FLAG_JSON, FLAG_QUOTED, PREFIX,
 };
 
 pub use token::{DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE, MAX_VALUE};
@@ -91,6 +99,16 @@ impl Format {
         }
     }
 
+    /// The `--format` spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Csv => "csv",
+            Format::Tsv => "tsv",
+            Format::Jsonl => "jsonl",
+            Format::PgCopy => "pgcopy",
+        }
+    }
+
     fn is_table(self) -> bool {
         self != Format::Jsonl
     }
@@ -121,6 +139,16 @@ pub struct ColumnOptions {
     /// On decrypt, copy selected values that are not tokens instead of
     /// failing.
     pub allow_plaintext: bool,
+    /// On encrypt, copy selected values that already are tokens instead of
+    /// failing.
+    pub skip_tokens: bool,
+    /// On decrypt, also accept tokens made from dumps of these formats; the
+    /// value is then written the way `format` writes it. Tokens made before
+    /// formats were bound record none and are accepted in any format.
+    pub token_formats: Vec<Format>,
+    /// On decrypt, open a value that decrypts to a token again (a cell
+    /// encrypted twice) down to the plaintext, instead of failing.
+    pub nested: bool,
     /// Worker threads (0: one per core).
     pub jobs: usize,
 }
@@ -135,6 +163,9 @@ impl Default for ColumnOptions {
             context: String::new(),
             batch_size: DEFAULT_BATCH_SIZE,
             allow_plaintext: false,
+            skip_tokens: false,
+            token_formats: Vec::new(),
+            nested: false,
             jobs: 0,
         }
     }
@@ -151,6 +182,12 @@ pub struct ColumnStats {
     pub nulls: u64,
     /// Selected cells copied as plaintext (`--allow-plaintext`).
     pub plaintext: u64,
+    /// Selected cells that already were tokens, copied as they were
+    /// (`encrypt --skip-tokens`).
+    pub tokens_skipped: u64,
+    /// Cells that had been encrypted more than once and were opened down to
+    /// the plaintext (`decrypt --nested`).
+    pub nested: u64,
     /// Distinct batch keys made, opened or rewrapped.
     pub batches: u64,
     /// Calls into the key backend (HSM).
@@ -393,12 +430,17 @@ fn first_record<R: Read>(
         if src.pos < src.buf.len() {
             let buf = &src.buf[src.pos..];
             let mut spans = Vec::new();
-            if let Some((len, _)) = parse_one(fmt, buf, src.eof, |_, s, e, q| {
+            let parsed = parse_one(fmt, buf, src.eof, |_, s, e, q| {
                 spans.push((s, e, q));
                 Ok(())
-            })
-            .map_err(|e| row_err(1, e))?
+            });
+            // Checked on errors too: the marker's second line is an
+            // unterminated CSV quoted field.
+            if (parsed.is_err() || matches!(parsed, Ok(Some(_)))) && abort::begins_with_marker(buf)
             {
+                return Err(row_err(1, abort::found()));
+            }
+            if let Some((len, _)) = parsed.map_err(|e| row_err(1, e))? {
                 let mut scratch = Vec::new();
                 let fields = spans
                     .into_iter()
@@ -670,6 +712,8 @@ fn run(
         stats.cells += w.cells;
         stats.nulls += w.nulls;
         stats.plaintext += w.plaintext;
+        stats.tokens_skipped += w.tokens_skipped;
+        stats.nested += w.nested;
         stats.batches += w.batches;
         stats.hsm_calls += w.hsm_calls;
         stats.bytes_in += w.bytes_in;
@@ -759,8 +803,15 @@ fn read_blocks<R: Read>(
                     }
                 }
                 Ok(())
-            })
-            .map_err(|e| (seq, row_err(row, e)))?;
+            });
+            // The abort marker of a failed hsmseal run upstream: refused, not
+            // encrypted into a token or copied (one byte compare per record).
+            if (parsed.is_err() || matches!(parsed, Ok(Some(_))))
+                && abort::begins_with_marker(&src.buf[p..])
+            {
+                return Err((seq, row_err(row, abort::found())));
+            }
+            let parsed = parsed.map_err(|e| (seq, row_err(row, e)))?;
             match parsed {
                 None => {
                     fields.truncate(base);
@@ -880,6 +931,8 @@ struct WorkerStats {
     cells: u64,
     nulls: u64,
     plaintext: u64,
+    tokens_skipped: u64,
+    nested: u64,
     batches: u64,
     hsm_calls: u64,
     bytes_in: u64,
@@ -898,8 +951,21 @@ enum Crypto<'a> {
 struct Worker<'a> {
     crypto: Crypto<'a>,
     allow_plaintext: bool,
+    skip_tokens: bool,
+    nested: bool,
+    /// The format the dump is read as.
+    fmt: Format,
+    /// Encrypt: the format bits of every token's flags.
+    fmt_flags: u8,
+    /// Decrypt: bit `c` set if tokens with format code `c` are accepted
+    /// (bit 0, tokens that record none, always).
+    accept: u8,
     aad: Vec<u8>,
     scratch: Vec<u8>,
+    /// An inner token being opened (`--nested`).
+    inner: Vec<u8>,
+    /// A JSON string value decoded for a table format.
+    conv: Vec<u8>,
     rid: Vec<u8>,
     members: Vec<jsonl::Member>,
     found: Vec<Option<usize>>,
@@ -942,11 +1008,24 @@ fn worker(
         Mode::Rotate(b, k) => Crypto::Rewrap(Rewrapper::new(b, k, rewrap_cache)),
         Mode::Passthrough => Crypto::Copy,
     };
+    let accept = opts
+        .token_formats
+        .iter()
+        .fold(1 | 1 << token::format_code(opts.format), |m, f| {
+            m | 1 << token::format_code(*f)
+        });
     let mut w = Worker {
         crypto,
         allow_plaintext: opts.allow_plaintext,
+        skip_tokens: opts.skip_tokens,
+        nested: opts.nested,
+        fmt: opts.format,
+        fmt_flags: token::format_flags(opts.format),
+        accept,
         aad: Vec::with_capacity(128),
         scratch: Vec::new(),
+        inner: Vec::new(),
+        conv: Vec::new(),
         rid: Vec::new(),
         members: Vec::new(),
         found: Vec::new(),
@@ -1016,6 +1095,92 @@ fn plaintext_err() -> Error {
     Error::format(
         "expected an hsmseal token but found a plaintext value (pass --allow-plaintext to copy such values)",
     )
+}
+
+fn already_token_err() -> Error {
+    Error::format(
+        "the value already is an hsmseal token (is this dump partly encrypted?); pass --skip-tokens to leave such values as they are",
+    )
+}
+
+/// Most layers `--nested` opens: a cell encrypted more often than this is
+/// not a leftover of re-running encrypt.
+const MAX_NESTING: u32 = 8;
+
+/// Opens the token `text` under binding `aad` and checks the format it
+/// records; with `nested`, opens a value that is itself a token again
+/// (counted in `layers`). The value is then `o.last_value()`.
+#[allow(clippy::too_many_arguments)]
+fn open_cell(
+    o: &mut Opener<'_>,
+    aad: &[u8],
+    text: &[u8],
+    fmt: Format,
+    accept: u8,
+    nested: bool,
+    inner: &mut Vec<u8>,
+    layers: &mut u64,
+) -> Result<u8> {
+    let mut flags = o.open(aad, text)?.0;
+    check_format(flags, fmt, accept)?;
+    let mut depth = 0;
+    while looks_like_token(o.last_value()) {
+        if !nested {
+            return Err(Error::format(
+                "the value decrypts to another hsmseal token: it was encrypted twice (by a columns encrypt that did not refuse tokens yet); pass --nested to decrypt every layer",
+            ));
+        }
+        depth += 1;
+        if depth > MAX_NESTING {
+            return Err(Error::format(format!(
+                "the value is encrypted more than {MAX_NESTING} times over"
+            )));
+        }
+        inner.clear();
+        inner.extend_from_slice(o.last_value());
+        flags = o
+            .open(aad, inner)
+            .map_err(|e| e.context(format!("inner token (layer {})", depth + 1)))?
+            .0;
+        check_format(flags, fmt, accept)?;
+        *layers += 1;
+    }
+    Ok(flags)
+}
+
+/// Refuses a token whose recorded dump format is not accepted: its value
+/// was decoded under another dialect's rules, and writing it back under
+/// this one's is wrong if the dump was read with the wrong `--format`.
+fn check_format(flags: u8, fmt: Format, accept: u8) -> Result<()> {
+    let Some(made) = token::token_format(flags) else {
+        return Ok(());
+    };
+    if accept & 1 << token::format_code(made) != 0 {
+        return Ok(());
+    }
+    Err(Error::format(format!(
+        "the token was made from a {made} dump but this dump is read as {fmt}, so its value would be written with {fmt}'s escaping: check --format; if the tokens were moved on purpose (e.g. a CSV dump loaded into PostgreSQL and exported with COPY), pass --token-format {made}",
+        made = made.name(),
+        fmt = fmt.name(),
+    )))
+}
+
+/// A decrypted value as text for a table format: a JSON-flagged string
+/// (from a JSONL dump) is decoded to its characters, so a cross-format
+/// move never writes JSON escapes into a CSV or COPY field; other JSON
+/// values (numbers, booleans, objects, arrays) are their JSON text.
+fn table_text<'v>(v: &'v [u8], flags: u8, conv: &'v mut Vec<u8>) -> Result<&'v [u8]> {
+    if flags & FLAG_JSON == 0 || v.first() != Some(&b'"') {
+        return Ok(v);
+    }
+    let s = serde_json::from_slice::<String>(v).map_err(|_| {
+        Error::format(
+            "the value is a JSON string that cannot be written as text (a lone surrogate escape)",
+        )
+    })?;
+    conv.clear();
+    conv.extend_from_slice(s.as_bytes());
+    Ok(conv)
 }
 
 impl Worker<'_> {
@@ -1093,15 +1258,24 @@ impl Worker<'_> {
         match &mut self.crypto {
             Crypto::Copy => write(out, value, quoted),
             Crypto::Seal(s) => {
+                if looks_like_token(value) {
+                    if !self.skip_tokens {
+                        return Err(already_token_err());
+                    }
+                    self.stats.tokens_skipped += 1;
+                    out.extend_from_slice(raw);
+                    return Ok(());
+                }
                 binding(&mut self.aad, &slot.prefix, rid);
-                let flags = if quoted && fmt != Format::PgCopy {
-                    FLAG_QUOTED
-                } else {
-                    0
-                };
+                let mut flags = self.fmt_flags;
+                if quoted && fmt != Format::PgCopy {
+                    flags |= FLAG_QUOTED;
+                }
                 s.seal(&self.aad, flags, value, out)?;
             }
             Crypto::Open(o) => {
+                // Any value with the prefix must open, even with
+                // --allow-plaintext: a damaged token is never "plaintext".
                 if !value.starts_with(PREFIX) {
                     if !self.allow_plaintext {
                         return Err(plaintext_err());
@@ -1111,7 +1285,17 @@ impl Worker<'_> {
                     return Ok(());
                 }
                 binding(&mut self.aad, &slot.prefix, rid);
-                let (flags, v) = o.open(&self.aad, value)?;
+                let flags = open_cell(
+                    o,
+                    &self.aad,
+                    value,
+                    self.fmt,
+                    self.accept,
+                    self.nested,
+                    &mut self.inner,
+                    &mut self.stats.nested,
+                )?;
+                let v = table_text(o.last_value(), flags, &mut self.conv)?;
                 write(out, v, flags & FLAG_QUOTED != 0);
             }
             Crypto::Rewrap(rw) => {
@@ -1272,9 +1456,17 @@ impl Worker<'_> {
                     jsonl::Plain::Json(v) => (FLAG_JSON, v),
                     jsonl::Plain::Null => unreachable!("null handled above"),
                 };
+                if flags == 0 && looks_like_token(v) {
+                    if !self.skip_tokens {
+                        return Err(already_token_err());
+                    }
+                    self.stats.tokens_skipped += 1;
+                    out.extend_from_slice(raw);
+                    return Ok(());
+                }
                 binding(&mut self.aad, &slot.prefix, rid);
                 out.push(b'"');
-                s.seal(&self.aad, flags, v, out)?;
+                s.seal(&self.aad, flags | self.fmt_flags, v, out)?;
                 out.push(b'"');
             }
             Crypto::Copy => match jsonl::plain(raw, &mut self.scratch)? {
@@ -1293,8 +1485,18 @@ impl Worker<'_> {
                     return Ok(());
                 };
                 binding(&mut self.aad, &slot.prefix, rid);
-                let (flags, v) = o.open(&self.aad, tok)?;
-                jsonl::write_value(out, v, flags & FLAG_JSON != 0)?;
+                // `tok` may live in `scratch`; `inner` is free for nesting.
+                let flags = open_cell(
+                    o,
+                    &self.aad,
+                    tok,
+                    self.fmt,
+                    self.accept,
+                    self.nested,
+                    &mut self.inner,
+                    &mut self.stats.nested,
+                )?;
+                jsonl::write_value(out, o.last_value(), flags & FLAG_JSON != 0)?;
             }
             Crypto::Rewrap(rw) => {
                 let tok =

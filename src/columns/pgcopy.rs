@@ -7,6 +7,8 @@
 //! any other escaped byte stands for itself (so `\\` is a backslash and a
 //! backslash before a real tab or newline makes it data, as PostgreSQL reads
 //! it). A line that is exactly `\.` is the end-of-data marker and is copied.
+//! A backslash that is the last byte of the input escapes nothing: an error
+//! (the dump was cut short), never data.
 //!
 //! Encrypted values are the decoded values; decryption writes them back the
 //! way PostgreSQL writes them (see [`encode`]), so input PostgreSQL wrote
@@ -47,10 +49,19 @@ pub fn parse_record(
                 let q = i + p;
                 match buf[q] {
                     b'\\' => {
-                        if q + 1 >= n && !eof {
-                            return Ok(None);
+                        if q + 1 >= n {
+                            if !eof {
+                                return Ok(None);
+                            }
+                            // The dump was cut short. As data it would be
+                            // written back as `\\`, and PostgreSQL 15's COPY
+                            // drops it: a value changes either way (issue 9).
+                            return Err(Error::format(format!(
+                                "field {}: a backslash at the end of the input escapes nothing (is the dump cut short?)",
+                                idx + 1
+                            )));
                         }
-                        i = (q + 2).min(n);
+                        i = q + 2;
                         escaped_to = i;
                     }
                     b'\t' => {
@@ -220,6 +231,20 @@ mod tests {
         assert_eq!(
             parse_record(b"x\\", false, |_, _, _, _| Ok(())).unwrap(),
             None
+        );
+        // A dangling backslash at the end of the input is an error, in any
+        // field; one escaping the LF or a tab is data.
+        for bad in [&b"x\\"[..], b"a\tb\\", b"\\\\\\", b"a\t\\"] {
+            let e = parse_record(bad, true, |_, _, _, _| Ok(())).unwrap_err();
+            assert!(e.message().contains("backslash at the end"), "{bad:?}: {e}");
+        }
+        assert_eq!(
+            parse_record(b"a\\\n", true, |_, _, _, _| Ok(())).unwrap(),
+            Some((3, 1))
+        );
+        assert_eq!(
+            parse_record(b"a\\\\", true, |_, _, _, _| Ok(())).unwrap(),
+            Some((3, 1))
         );
     }
 }

@@ -20,9 +20,14 @@
 //! - The envelope is outside the binding: `rotate` swaps it alone.
 //! - Only canonical base64 is accepted (no padding, no stray trailing bits),
 //!   so any single-character change of a token is rejected.
+//! - The flags byte (authenticated with the value) records the dump format
+//!   the value was decoded from, so a reader of another format can refuse
+//!   it rather than write the value with the wrong escaping (issue 9);
+//!   tokens from before that record format 0, "unknown".
 //!
 //! docs/FORMAT.md (section 6) specifies all of this byte by byte.
 
+use super::Format;
 use crate::error::{Error, Result};
 use crate::keys::{KeyBackend, KeyRef, WrappedKey, WRAPPED_KEY_LEN, WRAP_IV_LEN};
 use crate::secret::SecretKey;
@@ -51,7 +56,39 @@ pub const FLAG_QUOTED: u8 = 0x01;
 /// Flags byte, bit 1: the value is JSON text (a non-string JSON value, or a
 /// string whose escaping differs from the canonical one), not a string.
 pub const FLAG_JSON: u8 = 0x02;
-const KNOWN_FLAGS: u8 = FLAG_QUOTED | FLAG_JSON;
+/// Flags byte, bits 2-4: the dump format the value was read from
+/// ([`format_code`]); 0 in tokens made before formats were bound (issue 9).
+/// Inside the value layer, so authenticated like the value itself.
+pub const FORMAT_MASK: u8 = 0x1c;
+const FORMAT_SHIFT: u32 = 2;
+const KNOWN_FLAGS: u8 = FLAG_QUOTED | FLAG_JSON | FORMAT_MASK;
+
+/// The format code a token records in its flags (bits 2-4).
+pub fn format_code(f: Format) -> u8 {
+    match f {
+        Format::Csv => 1,
+        Format::Tsv => 2,
+        Format::PgCopy => 3,
+        Format::Jsonl => 4,
+    }
+}
+
+/// The flags bits of a value read from a `f` dump.
+pub fn format_flags(f: Format) -> u8 {
+    format_code(f) << FORMAT_SHIFT
+}
+
+/// The format recorded in `flags`: `None` for tokens made before formats
+/// were bound. Only called on flags [`Opener::open`] accepted (code 0-4).
+pub fn token_format(flags: u8) -> Option<Format> {
+    match (flags & FORMAT_MASK) >> FORMAT_SHIFT {
+        1 => Some(Format::Csv),
+        2 => Some(Format::Tsv),
+        3 => Some(Format::PgCopy),
+        4 => Some(Format::Jsonl),
+        _ => None,
+    }
+}
 
 /// Longest plaintext value that may be encrypted into one token.
 pub const MAX_VALUE: usize = 16 << 20;
@@ -74,12 +111,28 @@ pub const BATCH_CACHE_ENTRIES: usize = 4096;
 
 /// Length of the whole token text for a key name of `name_len` bytes and a
 /// value of `value_len` bytes.
-pub fn token_len(name_len: usize, value_len: usize) -> usize {
+pub const fn token_len(name_len: usize, value_len: usize) -> usize {
     PREFIX.len() + base64_len(FIXED_LEN + name_len + value_len)
 }
 
-fn base64_len(n: usize) -> usize {
+const fn base64_len(n: usize) -> usize {
     (n * 4).div_ceil(3)
+}
+
+/// The shortest token text there is: a one-byte key name, an empty value.
+pub const MIN_TOKEN_LEN: usize = token_len(1, 0);
+
+/// True if `value` has the shape of a token: the prefix, then at least as
+/// many base64url characters as the shortest token has. This is how
+/// `encrypt` recognises a value that already is a token (refused unless
+/// `--skip-tokens`) and `decrypt` a value that was encrypted twice. A
+/// plaintext such as `hsc1.example.com` (a dot, too short) is not one.
+pub fn looks_like_token(value: &[u8]) -> bool {
+    value.len() >= MIN_TOKEN_LEN
+        && value.starts_with(PREFIX)
+        && value[PREFIX.len()..]
+            .iter()
+            .all(|&c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
 }
 
 /// Largest token text accepted on decrypt.
@@ -423,6 +476,8 @@ pub struct Opener<'a> {
     cache: &'a BatchCache,
     last: Option<(Vec<u8>, Arc<Aes256Gcm>)>,
     body: Vec<u8>,
+    /// Where the last opened value lies in `body`.
+    value: std::ops::Range<usize>,
 }
 
 impl<'a> Opener<'a> {
@@ -432,12 +487,20 @@ impl<'a> Opener<'a> {
             cache,
             last: None,
             body: Vec::with_capacity(512),
+            value: 0..0,
         }
+    }
+
+    /// The value of the last token [`Opener::open`] opened successfully
+    /// (empty before the first, and after a failed one).
+    pub fn last_value(&self) -> &[u8] {
+        &self.body[self.value.clone()]
     }
 
     /// Authenticates and decrypts the token `text` under binding `aad`.
     /// Returns the flags and the plaintext value (valid until the next call).
     pub fn open(&mut self, aad: &[u8], text: &[u8]) -> Result<(u8, &[u8])> {
+        self.value = 0..0;
         decode_text(text, &mut self.body)?;
         let elen = envelope_len(&self.body)?;
         let hit = matches!(&self.last, Some((e, _)) if e[..] == self.body[..elen]);
@@ -466,11 +529,13 @@ impl<'a> Opener<'a> {
             .decrypt_in_place_detached(&Nonce::default(), b"", pt, Tag::from_slice(tag))
             .map_err(|_| auth_failed())?;
         let flags = pt[0];
-        if flags & !KNOWN_FLAGS != 0 {
+        // Format codes 5-7 are unassigned: unknown, like unknown bits.
+        if flags & !KNOWN_FLAGS != 0 || (flags & FORMAT_MASK) >> FORMAT_SHIFT > 4 {
             return Err(Error::format("token has unknown flags"));
         }
         let end = self.body.len() - TAG_LEN;
-        Ok((flags, &self.body[elen + NONCE_LEN + DEK_CT_LEN + 1..end]))
+        self.value = elen + NONCE_LEN + DEK_CT_LEN + 1..end;
+        Ok((flags, &self.body[self.value.clone()]))
     }
 }
 

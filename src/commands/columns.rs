@@ -1,15 +1,25 @@
 //! `hsmseal columns encrypt|decrypt|rotate`: per-record encryption of
 //! selected columns in CSV, TSV, JSONL and PostgreSQL COPY dumps, streamed
 //! from stdin (or `-i FILE`) to stdout (or `-o FILE`, written atomically).
+//!
+//! Invariants (issue 9): the format is never guessed (stdin needs
+//! `--format`); a run that fails writes nothing under `-o`'s name, and ends
+//! a stdout stream with the abort marker so its reader fails too, whatever
+//! stopped it: an error, a usage error found before the first byte,
+//! SIGINT/SIGTERM. The marker is only left out when stdout is a terminal,
+//! when its reader has gone (EPIPE), and when a signal finds stdout stalled
+//! for [`SIGNAL_WAIT`] (see docs/SECURITY.md, "Column pipelines").
 
 use crate::app::App;
-use crate::columns::{self, ColumnOptions, ColumnStats, Format};
+use crate::columns::{self, abort, ColumnOptions, ColumnStats, Format};
 use crate::error::{Error, Result};
 use crate::keys::{KeyBackend, KeyRef};
 use crate::output::{same_file, AtomicFile};
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ColumnsCommand {
@@ -33,8 +43,10 @@ pub struct DumpArgs {
     /// positions with --no-header.
     #[arg(long, short = 'c', value_delimiter = ',', required = true)]
     pub columns: Vec<String>,
-    /// csv, tsv, jsonl or pgcopy (PostgreSQL COPY text). Default: from the
-    /// file extension, else csv.
+    /// csv, tsv, jsonl or pgcopy (PostgreSQL COPY text). Required when
+    /// reading stdin; otherwise taken from the input file's extension
+    /// (.csv, .tsv/.tab, .jsonl/.ndjson, .copy/.pgcopy) if it has one of
+    /// these.
     #[arg(long, short = 'f')]
     pub format: Option<String>,
     /// The first record is data, not a header: --columns are positions.
@@ -73,15 +85,33 @@ pub struct EncryptArgs {
     /// Records per batch key: one HSM call per batch.
     #[arg(long, default_value_t = columns::DEFAULT_BATCH_SIZE)]
     pub batch_size: u64,
+    /// Leave selected values that already are tokens as they are (counted
+    /// and reported), e.g. to finish a half-encrypted dump. Without it such
+    /// a value is an error: it would be encrypted twice.
+    #[arg(long)]
+    pub skip_tokens: bool,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct DecryptArgs {
     #[command(flatten)]
     pub dump: DumpArgs,
-    /// Copy selected values that are not tokens instead of failing.
+    /// Copy selected values that are not tokens instead of failing (counted
+    /// and reported). A value starting with "hsc1." must still be a valid
+    /// token.
     #[arg(long)]
     pub allow_plaintext: bool,
+    /// Also accept tokens made from dumps of these formats (csv, tsv, jsonl,
+    /// pgcopy), e.g. tokens encrypted in a CSV dump, loaded into PostgreSQL
+    /// and exported with COPY: their values are written the way --format
+    /// writes them. Without it such a token is an error.
+    #[arg(long, value_delimiter = ',', value_name = "FORMAT")]
+    pub token_format: Vec<String>,
+    /// Decrypt values that were encrypted more than once (by a columns
+    /// encrypt run over an already encrypted dump) down to the plaintext,
+    /// instead of failing on them.
+    #[arg(long)]
+    pub nested: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -106,21 +136,45 @@ pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
         _ => None,
     };
     options(dump_args(&cmd))?;
+    if let ColumnsCommand::Decrypt(a) = &cmd {
+        token_formats(a)?;
+    }
     let backend = match &cmd {
         ColumnsCommand::Passthrough(_) => None,
         _ => Some(app.backend()?),
     };
     // 0: one worker per core (the global --jobs setting, once App has it).
     let (stats, key) = execute_with_stats(backend.as_deref(), key_name, app.json, app.jobs, cmd)?;
-    // For the audit entry: cells are the items, NULLs and plaintext cells
-    // left as they were are skipped.
+    // For the audit entry: cells are the items; NULLs, and plaintext cells
+    // or tokens left as they were on request, are skipped.
     app.stats.ok.fetch_add(stats.cells, Ordering::Relaxed);
-    app.stats
-        .skipped
-        .fetch_add(stats.nulls + stats.plaintext, Ordering::Relaxed);
+    app.stats.skipped.fetch_add(
+        stats.nulls + stats.plaintext + stats.tokens_skipped,
+        Ordering::Relaxed,
+    );
     app.stats.bytes.fetch_add(stats.bytes_in, Ordering::Relaxed);
     if let Some(k) = key {
         app.stats.add_key(k);
+    }
+    // Cells left as they were on request are said, so a partial result is
+    // never mistaken for a complete one.
+    if stats.plaintext > 0 {
+        app.info(format!(
+            "hsmseal: note: --allow-plaintext: {} selected cell(s) were not tokens and were copied as they are",
+            stats.plaintext
+        ));
+    }
+    if stats.tokens_skipped > 0 {
+        app.info(format!(
+            "hsmseal: note: --skip-tokens: {} selected cell(s) already were tokens and were left as they are",
+            stats.tokens_skipped
+        ));
+    }
+    if stats.nested > 0 {
+        app.info(format!(
+            "hsmseal: note: --nested: {} cell(s) had been encrypted more than once; every layer was decrypted",
+            stats.nested
+        ));
     }
     Ok(0)
 }
@@ -166,8 +220,15 @@ pub fn execute_with_stats(
     let mut opts = options(dump)?;
     opts.jobs = jobs;
     match &cmd {
-        ColumnsCommand::Encrypt(a) => opts.batch_size = a.batch_size,
-        ColumnsCommand::Decrypt(a) => opts.allow_plaintext = a.allow_plaintext,
+        ColumnsCommand::Encrypt(a) => {
+            opts.batch_size = a.batch_size;
+            opts.skip_tokens = a.skip_tokens;
+        }
+        ColumnsCommand::Decrypt(a) => {
+            opts.allow_plaintext = a.allow_plaintext;
+            opts.token_formats = token_formats(a)?;
+            opts.nested = a.nested;
+        }
         ColumnsCommand::Rotate(a) => opts.allow_plaintext = a.allow_plaintext,
         ColumnsCommand::Passthrough(_) => {}
     }
@@ -220,14 +281,10 @@ pub fn execute_with_stats(
             s
         }
         None => {
-            let stdout = std::io::stdout();
-            let mut w = std::io::BufWriter::with_capacity(
-                1 << 20,
-                crate::signals::PipeAware(stdout.lock()),
-            );
-            let s = go(&mut w).map_err(|e| e.context(&place))?;
-            w.flush()
-                .map_err(|e| Error::io(format!("writing stdout: {e}")))?;
+            // Unbuffered: the pipeline hands over whole blocks of records,
+            // and each goes out in one piece (see `StdoutSink`).
+            let s = go(&mut StdoutSink).map_err(|e| e.context(&place))?;
+            finish_stdout();
             s
         }
     };
@@ -235,16 +292,52 @@ pub fn execute_with_stats(
     Ok((stats, target))
 }
 
-fn options(a: &DumpArgs) -> Result<ColumnOptions> {
-    let format = match &a.format {
-        Some(f) => Format::parse(f)?,
-        None => a
-            .input
-            .as_deref()
-            .and_then(Format::from_path)
-            .or_else(|| a.output.as_deref().and_then(Format::from_path))
-            .unwrap_or(Format::Csv),
+/// The dump format: `--format`, else the input file's extension; never a
+/// default. Reading a COPY text dump as CSV (the old default for stdin)
+/// left values with a comma partly in clear (issue 9).
+fn format_of(a: &DumpArgs) -> Result<Format> {
+    if let Some(f) = &a.format {
+        return Format::parse(f);
+    }
+    const CHOICES: &str = "pass --format csv, tsv, jsonl or pgcopy";
+    let input = a.input.as_deref().filter(|p| *p != Path::new("-"));
+    let Some(input) = input else {
+        return Err(Error::usage(format!(
+            "the dump comes from stdin, which has no file name to tell its format by: {CHOICES}"
+        )));
     };
+    let format = Format::from_path(input).ok_or_else(|| {
+        Error::usage(format!(
+            "cannot tell the format of {} from its name: {CHOICES}",
+            input.display()
+        ))
+    })?;
+    // The output has the input's format: a differing name means the user
+    // expects a conversion hsmseal does not do.
+    let output = a.output.as_deref().filter(|p| *p != Path::new("-"));
+    if let Some((o, of)) = output.and_then(|o| Some((o, Format::from_path(o)?))) {
+        if of != format {
+            return Err(Error::usage(format!(
+                "{} is a {} dump by its name but the output {} says {}: the output has the input's format; rename it, or {CHOICES}",
+                input.display(),
+                format.name(),
+                o.display(),
+                of.name()
+            )));
+        }
+    }
+    Ok(format)
+}
+
+fn token_formats(a: &DecryptArgs) -> Result<Vec<Format>> {
+    a.token_format
+        .iter()
+        .map(|f| Format::parse(f.trim()))
+        .collect()
+}
+
+fn options(a: &DumpArgs) -> Result<ColumnOptions> {
+    let format = format_of(a)?;
     Ok(ColumnOptions {
         format,
         columns: a.columns.iter().map(|c| c.trim().to_string()).collect(),
@@ -277,5 +370,178 @@ fn report(json: bool, a: &DumpArgs, op: &str, fmt: Format, key: Option<&KeyRef>,
             s.seconds,
             s.cells as f64 / s.seconds.max(1e-9)
         );
+    }
+}
+
+/// The data stream of a `columns` command on stdout, shared by the thread
+/// that writes it and the signal thread. This lock is what protects it: a
+/// block of records is written while holding it, and the abort marker is
+/// written under it, so the marker never lands inside a block and no block
+/// follows the marker.
+static STDOUT_STREAM: Mutex<Stream> = Mutex::new(Stream::Unarmed);
+
+/// How long the signal thread waits for a block being written to stdout to
+/// finish before exiting without the marker (a reader that stopped reading).
+pub const SIGNAL_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    /// Not a `columns` command writing to stdout (or stdout is a terminal).
+    Unarmed,
+    /// Data may follow; on failure the marker goes after what was written.
+    Open {
+        /// The stream is empty or ends with LF.
+        at_line_start: bool,
+        /// A failed write stopped inside a CSV quoted field.
+        in_quotes: bool,
+    },
+    /// Finished, or ended with the marker, or the reader has gone.
+    Closed,
+}
+
+/// Arms the abort marker for `cmd` if it is a `columns` command whose data
+/// goes to stdout and stdout is not a terminal. `commands::run` holds the
+/// guard for the whole run: if the run has not finished its stream when the
+/// guard is dropped (any error, a usage error before the first byte
+/// included), the stream ends with the marker.
+pub fn guard_stdout(cmd: &crate::cli::Command) -> Option<StdoutGuard> {
+    let crate::cli::Command::Columns(c) = cmd else {
+        return None;
+    };
+    let to_stdout = dump_args(c)
+        .output
+        .as_deref()
+        .is_none_or(|p| p == Path::new("-"));
+    if !to_stdout || std::io::stdout().is_terminal() {
+        return None;
+    }
+    *lock_stream() = Stream::Open {
+        at_line_start: true,
+        in_quotes: false,
+    };
+    Some(StdoutGuard)
+}
+
+/// See [`guard_stdout`].
+pub struct StdoutGuard;
+
+impl Drop for StdoutGuard {
+    fn drop(&mut self) {
+        abort_stream(&mut lock_stream());
+    }
+}
+
+fn lock_stream() -> std::sync::MutexGuard<'static, Stream> {
+    STDOUT_STREAM.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The run finished its stream: no marker.
+fn finish_stdout() {
+    let mut s = lock_stream();
+    if matches!(*s, Stream::Open { .. }) {
+        *s = Stream::Closed;
+    }
+}
+
+/// Ends an open stream with the marker (best effort: stdout may be broken).
+fn abort_stream(s: &mut Stream) {
+    if let Stream::Open {
+        at_line_start,
+        in_quotes,
+    } = *s
+    {
+        let mut m = Vec::with_capacity(abort::MARKER.len() + 2);
+        abort::write_marker(&mut m, at_line_start, in_quotes);
+        let _ = write_fd1(&m);
+        *s = Stream::Closed;
+    }
+}
+
+/// Called by the signal thread before the process exits on SIGINT, SIGTERM
+/// or a failed stdout: waits (at most [`SIGNAL_WAIT`]) for a block being
+/// written to finish, ends the stream with the marker, and keeps the lock
+/// so nothing more is written before the exit.
+pub fn abort_stdout_for_exit() {
+    let deadline = Instant::now() + SIGNAL_WAIT;
+    let mut guard = loop {
+        match STDOUT_STREAM.try_lock() {
+            Ok(g) => break g,
+            Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        }
+    };
+    abort_stream(&mut guard);
+    std::mem::forget(guard);
+}
+
+/// Writes all of `buf` to file descriptor 1, bypassing std's stdout buffer
+/// (so what was written is on the descriptor, not in a buffer a signal
+/// exit would drop). Returns how much was written on failure.
+fn write_fd1(buf: &[u8]) -> std::result::Result<(), (usize, std::io::Error)> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: fd 1 is open for the life of the process; ManuallyDrop
+    // keeps this File from closing it.
+    let mut out = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(1) });
+    let mut done = 0;
+    while done < buf.len() {
+        match out.write(&buf[done..]) {
+            Ok(0) => {
+                return Err((done, std::io::ErrorKind::WriteZero.into()));
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err((done, e)),
+        }
+    }
+    Ok(())
+}
+
+/// The data writer for stdout. Each `write` is a whole block of records
+/// (the pipeline writes nothing smaller) and goes out under the stream
+/// lock. A closed reader stops the run quietly (exit 141, no marker).
+struct StdoutSink;
+
+impl Write for StdoutSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut s = lock_stream();
+        if *s == Stream::Closed {
+            return Err(std::io::Error::other("the output was already ended"));
+        }
+        match write_fd1(buf) {
+            Ok(()) => {
+                if let (Stream::Open { at_line_start, .. }, Some(&last)) = (&mut *s, buf.last()) {
+                    *at_line_start = last == b'\n';
+                }
+                Ok(buf.len())
+            }
+            Err((_, e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                *s = Stream::Closed;
+                drop(s);
+                crate::signals::stdout_closed()
+            }
+            Err((done, e)) => {
+                // Cut inside this block, which began at a record boundary:
+                // its written part says where the marker must start.
+                if let (
+                    Stream::Open {
+                        at_line_start,
+                        in_quotes,
+                    },
+                    Some(&last),
+                ) = (&mut *s, buf[..done].last())
+                {
+                    *at_line_start = last == b'\n';
+                    *in_quotes = buf[..done].iter().filter(|&&c| c == b'"').count() % 2 == 1;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

@@ -27,6 +27,9 @@ use crate::error::Result;
 
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> Result<i32> {
+    // Held to the end: a `columns` run to stdout that fails at any step
+    // ends its stream with the abort marker (issue 9).
+    let _stdout = columns::guard_stdout(&cli.command);
     let g = &cli.global;
     if let Command::Init(args) = &cli.command {
         // init must not depend on an existing configuration.
