@@ -376,6 +376,24 @@ fn completes_chain(backend: &dyn AuditBackend, last: Option<&[u8]>, torn: &[u8])
     Ok(chains && backend.audit_check_mac(&torn[..t.signed_len], &t.mac)?)
 }
 
+/// Whether `line` (parsed as `p`), the only line of a log whose id has no
+/// head record, is that log's authentic first line in the crash window: a
+/// run killed after writing a new log's first line and before creating its
+/// head. Not if a head record of another log names this path (unless a new
+/// log may start here): the file would then have replaced that log.
+fn first_line_in_crash_window(
+    backend: &dyn AuditBackend,
+    line: &[u8],
+    p: &Parsed,
+    abs: &str,
+    new_log_ok: bool,
+) -> Result<bool> {
+    Ok(p.seq == 0
+        && p.prev == ZERO_HASH
+        && (new_log_ok || backend.audit_heads_for_path(abs)?.is_empty())
+        && backend.audit_check_mac(&line[..p.signed_len], &p.mac)?)
+}
+
 /// What the next append must do to the end of the file before its line.
 enum Fix {
     None,
@@ -496,13 +514,31 @@ fn plan(
             &format!("its last complete line is not a valid entry ({why}){torn_note}"),
         )
     })?;
-    let head = backend.audit_head(&p.log)?.ok_or_else(|| {
-        tampered(
+    let hash = sha256(&line);
+    let Some(head) = backend.audit_head(&p.log)? else {
+        if first_line_in_crash_window(backend, &line, &p, abs, new_log_ok)? {
+            // A new log's first line, written, its head never created (a
+            // kill in between): create it before anything else.
+            return Ok(Plan {
+                log_id: p.log,
+                seq: 1,
+                prev: hash,
+                new_log: true,
+                fix,
+                catch_up: Some(Head {
+                    seq: 0,
+                    hash,
+                    path: abs.to_string(),
+                }),
+                len,
+                torn_at,
+            });
+        }
+        return Err(tampered(
             path,
             &format!("the HSM holds no head record for log {}", p.log),
-        )
-    })?;
-    let hash = sha256(&line);
+        ));
+    };
     let catch_up = if head.seq == p.seq && head.hash == hash {
         None
     } else if head.seq.checked_add(1) == Some(p.seq)
@@ -1050,6 +1086,18 @@ pub fn verify(backend: &dyn AuditBackend, path: &Path) -> Result<VerifyReport> {
     let id = log_id.expect("at least one intact line");
     let last = parsed[n - 1].as_ref().expect("intact");
     let Some(head) = backend.audit_head(&id)? else {
+        if n == 1
+            && torn.len() <= MAX_LINE
+            && first_line_in_crash_window(backend, lines[0], last, &absolute(path)?, false)?
+        {
+            notes.push("the log's first entry was written but the run was killed before creating its HSM head record; the next append creates it".to_string());
+            if !torn.is_empty() {
+                notes.push(torn_note(n, torn.len()));
+            }
+            report.intact = true;
+            report.note = Some(notes.join("; "));
+            return Ok(report);
+        }
         report.problem = problem(
             n,
             ProblemKind::NoHead,
@@ -1122,15 +1170,18 @@ pub fn verify(backend: &dyn AuditBackend, path: &Path) -> Result<VerifyReport> {
         return Ok(report);
     }
     if !torn.is_empty() {
-        notes.push(format!(
-            "line {} is an incomplete line of {} bytes, not an entry: an append was cut short (kill, crash or full disk) before its line was complete and before the HSM's head record named it; nothing authenticated is missing, and the next append replaces it with an `{REPAIR_COMMAND}` entry",
-            n + 1,
-            torn.len()
-        ));
+        notes.push(torn_note(n, torn.len()));
     }
     report.intact = true;
     report.note = (!notes.is_empty()).then(|| notes.join("; "));
     Ok(report)
+}
+
+fn torn_note(n: usize, len: usize) -> String {
+    format!(
+        "line {} is an incomplete line of {len} bytes, not an entry: an append was cut short (kill, crash or full disk) before its line was complete and before the HSM's head record named it; nothing authenticated is missing, and the next append replaces it with an `{REPAIR_COMMAND}` entry",
+        n + 1
+    )
 }
 
 /// A log written under another token's audit key: the token has no head

@@ -320,6 +320,41 @@ fn the_first_append_of_a_log_killed_midway_is_started_again() {
     assert_eq!(all[1]["command"], "key create");
 }
 
+#[test]
+fn the_first_line_of_a_log_written_but_its_head_never_created() {
+    for step in ["kill-after=written", "kill-after=synced"] {
+        let c = Cli::new();
+        let out = logged(&c, LOG, &["audit", "init"], Some(step));
+        assert!(killed(&out), "{step}: {}", stderr(&out));
+        assert!(head_records(&c).is_empty(), "{step}");
+        let j = verify_ok(&c, LOG, step);
+        assert_eq!(j["entries"], 1);
+        assert!(
+            j["note"]
+                .as_str()
+                .unwrap()
+                .contains("before creating its HSM head record"),
+            "{j}"
+        );
+        ok(&c, &["key", "create", "k"]);
+        let j = verify_ok(&c, LOG, step);
+        assert_eq!(j["entries"], 2);
+        assert!(j["note"].is_null(), "{j}");
+        assert_eq!(head_records(&c).len(), 1, "{step}");
+    }
+    // Not where another log's head names the path: that file replaced the
+    // log that was there, and only `audit init` may start one there.
+    let c = session();
+    std::fs::rename(c.path(LOG), c.path("old.log")).unwrap();
+    let out = logged(&c, LOG, &["audit", "init"], Some("kill-after=synced"));
+    assert!(killed(&out), "{}", stderr(&out));
+    let out = logged(&c, LOG, &["verify", "a.txt.hseal"], None);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    ok(&c, &["audit", "init"]);
+    let j = verify_ok(&c, LOG, "rotated");
+    assert_eq!(j["entries"], 2);
+}
+
 /// The head record's value, `v1 <seq> <hash> <path>`.
 fn head_value(c: &Cli, label: &str) -> String {
     let mut cmd = pkcs11_tool(c);
