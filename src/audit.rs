@@ -780,7 +780,7 @@ pub fn append(
         // Nothing names this line yet: cut it off so no torn line stays.
         let _ = f.set_len(end).and_then(|_| f.sync_data());
         Error::io(format!(
-            "cannot write audit log {}: {e}; nothing was added to it, and it can be appended to once the cause is fixed",
+            "cannot write this run's entry to audit log {}: {e}; the log was cut back to where it ended before the entry, and takes the next one once the cause is fixed",
             path.display()
         ))
     };
