@@ -17,22 +17,33 @@
 //!   re-serialisation.
 //!
 //! Invariants:
-//! - A line never holds a secret or a plaintext value: only counts, key
-//!   names and versions, and an error message (which by the invariant of
-//!   `crate::error` holds neither).
+//! - A line never holds a secret, a plaintext value or a path: only counts,
+//!   key names and versions, and for a failed run the error's
+//!   path-free summary (`crate::error::Error::summary`).
 //! - Appending happens under an exclusive `flock` on the log, after checking
-//!   that the log's last line matches the HSM head; the head is updated after
-//!   the line is written and fsynced (the crash window between the two is
-//!   accepted by both the next append and `audit verify`).
+//!   that the log's end matches the HSM head. The head is updated only after
+//!   the line is written and fsynced, so it is at most one line behind (the
+//!   crash window, accepted by the next append and by `audit verify`); an
+//!   append that finds it behind brings it up to date before writing, so it
+//!   never falls two behind.
+//! - No torn line survives an append: a failed write is cut off again under
+//!   the lock, and a torn tail left by a kill, a crash or a full disk is
+//!   replaced by an `audit repair` entry at the next append. Only bytes the
+//!   head never named are removed (a complete authentic line lacking its
+//!   `\n` is completed instead), so repair cannot delete an authenticated
+//!   entry; cutting one short is refused as truncation.
+//! - Several head records for one log: the highest seq counts
+//!   ([`current_head`]); the next append leaves one.
 //! - The HSM part (key, MAC, head) is behind [`AuditBackend`]; the PKCS#11
-//!   implementation is in `crate::hsm::audit_key`.
+//!   implementation is in `crate::hsm::audit_key`. `faults` is a test hook,
+//!   inert unless its environment variable is set.
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
@@ -106,7 +117,8 @@ pub struct Record {
     pub bytes: u64,
     pub hsm_calls: u64,
     pub seconds: f64,
-    /// `ok`, `failed` (some items failed) or `error` (the run failed).
+    /// `ok`, `failed` (some items failed), `error` (the run failed),
+    /// `interrupted`, or `repaired` (an `audit repair` entry).
     pub result: &'static str,
     pub exit_code: i32,
     pub error: Option<String>,
@@ -147,12 +159,16 @@ struct Items {
 }
 
 /// One line, parsed and split into what the MAC covers and the MAC.
-struct Parsed {
+#[derive(Debug)]
+pub struct Parsed {
     log: String,
     seq: u64,
     prev: [u8; 32],
     signed_len: usize,
     mac: [u8; 32],
+    command: String,
+    bytes: u64,
+    error: Option<String>,
 }
 
 fn json_str(s: &str) -> String {
@@ -202,8 +218,10 @@ fn finish_line(signed: &str, mac: &[u8; 32]) -> String {
     format!("{signed},\"mac\":\"{}\"}}", hex(mac))
 }
 
-/// Splits and parses one line (without `\n`); `Err` says why it is not an entry.
-fn parse_line(line: &[u8]) -> std::result::Result<Parsed, String> {
+/// Splits and parses one line (without `\n`); `Err` says why it is not an
+/// entry. Checks the syntax only, never the MAC or the chain. (Public for
+/// the fuzz target of the line parser.)
+pub fn parse_line(line: &[u8]) -> std::result::Result<Parsed, String> {
     if line.len() > MAX_LINE {
         return Err(format!("longer than {MAX_LINE} bytes"));
     }
@@ -231,6 +249,9 @@ fn parse_line(line: &[u8]) -> std::result::Result<Parsed, String> {
         prev,
         signed_len,
         mac,
+        command: e.command,
+        bytes: e.bytes,
+        error: e.error,
     })
 }
 
@@ -255,36 +276,64 @@ fn flock(f: &File, exclusive: bool, path: &Path) -> Result<()> {
     }
 }
 
-/// The end of a log.
-enum Tail {
-    Empty,
-    /// The file does not end with `\n`: its last line was cut.
-    Incomplete,
-    /// The last line (without `\n`).
+/// The last complete line of a log.
+enum Last {
+    /// The file holds no `\n` at all.
+    None,
+    /// The last line ending in `\n` (without it).
     Line(Vec<u8>),
+    /// Longer than any line hsmseal writes.
+    TooLong,
 }
 
-/// Reads the last line by seeking from the end (never the whole file).
-fn read_tail(f: &mut File, path: &Path) -> Result<Tail> {
+/// The end of a log, as read under its lock.
+struct End {
+    /// The file's length.
+    len: u64,
+    /// Where the bytes after the last `\n` start (`len` if there are none).
+    torn_at: u64,
+    /// The bytes after the last `\n`: a line whose write was cut short (a
+    /// kill, a crash or a full disk), or something else; empty if the file
+    /// ends with `\n`. Longer than `MAX_LINE` if it is no line at all.
+    torn: Vec<u8>,
+    last: Last,
+}
+
+/// Reads the end of a log by seeking from the end (never the whole file):
+/// at most two lines' worth, enough for a torn line and the line before it.
+fn read_end(f: &mut File, path: &Path) -> Result<End> {
     let io = |e: std::io::Error| Error::io_at("cannot read audit log", path.display(), &e);
     let len = f.seek(SeekFrom::End(0)).map_err(io)?;
-    if len == 0 {
-        return Ok(Tail::Empty);
-    }
-    let want = len.min(MAX_LINE as u64 + 1);
-    f.seek(SeekFrom::Start(len - want)).map_err(io)?;
+    let window = 2 * (MAX_LINE as u64 + 1);
+    let want = len.min(window);
+    let base = len - want;
+    f.seek(SeekFrom::Start(base)).map_err(io)?;
     let mut buf = vec![0u8; want as usize];
     f.read_exact(&mut buf).map_err(io)?;
-    if buf.last() != Some(&b'\n') {
-        return Ok(Tail::Incomplete);
-    }
-    buf.pop();
-    match buf.iter().rposition(|&b| b == b'\n') {
-        Some(i) => Ok(Tail::Line(buf[i + 1..].to_vec())),
-        None if want == len => Ok(Tail::Line(buf)),
-        // Longer than any line hsmseal writes.
-        None => Ok(Tail::Incomplete),
-    }
+    let Some(nl) = buf.iter().rposition(|&b| b == b'\n') else {
+        // No `\n` at all: one unfinished line from the start (or, past
+        // the window, more than a line: `torn` is then over MAX_LINE).
+        let last = if base == 0 { Last::None } else { Last::TooLong };
+        return Ok(End {
+            len,
+            torn_at: base,
+            torn: buf,
+            last,
+        });
+    };
+    let torn = buf[nl + 1..].to_vec();
+    let before = &buf[..nl];
+    let last = match before.iter().rposition(|&b| b == b'\n') {
+        Some(i) => Last::Line(before[i + 1..].to_vec()),
+        None if base == 0 => Last::Line(before.to_vec()),
+        None => Last::TooLong,
+    };
+    Ok(End {
+        len,
+        torn_at: base + nl as u64 + 1,
+        torn,
+        last,
+    })
 }
 
 /// The absolute path a head records for `path` (which may not exist yet).
@@ -301,14 +350,6 @@ fn absolute(path: &Path) -> Result<String> {
     Ok(dir.join(name).to_string_lossy().into_owned())
 }
 
-/// Where the next entry goes.
-struct Next {
-    log_id: String,
-    seq: u64,
-    prev: [u8; 32],
-    new_log: bool,
-}
-
 fn tampered(path: &Path, what: &str) -> Error {
     Error::integrity(format!(
         "audit log {}: {what}; nothing was appended. Run `hsmseal audit verify {}`",
@@ -317,97 +358,342 @@ fn tampered(path: &Path, what: &str) -> Error {
     ))
 }
 
-/// Checks the end of the log against the HSM head and says where the next
-/// entry goes. `new_log_ok`: an empty log may start afresh even where the
-/// token remembers an older log (`audit init`).
-fn next_entry(
+/// Whether `torn` (bytes after the last `\n`) is a complete, authentic
+/// entry that lacks only its `\n` and carries on the chain after `last`:
+/// what a write cut short just before its final byte leaves. Such a line
+/// is completed, never removed.
+fn completes_chain(backend: &dyn AuditBackend, last: Option<&[u8]>, torn: &[u8]) -> Result<bool> {
+    let Ok(t) = parse_line(torn) else {
+        return Ok(false);
+    };
+    let chains = match last {
+        None => t.seq == 0 && t.prev == ZERO_HASH,
+        Some(l) => match parse_line(l) {
+            Ok(p) => p.log == t.log && p.seq.checked_add(1) == Some(t.seq) && t.prev == sha256(l),
+            Err(_) => false,
+        },
+    };
+    Ok(chains && backend.audit_check_mac(&torn[..t.signed_len], &t.mac)?)
+}
+
+/// Whether `line` (parsed as `p`), the only line of a log whose id has no
+/// head record, is that log's authentic first line in the crash window: a
+/// run killed after writing a new log's first line and before creating its
+/// head. Not if a head record of another log names this path (unless a new
+/// log may start here): the file would then have replaced that log.
+fn first_line_in_crash_window(
     backend: &dyn AuditBackend,
-    tail: Tail,
+    line: &[u8],
+    p: &Parsed,
+    abs: &str,
+    new_log_ok: bool,
+) -> Result<bool> {
+    Ok(p.seq == 0
+        && p.prev == ZERO_HASH
+        && (new_log_ok || backend.audit_heads_for_path(abs)?.is_empty())
+        && backend.audit_check_mac(&line[..p.signed_len], &p.mac)?)
+}
+
+/// What the next append must do to the end of the file before its line.
+enum Fix {
+    None,
+    /// The last line is complete and authentic but lacks its `\n`: add it.
+    Complete,
+    /// The file ends with an incomplete line (a write cut short by a kill,
+    /// a crash or a full disk, whose line the HSM head never named): it is
+    /// replaced by an `audit repair` entry recording its length and hash.
+    Remove(Vec<u8>),
+}
+
+/// Where and how the next entries go; made under the log's lock.
+struct Plan {
+    log_id: String,
+    /// seq and prev of the next line written (a repair entry or the run's).
+    seq: u64,
+    prev: [u8; 32],
+    new_log: bool,
+    fix: Fix,
+    /// The head, one entry behind the last line (the crash window), as it
+    /// must be before anything is written: brought up to date first, so it
+    /// is never two lines behind whatever happens next.
+    catch_up: Option<Head>,
+    /// The file's length and where its torn tail (if any) starts.
+    len: u64,
+    torn_at: u64,
+}
+
+/// Checks the end of the log against the HSM head and says what the next
+/// append does. `new_log_ok`: a log with no complete line may start afresh
+/// even where the token remembers an older log at this path (`audit init`).
+///
+/// A torn tail (bytes after the last `\n`) is accepted for removal only if
+/// it is at most one line long, is not a complete authentic line that
+/// carries on the chain (that one is completed instead), and the complete
+/// lines before it match the head: the HSM never named it, so removing it
+/// removes nothing that was ever part of the authenticated log. Cutting an
+/// authenticated line short leaves the head past the last complete line,
+/// which is refused as truncation.
+fn plan(
+    backend: &dyn AuditBackend,
+    end: End,
     path: &Path,
     abs: &str,
     new_log_ok: bool,
-) -> Result<Next> {
-    let line = match tail {
-        Tail::Empty => {
+) -> Result<Plan> {
+    let End {
+        len,
+        torn_at,
+        torn,
+        mut last,
+    } = end;
+    let mut fix = Fix::None;
+    if !torn.is_empty() {
+        if torn.len() > MAX_LINE {
+            return Err(tampered(
+                path,
+                &format!("it ends with more than {MAX_LINE} bytes without a newline, which no interrupted append leaves"),
+            ));
+        }
+        let before = match &last {
+            Last::Line(l) => Some(l.as_slice()),
+            Last::None => None,
+            Last::TooLong => {
+                return Err(tampered(
+                    path,
+                    "its last complete line is longer than any line hsmseal writes",
+                ))
+            }
+        };
+        if completes_chain(backend, before, &torn)? {
+            last = Last::Line(torn);
+            fix = Fix::Complete;
+        } else {
+            fix = Fix::Remove(torn);
+        }
+    }
+    let torn_note = if matches!(fix, Fix::Remove(_)) {
+        " (and it ends with an incomplete line)"
+    } else {
+        ""
+    };
+    let line = match last {
+        Last::None => {
             if !new_log_ok {
                 if let Some((id, head)) = backend.audit_heads_for_path(abs)?.into_iter().next() {
                     return Err(tampered(
                         path,
                         &format!(
-                            "the log is missing or empty, but the HSM's head record says log {id} there had {} entries (it was deleted or truncated). `hsmseal audit init` starts a new log once you have investigated",
+                            "the log is missing or holds no complete entry{torn_note}, but the HSM's head record says log {id} there had {} entries (it was deleted or truncated). `hsmseal audit init` starts a new log once you have investigated",
                             head.seq + 1
                         ),
                     ));
                 }
             }
-            return Ok(Next {
+            return Ok(Plan {
                 log_id: new_log_id(),
                 seq: 0,
                 prev: ZERO_HASH,
                 new_log: true,
+                fix,
+                catch_up: None,
+                len,
+                torn_at,
             });
         }
-        Tail::Incomplete => {
+        Last::TooLong => {
             return Err(tampered(
                 path,
-                "its last line is incomplete (truncated, or a write was interrupted)",
+                "its last line is longer than any line hsmseal writes",
             ))
         }
-        Tail::Line(l) => l,
+        Last::Line(l) => l,
     };
-    let p = parse_line(&line)
-        .map_err(|why| tampered(path, &format!("its last line is not a valid entry ({why})")))?;
-    let head = backend.audit_head(&p.log)?.ok_or_else(|| {
+    let p = parse_line(&line).map_err(|why| {
         tampered(
             path,
-            &format!("the HSM holds no head record for log {}", p.log),
+            &format!("its last complete line is not a valid entry ({why}){torn_note}"),
         )
     })?;
     let hash = sha256(&line);
-    let matches = if head.seq == p.seq {
-        head.hash == hash
-    } else if head.seq.checked_add(1) == Some(p.seq) {
+    let Some(head) = backend.audit_head(&p.log)? else {
+        if first_line_in_crash_window(backend, &line, &p, abs, new_log_ok)? {
+            // A new log's first line, written, its head never created (a
+            // kill in between): create it before anything else.
+            return Ok(Plan {
+                log_id: p.log,
+                seq: 1,
+                prev: hash,
+                new_log: true,
+                fix,
+                catch_up: Some(Head {
+                    seq: 0,
+                    hash,
+                    path: abs.to_string(),
+                }),
+                len,
+                torn_at,
+            });
+        }
+        return Err(tampered(
+            path,
+            &format!("the HSM holds no head record for log {}", p.log),
+        ));
+    };
+    let catch_up = if head.seq == p.seq && head.hash == hash {
+        None
+    } else if head.seq.checked_add(1) == Some(p.seq)
+        && head.hash == p.prev
         // The crash window: the line was written, the head not yet updated.
         // Accept it only if the line is authentic and chains onto the head.
-        head.hash == p.prev && backend.audit_check_mac(&line[..p.signed_len], &p.mac)?
-    } else {
-        false
-    };
-    if !matches {
+        && backend.audit_check_mac(&line[..p.signed_len], &p.mac)?
+    {
+        Some(Head {
+            seq: p.seq,
+            hash,
+            path: abs.to_string(),
+        })
+    } else if head.seq > p.seq && !torn_note.is_empty() {
         return Err(tampered(
             path,
             &format!(
-                "its last line (seq {}) does not match the HSM's head record (seq {}): the log was edited or truncated",
+                "it ends with an incomplete line, and the HSM's head record (seq {}) is past its last complete line (seq {}): an authenticated entry was cut short or cut off (truncated)",
+                head.seq, p.seq
+            ),
+        ));
+    } else {
+        return Err(tampered(
+            path,
+            &format!(
+                "its last line (seq {}) does not match the HSM's head record (seq {}): the log was edited or truncated{torn_note}",
                 p.seq, head.seq
             ),
         ));
-    }
-    Ok(Next {
+    };
+    Ok(Plan {
         log_id: p.log,
         seq: p.seq + 1,
         prev: hash,
         new_log: false,
+        fix,
+        catch_up,
+        len,
+        torn_at,
     })
 }
 
 /// Before a command runs: fails if the log could not be appended to
-/// (tampered, no audit key), so no work is done without an audit trail.
+/// (tampered, no audit key), so no work is done without an audit trail. A
+/// torn tail the next append will repair does not stop it.
 pub fn check(backend: &dyn AuditBackend, path: &Path) -> Result<()> {
     backend.check_audit_key()?;
     let abs = absolute(path)?;
-    let tail = match File::open(path) {
+    let end = match File::open(path) {
         Ok(mut f) => {
             flock(&f, false, path)?;
-            read_tail(&mut f, path)?
+            read_end(&mut f, path)?
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Tail::Empty,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => End {
+            len: 0,
+            torn_at: 0,
+            torn: Vec::new(),
+            last: Last::None,
+        },
         Err(e) => return Err(Error::io_at("cannot open audit log", path.display(), &e)),
     };
-    next_entry(backend, tail, path, &abs, false).map(|_| ())
+    plan(backend, end, path, &abs, false).map(|_| ())
+}
+
+/// The complete line (without `\n`) of entry `seq` for `record`, MAC from
+/// the HSM. A run that used so many key versions that the line would pass
+/// `MAX_LINE` lists as many as fit and then `+N more`.
+fn entry_line(
+    backend: &dyn AuditBackend,
+    log_id: &str,
+    seq: u64,
+    prev: &[u8; 32],
+    record: &Record,
+) -> Result<String> {
+    let (time, user, host) = (
+        crate::hsm::keys::rfc3339(crate::hsm::keys::now_unix()),
+        os_user(),
+        host_name(),
+    );
+    let build = |r: &Record| {
+        signed_part(
+            log_id,
+            seq,
+            &time,
+            &user,
+            &host,
+            std::process::id(),
+            r,
+            prev,
+        )
+    };
+    let mut signed = build(record);
+    let mut keep = record.keys.len();
+    while signed.len() + MAC_SUFFIX_LEN > MAX_LINE && keep > 0 {
+        keep /= 2;
+        let mut r = record.clone();
+        r.keys.truncate(keep);
+        r.keys.push(format!("+{} more", record.keys.len() - keep));
+        signed = build(&r);
+    }
+    let mac = backend.audit_mac(signed.as_bytes())?;
+    Ok(finish_line(&signed, &mac))
+}
+
+/// The `audit repair` entry that replaces a torn tail.
+fn repair_record(torn: &[u8]) -> Record {
+    Record {
+        command: REPAIR_COMMAND.to_string(),
+        bytes: torn.len() as u64,
+        result: "repaired",
+        error: Some(format!(
+            "removed an incomplete line of {} bytes (SHA-256 {}) left by an interrupted append (kill, crash or full disk); the HSM's head record never named it",
+            torn.len(),
+            hex(&sha256(torn))
+        )),
+        ..Default::default()
+    }
+}
+
+/// `command` of the entry that records the removal of a torn tail.
+pub const REPAIR_COMMAND: &str = "audit repair";
+
+fn write_error(path: &Path, e: &std::io::Error) -> Error {
+    Error::io_at("cannot write audit log", path.display(), e)
+}
+
+/// `fsync` of the directory holding a new log, so its name is durable.
+fn sync_dir(abs: &str) {
+    if let Some(dir) = Path::new(abs).parent() {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
 }
 
 /// Appends one entry for `record`; returns its seq. `new_log_ok`: see
-/// [`next_entry`].
+/// [`plan`].
+///
+/// Every step leaves a log the next append accepts, whatever kills the
+/// process after it (the `kill_point` names, tested in
+/// tests/cli_audit_faults.rs):
+/// `locked`, `checked` — nothing written yet;
+/// `completed` — a line that lacked only its `\n` got it;
+/// `head-caught-up` — a head one behind was brought up to the last line;
+/// `repair-written`, `repair-synced` — a torn tail replaced by an `audit
+/// repair` entry (the head one behind it: the crash window), possibly
+/// followed by the rest of the torn bytes (torn again, repaired again);
+/// `repair-head` — the head names the repair entry;
+/// `torn-write` — half of this run's line written (a torn tail);
+/// `written`, `synced` — the line is there, the head one behind;
+/// `head-created` (replacement only) — two head records, the higher counts;
+/// `head-set` — done.
+/// A write that fails (`ENOSPC`) is undone under the lock: the file is cut
+/// back to its old length, so no torn line is left behind; if even that
+/// fails, the torn tail is repaired by the next append.
 pub fn append(
     backend: &dyn AuditBackend,
     path: &Path,
@@ -416,50 +702,172 @@ pub fn append(
 ) -> Result<u64> {
     backend.check_audit_key()?;
     let abs = absolute(path)?;
+    // Not O_APPEND: every write goes at an offset read under the lock, so a
+    // torn tail can be overwritten in place and a failed write cut off.
     let mut f = OpenOptions::new()
         .read(true)
-        .append(true)
+        .write(true)
         .create(true)
+        .truncate(false)
         .mode(0o600)
         .open(path)
         .map_err(|e| Error::io_at("cannot open audit log", path.display(), &e))?;
     flock(&f, true, path)?;
-    let tail = read_tail(&mut f, path)?;
-    let next = next_entry(backend, tail, path, &abs, new_log_ok)?;
-    let signed = signed_part(
-        &next.log_id,
-        next.seq,
-        &crate::hsm::keys::rfc3339(crate::hsm::keys::now_unix()),
-        &os_user(),
-        &host_name(),
-        std::process::id(),
-        record,
-        &next.prev,
-    );
-    let mac = backend.audit_mac(signed.as_bytes())?;
-    let line = finish_line(&signed, &mac);
+    faults::kill_point("locked");
+    let end = read_end(&mut f, path)?;
+    let mut plan = plan(backend, end, path, &abs, new_log_ok)?;
+    faults::kill_point("checked");
+    let mut end = plan.len;
+    if let Fix::Complete = plan.fix {
+        f.write_all_at(b"\n", end)
+            .and_then(|_| f.sync_data())
+            .map_err(|e| write_error(path, &e))?;
+        end += 1;
+        faults::kill_point("completed");
+    }
+    if let Some(head) = plan.catch_up.take() {
+        backend.set_audit_head(&plan.log_id, &head)?;
+        faults::kill_point("head-caught-up");
+    }
+    if let Fix::Remove(torn) = &plan.fix {
+        let line = entry_line(
+            backend,
+            &plan.log_id,
+            plan.seq,
+            &plan.prev,
+            &repair_record(torn),
+        )?;
+        let mut bytes = line.clone().into_bytes();
+        bytes.push(b'\n');
+        if let Err(e) = f.write_all_at(&bytes, plan.torn_at) {
+            // Put the torn bytes back where they were (that space is still
+            // allocated), so the next repair records what the crash left.
+            let _ = f
+                .write_all_at(torn, plan.torn_at)
+                .and_then(|_| f.set_len(end))
+                .and_then(|_| f.sync_data());
+            return Err(write_error(path, &e));
+        }
+        faults::kill_point("repair-written");
+        let new_end = plan.torn_at + bytes.len() as u64;
+        if end > new_end {
+            f.set_len(new_end).map_err(|e| write_error(path, &e))?;
+        }
+        f.sync_data().map_err(|e| write_error(path, &e))?;
+        faults::kill_point("repair-synced");
+        if plan.new_log {
+            sync_dir(&abs);
+            plan.new_log = false;
+        }
+        let hash = sha256(line.as_bytes());
+        backend.set_audit_head(
+            &plan.log_id,
+            &Head {
+                seq: plan.seq,
+                hash,
+                path: abs.clone(),
+            },
+        )?;
+        faults::kill_point("repair-head");
+        plan.seq += 1;
+        plan.prev = hash;
+        end = new_end;
+    }
+    let line = entry_line(backend, &plan.log_id, plan.seq, &plan.prev, record)?;
     let mut bytes = line.clone().into_bytes();
     bytes.push(b'\n');
-    // One write of the whole line (O_APPEND), then fsync.
-    f.write_all(&bytes)
-        .and_then(|_| f.sync_data())
-        .map_err(|e| Error::io_at("cannot write audit log", path.display(), &e))?;
-    if next.new_log {
-        if let Some(dir) = Path::new(&abs).parent() {
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
+    let undo = |f: &File, e: std::io::Error| {
+        // Nothing names this line yet: cut it off so no torn line stays.
+        let _ = f.set_len(end).and_then(|_| f.sync_data());
+        Error::io(format!(
+            "cannot write this run's entry to audit log {}: {e}; the log was cut back to where it ended before the entry, and takes the next one once the cause is fixed",
+            path.display()
+        ))
+    };
+    if faults::active("torn-write") {
+        let _ = f.write_all_at(&bytes[..bytes.len() / 2], end);
+        faults::kill_point("torn-write");
+    }
+    f.write_all_at(&bytes, end).map_err(|e| undo(&f, e))?;
+    faults::kill_point("written");
+    f.sync_data().map_err(|e| undo(&f, e))?;
+    faults::kill_point("synced");
+    if plan.new_log {
+        sync_dir(&abs);
     }
     backend.set_audit_head(
-        &next.log_id,
+        &plan.log_id,
         &Head {
-            seq: next.seq,
+            seq: plan.seq,
             hash: sha256(line.as_bytes()),
             path: abs,
         },
     )?;
-    Ok(next.seq)
+    faults::kill_point("head-set");
+    Ok(plan.seq)
+}
+
+/// Fault injection for the tests of the append's crash safety: a test hook,
+/// compiled in but inert unless `HSMSEAL_TEST_AUDIT_FAULTS` is set (never
+/// in real use). It only ever kills its own process at a step of an append
+/// (what `kill -9` or a power cut there would do) or takes the
+/// head-replacement path a token that refuses `C_SetAttributeValue` takes;
+/// it weakens no check. Values, comma-separated: `kill-after=STEP` (STEP as
+/// listed at [`append`]), `replace-head`.
+pub mod faults {
+    use std::sync::OnceLock;
+
+    /// The environment variable of the test hook.
+    pub const ENV: &str = "HSMSEAL_TEST_AUDIT_FAULTS";
+
+    fn spec() -> &'static str {
+        static SPEC: OnceLock<String> = OnceLock::new();
+        SPEC.get_or_init(|| std::env::var(ENV).unwrap_or_default())
+    }
+
+    /// Whether the hook asks to kill the process after `step`.
+    pub fn active(step: &str) -> bool {
+        spec()
+            .split(',')
+            .any(|f| f.trim().strip_prefix("kill-after=") == Some(step))
+    }
+
+    /// SIGKILLs this process if the hook names `step`.
+    pub fn kill_point(step: &str) {
+        if active(step) {
+            // SAFETY: kill(2) on our own pid; SIGKILL cannot be caught, so
+            // nothing after this runs.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
+    }
+
+    /// Whether head records are to be replaced rather than updated.
+    pub fn replace_head() -> bool {
+        spec().split(',').any(|f| f.trim() == "replace-head")
+    }
+}
+
+/// Which of several head records of one log counts: the one with the
+/// highest seq. Heads only move forward, and a record is only created by
+/// someone holding the token's PIN, so a lower one is stale — left by a
+/// replacement killed between creating the new record and destroying the
+/// old. Not "the one that matches the log": with a stale record present,
+/// cutting the last line off would then go unnoticed. Two records at the
+/// same seq that disagree are refused (`Err` says why).
+pub fn current_head(heads: Vec<Head>) -> std::result::Result<Option<Head>, String> {
+    let Some(top) = heads.iter().map(|h| h.seq).max() else {
+        return Ok(None);
+    };
+    let mut at_top = heads.into_iter().filter(|h| h.seq == top);
+    let first = at_top.next().expect("the max exists");
+    if at_top.any(|h| h.hash != first.hash) {
+        return Err(format!(
+            "several head records hold seq {top} with different line hashes"
+        ));
+    }
+    Ok(Some(first))
 }
 
 // ---- verification ----
@@ -512,8 +920,23 @@ pub struct VerifyReport {
     pub head_seq: Option<u64>,
     pub intact: bool,
     pub problem: Option<Problem>,
-    /// Something worth knowing that is not tampering (the crash window).
+    /// Something worth knowing that is not tampering: the crash window, a
+    /// torn last line the next append repairs.
     pub note: Option<String>,
+    /// The `audit repair` entries among the intact lines.
+    pub repairs: Vec<Repair>,
+}
+
+/// An `audit repair` entry: an earlier append was cut short and the next
+/// one removed its incomplete line (docs/FORMAT.md 7.5).
+#[derive(Debug, Clone, Serialize)]
+pub struct Repair {
+    /// 1-based line number of the repair entry.
+    pub line: usize,
+    /// Length of the incomplete line that was removed.
+    pub bytes: u64,
+    /// The entry's description (length and SHA-256 of what was removed).
+    pub detail: String,
 }
 
 fn problem(line: usize, kind: ProblemKind, message: String) -> Option<Problem> {
@@ -539,6 +962,7 @@ pub fn verify(backend: &dyn AuditBackend, path: &Path) -> Result<VerifyReport> {
         intact: false,
         problem: None,
         note: None,
+        repairs: Vec::new(),
     };
     let data = match fs::read(path) {
         Ok(d) => d,
@@ -560,13 +984,31 @@ pub fn verify(backend: &dyn AuditBackend, path: &Path) -> Result<VerifyReport> {
         Err(e) => return Err(Error::io_at("cannot read audit log", path.display(), &e)),
     };
     let mut lines: Vec<&[u8]> = data.split(|&b| b == b'\n').collect();
-    // After the final `\n` comes an empty piece; anything else was cut.
-    let incomplete = !lines.last().is_some_and(|l| l.is_empty());
-    if !incomplete {
-        lines.pop();
+    // After the final `\n` comes an empty piece; anything else is a line
+    // whose write was cut short (or bytes that are no line at all).
+    let mut torn: &[u8] = lines.pop().unwrap_or_default();
+    let mut notes: Vec<String> = Vec::new();
+    if !torn.is_empty()
+        && torn.len() <= MAX_LINE
+        && completes_chain(backend, lines.last().copied(), torn)?
+    {
+        lines.push(torn);
+        torn = &[];
+        notes.push(format!(
+            "line {} lacks its final newline (its write was cut short just before it); the next append adds it",
+            lines.len()
+        ));
     }
     if lines.is_empty() {
         let abs = absolute(path)?;
+        let what = if torn.is_empty() {
+            "the log is empty".to_string()
+        } else {
+            format!(
+                "the log holds no complete entry, only an incomplete line of {} bytes",
+                torn.len()
+            )
+        };
         let had = backend
             .audit_heads_for_path(&abs)?
             .into_iter()
@@ -577,8 +1019,14 @@ pub fn verify(backend: &dyn AuditBackend, path: &Path) -> Result<VerifyReport> {
                     h.seq + 1
                 )
             })
-            .unwrap_or_else(|| " (every log starts with one entry)".to_string());
-        report.problem = problem(1, ProblemKind::Truncated, format!("the log is empty{had}"));
+            .unwrap_or_else(|| {
+                if torn.is_empty() {
+                    " (every log starts with one entry)".to_string()
+                } else {
+                    " (an interrupted first append leaves this; the next logged command starts a new log)".to_string()
+                }
+            });
+        report.problem = problem(1, ProblemKind::Truncated, format!("{what}{had}"));
         return Ok(report);
     }
     let parsed: Vec<std::result::Result<Parsed, String>> =
@@ -588,14 +1036,6 @@ pub fn verify(backend: &dyn AuditBackend, path: &Path) -> Result<VerifyReport> {
     let mut log_id: Option<String> = None;
     for i in 0..n {
         let no = i + 1;
-        if incomplete && i == n - 1 {
-            report.problem = problem(
-                no,
-                ProblemKind::Truncated,
-                "incomplete: the log was cut in the middle of this line".to_string(),
-            );
-            return Ok(report);
-        }
         let p = match &parsed[i] {
             Ok(p) => p,
             Err(why) => {
@@ -620,6 +1060,13 @@ pub fn verify(backend: &dyn AuditBackend, path: &Path) -> Result<VerifyReport> {
             }
             expected_prev = sha256(lines[i]);
             report.entries = no;
+            if p.command == REPAIR_COMMAND {
+                report.repairs.push(Repair {
+                    line: no,
+                    bytes: p.bytes,
+                    detail: p.error.clone().unwrap_or_default(),
+                });
+            }
             continue;
         }
         let (kind, why) = classify(
@@ -639,6 +1086,18 @@ pub fn verify(backend: &dyn AuditBackend, path: &Path) -> Result<VerifyReport> {
     let id = log_id.expect("at least one intact line");
     let last = parsed[n - 1].as_ref().expect("intact");
     let Some(head) = backend.audit_head(&id)? else {
+        if n == 1
+            && torn.len() <= MAX_LINE
+            && first_line_in_crash_window(backend, lines[0], last, &absolute(path)?, false)?
+        {
+            notes.push("the log's first entry was written but the run was killed before creating its HSM head record; the next append creates it".to_string());
+            if !torn.is_empty() {
+                notes.push(torn_note(n, torn.len()));
+            }
+            report.intact = true;
+            report.note = Some(notes.join("; "));
+            return Ok(report);
+        }
         report.problem = problem(
             n,
             ProblemKind::NoHead,
@@ -660,6 +1119,18 @@ pub fn verify(backend: &dyn AuditBackend, path: &Path) -> Result<VerifyReport> {
             );
             return Ok(report);
         }
+    } else if head.seq > last.seq && !torn.is_empty() {
+        report.problem = problem(
+            n + 1,
+            ProblemKind::Truncated,
+            format!(
+                "line {} is incomplete, and the HSM's head record is at seq {} while the last complete line is seq {}: the log was cut in the middle of an authenticated entry (truncated)",
+                n + 1,
+                head.seq,
+                last.seq
+            ),
+        );
+        return Ok(report);
     } else if head.seq > last.seq {
         let cut = head.seq - last.seq;
         report.problem = problem(
@@ -674,8 +1145,8 @@ pub fn verify(backend: &dyn AuditBackend, path: &Path) -> Result<VerifyReport> {
             ),
         );
         return Ok(report);
-    } else if head.seq + 1 == last.seq && head.hash == last.prev {
-        report.note = Some(format!(
+    } else if head.seq.checked_add(1) == Some(last.seq) && head.hash == last.prev {
+        notes.push(format!(
             "the HSM's head record is one entry behind (a run was interrupted between writing line {n} and updating the head); the next append updates it"
         ));
     } else {
@@ -690,8 +1161,27 @@ pub fn verify(backend: &dyn AuditBackend, path: &Path) -> Result<VerifyReport> {
         );
         return Ok(report);
     }
+    if torn.len() > MAX_LINE {
+        report.problem = problem(
+            n + 1,
+            ProblemKind::Inserted,
+            format!("more than {MAX_LINE} bytes without a newline after the last entry: not an entry, and more than an interrupted append leaves (inserted)"),
+        );
+        return Ok(report);
+    }
+    if !torn.is_empty() {
+        notes.push(torn_note(n, torn.len()));
+    }
     report.intact = true;
+    report.note = (!notes.is_empty()).then(|| notes.join("; "));
     Ok(report)
+}
+
+fn torn_note(n: usize, len: usize) -> String {
+    format!(
+        "line {} is an incomplete line of {len} bytes, not an entry: an append was cut short (kill, crash or full disk) before its line was complete and before the HSM's head record named it; nothing authenticated is missing, and the next append replaces it with an `{REPAIR_COMMAND}` entry",
+        n + 1
+    )
 }
 
 /// A log written under another token's audit key: the token has no head
@@ -1172,5 +1662,192 @@ mod tests {
         assert_eq!(Head::decode(&h.encode()), Some(h.clone()));
         assert_eq!(Head::decode(b"v2 1 00"), None);
         assert_eq!(Head::decode(b"v1 -1 00"), None);
+    }
+
+    fn log_id_of(m: &Memory) -> String {
+        m.heads.lock().unwrap().keys().next().unwrap().clone()
+    }
+
+    fn append_bytes(p: &Path, b: &[u8]) {
+        let mut f = OpenOptions::new().append(true).open(p).unwrap();
+        std::io::Write::write_all(&mut f, b).unwrap();
+    }
+
+    /// Line `i` (0-based) of the log, without its `\n`.
+    fn line_of(p: &Path, i: usize) -> Vec<u8> {
+        fs::read(p)
+            .unwrap()
+            .split(|&b| b == b'\n')
+            .nth(i)
+            .unwrap()
+            .to_vec()
+    }
+
+    #[test]
+    fn a_torn_tail_is_repaired_by_the_next_append_and_the_repair_is_logged() {
+        let (m, _d, p) = log_of(3);
+        let before = fs::read(&p).unwrap();
+        // What a write cut short by a kill or a full disk leaves: the start
+        // of the next line, no `\n`, the head still naming line 3.
+        let torn = b"{\"v\":1,\"log\":\"0123456789abcdef\",\"seq\":3,\"ti";
+        append_bytes(&p, torn);
+        let r = verify(&m, &p).unwrap();
+        assert!(r.intact && r.entries == 3, "{r:?}");
+        let note = r.note.unwrap();
+        assert!(
+            note.contains("line 4 is an incomplete line of 43 bytes"),
+            "{note}"
+        );
+        check(&m, &p).unwrap();
+        assert_eq!(append(&m, &p, &rec("next"), false).unwrap(), 4);
+        let after = fs::read(&p).unwrap();
+        assert!(after.starts_with(&before) && after.ends_with(b"\n"));
+        assert!(!after.windows(torn.len()).any(|w| w == torn));
+        let r = verify(&m, &p).unwrap();
+        assert!(r.intact && r.note.is_none() && r.entries == 5, "{r:?}");
+        assert_eq!(r.repairs.len(), 1);
+        assert_eq!((r.repairs[0].line, r.repairs[0].bytes), (4, 43));
+        assert!(
+            r.repairs[0].detail.contains(&hex(&sha256(torn))),
+            "{:?}",
+            r.repairs[0]
+        );
+        let v: serde_json::Value = serde_json::from_slice(&line_of(&p, 3)).unwrap();
+        assert_eq!(v["command"], REPAIR_COMMAND);
+        assert_eq!(v["result"], "repaired");
+        assert_eq!(v["seq"], 3);
+        // The head names the run's own line.
+        let id = log_id_of(&m);
+        assert_eq!(m.heads.lock().unwrap()[&id].seq, 4);
+    }
+
+    #[test]
+    fn a_torn_tail_after_the_crash_window_and_junk_are_repaired_too() {
+        // Head one behind (a run killed after its fsync), then a torn tail.
+        let (m, _d, p) = log_of(3);
+        let id = log_id_of(&m);
+        let behind = Head {
+            seq: 1,
+            hash: sha256(&line_of(&p, 1)),
+            path: absolute(&p).unwrap(),
+        };
+        m.set_audit_head(&id, &behind).unwrap();
+        append_bytes(&p, b"junk that is not a line");
+        let r = verify(&m, &p).unwrap();
+        assert!(r.intact, "{r:?}");
+        let note = r.note.unwrap();
+        assert!(
+            note.contains("one entry behind") && note.contains("incomplete"),
+            "{note}"
+        );
+        assert_eq!(append(&m, &p, &rec("next"), false).unwrap(), 4);
+        let r = verify(&m, &p).unwrap();
+        assert!(r.intact && r.note.is_none() && r.entries == 5, "{r:?}");
+        assert_eq!(r.repairs.len(), 1);
+    }
+
+    #[test]
+    fn a_line_missing_only_its_newline_is_completed_not_removed() {
+        let (m, _d, p) = log_of(3);
+        let id = log_id_of(&m);
+        let full = fs::read(&p).unwrap();
+        // Cut short just before the `\n`, in the crash window (head behind)
+        // and after the head was set: both times the line is kept.
+        for behind in [true, false] {
+            fs::write(&p, &full[..full.len() - 1]).unwrap();
+            if behind {
+                let h = Head {
+                    seq: 1,
+                    hash: sha256(&line_of(&p, 1)),
+                    path: absolute(&p).unwrap(),
+                };
+                m.set_audit_head(&id, &h).unwrap();
+            }
+            let r = verify(&m, &p).unwrap();
+            assert!(r.intact && r.entries == 3, "{r:?}");
+            assert!(r.note.unwrap().contains("lacks its final newline"));
+            check(&m, &p).unwrap();
+            assert_eq!(append(&m, &p, &rec("next"), false).unwrap(), 3);
+            let r = verify(&m, &p).unwrap();
+            assert!(r.intact && r.note.is_none() && r.entries == 4, "{r:?}");
+            assert!(r.repairs.is_empty());
+            assert!(fs::read(&p).unwrap().starts_with(&full));
+            fs::write(&p, &full).unwrap();
+            let h = Head {
+                seq: 2,
+                hash: sha256(&line_of(&p, 2)),
+                path: absolute(&p).unwrap(),
+            };
+            m.set_audit_head(&id, &h).unwrap();
+        }
+    }
+
+    #[test]
+    fn repair_cannot_delete_an_authenticated_line() {
+        let (m, _d, p) = log_of(3);
+        let full = fs::read(&p).unwrap();
+        let last_len = line_of(&p, 2).len();
+        // The last line, which the head names, cut short by any amount:
+        // that is truncation, never a torn tail to remove.
+        for cut in [2, 10, last_len / 2, last_len] {
+            fs::write(&p, &full[..full.len() - cut]).unwrap();
+            assert_eq!(
+                problem_of(&m, &p),
+                Some((3, ProblemKind::Truncated)),
+                "cut {cut}"
+            );
+            let e = check(&m, &p).unwrap_err();
+            assert_eq!(e.kind(), crate::error::ErrorKind::Integrity, "{e}");
+            let e = append(&m, &p, &rec("x"), false).unwrap_err();
+            assert_eq!(e.kind(), crate::error::ErrorKind::Integrity, "{e}");
+            assert_eq!(fs::read(&p).unwrap(), &full[..full.len() - cut]);
+        }
+        // An authenticated earlier line appended without its `\n`: it does
+        // not carry on the chain, so it is junk to the repair, which records
+        // its hash; nothing before it changes.
+        fs::write(&p, &full).unwrap();
+        let copy = line_of(&p, 1);
+        append_bytes(&p, &copy);
+        append(&m, &p, &rec("x"), false).unwrap();
+        let r = verify(&m, &p).unwrap();
+        assert!(r.intact && r.entries == 5, "{r:?}");
+        assert!(r.repairs[0].detail.contains(&hex(&sha256(&copy))));
+        assert!(fs::read(&p).unwrap().starts_with(&full));
+        // More than a line without a `\n` is no torn line.
+        let (m, _d, p) = log_of(3);
+        append_bytes(&p, &vec![b'x'; MAX_LINE + 1]);
+        assert_eq!(problem_of(&m, &p), Some((4, ProblemKind::Inserted)));
+        assert!(check(&m, &p).is_err());
+        assert!(append(&m, &p, &rec("x"), false).is_err());
+    }
+
+    #[test]
+    fn the_current_head_is_the_highest() {
+        let h = |seq, b| Head {
+            seq,
+            hash: [b; 32],
+            path: "/l".into(),
+        };
+        assert_eq!(current_head(vec![]), Ok(None));
+        assert_eq!(current_head(vec![h(4, 1), h(5, 2)]), Ok(Some(h(5, 2))));
+        assert_eq!(current_head(vec![h(5, 2), h(4, 1)]), Ok(Some(h(5, 2))));
+        assert_eq!(current_head(vec![h(5, 2), h(5, 2)]), Ok(Some(h(5, 2))));
+        assert!(current_head(vec![h(5, 2), h(5, 3), h(1, 1)]).is_err());
+    }
+
+    #[test]
+    fn a_run_with_too_many_keys_still_gets_one_line() {
+        let (m, _d, p) = log_of(1);
+        let mut r = rec("many");
+        r.keys = (0..10_000).map(|i| format!("key-{i:05} v1")).collect();
+        append(&m, &p, &r, false).unwrap();
+        let line = line_of(&p, 1);
+        assert!(line.len() <= MAX_LINE, "{}", line.len());
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        let keys = v["keys"].as_array().unwrap();
+        let kept = keys.len() - 1;
+        assert!(kept > 100, "{kept}");
+        assert_eq!(keys[kept], format!("+{} more", 10_000 - kept));
+        assert_eq!(problem_of(&m, &p), None);
     }
 }

@@ -18,6 +18,7 @@ Exit codes:
   6    PIN error: wrong or missing PIN (a wrong PIN is never retried)
   7    I/O error
   8    input is not in the expected format
+  9    the work was done, but its audit entry could not be written (e.g. full disk)
   130  interrupted by SIGINT (143: SIGTERM); temporary files are removed
   141  stdout was closed by its reader (e.g. `| head`); stopped quietly";
 

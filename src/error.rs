@@ -29,6 +29,10 @@ pub enum ErrorKind {
     Format,
     /// The run was interrupted by a signal.
     Interrupted,
+    /// The work was done, but its audit entry could not be written (full
+    /// disk, a log changed meanwhile, the HSM unreachable): the caller must
+    /// not take it for a failure to redo, nor for an audited success.
+    Unaudited,
 }
 
 impl ErrorKind {
@@ -44,6 +48,22 @@ impl ErrorKind {
             ErrorKind::Io => 7,
             ErrorKind::Format => 8,
             ErrorKind::Interrupted => 130,
+            ErrorKind::Unaudited => 9,
+        }
+    }
+
+    /// A fixed phrase for this kind (the README's exit code table).
+    pub fn describe(self) -> &'static str {
+        match self {
+            ErrorKind::Usage => "usage or configuration error",
+            ErrorKind::Integrity => "authentication failed",
+            ErrorKind::Key => "key error",
+            ErrorKind::Token => "token error",
+            ErrorKind::Pin => "PIN error",
+            ErrorKind::Io => "I/O error",
+            ErrorKind::Format => "input is not in the expected format",
+            ErrorKind::Interrupted => "interrupted",
+            ErrorKind::Unaudited => "done but not audited",
         }
     }
 }
@@ -52,6 +72,10 @@ impl ErrorKind {
 pub struct Error {
     kind: ErrorKind,
     message: String,
+    /// The OS's own description of the I/O error underneath, if any
+    /// ("No space left on device (os error 28)"): from the errno or the
+    /// `std::io::ErrorKind` only, so it never holds a path. See [`Error::summary`].
+    os_cause: Option<String>,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -61,6 +85,7 @@ impl Error {
         Error {
             kind,
             message: message.into(),
+            os_cause: None,
         }
     }
     pub fn usage(m: impl Into<String>) -> Self {
@@ -87,7 +112,13 @@ impl Error {
 
     /// An I/O error with what was being done and to which path.
     pub fn io_at(what: &str, path: impl fmt::Display, e: &std::io::Error) -> Self {
-        Self::io(format!("{what} {path}: {e}"))
+        let mut err = Self::io(format!("{what} {path}: {e}"));
+        // Not `e.to_string()`: a wrapped error (tempfile's) names its path.
+        err.os_cause = Some(match e.raw_os_error() {
+            Some(code) => std::io::Error::from_raw_os_error(code).to_string(),
+            None => e.kind().to_string(),
+        });
+        err
     }
 
     pub fn kind(&self) -> ErrorKind {
@@ -98,6 +129,18 @@ impl Error {
     }
     pub fn exit_code(&self) -> i32 {
         self.kind.exit_code()
+    }
+
+    /// What went wrong without saying where: the kind's fixed phrase, and
+    /// for an I/O error the OS's reason (`I/O error: No space left on device
+    /// (os error 28)`). Built only from those two sources, never from the
+    /// message, so it holds no path, file name or row: this is what the
+    /// audit log records (docs/FORMAT.md 7.1), the message goes to stderr.
+    pub fn summary(&self) -> String {
+        match &self.os_cause {
+            Some(c) => format!("{}: {c}", self.kind.describe()),
+            None => self.kind.describe().to_string(),
+        }
     }
 
     /// Prefix the message with where it happened (a file name, a row), keeping
@@ -126,5 +169,28 @@ pub trait ResultExt<T> {
 impl<T> ResultExt<T> for Result<T> {
     fn context(self, place: impl fmt::Display) -> Result<T> {
         self.map_err(|e| e.context(place))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_never_holds_the_place() {
+        let path = "acme-payroll-2025/missing.csv";
+        let os = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let e = Error::io_at("cannot write", path, &os).context("row 7");
+        assert!(e.to_string().contains(path));
+        assert_eq!(
+            e.summary(),
+            "I/O error: No space left on device (os error 28)"
+        );
+        // An error that wraps its path in its own text (tempfile does).
+        let wrapped = std::io::Error::new(std::io::ErrorKind::NotFound, format!("{path}: gone"));
+        let e = Error::io_at("cannot open", path, &wrapped);
+        assert!(!e.summary().contains("acme"), "{}", e.summary());
+        let e = Error::integrity(format!("{path}: authentication failed")).context(path);
+        assert_eq!(e.summary(), "authentication failed");
     }
 }

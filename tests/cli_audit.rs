@@ -242,11 +242,9 @@ fn a_mixed_session_verifies_and_logs_no_pin_and_no_plaintext() {
     assert_eq!(e[2]["items"]["ok"], 1);
     assert_eq!(e[2]["hsm_calls"], 1);
     assert_eq!(e[5]["exit_code"], 3);
-    assert!(
-        e[5]["error"].as_str().unwrap().contains("bad.hseal"),
-        "{}",
-        e[5]
-    );
+    // The kind of failure, never the file it happened to (that is on
+    // stderr only).
+    assert_eq!(e[5]["error"], "authentication failed", "{}", e[5]);
     assert_eq!(e[6]["keys"], serde_json::json!(["backups v2"]));
     assert_eq!(
         e[7]["keys"],
@@ -351,9 +349,17 @@ fn each_kind_of_tampering_is_reported_with_its_line() {
     let out = c.run(&["audit", "verify", "half.log"]);
     assert_problem(&out, 6, "truncated");
     assert!(stderr(&out).contains("incomplete"), "{}", stderr(&out));
-    // Only the newline of the last line gone.
+    // Only the newline of the last line gone: the line is complete and
+    // authentic (a write cut short just before its last byte leaves this),
+    // so nothing is missing; the next append adds the newline.
     write(&c.path("nonl.log"), orig.join("\n").as_bytes());
-    assert_problem(&c.run(&["audit", "verify", "nonl.log"]), 6, "truncated");
+    let out = c.run(&["audit", "verify", "nonl.log"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("line 6 lacks its final newline"),
+        "{}",
+        stderr(&out)
+    );
     // Emptied.
     write(&c.path("empty.log"), b"");
     assert_problem(&c.run(&["audit", "verify", "empty.log"]), 1, "truncated");
@@ -483,9 +489,8 @@ fn nothing_is_written_without_a_configured_log() {
 
 #[test]
 fn audit_log_from_the_environment_and_the_file_is_private() {
-    // (Concurrent appends are serialised by flock: see the unit test in
-    // src/audit.rs. SoftHSM2 itself does not support several processes
-    // changing one token at once, so this test runs them one by one.)
+    // (Concurrent appends: `several_processes_append_at_once` below, and
+    // tests/audit_hsm.rs for threads.)
     let c = Cli::new();
     let env = [("HSMSEAL_AUDIT_LOG", LOG)];
     let out = c.run_with(&["audit", "init"], None, &env);
@@ -583,6 +588,120 @@ fn an_interrupted_bulk_decrypt_is_logged_with_what_it_had_done() {
     let out = c.run(&["audit", "verify", LOG]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     ok(&c, &["verify", "sealed/d0/f000.hseal"]);
+}
+
+#[test]
+fn several_processes_append_at_once() {
+    let c = Cli::new();
+    ok(&c, &["audit", "init"]);
+    ok(&c, &["key", "create", "k"]);
+    write(&c.path("a.txt"), b"x");
+    ok(&c, &["encrypt", "--key", "k", "a.txt"]);
+    let mut exits: Vec<i32> = Vec::new();
+    for _round in 0..5 {
+        let children: Vec<std::process::Child> = (0..4)
+            .map(|_| {
+                let mut cmd = c.cmd();
+                cmd.args(["--audit-log", LOG, "verify", "a.txt.hseal"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null());
+                cmd.spawn().unwrap()
+            })
+            .collect();
+        for mut ch in children {
+            exits.push(ch.wait().unwrap().code().unwrap_or(-1));
+        }
+    }
+    // Runs SoftHSM2 itself fails (exit 5: CKR_GENERAL_ERROR at login while
+    // another process rewrites the token file) are the token's problem
+    // (issue 9, item 7); none may fail for an audit reason (3, 9), and every
+    // run that succeeded is in the log, in one intact chain.
+    assert!(exits.iter().all(|&e| e == 0 || e == 5), "{exits:?}");
+    let succeeded = exits.iter().filter(|&&e| e == 0).count();
+    let e = entries(&c.path(LOG));
+    let logged_ok = e
+        .iter()
+        .filter(|e| e["command"] == "verify" && e["result"] == "ok")
+        .count();
+    assert_eq!(logged_ok, succeeded, "{exits:?}");
+    assert!(succeeded > 0);
+    let out = ok(&c, &["audit", "verify"]);
+    let s = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(s.contains(&format!("{} entries", e.len())), "{s}");
+}
+
+#[test]
+fn no_file_name_reaches_the_log() {
+    let c = Cli::new();
+    ok(&c, &["audit", "init"]);
+    ok(&c, &["key", "create", "k"]);
+    let dir = c.path("acme-payroll-2025");
+    std::fs::create_dir(&dir).unwrap();
+    write(&dir.join("ledger.txt"), b"payroll");
+    ok(
+        &c,
+        &["encrypt", "--key", "k", "acme-payroll-2025/ledger.txt"],
+    );
+    let mut sealed = std::fs::read(dir.join("ledger.txt.hseal")).unwrap();
+    let n = sealed.len();
+    sealed[n - 5] ^= 1;
+    write(&dir.join("ledger-tampered.hseal"), &sealed);
+    write(&dir.join("bad-rows.csv"), b"id,ssn\n1,2,3\n");
+    let failing: [&[&str]; 4] = [
+        &["encrypt", "--key", "k", "acme-payroll-2025/missing.csv"],
+        &[
+            "decrypt",
+            "-o",
+            "acme-payroll-2025/out.txt",
+            "acme-payroll-2025/ledger-tampered.hseal",
+        ],
+        &["verify", "acme-payroll-2025/ledger-tampered.hseal"],
+        &[
+            "columns",
+            "encrypt",
+            "--key",
+            "k",
+            "--columns",
+            "ssn",
+            "-i",
+            "acme-payroll-2025/bad-rows.csv",
+            "-o",
+            "acme-payroll-2025/enc.csv",
+        ],
+    ];
+    for args in failing {
+        let out = run(&c, args);
+        assert_ne!(code(&out), 0, "{args:?}");
+        // The user still gets the name, on stderr.
+        assert!(
+            stderr(&out).contains("acme-payroll-2025"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    let log = std::fs::read_to_string(c.path(LOG)).unwrap();
+    for name in [
+        "acme",
+        "payroll",
+        "missing.csv",
+        "ledger",
+        "bad-rows",
+        "enc.csv",
+        "out.txt",
+    ] {
+        assert!(!log.contains(name), "{name} in the log:\n{log}");
+    }
+    let work = c.work.path().to_str().unwrap();
+    assert!(!log.contains(work), "{log}");
+    let e = entries(&c.path(LOG));
+    assert_eq!(e.len(), 7);
+    let errors: Vec<&str> = e[3..].iter().filter_map(|e| e["error"].as_str()).collect();
+    println!("error fields: {errors:?}");
+    assert!(!errors.is_empty(), "{e:?}");
+    for (entry, args) in e[3..].iter().zip(failing) {
+        assert_ne!(entry["result"], "ok", "{args:?}: {entry}");
+    }
+    ok(&c, &["audit", "verify"]);
 }
 
 fn walk_files(dir: &Path) -> usize {

@@ -6,7 +6,7 @@ use crate::app::App;
 use crate::audit::{self, Record};
 use crate::cli::{AuditCommand, Command, KeyCommand};
 use crate::commands::columns::ColumnsCommand;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::hsm::audit_key::{AuditKeyStatus, AUDIT_KEY_LABEL};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -62,7 +62,9 @@ fn record(app: &App, command: &str, outcome: &Result<i32>) -> Record {
     let (result, exit_code, error) = match outcome {
         Ok(0) => ("ok", 0, None),
         Ok(code) => ("failed", *code, None),
-        Err(e) => ("error", e.exit_code(), Some(e.to_string())),
+        // The summary, not the message: messages name files and rows, and
+        // an entry never holds a path (docs/FORMAT.md 7.1).
+        Err(e) => ("error", e.exit_code(), Some(e.summary())),
     };
     record_as(app, command, result, exit_code, error)
 }
@@ -89,10 +91,12 @@ fn record_as(
     }
 }
 
-/// After a logged command: appends its entry. If that fails, a successful
-/// run becomes an error (the work is done but unaudited, and the caller
-/// must know); a failed run keeps its own error and the audit failure is
-/// reported on stderr as well.
+/// After a logged command: appends its entry. If that fails, a run that
+/// had succeeded ends with `ErrorKind::Unaudited` (exit 9: the work is done
+/// but unaudited, and the caller must know — neither "failed, redo it" nor
+/// an audited success); a run that had failed (an error, or exit 1 for some
+/// failed items) keeps its own exit code, and the audit failure is reported
+/// on stderr as a second line.
 pub fn after_run(app: &App, command: &str, log: &Path, outcome: Result<i32>) -> Result<i32> {
     let rec = record(app, command, &outcome);
     let appended = crate::signals::without_interrupt_hook(|| {
@@ -101,18 +105,15 @@ pub fn after_run(app: &App, command: &str, log: &Path, outcome: Result<i32>) -> 
     });
     match (appended, outcome) {
         (Ok(_), outcome) => outcome,
-        (Err(ae), Ok(_)) => Err(Error::new(
-            ae.kind(),
-            format!(
-                "`{command}` completed, but its audit entry was not written: {}",
-                ae.message()
-            ),
+        (Err(ae), Ok(0)) => Err(Error::new(
+            ErrorKind::Unaudited,
+            format!("`{command}` completed, but its audit entry was not written: {ae}"),
         )),
-        (Err(ae), Err(e)) => {
+        (Err(ae), outcome) => {
             eprintln!(
                 "hsmseal: error: the audit entry of this failed `{command}` was not written: {ae}"
             );
-            Err(e)
+            outcome
         }
     }
 }
@@ -210,6 +211,14 @@ fn verify(app: &App, log: Option<PathBuf>) -> Result<i32> {
             path.display(),
             report.entries
         );
+    }
+    for r in &report.repairs {
+        app.info(format!(
+            "hsmseal: note: line {} is an `{}` entry, not tampering: {}",
+            r.line,
+            audit::REPAIR_COMMAND,
+            r.detail
+        ));
     }
     if let Some(n) = &report.note {
         app.info(format!("hsmseal: note: {n}"));

@@ -12,7 +12,10 @@
 //!   `hsmseal-audit-head:<log id>` whose `CKA_VALUE` is
 //!   `v1 <seq> <sha256 hex of the last line> <absolute log path>`
 //!   ([`Head::encode`]), rewritten with `C_SetAttributeValue` after every
-//!   append.
+//!   append. A token that refuses gets a new record and the old one is
+//!   destroyed after; a kill between the two leaves two records, of which
+//!   the higher seq counts (`crate::audit::current_head`) and the next
+//!   append removes the other.
 //!
 //! Neither label starts with `hsmseal:` (the KWK prefix), so `key list` and
 //! the key scan never see these objects.
@@ -24,7 +27,7 @@
 use super::errors::{rv_of, token_error};
 use super::keys::{self, KeyAttributes};
 use super::{is_gone, Hsm};
-use crate::audit::{AuditBackend, Head};
+use crate::audit::{current_head, AuditBackend, Head};
 use crate::error::{Error, Result};
 use cryptoki::error::RvError;
 use cryptoki::mechanism::{Mechanism, MechanismType};
@@ -352,65 +355,51 @@ impl AuditBackend for Hsm {
 
     fn audit_head(&self, log_id: &str) -> Result<Option<Head>> {
         let admin = self.admin_logged_in()?;
-        let label = head_label(log_id);
-        let mut found: Vec<Head> = Vec::new();
-        for (_, l, v) in self.head_objects(&admin)? {
-            if l == label {
-                found.push(Head::decode(&v).ok_or_else(|| {
-                    Error::integrity(format!(
-                        "the audit head record {label} on token {:?} has an unreadable value",
-                        self.token_label
-                    ))
-                })?);
-            }
-        }
-        match found.len() {
-            0 => Ok(None),
-            1 => Ok(found.pop()),
-            n => Err(Error::integrity(format!(
-                "{n} audit head records on token {:?} are labelled {label}; remove the extra ones with the vendor's tool after checking the log",
-                self.token_label
-            ))),
-        }
+        let records = self.heads_of(&admin, log_id)?;
+        self.current(log_id, records).map(|c| c.map(|(_, h)| h))
     }
 
+    /// Updates the current head record of `log_id` in place, or, on a token
+    /// that refuses to change `CKA_VALUE` (or under the test hook), creates
+    /// a new record and then destroys the old ones. A kill between the two
+    /// leaves two records; the higher seq counts ([`current_head`]) and the
+    /// next append destroys the stale one. So a failed destroy of a stale
+    /// record is harmless, and is retried at the next append.
     fn set_audit_head(&self, log_id: &str, head: &Head) -> Result<()> {
         let admin = self.admin_logged_in()?;
         let t = &self.token_label;
         let label = head_label(log_id);
         let value = head.encode();
-        let existing: Vec<ObjectHandle> = self
-            .head_objects(&admin)?
-            .into_iter()
-            .filter(|(_, l, _)| *l == label)
-            .map(|(h, _, _)| h)
-            .collect();
-        match existing.as_slice() {
-            [h] => {
-                match admin.update_attributes(*h, &[Attribute::Value(value.clone())]) {
-                    Ok(()) => return Ok(()),
-                    // A token that will not change CKA_VALUE of a data
-                    // object: replace the object instead (below).
-                    Err(e)
-                        if matches!(
-                            rv_of(&e),
-                            Some(RvError::AttributeReadOnly | RvError::ActionProhibited)
-                        ) => {}
-                    Err(e) => {
-                        return Err(token_error(
-                            e,
-                            t,
-                            &format!("updating the audit head record {label}"),
-                        ))
+        let records = self.heads_of(&admin, log_id)?;
+        let current = self.current(log_id, records.clone())?.map(|(h, _)| h);
+        let stale = |keep: Option<ObjectHandle>| {
+            records
+                .iter()
+                .map(|(h, _)| *h)
+                .filter(move |h| Some(*h) != keep)
+        };
+        if let Some(h) = current.filter(|_| !crate::audit::faults::replace_head()) {
+            match admin.update_attributes(h, &[Attribute::Value(value.clone())]) {
+                Ok(()) => {
+                    for old in stale(Some(h)) {
+                        let _ = admin.destroy_object(old);
                     }
+                    return Ok(());
                 }
-            }
-            [] => {}
-            _ => {
-                return Err(Error::integrity(format!(
-                    "{} audit head records on token {t:?} are labelled {label}",
-                    existing.len()
-                )))
+                // A token that will not change CKA_VALUE of a data
+                // object: replace the object instead (below).
+                Err(e)
+                    if matches!(
+                        rv_of(&e),
+                        Some(RvError::AttributeReadOnly | RvError::ActionProhibited)
+                    ) => {}
+                Err(e) => {
+                    return Err(token_error(
+                        e,
+                        t,
+                        &format!("updating the audit head record {label}"),
+                    ))
+                }
             }
         }
         admin
@@ -424,7 +413,8 @@ impl AuditBackend for Hsm {
                 Attribute::Value(value),
             ])
             .map_err(|e| token_error(e, t, &format!("creating the audit head record {label}")))?;
-        for old in existing {
+        crate::audit::faults::kill_point("head-created");
+        for old in stale(None) {
             let _ = admin.destroy_object(old);
         }
         Ok(())
@@ -432,15 +422,58 @@ impl AuditBackend for Hsm {
 
     fn audit_heads_for_path(&self, path: &str) -> Result<Vec<(String, Head)>> {
         let admin = self.admin_logged_in()?;
-        Ok(self
-            .head_objects(&admin)?
+        let mut by_log: std::collections::BTreeMap<String, Vec<Head>> = Default::default();
+        for (_, l, v) in self.head_objects(&admin)? {
+            let (Some(head), Some(id)) = (Head::decode(&v), l.strip_prefix(HEAD_LABEL_PREFIX))
+            else {
+                continue;
+            };
+            by_log.entry(id.to_string()).or_default().push(head);
+        }
+        Ok(by_log
             .into_iter()
-            .filter_map(|(_, l, v)| {
-                let head = Head::decode(&v)?;
-                let id = l.strip_prefix(HEAD_LABEL_PREFIX)?.to_string();
+            .filter_map(|(id, heads)| {
+                let head = current_head(heads).ok()??;
                 (head.path == path).then_some((id, head))
             })
             .collect())
+    }
+}
+
+impl Hsm {
+    /// The head records of `log_id`, decoded: (object, head).
+    fn heads_of(&self, admin: &Session, log_id: &str) -> Result<Vec<(ObjectHandle, Head)>> {
+        let label = head_label(log_id);
+        let mut out = Vec::new();
+        for (h, l, v) in self.head_objects(admin)? {
+            if l == label {
+                let head = Head::decode(&v).ok_or_else(|| {
+                    Error::integrity(format!(
+                        "the audit head record {label} on token {:?} has an unreadable value",
+                        self.token_label
+                    ))
+                })?;
+                out.push((h, head));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The record that counts among `records` of `log_id` ([`current_head`]).
+    fn current(
+        &self,
+        log_id: &str,
+        records: Vec<(ObjectHandle, Head)>,
+    ) -> Result<Option<(ObjectHandle, Head)>> {
+        let heads = records.iter().map(|(_, h)| h.clone()).collect();
+        let top = current_head(heads).map_err(|why| {
+            Error::integrity(format!(
+                "audit head records {} on token {:?}: {why}; hsmseal will not guess which one holds the log's end — check the log with `hsmseal audit verify` and remove the wrong record with the vendor's tool",
+                head_label(log_id),
+                self.token_label
+            ))
+        })?;
+        Ok(top.and_then(|top| records.into_iter().find(|(_, h)| *h == top)))
     }
 }
 
