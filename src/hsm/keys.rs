@@ -695,6 +695,23 @@ mod tests {
     }
 
     #[test]
+    fn a_duplicated_version_is_reported_as_such_not_as_weak() {
+        let dup = duplicate_problem(2, "k", 3);
+        assert!(
+            dup.starts_with("2 objects carry the label hsmseal:k:v3 "),
+            "{dup}"
+        );
+        assert!(dup.contains("`hsmseal key rotate k`"), "{dup}");
+        assert_eq!(status(&[]), "ok");
+        assert!(status(std::slice::from_ref(&dup)).starts_with("DUPLICATE: 2 objects"));
+        let weak = "CKA_SIGN is true (x)".to_string();
+        assert!(status(&[dup.clone(), weak.clone()]).starts_with("REFUSED: "));
+        assert!(status(&[weak]).starts_with("REFUSED: "));
+        assert!(only_duplicated(&[dup]));
+        assert!(!only_duplicated(&[]));
+    }
+
+    #[test]
     fn the_required_attributes_have_no_problems() {
         assert!(problems(&good()).is_empty(), "{:?}", problems(&good()));
     }

@@ -1262,3 +1262,77 @@ impl KeyBackend for Hsm {
         self.calls.load(Ordering::Relaxed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `retry_transient` over errors handed out in order, then `Ok`;
+    /// returns (result, calls made).
+    fn run(softhsm2: bool, errors: Vec<CkError>) -> (Result<usize, CkError>, usize) {
+        let mut errors = errors.into_iter();
+        let mut calls = 0;
+        let r = retry_transient(softhsm2, || {
+            calls += 1;
+            match errors.next() {
+                Some(e) => Err(e),
+                None => Ok(calls),
+            }
+        });
+        (r, calls)
+    }
+
+    #[test]
+    fn only_softhsm2s_transient_store_errors_are_retried_and_boundedly() {
+        let general = |f| CkError::Pkcs11(RvError::GeneralError, f);
+        // C_GetTokenInfo and C_Login's CKR_GENERAL_ERROR: retried.
+        let (r, calls) = run(
+            true,
+            vec![general(Function::GetTokenInfo), general(Function::Login)],
+        );
+        assert_eq!((r.unwrap(), calls), (3, 3));
+        // At most 6 tries in all, then the error itself.
+        let (r, calls) = run(true, (0..10).map(|_| general(Function::Login)).collect());
+        assert_eq!(calls, RETRY_BACKOFF_MS.len() + 1);
+        assert!(matches!(
+            r,
+            Err(CkError::Pkcs11(RvError::GeneralError, Function::Login))
+        ));
+        // Never a wrong PIN, never another call's general error (C_Decrypt:
+        // a bad GCM tag), never another module.
+        for (softhsm2, e) in [
+            (
+                true,
+                CkError::Pkcs11(RvError::PinIncorrect, Function::Login),
+            ),
+            (true, general(Function::Decrypt)),
+            (true, general(Function::GenerateKey)),
+            (false, general(Function::GetTokenInfo)),
+            (false, general(Function::Login)),
+        ] {
+            let (r, calls) = run(softhsm2, vec![e]);
+            assert!(r.is_err());
+            assert_eq!(calls, 1);
+        }
+    }
+
+    #[test]
+    fn a_bad_tag_is_only_c_decrypts_general_or_encrypted_data_invalid() {
+        assert!(is_bad_tag(&CkError::Pkcs11(
+            RvError::GeneralError,
+            Function::Decrypt
+        )));
+        assert!(is_bad_tag(&CkError::Pkcs11(
+            RvError::EncryptedDataInvalid,
+            Function::Decrypt
+        )));
+        assert!(!is_bad_tag(&CkError::Pkcs11(
+            RvError::GeneralError,
+            Function::DecryptInit
+        )));
+        assert!(!is_bad_tag(&CkError::Pkcs11(
+            RvError::KeyHandleInvalid,
+            Function::Decrypt
+        )));
+    }
+}
