@@ -33,9 +33,10 @@
 //! its first scan to its last check, so a version number is issued once
 //! (two `key rotate` at once make v3 and v4, never two v3), and a destroy
 //! never races a rotate. A client that does not take the lock (another
-//! PKCS#11 tool, or hsmseal before 0.2) can still make a second object with
-//! a label: creation re-checks the label under the lock and backs out (see
-//! `Hsm::ensure_unique`), and a version that already has several objects
+//! PKCS#11 tool, or an hsmseal without this lock) can still make a second
+//! object with a label: creation re-checks the label under the lock and
+//! backs out (see `Hsm::ensure_unique`), and a version that already has
+//! several objects
 //! follows the rule in docs/FORMAT.md section 1 (it decrypts, each object
 //! tried in turn; nothing new is wrapped under it; `key list` and `doctor`
 //! report it).
