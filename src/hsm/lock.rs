@@ -53,10 +53,10 @@
 //!   directory shares it whoever runs it. One lock for the whole directory:
 //!   `C_Initialize` reads every token in it.
 //! - **Any other module**: `HSMSEAL_LOCK_DIR` (must exist), else
-//!   `$XDG_RUNTIME_DIR/hsmseal`, else `/tmp/hsmseal-<uid>` (both created
-//!   mode 0700 and refused unless owned by the user and closed to others),
-//!   file `pkcs11-<module file>-<16 hex digits of SHA-256(module path, token
-//!   label)>.lock`.
+//!   `$XDG_RUNTIME_DIR/hsmseal`, else `${TMPDIR:-/tmp}/hsmseal-<uid>` (both
+//!   created mode 0700 and refused unless owned by the user and closed to
+//!   others), file `pkcs11-<module file>-<16 hex digits of SHA-256(module
+//!   path, token label)>.lock`.
 //!
 //! The lock coordinates hsmseal processes on one host only; see
 //! docs/SECURITY.md, "The token: logins, key versions, the object store".
