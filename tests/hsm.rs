@@ -408,6 +408,9 @@ fn weaker_keys_are_refused_for_wrap_and_unwrap_naming_the_attribute() {
             Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM, MechanismType::AES_ECB]),
         )
     });
+    // FORMAT.md section 1: CKA_SIGN and CKA_VERIFY false (issue 9, item 8).
+    weak_key("weak-sign", |t| set(t, Attribute::Sign(true)));
+    weak_key("weak-verify", |t| set(t, Attribute::Verify(true)));
     let h = hsm();
     let fake = WrappedKey {
         iv: [1; 12],
@@ -427,6 +430,8 @@ fn weaker_keys_are_refused_for_wrap_and_unwrap_naming_the_attribute() {
             "weak-ecb-allowed",
             "CKA_ALLOWED_MECHANISMS allows CKM_AES_ECB",
         ),
+        ("weak-sign", "CKA_SIGN is true"),
+        ("weak-verify", "CKA_VERIFY is true"),
     ] {
         let k = kref(name, 1);
         let before = h.calls();
@@ -482,6 +487,157 @@ fn weaker_keys_are_refused_for_wrap_and_unwrap_naming_the_attribute() {
             .any(|p| p.contains("weak-wrap-decrypt v1 is refused")),
         "{report}"
     );
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("weak-sign v1 is refused: CKA_SIGN is true")),
+        "{report}"
+    );
+    // The token really would let such a key compute a MAC if its mechanisms
+    // allowed one: the refusal is about the attribute, as for the others.
+    let info = &h.key_versions("weak-verify").unwrap()[0];
+    assert_eq!(info.attributes.as_ref().unwrap().verify, Some(true));
+}
+
+/// A version that two objects carry (made by an older hsmseal or another
+/// client; issue 9, item 2): data under either object still unwraps, a
+/// wrong tag is still an integrity error, nothing new is wrapped under it,
+/// `key list` and `doctor` name it, and `key rotate` gives a unique current
+/// version again.
+#[test]
+fn a_duplicated_version_unwraps_with_either_object_and_wraps_nothing() {
+    let _serial = serial();
+    let h = hsm();
+    h.create_key("t-dup").unwrap();
+    let k = kref("t-dup", 1);
+    let dek = SecretKey::random();
+    let before = h.wrap(&k, &dek, b"dup aad").unwrap();
+    // Another client makes a second object with the same label (and
+    // hsmseal's template), then wraps a key under that one.
+    let s = raw_session();
+    let second = s
+        .generate_key(&Mechanism::AesKeyGen, &kwk_template("t-dup", 1, now_unix()))
+        .unwrap();
+    let dek2 = SecretKey::random();
+    let mut iv = [9u8; 12];
+    let params =
+        cryptoki::mechanism::aead::GcmParams::new(&mut iv, b"dup aad", 128.into()).unwrap();
+    let ct = s
+        .encrypt(&Mechanism::AesGcm(params), second, dek2.expose())
+        .unwrap();
+    let by_other = WrappedKey {
+        iv: [9u8; 12],
+        ciphertext: ct.try_into().unwrap(),
+    };
+
+    let h = hsm(); // nothing cached
+    assert_eq!(
+        h.unwrap(&k, &before, b"dup aad").unwrap().expose(),
+        dek.expose()
+    );
+    assert_eq!(
+        h.unwrap(&k, &by_other, b"dup aad").unwrap().expose(),
+        dek2.expose()
+    );
+    let e = h.unwrap(&k, &before, b"other aad").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Integrity, "{e}");
+    let calls = h.calls();
+    let e = h.wrap(&k, &SecretKey::random(), b"x").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Key, "{e}");
+    let m = e.to_string();
+    assert!(m.contains("2 objects on token"), "{m}");
+    assert!(m.contains("hsmseal:t-dup:v1"), "{m}");
+    assert!(m.contains("`hsmseal key rotate t-dup`"), "{m}");
+    assert!(!m.contains('\n'));
+    assert_eq!(
+        h.calls(),
+        calls,
+        "refused before any call reached the token"
+    );
+
+    let listed = h.key_versions("t-dup").unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(
+        listed.iter().all(|i| i
+            .problems
+            .iter()
+            .any(|p| p.contains("2 objects carry the label"))),
+        "{listed:?}"
+    );
+    assert!(h
+        .doctor()
+        .unwrap()
+        .problems
+        .iter()
+        .any(|p| p.starts_with("key t-dup v1: 2 objects carry the label")));
+
+    // The fix the message names: a new unique version, which wraps.
+    let v2 = h.create_next_version("t-dup").unwrap();
+    assert_eq!(v2.version, 2);
+    assert_eq!(h.current_version("t-dup").unwrap(), 2);
+    let w = h.wrap(&kref("t-dup", 2), &dek, b"dup aad").unwrap();
+    assert_eq!(
+        h.unwrap(&kref("t-dup", 2), &w, b"dup aad")
+            .unwrap()
+            .expose(),
+        dek.expose()
+    );
+    // v1 keeps decrypting what was wrapped under it.
+    assert_eq!(
+        h.unwrap(&k, &by_other, b"dup aad").unwrap().expose(),
+        dek2.expose()
+    );
+}
+
+#[test]
+fn the_token_lock_excludes_threads_and_lives_in_the_token_directory() {
+    use hsmseal::hsm::lock::Mode;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let _serial = serial();
+    let t = token();
+    let _ = hsm();
+    let path = hsmseal::hsm::token_lock_path(&t.module, &t.label).unwrap();
+    assert_eq!(
+        path,
+        std::fs::canonicalize(t.dir.path().join("tokens"))
+            .unwrap()
+            .join(".hsmseal.lock")
+    );
+    let m = std::fs::symlink_metadata(&path).unwrap();
+    assert!(m.file_type().is_file());
+    // Threads of one process share the lock file's open description, which
+    // `flock` cannot tell apart: hsmseal's in-process lock must keep them
+    // out of each other's way, in either mode.
+    let inside = AtomicBool::new(false);
+    let rounds = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for i in 0..4 {
+            let (inside, rounds) = (&inside, &rounds);
+            let t = &t;
+            s.spawn(move || {
+                for j in 0..100 {
+                    let mode = if (i + j) % 2 == 0 {
+                        Mode::Shared
+                    } else {
+                        Mode::Exclusive
+                    };
+                    let guard = hsmseal::hsm::lock_token(&t.module, &t.label, mode).unwrap();
+                    assert_eq!(guard.mode(), mode);
+                    assert!(!inside.swap(true, Ordering::SeqCst), "two holders at once");
+                    std::thread::yield_now();
+                    inside.store(false, Ordering::SeqCst);
+                    rounds.fetch_add(1, Ordering::Relaxed);
+                    drop(guard);
+                }
+            });
+        }
+    });
+    assert_eq!(rounds.load(Ordering::Relaxed), 400);
+    // And hsmseal's own calls still work afterwards (nothing left held).
+    let h = hsm();
+    h.create_key("t-lock").unwrap();
+    assert_eq!(h.current_version("t-lock").unwrap(), 1);
 }
 
 #[test]

@@ -306,8 +306,7 @@ fn print_keys(app: &App, keys: &[KeyInfo]) {
     for k in keys {
         let status = match (k.state, k.problems.is_empty()) {
             (KeyState::Destroyed, _) => "-".to_string(),
-            (_, true) => "ok".to_string(),
-            (_, false) => format!("REFUSED: {}", k.problems.join("; ")),
+            _ => crate::hsm::keys::status(&k.problems),
         };
         crate::outln!(
             "{:<24} {:>7}  {:<12}  {:<20}  {status}",

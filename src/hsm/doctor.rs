@@ -95,12 +95,9 @@ impl Hsm {
             .ctx
             .get_library_info()
             .map_err(|e| token_error(e, t, "reading module information"))?;
-        let info = self
-            .ctx
-            .get_token_info(self.slot)
-            .map_err(|e| token_error(e, t, "reading token information"))?;
+        let info = self.token_info()?;
         let logged_in = {
-            let admin = self.admin();
+            let admin = self.admin(super::lock::Mode::Shared)?;
             matches!(
                 admin.get_session_info().map(|i| i.session_state()),
                 Ok(SessionState::RoUser | SessionState::RwUser)
@@ -163,7 +160,11 @@ impl Hsm {
             match self.list_keys() {
                 Ok(keys) => {
                     for k in keys.iter().filter(|k| !k.is_ok()) {
-                        problems.push(super::keys::refusal(&k.key_ref(), &k.problems));
+                        problems.push(if super::keys::only_duplicated(&k.problems) {
+                            format!("key {}: {}", k.key_ref(), k.problems.join("; "))
+                        } else {
+                            super::keys::refusal(&k.key_ref(), &k.problems)
+                        });
                     }
                     Some(keys)
                 }
@@ -267,11 +268,7 @@ impl fmt::Display for DoctorReport {
                         continue;
                     }
                     let created = k.created.as_deref().unwrap_or("unknown");
-                    let status = if k.is_ok() {
-                        "ok".to_string()
-                    } else {
-                        format!("REFUSED: {}", k.problems.join("; "))
-                    };
+                    let status = super::keys::status(&k.problems);
                     writeln!(
                         f,
                         "  {name:<24} {:<12} created {created:<20}  {status}",

@@ -439,6 +439,16 @@ pub fn problems(a: &KeyAttributes) -> Vec<String> {
     if a.derive == Some(true) {
         p.push("CKA_DERIVE is true (keys derived from it may be extractable)".to_string());
     }
+    // Signing (a MAC such as CKM_AES_CMAC) is a second use of the key: only
+    // CKA_ALLOWED_MECHANISMS would stand between it and a MAC oracle, and the
+    // template (FORMAT.md section 1) says false. Same rule as CKA_DERIVE for
+    // a token that does not report them.
+    if a.sign == Some(true) {
+        p.push("CKA_SIGN is true (the key could also compute MACs; a KWK must only encrypt and decrypt)".to_string());
+    }
+    if a.verify == Some(true) {
+        p.push("CKA_VERIFY is true (the key could also check MACs; a KWK must only encrypt and decrypt)".to_string());
+    }
 
     match &a.allowed_mechanisms {
         None => p.push(
@@ -460,6 +470,37 @@ pub fn problems(a: &KeyAttributes) -> Vec<String> {
         }
     }
     p
+}
+
+/// The problem `key list` and `doctor` report for each object of a version
+/// that `n` objects carry (docs/FORMAT.md section 1: it still decrypts,
+/// nothing new is wrapped under it).
+pub fn duplicate_problem(n: usize, name: &str, version: u32) -> String {
+    format!(
+        "{n} {DUPLICATE_MARK} {} (data under it still decrypts, each object tried; nothing new is wrapped under it: `hsmseal key rotate {name}` makes a new unique current version)",
+        label(name, version)
+    )
+}
+
+/// The words that mark [`duplicate_problem`].
+const DUPLICATE_MARK: &str = "objects carry the label";
+
+/// True if every problem in `problems` is a [`duplicate_problem`]: the
+/// version is ambiguous, not weak.
+pub fn only_duplicated(problems: &[String]) -> bool {
+    !problems.is_empty() && problems.iter().all(|p| p.contains(DUPLICATE_MARK))
+}
+
+/// The STATUS column of `key list` and `doctor`: `ok`, `DUPLICATE: ...` for
+/// a duplicated version (which still decrypts), else `REFUSED: ...`.
+pub fn status(problems: &[String]) -> String {
+    if problems.is_empty() {
+        "ok".to_string()
+    } else if only_duplicated(problems) {
+        format!("DUPLICATE: {}", problems.join("; "))
+    } else {
+        format!("REFUSED: {}", problems.join("; "))
+    }
 }
 
 /// The one-line refusal for a key with problems.
@@ -654,6 +695,23 @@ mod tests {
     }
 
     #[test]
+    fn a_duplicated_version_is_reported_as_such_not_as_weak() {
+        let dup = duplicate_problem(2, "k", 3);
+        assert!(
+            dup.starts_with("2 objects carry the label hsmseal:k:v3 "),
+            "{dup}"
+        );
+        assert!(dup.contains("`hsmseal key rotate k`"), "{dup}");
+        assert_eq!(status(&[]), "ok");
+        assert!(status(std::slice::from_ref(&dup)).starts_with("DUPLICATE: 2 objects"));
+        let weak = "CKA_SIGN is true (x)".to_string();
+        assert!(status(&[dup.clone(), weak.clone()]).starts_with("REFUSED: "));
+        assert!(status(&[weak]).starts_with("REFUSED: "));
+        assert!(only_duplicated(&[dup]));
+        assert!(!only_duplicated(&[]));
+    }
+
+    #[test]
     fn the_required_attributes_have_no_problems() {
         assert!(problems(&good()).is_empty(), "{:?}", problems(&good()));
     }
@@ -683,6 +741,8 @@ mod tests {
                 "CKA_UNWRAP and CKA_ENCRYPT are both true",
             ),
             (|a| a.derive = Some(true), "CKA_DERIVE is true"),
+            (|a| a.sign = Some(true), "CKA_SIGN is true"),
+            (|a| a.verify = Some(true), "CKA_VERIFY is true"),
             (|a| a.encrypt = Some(false), "CKA_ENCRYPT is false"),
             (|a| a.value_len = Some(16), "CKA_VALUE_LEN is 16"),
             (

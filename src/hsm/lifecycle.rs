@@ -27,9 +27,19 @@
 //! with an old number fails authentication), but old data would then report
 //! "authentication failed" instead of "destroyed".
 //!
-//! None of this is atomic against another process changing the same key at
-//! the same moment: PKCS#11 has no transactions. Within a process every
-//! change runs under the admin session's lock.
+//! PKCS#11 has no transactions; hsmseal makes each change atomic against
+//! other hsmseal processes instead: every method that creates, changes or
+//! destroys an object holds the exclusive token lock (`super::lock`) from
+//! its first scan to its last check, so a version number is issued once
+//! (two `key rotate` at once make v3 and v4, never two v3), and a destroy
+//! never races a rotate. A client that does not take the lock (another
+//! PKCS#11 tool, or an hsmseal without this lock) can still make a second
+//! object with a label: creation re-checks the label under the lock and
+//! backs out (see `Hsm::ensure_unique`), and a version that already has
+//! several objects
+//! follows the rule in docs/FORMAT.md section 1 (it decrypts, each object
+//! tried in turn; nothing new is wrapped under it; `key list` and `doctor`
+//! report it).
 
 use super::errors::{c_function_name, ckr_name, rv_of, token_error};
 use super::keys::{self, KeyInfo, KeyState};
@@ -210,9 +220,9 @@ fn returned(e: &CkError) -> String {
 
 impl Hsm {
     /// Creates version 1 of `name`. Fails if the token knows the name (any
-    /// version, even destroyed ones: their numbers are never reused).
-    /// (Check and creation are not atomic against another process creating
-    /// the same name at the same moment; PKCS#11 has no way to make them so.)
+    /// version, even destroyed ones: their numbers are never reused). Check
+    /// and creation happen under one exclusive token lock, so two hsmseal
+    /// processes creating the same name make one key and one error.
     pub fn create_key(&self, name: &str) -> Result<KeyInfo> {
         validate_key_name(name)?;
         let admin = self.admin_logged_in()?;
@@ -230,7 +240,8 @@ impl Hsm {
                 u64::from(last) + 1
             )));
         }
-        let mut info = self.generate(&admin, name, 1)?;
+        let (mut info, h) = self.generate(&admin, name, 1)?;
+        self.ensure_unique(&admin, &info.key_ref(), h)?;
         info.state = KeyState::Active;
         Ok(info)
     }
@@ -248,7 +259,8 @@ impl Hsm {
         let next = family.last_issued().checked_add(1).ok_or_else(|| {
             Error::key(format!("key {name:?} has reached the last version number"))
         })?;
-        let mut info = self.generate(&admin, name, next)?;
+        let (mut info, h) = self.generate(&admin, name, next)?;
+        self.ensure_unique(&admin, &info.key_ref(), h)?;
         info.state = KeyState::Active;
         Ok(info)
     }
@@ -257,7 +269,7 @@ impl Hsm {
     /// version with its state, creation time, attributes and problems
     /// (destroyed versions included, see [`Self::key_versions`]).
     pub fn list_keys(&self) -> Result<Vec<KeyInfo>> {
-        let admin = self.admin_logged_in()?;
+        let admin = self.admin_reading()?;
         let scan = self.scan(&admin)?;
         let names: BTreeSet<&str> = scan
             .keys
@@ -279,7 +291,7 @@ impl Hsm {
     /// first, with states; `ErrorKind::Key` if the token knows no such key.
     pub fn key_versions(&self, name: &str) -> Result<Vec<KeyInfo>> {
         validate_key_name(name)?;
-        let admin = self.admin_logged_in()?;
+        let admin = self.admin_reading()?;
         let family = self.family(&admin, name)?;
         if family.is_empty() {
             return Err(self.key_not_found(name));
@@ -304,7 +316,7 @@ impl Hsm {
     /// nothing: the version's entry, or `None` if it is already destroyed.
     pub fn check_destroy(&self, k: &KeyRef, force: bool) -> Result<Option<KeyInfo>> {
         validate_key_name(&k.name)?;
-        let admin = self.admin_logged_in()?;
+        let admin = self.admin_reading()?;
         let family = self.family(&admin, &k.name)?;
         self.destroy_target(&admin, &family, k, force)
     }
@@ -352,7 +364,13 @@ impl Hsm {
         needed: &BTreeMap<u32, String>,
     ) -> Result<PurgeReport> {
         validate_key_name(name)?;
-        let admin = self.admin_logged_in()?;
+        // A dry run only reads; a purge holds the exclusive lock from its
+        // listing to its last destroy.
+        let admin = if dry_run {
+            self.admin_reading()?
+        } else {
+            self.admin_logged_in()?
+        };
         let family = self.family(&admin, name)?;
         if family.is_empty() {
             return Err(self.key_not_found(name));
@@ -405,10 +423,8 @@ impl Hsm {
                     info.state = KeyState::Active;
                 }
                 if n > 1 {
-                    info.problems.push(format!(
-                        "{n} objects carry the label {} (hsmseal will not guess which one is this version)",
-                        info.label
-                    ));
+                    info.problems
+                        .push(keys::duplicate_problem(n, &info.name, info.version));
                 }
             }
         }

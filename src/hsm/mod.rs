@@ -12,8 +12,13 @@
 //!   come and go. It also serves key lookup and creation.
 //! - Wrap and unwrap run on pooled sessions, one per concurrent caller
 //!   (a PKCS#11 session holds one operation at a time and is not `Sync`).
-//!   Everything else (search, attributes, generation, login) runs on the
-//!   admin session under one process-wide lock (see `MANAGEMENT`).
+//!   Everything else (initialisation, token lookup, login, search,
+//!   attributes, generation, destruction) runs under a [`TokenGuard`]: the
+//!   process-wide `MANAGEMENT` lock, then the token lock shared between
+//!   hsmseal processes ([`lock`]: shared for calls that only read the
+//!   token's storage, exclusive for calls that write it). Object-changing
+//!   methods hold the exclusive lock from their first lookup to their last
+//!   check, so e.g. two `key rotate` can never issue one version twice.
 //! - A key handle is used only after its attributes passed
 //!   [`keys::problems`] and it is not disabled; verified handles are cached
 //!   per (name, version). Every key-changing method of this `Hsm` evicts
@@ -21,6 +26,10 @@
 //!   because the token then refuses the cached handle (destroyed: invalid
 //!   handle; disabled: `CKR_KEY_FUNCTION_NOT_PERMITTED`), which evicts it and
 //!   looks the key up again.
+//! - A version carried by several objects (made by an older hsmseal or
+//!   another client; hsmseal itself never makes one) still unwraps: each
+//!   object is tried, and AES-GCM's tag makes only the right one
+//!   authenticate. Nothing new is wrapped under it (docs/FORMAT.md section 1).
 //! - Key lifecycle (versions, states, destroy, purge) lives in [`lifecycle`].
 //! - No PIN or key byte appears in an error, a log line or `Debug` output.
 
@@ -29,6 +38,7 @@ pub mod doctor;
 mod errors;
 pub mod keys;
 pub mod lifecycle;
+pub mod lock;
 
 pub use doctor::DoctorReport;
 pub use keys::{KeyAttributes, KeyInfo, KeyState};
@@ -49,12 +59,13 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use errors::{module_error, rv_of, token_error};
 use lifecycle::{Family, Scan};
+use lock::{Held, Mode, TokenLock};
 use rand::RngCore;
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use zeroize::Zeroizing;
 
 /// Idle sessions kept for reuse; more than the number of worker threads
@@ -67,25 +78,35 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Serialises object management (search, attribute reads, generation,
-/// login, token initialisation) across every `Hsm` in the process. SoftHSM2's
-/// file object store misreads an object that another session of the same
-/// process is creating: seen here as `CKR_ATTRIBUTE_VALUE_INVALID` or a
-/// malformed value from `C_GetAttributeValue`, and `CKR_GENERAL_ERROR` or
-/// `CKR_FUNCTION_FAILED` from a concurrent `C_GenerateKey`. One `Hsm`'s
-/// admin mutex covers only its own session. Wrap and unwrap never take this
-/// lock: they are the hot path, and do not race that way.
+/// Serialises object management (initialisation, token lookup, login,
+/// search, attribute reads, generation) across every `Hsm` in the process,
+/// and makes its thread the only user of the process's token lock file (a
+/// `flock` belongs to the open file, which the process's threads share).
+/// SoftHSM2's file object store also misreads, within one process, an
+/// object that another session is creating: seen here as
+/// `CKR_ATTRIBUTE_VALUE_INVALID` or a malformed value from
+/// `C_GetAttributeValue`, and `CKR_GENERAL_ERROR` or `CKR_FUNCTION_FAILED`
+/// from a concurrent `C_GenerateKey`. Wrap and unwrap never take this lock:
+/// they are the hot path (see [`lock`] for why that is safe).
 static MANAGEMENT: Mutex<()> = Mutex::new(());
+
+/// Held while a PKCS#11 call that reads or writes the token's storage is in
+/// progress (under [`MANAGEMENT`] and the token lock); what [`quiesce`]
+/// waits for. Separate from `MANAGEMENT` so that a thread merely waiting for
+/// another process's token lock does not delay an exit.
+static TOKEN_CALLS: Mutex<()> = Mutex::new(());
 
 /// For a process about to exit on a signal: waits until no login, key
 /// generation or other object management is in progress (at most `max`),
 /// then blocks any new one for the rest of the process's life. A token
 /// whose files are being rewritten (SoftHSM2 rewrites token.object at every
-/// `C_Login`) is then never left half-written by the exit.
+/// `C_Login`) is then never left half-written by the exit. The token lock
+/// is released by the exit itself (the kernel drops a dead process's
+/// `flock`s).
 pub fn quiesce(max: std::time::Duration) {
     let deadline = std::time::Instant::now() + max;
     loop {
-        match MANAGEMENT.try_lock() {
+        match TOKEN_CALLS.try_lock() {
             Ok(guard) => return std::mem::forget(guard),
             Err(std::sync::TryLockError::Poisoned(p)) => return std::mem::forget(p.into_inner()),
             Err(std::sync::TryLockError::WouldBlock) => {
@@ -98,11 +119,104 @@ pub fn quiesce(max: std::time::Duration) {
     }
 }
 
-/// The admin session, held together with [`MANAGEMENT`] (always taken
+/// The right to make PKCS#11 calls that touch the token's storage: the
+/// in-process lock, the token lock between processes, and the marker
+/// [`quiesce`] waits for. Fields drop in declaration order: the marker, then
+/// the token lock, then the in-process lock.
+pub struct TokenGuard {
+    _calls: MutexGuard<'static, ()>,
+    held: Held,
+    _management: MutexGuard<'static, ()>,
+}
+
+impl TokenGuard {
+    /// Takes the in-process lock, then `lock` in `mode` (waiting for other
+    /// processes as long as they hold it).
+    fn take(lock: &Arc<TokenLock>, mode: Mode) -> Result<TokenGuard> {
+        let management = self::lock(&MANAGEMENT);
+        let held = lock.acquire(mode)?;
+        let calls = self::lock(&TOKEN_CALLS);
+        Ok(TokenGuard {
+            _calls: calls,
+            held,
+            _management: management,
+        })
+    }
+
+    /// The mode the token lock is held in.
+    pub fn mode(&self) -> Mode {
+        self.held.mode()
+    }
+}
+
+/// Holds the token lock for `token_label` in the module at `module` as an
+/// hsmseal process would around its token calls; for tests and tools that
+/// must not run beside hsmseal's own token calls. The module need not be
+/// loaded.
+pub fn lock_token(module: &Path, token_label: &str, mode: Mode) -> Result<TokenGuard> {
+    let canonical = std::fs::canonicalize(module).map_err(|e| {
+        Error::token(format!(
+            "cannot load PKCS#11 module {}: {e} — set --module or HSMSEAL_PKCS11_MODULE",
+            module.display()
+        ))
+    })?;
+    TokenGuard::take(&TokenLock::for_token(&canonical, token_label)?, mode)
+}
+
+/// The path of the token lock file hsmseal uses for `token_label` in the
+/// module at `module`, with the current environment (see [`lock`]).
+pub fn token_lock_path(module: &Path, token_label: &str) -> Result<PathBuf> {
+    let canonical = std::fs::canonicalize(module)
+        .map_err(|e| Error::token(format!("cannot resolve module {}: {e}", module.display())))?;
+    Ok(TokenLock::for_token(&canonical, token_label)?
+        .path()
+        .to_path_buf())
+}
+
+/// SoftHSM2 2.6.1's transient failures while another process (one that does
+/// not take hsmseal's token lock, e.g. `pkcs11-tool`, or a SoftHSM2 reader
+/// that caught a write in progress) rewrites `token.object`: `C_GetTokenInfo`
+/// and `C_Login` return `CKR_GENERAL_ERROR` when the file read back empty
+/// (`Token::getTokenInfo`, `Token::loginUser`: the latter before checking
+/// the PIN, so no try is spent). These calls alone are retried, and only on
+/// SoftHSM2; any other module's `CKR_GENERAL_ERROR` is reported at once.
+fn is_transient(e: &CkError) -> bool {
+    matches!(
+        e,
+        CkError::Pkcs11(
+            RvError::GeneralError,
+            Function::GetTokenInfo | Function::Login
+        )
+    )
+}
+
+/// Pauses before each retry of a transient failure: bounded (about 0.3 s
+/// in all), long enough for SoftHSM2's write window (the time between its
+/// unlock and `fclose`, microseconds) to pass many times over.
+const RETRY_BACKOFF_MS: [u64; 5] = [1, 4, 16, 64, 250];
+
+/// Runs `op`, retrying it with [`RETRY_BACKOFF_MS`] while it fails with
+/// [`is_transient`] and `softhsm2` is true.
+fn retry_transient<T>(
+    softhsm2: bool,
+    mut op: impl FnMut() -> Result<T, CkError>,
+) -> Result<T, CkError> {
+    for pause in RETRY_BACKOFF_MS {
+        match op() {
+            Err(e) if softhsm2 && is_transient(&e) => {
+                std::thread::sleep(std::time::Duration::from_millis(pause))
+            }
+            r => return r,
+        }
+    }
+    op()
+}
+
+/// The admin session, held together with a [`TokenGuard`] (always taken
 /// first, so the two locks cannot deadlock).
 struct Admin<'a> {
     session: MutexGuard<'a, Session>,
-    _management: MutexGuard<'static, ()>,
+    _guard: TokenGuard,
 }
 
 impl std::ops::Deref for Admin<'_> {
@@ -126,8 +240,12 @@ struct LoadedModule {
 /// per application, not per session).
 static CONTEXTS: Mutex<Vec<LoadedModule>> = Mutex::new(Vec::new());
 
-/// The process's context for `module`, loading and initialising it on first use.
-fn context(module: &Path) -> Result<Pkcs11> {
+/// The process's context for `module`, loading and initialising it on first
+/// use, and the token lock for `token_label` in it. `C_Initialize` runs
+/// under the shared token lock: SoftHSM2 reads every token of its directory
+/// then, and skips (for the life of the process) one whose `token.object`
+/// it finds half-written.
+fn context(module: &Path, token_label: &str) -> Result<(Pkcs11, Arc<TokenLock>)> {
     let load_error = |detail: String| {
         Error::token(format!(
             "cannot load PKCS#11 module {}: {detail} — set --module or HSMSEAL_PKCS11_MODULE",
@@ -146,10 +264,18 @@ fn context(module: &Path) -> Result<Pkcs11> {
                 module.display()
             )));
         }
-        return Ok(m.ctx.clone());
+        return Ok((
+            m.ctx.clone(),
+            TokenLock::for_token(&canonical, token_label)?,
+        ));
     }
+    let token_lock = TokenLock::for_token(&canonical, token_label)?;
     let ctx = Pkcs11::new(&canonical).map_err(|e| load_error(e.to_string()))?;
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+    let initialized = {
+        let _guard = TokenGuard::take(&token_lock, Mode::Shared)?;
+        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+    };
+    match initialized {
         Ok(()) => {}
         // Another part of the process initialised it (e.g. a test's own
         // cryptoki context): the library state is shared, so just use it.
@@ -167,11 +293,12 @@ fn context(module: &Path) -> Result<Pkcs11> {
         ctx: ctx.clone(),
         softhsm2_conf: conf,
     });
-    Ok(ctx)
+    Ok((ctx, token_lock))
 }
 
-/// The slot holding the initialised token labelled `label` (compared trimmed).
-fn find_token(ctx: &Pkcs11, module: &Path, label: &str) -> Result<Slot> {
+/// The slot holding the initialised token labelled `label` (compared
+/// trimmed). The caller holds the token lock (at least shared).
+fn find_token(ctx: &Pkcs11, module: &Path, label: &str, softhsm2: bool) -> Result<Slot> {
     let wanted = label.trim();
     let slots = ctx
         .get_slots_with_token()
@@ -179,8 +306,7 @@ fn find_token(ctx: &Pkcs11, module: &Path, label: &str) -> Result<Slot> {
     let mut found = Vec::new();
     let mut matches = Vec::new();
     for slot in slots {
-        let info = ctx
-            .get_token_info(slot)
+        let info = retry_transient(softhsm2, || ctx.get_token_info(slot))
             .map_err(|e| module_error(e, module, "reading token information"))?;
         if !info.token_initialized() {
             continue;
@@ -215,15 +341,17 @@ pub struct Hsm {
     slot: Slot,
     module: PathBuf,
     token_label: String,
+    /// Shared with every hsmseal process on this token (see [`lock`]).
+    token_lock: Arc<TokenLock>,
     /// Held for the `Hsm`'s whole life (keeps the login); used for login,
     /// key lookup, attribute reads and key generation.
     admin: Mutex<Session>,
     /// Idle sessions for wrap/unwrap: take one, use it, put it back.
     pool: Mutex<Vec<Session>>,
-    /// Handles whose attributes passed the check. The check is trusted for
-    /// the life of this `Hsm` (one CLI run); a handle that stops working is
-    /// evicted and looked up again.
-    verified: RwLock<HashMap<KeyRef, ObjectHandle>>,
+    /// Objects whose attributes passed the check, per key version. The
+    /// check is trusted for the life of this `Hsm` (one CLI run); a handle
+    /// that stops working is evicted and looked up again.
+    verified: RwLock<HashMap<KeyRef, Arc<Verified>>>,
     /// The current version per key name, as first found in this `Hsm`'s
     /// life: a bulk run looks it up once, not once per file. Cleared by this
     /// `Hsm`'s own key changes and whenever a handle of the name is evicted.
@@ -243,6 +371,25 @@ impl std::fmt::Debug for Hsm {
             .field("slot", &self.slot.id())
             .finish_non_exhaustive()
     }
+}
+
+/// What the token holds under one key version's label, as checked.
+#[derive(Debug)]
+struct Verified {
+    /// The objects that passed [`keys::problems`] and are not disabled, in
+    /// the token's order; never empty. Normally exactly one.
+    usable: Vec<ObjectHandle>,
+    /// How many objects carry the label, usable or not. More than one is a
+    /// duplicated version (docs/FORMAT.md section 1): it unwraps, trying
+    /// each usable object, but nothing new is wrapped under it.
+    labelled: usize,
+}
+
+/// What a key is used for in [`Hsm::with_key`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Use {
+    Wrap,
+    Unwrap,
 }
 
 /// A session borrowed from the pool; it goes back on drop unless discarded.
@@ -277,22 +424,27 @@ impl Hsm {
     /// Loads the module, initialises it (once per process) and finds the
     /// token whose label is `token_label`. Does not log in.
     pub fn open(module: &Path, token_label: &str) -> Result<Hsm> {
-        let ctx = context(module)?;
-        let slot = find_token(&ctx, module, token_label)?;
+        let (ctx, token_lock) = context(module, token_label)?;
         let label = token_label.trim().to_string();
-        let admin = match ctx.open_rw_session(slot) {
-            Ok(s) => s,
-            // A write-protected token can still wrap and unwrap.
-            Err(e) if rv_of(&e) == Some(RvError::TokenWriteProtected) => ctx
-                .open_ro_session(slot)
-                .map_err(|e| token_error(e, &label, "opening a session"))?,
-            Err(e) => return Err(token_error(e, &label, "opening a session")),
+        let (slot, admin) = {
+            let _guard = TokenGuard::take(&token_lock, Mode::Shared)?;
+            let slot = find_token(&ctx, module, token_label, token_lock.is_softhsm2())?;
+            let admin = match ctx.open_rw_session(slot) {
+                Ok(s) => s,
+                // A write-protected token can still wrap and unwrap.
+                Err(e) if rv_of(&e) == Some(RvError::TokenWriteProtected) => ctx
+                    .open_ro_session(slot)
+                    .map_err(|e| token_error(e, &label, "opening a session"))?,
+                Err(e) => return Err(token_error(e, &label, "opening a session")),
+            };
+            (slot, admin)
         };
         Ok(Hsm {
             ctx,
             slot,
             module: module.to_path_buf(),
             token_label: label,
+            token_lock,
             admin: Mutex::new(admin),
             pool: Mutex::new(Vec::new()),
             verified: RwLock::new(HashMap::new()),
@@ -316,9 +468,11 @@ impl Hsm {
     /// few wrong tries lock the token on real HSMs.
     pub fn login(&self, pin: &Pin) -> Result<()> {
         let t = &self.token_label;
-        let info = self
-            .ctx
-            .get_token_info(self.slot)
+        let softhsm2 = self.token_lock.is_softhsm2();
+        // Exclusive from the first look to the last: SoftHSM2 rewrites
+        // token.object at every C_Login, right or wrong PIN.
+        let admin = self.admin(Mode::Exclusive)?;
+        let info = retry_transient(softhsm2, || self.ctx.get_token_info(self.slot))
             .map_err(|e| token_error(e, t, "reading token information"))?;
         // Refuse up front when the token says a login cannot succeed, rather
         // than spend a try.
@@ -331,8 +485,10 @@ impl Hsm {
             )));
         }
         let auth = AuthPin::from(pin.expose());
-        let admin = self.admin();
-        match admin.login(UserType::User, Some(&auth)) {
+        // Retried only for SoftHSM2's CKR_GENERAL_ERROR, which it returns
+        // before looking at the PIN (see `is_transient`): a wrong PIN is
+        // never tried twice.
+        match retry_transient(softhsm2, || admin.login(UserType::User, Some(&auth))) {
             Ok(()) => Ok(()),
             Err(e) => match rv_of(&e) {
                 // Another Hsm in this process (same token) already logged in.
@@ -373,15 +529,17 @@ impl Hsm {
                 "invalid token label {label:?}: use 1 to 32 bytes"
             )));
         }
-        let ctx = context(module)?;
-        let _management = lock(&MANAGEMENT);
+        let (ctx, token_lock) = context(module, label)?;
+        let softhsm2 = token_lock.is_softhsm2();
+        // Exclusive throughout: C_InitToken creates the token's files,
+        // C_Login and C_InitPIN rewrite them.
+        let _guard = TokenGuard::take(&token_lock, Mode::Exclusive)?;
         let slots = ctx
             .get_slots_with_token()
             .map_err(|e| module_error(e, module, "listing slots"))?;
         let mut free = None;
         for slot in slots {
-            let info = ctx
-                .get_token_info(slot)
+            let info = retry_transient(softhsm2, || ctx.get_token_info(slot))
                 .map_err(|e| module_error(e, module, "reading token information"))?;
             if info.token_initialized() {
                 if info.label().trim() == label {
@@ -411,7 +569,7 @@ impl Hsm {
             })?;
         // SoftHSM2 moves a newly initialised token to a new slot id, so look
         // it up again by its label.
-        let slot = find_token(&ctx, module, label)?;
+        let slot = find_token(&ctx, module, label, softhsm2)?;
         let session = ctx
             .open_rw_session(slot)
             .map_err(|e| token_error(e, label, "opening a session"))?;
@@ -433,19 +591,33 @@ impl Hsm {
 
     // ---- internals ----
 
-    /// The admin session, with the process-wide management lock.
-    fn admin(&self) -> Admin<'_> {
-        let management = lock(&MANAGEMENT);
-        Admin {
+    /// The admin session, with the token guard in `mode`.
+    fn admin(&self, mode: Mode) -> Result<Admin<'_>> {
+        let guard = TokenGuard::take(&self.token_lock, mode)?;
+        Ok(Admin {
             session: lock(&self.admin),
-            _management: management,
-        }
+            _guard: guard,
+        })
     }
 
-    /// [`Self::admin`], after checking the token is logged in (private
-    /// objects are invisible otherwise, which would look like "no keys").
+    /// The admin session under the exclusive token lock, after checking the
+    /// token is logged in (private objects are invisible otherwise, which
+    /// would look like "no keys"). Exclusive is the default so that any
+    /// method that creates, changes or destroys an object holds it from its
+    /// first lookup to its last check; methods that only read use
+    /// [`Self::admin_reading`].
     fn admin_logged_in(&self) -> Result<Admin<'_>> {
-        let admin = self.admin();
+        self.admin_checked(Mode::Exclusive)
+    }
+
+    /// [`Self::admin_logged_in`] under the shared token lock, for methods
+    /// that only search and read attributes.
+    fn admin_reading(&self) -> Result<Admin<'_>> {
+        self.admin_checked(Mode::Shared)
+    }
+
+    fn admin_checked(&self, mode: Mode) -> Result<Admin<'_>> {
+        let admin = self.admin(mode)?;
         let state = admin
             .get_session_info()
             .map_err(|e| token_error(e, &self.token_label, "reading the session state"))?
@@ -457,6 +629,16 @@ impl Hsm {
                 self.token_label
             ))),
         }
+    }
+
+    /// Reads the token information under the shared token lock (SoftHSM2
+    /// re-reads token.object for it).
+    fn token_info(&self) -> Result<cryptoki::slot::TokenInfo> {
+        let _guard = TokenGuard::take(&self.token_lock, Mode::Shared)?;
+        retry_transient(self.token_lock.is_softhsm2(), || {
+            self.ctx.get_token_info(self.slot)
+        })
+        .map_err(|e| token_error(e, &self.token_label, "reading token information"))
     }
 
     /// Every hsmseal object on the token: key versions (sorted) and
@@ -559,7 +741,15 @@ impl Hsm {
         }
     }
 
-    fn generate(&self, admin: &Session, name: &str, version: u32) -> Result<KeyInfo> {
+    /// Generates version `version` of `name` and checks what the token
+    /// made. The caller holds the exclusive token lock and then calls
+    /// [`Self::ensure_unique`].
+    fn generate(
+        &self,
+        admin: &Session,
+        name: &str,
+        version: u32,
+    ) -> Result<(KeyInfo, ObjectHandle)> {
         let k = KeyRef {
             name: name.to_string(),
             version,
@@ -588,12 +778,42 @@ impl Hsm {
                 info.problems.join("; ")
             )));
         }
+        Ok((info, h))
+    }
+
+    /// After generating `h` as version `k`: checks that no other object
+    /// carries its label. hsmseal processes cannot make one meanwhile (the
+    /// caller holds the exclusive token lock from its scan to here), but a
+    /// client that does not take the lock can. Then `h` is destroyed (no
+    /// hsmseal process can have used it: they need the lock to look it up)
+    /// and the creation fails, so hsmseal never leaves a duplicated label.
+    fn ensure_unique(&self, admin: &Session, k: &KeyRef, h: ObjectHandle) -> Result<()> {
+        let t = &self.token_label;
+        let label = keys::label(&k.name, k.version);
+        let handles = admin
+            .find_objects(&[Attribute::Label(label.clone().into_bytes())])
+            .map_err(|e| token_error(e, t, &format!("checking that {label} is unique")))?;
+        if handles.len() > 1 {
+            let destroyed = match admin.destroy_object(h) {
+                Ok(()) => "hsmseal destroyed the one it made, so the label stays unique",
+                Err(_) => "destroying the one hsmseal made failed too; `hsmseal key list` shows the duplicate",
+            };
+            return Err(Error::token(format!(
+                "another PKCS#11 client created an object labelled {label} on token {t:?} while hsmseal was creating key {k}; {destroyed}. Check with `hsmseal key list` and run the command again"
+            )));
+        }
         self.verified
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(k, h);
-        self.forget_current(name);
-        Ok(info)
+            .insert(
+                k.clone(),
+                Arc::new(Verified {
+                    usable: vec![h],
+                    labelled: 1,
+                }),
+            );
+        self.forget_current(&k.name);
+        Ok(())
     }
 
     /// Why version `version` of `family` has no object: destroyed (its
@@ -636,11 +856,13 @@ impl Hsm {
         }
     }
 
-    fn duplicates(&self, k: &KeyRef, n: usize) -> Error {
+    /// The refusal to wrap under a version several objects carry.
+    fn ambiguous(&self, k: &KeyRef, n: usize) -> Error {
         Error::key(format!(
-            "{n} objects on token {:?} are labelled {}; hsmseal will not guess which one is key {k} — remove the duplicates",
+            "{n} objects on token {:?} are labelled {} (made by an older hsmseal or another PKCS#11 client); data under key {k} still decrypts (each is tried), but hsmseal wraps nothing new under a duplicated version — run `hsmseal key rotate {}` to make a new, unique current version",
             self.token_label,
-            keys::label(&k.name, k.version)
+            keys::label(&k.name, k.version),
+            k.name
         ))
     }
 
@@ -651,43 +873,62 @@ impl Hsm {
         ))
     }
 
-    /// The handle of `k`, after checking its attributes (cached).
-    fn resolve(&self, k: &KeyRef) -> Result<ObjectHandle> {
-        if let Some(h) = self
+    /// The usable objects of `k`, after checking their attributes (cached).
+    /// Fails when none is usable: a weak object is refused naming what is
+    /// weak, a disabled one as disabled.
+    fn resolve(&self, k: &KeyRef) -> Result<Arc<Verified>> {
+        if let Some(v) = self
             .verified
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(k)
         {
-            return Ok(*h);
+            return Ok(v.clone());
         }
         validate_key_name(&k.name)?;
-        let admin = self.admin_logged_in()?;
+        let admin = self.admin_reading()?;
         let label = keys::label(&k.name, k.version);
         let handles = admin
             .find_objects(&[Attribute::Label(label.clone().into_bytes())])
             .map_err(|e| token_error(e, &self.token_label, &format!("looking up key {k}")))?;
-        let h = match handles.as_slice() {
-            [h] => *h,
-            [] => {
-                let family = self.family(&admin, &k.name)?;
-                return Err(self.missing_version(&family, k.version));
+        let mut usable = Vec::new();
+        let mut weak = None;
+        let mut disabled = false;
+        for &h in &handles {
+            let attributes = match admin.get_attributes(h, keys::CHECKED_ATTRIBUTES) {
+                Ok(a) => KeyAttributes::from_attributes(&a),
+                // Destroyed since the search.
+                Err(e) if is_gone(&e) => continue,
+                Err(e) => return Err(token_error(e, &self.token_label, "reading key attributes")),
+            };
+            let problems = keys::problems(&attributes);
+            if !problems.is_empty() {
+                weak.get_or_insert(problems);
+            } else if keys::is_disabled(&attributes) {
+                disabled = true;
+            } else {
+                usable.push(h);
             }
-            many => return Err(self.duplicates(k, many.len())),
-        };
-        let attributes = self.read_attributes(&admin, h)?;
-        let problems = keys::problems(&attributes);
-        if !problems.is_empty() {
-            return Err(Error::key(keys::refusal(k, &problems)));
         }
-        if keys::is_disabled(&attributes) {
-            return Err(Error::key(keys::disabled_refusal(k)));
+        if usable.is_empty() {
+            return Err(if let Some(problems) = weak {
+                Error::key(keys::refusal(k, &problems))
+            } else if disabled {
+                Error::key(keys::disabled_refusal(k))
+            } else {
+                let family = self.family(&admin, &k.name)?;
+                self.missing_version(&family, k.version)
+            });
         }
+        let v = Arc::new(Verified {
+            usable,
+            labelled: handles.len(),
+        });
         self.verified
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(k.clone(), h);
-        Ok(h)
+            .insert(k.clone(), v.clone());
+        Ok(v)
     }
 
     /// Forgets the verified handle of `k` and the current version of its
@@ -725,32 +966,49 @@ impl Hsm {
     }
 
     /// Runs one wrap or unwrap, retrying once with a fresh lookup if the
-    /// cached handle went stale (key destroyed and re-created, token reset)
-    /// or the token refuses it (disabled by another process since it was
-    /// verified): the fresh lookup then reports why.
+    /// cached handle went stale (key destroyed and re-created, token reset,
+    /// or SoftHSM2 caught rewriting the key's file by another process) or
+    /// the token refuses it (disabled by another process since it was
+    /// verified): the fresh lookup then reports why. A wrap needs a version
+    /// carried by exactly one object. An unwrap tries each usable object of
+    /// a duplicated version in turn while `wrong_key` says the last one did
+    /// not authenticate the data.
     fn with_key<T>(
         &self,
         k: &KeyRef,
+        purpose: Use,
         op: impl Fn(&Session, ObjectHandle) -> Result<T, CkError>,
+        wrong_key: impl Fn(&CkError) -> bool,
         on_error: impl Fn(CkError) -> Error,
     ) -> Result<T> {
         let mut retried = false;
-        loop {
-            let h = self.resolve(k)?;
-            let session = self.session()?;
-            self.calls.fetch_add(1, Ordering::Relaxed);
-            match op(session.get(), h) {
-                Ok(v) => return Ok(v),
-                Err(e) => {
-                    session.discard();
-                    if (is_gone(&e) || is_not_permitted(&e)) && !retried {
-                        self.evict(k);
-                        retried = true;
-                        continue;
+        'lookup: loop {
+            let v = self.resolve(k)?;
+            if purpose == Use::Wrap && v.labelled > 1 {
+                return Err(self.ambiguous(k, v.labelled));
+            }
+            let mut last = None;
+            for &h in &v.usable {
+                let session = self.session()?;
+                self.calls.fetch_add(1, Ordering::Relaxed);
+                match op(session.get(), h) {
+                    Ok(out) => return Ok(out),
+                    Err(e) => {
+                        session.discard();
+                        if (is_gone(&e) || is_not_permitted(&e)) && !retried {
+                            self.evict(k);
+                            retried = true;
+                            continue 'lookup;
+                        }
+                        if !wrong_key(&e) {
+                            return Err(on_error(e));
+                        }
+                        last = Some(e);
                     }
-                    return Err(on_error(e));
                 }
             }
+            // Every usable object was tried and none authenticated the data.
+            return Err(on_error(last.expect("resolve returns at least one object")));
         }
     }
 }
@@ -838,6 +1096,21 @@ fn make_key_info(
     }
 }
 
+/// True for what `C_Decrypt` returns when the GCM tag does not verify (wrong
+/// key, modified data). SoftHSM2 reports a bad GCM tag as
+/// `CKR_GENERAL_ERROR`; the spec's answer is `CKR_ENCRYPTED_DATA_INVALID`.
+/// Only on `C_Decrypt` itself: the same codes from `C_DecryptInit` mean
+/// something else.
+fn is_bad_tag(e: &CkError) -> bool {
+    matches!(
+        e,
+        CkError::Pkcs11(
+            RvError::GeneralError | RvError::EncryptedDataInvalid,
+            Function::Decrypt
+        )
+    )
+}
+
 /// True for the code a token returns for a key whose attributes forbid the
 /// operation (here: a version disabled since its handle was verified).
 fn is_not_permitted(e: &CkError) -> bool {
@@ -886,7 +1159,7 @@ impl KeyBackend for Hsm {
         let version = match cached {
             Some(v) => v,
             None => {
-                let admin = self.admin_logged_in()?;
+                let admin = self.admin_reading()?;
                 let family = self.family(&admin, name)?;
                 let mut found = None;
                 for (v, h) in family.keys.iter().rev() {
@@ -920,6 +1193,7 @@ impl KeyBackend for Hsm {
         let t = &self.token_label;
         let (iv_len, iv, ct) = self.with_key(
             kwk,
+            Use::Wrap,
             |session, h| {
                 // Our random IV goes in; an HSM that generates GCM IVs itself
                 // writes its own into the same buffer, and that is what we keep.
@@ -930,6 +1204,7 @@ impl KeyBackend for Hsm {
                 let iv_len = gcm_iv_len(&mut mech);
                 Ok((iv_len, iv, ct))
             },
+            |_| false,
             |e| token_error(e, t, &format!("wrapping a data key with {kwk}")),
         )?;
         // The format stores exactly 12 bytes of IV: a module that changed the
@@ -954,6 +1229,7 @@ impl KeyBackend for Hsm {
         let t = &self.token_label;
         let mut pt = self.with_key(
             kwk,
+            Use::Unwrap,
             |session, h| {
                 let mut iv = wrapped.iv;
                 let mech = Mechanism::AesGcm(gcm_params(&mut iv, aad)?);
@@ -963,18 +1239,15 @@ impl KeyBackend for Hsm {
                     .decrypt(&mech, h, &wrapped.ciphertext)
                     .map(Zeroizing::new)
             },
-            |e| match e {
-                // SoftHSM2 reports a bad GCM tag as CKR_GENERAL_ERROR; the
-                // spec's answer is CKR_ENCRYPTED_DATA_INVALID. Only on
-                // C_Decrypt itself: the same codes from C_DecryptInit mean
-                // something else.
-                CkError::Pkcs11(
-                    RvError::GeneralError | RvError::EncryptedDataInvalid,
-                    Function::Decrypt,
-                ) => Error::integrity(format!(
-                    "authentication failed unwrapping the data key with {kwk}: the header was modified or the data belongs to another key"
-                )),
-                e => token_error(e, t, &format!("unwrapping a data key with {kwk}")),
+            is_bad_tag,
+            |e| {
+                if is_bad_tag(&e) {
+                    Error::integrity(format!(
+                        "authentication failed unwrapping the data key with {kwk}: the header was modified or the data belongs to another key"
+                    ))
+                } else {
+                    token_error(e, t, &format!("unwrapping a data key with {kwk}"))
+                }
             },
         )?;
         let n = pt.len();
@@ -987,5 +1260,79 @@ impl KeyBackend for Hsm {
 
     fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `retry_transient` over errors handed out in order, then `Ok`;
+    /// returns (result, calls made).
+    fn run(softhsm2: bool, errors: Vec<CkError>) -> (Result<usize, CkError>, usize) {
+        let mut errors = errors.into_iter();
+        let mut calls = 0;
+        let r = retry_transient(softhsm2, || {
+            calls += 1;
+            match errors.next() {
+                Some(e) => Err(e),
+                None => Ok(calls),
+            }
+        });
+        (r, calls)
+    }
+
+    #[test]
+    fn only_softhsm2s_transient_store_errors_are_retried_and_boundedly() {
+        let general = |f| CkError::Pkcs11(RvError::GeneralError, f);
+        // C_GetTokenInfo and C_Login's CKR_GENERAL_ERROR: retried.
+        let (r, calls) = run(
+            true,
+            vec![general(Function::GetTokenInfo), general(Function::Login)],
+        );
+        assert_eq!((r.unwrap(), calls), (3, 3));
+        // At most 6 tries in all, then the error itself.
+        let (r, calls) = run(true, (0..10).map(|_| general(Function::Login)).collect());
+        assert_eq!(calls, RETRY_BACKOFF_MS.len() + 1);
+        assert!(matches!(
+            r,
+            Err(CkError::Pkcs11(RvError::GeneralError, Function::Login))
+        ));
+        // Never a wrong PIN, never another call's general error (C_Decrypt:
+        // a bad GCM tag), never another module.
+        for (softhsm2, e) in [
+            (
+                true,
+                CkError::Pkcs11(RvError::PinIncorrect, Function::Login),
+            ),
+            (true, general(Function::Decrypt)),
+            (true, general(Function::GenerateKey)),
+            (false, general(Function::GetTokenInfo)),
+            (false, general(Function::Login)),
+        ] {
+            let (r, calls) = run(softhsm2, vec![e]);
+            assert!(r.is_err());
+            assert_eq!(calls, 1);
+        }
+    }
+
+    #[test]
+    fn a_bad_tag_is_only_c_decrypts_general_or_encrypted_data_invalid() {
+        assert!(is_bad_tag(&CkError::Pkcs11(
+            RvError::GeneralError,
+            Function::Decrypt
+        )));
+        assert!(is_bad_tag(&CkError::Pkcs11(
+            RvError::EncryptedDataInvalid,
+            Function::Decrypt
+        )));
+        assert!(!is_bad_tag(&CkError::Pkcs11(
+            RvError::GeneralError,
+            Function::DecryptInit
+        )));
+        assert!(!is_bad_tag(&CkError::Pkcs11(
+            RvError::KeyHandleInvalid,
+            Function::Decrypt
+        )));
     }
 }
