@@ -612,19 +612,16 @@ fn several_processes_append_at_once() {
             exits.push(ch.wait().unwrap().code().unwrap_or(-1));
         }
     }
-    // Runs SoftHSM2 itself fails (exit 5: CKR_GENERAL_ERROR at login while
-    // another process rewrites the token file) are the token's problem
-    // (issue 9, item 7); none may fail for an audit reason (3, 9), and every
-    // run that succeeded is in the log, in one intact chain.
-    assert!(exits.iter().all(|&e| e == 0 || e == 5), "{exits:?}");
-    let succeeded = exits.iter().filter(|&&e| e == 0).count();
+    // Every run succeeds (the token lock keeps SoftHSM2's logins apart,
+    // issue 9 item 7), and every one is in the log, in one intact chain.
+    assert!(exits.iter().all(|&e| e == 0), "{exits:?}");
+    let succeeded = exits.len();
     let e = entries(&c.path(LOG));
     let logged_ok = e
         .iter()
         .filter(|e| e["command"] == "verify" && e["result"] == "ok")
         .count();
     assert_eq!(logged_ok, succeeded, "{exits:?}");
-    assert!(succeeded > 0);
     let out = ok(&c, &["audit", "verify"]);
     let s = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(s.contains(&format!("{} entries", e.len())), "{s}");
