@@ -27,6 +27,8 @@ use crate::error::Result;
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> Result<i32> {
     let g = &cli.global;
+    // Lock waits and stale temporary files removed are announced unless --quiet.
+    crate::output::set_notices(!g.quiet);
     if let Command::Init(args) = &cli.command {
         // init must not depend on an existing configuration.
         return init::run(args, g.json, g.quiet);
