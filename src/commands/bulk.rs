@@ -148,6 +148,9 @@ pub fn select(
                                     continue;
                                 }
                             },
+                            // Removed since the listing (an --in-place run
+                            // beside this one): nothing to do, as in the walk.
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                             Err(_) => None,
                         }
                     } else {

@@ -281,6 +281,10 @@ fn replace_original(
         }
     })();
     if let Err(e) = checked {
+        // The original's lock is let go first: a process holding the new
+        // file's lock may be waiting for it (two opposite --in-place runs),
+        // and nothing is removed from the original's side.
+        drop(orig);
         let removed = remove_if_ours(new, new_id);
         return Err(Error::new(
             e.kind(),
