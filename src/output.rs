@@ -923,6 +923,128 @@ mod tests {
     }
 
     #[test]
+    fn commit_rechecks_the_destination_and_never_replaces_a_non_file() {
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("out");
+        let temps = || {
+            fs::read_dir(d.path())
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .contains(TEMP_MARKER)
+                })
+                .count()
+        };
+        // Appeared while writing, without force: kept (RENAME_NOREPLACE).
+        let mut f = AtomicFile::create(&dest, 0o600, false).unwrap();
+        f.write_all(b"new").unwrap();
+        fs::write(&dest, b"theirs").unwrap();
+        let e = f.commit().unwrap_err();
+        assert!(e.message().contains("appeared while writing"), "{e}");
+        assert_eq!(fs::read(&dest).unwrap(), b"theirs");
+        assert_eq!(temps(), 0);
+        // Turned into a link, a FIFO or a directory while writing, with
+        // force: refused, left as it is.
+        for kind in ["link", "fifo", "dir"] {
+            fs::remove_file(&dest).ok();
+            fs::remove_dir(&dest).ok();
+            let mut f = AtomicFile::create(&dest, 0o600, true).unwrap();
+            f.write_all(b"new").unwrap();
+            match kind {
+                "link" => std::os::unix::fs::symlink("elsewhere", &dest).unwrap(),
+                "fifo" => {
+                    let c = std::ffi::CString::new(dest.to_str().unwrap()).unwrap();
+                    // SAFETY: a NUL-terminated path.
+                    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+                }
+                _ => fs::create_dir(&dest).unwrap(),
+            }
+            let e = f.commit().unwrap_err();
+            assert!(
+                e.message().contains("only ever replaces a regular file"),
+                "{kind}: {e}"
+            );
+            let t = fs::symlink_metadata(&dest).unwrap().file_type();
+            assert!(!t.is_file(), "{kind} replaced");
+            assert_eq!(temps(), 0, "{kind}: temp left");
+        }
+        fs::remove_dir(&dest).unwrap();
+        // A regular file with force: replaced, and the new identity returned.
+        fs::write(&dest, b"old").unwrap();
+        let mut f = AtomicFile::create(&dest, 0o600, true).unwrap();
+        f.write_all(b"new").unwrap();
+        let id = f.commit().unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), b"new");
+        assert_eq!(id, FileId::of(&fs::metadata(&dest).unwrap()));
+        // Refused up front too.
+        fs::remove_file(&dest).unwrap();
+        std::os::unix::fs::symlink("elsewhere", &dest).unwrap();
+        assert!(AtomicFile::create(&dest, 0o600, true).is_err());
+    }
+
+    #[test]
+    fn temp_names_carry_the_writer_pid() {
+        let d = tempfile::tempdir().unwrap();
+        let f = AtomicFile::create(&d.path().join("x.y"), 0o600, false).unwrap();
+        let name = f.temp_path().file_name().unwrap().to_owned();
+        assert_eq!(temp_writer_pid(&name), Some(std::process::id()));
+        // The writer holds its temp file's lock.
+        let other = File::open(f.temp_path()).unwrap();
+        assert!(!try_lock(&other, LockMode::Exclusive).unwrap());
+        drop(f);
+        for bad in [
+            "x.hsmseal-tmp-12-0123456789abcdef",  // not hidden
+            ".x.hsmseal-tmp-12-0123456789abcde",  // short
+            ".x.hsmseal-tmp-12-0123456789abcdeX", // not hex
+            ".x.hsmseal-tmp--0123456789abcdef",   // no pid
+            ".x.hsmseal-tmp-0123456789abcdef",    // old form
+            ".x.hsmseal-tmp-1a-0123456789abcdef", // pid not decimal
+        ] {
+            assert_eq!(temp_writer_pid(OsStr::new(bad)), None, "{bad}");
+        }
+        assert_eq!(
+            temp_writer_pid(OsStr::new(
+                ".a.hsmseal-tmp-b.hsmseal-tmp-77-0123456789abcdef"
+            )),
+            Some(77)
+        );
+    }
+
+    #[test]
+    fn resolve_output_decides_by_what_is_there() {
+        let d = tempfile::tempdir().unwrap();
+        let p = |n: &str| d.path().join(n);
+        assert_eq!(
+            resolve_output(&p("new"), false).unwrap(),
+            Sink::File(p("new"))
+        );
+        fs::write(p("file"), b"x").unwrap();
+        assert!(resolve_output(&p("file"), false).is_err());
+        assert_eq!(
+            resolve_output(&p("file"), true).unwrap(),
+            Sink::File(p("file"))
+        );
+        std::os::unix::fs::symlink(p("file"), p("link")).unwrap();
+        assert!(resolve_output(&p("link"), false).is_err());
+        let real = fs::canonicalize(p("file")).unwrap();
+        assert_eq!(resolve_output(&p("link"), true).unwrap(), Sink::File(real));
+        std::os::unix::fs::symlink(p("nowhere"), p("dangling")).unwrap();
+        assert!(resolve_output(&p("dangling"), true).is_err());
+        fs::create_dir(p("dir")).unwrap();
+        assert!(resolve_output(&p("dir"), true).is_err());
+        let c = std::ffi::CString::new(p("fifo").to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert_eq!(
+            resolve_output(&p("fifo"), false).unwrap(),
+            Sink::Stream(p("fifo"))
+        );
+    }
+
+    #[test]
     fn same_file_detects_links() {
         let d = tempfile::tempdir().unwrap();
         let a = d.path().join("a");
