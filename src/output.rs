@@ -465,6 +465,68 @@ pub fn open_stream(p: &Path) -> Result<File> {
     Ok(f)
 }
 
+/// An output file opened by the rules of `resolve_output`, for commands that
+/// write one file (`columns ... -o PATH`): a new or replaced regular file
+/// (atomic), or a FIFO or character device written into. A path that names
+/// stdout (`/dev/stdout`) writes to descriptor 1.
+pub enum OutputFile {
+    Atomic(AtomicFile),
+    Stream(io::BufWriter<File>),
+}
+
+impl OutputFile {
+    /// Opens `p` for writing by the rules of `resolve_output`.
+    pub fn create(p: &Path, mode: u32, force: bool) -> Result<OutputFile> {
+        Ok(match resolve_output(p, force)? {
+            Sink::File(real) => OutputFile::Atomic(AtomicFile::create(&real, mode, force)?),
+            Sink::Stream(s) => {
+                OutputFile::Stream(io::BufWriter::with_capacity(IO_BUF, open_stream(&s)?))
+            }
+            // Descriptor 1 itself (duplicated), not a reopening of the
+            // path: same offset and flags as stdout, as with `> file`.
+            Sink::Stdout => {
+                use std::os::fd::AsFd;
+                let fd = io::stdout()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| Error::io(format!("cannot use stdout: {e}")))?;
+                OutputFile::Stream(io::BufWriter::with_capacity(IO_BUF, File::from(fd)))
+            }
+        })
+    }
+
+    /// Finishes the output: commits an atomic file, flushes a stream.
+    pub fn commit(self) -> Result<()> {
+        match self {
+            OutputFile::Atomic(f) => f.commit().map(|_| ()),
+            OutputFile::Stream(mut w) => w
+                .flush()
+                .map_err(|e| Error::io(format!("writing output: {e}"))),
+        }
+    }
+}
+
+impl Write for OutputFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            OutputFile::Atomic(f) => f.write(buf),
+            OutputFile::Stream(w) => w.write(buf),
+        }
+    }
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            OutputFile::Atomic(f) => f.write_all(buf),
+            OutputFile::Stream(w) => w.write_all(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            OutputFile::Atomic(f) => f.flush(),
+            OutputFile::Stream(w) => w.flush(),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Atomic output files
 
@@ -1042,6 +1104,18 @@ mod tests {
             resolve_output(&p("fifo"), false).unwrap(),
             Sink::Stream(p("fifo"))
         );
+        // OutputFile follows the same rules.
+        let fifo = p("fifo");
+        let reader = std::thread::spawn(move || fs::read(fifo).unwrap());
+        let mut o = OutputFile::create(&p("fifo"), 0o600, false).unwrap();
+        o.write_all(b"into the fifo").unwrap();
+        o.commit().unwrap();
+        assert_eq!(reader.join().unwrap(), b"into the fifo");
+        let mut o = OutputFile::create(&p("file"), 0o600, true).unwrap();
+        o.write_all(b"replaced").unwrap();
+        o.commit().unwrap();
+        assert_eq!(fs::read(p("file")).unwrap(), b"replaced");
+        assert!(OutputFile::create(&p("dangling"), 0o600, true).is_err());
     }
 
     #[test]

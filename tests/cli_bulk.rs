@@ -578,11 +578,27 @@ fn json_reports_go_to_stderr_when_the_data_goes_to_stdout() {
 /// skipped them so that `key purge` could destroy their only key version.
 fn damaged_tree(c: &Cli) -> Vec<Vec<u8>> {
     std::fs::create_dir_all(c.path("t/sub")).unwrap();
-    let plains: Vec<Vec<u8>> = (0..6).map(|i| data(30_000 + i * 11, 40 + i as u64)).collect();
-    let names = ["good1", "sub/good2", "flipped", "sub/flipped-raw", "cut", "short"];
+    let plains: Vec<Vec<u8>> = (0..6)
+        .map(|i| data(30_000 + i * 11, 40 + i as u64))
+        .collect();
+    let names = [
+        "good1",
+        "sub/good2",
+        "flipped",
+        "sub/flipped-raw",
+        "cut",
+        "short",
+    ];
     for (n, p) in names.iter().zip(&plains) {
         write(&c.path(&format!("t/{n}")), p);
-        c.ok(&["-q", "encrypt", "--key", "k", "--in-place", &format!("t/{n}")]);
+        c.ok(&[
+            "-q",
+            "encrypt",
+            "--key",
+            "k",
+            "--in-place",
+            &format!("t/{n}"),
+        ]);
     }
     let edit = |name: &str, f: &dyn Fn(&mut Vec<u8>)| {
         let p = c.path(name);
@@ -591,7 +607,11 @@ fn damaged_tree(c: &Cli) -> Vec<Vec<u8>> {
         write(&p, &b);
     };
     edit("t/flipped.hseal", &|b| b[0] ^= 0x01);
-    std::fs::rename(c.path("t/sub/flipped-raw.hseal"), c.path("t/sub/flipped.bin")).unwrap();
+    std::fs::rename(
+        c.path("t/sub/flipped-raw.hseal"),
+        c.path("t/sub/flipped.bin"),
+    )
+    .unwrap();
     edit("t/sub/flipped.bin", &|b| b[0] ^= 0x80);
     edit("t/cut.hseal", &|b| b.truncate(500));
     edit("t/short.hseal", &|b| b.truncate(5));
@@ -634,8 +654,16 @@ fn damaged_hsmseal_files_under_r_are_failed_items_not_passed_over() {
         assert_eq!(code(o), 1, "{what}: {}", stderr(o));
         let got = outcomes(o);
         for (p, want) in damaged {
-            assert_eq!(got.get(p), Some(&("failed".to_string(), want)), "{what}: {p}");
-            assert!(stderr(o).contains(p), "{what}: {p} not named: {}", stderr(o));
+            assert_eq!(
+                got.get(p),
+                Some(&("failed".to_string(), want)),
+                "{what}: {p}"
+            );
+            assert!(
+                stderr(o).contains(p),
+                "{what}: {p} not named: {}",
+                stderr(o)
+            );
         }
         for p in ["t/good1.hseal", "t/sub/good2.hseal"] {
             assert_eq!(got[p].0, ok, "{what}: {p}");
@@ -681,7 +709,11 @@ fn damaged_hsmseal_files_under_r_are_failed_items_not_passed_over() {
     let got = outcomes(&o);
     for (p, _) in damaged {
         // One with the magic intact is an hsmseal file, skipped as such.
-        let want = if p == "t/cut.hseal" { "skipped" } else { "failed" };
+        let want = if p == "t/cut.hseal" {
+            "skipped"
+        } else {
+            "failed"
+        };
         assert_eq!(got[p].0, want, "encrypt: {p}");
     }
     assert_eq!(got["t/notes.txt"].0, "ok");
