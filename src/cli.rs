@@ -11,7 +11,7 @@ pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0    success
   1    some items of a bulk run failed (each is reported)
-  2    usage or configuration error (bad flags, refused overwrite)
+  2    usage or configuration error (bad flags, refused overwrite, -r DIR with nothing to process)
   3    authentication failed: data tampered, truncated, reordered or wrongly keyed
   4    key error: key or version not found, disabled or destroyed, or its attributes are too weak
   5    token error: PKCS#11 module or token not found or failing
