@@ -637,3 +637,58 @@ fn stale_temporary_files_are_removed_and_live_ones_never() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!name("locked").exists(), "released stale file not removed");
 }
+
+/// kill -9 of `decrypt --in-place` at random instants (it holds the
+/// original's lock while it compares and removes): afterwards the data is
+/// whole (the sealed original still decrypts, or the plaintext is complete
+/// and the original gone), and a re-run with --force finishes the job
+/// without waiting for the dead run's lock.
+#[test]
+fn a_killed_in_place_decrypt_loses_nothing_and_blocks_nobody() {
+    use rand::{Rng, SeedableRng};
+    let c = Cli::with_key();
+    let plain = data(4 << 20, 13);
+    write(&c.path("f"), &plain);
+    c.ok(&["-q", "encrypt", "--key", "k", "--in-place", "f"]);
+    let sealed = std::fs::read(c.path("f.hseal")).unwrap();
+    let t0 = Instant::now();
+    c.ok(&["-q", "decrypt", "--in-place", "f.hseal"]);
+    let full = t0.elapsed();
+    let token = snapshot(c.token.dir.path());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x1a9e);
+    let mut both = 0;
+    for run in 0..25 {
+        std::fs::remove_file(c.path("f")).ok();
+        write(&c.path("f.hseal"), &sealed);
+        let mut child = c.cmd();
+        child
+            .args(["-q", "decrypt", "--in-place", "f.hseal"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut child = child.spawn().unwrap();
+        std::thread::sleep(full.mul_f64(rng.gen_range(0.0..1.2)));
+        let _ = child.kill();
+        child.wait().unwrap();
+        for (p, bytes) in &token {
+            std::fs::write(p, bytes).unwrap();
+        }
+        if c.path("f.hseal").exists() {
+            assert_eq!(
+                std::fs::read(c.path("f.hseal")).unwrap(),
+                sealed,
+                "run {run}"
+            );
+            if c.path("f").exists() {
+                both += 1;
+                assert_eq!(std::fs::read(c.path("f")).unwrap(), plain, "run {run}");
+            }
+            let o = c.run(&["decrypt", "--in-place", "--force", "f.hseal"]);
+            assert!(o.status.success(), "run {run}: {}", stderr(&o));
+            assert!(!stderr(&o).contains("waiting for"), "run {run}: waited");
+        }
+        assert_eq!(std::fs::read(c.path("f")).unwrap(), plain, "run {run}");
+        assert!(!c.path("f.hseal").exists(), "run {run}");
+        assert!(temps_in(c.work.path()).is_empty(), "run {run}: temps left");
+    }
+    eprintln!("{both} of 25 kills left both files");
+}
