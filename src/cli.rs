@@ -103,7 +103,9 @@ pub enum Command {
     /// Show format version, key name and version, and sizes (no HSM access, no secrets)
     ///
     /// With -r DIR, summarise which key versions the files under DIR depend on
-    /// (what a `key purge` would make unreadable). Changes nothing.
+    /// (what a `key purge` would make unreadable). With --deps, also count the
+    /// column tokens in dumps, plain or sealed (sealed ones are decrypted in
+    /// memory, which needs the HSM). Changes nothing.
     Inspect(InspectArgs),
     /// Rewrap files' data keys under the current key version, in place
     ///
@@ -260,6 +262,10 @@ pub enum KeyCommand {
         /// Allow destroying the current version (new encryptions use it)
         #[arg(long)]
         force: bool,
+        /// Refuse if data under PATH (files, or trees, searched like
+        /// `inspect --deps`) still needs this version
+        #[arg(long, value_name = "PATH", num_args = 1..)]
+        check: Vec<PathBuf>,
     },
     /// Retention: destroy every non-current version created before a cutoff
     ///
@@ -268,6 +274,11 @@ pub enum KeyCommand {
     /// still under those versions becomes unreadable everywhere, backups
     /// included (crypto-shredding). Spared: the current version, newer
     /// versions, and versions whose creation time is unknown.
+    ///
+    /// With --check PATH..., the files and trees named are searched first
+    /// (as `inspect --deps` does: file envelopes, and column tokens in plain
+    /// and sealed dumps): a version still needed there is spared and the
+    /// run exits 1; if any file there cannot be read, nothing is destroyed.
     ///
     /// Changes on disk: none. Requires --yes unless --dry-run.
     Purge {
@@ -282,6 +293,10 @@ pub enum KeyCommand {
         /// Confirm: destroy them
         #[arg(long)]
         yes: bool,
+        /// Spare every version that data under PATH still needs (files or
+        /// trees, searched like `inspect --deps`)
+        #[arg(long, value_name = "PATH", num_args = 1..)]
+        check: Vec<PathBuf>,
     },
 }
 
@@ -301,7 +316,7 @@ pub struct DecryptArgs {
 }
 
 /// Inputs and where their outputs go, shared by encrypt and decrypt.
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone, Default)]
 pub struct OutputArgs {
     /// Output file ("-" for stdout); only with a single input
     #[arg(long, short = 'o', value_name = "OUT")]
@@ -370,6 +385,16 @@ pub struct InspectArgs {
     /// With -r: a summary of which key versions the files depend on
     #[command(flatten)]
     pub select: SelectArgs,
+    /// List the key versions the data under the inputs needs, from hsmseal
+    /// file envelopes and from column tokens in plain and sealed dumps
+    /// (sealed files are decrypted in memory to find them: needs the HSM).
+    /// Inputs may be directories (searched recursively)
+    #[arg(long)]
+    pub deps: bool,
+    /// With --deps: read headers only; do not decrypt sealed files to look
+    /// for column tokens inside (no HSM needed)
+    #[arg(long, requires = "deps")]
+    pub headers_only: bool,
     /// Files to describe ("-" for stdin)
     #[arg(required_unless_present = "recursive")]
     pub inputs: Vec<PathBuf>,

@@ -4,6 +4,8 @@
 use clap::Parser;
 
 fn main() {
+    // Before anything reads the PIN or a key: no core dump may hold them.
+    hsmseal::hardening::disable_core_dumps();
     let cli = hsmseal::cli::Cli::parse();
     hsmseal::signals::install();
     let code = match hsmseal::commands::run(cli) {

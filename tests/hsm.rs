@@ -883,7 +883,15 @@ fn keys_without_a_time_in_their_id_fall_back_and_are_never_purged() {
         None => assert_eq!(old.created_not_after, None),
         Some(d) => assert_eq!(d, &today()),
     }
-    let r = h.purge("t-old", 0, now_unix() + 86_400 * 2, false).unwrap();
+    let r = h
+        .purge(
+            "t-old",
+            0,
+            now_unix() + 86_400 * 2,
+            false,
+            &Default::default(),
+        )
+        .unwrap();
     if old.created.is_none() {
         assert!(r.destroyed.is_empty(), "{r:?}");
         assert!(r.spared[0].reason.contains("unknown"), "{r:?}");

@@ -186,7 +186,7 @@ pub fn select(
         }
         if to_do == 0 && !sel.allow_empty {
             let what = match want {
-                Want::AnyFile => "no files to encrypt".to_string(),
+                Want::AnyFile => "no files found".to_string(),
                 Want::Sealed if others > 0 => format!(
                     "no hsmseal files (only {others} other file{})",
                     if others == 1 { "" } else { "s" }

@@ -1,6 +1,8 @@
 //! `hsmseal inspect`: what a file is and which key it depends on, from the
 //! header alone. No HSM access, no secrets, nothing authenticated: the
 //! output says so, and `verify` is the command that authenticates.
+//! `--deps` is the exception (`super::deps`): it decrypts sealed files in
+//! memory, through the HSM, to find the column tokens inside.
 
 use super::bulk::{self, for_each_item, Spec, Want};
 use super::paths::{Input, ItemReport};
@@ -30,6 +32,9 @@ struct Inspection {
 }
 
 pub fn run(app: &App, args: InspectArgs) -> Result<i32> {
+    if args.deps {
+        return super::deps::run_inspect(app, &args.inputs, &args.select, args.headers_only);
+    }
     if !args.select.recursive.is_empty() {
         return summarise(app, &args.select);
     }

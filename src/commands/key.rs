@@ -1,8 +1,10 @@
 //! `hsmseal key create|rotate|list|info|disable|enable|destroy|purge`:
 //! key-wrapping keys live in the HSM; these commands create them there,
 //! move them through their lifecycle (see `crate::hsm::lifecycle`) and
-//! describe them. They never read or write a file, and no key material is
-//! ever shown (it cannot be: the keys are never extractable).
+//! describe them. They never write a file (`destroy` and `purge` read the
+//! files named by `--check`, to spare versions data still needs), and no
+//! key material is ever shown (it cannot be: the keys are never
+//! extractable).
 //!
 //! Every command that changes the token says what it changed, on stdout
 //! (one JSON object with `--json`). The irreversible ones (`destroy`,
@@ -93,8 +95,20 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
             version,
             yes,
             force,
+            check,
         } => {
             let k = KeyRef { name, version };
+            if !check.is_empty() {
+                // Before anything else: a version data still needs is never
+                // destroyed, with or without --yes.
+                let found = super::deps::search(app, &check, &Default::default(), true)?;
+                super::deps::require_complete(&found, &format!("destroy {k}"))?;
+                if let Some(why) = super::deps::needed_versions(&found, &k.name).get(&k.version) {
+                    return Err(Error::usage(format!(
+                        "refusing to destroy {k}: {why}; rewrap that data first (`hsmseal rotate` for files; `hsmseal columns rotate` for dumps, decrypting a sealed dump first)"
+                    )));
+                }
+            }
             if !yes {
                 // Check first (exists, not current without --force), so the
                 // refusal names what would actually happen.
@@ -117,10 +131,20 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
             older_than,
             dry_run,
             yes,
+            check,
         } => {
             let now = crate::hsm::keys::now_unix();
+            // Versions that data under --check still needs are spared; a
+            // search that could not read everything destroys nothing.
+            let needed = if check.is_empty() {
+                Default::default()
+            } else {
+                let found = super::deps::search(app, &check, &Default::default(), true)?;
+                super::deps::require_complete(&found, &format!("purge key {name}"))?;
+                super::deps::needed_versions(&found, &name)
+            };
             if !dry_run && !yes {
-                let plan = hsm.purge(&name, older_than, now, true)?;
+                let plan = hsm.purge(&name, older_than, now, true, &needed)?;
                 let what = if plan.destroyed.is_empty() {
                     "nothing is old enough today".to_string()
                 } else {
@@ -133,7 +157,7 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
                     "refusing to purge without --yes: {what}. Check with --dry-run, then confirm with --yes"
                 )));
             }
-            let report = hsm.purge(&name, older_than, now, dry_run)?;
+            let report = hsm.purge(&name, older_than, now, dry_run, &needed)?;
             for i in &report.destroyed {
                 let k = KeyRef {
                     name: name.clone(),
@@ -147,6 +171,22 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
                 }
             }
             print_purge(app, &report);
+            // Spared because data still needs them: retention could not be
+            // applied in full, which a nightly job must notice.
+            let held: Vec<_> = report
+                .spared
+                .iter()
+                .filter(|i| needed.get(&i.version) == Some(&i.reason))
+                .collect();
+            if !held.is_empty() && !dry_run {
+                for i in &held {
+                    eprintln!(
+                        "hsmseal: key purge spared {name} v{}: {}; rewrap that data (`hsmseal rotate` for files; `hsmseal columns rotate` for dumps, decrypting a sealed dump first) and purge again",
+                        i.version, i.reason
+                    );
+                }
+                return Ok(1);
+            }
         }
     }
     Ok(0)

@@ -7,6 +7,7 @@ mod bulk;
 pub mod columns;
 pub mod config;
 pub mod decrypt;
+mod deps;
 pub mod doctor;
 pub mod encrypt;
 mod glob;

@@ -127,7 +127,7 @@ pub struct PurgeItem {
     /// Its state before the purge.
     pub state: KeyState,
     pub created: Option<String>,
-    pub reason: &'static str,
+    pub reason: String,
 }
 
 /// What `key purge` destroyed (or, with `dry_run`, would destroy) and spared.
@@ -153,22 +153,31 @@ const REASON_UNKNOWN: &str =
 /// Which versions a purge with `cutoff` (Unix seconds) destroys: every
 /// version that exists, is not the current one and was created at or before
 /// the cutoff. A version whose creation time is unknown is spared: retention
-/// must never destroy a key it cannot date.
-pub fn plan_purge(versions: &[KeyInfo], cutoff: u64) -> (Vec<PurgeItem>, Vec<PurgeItem>) {
+/// must never destroy a key it cannot date. A version in `needed` (version
+/// -> why, from `key purge --check`) is spared for that reason: data found
+/// under it would become unreadable.
+pub fn plan_purge(
+    versions: &[KeyInfo],
+    cutoff: u64,
+    needed: &BTreeMap<u32, String>,
+) -> (Vec<PurgeItem>, Vec<PurgeItem>) {
     let mut destroy = Vec::new();
     let mut spare = Vec::new();
     for k in versions {
-        let item = |reason| PurgeItem {
+        let item = |reason: &str| PurgeItem {
             version: k.version,
             state: k.state,
             created: k.created.clone(),
-            reason,
+            reason: reason.to_string(),
         };
         match (k.state, k.created_not_after) {
             (KeyState::Destroyed, _) => {}
             (KeyState::Active, _) => spare.push(item(REASON_CURRENT)),
             (_, None) => spare.push(item(REASON_UNKNOWN)),
-            (_, Some(t)) if t <= cutoff => destroy.push(item(REASON_OLD)),
+            (_, Some(t)) if t <= cutoff => match needed.get(&k.version) {
+                Some(why) => spare.push(item(why)),
+                None => destroy.push(item(REASON_OLD)),
+            },
             (_, Some(_)) => spare.push(item(REASON_NEW)),
         }
     }
@@ -340,6 +349,7 @@ impl Hsm {
         older_than: u64,
         now: u64,
         dry_run: bool,
+        needed: &BTreeMap<u32, String>,
     ) -> Result<PurgeReport> {
         validate_key_name(name)?;
         let admin = self.admin_logged_in()?;
@@ -349,7 +359,7 @@ impl Hsm {
         }
         let versions = self.version_infos(&admin, &family)?;
         let cutoff = now.saturating_sub(older_than);
-        let (destroyed, spared) = plan_purge(&versions, cutoff);
+        let (destroyed, spared) = plan_purge(&versions, cutoff, needed);
         if !dry_run && !destroyed.is_empty() {
             let targets: Vec<u32> = destroyed.iter().map(|i| i.version).collect();
             self.destroy_versions(&admin, &family, &targets)?;
@@ -593,7 +603,7 @@ mod tests {
             info(6, KeyState::Active, Some(50)),
             info(7, KeyState::Disabled, Some(60)),
         ];
-        let (destroy, spare) = plan_purge(&versions, 200);
+        let (destroy, spare) = plan_purge(&versions, 200, &BTreeMap::new());
         let v = |items: &[PurgeItem]| items.iter().map(|i| i.version).collect::<Vec<_>>();
         // At the cutoff exactly counts as old; a disabled version newer than
         // the current one is not current, so it goes too.
@@ -605,9 +615,21 @@ mod tests {
         assert!(destroy.iter().all(|i| i.reason == REASON_OLD));
         assert_eq!(destroy[1].state, KeyState::Disabled);
         // Nothing is old enough (the current version's age never matters).
-        let (destroy, spare) = plan_purge(&versions, 59);
+        let (destroy, spare) = plan_purge(&versions, 59, &BTreeMap::new());
         assert!(destroy.is_empty(), "{destroy:?}");
         assert_eq!(spare.len(), 6);
+        // Versions still needed by data (`--check`) are spared with the
+        // reason given; only old, otherwise destroyable ones are affected.
+        let needed: BTreeMap<u32, String> = [
+            (1, "needed by a".to_string()),
+            (6, "needed by b".to_string()),
+        ]
+        .into();
+        let (destroy, spare) = plan_purge(&versions, 200, &needed);
+        assert_eq!(v(&destroy), [3, 7]);
+        assert_eq!(v(&spare), [1, 4, 5, 6]);
+        assert_eq!(spare[0].reason, "needed by a");
+        assert_eq!(spare[3].reason, REASON_CURRENT);
     }
 
     #[test]
