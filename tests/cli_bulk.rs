@@ -701,6 +701,13 @@ fn damaged_hsmseal_files_under_r_are_failed_items_not_passed_over() {
         assert!(listed.contains(&p), "inspect: {p} not listed: {listed:?}");
     }
     assert_eq!(v["other_files"], 1);
+    // So does the dependency search behind `key purge --check`, also for
+    // the damaged file without the suffix.
+    let o = c.run(&["inspect", "--deps", "--headers-only", "t"]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    for (p, _) in damaged {
+        assert!(stderr(&o).contains(p), "inspect --deps: {p}: {}", stderr(&o));
+    }
     // encrypt -r does not wrap a damaged file in a new layer either (they
     // would then hide from rotate -r); it encrypts the text file and skips
     // the hsmseal files.
