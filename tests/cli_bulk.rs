@@ -706,7 +706,11 @@ fn damaged_hsmseal_files_under_r_are_failed_items_not_passed_over() {
     let o = c.run(&["inspect", "--deps", "--headers-only", "t"]);
     assert_eq!(code(&o), 1, "{}", stderr(&o));
     for (p, _) in damaged {
-        assert!(stderr(&o).contains(p), "inspect --deps: {p}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(p),
+            "inspect --deps: {p}: {}",
+            stderr(&o)
+        );
     }
     // encrypt -r does not wrap a damaged file in a new layer either (they
     // would then hide from rotate -r); it encrypts the text file and skips
