@@ -11,7 +11,7 @@ pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0    success
   1    some items of a bulk run failed (each is reported)
-  2    usage or configuration error (bad flags, refused overwrite)
+  2    usage or configuration error (bad flags, refused overwrite, -r DIR with nothing to process)
   3    authentication failed: data tampered, truncated, reordered or wrongly keyed
   4    key error: key or version not found, disabled or destroyed, or its attributes are too weak
   5    token error: PKCS#11 module or token not found or failing
@@ -332,10 +332,9 @@ pub struct OutputArgs {
     /// failing item keeps its original
     #[arg(long, conflicts_with_all = ["output", "output_dir"])]
     pub in_place: bool,
-    /// Suffix of encrypted file names: added by encrypt, removed by decrypt
-    #[arg(long, value_name = "SUFFIX", default_value = ".hseal")]
-    pub suffix: String,
-    /// Overwrite existing outputs
+    /// Overwrite an existing output, if it is a regular file (a symbolic link
+    /// to one: its target). A FIFO or character device (/dev/null) is written
+    /// into without --force; nothing else is ever replaced
     #[arg(long)]
     pub force: bool,
     #[command(flatten)]
@@ -349,7 +348,8 @@ pub struct OutputArgs {
 pub struct SelectArgs {
     /// Every file under this directory, recursively (repeatable). Symbolic
     /// links inside are not followed (reported as skipped; a broken one as
-    /// failed). decrypt, verify, rotate and inspect take only hsmseal files
+    /// failed). decrypt, verify, rotate and inspect take only hsmseal files,
+    /// and report files that look like damaged ones as failed
     #[arg(long, short = 'r', value_name = "DIR")]
     pub recursive: Vec<PathBuf>,
     /// Under -r, take only files matching GLOB (repeatable). A GLOB with a "/"
@@ -361,6 +361,15 @@ pub struct SelectArgs {
     /// --include, e.g. '*.tmp' or 'cache/**'); wins over --include
     #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
+    /// Suffix of encrypted file names: added by encrypt, removed by decrypt.
+    /// Under -r, a file with this suffix that is not a readable hsmseal file
+    /// is reported as failed, never passed over
+    #[arg(long, value_name = "SUFFIX", default_value = ".hseal")]
+    pub suffix: String,
+    /// Let an -r directory hold nothing to process (by default that fails:
+    /// an empty or unmounted directory must not pass for a clean run)
+    #[arg(long)]
+    pub allow_empty: bool,
 }
 
 #[derive(Args, Debug)]

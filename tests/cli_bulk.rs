@@ -469,7 +469,17 @@ fn sigterm_during_a_bulk_encrypt_leaves_valid_outputs_and_intact_inputs() {
         assert_eq!(sealed_count(), 0);
         // Every finished output decrypts to its input.
         if c.path("out").exists() {
-            let out = c.run(&["-q", "decrypt", "-r", "out", "--output-dir", "back"]);
+            // An interrupted run may have made directories but no output
+            // yet: an empty tree is expected here.
+            let out = c.run(&[
+                "-q",
+                "decrypt",
+                "-r",
+                "out",
+                "--allow-empty",
+                "--output-dir",
+                "back",
+            ]);
             assert_eq!(code(&out), 0, "run {run}: {}", stderr(&out));
             let back = tree(&c.path("back"));
             for (rel, bytes) in &back {
@@ -558,4 +568,225 @@ fn json_reports_go_to_stderr_when_the_data_goes_to_stdout() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(out.stdout, plain);
     assert!(stderr(&out).contains("\"summary\""));
+}
+
+/// A tree with two good hsmseal files and damaged ones: first byte flipped
+/// (also without the suffix), header truncated (magic intact), file cut to
+/// 5 bytes, a zero-length `.hseal`, and a plaintext file. Before issue 9,
+/// the damaged files without the magic were not items at all: `verify -r`
+/// exited 0, `decrypt -r` restored 2 of 3 with exit 0, and `rotate -r`
+/// skipped them so that `key purge` could destroy their only key version.
+fn damaged_tree(c: &Cli) -> Vec<Vec<u8>> {
+    std::fs::create_dir_all(c.path("t/sub")).unwrap();
+    let plains: Vec<Vec<u8>> = (0..6)
+        .map(|i| data(30_000 + i * 11, 40 + i as u64))
+        .collect();
+    let names = [
+        "good1",
+        "sub/good2",
+        "flipped",
+        "sub/flipped-raw",
+        "cut",
+        "short",
+    ];
+    for (n, p) in names.iter().zip(&plains) {
+        write(&c.path(&format!("t/{n}")), p);
+        c.ok(&[
+            "-q",
+            "encrypt",
+            "--key",
+            "k",
+            "--in-place",
+            &format!("t/{n}"),
+        ]);
+    }
+    let edit = |name: &str, f: &dyn Fn(&mut Vec<u8>)| {
+        let p = c.path(name);
+        let mut b = std::fs::read(&p).unwrap();
+        f(&mut b);
+        write(&p, &b);
+    };
+    edit("t/flipped.hseal", &|b| b[0] ^= 0x01);
+    std::fs::rename(
+        c.path("t/sub/flipped-raw.hseal"),
+        c.path("t/sub/flipped.bin"),
+    )
+    .unwrap();
+    edit("t/sub/flipped.bin", &|b| b[0] ^= 0x80);
+    edit("t/cut.hseal", &|b| b.truncate(500));
+    edit("t/short.hseal", &|b| b.truncate(5));
+    write(&c.path("t/sub/empty.hseal"), b"");
+    write(&c.path("t/notes.txt"), b"just some text");
+    plains
+}
+
+/// (path, status, exit_code) of each item line, by path.
+fn outcomes(o: &std::process::Output) -> BTreeMap<String, (String, i64)> {
+    let (items, _) = items_and_summary(o);
+    items
+        .iter()
+        .map(|l| {
+            (
+                l["path"].as_str().unwrap().to_string(),
+                (
+                    l["status"].as_str().unwrap().to_string(),
+                    l["exit_code"].as_i64().unwrap_or(0),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn damaged_hsmseal_files_under_r_are_failed_items_not_passed_over() {
+    let c = Cli::with_key();
+    c.ok(&["key", "create", "b"]);
+    let plains = damaged_tree(&c);
+    let before = tree(&c.path("t"));
+    let damaged = [
+        ("t/cut.hseal", 3),
+        ("t/flipped.hseal", 3),
+        ("t/short.hseal", 3),
+        ("t/sub/empty.hseal", 8),
+        ("t/sub/flipped.bin", 3),
+    ];
+    let check = |o: &std::process::Output, ok: &str, what: &str| {
+        assert_eq!(code(o), 1, "{what}: {}", stderr(o));
+        let got = outcomes(o);
+        for (p, want) in damaged {
+            assert_eq!(
+                got.get(p),
+                Some(&("failed".to_string(), want)),
+                "{what}: {p}"
+            );
+            assert!(
+                stderr(o).contains(p),
+                "{what}: {p} not named: {}",
+                stderr(o)
+            );
+        }
+        for p in ["t/good1.hseal", "t/sub/good2.hseal"] {
+            assert_eq!(got[p].0, ok, "{what}: {p}");
+        }
+        assert_eq!(got.len(), 7, "{what}: the text file is no item");
+        let (_, summary) = items_and_summary(o);
+        assert_eq!(summary["other_files"], 1, "{what}");
+    };
+    let o = c.run(&["--json", "verify", "-r", "t"]);
+    check(&o, "ok", "verify");
+    assert!(stderr(&o).contains("byte 0 of"), "{}", stderr(&o));
+    let o = c.run(&["--json", "decrypt", "-r", "t", "--output-dir", "back"]);
+    check(&o, "ok", "decrypt");
+    assert_eq!(std::fs::read(c.path("back/good1")).unwrap(), plains[0]);
+    assert_eq!(std::fs::read(c.path("back/sub/good2")).unwrap(), plains[1]);
+    let o = c.run(&["--json", "rotate", "--key", "b", "-r", "t"]);
+    check(&o, "rotated", "rotate");
+    // The damaged files are byte-identical; the good ones moved to b.
+    let after = tree(&c.path("t"));
+    for (p, _) in damaged {
+        let rel = Path::new(p).strip_prefix("t").unwrap();
+        assert_eq!(after[rel], before[rel], "{p} changed");
+    }
+    // inspect -r (what `key purge --check` and operators rely on) lists them.
+    let o = c.run(&["--json", "inspect", "-r", "t"]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let listed: Vec<&str> = v["damaged"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["path"].as_str().unwrap())
+        .collect();
+    for (p, _) in damaged {
+        assert!(listed.contains(&p), "inspect: {p} not listed: {listed:?}");
+    }
+    assert_eq!(v["other_files"], 1);
+    // So does the dependency search behind `key purge --check`, also for
+    // the damaged file without the suffix.
+    let o = c.run(&["inspect", "--deps", "--headers-only", "t"]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    for (p, _) in damaged {
+        assert!(
+            stderr(&o).contains(p),
+            "inspect --deps: {p}: {}",
+            stderr(&o)
+        );
+    }
+    // encrypt -r does not wrap a damaged file in a new layer either (they
+    // would then hide from rotate -r); it encrypts the text file and skips
+    // the hsmseal files.
+    let o = c.run(&["--json", "encrypt", "--key", "k", "-r", "t"]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    let got = outcomes(&o);
+    for (p, _) in damaged {
+        // One with the magic intact is an hsmseal file, skipped as such.
+        let want = if p == "t/cut.hseal" {
+            "skipped"
+        } else {
+            "failed"
+        };
+        assert_eq!(got[p].0, want, "encrypt: {p}");
+    }
+    assert_eq!(got["t/notes.txt"].0, "ok");
+    assert_eq!(got["t/good1.hseal"].0, "skipped");
+    assert!(!c.path("t/flipped.hseal.hseal").exists());
+    // The one repairable byte, repaired: everything verifies again.
+    let p = c.path("t/flipped.hseal");
+    let mut b = std::fs::read(&p).unwrap();
+    b[0] ^= 0x01;
+    write(&p, &b);
+    let o = c.run(&["verify", "t/flipped.hseal"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
+
+#[test]
+fn an_empty_or_unmatched_directory_fails_unless_allowed() {
+    let c = Cli::with_key();
+    std::fs::create_dir_all(c.path("empty")).unwrap();
+    std::fs::create_dir_all(c.path("plain")).unwrap();
+    std::fs::create_dir_all(c.path("full")).unwrap();
+    write(&c.path("plain/a.txt"), b"text");
+    write(&c.path("full/x"), b"secret");
+    c.ok(&["-q", "encrypt", "--key", "k", "full/x"]);
+    let runs: [&[&str]; 5] = [
+        &["verify"],
+        &["decrypt", "--output-dir", "out"],
+        &["rotate"],
+        &["inspect"],
+        &["encrypt", "--key", "k", "--output-dir", "out"],
+    ];
+    for cmd in runs {
+        let run = |dirs: &[&str], allow: bool| {
+            let mut args: Vec<&str> = cmd.to_vec();
+            for d in dirs {
+                args.extend(["-r", d]);
+            }
+            if allow {
+                args.push("--allow-empty");
+            }
+            c.run(&args)
+        };
+        let o = run(&["empty"], false);
+        assert_eq!(code(&o), 2, "{cmd:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("-r empty"), "{cmd:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("--allow-empty"), "{}", stderr(&o));
+        // One empty directory among others is enough to stop before any work.
+        let o = run(&["full", "empty"], false);
+        assert_eq!(code(&o), 2, "{cmd:?}: {}", stderr(&o));
+        let o = run(&["empty"], true);
+        assert_eq!(code(&o), 0, "{cmd:?}: {}", stderr(&o));
+        if cmd[0] != "encrypt" {
+            // Files, but none of them hsmseal files.
+            let o = run(&["plain"], false);
+            assert_eq!(code(&o), 2, "{cmd:?}: {}", stderr(&o));
+            let o = run(&["plain"], true);
+            assert_eq!(code(&o), 0, "{cmd:?}: {}", stderr(&o));
+        }
+        // Everything excluded is empty too.
+        let mut args: Vec<&str> = cmd.to_vec();
+        args.extend(["-r", "full", "--exclude", "*"]);
+        let o = c.run(&args);
+        assert_eq!(code(&o), 2, "{cmd:?} --exclude '*': {}", stderr(&o));
+    }
+    assert!(!c.path("out").exists() || tree(&c.path("out")).is_empty());
 }

@@ -20,7 +20,7 @@
 
 use super::glob::Filter;
 use super::paths::{Input, ItemReport};
-use super::walk::{self, Found};
+use super::walk::{self, Found, Kind};
 use crate::app::App;
 use crate::cli::SelectArgs;
 use crate::error::{Error, Result};
@@ -70,21 +70,33 @@ impl Item {
 /// Which files under `-r` a command takes.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Want {
-    /// Every regular file (encrypt: hsmseal files are then skipped and reported).
+    /// Every regular file (encrypt: hsmseal files are then skipped and
+    /// reported, damaged ones failed).
     AnyFile,
-    /// Only files that start with the hsmseal magic; others are not items.
+    /// hsmseal files, and files that look like damaged ones (reported as
+    /// failed, see `walk::classify`); other files are not items.
     Sealed,
+}
+
+/// The items of a run, and how many files under `-r` were not items
+/// (`Want::Sealed`: not hsmseal files).
+pub struct Selection {
+    pub items: Vec<Item>,
+    pub other_files: u64,
 }
 
 /// The items of a run: the named inputs (none: stdin, if `stdin_ok`), then
 /// each `-r` directory's files in path order. Filters apply to files found
 /// under `-r` only; a file named on the command line is always taken.
+/// An `-r` directory that yields nothing to process (no item, or only
+/// skipped ones) is an error unless `--allow-empty`: an empty or unmounted
+/// directory must not look like a clean run (issue 9).
 pub fn select(
     inputs: &[PathBuf],
     sel: &SelectArgs,
     want: Want,
     stdin_ok: bool,
-) -> Result<Vec<Item>> {
+) -> Result<Selection> {
     let filter = Filter::new(&sel.include, &sel.exclude)?;
     if sel.recursive.is_empty() && (!sel.include.is_empty() || !sel.exclude.is_empty()) {
         return Err(Error::usage(
@@ -119,17 +131,32 @@ pub fn select(
             verdict: None,
         });
     }
+    let mut other_files = 0;
     for root in &sel.recursive {
+        let (mut to_do, mut others) = (0u64, 0u64);
         for e in walk::entries_under(root, &filter)? {
             let (len, verdict) = match e.found {
                 Found::File { len } => {
-                    if want == Want::Sealed {
+                    let verdict = if want == Want::Sealed {
                         // Unreadable files stay in, to be reported.
-                        if let Ok(false) = walk::magic_of(&e.path) {
-                            continue;
+                        match walk::sniff(&e.path) {
+                            Ok(head) => match walk::classify(&head, &e.path, &sel.suffix) {
+                                Kind::Sealed => None,
+                                Kind::Damaged(err) => Some(Verdict::Fail(err)),
+                                Kind::Other => {
+                                    others += 1;
+                                    continue;
+                                }
+                            },
+                            // Removed since the listing (an --in-place run
+                            // beside this one): nothing to do, as in the walk.
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                            Err(_) => None,
                         }
-                    }
-                    (Some(len), None)
+                    } else {
+                        None
+                    };
+                    (Some(len), verdict)
                 }
                 Found::Symlink { broken: true } => (
                     None,
@@ -147,6 +174,9 @@ pub fn select(
                 Found::Special => (None, Some(Verdict::Skip("not a regular file".into()))),
                 Found::Unreadable(err) => (None, Some(Verdict::Fail(err))),
             };
+            if !matches!(verdict, Some(Verdict::Skip(_))) {
+                to_do += 1;
+            }
             items.push(Item {
                 input: Input::File(e.path),
                 rel: e.rel,
@@ -154,8 +184,23 @@ pub fn select(
                 verdict,
             });
         }
+        if to_do == 0 && !sel.allow_empty {
+            let what = match want {
+                Want::AnyFile => "no files found".to_string(),
+                Want::Sealed if others > 0 => format!(
+                    "no hsmseal files (only {others} other file{})",
+                    if others == 1 { "" } else { "s" }
+                ),
+                Want::Sealed => "no hsmseal files".to_string(),
+            };
+            return Err(Error::usage(format!(
+                "-r {}: {what}; an empty or unmounted directory must not pass for a clean run: check the path (and --include/--exclude), or pass --allow-empty if nothing there is expected",
+                root.display()
+            )));
+        }
+        other_files += others;
     }
-    Ok(items)
+    Ok(Selection { items, other_files })
 }
 
 /// What the summary says besides the common counts.

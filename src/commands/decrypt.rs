@@ -5,7 +5,7 @@
 
 use super::bulk::{self, for_each_item, Spec, Want};
 use super::encrypt::check_suffix;
-use super::paths::{check_pair, plan_outputs, write_item, Direction, Input, Output};
+use super::paths::{plan_outputs, prepare, write_item, Direction, Input, Output};
 use crate::app::App;
 use crate::cli::DecryptArgs;
 use crate::envelope::file;
@@ -14,31 +14,39 @@ use std::path::{Path, PathBuf};
 
 pub fn run(app: &App, args: DecryptArgs) -> Result<i32> {
     let io = &args.io;
-    check_suffix(io)?;
-    let items = bulk::select(&io.inputs, &io.select, Want::Sealed, true)?;
+    check_suffix(&io.select)?;
+    let selection = bulk::select(&io.inputs, &io.select, Want::Sealed, true)?;
+    let items = selection.items;
     if io.in_place && items.iter().any(|i| i.input == Input::Stdin) {
         return Err(Error::usage("--in-place works on files, not stdin"));
     }
-    let outputs = plan_outputs(io, &items, |p| strip_suffix(p, &io.suffix))?;
+    let outputs = plan_outputs(io, &items, |p| strip_suffix(p, &io.select.suffix))?;
     let spec = Spec {
         action: "decrypt",
         bytes_progress: true,
         json_summary: true,
         bar: true,
         data_on_stdout: outputs.iter().any(|o| matches!(o, Ok(Output::Stdout))),
+        extra: vec![("other_files", selection.other_files.into())],
         ..Default::default()
     };
     for_each_item(app, &spec, &items, |i, item, opts| {
         let output = outputs[i].clone()?;
         let input = &item.input;
-        check_pair(input, &output, io.force)?;
-        let mut reader = input.open()?;
+        let sink = prepare(input, &output, io)?;
         // Reject what is not an hsmseal file before touching the HSM.
-        let (header, _) = file::read_header(&mut reader)?;
+        let (header, reader) = input.open_sealed()?;
         let backend = app.backend()?;
-        write_item(app, &*backend, Direction::Open, io, input, &output, |w| {
-            file::open_payload(&*backend, &header, reader, w, opts)
-        })
+        write_item(
+            app,
+            &*backend,
+            Direction::Open,
+            io,
+            input,
+            &output,
+            &sink,
+            |w| file::open_payload(&*backend, &header, reader, w, opts),
+        )
     })
 }
 

@@ -16,6 +16,7 @@
 //! are not followed and are reported as skipped.
 
 use super::bulk::{self, Item, Verdict, Want};
+use super::walk::{classify, Kind};
 use crate::app::App;
 use crate::cli::SelectArgs;
 use crate::deps::{Dependencies, TokenScanner};
@@ -59,7 +60,7 @@ pub fn search(app: &App, paths: &[PathBuf], sel: &SelectArgs, open_sealed: bool)
             _ => files.push(p.clone()),
         }
     }
-    let items = bulk::select(&files, &trees, Want::AnyFile, false)?;
+    let items = bulk::select(&files, &trees, Want::AnyFile, false)?.items;
     if items.is_empty() {
         let where_ = paths
             .iter()
@@ -113,9 +114,14 @@ fn search_file(
     let n = file::read_up_to(&mut reader, &mut head)?;
     head.truncate(n);
     if !header::looks_like_hsmseal(&head) {
-        if looks_like_damaged_seal(item, &head) {
-            return Err(Error::format(
-                "named like an hsmseal file but does not start with the hsmseal magic: a damaged header? (its key version cannot be read)",
+        // The rule of every -r run (walk::classify): a damaged hsmseal file
+        // (first bytes nearly the prefix, an intact slot, or the suffix)
+        // is a failed item, so its key version is never taken as unneeded.
+        let name = item.path().unwrap_or(std::path::Path::new(""));
+        if let Kind::Damaged(e) = classify(&head, name, super::encrypt::SUFFIX) {
+            return Err(Error::new(
+                e.kind(),
+                format!("{} (its key version cannot be read)", e.message()),
             ));
         }
         let mut scanner = TokenScanner::new();
@@ -133,17 +139,6 @@ fn search_file(
         deps.add_tokens(&scanner.finish(), &path);
     }
     Ok(true)
-}
-
-/// A file that is not an hsmseal file by its first bytes but carries the
-/// `.hseal` ending: its header is probably damaged, and its key version
-/// unknown, so it must not pass for a plain file with no tokens.
-fn looks_like_damaged_seal(item: &Item, head: &[u8]) -> bool {
-    let named = item
-        .path()
-        .and_then(|p| p.file_name())
-        .is_some_and(|n| n.to_string_lossy().ends_with(super::encrypt::SUFFIX));
-    named && !head.is_empty()
 }
 
 /// Why a version is needed, for a purge report: "still needed by 3 files

@@ -4,10 +4,11 @@
 
 use super::bulk::{self, for_each_item, Spec, Want};
 use super::paths::{
-    check_binary_stdout, check_pair, plan_outputs, write_item, Direction, Input, ItemReport, Output,
+    check_binary_stdout, plan_outputs, prepare, write_item, Direction, Input, ItemReport, Output,
 };
+use super::walk::{classify, Kind};
 use crate::app::App;
-use crate::cli::{EncryptArgs, OutputArgs};
+use crate::cli::{EncryptArgs, SelectArgs};
 use crate::envelope::{file, header};
 use crate::error::{Error, Result};
 use crate::keys::KeyRef;
@@ -18,11 +19,11 @@ use std::path::{Path, PathBuf};
 pub const SUFFIX: &str = ".hseal";
 
 /// Checks `--suffix`: not empty, and a name ending, not a path.
-pub fn check_suffix(io: &OutputArgs) -> Result<()> {
-    if io.suffix.is_empty() || io.suffix.contains('/') {
+pub fn check_suffix(sel: &SelectArgs) -> Result<()> {
+    if sel.suffix.is_empty() || sel.suffix.contains('/') {
         return Err(Error::usage(format!(
             "--suffix {:?}: give a non-empty file name ending such as .hseal",
-            io.suffix
+            sel.suffix
         )));
     }
     Ok(())
@@ -30,14 +31,14 @@ pub fn check_suffix(io: &OutputArgs) -> Result<()> {
 
 pub fn run(app: &App, args: EncryptArgs) -> Result<i32> {
     let io = &args.io;
-    check_suffix(io)?;
-    let items = bulk::select(&io.inputs, &io.select, Want::AnyFile, true)?;
+    check_suffix(&io.select)?;
+    let items = bulk::select(&io.inputs, &io.select, Want::AnyFile, true)?.items;
     if io.in_place && items.iter().any(|i| i.input == Input::Stdin) {
         return Err(Error::usage("--in-place works on files, not stdin"));
     }
     let outputs = plan_outputs(io, &items, |p: &Path| {
         let mut s = p.as_os_str().to_owned();
-        s.push(&io.suffix);
+        s.push(&io.select.suffix);
         Ok(PathBuf::from(s))
     })?;
     let name = app.key_name(args.key.as_deref())?;
@@ -57,24 +58,46 @@ pub fn run(app: &App, args: EncryptArgs) -> Result<i32> {
     for_each_item(app, &spec, &items, |i, item, opts| {
         let output = outputs[i].clone()?;
         let input = &item.input;
-        check_pair(input, &output, io.force)?;
-        check_binary_stdout(&output)?;
+        let sink = prepare(input, &output, io)?;
+        check_binary_stdout(&sink)?;
         let mut reader = input.open()?;
-        // Never wrap an hsmseal file in another layer by accident.
-        let mut head = [0u8; 8];
+        // Never wrap an hsmseal file in another layer by accident, nor a
+        // damaged one (it would then hide from rotate and verify -r).
+        let mut head = vec![0u8; header::SNIFF_LEN];
         let n = file::read_up_to(&mut reader, &mut head)?;
-        if header::looks_like_hsmseal(&head[..n]) {
-            return Ok(ItemReport {
-                path: input.display(),
-                action: "encrypt",
-                status: "skipped",
-                reason: Some("already encrypted by hsmseal".into()),
-                ..Default::default()
-            });
+        head.truncate(n);
+        let name = match input {
+            Input::File(p) => p.as_path(),
+            Input::Stdin => Path::new(""),
+        };
+        match classify(&head, name, &io.select.suffix) {
+            Kind::Sealed => {
+                return Ok(ItemReport {
+                    path: input.display(),
+                    action: "encrypt",
+                    status: "skipped",
+                    reason: Some("already encrypted by hsmseal".into()),
+                    ..Default::default()
+                })
+            }
+            Kind::Damaged(e) => {
+                return Err(Error::new(
+                    e.kind(),
+                    format!("not encrypting it again: {}", e.message()),
+                ))
+            }
+            Kind::Other => {}
         }
-        let chained = std::io::Cursor::new(head[..n].to_vec()).chain(reader);
-        write_item(app, &*backend, Direction::Seal, io, input, &output, |w| {
-            file::seal(&*backend, &kwk, chained, w, opts)
-        })
+        let chained = std::io::Cursor::new(head).chain(reader);
+        write_item(
+            app,
+            &*backend,
+            Direction::Seal,
+            io,
+            input,
+            &output,
+            &sink,
+            |w| file::seal(&*backend, &kwk, chained, w, opts),
+        )
     })
 }

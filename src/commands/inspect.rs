@@ -38,17 +38,14 @@ pub fn run(app: &App, args: InspectArgs) -> Result<i32> {
     if !args.select.recursive.is_empty() {
         return summarise(app, &args.select);
     }
-    let items = bulk::select(&args.inputs, &args.select, Want::Sealed, false)?;
+    let items = bulk::select(&args.inputs, &args.select, Want::Sealed, false)?.items;
     let spec = Spec {
         action: "inspect",
         ..Default::default()
     };
     for_each_item(app, &spec, &items, |_, item, _| {
         let input = &item.input;
-        let mut r = input.open()?;
-        let mut buf = vec![0u8; header::HEADER_LEN];
-        let n = file::read_up_to(&mut r, &mut buf)?;
-        let h = header::Header::parse(&buf[..n])?;
+        let (h, _) = input.open_sealed()?;
         let (slot_index, slot) = h.active();
         let file_bytes = match input {
             Input::File(p) => Some(
@@ -124,18 +121,42 @@ fn summarise(app: &App, sel: &crate::cli::SelectArgs) -> Result<i32> {
     let (mut files, mut other) = (0u64, 0u64);
     let mut damaged: Vec<serde_json::Value> = Vec::new();
     for dir in &sel.recursive {
+        let files_before = files + damaged.len() as u64;
         for entry in super::walk::entries_under(dir, &filter)? {
             let path = entry.path;
-            if !matches!(entry.found, super::walk::Found::File { .. })
-                || matches!(super::walk::magic_of(&path), Ok(false))
-            {
+            if !matches!(entry.found, super::walk::Found::File { .. }) {
                 other += 1;
                 continue;
+            }
+            // Same rule as the other commands under -r: a damaged hsmseal
+            // file is reported (and makes the exit code 1), never counted
+            // as some other file: this summary is what `key purge` relies on.
+            let head = match super::walk::sniff(&path) {
+                Ok(h) => h,
+                Err(e) => {
+                    damaged.push(serde_json::json!({
+                        "path": path.display().to_string(), "error": format!("cannot read: {e}")
+                    }));
+                    continue;
+                }
+            };
+            match super::walk::classify(&head, &path, &sel.suffix) {
+                super::walk::Kind::Sealed => {}
+                super::walk::Kind::Damaged(e) => {
+                    damaged.push(serde_json::json!({
+                        "path": path.display().to_string(), "error": e.message()
+                    }));
+                    continue;
+                }
+                super::walk::Kind::Other => {
+                    other += 1;
+                    continue;
+                }
             }
             files += 1;
             let parsed = std::fs::File::open(&path)
                 .map_err(|e| Error::io(format!("cannot open: {e}")))
-                .and_then(|mut f| file::read_header(&mut f).map(|(h, _)| h));
+                .and_then(|f| super::paths::read_header_locked(&f, &path));
             match parsed {
                 Ok(h) => {
                     let k = &h.active().1.kwk;
@@ -154,6 +175,12 @@ fn summarise(app: &App, sel: &crate::cli::SelectArgs) -> Result<i32> {
                     "path": path.display().to_string(), "error": e.message()
                 })),
             }
+        }
+        if files + damaged.len() as u64 == files_before && !sel.allow_empty {
+            return Err(Error::usage(format!(
+                "-r {}: no hsmseal files; an empty or unmounted directory must not pass for one whose files need no key: check the path (and --include/--exclude), or pass --allow-empty if nothing there is expected",
+                dir.display()
+            )));
         }
     }
     let keys: Vec<&KeyUse> = uses.values().collect();

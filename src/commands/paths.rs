@@ -1,11 +1,21 @@
 //! Inputs and outputs shared by the file commands, and the per-item report.
+//!
+//! Invariants: an output path is resolved per item right before its work
+//! (`prepare`): only a regular file is ever replaced (with `--force`), a
+//! FIFO or character device is written into, a link to stdout is stdout
+//! (`output::resolve_output`). A sealed input that is a regular file has its
+//! header read under a shared lock, so it never sees a rotation half-way.
+//! `--in-place` removes an original only under the original's exclusive
+//! lock, after comparing it (read through that locked descriptor) with the
+//! new file, which must still be the one this run wrote.
 
 use super::bulk::Item;
 use crate::app::App;
 use crate::cli::OutputArgs;
+use crate::envelope::header::Header;
 use crate::error::{Error, Result};
 use crate::keys::KeyBackend;
-use crate::output::{same_file, AtomicFile};
+use crate::output::{same_file, AtomicFile, FileId, LockMode, LockedFile, Sink};
 use serde::Serialize;
 use std::fs::File;
 use std::io::{self, BufReader, IsTerminal, Read, Write};
@@ -50,6 +60,50 @@ impl Input {
             }
         }
     }
+
+    /// Opens an hsmseal input and reads its header; the reader is left at
+    /// the payload. A regular file's header is read under a shared lock
+    /// (released before the payload is read): a rotation holds the
+    /// exclusive lock while it rewrites the header, so a reader sees the
+    /// header before or after it, never half-way (a torn slot would read as
+    /// damage). The payload never changes in place, so it needs no lock.
+    pub fn open_sealed(&self) -> Result<(Header, Box<dyn Read + Send>)> {
+        match self {
+            Input::Stdin => {
+                let mut r = self.open()?;
+                let (h, _) = crate::envelope::file::read_header(&mut r)?;
+                Ok((h, r))
+            }
+            Input::File(p) => {
+                let f = File::open(p).map_err(|e| Error::io(format!("cannot open: {e}")))?;
+                let header = read_header_locked(&f, p)?;
+                Ok((
+                    header,
+                    Box::new(BufReader::with_capacity(crate::output::IO_BUF, f)),
+                ))
+            }
+        }
+    }
+}
+
+/// Reads the header of `f` (the file at `p`, positioned at its start); a
+/// regular file under a shared lock.
+pub fn read_header_locked(f: &File, p: &Path) -> Result<Header> {
+    let meta = f
+        .metadata()
+        .map_err(|e| Error::io(format!("cannot stat: {e}")))?;
+    if meta.is_dir() {
+        return Err(Error::usage("is a directory"));
+    }
+    let regular = meta.is_file();
+    if regular {
+        crate::output::lock_wait(f, LockMode::Shared, p)?;
+    }
+    let r = crate::envelope::file::read_header(&mut &*f).map(|(h, _)| h);
+    if regular {
+        crate::output::unlock(f);
+    }
+    r
 }
 
 /// Where bytes go.
@@ -95,6 +149,9 @@ pub fn plan_outputs(
         .iter()
         .map(|item| {
             let out = match (&args.output, &item.input) {
+                // `-o /dev/stdout` is stdout itself (whatever it is), so
+                // --json lines keep out of the data.
+                (Some(o), _) if crate::output::names_stdout(o) => Output::Stdout,
                 (Some(o), _) => Output::from_arg(o),
                 (None, Input::Stdin) => Output::Stdout,
                 (None, Input::File(p)) => match &args.output_dir {
@@ -133,9 +190,11 @@ pub enum Direction {
     Open,
 }
 
-/// The common end of an encrypt or decrypt item: write `output` through
-/// `f` (atomically for a file: 0644 ciphertext, 0600 plaintext), replace
-/// the original for `--in-place`, and report the item.
+/// The common end of an encrypt or decrypt item: write `sink` (the
+/// resolved `output`) through `f` (atomically for a file: 0644 ciphertext,
+/// 0600 plaintext), replace the original for `--in-place`, and report the
+/// item.
+#[allow(clippy::too_many_arguments)]
 pub fn write_item(
     app: &App,
     backend: &dyn KeyBackend,
@@ -143,6 +202,7 @@ pub fn write_item(
     io: &OutputArgs,
     input: &Input,
     output: &Output,
+    sink: &Sink,
     f: impl FnOnce(&mut dyn Write) -> Result<crate::envelope::file::FileReport>,
 ) -> Result<ItemReport> {
     let (action, verb, mode) = match dir {
@@ -151,17 +211,15 @@ pub fn write_item(
         Direction::Open => ("decrypt", "decrypted", 0o600),
     };
     make_parent(output)?;
-    let report = write_output(output, mode, io.force, f)?;
-    if let (true, Input::File(orig), Output::File(new)) = (io.in_place, input, output) {
-        let (sealed, plain) = match dir {
-            Direction::Seal => (new, orig),
-            Direction::Open => (orig, new),
-        };
-        replace_original(backend, orig, new, sealed, plain)?;
+    let (report, written) = write_output(sink, mode, io.force, f)?;
+    if let (true, Input::File(orig), Sink::File(new), Some(id)) =
+        (io.in_place, input, sink, written)
+    {
+        replace_original(backend, dir, orig, new, id)?;
     }
     // The human line ("encrypted A -> B (key v2)"); none with --json or
     // when the data went to stdout.
-    let note = (!app.json && *output != Output::Stdout).then(|| {
+    let note = (!app.json && *sink != Sink::Stdout).then(|| {
         let removed = if io.in_place {
             ", original removed"
         } else {
@@ -187,45 +245,99 @@ pub fn write_item(
     })
 }
 
-/// `--in-place`: `new` has been written and fsynced; read it back, check
-/// that it holds exactly the bytes of `original` (for encrypt, `sealed` is
-/// the new file; for decrypt, the original), and only then remove the
-/// original and fsync its directory. If the check fails, the new file is
-/// removed and the original kept. Killed in between, both files exist.
+/// `--in-place`: `new` (the file `new_id`) has been written and fsynced.
+/// Under the original's exclusive lock (so no rotation, `--reencrypt` or
+/// other replacement of it runs meanwhile), check that `new` is still the
+/// file this run wrote and holds exactly the bytes of the original (the
+/// sealed side decrypted and compared with the plain side), and only then
+/// remove the original and fsync its directory. If the check fails, the new
+/// file is removed (if it is still ours) and the original kept. Killed in
+/// between, both files exist.
 fn replace_original(
     backend: &dyn KeyBackend,
+    dir: Direction,
     original: &Path,
     new: &Path,
-    sealed: &Path,
-    plain: &Path,
+    new_id: FileId,
 ) -> Result<()> {
-    if let Err(e) = sealed_matches(backend, sealed, plain) {
-        let _ = std::fs::remove_file(new);
+    let orig = LockedFile::open(original, false)?;
+    let checked = (|| {
+        let newf = File::open(new).map_err(|e| Error::io_at("cannot open", new.display(), &e))?;
+        let now = newf
+            .metadata()
+            .map_err(|e| Error::io_at("cannot stat", new.display(), &e))?;
+        if FileId::of(&now) != new_id {
+            return Err(Error::io(format!(
+                "{} was replaced by another process before it could be checked",
+                new.display()
+            )));
+        }
+        match dir {
+            // The new file is sealed and may be under rotation by another
+            // process already: its header is read under a shared lock.
+            Direction::Seal => sealed_matches(backend, &newf, new, true, orig.file(), original),
+            // The original is sealed and locked by this process.
+            Direction::Open => sealed_matches(backend, orig.file(), original, false, &newf, new),
+        }
+    })();
+    if let Err(e) = checked {
+        // The original's lock is let go first: a process holding the new
+        // file's lock may be waiting for it (two opposite --in-place runs),
+        // and nothing is removed from the original's side.
+        drop(orig);
+        let removed = remove_if_ours(new, new_id);
         return Err(Error::new(
             e.kind(),
             format!(
-                "{} did not check out against the original, removed it and kept the original: {}",
+                "{} did not check out against the original, {} and kept the original: {}",
                 new.display(),
+                if removed { "removed it" } else { "left it" },
                 e.message()
             ),
         ));
     }
     std::fs::remove_file(original)
         .map_err(|e| Error::io_at("cannot remove the original", original.display(), &e))?;
+    drop(orig);
     crate::output::sync_dir(&crate::output::parent_dir(original))
 }
 
-/// Decrypts `sealed` and compares the plaintext with the file `plain`.
-fn sealed_matches(backend: &dyn KeyBackend, sealed: &Path, plain: &Path) -> Result<()> {
-    let open = |p: &Path| {
-        File::open(p)
-            .map(|f| BufReader::with_capacity(crate::output::IO_BUF, f))
-            .map_err(|e| Error::io_at("cannot open", p.display(), &e))
+/// Removes `p` if it is still the file `id` (under its lock); false if it
+/// was left alone.
+fn remove_if_ours(p: &Path, id: FileId) -> bool {
+    match LockedFile::open(p, false) {
+        Ok(l) if l.id() == id => std::fs::remove_file(p).is_ok(),
+        _ => false,
+    }
+}
+
+/// Decrypts `sealed` (the file at `sealed_path`; its header read under a
+/// shared lock if `lock_header`) and compares the plaintext with `plain`.
+/// Both are read from the start through the given descriptors.
+fn sealed_matches(
+    backend: &dyn KeyBackend,
+    sealed: &File,
+    sealed_path: &Path,
+    lock_header: bool,
+    plain: &File,
+    plain_path: &Path,
+) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let rewind = |mut f: &File, p: &Path| {
+        f.seek(SeekFrom::Start(0))
+            .map(|_| ())
+            .map_err(|e| Error::io_at("reading", p.display(), &e))
     };
-    let mut reader = open(sealed)?;
-    let (header, _) = crate::envelope::file::read_header(&mut reader)?;
+    rewind(sealed, sealed_path)?;
+    rewind(plain, plain_path)?;
+    let header = if lock_header {
+        read_header_locked(sealed, sealed_path)?
+    } else {
+        crate::envelope::file::read_header(&mut &*sealed)?.0
+    };
+    let reader = BufReader::with_capacity(crate::output::IO_BUF, sealed);
     let mut cmp = Compare {
-        other: open(plain)?,
+        other: BufReader::with_capacity(crate::output::IO_BUF, plain),
         differs: false,
     };
     let opts = crate::stream::StreamOptions {
@@ -245,7 +357,7 @@ fn sealed_matches(backend: &dyn KeyBackend, sealed: &Path, plain: &Path) -> Resu
         Ok(_) => Err(Error::integrity(
             "the ciphertext holds less than the original",
         )),
-        Err(e) => Err(Error::io_at("reading", plain.display(), &e)),
+        Err(e) => Err(Error::io_at("reading", plain_path.display(), &e)),
     }
 }
 
@@ -270,29 +382,47 @@ impl<R: Read> Write for Compare<R> {
     }
 }
 
-/// Checks an (input, output) pair before any work: the output must not be
-/// the input, and an existing output needs `--force`.
-pub fn check_pair(input: &Input, output: &Output, force: bool) -> Result<()> {
-    if let (Input::File(i), Output::File(o)) = (input, output) {
-        if same_file(i, o) || i == o {
-            return Err(Error::usage(format!(
-                "output {} is the input; refusing to overwrite it",
-                o.display()
-            )));
+/// Checks an (input, output) pair right before the item's work and decides
+/// what writing the output means: the output must not be the input; an
+/// existing regular file needs `--force`; a FIFO or character device is
+/// written into; a symbolic link is resolved (`output::resolve_output`).
+/// `--in-place` needs a regular input (not a link) and a regular output.
+pub fn prepare(input: &Input, output: &Output, io: &OutputArgs) -> Result<Sink> {
+    let sink = match output {
+        Output::Stdout => Sink::Stdout,
+        Output::File(o) => {
+            if let Input::File(i) = input {
+                if same_file(i, o) || i == o {
+                    return Err(Error::usage(format!(
+                        "output {} is the input; refusing to overwrite it",
+                        o.display()
+                    )));
+                }
+            }
+            crate::output::resolve_output(o, io.force)?
         }
-        if !force && o.symlink_metadata().is_ok() {
+    };
+    if io.in_place {
+        if let Input::File(i) = input {
+            if matches!(std::fs::symlink_metadata(i), Ok(m) if m.file_type().is_symlink()) {
+                return Err(Error::usage(
+                    "--in-place on a symbolic link would remove the link and keep its target: name the target instead",
+                ));
+            }
+        }
+        if !matches!(sink, Sink::File(_)) {
             return Err(Error::usage(format!(
-                "{} already exists; pass --force to overwrite it",
-                o.display()
+                "--in-place replaces the input by a regular file, and {} is not one",
+                output.display()
             )));
         }
     }
-    Ok(())
+    Ok(sink)
 }
 
 /// Refuses to print binary ciphertext on a terminal.
-pub fn check_binary_stdout(output: &Output) -> Result<()> {
-    if *output == Output::Stdout && io::stdout().is_terminal() {
+pub fn check_binary_stdout(sink: &Sink) -> Result<()> {
+    if *sink == Sink::Stdout && io::stdout().is_terminal() {
         return Err(Error::usage(
             "refusing to write binary output to a terminal; use -o FILE or redirect stdout",
         ));
@@ -301,15 +431,18 @@ pub fn check_binary_stdout(output: &Output) -> Result<()> {
 }
 
 /// Writes through `f` to the output: atomically for a file (nothing under
-/// the final name unless `f` succeeds), straight through for stdout.
+/// the final name unless `f` succeeds; returns the new file's identity),
+/// straight through for stdout, a FIFO or a device (where a failure after
+/// some output leaves that output, as on stdout: only authenticated
+/// plaintext is ever written, and the exit code says it failed).
 pub fn write_output<T>(
-    output: &Output,
+    sink: &Sink,
     mode: u32,
     force: bool,
     f: impl FnOnce(&mut dyn Write) -> Result<T>,
-) -> Result<T> {
-    match output {
-        Output::Stdout => {
+) -> Result<(T, Option<FileId>)> {
+    match sink {
+        Sink::Stdout => {
             let stdout = io::stdout();
             let mut lock = io::BufWriter::with_capacity(
                 crate::output::IO_BUF,
@@ -318,13 +451,21 @@ pub fn write_output<T>(
             let r = f(&mut lock)?;
             lock.flush()
                 .map_err(|e| Error::io(format!("writing stdout: {e}")))?;
-            Ok(r)
+            Ok((r, None))
         }
-        Output::File(p) => {
+        Sink::Stream(p) => {
+            let file = crate::output::open_stream(p)?;
+            let mut w = io::BufWriter::with_capacity(crate::output::IO_BUF, file);
+            let r = f(&mut w)?;
+            w.flush()
+                .map_err(|e| Error::io_at("writing", p.display(), &e))?;
+            Ok((r, None))
+        }
+        Sink::File(p) => {
             let mut file = AtomicFile::create(p, mode, force)?;
             let r = f(&mut file)?;
-            file.commit()?;
-            Ok(r)
+            let id = file.commit()?;
+            Ok((r, Some(id)))
         }
     }
 }

@@ -26,8 +26,11 @@ pub fn run(app: &App, args: RotateArgs) -> Result<i32> {
             "nothing to rotate: name files or a directory with -r DIR",
         ));
     }
-    // In a tree, only hsmseal files are candidates; others are not errors.
-    let items = bulk::select(&args.inputs, &args.select, Want::Sealed, false)?;
+    // In a tree, only hsmseal files are candidates; others are not errors,
+    // but damaged ones are (skipping one would let `key purge` destroy the
+    // only key version it still needs).
+    let selection = bulk::select(&args.inputs, &args.select, Want::Sealed, false)?;
+    let items = selection.items;
     let backend = app.backend()?;
     let spec = Spec {
         action: "rotate",
@@ -41,7 +44,10 @@ pub fn run(app: &App, args: RotateArgs) -> Result<i32> {
             ("unchanged", "unchanged"),
             ("would_rotate", "would-rotate"),
         ],
-        extra: vec![("dry_run", args.dry_run.into())],
+        extra: vec![
+            ("dry_run", args.dry_run.into()),
+            ("other_files", selection.other_files.into()),
+        ],
         ..Default::default()
     };
     for_each_item(app, &spec, &items, |_, item, opts| {

@@ -9,17 +9,18 @@ use crate::envelope::file;
 use crate::error::Result;
 
 pub fn run(app: &App, args: VerifyArgs) -> Result<i32> {
-    let items = bulk::select(&args.inputs, &args.select, Want::Sealed, false)?;
+    let selection = bulk::select(&args.inputs, &args.select, Want::Sealed, false)?;
+    let items = selection.items;
     let spec = Spec {
         action: "verify",
         bytes_progress: true,
         json_summary: true,
         bar: true,
+        extra: vec![("other_files", selection.other_files.into())],
         ..Default::default()
     };
     for_each_item(app, &spec, &items, |_, item, opts| {
-        let mut reader = item.input.open()?;
-        let (header, _) = file::read_header(&mut reader)?;
+        let (header, reader) = item.input.open_sealed()?;
         let backend = app.backend()?;
         let report = file::verify_payload(&*backend, &header, reader, opts)?;
         let text = (!app.quiet).then(|| {

@@ -3,7 +3,8 @@
 //! Symbolic links are not followed (a link could lead outside the tree or
 //! into a loop): they are reported, a broken one as a failure. hsmseal's own
 //! temporary files are skipped. A subdirectory that cannot be read is
-//! reported and the walk goes on.
+//! reported and the walk goes on. `classify` says whether a file is an
+//! hsmseal file, a damaged one, or some other file.
 
 use super::glob::Filter;
 use crate::error::{Error, Result};
@@ -103,22 +104,56 @@ fn rel_of(root: &Path, p: &Path) -> PathBuf {
     p.strip_prefix(root).unwrap_or(p).to_path_buf()
 }
 
-/// Whether a file starts with the hsmseal magic; an error if it cannot be
-/// opened or read (so the caller can report it rather than pass it over).
-pub fn magic_of(path: &Path) -> std::io::Result<bool> {
-    use std::io::Read;
+/// The first `header::SNIFF_LEN` bytes of a file (fewer if it is shorter);
+/// an error if it cannot be opened or read (so the caller can report it
+/// rather than pass it over).
+pub fn sniff(path: &Path) -> std::io::Result<Vec<u8>> {
     let mut f = std::fs::File::open(path)?;
-    let mut head = [0u8; 8];
-    let mut got = 0;
-    while got < head.len() {
-        match f.read(&mut head[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+    let mut head = vec![0u8; crate::envelope::header::SNIFF_LEN];
+    let got = crate::stream::read_full(&mut f, &mut head)?;
+    head.truncate(got);
+    Ok(head)
+}
+
+/// What a file is to the commands that take hsmseal files.
+#[derive(Debug)]
+pub enum Kind {
+    /// Starts with the hsmseal magic (its header may still be damaged:
+    /// reading it says how).
+    Sealed,
+    /// Does not start with the magic but looks like a damaged hsmseal file:
+    /// the error to report it with.
+    Damaged(Error),
+    /// Anything else.
+    Other,
+}
+
+/// The rule (README "Selection", SECURITY.md "Trees"): a file is an hsmseal
+/// file if it starts with the magic; a damaged one if its first bytes are
+/// nearly the hsmseal prefix or hold an intact key envelope
+/// (`header::damage_evidence`, exit 3), or if its name ends with `suffix`
+/// (exit 8); otherwise it is some other file.
+pub fn classify(head: &[u8], name: &Path, suffix: &str) -> Kind {
+    use crate::envelope::header;
+    if header::looks_like_hsmseal(head) {
+        return Kind::Sealed;
     }
-    Ok(got == head.len() && crate::envelope::header::looks_like_hsmseal(&head))
+    if let Some(why) = header::damage_evidence(head) {
+        return Kind::Damaged(Error::integrity(format!(
+            "{why}; restore it from a copy, or rewrite its first 64 bytes with the prefix in docs/FORMAT.md section 3.1"
+        )));
+    }
+    let named = name
+        .file_name()
+        .is_some_and(|n| !suffix.is_empty() && n.to_string_lossy().ends_with(suffix));
+    if named {
+        return Kind::Damaged(Error::format(if head.is_empty() {
+            format!("an empty file named *{suffix}: an hsmseal file is at least 1096 bytes; restore it from a copy, or rename or --exclude it if it is not an hsmseal file")
+        } else {
+            format!("named *{suffix} but not an hsmseal file (bad magic bytes): damaged, or not written by hsmseal; restore it from a copy, or rename or --exclude it")
+        }));
+    }
+    Kind::Other
 }
 
 #[cfg(test)]

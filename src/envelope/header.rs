@@ -109,6 +109,49 @@ pub fn looks_like_hsmseal(bytes: &[u8]) -> bool {
     bytes.len() >= MAGIC.len() && bytes[..MAGIC.len()] == MAGIC
 }
 
+/// How many leading bytes `damage_evidence` looks at: up to the end of
+/// slot 1.
+pub const SNIFF_LEN: usize = SLOT_OFFSETS[1] + SLOT_LEN;
+
+/// For a file that does not start with the magic: evidence, from its first
+/// `SNIFF_LEN` bytes (fewer if it is shorter), that it is an hsmseal file
+/// whose header was damaged, so that a bulk run reports it instead of
+/// passing it over as some other file (issue 9). Evidence is either:
+/// - the 18 bytes of magic and layout fields differ from the v1 prefix in
+///   at most 2 places (random data does so with probability below 2^-120,
+///   and text never: the fields hold 0x89 and zero bytes), or the file is
+///   4 to 17 bytes long and all of them are the prefix's (a truncation);
+/// - or a slot holds an envelope with a correct SHA-256 checksum.
+pub fn damage_evidence(head: &[u8]) -> Option<String> {
+    const FIELDS: usize = 18;
+    let p = prefix();
+    let n = head.len().min(FIELDS);
+    let differ: Vec<String> = (0..n)
+        .filter(|&i| head[i] != p[i])
+        .map(|i| i.to_string())
+        .collect();
+    if n == FIELDS && differ.len() <= 2 {
+        return Some(format!(
+            "an hsmseal file with a damaged header: byte {} of its first {FIELDS} differ{} from the hsmseal v1 prefix",
+            differ.join(" and "),
+            if differ.len() == 1 { "s" } else { "" }
+        ));
+    }
+    if (4..FIELDS).contains(&head.len()) && differ.is_empty() {
+        return Some(format!("an hsmseal file truncated to {} bytes", head.len()));
+    }
+    for (i, off) in SLOT_OFFSETS.iter().enumerate() {
+        if let Some(slot) = head.get(*off..*off + SLOT_LEN) {
+            if let Ok(Some(_)) = decode_slot(slot) {
+                return Some(format!(
+                    "an hsmseal file with a damaged header: bad magic or layout bytes, but slot {i} holds an intact key envelope"
+                ));
+            }
+        }
+    }
+    None
+}
+
 impl Header {
     /// A new header with one envelope in slot 0.
     pub fn new(kwk: KeyRef, wrapped: WrappedKey) -> Header {
@@ -321,6 +364,41 @@ mod tests {
         assert_eq!(p.active(), (1, &newer));
         h.slots[1].as_mut().unwrap().seq = 1;
         assert!(Header::parse(&h.to_bytes()).is_err());
+    }
+
+    #[test]
+    fn damage_evidence_finds_damaged_headers_and_nothing_else() {
+        let b = sample().to_bytes();
+        let mut one = b;
+        one[0] ^= 0x01;
+        assert!(damage_evidence(&one[..SNIFF_LEN])
+            .unwrap()
+            .contains("byte 0 of"));
+        let mut two = b;
+        two[3] = b'x';
+        two[12] = 9;
+        assert!(damage_evidence(&two).unwrap().contains("byte 3 and 12"));
+        // The whole prefix gone, the slot intact.
+        let mut wiped = b;
+        wiped[..64].fill(0);
+        assert!(damage_evidence(&wiped).unwrap().contains("slot 0"));
+        // A truncation inside the magic.
+        assert!(damage_evidence(&b[..5]).unwrap().contains("truncated to 5"));
+        // Three wrong bytes and no slot: no evidence.
+        let mut three = b;
+        three[..3].copy_from_slice(b"abc");
+        assert!(damage_evidence(&three[..256]).is_none());
+        // Other files.
+        for other in [
+            &b""[..],
+            b"\x89HS",
+            b"hello world, this is text",
+            b"xHSMSEAL and more text after it",
+            &[0u8; 1024][..],
+            &[0xffu8; 768][..],
+        ] {
+            assert!(damage_evidence(other).is_none(), "{other:?}");
+        }
     }
 
     #[test]

@@ -12,15 +12,23 @@
 //! `reencrypt` is for a suspected data-key exposure: a fresh data key and a
 //! new payload, written to a temporary file and renamed over the original
 //! only once the old payload fully authenticated.
+//!
+//! Concurrency: both hold the file's exclusive lock (`output::LockedFile`)
+//! from before they read the header until their last write or the rename,
+//! and read the header only under it. Without it, two rotations of one file
+//! each cleared the slot the other had just written and left no envelope at
+//! all (issue 9). Waiting for the lock ends on the file the path names then:
+//! after a `--reencrypt` renamed a new file over it, the waiter rotates the
+//! new file, not the orphaned old one.
 
 use super::file;
 use super::header::{self, Header, Slot, HEADER_LEN, SLOT_LEN, SLOT_OFFSETS};
 use crate::error::{Error, Result};
 use crate::keys::{KeyBackend, KeyRef};
-use crate::output::AtomicFile;
+use crate::output::{AtomicFile, LockedFile};
 use crate::secret::SecretKey;
 use crate::stream::{self, StreamOptions};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
@@ -48,19 +56,9 @@ fn target_for(backend: &dyn KeyBackend, now: &KeyRef, name: Option<&str>) -> Res
     })
 }
 
-fn open_rw(path: &Path) -> Result<File> {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::io(format!("cannot open for rotation: {e}")))?;
-    let meta = f
-        .metadata()
-        .map_err(|e| Error::io(format!("cannot stat: {e}")))?;
-    if !meta.is_file() {
-        return Err(Error::usage("not a regular file"));
-    }
-    Ok(f)
+/// The file at `path`, exclusively locked (writable unless `dry_run`).
+fn lock(path: &Path, dry_run: bool) -> Result<LockedFile> {
+    LockedFile::open(path, !dry_run)
 }
 
 /// Reads and checks the header, unwraps the data key and authenticates it
@@ -90,8 +88,10 @@ pub fn rewrap(
     name: Option<&str>,
     dry_run: bool,
 ) -> Result<Outcome> {
-    let mut f = open_rw(path)?;
-    let (hdr, dek, _) = authenticate(backend, &mut f)?;
+    // Held until the second fsync: the header is read, checked and
+    // rewritten by this process alone.
+    let mut locked = lock(path, dry_run)?;
+    let (hdr, dek, _) = authenticate(backend, locked.file_mut())?;
     let (active_index, active) = hdr.active();
     let from = active.kwk.clone();
     let to = target_for(backend, &from, name)?;
@@ -109,6 +109,7 @@ pub fn rewrap(
         wrapped,
     };
     let idle = 1 - active_index;
+    let f = locked.file();
     let sync = |f: &File| {
         f.sync_data()
             .map_err(|e| Error::io(format!("fsync during rotation: {e}")))
@@ -116,12 +117,12 @@ pub fn rewrap(
     // 1. The new envelope into the idle slot (its own sector), made durable.
     f.write_all_at(&header::encode_slot(&new_slot), SLOT_OFFSETS[idle] as u64)
         .map_err(|e| Error::io(format!("writing the new envelope: {e}")))?;
-    sync(&f)?;
+    sync(f)?;
     // 2. Only then clear the old envelope, so the file never depends on it
     //    again (a purge of the old key version cannot hurt it).
     f.write_all_at(&[0u8; SLOT_LEN], SLOT_OFFSETS[active_index] as u64)
         .map_err(|e| Error::io(format!("clearing the old envelope: {e}")))?;
-    sync(&f)?;
+    sync(f)?;
     Ok(Outcome::Rotated { from, to })
 }
 
@@ -168,6 +169,8 @@ impl Read for ChannelReader {
 /// Re-encrypts the whole file under a fresh data key and `name`'s current
 /// version (default: the file's key). The original is replaced atomically,
 /// keeping its permissions, only if its payload authenticated completely.
+/// A symbolic link named as `path` keeps pointing at the re-encrypted
+/// target (the target is replaced, not the link).
 pub fn reencrypt(
     backend: &dyn KeyBackend,
     path: &Path,
@@ -175,13 +178,17 @@ pub fn reencrypt(
     dry_run: bool,
     opts: &StreamOptions,
 ) -> Result<Outcome> {
-    let mut f = open_rw(path)?;
-    let (hdr, dek, _) = authenticate(backend, &mut f)?;
+    let real = std::fs::canonicalize(path).map_err(|e| Error::io(format!("cannot open: {e}")))?;
+    // Held until the new file is renamed over this one: a rotation waiting
+    // for it then finds the path naming the new file and works on that.
+    let mut locked = lock(&real, dry_run)?;
+    let (hdr, dek, _) = authenticate(backend, locked.file_mut())?;
     let from = hdr.active().1.kwk.clone();
     let to = target_for(backend, &from, name)?;
     if dry_run {
         return Ok(Outcome::WouldRotate { from, to });
     }
+    let f = locked.file_mut();
     let mode = f
         .metadata()
         .map_err(|e| Error::io(format!("cannot stat: {e}")))?
@@ -190,11 +197,11 @@ pub fn reencrypt(
         & 0o7777;
     f.seek(SeekFrom::Start(HEADER_LEN as u64))
         .map_err(|e| Error::io(format!("reading input: {e}")))?;
-    let mut out = AtomicFile::create(path, mode, true)?;
+    let mut out = AtomicFile::create(&real, mode, true)?;
     let (tx, rx) = mpsc::sync_channel(8);
     let threads = opts.threads;
     let decrypted = std::thread::scope(|s| {
-        let reader = io::BufReader::with_capacity(crate::output::IO_BUF, &mut f);
+        let reader = io::BufReader::with_capacity(crate::output::IO_BUF, &mut *f);
         let dek = &dek;
         let worker = s.spawn(move || {
             let o = StreamOptions {
@@ -234,7 +241,7 @@ pub fn reencrypt(
         }
     });
     decrypted?;
-    out.commit()?;
+    out.commit_over(&locked)?;
     Ok(Outcome::Rotated { from, to })
 }
 
