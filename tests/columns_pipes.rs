@@ -340,3 +340,95 @@ fn a_closed_reader_stops_the_run_quietly() {
     assert_eq!(stderr(&out), "");
     assert!(first.starts_with(b"id,name,ssn\n0,hsc1."));
 }
+
+/// `-o` that is written into rather than replaced (issue 9 item 5): a FIFO
+/// gets whole records and then the abort marker when the run fails, like
+/// stdout, and the plain dump when it succeeds; `-o /dev/null` needs no
+/// `--force` and stays a device; `-o /dev/stdout` is stdout, marker included.
+#[test]
+fn a_fifo_or_device_output_is_a_stream_with_the_abort_marker() {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let c = Cli::with_key();
+    let plain = plain_csv();
+    clisupport::write(&c.path("users.csv"), &plain);
+    c.ok(&args(&[
+        "columns",
+        "encrypt",
+        "--key",
+        "k",
+        "-i",
+        "users.csv",
+        "-o",
+        "users.enc.csv",
+    ]));
+    let enc = std::fs::read_to_string(c.path("users.enc.csv")).unwrap();
+    let mut lines: Vec<String> = enc.lines().map(str::to_string).collect();
+    let at = lines[20_000].len() - 10;
+    let c0 = lines[20_000].as_bytes()[at];
+    lines[20_000].replace_range(at..at + 1, if c0 == b'A' { "B" } else { "A" });
+    clisupport::write(&c.path("damaged.csv"), (lines.join("\n") + "\n").as_bytes());
+
+    let fifo = c.path("fifo");
+    let run_into_fifo = |input: &str| {
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::read(fifo).unwrap())
+        };
+        let out = c.run(&args(&["columns", "decrypt", "-i", input, "-o", "fifo"]));
+        // If hsmseal never opened the FIFO, open and close it here so the
+        // reader sees end-of-file and the test fails instead of hanging.
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo);
+        let got = reader.join().unwrap();
+        assert!(
+            std::fs::symlink_metadata(&fifo)
+                .unwrap()
+                .file_type()
+                .is_fifo(),
+            "the FIFO was replaced"
+        );
+        std::fs::remove_file(&fifo).unwrap();
+        (out, got)
+    };
+    let (out, got) = run_into_fifo("users.enc.csv");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(got, plain);
+    let (out, got) = run_into_fifo("damaged.csv");
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    let data = before_marker(&got);
+    assert!(plain.starts_with(data), "not a prefix of the plaintext");
+
+    // /dev/null: written into without --force, and still a device.
+    let out = c.run(&args(&[
+        "columns",
+        "decrypt",
+        "-i",
+        "users.enc.csv",
+        "-o",
+        "/dev/null",
+    ]));
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(std::fs::metadata("/dev/null")
+        .unwrap()
+        .file_type()
+        .is_char_device());
+
+    // /dev/stdout with stdout a pipe: the marker reaches it too.
+    let out = c.run(&args(&[
+        "columns",
+        "decrypt",
+        "-i",
+        "damaged.csv",
+        "-o",
+        "/dev/stdout",
+    ]));
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    assert!(plain.starts_with(before_marker(&out.stdout)));
+}

@@ -4,17 +4,19 @@
 //!
 //! Invariants (issue 9): the format is never guessed (stdin needs
 //! `--format`); a run that fails writes nothing under `-o`'s name, and ends
-//! a stdout stream with the abort marker so its reader fails too, whatever
-//! stopped it: an error, a usage error found before the first byte,
-//! SIGINT/SIGTERM. The marker is only left out when stdout is a terminal,
-//! when its reader has gone (EPIPE), and when a signal finds stdout stalled
-//! for [`SIGNAL_WAIT`] (see docs/SECURITY.md, "Column pipelines").
+//! a stream with the abort marker so its reader fails too, whatever stopped
+//! it: an error, a usage error found before the first byte, SIGINT/SIGTERM.
+//! A stream is stdout, or an `-o` that is written into rather than replaced
+//! (a FIFO, a character device, `/dev/stdout`: `output::resolve_output`).
+//! The marker is only left out when stdout is a terminal, when its reader
+//! has gone (EPIPE), and when a signal finds the stream stalled for
+//! [`SIGNAL_WAIT`] (see docs/SECURITY.md, "Column pipelines").
 
 use crate::app::App;
 use crate::columns::{self, abort, ColumnOptions, ColumnStats, Format};
 use crate::error::{Error, Result};
 use crate::keys::{KeyBackend, KeyRef};
-use crate::output::{same_file, AtomicFile};
+use crate::output::{resolve_output, same_file, AtomicFile, Sink};
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -273,17 +275,26 @@ pub fn execute_with_stats(
             ColumnsCommand::Passthrough(_) => columns::passthrough(&opts, input, out),
         }
     };
-    let stats = match output_path {
-        Some(p) => {
-            let mut f = AtomicFile::create(p, 0o600, dump.force)?;
+    let sink = match output_path {
+        Some(p) => resolve_output(p, dump.force)?,
+        None => Sink::Stdout,
+    };
+    let stats = match sink {
+        Sink::File(real) => {
+            let mut f = AtomicFile::create(&real, 0o600, dump.force)?;
             let s = go(&mut f).map_err(|e| e.context(&place))?;
             f.commit()?;
             s
         }
-        None => {
+        Sink::Stdout | Sink::Stream(_) => {
+            if let Sink::Stream(p) = &sink {
+                // A FIFO or device: the stream's descriptor from now on,
+                // with the marker armed as for stdout.
+                attach_stream(crate::output::open_stream(p)?);
+            }
             // Unbuffered: the pipeline hands over whole blocks of records,
-            // and each goes out in one piece (see `StdoutSink`).
-            let s = go(&mut StdoutSink).map_err(|e| e.context(&place))?;
+            // and each goes out in one piece (see `StreamSink`).
+            let s = go(&mut StreamSink).map_err(|e| e.context(&place))?;
             finish_stdout();
             s
         }
@@ -408,18 +419,39 @@ pub fn guard_stdout(cmd: &crate::cli::Command) -> Option<StdoutGuard> {
     let crate::cli::Command::Columns(c) = cmd else {
         return None;
     };
-    let to_stdout = dump_args(c)
-        .output
-        .as_deref()
-        .is_none_or(|p| p == Path::new("-"));
-    if !to_stdout || std::io::stdout().is_terminal() {
-        return None;
+    let args = dump_args(c);
+    let to_stdout = match args.output.as_deref() {
+        None => true,
+        Some(p) if p == Path::new("-") => true,
+        // `-o /dev/stdout` and the like are stdout too.
+        Some(p) => matches!(resolve_output(p, args.force), Ok(Sink::Stdout)),
+    };
+    // A FIFO or device `-o` is armed when it is opened (`attach_stream`);
+    // the guard still ends it with the marker if the run fails after that.
+    if to_stdout && !std::io::stdout().is_terminal() {
+        *lock_stream() = Stream::Open {
+            at_line_start: true,
+            in_quotes: false,
+        };
     }
-    *lock_stream() = Stream::Open {
+    Some(StdoutGuard)
+}
+
+/// The descriptor the stream goes to: 1 (stdout), or a FIFO or device
+/// opened for `-o` (see [`attach_stream`]).
+static STREAM_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(1);
+
+/// Makes `f` (an `-o` FIFO or device) the stream's descriptor for the rest
+/// of the process and arms the marker for it.
+fn attach_stream(f: std::fs::File) {
+    use std::os::fd::IntoRawFd;
+    let mut s = lock_stream();
+    // Never closed: the signal thread may write the marker to it until exit.
+    STREAM_FD.store(f.into_raw_fd(), Ordering::SeqCst);
+    *s = Stream::Open {
         at_line_start: true,
         in_quotes: false,
     };
-    Some(StdoutGuard)
 }
 
 /// See [`guard_stdout`].
@@ -452,7 +484,7 @@ fn abort_stream(s: &mut Stream) {
     {
         let mut m = Vec::with_capacity(abort::MARKER.len() + 2);
         abort::write_marker(&mut m, at_line_start, in_quotes);
-        let _ = write_fd1(&m);
+        let _ = write_stream(&m);
         *s = Stream::Closed;
     }
 }
@@ -477,14 +509,16 @@ pub fn abort_stdout_for_exit() {
     std::mem::forget(guard);
 }
 
-/// Writes all of `buf` to file descriptor 1, bypassing std's stdout buffer
-/// (so what was written is on the descriptor, not in a buffer a signal
-/// exit would drop). Returns how much was written on failure.
-fn write_fd1(buf: &[u8]) -> std::result::Result<(), (usize, std::io::Error)> {
+/// Writes all of `buf` to the stream's descriptor (stdout, or an `-o` FIFO
+/// or device), bypassing std's stdout buffer (so what was written is on the
+/// descriptor, not in a buffer a signal exit would drop). Returns how much
+/// was written on failure.
+fn write_stream(buf: &[u8]) -> std::result::Result<(), (usize, std::io::Error)> {
     use std::os::fd::FromRawFd;
-    // SAFETY: fd 1 is open for the life of the process; ManuallyDrop
-    // keeps this File from closing it.
-    let mut out = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(1) });
+    // SAFETY: the descriptor (1, or one `attach_stream` leaked) is open for
+    // the life of the process; ManuallyDrop keeps this File from closing it.
+    let fd = STREAM_FD.load(Ordering::SeqCst);
+    let mut out = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
     let mut done = 0;
     while done < buf.len() {
         match out.write(&buf[done..]) {
@@ -499,18 +533,18 @@ fn write_fd1(buf: &[u8]) -> std::result::Result<(), (usize, std::io::Error)> {
     Ok(())
 }
 
-/// The data writer for stdout. Each `write` is a whole block of records
+/// The data writer for the stream. Each `write` is a whole block of records
 /// (the pipeline writes nothing smaller) and goes out under the stream
 /// lock. A closed reader stops the run quietly (exit 141, no marker).
-struct StdoutSink;
+struct StreamSink;
 
-impl Write for StdoutSink {
+impl Write for StreamSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let mut s = lock_stream();
         if *s == Stream::Closed {
             return Err(std::io::Error::other("the output was already ended"));
         }
-        match write_fd1(buf) {
+        match write_stream(buf) {
             Ok(()) => {
                 if let (Stream::Open { at_line_start, .. }, Some(&last)) = (&mut *s, buf.last()) {
                     *at_line_start = last == b'\n';
