@@ -1,0 +1,65 @@
+//! Replays the fuzz corpus in the normal `cargo test`: every committed crash
+//! input (fuzz/regressions/<target>/, one file per finding, named after it)
+//! and every seed (fuzz/corpus/<target>/) goes through the same harness
+//! the fuzz target runs (fuzz/src/lib.rs, included here), so a fixed crash
+//! stays fixed without cargo-fuzz, and a format change that invalidates the
+//! seeds fails here first (remake them: see fuzz/examples/make_seeds.rs).
+//!
+//! `make fuzz` runs the targets themselves (libFuzzer, bounded time).
+
+#[path = "../fuzz/src/lib.rs"]
+mod harness;
+
+use hsmseal::columns::Format;
+use std::path::Path;
+
+/// A harness: panics on a finding.
+type Harness = fn(&[u8]);
+
+/// Every fuzz target and its harness.
+const TARGETS: &[(&str, Harness)] = &[
+    ("header", harness::header),
+    ("file_tamper", harness::file_tamper),
+    ("token", harness::token),
+    ("csv", |d| harness::dump(Format::Csv, d)),
+    ("tsv", |d| harness::dump(Format::Tsv, d)),
+    ("pgcopy", |d| harness::dump(Format::PgCopy, d)),
+    ("jsonl", |d| harness::dump(Format::Jsonl, d)),
+    ("audit", harness::audit),
+];
+
+/// Runs every file under `fuzz/<dir>/<target>/` through its harness;
+/// returns how many there were.
+fn replay(dir: &str, target: &str, run: Harness) -> usize {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz")
+        .join(dir)
+        .join(target);
+    let Ok(entries) = std::fs::read_dir(&d) else {
+        return 0;
+    };
+    let mut files: Vec<_> = entries.map(|e| e.unwrap().path()).collect();
+    files.sort();
+    for f in &files {
+        let data = std::fs::read(f).unwrap();
+        // A panic names the file, so a failure points at its input.
+        let r = std::panic::catch_unwind(|| run(&data));
+        assert!(r.is_ok(), "{} failed its harness", f.display());
+    }
+    files.len()
+}
+
+#[test]
+fn every_seed_passes_its_harness() {
+    for (target, run) in TARGETS {
+        let n = replay("corpus", target, *run);
+        assert!(n >= 2, "fuzz/corpus/{target} has {n} seeds");
+    }
+}
+
+#[test]
+fn every_crash_found_by_fuzzing_stays_fixed() {
+    for (target, run) in TARGETS {
+        replay("regressions", target, *run);
+    }
+}
