@@ -104,3 +104,47 @@ fn a_trailing_cr_in_the_last_field_round_trips() {
         );
     }
 }
+
+/// Fuzz target header: slot sequence numbers are covered by the slot's
+/// SHA-256 checksum only (FORMAT.md: it catches torn writes, the GCM tag
+/// is the security), so a header edited to seq 2^64-1, checksum
+/// recomputed, still opens. Rotating it computed seq + 1: an overflow
+/// (a panic with overflow checks; wrapped to the invalid seq 0 without),
+/// and the rotation then cleared the old slot and left a file with no
+/// readable envelope while exiting 0. Now the rotation is refused and the
+/// file left as it was.
+#[test]
+fn rotating_a_header_at_the_last_sequence_number_loses_nothing() {
+    use hsmseal::envelope::{file, header::Header, rotate};
+    use hsmseal::error::ErrorKind;
+    use hsmseal::keys::{KeyRef, MemoryBackend};
+    use hsmseal::stream::StreamOptions;
+    let b = MemoryBackend::new();
+    let k = KeyRef {
+        name: "k".into(),
+        version: b.add_version("k"),
+    };
+    let opts = StreamOptions::default();
+    let mut sealed = Vec::new();
+    file::seal(&b, &k, &b"the only copy"[..], &mut sealed, &opts).unwrap();
+    sealed[256..264].copy_from_slice(&u64::MAX.to_be_bytes());
+    harness::fix_slot_checksums(&mut sealed);
+    assert_eq!(Header::parse(&sealed).unwrap().active().1.seq, u64::MAX);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("f.hseal");
+    std::fs::write(&p, &sealed).unwrap();
+    b.add_version("k");
+    let e = rotate::rewrap(&b, &p, None, false).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Integrity, "{e}");
+    assert_eq!(std::fs::read(&p).unwrap(), sealed, "the file was changed");
+    let mut out = Vec::new();
+    file::open(&b, &sealed[..], &mut out, &opts).unwrap();
+    assert_eq!(out, b"the only copy");
+    // What the message advises works: a fresh header, then rotations again.
+    rotate::reencrypt(&b, &p, None, false, &opts).unwrap();
+    let fresh = std::fs::read(&p).unwrap();
+    assert_eq!(Header::parse(&fresh).unwrap().active().1.seq, 1);
+    let mut out = Vec::new();
+    file::open(&b, &fresh[..], &mut out, &opts).unwrap();
+    assert_eq!(out, b"the only copy");
+}
