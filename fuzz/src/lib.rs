@@ -631,6 +631,9 @@ pub fn dump(format: Format, data: &[u8]) {
             assert_kind(a, DUMP_ERRORS);
             assert_eq!(a.kind(), b.kind(), "passthrough: {a}; encrypt: {b}");
         }
+        // Encrypt may refuse a value that already is a token (issue 9:
+        // no silent double encryption), which a plain pass copies.
+        (Ok(_), Err(b)) if contains(rest, token::PREFIX) => assert_kind(b, DUMP_ERRORS),
         (Ok(_), Err(b)) => panic!("encrypt failed where passthrough did not: {b}"),
         (Err(a), Ok(_)) => panic!("passthrough failed where encrypt did not: {a}"),
     }
@@ -640,6 +643,10 @@ pub fn dump(format: Format, data: &[u8]) {
     if let Err(e) = run_columns(|i, o| columns::rotate(&keys, &v2(), &opts, i, o), rest) {
         assert_kind(&e, DUMP_ERRORS);
     }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The scanner-level properties of [`dump`].
