@@ -279,7 +279,10 @@ pub fn header(data: &[u8]) {
         Ok(outcome) => {
             let after = std::fs::read(&f.0).expect("reading scratch file");
             assert_eq!(after.len(), bytes.len(), "rotation changed the length");
-            assert_eq!(after[HEADER_LEN..], bytes[HEADER_LEN..], "payload changed");
+            assert!(
+                after[HEADER_LEN..] == bytes[HEADER_LEN..],
+                "payload changed"
+            );
             let reopened = open_file(&keys, &after, &opts);
             assert!(
                 reopened == before,
