@@ -59,7 +59,7 @@ for t in "${targets[@]}"; do
         grep -E '^stat::number_of_executed_units|^#[0-9]+ *DONE' "$log" | tail -2 | sed "s/^/fuzz: $t: /" >&2 || true
     else
         failed+=("$t")
-        tail -n 40 "$log" >&2
+        grep -E -A3 'panicked at|ERROR: libFuzzer|^SUMMARY' "$log" | head -n 30 >&2 || tail -n 40 "$log" >&2
         grep -o 'Test unit written to [^ ]*' "$log" | sed "s/^/fuzz: $t: /" >&2 || true
     fi
 done
