@@ -5,7 +5,7 @@
 CARGO ?= cargo
 BIN := target/release/hsmseal
 
-.PHONY: all build deps test unit-test pg-e2e demo bench docs lint fmt clean
+.PHONY: all build deps test unit-test pg-e2e demo bench docs lint fmt clean fuzz
 
 all: build
 
@@ -36,6 +36,12 @@ bench: deps build
 # (examples/gen-docs.rs), into target/docs/{completions,man}.
 docs:
 	$(CARGO) run --release --locked --example gen-docs -- target/docs
+
+# Every fuzz target (fuzz/, cargo-fuzz + libFuzzer on stable Rust, installed
+# into target/fuzz-tools if missing) for FUZZ_SECONDS each (default 40);
+# fails on any crash and prints where its input is (scripts/fuzz.sh).
+fuzz:
+	./scripts/fuzz.sh
 
 lint:
 	$(CARGO) fmt --check

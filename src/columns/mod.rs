@@ -1223,7 +1223,12 @@ impl Worker<'_> {
                 let (fs_, fe) = (f.start as usize, f.end as usize);
                 out.extend_from_slice(&data[cur..fs_]);
                 cur = fe;
-                let last = slot.pos + 1 == layout.nfields;
+                // A trailing CR in the last field must be quoted only where
+                // a lone LF follows (bare, the two would read back as a
+                // CRLF). Before a CRLF or at the end of input it reads back
+                // as it is, so it stays bare and the dump round-trips (found
+                // by fuzzing: fuzz/regressions/tsv/).
+                let last = slot.pos + 1 == layout.nfields && &data[fe..end] == b"\n";
                 self.table_cell(fmt, slot, &data[fs_..fe], f.quoted, rid, last, out)
                     .map_err(|e| cell_err(row, &slot.id, e))?;
             }

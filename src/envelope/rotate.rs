@@ -98,13 +98,22 @@ pub fn rewrap(
     if to == from {
         return Ok(Outcome::Unchanged(from));
     }
+    // The sequence number is covered by the slot checksum alone, so an
+    // edited header can hold the largest one; wrapping it would write an
+    // invalid slot and then clear the valid one (found by fuzzing:
+    // tests/fuzz_regressions.rs).
+    let seq = active.seq.checked_add(1).ok_or_else(|| {
+        Error::integrity(
+            "header slot sequence number is at its maximum (the header was edited); nothing was written: `hsmseal rotate --reencrypt` writes a fresh header",
+        )
+    })?;
     if dry_run {
         return Ok(Outcome::WouldRotate { from, to });
     }
     let wrapped = backend.wrap(&to, &dek, &header::dek_aad(&to))?;
     drop(dek);
     let new_slot = Slot {
-        seq: active.seq + 1,
+        seq,
         kwk: to.clone(),
         wrapped,
     };

@@ -1,0 +1,6 @@
+#![no_main]
+//! See `hsmseal_fuzz::file_tamper` (fuzz/src/lib.rs) for the input layout and the
+//! properties checked.
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| hsmseal_fuzz::file_tamper(data));
