@@ -22,8 +22,8 @@
 //! (a damaged token still marks its version as needed). Tokens inside
 //! compressed data (e.g. `pg_dump -Fc`) are not visible to any scan.
 
+use crate::backend::{validate_key_name, KeyRef};
 use crate::columns::token::{token_len, PREFIX};
-use crate::keys::{validate_key_name, KeyRef};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use std::collections::BTreeMap;
@@ -248,8 +248,8 @@ impl Dependencies {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::{KeyBackend, MemoryBackend};
     use crate::columns::token::Sealer;
-    use crate::keys::{KeyBackend, MemoryBackend};
 
     fn tokens(b: &MemoryBackend, name: &str, n: usize, value_len: usize) -> Vec<Vec<u8>> {
         let kwk = KeyRef {

@@ -1,13 +1,14 @@
 //! hsmseal: envelope encryption at rest with key-wrapping keys held in a
 //! PKCS#11 HSM. The `hsmseal` binary is a thin user of this library.
 //!
-//! Layout: `keys` (the KeyBackend trait, the only door to KWKs), `hsm` (its
+//! Layout: `backend` (the KeyBackend trait, the only door to KWKs), `hsm` (its
 //! PKCS#11 implementation), `stream` (C2SP chunked payload encryption),
 //! `envelope` (file header), `columns` (column dumps), `commands` (one module
 //! per subcommand), `config`, `output` (atomic files), `error` (exit codes).
 
 pub mod app;
 pub mod audit;
+pub mod backend;
 pub mod cli;
 pub mod columns;
 pub mod commands;
@@ -17,7 +18,6 @@ pub mod envelope;
 pub mod error;
 pub mod hardening;
 pub mod hsm;
-pub mod keys;
 pub mod output;
 pub mod secret;
 pub mod signals;

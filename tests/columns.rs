@@ -2,9 +2,9 @@
 //! fixtures of every format, binding (row, column, context), tampering,
 //! HSM call counts, and errors that name row and column.
 
+use hsmseal::backend::{KeyBackend, KeyRef, MemoryBackend};
 use hsmseal::columns::{self, ColumnOptions, ColumnStats, Format};
 use hsmseal::error::{ErrorKind, Result};
-use hsmseal::keys::{KeyBackend, KeyRef, MemoryBackend};
 use std::io::Cursor;
 
 const FIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/columns");
@@ -656,13 +656,13 @@ impl KeyBackend for FixedKwk {
         _: &KeyRef,
         _: &hsmseal::secret::SecretKey,
         _: &[u8],
-    ) -> Result<hsmseal::keys::WrappedKey> {
+    ) -> Result<hsmseal::backend::WrappedKey> {
         unimplemented!("the vector is built by hand")
     }
     fn unwrap(
         &self,
         kwk: &KeyRef,
-        w: &hsmseal::keys::WrappedKey,
+        w: &hsmseal::backend::WrappedKey,
         aad: &[u8],
     ) -> Result<hsmseal::secret::SecretKey> {
         use aes_gcm::aead::{Aead, Payload};

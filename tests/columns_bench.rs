@@ -4,8 +4,8 @@
 //! `cargo test --release --test columns_bench -- --ignored --nocapture`
 //! (`COLUMNS_BENCH_ROWS` changes the row count).
 
+use hsmseal::backend::{KeyRef, MemoryBackend};
 use hsmseal::columns::{self, ColumnOptions, Format};
-use hsmseal::keys::{KeyRef, MemoryBackend};
 use std::io::Cursor;
 use std::time::Instant;
 

@@ -4,9 +4,9 @@
 //! file extension, exit codes.
 
 use clap::Parser;
+use hsmseal::backend::{KeyBackend, MemoryBackend};
 use hsmseal::commands::columns::{execute, ColumnsCommand};
 use hsmseal::error::{ErrorKind, Result};
-use hsmseal::keys::{KeyBackend, MemoryBackend};
 use std::sync::Arc;
 
 #[derive(Parser)]
@@ -29,7 +29,7 @@ fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
         _ => None,
     };
     if let Some(k) = &key {
-        hsmseal::keys::validate_key_name(k)?;
+        hsmseal::backend::validate_key_name(k)?;
     }
     execute(Some(&*app.0 as &dyn KeyBackend), key, false, 2, cmd)
 }

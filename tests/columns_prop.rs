@@ -2,8 +2,8 @@
 //! CR, LF, backslashes, invalid UTF-8 and NULLs) written as CSV, TSV,
 //! pgcopy and JSONL round-trip byte for byte through encrypt and decrypt.
 
+use hsmseal::backend::{KeyRef, MemoryBackend};
 use hsmseal::columns::{self, ColumnOptions, Format};
-use hsmseal::keys::{KeyRef, MemoryBackend};
 use proptest::prelude::*;
 use std::io::Cursor;
 use std::sync::OnceLock;

@@ -6,10 +6,10 @@
 //! COPY dump are all refused, naming row and column; each one's escape
 //! hatch is explicit and counted.
 
+use hsmseal::backend::{KeyRef, MemoryBackend};
 use hsmseal::columns::token::{binding, binding_prefix, ColumnId, Sealer, FLAG_JSON};
 use hsmseal::columns::{self, abort, ColumnOptions, ColumnStats, Format};
 use hsmseal::error::{ErrorKind, Result};
-use hsmseal::keys::{KeyRef, MemoryBackend};
 use std::io::Cursor;
 
 fn backend() -> (MemoryBackend, KeyRef) {

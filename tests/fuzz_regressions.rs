@@ -72,8 +72,8 @@ fn every_crash_found_by_fuzzing_stays_fixed() {
 /// byte. Only a lone LF after it makes the quotes necessary.
 #[test]
 fn a_trailing_cr_in_the_last_field_round_trips() {
+    use hsmseal::backend::{KeyRef, MemoryBackend};
     use hsmseal::columns::{self, ColumnOptions};
-    use hsmseal::keys::{KeyRef, MemoryBackend};
     let b = MemoryBackend::new();
     let k = KeyRef {
         name: "k".into(),
@@ -115,9 +115,9 @@ fn a_trailing_cr_in_the_last_field_round_trips() {
 /// file left as it was.
 #[test]
 fn rotating_a_header_at_the_last_sequence_number_loses_nothing() {
+    use hsmseal::backend::{KeyRef, MemoryBackend};
     use hsmseal::envelope::{file, header::Header, rotate};
     use hsmseal::error::ErrorKind;
-    use hsmseal::keys::{KeyRef, MemoryBackend};
     use hsmseal::stream::StreamOptions;
     let b = MemoryBackend::new();
     let k = KeyRef {

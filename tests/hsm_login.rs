@@ -5,9 +5,9 @@
 mod common;
 
 use common::TestToken;
+use hsmseal::backend::{KeyBackend, KeyRef};
 use hsmseal::error::ErrorKind;
 use hsmseal::hsm::Hsm;
-use hsmseal::keys::{KeyBackend, KeyRef};
 use hsmseal::secret::{Pin, SecretKey};
 
 #[test]

@@ -35,8 +35,8 @@ pub mod pgcopy;
 mod scan;
 pub mod token;
 
+use crate::backend::{KeyBackend, KeyRef};
 use crate::error::{Error, Result};
-use crate::keys::{KeyBackend, KeyRef};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::Path;

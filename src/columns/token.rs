@@ -28,8 +28,8 @@
 //! docs/FORMAT.md (section 6) specifies all of this byte by byte.
 
 use super::Format;
+use crate::backend::{KeyBackend, KeyRef, WrappedKey, WRAPPED_KEY_LEN, WRAP_IV_LEN};
 use crate::error::{Error, Result};
-use crate::keys::{KeyBackend, KeyRef, WrappedKey, WRAPPED_KEY_LEN, WRAP_IV_LEN};
 use crate::secret::SecretKey;
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
@@ -137,7 +137,7 @@ pub fn looks_like_token(value: &[u8]) -> bool {
 
 /// Largest token text accepted on decrypt.
 pub const MAX_TOKEN_LEN: usize =
-    5 + (FIXED_LEN + crate::keys::MAX_KEY_NAME_LEN + MAX_VALUE) * 4 / 3 + 4;
+    5 + (FIXED_LEN + crate::backend::MAX_KEY_NAME_LEN + MAX_VALUE) * 4 / 3 + 4;
 
 /// Which column a binding names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -221,7 +221,7 @@ fn parse_envelope(env: &[u8]) -> Result<(KeyRef, WrappedKey)> {
     let n = env[0] as usize;
     let name = std::str::from_utf8(&env[1..1 + n])
         .ok()
-        .filter(|s| crate::keys::validate_key_name(s).is_ok())
+        .filter(|s| crate::backend::validate_key_name(s).is_ok())
         .ok_or_else(|| Error::format("malformed token: invalid key name"))?;
     let mut v = [0u8; 4];
     v.copy_from_slice(&env[1 + n..5 + n]);
@@ -244,7 +244,7 @@ fn envelope_len(body: &[u8]) -> Result<usize> {
     let n = *body
         .first()
         .ok_or_else(|| Error::format("malformed token: empty"))? as usize;
-    if n == 0 || n > crate::keys::MAX_KEY_NAME_LEN {
+    if n == 0 || n > crate::backend::MAX_KEY_NAME_LEN {
         return Err(Error::format("malformed token: bad key name length"));
     }
     if body.len() < FIXED_LEN + n {
@@ -606,7 +606,7 @@ fn auth_failed() -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::MemoryBackend;
+    use crate::backend::MemoryBackend;
 
     fn setup() -> (MemoryBackend, KeyRef) {
         let b = MemoryBackend::new();

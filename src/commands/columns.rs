@@ -13,9 +13,9 @@
 //! [`SIGNAL_WAIT`] (see docs/SECURITY.md, "Column pipelines").
 
 use crate::app::App;
+use crate::backend::{KeyBackend, KeyRef};
 use crate::columns::{self, abort, ColumnOptions, ColumnStats, Format};
 use crate::error::{Error, Result};
-use crate::keys::{KeyBackend, KeyRef};
 use crate::output::{resolve_output, same_file, AtomicFile, Sink};
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};

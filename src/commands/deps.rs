@@ -18,11 +18,11 @@
 use super::bulk::{self, Item, Verdict, Want};
 use super::walk::{classify, Kind};
 use crate::app::App;
+use crate::backend::KeyRef;
 use crate::cli::SelectArgs;
 use crate::deps::{Dependencies, TokenScanner};
 use crate::envelope::{file, header};
 use crate::error::{Error, Result};
-use crate::keys::KeyRef;
 use crate::stream::StreamOptions;
 use serde::Serialize;
 use std::collections::BTreeMap;

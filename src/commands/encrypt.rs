@@ -8,10 +8,10 @@ use super::paths::{
 };
 use super::walk::{classify, Kind};
 use crate::app::App;
+use crate::backend::KeyRef;
 use crate::cli::{EncryptArgs, SelectArgs};
 use crate::envelope::{file, header};
 use crate::error::{Error, Result};
-use crate::keys::KeyRef;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 

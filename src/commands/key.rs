@@ -12,10 +12,10 @@
 //! refusal can say it.
 
 use crate::app::App;
+use crate::backend::{validate_key_name, KeyRef};
 use crate::cli::KeyCommand;
 use crate::error::{Error, Result};
 use crate::hsm::{KeyInfo, KeyState, PurgeReport, StateChange};
-use crate::keys::{validate_key_name, KeyRef};
 use std::sync::atomic::Ordering;
 
 pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {

@@ -11,10 +11,10 @@
 
 use super::bulk::Item;
 use crate::app::App;
+use crate::backend::KeyBackend;
 use crate::cli::OutputArgs;
 use crate::envelope::header::Header;
 use crate::error::{Error, Result};
-use crate::keys::KeyBackend;
 use crate::output::{same_file, AtomicFile, FileId, LockMode, LockedFile, Sink};
 use serde::Serialize;
 use std::fs::File;

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 
 pub fn run(app: &App, args: RotateArgs) -> Result<i32> {
     if let Some(k) = &args.key {
-        crate::keys::validate_key_name(k)?;
+        crate::backend::validate_key_name(k)?;
     }
     if args.inputs.iter().any(|p| p.as_os_str() == "-") {
         return Err(Error::usage("rotate works in place on files; stdin cannot be rotated (decrypt and encrypt it instead)"));

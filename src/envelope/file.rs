@@ -5,8 +5,8 @@
 //! it lives in a zeroizing `SecretKey`.
 
 use super::header::{self, Header, HEADER_LEN};
+use crate::backend::{KeyBackend, KeyRef};
 use crate::error::{Error, Result};
-use crate::keys::{KeyBackend, KeyRef};
 use crate::secret::SecretKey;
 use crate::stream::{self, StreamOptions};
 use std::io::{Read, Write};
@@ -128,8 +128,8 @@ pub fn plaintext_len(file_len: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::MemoryBackend;
     use crate::error::ErrorKind;
-    use crate::keys::MemoryBackend;
 
     fn opts() -> StreamOptions<'static> {
         StreamOptions {

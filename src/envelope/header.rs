@@ -25,8 +25,8 @@
 //! be zero. So any change to any header byte is rejected. The checksum only
 //! detects accidents (torn writes); security comes from the GCM tag.
 
+use crate::backend::{KeyRef, WrappedKey, MAX_KEY_NAME_LEN, WRAPPED_KEY_LEN, WRAP_IV_LEN};
 use crate::error::{Error, Result};
-use crate::keys::{KeyRef, WrappedKey, MAX_KEY_NAME_LEN, WRAPPED_KEY_LEN, WRAP_IV_LEN};
 use sha2::{Digest, Sha256};
 
 pub const MAGIC: [u8; 8] = *b"\x89HSMSEAL";
@@ -280,7 +280,7 @@ fn decode_slot(b: &[u8]) -> std::result::Result<Option<Slot>, String> {
     }
     let name = std::str::from_utf8(&b[NAME..NAME + name_len])
         .map_err(|_| "key name is not UTF-8".to_string())?;
-    crate::keys::validate_key_name(name).map_err(|_| "invalid key name".to_string())?;
+    crate::backend::validate_key_name(name).map_err(|_| "invalid key name".to_string())?;
     let version = u32::from_be_bytes(b[VERSION..VERSION + 4].try_into().expect("4 bytes"));
     if version == 0 {
         return Err("key version 0".into());

@@ -23,8 +23,8 @@
 
 use super::file;
 use super::header::{self, Header, Slot, HEADER_LEN, SLOT_LEN, SLOT_OFFSETS};
+use crate::backend::{KeyBackend, KeyRef};
 use crate::error::{Error, Result};
-use crate::keys::{KeyBackend, KeyRef};
 use crate::output::{AtomicFile, LockedFile};
 use crate::secret::SecretKey;
 use crate::stream::{self, StreamOptions};
@@ -257,7 +257,7 @@ pub fn reencrypt(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::MemoryBackend;
+    use crate::backend::MemoryBackend;
 
     fn opts() -> StreamOptions<'static> {
         StreamOptions {

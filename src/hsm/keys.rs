@@ -16,7 +16,7 @@
 //! created by another tool (or a token that silently ignored part of our
 //! template) is caught the same way.
 
-use crate::keys::{validate_key_name, KeyRef};
+use crate::backend::{validate_key_name, KeyRef};
 use cryptoki::mechanism::MechanismType;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
 use cryptoki::types::Date;

@@ -44,8 +44,8 @@
 use super::errors::{c_function_name, ckr_name, rv_of, token_error};
 use super::keys::{self, KeyInfo, KeyState};
 use super::{is_gone, Hsm};
+use crate::backend::{validate_key_name, KeyRef};
 use crate::error::{Error, Result};
-use crate::keys::{validate_key_name, KeyRef};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;

@@ -44,10 +44,10 @@ pub use doctor::DoctorReport;
 pub use keys::{KeyAttributes, KeyInfo, KeyState};
 pub use lifecycle::{PurgeItem, PurgeReport, StateChange};
 
-use crate::error::{Error, Result};
-use crate::keys::{
+use crate::backend::{
     validate_key_name, KeyBackend, KeyRef, WrappedKey, WRAPPED_KEY_LEN, WRAP_IV_LEN, WRAP_TAG_LEN,
 };
+use crate::error::{Error, Result};
 use crate::secret::{Pin, SecretKey};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
