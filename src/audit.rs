@@ -614,7 +614,7 @@ fn entry_line(
     record: &Record,
 ) -> Result<String> {
     let (time, user, host) = (
-        crate::hsm::keys::rfc3339(crate::hsm::keys::now_unix()),
+        crate::hsm::kwk::rfc3339(crate::hsm::kwk::now_unix()),
         os_user(),
         host_name(),
     );

@@ -16,7 +16,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 use hsmseal::backend::{KeyBackend, KeyRef, WrappedKey};
 use hsmseal::error::ErrorKind;
-use hsmseal::hsm::keys::{kwk_template, now_unix, parse_rfc3339, today_utc};
+use hsmseal::hsm::kwk::{kwk_template, now_unix, parse_rfc3339, today_utc};
 use hsmseal::hsm::{Hsm, KeyState};
 use hsmseal::secret::{Pin, SecretKey};
 use std::path::Path;
@@ -92,7 +92,7 @@ fn find_by_label(s: &Session, label: &str) -> ObjectHandle {
 }
 
 fn today() -> String {
-    hsmseal::hsm::keys::date_string(&today_utc()).unwrap()
+    hsmseal::hsm::kwk::date_string(&today_utc()).unwrap()
 }
 
 #[test]
@@ -177,7 +177,7 @@ fn created_key_has_exactly_the_required_attributes() {
     match s.get_attributes(obj, &[AttributeType::StartDate]) {
         Ok(a) => {
             let date = a.iter().find_map(|a| match a {
-                Attribute::StartDate(d) => hsmseal::hsm::keys::date_string(d),
+                Attribute::StartDate(d) => hsmseal::hsm::kwk::date_string(d),
                 _ => None,
             });
             assert_eq!(date.as_deref(), Some(today().as_str()));

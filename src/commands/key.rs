@@ -133,7 +133,7 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
             yes,
             check,
         } => {
-            let now = crate::hsm::keys::now_unix();
+            let now = crate::hsm::kwk::now_unix();
             // Versions that data under --check still needs are spared; a
             // search that could not read everything destroys nothing.
             let needed = if check.is_empty() {
@@ -306,7 +306,7 @@ fn print_keys(app: &App, keys: &[KeyInfo]) {
     for k in keys {
         let status = match (k.state, k.problems.is_empty()) {
             (KeyState::Destroyed, _) => "-".to_string(),
-            _ => crate::hsm::keys::status(&k.problems),
+            _ => crate::hsm::kwk::status(&k.problems),
         };
         crate::outln!(
             "{:<24} {:>7}  {:<12}  {:<20}  {status}",

@@ -25,7 +25,7 @@
 //! lifecycle; `C_Sign`/`C_Verify` run on a pooled session.
 
 use super::errors::{rv_of, token_error};
-use super::keys::{self, KeyAttributes};
+use super::kwk::{self, KeyAttributes};
 use super::{is_gone, Hsm};
 use crate::audit::{current_head, AuditBackend, Head};
 use crate::error::{Error, Result};
@@ -62,7 +62,7 @@ pub fn audit_key_template(created_unix: u64) -> Vec<Attribute> {
         Attribute::Derive(false),
         Attribute::AllowedMechanisms(vec![MechanismType::SHA256_HMAC]),
         Attribute::Label(AUDIT_KEY_LABEL.as_bytes().to_vec()),
-        Attribute::Id(format!("{AUDIT_KEY_LABEL}@{}", keys::rfc3339(created_unix)).into_bytes()),
+        Attribute::Id(format!("{AUDIT_KEY_LABEL}@{}", kwk::rfc3339(created_unix)).into_bytes()),
     ]
 }
 
@@ -197,7 +197,7 @@ impl Hsm {
         let h = admin
             .generate_key(
                 &Mechanism::GenericSecretKeyGen,
-                &audit_key_template(keys::now_unix()),
+                &audit_key_template(kwk::now_unix()),
             )
             .map_err(|e| {
                 token_error(
@@ -523,10 +523,10 @@ mod tests {
 
     #[test]
     fn audit_labels_are_not_kwk_labels() {
-        assert!(keys::parse_label(AUDIT_KEY_LABEL.as_bytes()).is_none());
+        assert!(kwk::parse_label(AUDIT_KEY_LABEL.as_bytes()).is_none());
         let l = head_label("0123456789abcdef0123456789abcdef");
-        assert!(keys::parse_label(l.as_bytes()).is_none());
-        assert!(keys::parse_high_water_label(l.as_bytes()).is_none());
-        assert!(!AUDIT_KEY_LABEL.starts_with(keys::LABEL_PREFIX));
+        assert!(kwk::parse_label(l.as_bytes()).is_none());
+        assert!(kwk::parse_high_water_label(l.as_bytes()).is_none());
+        assert!(!AUDIT_KEY_LABEL.starts_with(kwk::LABEL_PREFIX));
     }
 }

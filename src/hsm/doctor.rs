@@ -6,7 +6,7 @@
 //! PIN is never read here and keys are described only by their attributes.
 
 use super::errors::token_error;
-use super::keys::KeyInfo;
+use super::kwk::KeyInfo;
 use super::Hsm;
 use crate::error::Result;
 use cryptoki::mechanism::MechanismType;
@@ -160,10 +160,10 @@ impl Hsm {
             match self.list_keys() {
                 Ok(keys) => {
                     for k in keys.iter().filter(|k| !k.is_ok()) {
-                        problems.push(if super::keys::only_duplicated(&k.problems) {
+                        problems.push(if super::kwk::only_duplicated(&k.problems) {
                             format!("key {}: {}", k.key_ref(), k.problems.join("; "))
                         } else {
-                            super::keys::refusal(&k.key_ref(), &k.problems)
+                            super::kwk::refusal(&k.key_ref(), &k.problems)
                         });
                     }
                     Some(keys)
@@ -263,12 +263,12 @@ impl fmt::Display for DoctorReport {
                 writeln!(f, "keys:")?;
                 for k in keys {
                     let name = format!("{} v{}", k.name, k.version);
-                    if k.state == super::keys::KeyState::Destroyed {
+                    if k.state == super::kwk::KeyState::Destroyed {
                         writeln!(f, "  {name:<24} {:<12}", k.state.to_string())?;
                         continue;
                     }
                     let created = k.created.as_deref().unwrap_or("unknown");
-                    let status = super::keys::status(&k.problems);
+                    let status = super::kwk::status(&k.problems);
                     writeln!(
                         f,
                         "  {name:<24} {:<12} created {created:<20}  {status}",

@@ -42,7 +42,7 @@
 //! report it).
 
 use super::errors::{c_function_name, ckr_name, rv_of, token_error};
-use super::keys::{self, KeyInfo, KeyState};
+use super::kwk::{self, KeyInfo, KeyState};
 use super::{is_gone, Hsm};
 use crate::backend::{validate_key_name, KeyRef};
 use crate::error::{Error, Result};
@@ -386,7 +386,7 @@ impl Hsm {
             key: name.to_string(),
             token: self.token_label.clone(),
             dry_run,
-            cutoff: keys::rfc3339(cutoff),
+            cutoff: kwk::rfc3339(cutoff),
             current_version: current_of(&versions),
             destroyed,
             spared,
@@ -424,7 +424,7 @@ impl Hsm {
                 }
                 if n > 1 {
                     info.problems
-                        .push(keys::duplicate_problem(n, &info.name, info.version));
+                        .push(kwk::duplicate_problem(n, &info.name, info.version));
                 }
             }
         }
@@ -576,7 +576,7 @@ impl Hsm {
             Attribute::Class(ObjectClass::DATA),
             Attribute::Token(true),
             Attribute::Private(true),
-            Attribute::Label(keys::high_water_label(name).into_bytes()),
+            Attribute::Label(kwk::high_water_label(name).into_bytes()),
             Attribute::Application(b"hsmseal".to_vec()),
             Attribute::Value(version.to_string().into_bytes()),
         ];
@@ -604,7 +604,7 @@ mod tests {
         let mut k = KeyInfo::destroyed("k", version);
         k.state = state;
         k.created_not_after = created;
-        k.created = created.map(keys::rfc3339);
+        k.created = created.map(kwk::rfc3339);
         k
     }
 

@@ -20,7 +20,7 @@
 //!   methods hold the exclusive lock from their first lookup to their last
 //!   check, so e.g. two `key rotate` can never issue one version twice.
 //! - A key handle is used only after its attributes passed
-//!   [`keys::problems`] and it is not disabled; verified handles are cached
+//!   [`kwk::problems`] and it is not disabled; verified handles are cached
 //!   per (name, version). Every key-changing method of this `Hsm` evicts
 //!   what it changed; a change made elsewhere (another process) is caught
 //!   because the token then refuses the cached handle (destroyed: invalid
@@ -36,12 +36,12 @@
 pub mod audit_key;
 pub mod doctor;
 mod errors;
-pub mod keys;
+pub mod kwk;
 pub mod lifecycle;
 pub mod lock;
 
 pub use doctor::DoctorReport;
-pub use keys::{KeyAttributes, KeyInfo, KeyState};
+pub use kwk::{KeyAttributes, KeyInfo, KeyState};
 pub use lifecycle::{PurgeItem, PurgeReport, StateChange};
 
 use crate::backend::{
@@ -376,7 +376,7 @@ impl std::fmt::Debug for Hsm {
 /// What the token holds under one key version's label, as checked.
 #[derive(Debug)]
 struct Verified {
-    /// The objects that passed [`keys::problems`] and are not disabled, in
+    /// The objects that passed [`kwk::problems`] and are not disabled, in
     /// the token's order; never empty. Normally exactly one.
     usable: Vec<ObjectHandle>,
     /// How many objects carry the label, usable or not. More than one is a
@@ -661,9 +661,9 @@ impl Hsm {
             };
             for a in attrs {
                 if let Attribute::Label(l) = a {
-                    if let Some(k) = keys::parse_label(&l) {
+                    if let Some(k) = kwk::parse_label(&l) {
                         out.keys.push((k, h));
-                    } else if let Some(name) = keys::parse_high_water_label(&l) {
+                    } else if let Some(name) = kwk::parse_high_water_label(&l) {
                         out.records.push((name, h));
                     }
                 }
@@ -702,7 +702,7 @@ impl Hsm {
 
     fn read_attributes(&self, admin: &Session, h: ObjectHandle) -> Result<KeyAttributes> {
         let attrs = admin
-            .get_attributes(h, keys::CHECKED_ATTRIBUTES)
+            .get_attributes(h, kwk::CHECKED_ATTRIBUTES)
             .map_err(|e| token_error(e, &self.token_label, "reading key attributes"))?;
         Ok(KeyAttributes::from_attributes(&attrs))
     }
@@ -714,7 +714,7 @@ impl Hsm {
     /// Whether the object `h` is disabled; `None` if it is gone.
     fn disabled(&self, admin: &Session, h: ObjectHandle) -> Result<Option<bool>> {
         match admin.get_attributes(h, &[AttributeType::Encrypt, AttributeType::Decrypt]) {
-            Ok(attrs) => Ok(Some(keys::is_disabled(&KeyAttributes::from_attributes(
+            Ok(attrs) => Ok(Some(kwk::is_disabled(&KeyAttributes::from_attributes(
                 &attrs,
             )))),
             Err(e) if is_gone(&e) => Ok(None),
@@ -729,7 +729,7 @@ impl Hsm {
         k: &KeyRef,
         h: ObjectHandle,
     ) -> Result<Option<KeyInfo>> {
-        match admin.get_attributes(h, keys::CHECKED_ATTRIBUTES) {
+        match admin.get_attributes(h, kwk::CHECKED_ATTRIBUTES) {
             Ok(attrs) => Ok(Some(make_key_info(
                 k,
                 KeyAttributes::from_attributes(&attrs),
@@ -754,7 +754,7 @@ impl Hsm {
             name: name.to_string(),
             version,
         };
-        let template = keys::kwk_template(name, version, keys::now_unix());
+        let template = kwk::kwk_template(name, version, kwk::now_unix());
         let h = admin
             .generate_key(&Mechanism::AesKeyGen, &template)
             .map_err(|e| {
@@ -789,7 +789,7 @@ impl Hsm {
     /// and the creation fails, so hsmseal never leaves a duplicated label.
     fn ensure_unique(&self, admin: &Session, k: &KeyRef, h: ObjectHandle) -> Result<()> {
         let t = &self.token_label;
-        let label = keys::label(&k.name, k.version);
+        let label = kwk::label(&k.name, k.version);
         let handles = admin
             .find_objects(&[Attribute::Label(label.clone().into_bytes())])
             .map_err(|e| token_error(e, t, &format!("checking that {label} is unique")))?;
@@ -861,7 +861,7 @@ impl Hsm {
         Error::key(format!(
             "{n} objects on token {:?} are labelled {} (made by an older hsmseal or another PKCS#11 client); data under key {k} still decrypts (each is tried), but hsmseal wraps nothing new under a duplicated version — run `hsmseal key rotate {}` to make a new, unique current version",
             self.token_label,
-            keys::label(&k.name, k.version),
+            kwk::label(&k.name, k.version),
             k.name
         ))
     }
@@ -887,7 +887,7 @@ impl Hsm {
         }
         validate_key_name(&k.name)?;
         let admin = self.admin_reading()?;
-        let label = keys::label(&k.name, k.version);
+        let label = kwk::label(&k.name, k.version);
         let handles = admin
             .find_objects(&[Attribute::Label(label.clone().into_bytes())])
             .map_err(|e| token_error(e, &self.token_label, &format!("looking up key {k}")))?;
@@ -895,16 +895,16 @@ impl Hsm {
         let mut weak = None;
         let mut disabled = false;
         for &h in &handles {
-            let attributes = match admin.get_attributes(h, keys::CHECKED_ATTRIBUTES) {
+            let attributes = match admin.get_attributes(h, kwk::CHECKED_ATTRIBUTES) {
                 Ok(a) => KeyAttributes::from_attributes(&a),
                 // Destroyed since the search.
                 Err(e) if is_gone(&e) => continue,
                 Err(e) => return Err(token_error(e, &self.token_label, "reading key attributes")),
             };
-            let problems = keys::problems(&attributes);
+            let problems = kwk::problems(&attributes);
             if !problems.is_empty() {
                 weak.get_or_insert(problems);
-            } else if keys::is_disabled(&attributes) {
+            } else if kwk::is_disabled(&attributes) {
                 disabled = true;
             } else {
                 usable.push(h);
@@ -912,9 +912,9 @@ impl Hsm {
         }
         if usable.is_empty() {
             return Err(if let Some(problems) = weak {
-                Error::key(keys::refusal(k, &problems))
+                Error::key(kwk::refusal(k, &problems))
             } else if disabled {
-                Error::key(keys::disabled_refusal(k))
+                Error::key(kwk::disabled_refusal(k))
             } else {
                 let family = self.family(&admin, &k.name)?;
                 self.missing_version(&family, k.version)
@@ -1032,10 +1032,10 @@ fn read_high_water(admin: &Session, h: ObjectHandle) -> Option<u32> {
     if !class_ok {
         return None;
     }
-    keys::parse_version(&value?)
+    kwk::parse_version(&value?)
 }
 
-/// The creation time of `k`: from its `CKA_ID` (see [`keys::key_id`]), else
+/// The creation time of `k`: from its `CKA_ID` (see [`kwk::key_id`]), else
 /// the day of `start_date`. (display string, latest possible Unix time)
 fn created(
     admin: &Session,
@@ -1048,23 +1048,23 @@ fn created(
         .ok()
         .and_then(|attrs| {
             attrs.iter().find_map(|a| match a {
-                Attribute::Id(id) => keys::created_from_id(id, k),
+                Attribute::Id(id) => kwk::created_from_id(id, k),
                 _ => None,
             })
         });
     match (from_id, start_date) {
-        (Some(t), _) => (Some(keys::rfc3339(t)), Some(t)),
-        (None, Some(d)) => (Some(d.to_string()), keys::date_end_unix(d)),
+        (Some(t), _) => (Some(kwk::rfc3339(t)), Some(t)),
+        (None, Some(d)) => (Some(d.to_string()), kwk::date_end_unix(d)),
         (None, None) => (None, None),
     }
 }
 
 /// `CKA_START_DATE` as `YYYY-MM-DD`, or `None` if unset or unreadable (see
-/// [`keys::CHECKED_ATTRIBUTES`] for why unreadable is expected on SoftHSM2).
+/// [`kwk::CHECKED_ATTRIBUTES`] for why unreadable is expected on SoftHSM2).
 fn read_start_date(admin: &Session, h: ObjectHandle) -> Option<String> {
     let attrs = admin.get_attributes(h, &[AttributeType::StartDate]).ok()?;
     attrs.iter().find_map(|a| match a {
-        Attribute::StartDate(d) => keys::date_string(d),
+        Attribute::StartDate(d) => kwk::date_string(d),
         _ => None,
     })
 }
@@ -1079,7 +1079,7 @@ fn make_key_info(
     let (created, created_not_after) = created(admin, h, k, attributes.start_date.as_deref());
     // Provisional: which version is active depends on its siblings
     // (`lifecycle::Family::states`).
-    let state = if keys::is_disabled(&attributes) {
+    let state = if kwk::is_disabled(&attributes) {
         KeyState::Disabled
     } else {
         KeyState::DecryptOnly
@@ -1087,11 +1087,11 @@ fn make_key_info(
     KeyInfo {
         name: k.name.clone(),
         version: k.version,
-        label: keys::label(&k.name, k.version),
+        label: kwk::label(&k.name, k.version),
         state,
         created,
         created_not_after,
-        problems: keys::problems(&attributes),
+        problems: kwk::problems(&attributes),
         attributes: Some(attributes),
     }
 }
