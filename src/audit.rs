@@ -614,7 +614,7 @@ fn entry_line(
     record: &Record,
 ) -> Result<String> {
     let (time, user, host) = (
-        crate::hsm::kwk::rfc3339(crate::hsm::kwk::now_unix()),
+        crate::time::rfc3339(crate::time::now_unix()),
         os_user(),
         host_name(),
     );

@@ -22,3 +22,4 @@ pub mod output;
 pub mod secret;
 pub mod signals;
 pub mod stream;
+pub mod time;

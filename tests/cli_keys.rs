@@ -54,11 +54,11 @@ fn decrypts(c: &Cli, sealed: &str) -> std::process::Output {
 
 /// Seconds since the epoch of an RFC 3339 time written by hsmseal.
 fn unix(rfc3339: &str) -> u64 {
-    hsmseal::hsm::kwk::parse_rfc3339(rfc3339).unwrap_or_else(|| panic!("{rfc3339}"))
+    hsmseal::time::parse_rfc3339(rfc3339).unwrap_or_else(|| panic!("{rfc3339}"))
 }
 
 fn now() -> u64 {
-    hsmseal::hsm::kwk::now_unix()
+    hsmseal::time::now_unix()
 }
 
 #[test]

@@ -16,9 +16,10 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 use hsmseal::backend::{KeyBackend, KeyRef, WrappedKey};
 use hsmseal::error::ErrorKind;
-use hsmseal::hsm::kwk::{kwk_template, now_unix, parse_rfc3339, today_utc};
+use hsmseal::hsm::kwk::{kwk_template, today_utc};
 use hsmseal::hsm::{Hsm, KeyState};
 use hsmseal::secret::{Pin, SecretKey};
+use hsmseal::time::{now_unix, parse_rfc3339};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 

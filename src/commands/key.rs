@@ -133,7 +133,7 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
             yes,
             check,
         } => {
-            let now = crate::hsm::kwk::now_unix();
+            let now = crate::time::now_unix();
             // Versions that data under --check still needs are spared; a
             // search that could not read everything destroys nothing.
             let needed = if check.is_empty() {

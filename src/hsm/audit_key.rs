@@ -25,7 +25,7 @@
 //! lifecycle; `C_Sign`/`C_Verify` run on a pooled session.
 
 use super::errors::{rv_of, token_error};
-use super::kwk::{self, KeyAttributes};
+use super::kwk::KeyAttributes;
 use super::{is_gone, Hsm};
 use crate::audit::{current_head, AuditBackend, Head};
 use crate::error::{Error, Result};
@@ -62,7 +62,9 @@ pub fn audit_key_template(created_unix: u64) -> Vec<Attribute> {
         Attribute::Derive(false),
         Attribute::AllowedMechanisms(vec![MechanismType::SHA256_HMAC]),
         Attribute::Label(AUDIT_KEY_LABEL.as_bytes().to_vec()),
-        Attribute::Id(format!("{AUDIT_KEY_LABEL}@{}", kwk::rfc3339(created_unix)).into_bytes()),
+        Attribute::Id(
+            format!("{AUDIT_KEY_LABEL}@{}", crate::time::rfc3339(created_unix)).into_bytes(),
+        ),
     ]
 }
 
@@ -197,7 +199,7 @@ impl Hsm {
         let h = admin
             .generate_key(
                 &Mechanism::GenericSecretKeyGen,
-                &audit_key_template(kwk::now_unix()),
+                &audit_key_template(crate::time::now_unix()),
             )
             .map_err(|e| {
                 token_error(
@@ -480,6 +482,7 @@ impl Hsm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hsm::kwk;
 
     fn good() -> KeyAttributes {
         KeyAttributes::from_attributes(&[

@@ -386,7 +386,7 @@ impl Hsm {
             key: name.to_string(),
             token: self.token_label.clone(),
             dry_run,
-            cutoff: kwk::rfc3339(cutoff),
+            cutoff: crate::time::rfc3339(cutoff),
             current_version: current_of(&versions),
             destroyed,
             spared,
@@ -604,7 +604,7 @@ mod tests {
         let mut k = KeyInfo::destroyed("k", version);
         k.state = state;
         k.created_not_after = created;
-        k.created = created.map(kwk::rfc3339);
+        k.created = created.map(crate::time::rfc3339);
         k
     }
 

@@ -754,7 +754,7 @@ impl Hsm {
             name: name.to_string(),
             version,
         };
-        let template = kwk::kwk_template(name, version, kwk::now_unix());
+        let template = kwk::kwk_template(name, version, crate::time::now_unix());
         let h = admin
             .generate_key(&Mechanism::AesKeyGen, &template)
             .map_err(|e| {
@@ -1053,8 +1053,8 @@ fn created(
             })
         });
     match (from_id, start_date) {
-        (Some(t), _) => (Some(kwk::rfc3339(t)), Some(t)),
-        (None, Some(d)) => (Some(d.to_string()), kwk::date_end_unix(d)),
+        (Some(t), _) => (Some(crate::time::rfc3339(t)), Some(t)),
+        (None, Some(d)) => (Some(d.to_string()), crate::time::date_end_unix(d)),
         (None, None) => (None, None),
     }
 }
