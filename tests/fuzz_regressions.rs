@@ -116,7 +116,7 @@ fn a_trailing_cr_in_the_last_field_round_trips() {
 #[test]
 fn rotating_a_header_at_the_last_sequence_number_loses_nothing() {
     use hsmseal::backend::{KeyRef, MemoryBackend};
-    use hsmseal::envelope::{file, header::Header, rotate};
+    use hsmseal::envelope::{file, header::Header, rewrap};
     use hsmseal::error::ErrorKind;
     use hsmseal::stream::StreamOptions;
     let b = MemoryBackend::new();
@@ -134,14 +134,14 @@ fn rotating_a_header_at_the_last_sequence_number_loses_nothing() {
     let p = dir.path().join("f.hseal");
     std::fs::write(&p, &sealed).unwrap();
     b.add_version("k");
-    let e = rotate::rewrap(&b, &p, None, false).unwrap_err();
+    let e = rewrap::rewrap(&b, &p, None, false).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Integrity, "{e}");
     assert_eq!(std::fs::read(&p).unwrap(), sealed, "the file was changed");
     let mut out = Vec::new();
     file::open(&b, &sealed[..], &mut out, &opts).unwrap();
     assert_eq!(out, b"the only copy");
     // What the message advises works: a fresh header, then rotations again.
-    rotate::reencrypt(&b, &p, None, false, &opts).unwrap();
+    rewrap::reencrypt(&b, &p, None, false, &opts).unwrap();
     let fresh = std::fs::read(&p).unwrap();
     assert_eq!(Header::parse(&fresh).unwrap().active().1.seq, 1);
     let mut out = Vec::new();

@@ -13,7 +13,7 @@
 
 use hsmseal::audit;
 use hsmseal::columns::{self, token, ColumnOptions, Format};
-use hsmseal::envelope::{file, rotate};
+use hsmseal::envelope::{file, rewrap};
 use hsmseal::stream::StreamOptions;
 use hsmseal_fuzz::{column_options, v1, AuditKeys, FixedKeys};
 use std::fs;
@@ -63,7 +63,7 @@ fn header_and_file(keys: &FixedKeys, corpus: &Path) {
     // A file rotated once: slot 1 active (seq 2, v2), slot 0 cleared.
     let p = scratch("rotated");
     fs::write(&p, &small).unwrap();
-    rotate::rewrap(keys, &p, None, false).unwrap();
+    rewrap::rewrap(keys, &p, None, false).unwrap();
     let rotated = fs::read(&p).unwrap();
     fs::remove_file(&p).unwrap();
     // Both slots full: a rotation that died between its two writes.

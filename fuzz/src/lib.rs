@@ -24,7 +24,7 @@ use hsmseal::audit::{self, AuditBackend, Head};
 use hsmseal::backend::{KeyBackend, KeyRef, WrappedKey, WRAPPED_KEY_LEN, WRAP_IV_LEN};
 use hsmseal::columns::{self, token, ColumnOptions, Format};
 use hsmseal::envelope::header::{Header, HEADER_LEN, SLOT_LEN, SLOT_OFFSETS};
-use hsmseal::envelope::{file, rotate};
+use hsmseal::envelope::{file, rewrap};
 use hsmseal::error::{Error, ErrorKind, Result};
 use hsmseal::secret::SecretKey;
 use hsmseal::stream::{StreamOptions, CHUNK_SIZE};
@@ -275,7 +275,7 @@ pub fn header(data: &[u8]) {
     }
     let f = ScratchFile::new("header");
     std::fs::write(&f.0, &bytes).expect("writing scratch file");
-    match rotate::rewrap(&keys, &f.0, None, false) {
+    match rewrap::rewrap(&keys, &f.0, None, false) {
         Ok(outcome) => {
             let after = std::fs::read(&f.0).expect("reading scratch file");
             assert_eq!(after.len(), bytes.len(), "rotation changed the length");
@@ -295,8 +295,8 @@ pub fn header(data: &[u8]) {
             let h = Header::parse(&after).expect("rotated header parses");
             assert_eq!(h.active().1.kwk, v2(), "rotated to the current version");
             // Rotating again has nothing to do.
-            let again = rotate::rewrap(&keys, &f.0, None, false).expect("second rotation");
-            assert!(matches!(again, rotate::Outcome::Unchanged(_)), "{again:?}");
+            let again = rewrap::rewrap(&keys, &f.0, None, false).expect("second rotation");
+            assert!(matches!(again, rewrap::Outcome::Unchanged(_)), "{again:?}");
         }
         Err(e) => {
             assert_kind(

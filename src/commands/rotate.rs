@@ -11,7 +11,7 @@ use super::bulk::{self, for_each_item, Spec, Want};
 use super::paths::ItemReport;
 use crate::app::App;
 use crate::cli::RotateArgs;
-use crate::envelope::rotate::{self, Outcome};
+use crate::envelope::rewrap::{self, Outcome};
 use crate::error::{Error, Result};
 
 pub fn run(app: &App, args: RotateArgs) -> Result<i32> {
@@ -53,9 +53,9 @@ pub fn run(app: &App, args: RotateArgs) -> Result<i32> {
     for_each_item(app, &spec, &items, |_, item, opts| {
         let path = item.path().expect("rotate items are files");
         let outcome = if args.reencrypt {
-            rotate::reencrypt(&*backend, path, args.key.as_deref(), args.dry_run, opts)?
+            rewrap::reencrypt(&*backend, path, args.key.as_deref(), args.dry_run, opts)?
         } else {
-            rotate::rewrap(&*backend, path, args.key.as_deref(), args.dry_run)?
+            rewrap::rewrap(&*backend, path, args.key.as_deref(), args.dry_run)?
         };
         let path_s = path.display().to_string();
         let (status, from, to, note) = match &outcome {
@@ -65,7 +65,7 @@ pub fn run(app: &App, args: RotateArgs) -> Result<i32> {
                 k.clone(),
                 format!("unchanged {path_s} ({k})"),
             ),
-            Outcome::Rotated { from, to } => {
+            Outcome::Rewrapped { from, to } => {
                 let (status, how) = if args.reencrypt {
                     ("reencrypted", "re-encrypted")
                 } else {
@@ -78,7 +78,7 @@ pub fn run(app: &App, args: RotateArgs) -> Result<i32> {
                     format!("{how} {path_s}: {from} -> {to}"),
                 )
             }
-            Outcome::WouldRotate { from, to } => (
+            Outcome::WouldRewrap { from, to } => (
                 "would-rotate",
                 Some(from.clone()),
                 to.clone(),

@@ -6,4 +6,4 @@
 
 pub mod file;
 pub mod header;
-pub mod rotate;
+pub mod rewrap;

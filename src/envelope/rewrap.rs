@@ -1,13 +1,15 @@
-//! Rotation of a file's envelope to the current KWK version, in place.
+//! Rewrapping a file's data key under the current KWK version, in place
+//! (`hsmseal rewrap`, alias `rotate`), and re-encrypting a file under a
+//! fresh data key (`rewrap --reencrypt`).
 //!
 //! `rewrap` reads only the header and the payload's first and last pieces
 //! (commitment and final chunk, to authenticate the data key and the file
-//! length), so rotating a 1 MiB file and a 10 GiB file cost the same. It then
-//! writes the data key, wrapped under the new KWK, into the header's idle
-//! slot with the next sequence number, fsyncs, clears the old slot, fsyncs.
-//! Killed at any instant, the file keeps at least one complete envelope and
-//! decrypts under the old or the new version (docs/FORMAT.md, section 5).
-//! The payload is never written.
+//! length), so rewrapping a 1 MiB file and a 10 GiB file cost the same. It
+//! then writes the data key, wrapped under the new KWK, into the header's
+//! idle envelope place with the next sequence number, fsyncs, clears the old
+//! envelope, fsyncs. Killed at any instant, the file keeps at least one
+//! complete envelope and decrypts under the old or the new version
+//! (docs/FORMAT.md, section 5). The payload is never written.
 //!
 //! `reencrypt` is for a suspected data-key exposure: a fresh data key and a
 //! new payload, written to a temporary file and renamed over the original
@@ -15,10 +17,10 @@
 //!
 //! Concurrency: both hold the file's exclusive lock (`output::LockedFile`)
 //! from before they read the header until their last write or the rename,
-//! and read the header only under it. Without it, two rotations of one file
-//! each cleared the slot the other had just written and left no envelope at
+//! and read the header only under it. Without it, two rewraps of one file
+//! each cleared the envelope the other had just written and left none at
 //! all (issue 9). Waiting for the lock ends on the file the path names then:
-//! after a `--reencrypt` renamed a new file over it, the waiter rotates the
+//! after a `--reencrypt` renamed a new file over it, the waiter rewraps the
 //! new file, not the orphaned old one.
 
 use super::file;
@@ -35,15 +37,15 @@ use std::path::Path;
 use std::sync::mpsc;
 use zeroize::Zeroizing;
 
-/// What rotation did (or, with `dry_run`, would do) to one file.
+/// What a rewrap or re-encryption did (or, with `dry_run`, would do) to one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Already under the target key version: nothing written.
     Unchanged(KeyRef),
     /// Envelope rewritten from the first to the second key version.
-    Rotated { from: KeyRef, to: KeyRef },
-    /// `dry_run`: would be rotated.
-    WouldRotate { from: KeyRef, to: KeyRef },
+    Rewrapped { from: KeyRef, to: KeyRef },
+    /// `dry_run`: would be rewrapped.
+    WouldRewrap { from: KeyRef, to: KeyRef },
 }
 
 /// The key version a file should end up under: `name` (default: the key the
@@ -108,7 +110,7 @@ pub fn rewrap(
         )
     })?;
     if dry_run {
-        return Ok(Outcome::WouldRotate { from, to });
+        return Ok(Outcome::WouldRewrap { from, to });
     }
     let wrapped = backend.wrap(&to, &dek, &header::dek_aad(&to))?;
     drop(dek);
@@ -132,7 +134,7 @@ pub fn rewrap(
     f.write_all_at(&[0u8; SLOT_LEN], SLOT_OFFSETS[active_index] as u64)
         .map_err(|e| Error::io(format!("clearing the old envelope: {e}")))?;
     sync(f)?;
-    Ok(Outcome::Rotated { from, to })
+    Ok(Outcome::Rewrapped { from, to })
 }
 
 /// A `Write` that hands plaintext to another thread in zeroizing buffers.
@@ -195,7 +197,7 @@ pub fn reencrypt(
     let from = hdr.active().1.kwk.clone();
     let to = target_for(backend, &from, name)?;
     if dry_run {
-        return Ok(Outcome::WouldRotate { from, to });
+        return Ok(Outcome::WouldRewrap { from, to });
     }
     let f = locked.file_mut();
     let mode = f
@@ -251,7 +253,7 @@ pub fn reencrypt(
     });
     decrypted?;
     out.commit_over(&locked)?;
-    Ok(Outcome::Rotated { from, to })
+    Ok(Outcome::Rewrapped { from, to })
 }
 
 #[cfg(test)]
@@ -293,7 +295,7 @@ mod tests {
         let before = std::fs::read(&p).unwrap();
         b.add_version("k");
         let o = rewrap(&b, &p, None, false).unwrap();
-        assert!(matches!(o, Outcome::Rotated { ref to, .. } if to.version == 2));
+        assert!(matches!(o, Outcome::Rewrapped { ref to, .. } if to.version == 2));
         let after = std::fs::read(&p).unwrap();
         assert_eq!(before[HEADER_LEN..], after[HEADER_LEN..], "payload changed");
         let h = Header::parse(&after).unwrap();
@@ -326,7 +328,7 @@ mod tests {
         let orig = std::fs::read(&p).unwrap();
         assert!(matches!(
             rewrap(&b, &p, None, true).unwrap(),
-            Outcome::WouldRotate { .. }
+            Outcome::WouldRewrap { .. }
         ));
         assert_eq!(std::fs::read(&p).unwrap(), orig);
         let cases: Vec<(&str, Vec<u8>)> = vec![
