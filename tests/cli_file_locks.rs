@@ -111,8 +111,8 @@ fn rotate_report(o: &Output) -> Option<(String, String, String)> {
 /// The key of the file's active envelope, read from the header directly.
 fn active_key(p: &Path) -> String {
     let b = std::fs::read(p).unwrap();
-    let slot = |off: usize| (u64::from_be_bytes(b[off..off + 8].try_into().unwrap()), off);
-    let (seq, off) = std::cmp::max(slot(256), slot(512));
+    let envelope = |off: usize| (u64::from_be_bytes(b[off..off + 8].try_into().unwrap()), off);
+    let (seq, off) = std::cmp::max(envelope(256), envelope(512));
     assert!(seq > 0, "{}: no envelope", p.display());
     String::from_utf8(b[off + 9..off + 9 + b[off + 8] as usize].to_vec()).unwrap()
 }
@@ -126,7 +126,7 @@ fn temps_in(dir: &Path) -> Vec<String> {
 }
 
 /// Two processes rotate one file at once, to k1 and to k2, 200 times.
-/// Before the lock, about 1 round in 8 left both slots empty with both
+/// Before the lock, about 1 round in 8 left both envelopes empty with both
 /// processes exiting 0. Now the file always decrypts, and the rotations are
 /// serial: one moved it from k0, the other from the first one's key, and the
 /// file ends under the key of the one that went second.

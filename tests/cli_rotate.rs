@@ -52,7 +52,7 @@ fn rotation_rewrites_only_the_header_and_is_a_no_op_the_second_time() {
     let out = c.ok(&["--json", "rotate", "--key", "b", "p.hseal"]);
     assert!(String::from_utf8_lossy(&out).contains("\"unchanged\""));
     assert_eq!(std::fs::read(c.path("p.hseal")).unwrap(), after);
-    // And back again into the other slot.
+    // And back again into the other envelope place.
     c.ok(&["rotate", "--key", "k", "p.hseal"]);
     assert_eq!(inspect_key(&c, "p.hseal"), ("k".into(), 1));
     assert_eq!(
@@ -241,15 +241,15 @@ fn rotation_survives_kill_9_at_any_point() {
             .iter()
             .map(|f| {
                 let b = std::fs::read(c.path(f)).unwrap();
-                // Active slot's key name, read from the header directly.
-                let slot = |off: usize| {
+                // Active envelope's key name, read from the header directly.
+                let envelope = |off: usize| {
                     (
                         u64::from_be_bytes(b[off..off + 8].try_into().unwrap()),
                         b[off + 8] as usize,
                         off,
                     )
                 };
-                let (s0, s1) = (slot(256), slot(512));
+                let (s0, s1) = (envelope(256), envelope(512));
                 let (seq, len, off) = if s0.0 > s1.0 { s0 } else { s1 };
                 assert!(seq > 0, "{f}: no envelope");
                 String::from_utf8(b[off + 9..off + 9 + len].to_vec()).unwrap()

@@ -105,12 +105,12 @@ fn a_trailing_cr_in_the_last_field_round_trips() {
     }
 }
 
-/// Fuzz target header: slot sequence numbers are covered by the slot's
+/// Fuzz target header: envelope sequence numbers are covered by the envelope's
 /// SHA-256 checksum only (FORMAT.md: it catches torn writes, the GCM tag
 /// is the security), so a header edited to seq 2^64-1, checksum
 /// recomputed, still opens. Rotating it computed seq + 1: an overflow
 /// (a panic with overflow checks; wrapped to the invalid seq 0 without),
-/// and the rotation then cleared the old slot and left a file with no
+/// and the rewrap then cleared the old envelope and left a file with no
 /// readable envelope while exiting 0. Now the rotation is refused and the
 /// file left as it was.
 #[test]
@@ -128,7 +128,7 @@ fn rotating_a_header_at_the_last_sequence_number_loses_nothing() {
     let mut sealed = Vec::new();
     file::seal(&b, &k, &b"the only copy"[..], &mut sealed, &opts).unwrap();
     sealed[256..264].copy_from_slice(&u64::MAX.to_be_bytes());
-    harness::fix_slot_checksums(&mut sealed);
+    harness::fix_envelope_checksums(&mut sealed);
     assert_eq!(Header::parse(&sealed).unwrap().active().1.seq, u64::MAX);
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("f.hseal");

@@ -60,13 +60,13 @@ fn header_and_file(keys: &FixedKeys, corpus: &Path) {
     let small = sealed(keys, b"hello, world\n");
     let empty = sealed(keys, b"");
     let two_chunks = sealed(keys, &vec![0x5a; 16384 + 7]);
-    // A file rotated once: slot 1 active (seq 2, v2), slot 0 cleared.
+    // A file rewrapped once: envelope 1 active (seq 2, v2), envelope 0 cleared.
     let p = scratch("rotated");
     fs::write(&p, &small).unwrap();
     rewrap::rewrap(keys, &p, None, false).unwrap();
     let rotated = fs::read(&p).unwrap();
     fs::remove_file(&p).unwrap();
-    // Both slots full: a rotation that died between its two writes.
+    // Both envelopes present: a rewrap that died between its two writes.
     let mut both = rotated.clone();
     both[256..512].copy_from_slice(&small[256..512]);
     for (mode, name, bytes) in [
@@ -78,7 +78,7 @@ fn header_and_file(keys: &FixedKeys, corpus: &Path) {
         (2, "empty-rotate", &empty),
         (6, "two-chunks-rotate", &two_chunks),
         (2, "rotated-rotate", &rotated),
-        (3, "both-slots-rotate", &both),
+        (3, "both-envelopes-rotate", &both),
     ] {
         put(corpus, "header", name, &with_mode(mode, bytes));
     }
@@ -119,7 +119,7 @@ fn header_and_file(keys: &FixedKeys, corpus: &Path) {
             "move-chunk",
             case(40000, 1, &[edit(4, 1024 + 56, 1024 + 56 + 16400)]),
         ),
-        ("copy-slot", case(10, 0, &[edit(5, 0, 0)])),
+        ("copy-envelope", case(10, 0, &[edit(5, 0, 0)])),
         ("seq-with-checksum", case(10, 0, &[edit(6, 256 + 7, 9)])),
     ];
     for (name, bytes) in cases {

@@ -23,7 +23,7 @@ use hmac::{Hmac, Mac};
 use hsmseal::audit::{self, AuditBackend, Head};
 use hsmseal::backend::{KeyBackend, KeyRef, WrappedKey, WRAPPED_KEY_LEN, WRAP_IV_LEN};
 use hsmseal::columns::{self, token, ColumnOptions, Format};
-use hsmseal::envelope::header::{Header, HEADER_LEN, SLOT_LEN, SLOT_OFFSETS};
+use hsmseal::envelope::header::{Header, ENVELOPE_LEN, ENVELOPE_OFFSETS, HEADER_LEN};
 use hsmseal::envelope::{file, rewrap};
 use hsmseal::error::{Error, ErrorKind, Result};
 use hsmseal::secret::SecretKey;
@@ -225,18 +225,19 @@ fn assert_kind(e: &Error, allowed: &[ErrorKind]) {
     );
 }
 
-/// Recomputes the SHA-256 checksum of each non-empty header slot in `file`
-/// (the last 32 bytes of a slot cover the 224 before them), so mutated
-/// slots reach the slot decoder instead of stopping at the checksum.
-pub fn fix_slot_checksums(file: &mut [u8]) {
+/// Recomputes the SHA-256 checksum of each non-empty header envelope in
+/// `file` (the last 32 bytes of an envelope cover the 224 before them), so
+/// mutated envelopes reach the envelope decoder instead of stopping at the
+/// checksum.
+pub fn fix_envelope_checksums(file: &mut [u8]) {
     if file.len() < HEADER_LEN {
         return;
     }
-    for off in SLOT_OFFSETS {
-        let slot = &mut file[off..off + SLOT_LEN];
-        if slot.iter().any(|&b| b != 0) {
-            let sum = Sha256::digest(&slot[..SLOT_LEN - 32]);
-            slot[SLOT_LEN - 32..].copy_from_slice(&sum);
+    for off in ENVELOPE_OFFSETS {
+        let envelope = &mut file[off..off + ENVELOPE_LEN];
+        if envelope.iter().any(|&b| b != 0) {
+            let sum = Sha256::digest(&envelope[..ENVELOPE_LEN - 32]);
+            envelope[ENVELOPE_LEN - 32..].copy_from_slice(&sum);
         }
     }
 }
@@ -244,7 +245,7 @@ pub fn fix_slot_checksums(file: &mut [u8]) {
 // ---- envelope header and file read path ----
 
 /// Target `header`. Byte 0 is a mode, the rest is a file:
-/// bit 0 recomputes slot checksums, bit 1 rotates the file in place, bit 2
+/// bit 0 recomputes envelope checksums, bit 1 rotates the file in place, bit 2
 /// decrypts with two threads.
 ///
 /// Properties: a header that parses re-encodes to the same 1024 bytes;
@@ -258,7 +259,7 @@ pub fn header(data: &[u8]) {
     };
     let mut bytes = rest.to_vec();
     if mode & 1 != 0 {
-        fix_slot_checksums(&mut bytes);
+        fix_envelope_checksums(&mut bytes);
     }
     match Header::parse(&bytes) {
         Ok(h) => {
@@ -394,20 +395,20 @@ pub fn file_tamper(data: &[u8]) {
                 f.splice(k..k, block);
             }
             5 => {
-                // Copy slot 0 over slot 1 (or back), checksum and all.
+                // Copy envelope 0 over envelope 1 (or back), checksum and all.
                 if f.len() >= HEADER_LEN {
-                    let (a, b) = (SLOT_OFFSETS[arg % 2], SLOT_OFFSETS[1 - arg % 2]);
-                    let slot = f[a..a + SLOT_LEN].to_vec();
-                    f[b..b + SLOT_LEN].copy_from_slice(&slot);
+                    let (a, b) = (ENVELOPE_OFFSETS[arg % 2], ENVELOPE_OFFSETS[1 - arg % 2]);
+                    let envelope = f[a..a + ENVELOPE_LEN].to_vec();
+                    f[b..b + ENVELOPE_LEN].copy_from_slice(&envelope);
                 }
             }
             6 => {
-                // Overwrite a byte, then make the slot checksums right again.
+                // Overwrite a byte, then make the envelope checksums right again.
                 let i = at(f.len());
                 if let Some(b) = f.get_mut(i) {
                     *b = arg as u8;
                 }
-                fix_slot_checksums(&mut f);
+                fix_envelope_checksums(&mut f);
             }
             _ => f.extend_from_slice(&arg.to_be_bytes()[..arg % 5]),
         }
@@ -415,7 +416,7 @@ pub fn file_tamper(data: &[u8]) {
     match open_file(&keys, &f, &opts) {
         (Ok(()), out) => {
             assert!(out == plain, "wrong plaintext");
-            // Slot sequence numbers are covered by the slot checksum only
+            // Envelope sequence numbers are covered by the envelope checksum only
             // (they detect torn writes; FORMAT.md): an edit there with the
             // checksum recomputed may be accepted. Everything that says
             // which data key and which payload must be as sealed.

@@ -115,7 +115,7 @@ fn search_file(
     head.truncate(n);
     if !header::looks_like_hsmseal(&head) {
         // The rule of every -r run (walk::classify): a damaged hsmseal file
-        // (first bytes nearly the prefix, an intact slot, or the suffix)
+        // (first bytes nearly the prefix, an intact envelope, or the suffix)
         // is a failed item, so its key version is never taken as unneeded.
         let name = item.path().unwrap_or(std::path::Path::new(""));
         if let Kind::Damaged(e) = classify(&head, name, super::encrypt::SUFFIX) {

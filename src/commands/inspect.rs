@@ -20,6 +20,8 @@ struct Inspection {
     payload: &'static str,
     key: String,
     key_version: u32,
+    /// Which of the header's two envelopes is in force (0 or 1). The JSON
+    /// name is kept from before "slot" came to mean only a PKCS#11 slot.
     envelope_slot: usize,
     envelope_sequence: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -46,7 +48,7 @@ pub fn run(app: &App, args: InspectArgs) -> Result<i32> {
     for_each_item(app, &spec, &items, |_, item, _| {
         let input = &item.input;
         let (h, _) = input.open_sealed()?;
-        let (slot_index, slot) = h.active();
+        let (place, envelope) = h.active();
         let file_bytes = match input {
             Input::File(p) => Some(
                 std::fs::metadata(p)
@@ -68,10 +70,10 @@ pub fn run(app: &App, args: InspectArgs) -> Result<i32> {
             format_version: header::FORMAT_VERSION,
             header_bytes: header::HEADER_LEN,
             payload: "c2sp.org/chunked-encryption@v1 Cobblestone-256 (AES-256-GCM, HKDF-SHA-512, 16 KiB chunks)",
-            key: slot.kwk.name.clone(),
-            key_version: slot.kwk.version,
-            envelope_slot: slot_index,
-            envelope_sequence: slot.seq,
+            key: envelope.kwk.name.clone(),
+            key_version: envelope.kwk.version,
+            envelope_slot: place,
+            envelope_sequence: envelope.seq,
             file_bytes,
             plaintext_bytes,
             chunks: plaintext_bytes.map(|p| p / crate::stream::CHUNK_SIZE as u64 + 1),
@@ -79,9 +81,9 @@ pub fn run(app: &App, args: InspectArgs) -> Result<i32> {
         };
         let json_line = serde_json::to_string(&info).expect("serialisable");
         let mut text = format!(
-            "{}\n  format:      hsmseal v{} ({} byte header)\n  payload:     {}\n  key:         {} v{} (slot {}, sequence {})",
+            "{}\n  format:      hsmseal v{} ({} byte header)\n  payload:     {}\n  key:         {} v{} (envelope {}, sequence {})",
             info.path, info.format_version, info.header_bytes, info.payload,
-            info.key, info.key_version, slot_index, slot.seq
+            info.key, info.key_version, place, envelope.seq
         );
         if let (Some(f), Some(p), Some(c)) = (info.file_bytes, info.plaintext_bytes, info.chunks) {
             text.push_str(&format!(

@@ -65,7 +65,7 @@ impl Input {
     /// the payload. A regular file's header is read under a shared lock
     /// (released before the payload is read): a rotation holds the
     /// exclusive lock while it rewrites the header, so a reader sees the
-    /// header before or after it, never half-way (a torn slot would read as
+    /// header before or after it, never half-way (a torn envelope would read as
     /// damage). The payload never changes in place, so it needs no lock.
     pub fn open_sealed(&self) -> Result<(Header, Box<dyn Read + Send>)> {
         match self {

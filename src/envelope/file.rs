@@ -52,11 +52,12 @@ pub fn read_header<R: Read>(input: &mut R) -> Result<(Header, [u8; HEADER_LEN])>
     Ok((header, buf))
 }
 
-/// Unwraps the DEK from the header's active slot.
+/// Unwraps the DEK from the header's active envelope.
 pub fn unwrap_dek(backend: &dyn KeyBackend, header: &Header) -> Result<(SecretKey, KeyRef)> {
-    let (_, slot) = header.active();
-    let dek = backend.unwrap(&slot.kwk, &slot.wrapped, &header::dek_aad(&slot.kwk))?;
-    Ok((dek, slot.kwk.clone()))
+    let (_, envelope) = header.active();
+    let kwk = &envelope.kwk;
+    let dek = backend.unwrap(kwk, &envelope.wrapped, &header::dek_aad(kwk))?;
+    Ok((dek, kwk.clone()))
 }
 
 /// Decrypts a whole hsmseal file. Only authenticated chunks reach `output`;

@@ -4,24 +4,24 @@
 //!
 //! ```text
 //!   0..64     prefix: magic "\x89HSMSEAL", version=1, header_len=1024,
-//!             slot_count=2, slot_len=256, payload_scheme=1, zeros
+//!             envelope_count=2, envelope_len=256, payload_scheme=1, zeros
 //!  64..256    zero
-//! 256..512    slot 0
-//! 512..768    slot 1
+//! 256..512    envelope 0
+//! 512..768    envelope 1
 //! 768..1024   zero
 //! ```
 //!
-//! A slot holds one envelope: a sequence number, the KWK's name and version,
-//! the GCM IV and the wrapped data key, and a SHA-256 checksum of the slot.
-//! Each slot sits in its own 512-byte sector, so rotation can write a new
-//! envelope into the idle slot, fsync, then clear the old one: whenever the
-//! process dies, at least one complete slot remains (see FORMAT.md,
-//! "Rotation"). The reader uses the valid slot with the highest sequence
-//! number.
+//! An envelope is a sequence number, the KWK's name and version, the GCM IV
+//! and the wrapped data key, and a SHA-256 checksum of the envelope; each of
+//! the two places for one is either empty (zeros) or holds one. Each sits in
+//! its own 512-byte sector, so a rewrap can write a new envelope into the
+//! idle place, fsync, then clear the old one: whenever the process dies, at
+//! least one complete envelope remains (see FORMAT.md, "Rewrapping"). The
+//! reader uses the valid envelope with the highest sequence number.
 //!
 //! Invariants: every byte of the header is either authenticated by the GCM
 //! wrap (prefix, key name, key version, via the AAD; IV and wrapped key by
-//! the tag), covered by the slot checksum (sequence number), or required to
+//! the tag), covered by the envelope checksum (sequence number), or required to
 //! be zero. So any change to any header byte is rejected. The checksum only
 //! detects accidents (torn writes); security comes from the GCM tag.
 
@@ -33,14 +33,14 @@ pub const MAGIC: [u8; 8] = *b"\x89HSMSEAL";
 pub const FORMAT_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 1024;
 pub const PREFIX_LEN: usize = 64;
-pub const SLOT_COUNT: usize = 2;
-pub const SLOT_LEN: usize = 256;
-/// Byte offset of each slot in the header.
-pub const SLOT_OFFSETS: [usize; SLOT_COUNT] = [256, 512];
+pub const ENVELOPE_COUNT: usize = 2;
+pub const ENVELOPE_LEN: usize = 256;
+/// Byte offset of each envelope in the header.
+pub const ENVELOPE_OFFSETS: [usize; ENVELOPE_COUNT] = [256, 512];
 /// Payload scheme 1 = C2SP chunked encryption v1, Cobblestone-256.
 pub const PAYLOAD_SCHEME_COBBLESTONE_256: u16 = 1;
 
-// Offsets inside a slot.
+// Offsets inside an envelope.
 const SEQ: usize = 0;
 const NAME_LEN: usize = 8;
 const NAME: usize = 9;
@@ -55,9 +55,10 @@ const DEK_AAD_LABEL: &[u8] = b"hsmseal file DEK v1\0";
 /// Domain separation for the payload's chunked-encryption context.
 const PAYLOAD_CONTEXT_LABEL: &[u8] = b"hsmseal file payload v1\0";
 
-/// One key slot: which KWK wrapped the file's data key, and the wrapped key.
+/// One envelope: which KWK wrapped the file's data key, the wrapped key, and
+/// the sequence number that says which of two envelopes is in force.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Slot {
+pub struct Envelope {
     pub seq: u64,
     pub kwk: KeyRef,
     pub wrapped: WrappedKey,
@@ -66,8 +67,8 @@ pub struct Slot {
 /// A parsed header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
-    /// The slots as stored (None = empty).
-    pub slots: [Option<Slot>; SLOT_COUNT],
+    /// The two envelope places as stored (None = empty).
+    pub envelopes: [Option<Envelope>; ENVELOPE_COUNT],
 }
 
 /// The fixed 64-byte prefix of every v1 header.
@@ -76,8 +77,8 @@ pub fn prefix() -> [u8; PREFIX_LEN] {
     p[0..8].copy_from_slice(&MAGIC);
     p[8..10].copy_from_slice(&FORMAT_VERSION.to_be_bytes());
     p[10..12].copy_from_slice(&(HEADER_LEN as u16).to_be_bytes());
-    p[12..14].copy_from_slice(&(SLOT_COUNT as u16).to_be_bytes());
-    p[14..16].copy_from_slice(&(SLOT_LEN as u16).to_be_bytes());
+    p[12..14].copy_from_slice(&(ENVELOPE_COUNT as u16).to_be_bytes());
+    p[14..16].copy_from_slice(&(ENVELOPE_LEN as u16).to_be_bytes());
     p[16..18].copy_from_slice(&PAYLOAD_SCHEME_COBBLESTONE_256.to_be_bytes());
     p
 }
@@ -110,8 +111,8 @@ pub fn looks_like_hsmseal(bytes: &[u8]) -> bool {
 }
 
 /// How many leading bytes `damage_evidence` looks at: up to the end of
-/// slot 1.
-pub const SNIFF_LEN: usize = SLOT_OFFSETS[1] + SLOT_LEN;
+/// envelope 1.
+pub const SNIFF_LEN: usize = ENVELOPE_OFFSETS[1] + ENVELOPE_LEN;
 
 /// For a file that does not start with the magic: evidence, from its first
 /// `SNIFF_LEN` bytes (fewer if it is shorter), that it is an hsmseal file
@@ -121,7 +122,7 @@ pub const SNIFF_LEN: usize = SLOT_OFFSETS[1] + SLOT_LEN;
 ///   at most 2 places (random data does so with probability below 2^-120,
 ///   and text never: the fields hold 0x89 and zero bytes), or the file is
 ///   4 to 17 bytes long and all of them are the prefix's (a truncation);
-/// - or a slot holds an envelope with a correct SHA-256 checksum.
+/// - or an envelope place holds an envelope with a correct SHA-256 checksum.
 pub fn damage_evidence(head: &[u8]) -> Option<String> {
     const FIELDS: usize = 18;
     let p = prefix();
@@ -140,11 +141,11 @@ pub fn damage_evidence(head: &[u8]) -> Option<String> {
     if (4..FIELDS).contains(&head.len()) && differ.is_empty() {
         return Some(format!("an hsmseal file truncated to {} bytes", head.len()));
     }
-    for (i, off) in SLOT_OFFSETS.iter().enumerate() {
-        if let Some(slot) = head.get(*off..*off + SLOT_LEN) {
-            if let Ok(Some(_)) = decode_slot(slot) {
+    for (i, off) in ENVELOPE_OFFSETS.iter().enumerate() {
+        if let Some(bytes) = head.get(*off..*off + ENVELOPE_LEN) {
+            if let Ok(Some(_)) = decode_envelope(bytes) {
                 return Some(format!(
-                    "an hsmseal file with a damaged header: bad magic or layout bytes, but slot {i} holds an intact key envelope"
+                    "an hsmseal file with a damaged header: bad magic or layout bytes, but key envelope {i} is intact"
                 ));
             }
         }
@@ -153,11 +154,11 @@ pub fn damage_evidence(head: &[u8]) -> Option<String> {
 }
 
 impl Header {
-    /// A new header with one envelope in slot 0.
+    /// A new header with one envelope, in place 0.
     pub fn new(kwk: KeyRef, wrapped: WrappedKey) -> Header {
         Header {
-            slots: [
-                Some(Slot {
+            envelopes: [
+                Some(Envelope {
                     seq: 1,
                     kwk,
                     wrapped,
@@ -167,26 +168,27 @@ impl Header {
         }
     }
 
-    /// The slot in force: the one with the highest sequence number.
-    pub fn active(&self) -> (usize, &Slot) {
-        let mut best: Option<(usize, &Slot)> = None;
-        for (i, s) in self.slots.iter().enumerate() {
+    /// The envelope in force and its place: the one with the highest
+    /// sequence number.
+    pub fn active(&self) -> (usize, &Envelope) {
+        let mut best: Option<(usize, &Envelope)> = None;
+        for (i, s) in self.envelopes.iter().enumerate() {
             if let Some(s) = s {
                 if best.is_none_or(|(_, b)| s.seq > b.seq) {
                     best = Some((i, s));
                 }
             }
         }
-        best.expect("a parsed header has at least one slot")
+        best.expect("a parsed header has at least one envelope")
     }
 
     pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
         let mut h = [0u8; HEADER_LEN];
         h[..PREFIX_LEN].copy_from_slice(&prefix());
-        for (i, slot) in self.slots.iter().enumerate() {
-            if let Some(s) = slot {
-                let off = SLOT_OFFSETS[i];
-                h[off..off + SLOT_LEN].copy_from_slice(&encode_slot(s));
+        for (i, envelope) in self.envelopes.iter().enumerate() {
+            if let Some(s) = envelope {
+                let off = ENVELOPE_OFFSETS[i];
+                h[off..off + ENVELOPE_LEN].copy_from_slice(&encode_envelope(s));
             }
         }
         h
@@ -220,34 +222,37 @@ impl Header {
             )));
         }
         let h = &h[..HEADER_LEN];
-        // Everything outside the prefix and the slots must be zero.
-        let mut reserved_ok = h[PREFIX_LEN..SLOT_OFFSETS[0]].iter().all(|&b| b == 0);
-        reserved_ok &= h[SLOT_OFFSETS[1] + SLOT_LEN..].iter().all(|&b| b == 0);
+        // Everything outside the prefix and the envelopes must be zero.
+        let mut reserved_ok = h[PREFIX_LEN..ENVELOPE_OFFSETS[0]].iter().all(|&b| b == 0);
+        reserved_ok &= h[ENVELOPE_OFFSETS[1] + ENVELOPE_LEN..]
+            .iter()
+            .all(|&b| b == 0);
         if !reserved_ok {
             return Err(Error::integrity(
                 "header is damaged (non-zero reserved bytes)",
             ));
         }
-        let mut slots: [Option<Slot>; SLOT_COUNT] = [None, None];
-        for (i, off) in SLOT_OFFSETS.iter().enumerate() {
-            slots[i] = decode_slot(&h[*off..*off + SLOT_LEN])
-                .map_err(|m| Error::integrity(format!("header slot {i} is damaged: {m}")))?;
+        let mut envelopes: [Option<Envelope>; ENVELOPE_COUNT] = [None, None];
+        for (i, off) in ENVELOPE_OFFSETS.iter().enumerate() {
+            envelopes[i] = decode_envelope(&h[*off..*off + ENVELOPE_LEN]).map_err(|m| {
+                Error::integrity(format!("header key envelope {i} is damaged: {m}"))
+            })?;
         }
-        match (&slots[0], &slots[1]) {
+        match (&envelopes[0], &envelopes[1]) {
             (None, None) => Err(Error::integrity(
-                "header has no key envelope (both slots empty)",
+                "header has no key envelope (both places empty)",
             )),
             (Some(a), Some(b)) if a.seq == b.seq => Err(Error::integrity(
                 "header is damaged (two envelopes with the same sequence number)",
             )),
-            _ => Ok(Header { slots }),
+            _ => Ok(Header { envelopes }),
         }
     }
 }
 
-/// Encodes one slot, checksum included.
-pub fn encode_slot(s: &Slot) -> [u8; SLOT_LEN] {
-    let mut b = [0u8; SLOT_LEN];
+/// Encodes one envelope, checksum included.
+pub fn encode_envelope(s: &Envelope) -> [u8; ENVELOPE_LEN] {
+    let mut b = [0u8; ENVELOPE_LEN];
     b[SEQ..SEQ + 8].copy_from_slice(&s.seq.to_be_bytes());
     b[NAME_LEN] = s.kwk.name.len() as u8;
     b[NAME..NAME + s.kwk.name.len()].copy_from_slice(s.kwk.name.as_bytes());
@@ -259,13 +264,13 @@ pub fn encode_slot(s: &Slot) -> [u8; SLOT_LEN] {
     b
 }
 
-/// Decodes one slot: `Ok(None)` for an all-zero (empty) slot.
-fn decode_slot(b: &[u8]) -> std::result::Result<Option<Slot>, String> {
+/// Decodes one envelope place: `Ok(None)` for an all-zero (empty) one.
+fn decode_envelope(b: &[u8]) -> std::result::Result<Option<Envelope>, String> {
     if b.iter().all(|&x| x == 0) {
         return Ok(None);
     }
     let sum = Sha256::digest(&b[..CHECKSUM]);
-    if sum.as_slice() != &b[CHECKSUM..SLOT_LEN] {
+    if sum.as_slice() != &b[CHECKSUM..ENVELOPE_LEN] {
         return Err("checksum mismatch".into());
     }
     let seq = u64::from_be_bytes(b[SEQ..SEQ + 8].try_into().expect("8 bytes"));
@@ -289,7 +294,7 @@ fn decode_slot(b: &[u8]) -> std::result::Result<Option<Slot>, String> {
     iv.copy_from_slice(&b[IV..IV + WRAP_IV_LEN]);
     let mut ciphertext = [0u8; WRAPPED_KEY_LEN];
     ciphertext.copy_from_slice(&b[WRAPPED..WRAPPED + WRAPPED_KEY_LEN]);
-    Ok(Some(Slot {
+    Ok(Some(Envelope {
         seq,
         kwk: KeyRef {
             name: name.to_string(),
@@ -348,7 +353,7 @@ mod tests {
     #[test]
     fn highest_sequence_wins_and_equal_sequences_are_rejected() {
         let mut h = sample();
-        let newer = Slot {
+        let newer = Envelope {
             seq: 2,
             kwk: KeyRef {
                 name: "backups".into(),
@@ -359,10 +364,10 @@ mod tests {
                 ciphertext: [4; 48],
             },
         };
-        h.slots[1] = Some(newer.clone());
+        h.envelopes[1] = Some(newer.clone());
         let p = Header::parse(&h.to_bytes()).unwrap();
         assert_eq!(p.active(), (1, &newer));
-        h.slots[1].as_mut().unwrap().seq = 1;
+        h.envelopes[1].as_mut().unwrap().seq = 1;
         assert!(Header::parse(&h.to_bytes()).is_err());
     }
 
@@ -378,13 +383,13 @@ mod tests {
         two[3] = b'x';
         two[12] = 9;
         assert!(damage_evidence(&two).unwrap().contains("byte 3 and 12"));
-        // The whole prefix gone, the slot intact.
+        // The whole prefix gone, envelope 0 intact.
         let mut wiped = b;
         wiped[..64].fill(0);
-        assert!(damage_evidence(&wiped).unwrap().contains("slot 0"));
+        assert!(damage_evidence(&wiped).unwrap().contains("envelope 0"));
         // A truncation inside the magic.
         assert!(damage_evidence(&b[..5]).unwrap().contains("truncated to 5"));
-        // Three wrong bytes and no slot: no evidence.
+        // Three wrong bytes and no envelope: no evidence.
         let mut three = b;
         three[..3].copy_from_slice(b"abc");
         assert!(damage_evidence(&three[..256]).is_none());

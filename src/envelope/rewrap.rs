@@ -24,7 +24,7 @@
 //! new file, not the orphaned old one.
 
 use super::file;
-use super::header::{self, Header, Slot, HEADER_LEN, SLOT_LEN, SLOT_OFFSETS};
+use super::header::{self, Envelope, Header, ENVELOPE_LEN, ENVELOPE_OFFSETS, HEADER_LEN};
 use crate::backend::{KeyBackend, KeyRef};
 use crate::error::{Error, Result};
 use crate::output::{AtomicFile, LockedFile};
@@ -100,13 +100,13 @@ pub fn rewrap(
     if to == from {
         return Ok(Outcome::Unchanged(from));
     }
-    // The sequence number is covered by the slot checksum alone, so an
+    // The sequence number is covered by the envelope checksum alone, so an
     // edited header can hold the largest one; wrapping it would write an
-    // invalid slot and then clear the valid one (found by fuzzing:
+    // invalid envelope and then clear the valid one (found by fuzzing:
     // tests/fuzz_regressions.rs).
     let seq = active.seq.checked_add(1).ok_or_else(|| {
         Error::integrity(
-            "header slot sequence number is at its maximum (the header was edited); nothing was written: `hsmseal rotate --reencrypt` writes a fresh header",
+            "header envelope sequence number is at its maximum (the header was edited); nothing was written: `hsmseal rotate --reencrypt` writes a fresh header",
         )
     })?;
     if dry_run {
@@ -114,7 +114,7 @@ pub fn rewrap(
     }
     let wrapped = backend.wrap(&to, &dek, &header::dek_aad(&to))?;
     drop(dek);
-    let new_slot = Slot {
+    let new_envelope = Envelope {
         seq,
         kwk: to.clone(),
         wrapped,
@@ -125,13 +125,16 @@ pub fn rewrap(
         f.sync_data()
             .map_err(|e| Error::io(format!("fsync during rotation: {e}")))
     };
-    // 1. The new envelope into the idle slot (its own sector), made durable.
-    f.write_all_at(&header::encode_slot(&new_slot), SLOT_OFFSETS[idle] as u64)
-        .map_err(|e| Error::io(format!("writing the new envelope: {e}")))?;
+    // 1. The new envelope into the idle place (its own sector), made durable.
+    f.write_all_at(
+        &header::encode_envelope(&new_envelope),
+        ENVELOPE_OFFSETS[idle] as u64,
+    )
+    .map_err(|e| Error::io(format!("writing the new envelope: {e}")))?;
     sync(f)?;
     // 2. Only then clear the old envelope, so the file never depends on it
     //    again (a purge of the old key version cannot hurt it).
-    f.write_all_at(&[0u8; SLOT_LEN], SLOT_OFFSETS[active_index] as u64)
+    f.write_all_at(&[0u8; ENVELOPE_LEN], ENVELOPE_OFFSETS[active_index] as u64)
         .map_err(|e| Error::io(format!("clearing the old envelope: {e}")))?;
     sync(f)?;
     Ok(Outcome::Rewrapped { from, to })
@@ -300,14 +303,14 @@ mod tests {
         assert_eq!(before[HEADER_LEN..], after[HEADER_LEN..], "payload changed");
         let h = Header::parse(&after).unwrap();
         assert_eq!(h.active().0, 1);
-        assert!(h.slots[0].is_none(), "old envelope not cleared");
+        assert!(h.envelopes[0].is_none(), "old envelope not cleared");
         assert_eq!(decrypt(&b, &p).unwrap(), pt);
         assert!(matches!(
             rewrap(&b, &p, None, false).unwrap(),
             Outcome::Unchanged(_)
         ));
         assert_eq!(std::fs::read(&p).unwrap(), after);
-        // And back into slot 0 on the next version.
+        // And back into place 0 on the next version.
         b.add_version("k");
         rewrap(&b, &p, None, false).unwrap();
         let h = Header::parse(&std::fs::read(&p).unwrap()).unwrap();
