@@ -395,7 +395,7 @@ impl<'a> Sealer<'a> {
 
 /// A cache entry: filled by the first worker that needs it while the others
 /// wait on its lock, so each distinct envelope costs one HSM round.
-type CacheSlot<V> = Arc<Mutex<Option<V>>>;
+type CacheEntry<V> = Arc<Mutex<Option<V>>>;
 
 /// Values derived from batch envelopes (an unwrapped batch cipher, or a
 /// rewrapped envelope), shared by all workers, keyed by the envelope bytes
@@ -407,7 +407,7 @@ pub struct EnvelopeCache<V> {
 }
 
 struct CacheInner<V> {
-    map: HashMap<Vec<u8>, CacheSlot<V>>,
+    map: HashMap<Vec<u8>, CacheEntry<V>>,
     order: VecDeque<Vec<u8>>,
 }
 
@@ -436,7 +436,7 @@ impl<V: Clone> EnvelopeCache<V> {
     /// The value for `envelope`, made by `init` (counted as `calls` HSM
     /// calls) the first time.
     fn get(&self, envelope: &[u8], calls: u64, init: impl FnOnce() -> Result<V>) -> Result<V> {
-        let slot = {
+        let entry = {
             let mut inner = self.inner.lock().expect("envelope cache lock");
             if let Some(s) = inner.map.get(envelope) {
                 s.clone()
@@ -446,13 +446,13 @@ impl<V: Clone> EnvelopeCache<V> {
                         inner.map.remove(&old);
                     }
                 }
-                let s = CacheSlot::default();
+                let s = CacheEntry::default();
                 inner.map.insert(envelope.to_vec(), s.clone());
                 inner.order.push_back(envelope.to_vec());
                 s
             }
         };
-        let mut guard = slot.lock().expect("envelope cache slot lock");
+        let mut guard = entry.lock().expect("envelope cache entry lock");
         if let Some(v) = guard.as_ref() {
             return Ok(v.clone());
         }

@@ -2,9 +2,9 @@
 //! batches from the reader through the cipher to the writer: a sequential one
 //! and a pipelined one with crypto worker threads.
 //!
-//! A batch buffer holds up to `BATCH_CHUNKS` chunk slots of `ENC_CHUNK_LEN`
+//! A batch buffer holds up to `BATCH_CHUNKS` chunk places of `ENC_CHUNK_LEN`
 //! bytes. Sealing reads plaintext contiguously; each chunk is moved up into
-//! its slot, encrypted in place and its tag put right after it, so the
+//! its place, encrypted in place and its tag put right after it, so the
 //! sealed batch is one contiguous run of ciphertext. Opening reads
 //! ciphertext contiguously and decrypts it in place, shifted so that the
 //! plaintext ends up contiguous at the start of the buffer. Either way the
@@ -165,7 +165,7 @@ impl ChunkCipher {
     /// Encrypts every chunk of the batch in place and appends its tag.
     pub(super) fn seal(&self, b: &mut Batch) {
         // The reader leaves the plaintext contiguous; each chunk moves up to
-        // its slot (last chunk first, so nothing unmoved is overwritten)
+        // its place (last chunk first, so nothing unmoved is overwritten)
         // right before it is encrypted, while it is hot in cache.
         for i in (0..b.n_chunks).rev() {
             let len = if i + 1 == b.n_chunks {
@@ -175,8 +175,8 @@ impl ChunkCipher {
             };
             b.buf
                 .copy_within(i * CHUNK_SIZE..i * CHUNK_SIZE + len, i * ENC_CHUNK_LEN);
-            let slot = &mut b.buf[i * ENC_CHUNK_LEN..i * ENC_CHUNK_LEN + len + TAG_LEN];
-            let (data, tag_out) = slot.split_at_mut(len);
+            let place = &mut b.buf[i * ENC_CHUNK_LEN..i * ENC_CHUNK_LEN + len + TAG_LEN];
+            let (data, tag_out) = place.split_at_mut(len);
             let nonce = self.nonce(b.first_chunk + i as u64);
             // Only fails for messages over 64 GiB; a chunk is 16 KiB.
             let tag = self
@@ -489,12 +489,12 @@ fn coordinate(
                       next_write: &mut u64|
      -> Result<()> {
         let b = msg.map_err(|_| worker_failed())?;
-        let slot = (b.seq % in_flight as u64) as usize;
-        ready[slot] = Some(b);
+        let at = (b.seq % in_flight as u64) as usize;
+        ready[at] = Some(b);
         // Write out every batch that is now next in order.
         loop {
-            let slot = (*next_write % in_flight as u64) as usize;
-            let Some(mut b) = ready[slot].take() else {
+            let at = (*next_write % in_flight as u64) as usize;
+            let Some(mut b) = ready[at].take() else {
                 return Ok(());
             };
             write(&mut b)?;
