@@ -133,7 +133,7 @@ pub fn resolve(flags: &Overrides) -> Result<Settings> {
     };
     let base = file_path
         .as_deref()
-        .map(crate::output::parent_dir)
+        .map(crate::fs::parent_dir)
         .unwrap_or_else(|| PathBuf::from("."));
     let from_file = |p: &Path| {
         if p.is_absolute() {

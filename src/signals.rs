@@ -112,7 +112,7 @@ fn stop(code: i32, why: &'static str, say: bool) -> ! {
     // A `columns` stream on stdout ends with the abort marker, so its
     // reader (a `psql \copy`) fails instead of loading a prefix.
     crate::commands::columns::abort_stdout_for_exit();
-    crate::output::remove_live_temps_for_exit();
+    crate::fs::remove_live_temps_for_exit();
     // The audit entry of the interrupted run (or the wait for the one the
     // main thread is appending).
     record_interruption(code, why);

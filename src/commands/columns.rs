@@ -7,7 +7,7 @@
 //! a stream with the abort marker so its reader fails too, whatever stopped
 //! it: an error, a usage error found before the first byte, SIGINT/SIGTERM.
 //! A stream is stdout, or an `-o` that is written into rather than replaced
-//! (a FIFO, a character device, `/dev/stdout`: `output::resolve_output`).
+//! (a FIFO, a character device, `/dev/stdout`: `fs::resolve_output`).
 //! The marker is only left out when stdout is a terminal, when its reader
 //! has gone (EPIPE), and when a signal finds the stream stalled for
 //! [`SIGNAL_WAIT`] (see docs/SECURITY.md, "Column pipelines").
@@ -16,7 +16,7 @@ use crate::app::App;
 use crate::backend::{KeyBackend, KeyRef};
 use crate::columns::{self, abort, ColumnOptions, ColumnStats, Format};
 use crate::error::{Error, Result};
-use crate::output::{resolve_output, same_file, AtomicFile, Sink};
+use crate::fs::{resolve_output, same_file, AtomicFile, Sink};
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -290,7 +290,7 @@ pub fn execute_with_stats(
             if let Sink::Stream(p) = &sink {
                 // A FIFO or device: the stream's descriptor from now on,
                 // with the marker armed as for stdout.
-                attach_stream(crate::output::open_stream(p)?);
+                attach_stream(crate::fs::open_stream(p)?);
             }
             // Unbuffered: the pipeline hands over whole blocks of records,
             // and each goes out in one piece (see `StreamSink`).

@@ -32,7 +32,9 @@ pub fn run(cli: Cli) -> Result<i32> {
     let _stdout = columns::guard_stdout(&cli.command);
     let g = &cli.global;
     // Lock waits and stale temporary files removed are announced unless --quiet.
-    crate::output::set_notices(!g.quiet);
+    if !g.quiet {
+        crate::notify::set_notifier(|msg| eprintln!("hsmseal: {msg}"));
+    }
     if let Command::Init(args) = &cli.command {
         // init must not depend on an existing configuration.
         return init::run(args, g.json, g.quiet);

@@ -3,7 +3,7 @@
 //! Invariants: an output path is resolved per item right before its work
 //! (`prepare`): only a regular file is ever replaced (with `--force`), a
 //! FIFO or character device is written into, a link to stdout is stdout
-//! (`output::resolve_output`). A sealed input that is a regular file has its
+//! (`fs::resolve_output`). A sealed input that is a regular file has its
 //! header read under a shared lock, so it never sees a rotation half-way.
 //! `--in-place` removes an original only under the original's exclusive
 //! lock, after comparing it (read through that locked descriptor) with the
@@ -15,7 +15,7 @@ use crate::backend::KeyBackend;
 use crate::cli::OutputArgs;
 use crate::envelope::header::Header;
 use crate::error::{Error, Result};
-use crate::output::{same_file, AtomicFile, FileId, LockMode, LockedFile, Sink};
+use crate::fs::{same_file, AtomicFile, FileId, LockMode, LockedFile, Sink};
 use serde::Serialize;
 use std::fs::File;
 use std::io::{self, BufReader, IsTerminal, Read, Write};
@@ -56,7 +56,7 @@ impl Input {
                 if meta.is_dir() {
                     return Err(Error::usage("is a directory"));
                 }
-                Ok(Box::new(BufReader::with_capacity(crate::output::IO_BUF, f)))
+                Ok(Box::new(BufReader::with_capacity(crate::fs::IO_BUF, f)))
             }
         }
     }
@@ -79,7 +79,7 @@ impl Input {
                 let header = read_header_locked(&f, p)?;
                 Ok((
                     header,
-                    Box::new(BufReader::with_capacity(crate::output::IO_BUF, f)),
+                    Box::new(BufReader::with_capacity(crate::fs::IO_BUF, f)),
                 ))
             }
         }
@@ -97,11 +97,11 @@ pub fn read_header_locked(f: &File, p: &Path) -> Result<Header> {
     }
     let regular = meta.is_file();
     if regular {
-        crate::output::lock_wait(f, LockMode::Shared, p)?;
+        crate::fs::lock_wait(f, LockMode::Shared, p)?;
     }
     let r = crate::envelope::file::read_header(&mut &*f).map(|(h, _)| h);
     if regular {
-        crate::output::unlock(f);
+        crate::fs::unlock(f);
     }
     r
 }
@@ -151,7 +151,7 @@ pub fn plan_outputs(
             let out = match (&args.output, &item.input) {
                 // `-o /dev/stdout` is stdout itself (whatever it is), so
                 // --json lines keep out of the data.
-                (Some(o), _) if crate::output::names_stdout(o) => Output::Stdout,
+                (Some(o), _) if crate::fs::names_stdout(o) => Output::Stdout,
                 (Some(o), _) => Output::from_arg(o),
                 (None, Input::Stdin) => Output::Stdout,
                 (None, Input::File(p)) => match &args.output_dir {
@@ -299,7 +299,7 @@ fn replace_original(
     std::fs::remove_file(original)
         .map_err(|e| Error::io_at("cannot remove the original", original.display(), &e))?;
     drop(orig);
-    crate::output::sync_dir(&crate::output::parent_dir(original))
+    crate::fs::sync_dir(&crate::fs::parent_dir(original))
 }
 
 /// Removes `p` if it is still the file `id` (under its lock); false if it
@@ -335,9 +335,9 @@ fn sealed_matches(
     } else {
         crate::envelope::file::read_header(&mut &*sealed)?.0
     };
-    let reader = BufReader::with_capacity(crate::output::IO_BUF, sealed);
+    let reader = BufReader::with_capacity(crate::fs::IO_BUF, sealed);
     let mut cmp = Compare {
-        other: BufReader::with_capacity(crate::output::IO_BUF, plain),
+        other: BufReader::with_capacity(crate::fs::IO_BUF, plain),
         differs: false,
     };
     let opts = crate::stream::StreamOptions {
@@ -385,7 +385,7 @@ impl<R: Read> Write for Compare<R> {
 /// Checks an (input, output) pair right before the item's work and decides
 /// what writing the output means: the output must not be the input; an
 /// existing regular file needs `--force`; a FIFO or character device is
-/// written into; a symbolic link is resolved (`output::resolve_output`).
+/// written into; a symbolic link is resolved (`fs::resolve_output`).
 /// `--in-place` needs a regular input (not a link) and a regular output.
 pub fn prepare(input: &Input, output: &Output, io: &OutputArgs) -> Result<Sink> {
     let sink = match output {
@@ -399,7 +399,7 @@ pub fn prepare(input: &Input, output: &Output, io: &OutputArgs) -> Result<Sink> 
                     )));
                 }
             }
-            crate::output::resolve_output(o, io.force)?
+            crate::fs::resolve_output(o, io.force)?
         }
     };
     if io.in_place {
@@ -445,7 +445,7 @@ pub fn write_output<T>(
         Sink::Stdout => {
             let stdout = io::stdout();
             let mut lock = io::BufWriter::with_capacity(
-                crate::output::IO_BUF,
+                crate::fs::IO_BUF,
                 crate::signals::PipeAware(stdout.lock()),
             );
             let r = f(&mut lock)?;
@@ -454,8 +454,8 @@ pub fn write_output<T>(
             Ok((r, None))
         }
         Sink::Stream(p) => {
-            let file = crate::output::open_stream(p)?;
-            let mut w = io::BufWriter::with_capacity(crate::output::IO_BUF, file);
+            let file = crate::fs::open_stream(p)?;
+            let mut w = io::BufWriter::with_capacity(crate::fs::IO_BUF, file);
             let r = f(&mut w)?;
             w.flush()
                 .map_err(|e| Error::io_at("writing", p.display(), &e))?;

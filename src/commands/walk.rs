@@ -8,7 +8,7 @@
 
 use super::glob::Filter;
 use crate::error::{Error, Result};
-use crate::output::TEMP_MARKER;
+use crate::fs::TEMP_MARKER;
 use std::path::{Path, PathBuf};
 
 /// What the walk found at a path.

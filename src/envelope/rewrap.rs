@@ -15,7 +15,7 @@
 //! new payload, written to a temporary file and renamed over the original
 //! only once the old payload fully authenticated.
 //!
-//! Concurrency: both hold the file's exclusive lock (`output::LockedFile`)
+//! Concurrency: both hold the file's exclusive lock (`fs::LockedFile`)
 //! from before they read the header until their last write or the rename,
 //! and read the header only under it. Without it, two rewraps of one file
 //! each cleared the envelope the other had just written and left none at
@@ -27,7 +27,7 @@ use super::file;
 use super::header::{self, Envelope, Header, ENVELOPE_LEN, ENVELOPE_OFFSETS, HEADER_LEN};
 use crate::backend::{KeyBackend, KeyRef};
 use crate::error::{Error, Result};
-use crate::output::{AtomicFile, LockedFile};
+use crate::fs::{AtomicFile, LockedFile};
 use crate::secret::SecretKey;
 use crate::stream::{self, StreamOptions};
 use std::fs::File;
@@ -215,7 +215,7 @@ pub fn reencrypt(
     let (tx, rx) = mpsc::sync_channel(8);
     let threads = opts.threads;
     let decrypted = std::thread::scope(|s| {
-        let reader = io::BufReader::with_capacity(crate::output::IO_BUF, &mut *f);
+        let reader = io::BufReader::with_capacity(crate::fs::IO_BUF, &mut *f);
         let dek = &dek;
         let worker = s.spawn(move || {
             let o = StreamOptions {
