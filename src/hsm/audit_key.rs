@@ -24,9 +24,9 @@
 //! admin session under the process-wide management lock, like the key
 //! lifecycle; `C_Sign`/`C_Verify` run on a pooled session.
 
-use super::errors::{rv_of, token_error};
+use super::errors::{is_gone, rv_of, token_error};
 use super::kwk::KeyAttributes;
-use super::{is_gone, Hsm};
+use super::Hsm;
 use crate::audit::{current_head, AuditBackend, Head};
 use crate::error::{Error, Result};
 use cryptoki::error::RvError;

@@ -109,6 +109,41 @@ pub(crate) fn rv_of(e: &CkError) -> Option<RvError> {
     }
 }
 
+/// True for what `C_Decrypt` returns when the GCM tag does not verify (wrong
+/// key, modified data). SoftHSM2 reports a bad GCM tag as
+/// `CKR_GENERAL_ERROR`; the spec's answer is `CKR_ENCRYPTED_DATA_INVALID`.
+/// Only on `C_Decrypt` itself: the same codes from `C_DecryptInit` mean
+/// something else.
+pub fn is_bad_tag(e: &CkError) -> bool {
+    matches!(
+        e,
+        CkError::Pkcs11(
+            RvError::GeneralError | RvError::EncryptedDataInvalid,
+            Function::Decrypt
+        )
+    )
+}
+
+/// True for the code a token returns for a key whose attributes forbid the
+/// operation (here: a version disabled since its handle was verified).
+pub fn is_not_permitted(e: &CkError) -> bool {
+    rv_of(e) == Some(RvError::KeyFunctionNotPermitted)
+}
+
+/// True for the codes a token returns for an object that no longer exists.
+pub fn is_gone(e: &CkError) -> bool {
+    matches!(
+        rv_of(e),
+        Some(RvError::ObjectHandleInvalid) | Some(RvError::KeyHandleInvalid)
+    )
+}
+
+pub fn pin_locked(token: &str) -> Error {
+    Error::pin(format!(
+        "the user PIN of token {token:?} is locked; its security officer must reset it (e.g. `pkcs11-tool --login --login-type so --init-pin`)"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,5 +187,25 @@ mod tests {
             "initialising the module",
         );
         assert!(e.to_string().starts_with("initialising the module in module /m.so failed: C_Initialize returned CKR_GENERAL_ERROR"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_tag_is_only_c_decrypts_general_or_encrypted_data_invalid() {
+        assert!(is_bad_tag(&CkError::Pkcs11(
+            RvError::GeneralError,
+            Function::Decrypt
+        )));
+        assert!(is_bad_tag(&CkError::Pkcs11(
+            RvError::EncryptedDataInvalid,
+            Function::Decrypt
+        )));
+        assert!(!is_bad_tag(&CkError::Pkcs11(
+            RvError::GeneralError,
+            Function::DecryptInit
+        )));
+        assert!(!is_bad_tag(&CkError::Pkcs11(
+            RvError::KeyHandleInvalid,
+            Function::Decrypt
+        )));
     }
 }

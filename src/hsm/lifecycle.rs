@@ -41,69 +41,26 @@
 //! tried in turn; nothing new is wrapped under it; `key list` and `doctor`
 //! report it).
 
-use super::errors::{c_function_name, ckr_name, rv_of, token_error};
+use super::errors::{c_function_name, ckr_name, is_gone, rv_of, token_error};
 use super::kwk::{self, KeyInfo, KeyState};
-use super::{is_gone, Hsm};
+use super::objects::Family;
+use super::Hsm;
+use super::Verified;
 use crate::backend::{validate_key_name, KeyRef};
 use crate::error::{Error, Result};
 use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// At most this many destroyed versions are listed per key (the newest
 /// ones). Versions are sequential, so real keys never come close; the cap
 /// only keeps a stray `hsmseal:x:v4000000000` object from another tool from
 /// making `key list` enumerate billions of entries.
 const MAX_LISTED_DESTROYED: usize = 4096;
-
-/// Every hsmseal object found on the token.
-#[derive(Default)]
-pub(super) struct Scan {
-    /// Key version objects, sorted by name then version.
-    pub(super) keys: Vec<(KeyRef, ObjectHandle)>,
-    /// High-water records: (key name, object).
-    pub(super) records: Vec<(String, ObjectHandle)>,
-}
-
-/// What the token holds for one key name.
-#[derive(Default)]
-pub(super) struct Family {
-    pub(super) name: String,
-    /// (version, object) of every key object, by version (a version appears
-    /// twice if two objects carry its label).
-    pub(super) keys: Vec<(u32, ObjectHandle)>,
-    /// The highest version number any high-water record holds (0: none).
-    pub(super) high_water: u32,
-    /// The high-water record objects (normally at most one).
-    pub(super) records: Vec<ObjectHandle>,
-}
-
-impl Family {
-    /// The highest version that has an object.
-    pub(super) fn newest(&self) -> Option<u32> {
-        self.keys.last().map(|(v, _)| *v)
-    }
-
-    /// The highest version number ever issued, as far as the token shows.
-    pub(super) fn last_issued(&self) -> u32 {
-        self.newest().unwrap_or(0).max(self.high_water)
-    }
-
-    /// True if the token knows nothing of this name.
-    pub(super) fn is_empty(&self) -> bool {
-        self.keys.is_empty() && self.high_water == 0
-    }
-
-    fn handles(&self, version: u32) -> Vec<ObjectHandle> {
-        self.keys
-            .iter()
-            .filter(|(v, _)| *v == version)
-            .map(|(_, h)| *h)
-            .collect()
-    }
-}
 
 /// What `key disable`, `key enable` or `key destroy` did.
 #[derive(Serialize, Clone, Debug)]
@@ -395,6 +352,81 @@ impl Hsm {
 
     // ---- internals ----
 
+    /// Generates version `version` of `name` and checks what the token
+    /// made. The caller holds the exclusive token lock and then calls
+    /// [`Self::ensure_unique`].
+    fn generate(
+        &self,
+        admin: &Session,
+        name: &str,
+        version: u32,
+    ) -> Result<(KeyInfo, ObjectHandle)> {
+        let k = KeyRef {
+            name: name.to_string(),
+            version,
+        };
+        let template = kwk::kwk_template(name, version, crate::time::now_unix());
+        let h = admin
+            .generate_key(&Mechanism::AesKeyGen, &template)
+            .map_err(|e| {
+                token_error(
+                    e,
+                    &self.token_label,
+                    &format!("generating key {k} with CKM_AES_KEY_GEN"),
+                )
+            })?;
+        // Check what the token made, not what we asked for: a token that
+        // ignores part of the template must not leave a weak key behind.
+        let info = self.key_info(admin, &k, h)?;
+        if !info.is_ok() {
+            let destroyed = match admin.destroy_object(h) {
+                Ok(()) => "it was destroyed",
+                Err(_) => "destroying it failed too, remove it by hand",
+            };
+            return Err(Error::token(format!(
+                "token {:?} did not honour hsmseal's key template for {k}: {}; {destroyed}. Run `hsmseal doctor`",
+                self.token_label,
+                info.problems.join("; ")
+            )));
+        }
+        Ok((info, h))
+    }
+
+    /// After generating `h` as version `k`: checks that no other object
+    /// carries its label. hsmseal processes cannot make one meanwhile (the
+    /// caller holds the exclusive token lock from its scan to here), but a
+    /// client that does not take the lock can. Then `h` is destroyed (no
+    /// hsmseal process can have used it: they need the lock to look it up)
+    /// and the creation fails, so hsmseal never leaves a duplicated label.
+    fn ensure_unique(&self, admin: &Session, k: &KeyRef, h: ObjectHandle) -> Result<()> {
+        let t = &self.token_label;
+        let label = kwk::label(&k.name, k.version);
+        let handles = admin
+            .find_objects(&[Attribute::Label(label.clone().into_bytes())])
+            .map_err(|e| token_error(e, t, &format!("checking that {label} is unique")))?;
+        if handles.len() > 1 {
+            let destroyed = match admin.destroy_object(h) {
+                Ok(()) => "hsmseal destroyed the one it made, so the label stays unique",
+                Err(_) => "destroying the one hsmseal made failed too; `hsmseal key list` shows the duplicate",
+            };
+            return Err(Error::token(format!(
+                "another PKCS#11 client created an object labelled {label} on token {t:?} while hsmseal was creating key {k}; {destroyed}. Check with `hsmseal key list` and run the command again"
+            )));
+        }
+        self.verified
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                k.clone(),
+                Arc::new(Verified {
+                    usable: vec![h],
+                    labelled: 1,
+                }),
+            );
+        self.forget_current(&k.name);
+        Ok(())
+    }
+
     /// The entries of `family` from v1 to the highest issued, with states:
     /// present objects as read, missing numbers as destroyed.
     pub(super) fn version_infos(&self, admin: &Session, family: &Family) -> Result<Vec<KeyInfo>> {
@@ -646,17 +678,5 @@ mod tests {
         assert_eq!(v(&spare), [1, 4, 5, 6]);
         assert_eq!(spare[0].reason, "needed by a");
         assert_eq!(spare[3].reason, REASON_CURRENT);
-    }
-
-    #[test]
-    fn family_numbers() {
-        let mut f = Family::default();
-        assert!(f.is_empty());
-        assert_eq!(f.last_issued(), 0);
-        f.high_water = 4;
-        assert!(!f.is_empty());
-        assert_eq!(f.last_issued(), 4);
-        assert_eq!(f.newest(), None);
-        assert!(f.handles(4).is_empty());
     }
 }
