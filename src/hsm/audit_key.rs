@@ -415,7 +415,7 @@ impl AuditBackend for Hsm {
                 Attribute::Value(value),
             ])
             .map_err(|e| token_error(e, t, &format!("creating the audit head record {label}")))?;
-        crate::audit::faults::kill_point("head-created");
+        crate::audit::faults::after("head-created");
         for old in stale(None) {
             let _ = admin.destroy_object(old);
         }
