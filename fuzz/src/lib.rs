@@ -624,7 +624,7 @@ pub fn dump(format: Format, data: &[u8]) {
                 assert!(d == rest, "decrypt(encrypt(x)) != x");
             }
             assert_eq!((ds.rows, ds.cells), (es.rows, es.cells));
-            let (r, rs) = run_columns(|i, o| columns::rotate(&keys, &v2(), &dopts, i, o), e)
+            let (r, rs) = run_columns(|i, o| columns::rewrap(&keys, &v2(), &dopts, i, o), e)
                 .unwrap_or_else(|err| panic!("rotating what encrypt wrote: {err}"));
             assert_eq!(rs.cells, es.cells);
             let (d2, _) = run_columns(|i, o| columns::decrypt(&keys, &dopts, i, o), &r)
@@ -644,7 +644,7 @@ pub fn dump(format: Format, data: &[u8]) {
     if let Err(e) = run_columns(|i, o| columns::decrypt(&keys, &opts, i, o), rest) {
         assert_kind(&e, DUMP_ERRORS);
     }
-    if let Err(e) = run_columns(|i, o| columns::rotate(&keys, &v2(), &opts, i, o), rest) {
+    if let Err(e) = run_columns(|i, o| columns::rewrap(&keys, &v2(), &opts, i, o), rest) {
         assert_kind(&e, DUMP_ERRORS);
     }
 }

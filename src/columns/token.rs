@@ -17,7 +17,7 @@
 //!   DEK layer, so a token moved to another column, context or row fails: its
 //!   DEK cannot be recovered, and the value is only readable with that DEK
 //!   (binding the value layer again would cost GHASH work and add nothing).
-//! - The envelope is outside the binding: `rotate` swaps it alone.
+//! - The envelope is outside the binding: a rewrap swaps it alone.
 //! - Only canonical base64 is accepted (no padding, no stray trailing bits),
 //!   so any single-character change of a token is rejected.
 //! - The flags byte (authenticated with the value) records the dump format
@@ -27,7 +27,7 @@
 //!
 //! docs/FORMAT.md (section 6) specifies all of this byte by byte.
 
-use super::Format;
+use super::format::Format;
 use crate::backend::{KeyBackend, KeyRef, WrappedKey, WRAPPED_KEY_LEN, WRAP_IV_LEN};
 use crate::error::{Error, Result};
 use crate::secret::SecretKey;
@@ -539,7 +539,7 @@ impl<'a> Opener<'a> {
     }
 }
 
-/// Rewraps token envelopes to a new KWK version (`columns rotate`). One per
+/// Rewraps token envelopes to a new KWK version (`columns rewrap`). One per
 /// worker, sharing a [`RewrapCache`] so each distinct batch costs one unwrap
 /// and one wrap.
 pub struct Rewrapper<'a> {

@@ -271,7 +271,7 @@ pub fn execute_with_stats(
                 columns::encrypt(backend()?, target()?, &opts, input, out)
             }
             ColumnsCommand::Decrypt(_) => columns::decrypt(backend()?, &opts, input, out),
-            ColumnsCommand::Rotate(_) => columns::rotate(backend()?, target()?, &opts, input, out),
+            ColumnsCommand::Rotate(_) => columns::rewrap(backend()?, target()?, &opts, input, out),
             ColumnsCommand::Passthrough(_) => columns::passthrough(&opts, input, out),
         }
     };

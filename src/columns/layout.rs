@@ -1,0 +1,278 @@
+//! Which columns a run processes and where they are: the first record
+//! (the header) read whole, `--columns` and `--row-id` resolved against it
+//! (or against positions with `--no-header`, or JSON keys), and the shapes
+//! the reader hands to the workers (a [`Block`] of whole records with the
+//! span of every selected field). A header that does not match `--columns`
+//! fails here, before any output.
+
+use super::format::Format;
+use super::options::ColumnOptions;
+use super::token::{binding_prefix, ColumnId};
+use super::{abort, csv, pgcopy, scan};
+use crate::error::{Error, Result};
+use std::io::Read;
+
+/// Longest record (line, or CSV record with embedded newlines).
+pub const MAX_RECORD: usize = 64 << 20;
+
+/// Input read size.
+pub(super) const READ_CHUNK: usize = 4 << 20;
+
+/// A selected column.
+pub(super) struct Selected {
+    pub(super) id: ColumnId,
+    /// 0-based field position (tables only).
+    pub(super) pos: usize,
+    /// Binding prefix (everything but the row id).
+    pub(super) prefix: Vec<u8>,
+}
+
+/// Where the selected columns are, resolved from the header or positions.
+pub(super) struct Layout {
+    pub(super) fmt: Format,
+    /// Tables: in field order. JSONL: in `--columns` order.
+    pub(super) selected: Vec<Selected>,
+    pub(super) row_id: Option<(ColumnId, usize)>,
+    /// Fields per record (tables).
+    pub(super) nfields: usize,
+    /// Field position -> index in `selected` + 1 (0: not selected); the row id
+    /// column maps to `selected.len() + 1`.
+    pub(super) selected_at: Vec<u32>,
+}
+
+impl Layout {
+    /// Field spans recorded per record.
+    pub(super) fn width(&self) -> usize {
+        self.selected.len() + usize::from(self.row_id.is_some())
+    }
+}
+
+/// A field's raw span in its block, quotes included.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Field {
+    pub(super) start: u32,
+    pub(super) end: u32,
+    pub(super) quoted: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Rec {
+    /// End of the record in the block, terminator included; it starts where
+    /// the previous one ends.
+    pub(super) end: u32,
+    /// Copied as it is (pgcopy `\.`, blank JSONL line).
+    pub(super) raw: bool,
+}
+
+/// Whole records cut from the input by the reader, with the span of each
+/// selected field (and the row id) per record.
+pub(super) struct Block {
+    pub(super) seq: u64,
+    pub(super) first_row: u64,
+    pub(super) data: Vec<u8>,
+    pub(super) recs: Vec<Rec>,
+    /// `layout.width()` fields per record (tables).
+    pub(super) fields: Vec<Field>,
+}
+
+/// Buffered input with the unconsumed part at `buf[pos..]`.
+pub(super) struct Source<R> {
+    pub(super) input: R,
+    pub(super) buf: Vec<u8>,
+    pub(super) pos: usize,
+    pub(super) eof: bool,
+}
+
+impl<R: Read> Source<R> {
+    /// Drops `buf[..pos]` and reads more: at least a chunk, and as much as
+    /// is already buffered so re-scanning a long record stays linear.
+    pub(super) fn more(&mut self) -> Result<()> {
+        if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        let want = READ_CHUNK.max(self.buf.len());
+        let n = (&mut self.input)
+            .take(want as u64)
+            .read_to_end(&mut self.buf)
+            .map_err(|e| Error::io(format!("reading the input: {e}")))?;
+        if n == 0 {
+            self.eof = true;
+        }
+        Ok(())
+    }
+}
+
+/// Parses one record of any format at the start of `buf`.
+pub(super) fn parse_one(
+    fmt: Format,
+    buf: &[u8],
+    eof: bool,
+    on_field: impl FnMut(usize, usize, usize, bool) -> Result<()>,
+) -> Result<Option<(usize, usize)>> {
+    match fmt {
+        Format::Csv | Format::Tsv => csv::parse_record(buf, eof, fmt.delim(), on_field),
+        Format::PgCopy => pgcopy::parse_record(buf, eof, on_field),
+        Format::Jsonl => Ok(match scan::find1(buf, b'\n') {
+            Some(p) => Some((p + 1, 0)),
+            None if eof => Some((buf.len(), 0)),
+            None => None,
+        }),
+    }
+}
+
+pub(super) fn row_err(row: u64, e: Error) -> Error {
+    e.context(format!("row {row}"))
+}
+
+/// Reads the first record fully: `(raw bytes incl. terminator, decoded fields)`.
+pub(super) fn first_record<R: Read>(
+    src: &mut Source<R>,
+    fmt: Format,
+) -> Result<Option<(usize, Vec<Vec<u8>>)>> {
+    loop {
+        if src.pos == src.buf.len() && src.eof {
+            return Ok(None);
+        }
+        if src.pos < src.buf.len() {
+            let buf = &src.buf[src.pos..];
+            let mut spans = Vec::new();
+            let parsed = parse_one(fmt, buf, src.eof, |_, s, e, q| {
+                spans.push((s, e, q));
+                Ok(())
+            });
+            // Checked on errors too: the marker's second line is an
+            // unterminated CSV quoted field.
+            if (parsed.is_err() || matches!(parsed, Ok(Some(_)))) && abort::begins_with_marker(buf)
+            {
+                return Err(row_err(1, abort::found()));
+            }
+            if let Some((len, _)) = parsed.map_err(|e| row_err(1, e))? {
+                let mut scratch = Vec::new();
+                let fields = spans
+                    .into_iter()
+                    .map(|(s, e, q)| match fmt {
+                        Format::PgCopy => pgcopy::decode(&buf[s..e], &mut scratch).to_vec(),
+                        _ => csv::unquote(&buf[s..e], q, &mut scratch).to_vec(),
+                    })
+                    .collect();
+                return Ok(Some((len, fields)));
+            }
+            if src.buf.len() - src.pos > MAX_RECORD {
+                return Err(row_err(1, too_long()));
+            }
+        }
+        src.more()?;
+    }
+}
+
+pub(super) fn too_long() -> Error {
+    Error::format(format!(
+        "record longer than {} MiB (no record terminator?)",
+        MAX_RECORD >> 20
+    ))
+}
+
+/// Checks `--columns`/`--row-id` and resolves them against the header (or
+/// the first record's width with `--no-header`). `width` is `None` when
+/// there is no record at all (or for JSONL).
+pub(super) fn layout(
+    opts: &ColumnOptions,
+    header: Option<&[Vec<u8>]>,
+    width: Option<usize>,
+) -> Result<Layout> {
+    let fmt = opts.format;
+    if opts.columns.is_empty() {
+        return Err(Error::usage("no columns selected: pass --columns a,b"));
+    }
+    for (i, c) in opts.columns.iter().enumerate() {
+        if c.is_empty() {
+            return Err(Error::usage("--columns has an empty column name"));
+        }
+        if opts.columns[..i].contains(c) {
+            return Err(Error::usage(format!("column {c:?} is selected twice")));
+        }
+        if opts.row_id.as_deref() == Some(c) {
+            return Err(Error::usage(format!(
+                "column {c:?} is the --row-id column and cannot also be encrypted"
+            )));
+        }
+    }
+    let by_index = fmt.is_table() && !opts.header;
+    let resolve = |name: &str| -> Result<(ColumnId, usize)> {
+        if !fmt.is_table() {
+            return Ok((ColumnId::Name(name.to_string()), 0));
+        }
+        if by_index {
+            let i: usize = name.parse().ok().filter(|&i| i >= 1).ok_or_else(|| {
+                Error::usage(format!(
+                    "with --no-header, columns are 1-based positions: {name:?} is not one"
+                ))
+            })?;
+            if let Some(width) = width.filter(|&w| i > w) {
+                return Err(Error::usage(format!(
+                    "row 1: column {i} selected but the row has only {width} fields"
+                )));
+            }
+            return Ok((ColumnId::Index(i as u32), i - 1));
+        }
+        let names = header.unwrap_or_default();
+        let hits: Vec<usize> = (0..names.len())
+            .filter(|&i| names[i] == name.as_bytes())
+            .collect();
+        match hits.len() {
+            1 => Ok((ColumnId::Name(name.to_string()), hits[0])),
+            // The header's names are not listed: if the first line is in
+            // fact data, they would put plaintext into an error message.
+            0 => Err(Error::usage(format!(
+                "column {name:?} is not in the header ({} columns); if the input has no header, pass --no-header and 1-based positions",
+                names.len()
+            ))),
+            n => Err(Error::format(format!(
+                "column {name:?} appears {n} times in the header"
+            ))),
+        }
+    };
+    let mut selected = Vec::new();
+    for c in &opts.columns {
+        let (id, pos) = resolve(c)?;
+        selected.push(Selected {
+            prefix: binding_prefix(&opts.context, &id),
+            id,
+            pos,
+        });
+    }
+    let row_id = opts.row_id.as_deref().map(resolve).transpose()?;
+    if fmt.is_table() {
+        selected.sort_by_key(|s| s.pos);
+        // Names were compared as written; positions can still collide
+        // ("1" and "01").
+        if let Some(w) = selected.windows(2).find(|w| w[0].pos == w[1].pos) {
+            return Err(Error::usage(format!("{} is selected twice", w[0].id)));
+        }
+        if let Some((id, p)) = &row_id {
+            if selected.iter().any(|s| s.pos == *p) {
+                return Err(Error::usage(format!(
+                    "{id} is the --row-id column and cannot also be encrypted"
+                )));
+            }
+        }
+    }
+    let width = width.unwrap_or(0);
+    let mut selected_at = vec![0u32; if fmt.is_table() { width } else { 0 }];
+    for (j, s) in selected.iter().enumerate() {
+        if let Some(x) = selected_at.get_mut(s.pos) {
+            *x = j as u32 + 1;
+        }
+    }
+    if let Some(x) = row_id.as_ref().and_then(|(_, p)| selected_at.get_mut(*p)) {
+        *x = selected.len() as u32 + 1;
+    }
+    Ok(Layout {
+        fmt,
+        selected,
+        row_id,
+        nfields: width,
+        selected_at,
+    })
+}
