@@ -1,5 +1,6 @@
 //! `make docs`: shell completions and man pages generated from the clap
-//! definitions in `hsmseal::cli`, so they can never drift from `--help`.
+//! definitions in src/bin/hsmseal/cli.rs (included here as they are), so
+//! they can never drift from `--help`.
 //!
 //! Usage: `cargo run --example gen-docs -- OUT_DIR`
 //! Writes OUT_DIR/completions/{hsmseal.bash,_hsmseal,hsmseal.fish,_hsmseal.ps1,hsmseal.elv}
@@ -8,6 +9,9 @@
 //!
 //! An example rather than a subcommand of the binary: the generators are
 //! only needed when packaging, not by every installed copy of hsmseal.
+
+#[path = "../src/bin/hsmseal/cli.rs"]
+mod cli;
 
 use clap::CommandFactory;
 use clap_complete::Shell;
@@ -39,7 +43,7 @@ fn generate(out: &Path) -> std::io::Result<()> {
     ] {
         let path = clap_complete::generate_to(
             shell,
-            &mut hsmseal::cli::Cli::command(),
+            &mut cli::Cli::command(),
             "hsmseal",
             &completions,
         )?;
@@ -49,7 +53,7 @@ fn generate(out: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(&man)?;
     // One page for hsmseal and one per (nested) subcommand, named
     // hsmseal-SUB[-SUBSUB].1 as git and cargo do.
-    let mut cmd = hsmseal::cli::Cli::command();
+    let mut cmd = cli::Cli::command();
     cmd.build();
     write_pages(&cmd, "hsmseal", &man)
 }

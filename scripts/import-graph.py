@@ -37,9 +37,10 @@ import sys
 LAYERS = [
     # binary
     ("bin::commands", 17),
-    ("bin::bulk", 15),
-    ("bin::paths", 15),
+    ("bin::bulk", 16),
+    ("bin::outputs", 16),
     ("bin::select", 15),
+    ("bin::input", 15),
     ("bin::app", 14),
     ("bin::report", 13),
     ("bin::config", 13),

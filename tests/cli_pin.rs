@@ -4,6 +4,9 @@
 
 mod clisupport;
 mod common;
+/// The binary's clap definitions, to walk every flag of every command.
+#[path = "../src/bin/hsmseal/cli.rs"]
+mod cli;
 
 use clap::CommandFactory;
 use clisupport::{code, stderr, write, Cli};
@@ -21,7 +24,7 @@ fn all_flags() -> Vec<(String, clap::Arg)> {
         }
     }
     let mut out = Vec::new();
-    walk(&hsmseal::cli::Cli::command(), "hsmseal".into(), &mut out);
+    walk(&cli::Cli::command(), "hsmseal".into(), &mut out);
     out
 }
 

@@ -24,7 +24,7 @@ use crate::secret::SecretKey;
 mod engine;
 mod kdf;
 
-pub(crate) use engine::read_full;
+pub use engine::read_full;
 use engine::{Batch, ChunkCipher, BATCH_BYTES, BATCH_PLAIN};
 
 /// Plaintext bytes in every chunk but the final one.

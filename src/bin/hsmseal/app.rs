@@ -1,11 +1,11 @@
 //! What every command gets: the resolved settings and a lazily opened HSM
 //! (the module is only loaded and logged into when a command needs keys).
 
-use crate::backend::KeyBackend;
-use crate::backend::KeyRef;
 use crate::config::Settings;
-use crate::error::{Error, Result};
-use crate::hsm::Hsm;
+use hsmseal::backend::KeyBackend;
+use hsmseal::backend::KeyRef;
+use hsmseal::error::{Error, Result};
+use hsmseal::hsm::Hsm;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -45,7 +45,7 @@ impl RunStats {
         self.skipped.load(Ordering::Relaxed)
     }
     /// Counts one finished item from its report.
-    pub fn record(&self, r: &crate::commands::ItemReport) {
+    pub fn record(&self, r: &crate::outputs::ItemReport) {
         let counter = if r.status == "skipped" || r.status == "unchanged" {
             &self.skipped
         } else {
@@ -146,7 +146,7 @@ impl App {
     pub fn key_name(&self, flag: Option<&str>) -> Result<String> {
         match flag.map(str::to_string).or_else(|| self.default_key.clone()) {
             Some(k) => {
-                crate::backend::validate_key_name(&k)?;
+                hsmseal::backend::validate_key_name(&k)?;
                 Ok(k)
             }
             None => Err(Error::usage(

@@ -18,13 +18,13 @@
 //! - Progress: a bar on stderr when stderr is a terminal and `--quiet` is not
 //!   given (bytes/s, items done and failed, ETA); nothing otherwise.
 
-use super::glob::Filter;
-use super::paths::{Input, ItemReport};
-use super::walk::{self, Found, Kind};
 use crate::app::App;
 use crate::cli::SelectArgs;
-use crate::error::{Error, Result};
-use crate::stream::StreamOptions;
+use crate::outputs::{Input, ItemReport};
+use crate::select::glob::Filter;
+use crate::select::walk::{self, Found, Kind};
+use hsmseal::error::{Error, Result};
+use hsmseal::stream::StreamOptions;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::BTreeMap;
 use std::io::IsTerminal;

@@ -1,6 +1,11 @@
 //! Command-line definitions (clap derive). No logic lives here: each
 //! subcommand's arguments are turned into work by `crate::commands`.
 //!
+//! This file imports nothing from the rest of the binary (only clap, std and
+//! the `hsmseal` library), so `examples/gen-docs.rs` and the tests include
+//! it with `#[path]` to generate and check the help, completions and man
+//! pages from the very definitions the binary parses.
+//!
 //! There is deliberately no flag that takes a PIN value: command lines are
 //! visible to other users in `ps` and kept in shell history.
 
@@ -125,7 +130,7 @@ pub enum Command {
     Config(ConfigCommand),
     /// Encrypt, decrypt or rotate selected columns of CSV, TSV, JSONL or PostgreSQL COPY dumps
     #[command(subcommand)]
-    Columns(crate::commands::columns::ColumnsCommand),
+    Columns(ColumnsCommand),
     /// Set up and check the tamper-evident audit log
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -286,7 +291,7 @@ pub enum KeyCommand {
         /// Key name
         name: String,
         /// Age limit: a whole number and a unit, s m h d or w (400d, 12h, 2w)
-        #[arg(long, value_name = "DURATION", value_parser = crate::commands::key::parse_duration)]
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         older_than: u64,
         /// Report what would be destroyed; change nothing
         #[arg(long)]
@@ -422,4 +427,186 @@ pub struct RotateArgs {
 pub enum ConfigCommand {
     /// Print each resolved setting and where it came from (secrets redacted)
     Show,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ColumnsCommand {
+    /// Encrypt the selected columns: each non-NULL value becomes a token.
+    Encrypt(ColumnsEncryptArgs),
+    /// Decrypt the tokens in the selected columns.
+    Decrypt(ColumnsDecryptArgs),
+    /// Rewrap every token's batch key to the current KWK version, without
+    /// re-encrypting the values.
+    Rotate(ColumnsRotateArgs),
+    /// Parse and rewrite the selected columns without cryptography (the
+    /// benchmark's speed ceiling).
+    #[command(hide = true)]
+    Passthrough(DumpArgs),
+}
+
+/// What every `columns` subcommand shares.
+#[derive(Debug, clap::Args)]
+pub struct DumpArgs {
+    /// Columns to process: header names (JSON keys for jsonl), or 1-based
+    /// positions with --no-header.
+    #[arg(long, short = 'c', value_delimiter = ',', required = true)]
+    pub columns: Vec<String>,
+    /// csv, tsv, jsonl or pgcopy (PostgreSQL COPY text). Required when
+    /// reading stdin; otherwise taken from the input file's extension
+    /// (.csv, .tsv/.tab, .jsonl/.ndjson, .copy/.pgcopy) if it has one of
+    /// these.
+    #[arg(long, short = 'f')]
+    pub format: Option<String>,
+    /// The first record is data, not a header: --columns are positions.
+    #[arg(long)]
+    pub no_header: bool,
+    /// Bind each token to this column's value in its row (a unique id), so a
+    /// token moved to another row fails to decrypt.
+    #[arg(long, value_name = "COL")]
+    pub row_id: Option<String>,
+    /// Bound into every token, e.g. the table `app.users`; decrypt must be
+    /// given the same. Default: empty.
+    #[arg(long, default_value = "")]
+    pub context: String,
+    /// Input file ("-" or absent: stdin).
+    #[arg(long, short = 'i', value_name = "FILE")]
+    pub input: Option<PathBuf>,
+    /// Output file, written atomically with mode 0600 ("-" or absent: stdout).
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Overwrite the output file if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// Print a summary (rows, cells, batches, HSM calls, seconds) on stderr
+    /// (with --json: as JSON, also on stderr: stdout carries the dump).
+    #[arg(long)]
+    pub stats: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ColumnsEncryptArgs {
+    #[command(flatten)]
+    pub dump: DumpArgs,
+    /// Key (KWK) name; default from the configuration.
+    #[arg(long, short = 'k')]
+    pub key: Option<String>,
+    /// Records per batch key: one HSM call per batch.
+    #[arg(long, default_value_t = hsmseal::columns::DEFAULT_BATCH_SIZE)]
+    pub batch_size: u64,
+    /// Leave selected values that already are tokens as they are (counted
+    /// and reported), e.g. to finish a half-encrypted dump. Without it such
+    /// a value is an error: it would be encrypted twice.
+    #[arg(long)]
+    pub skip_tokens: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ColumnsDecryptArgs {
+    #[command(flatten)]
+    pub dump: DumpArgs,
+    /// Copy selected values that are not tokens instead of failing (counted
+    /// and reported). A value starting with "hsc1." must still be a valid
+    /// token.
+    #[arg(long)]
+    pub allow_plaintext: bool,
+    /// Also accept tokens made from dumps of these formats (csv, tsv, jsonl,
+    /// pgcopy), e.g. tokens encrypted in a CSV dump, loaded into PostgreSQL
+    /// and exported with COPY: their values are written the way --format
+    /// writes them. Without it such a token is an error.
+    #[arg(long, value_delimiter = ',', value_name = "FORMAT")]
+    pub token_format: Vec<String>,
+    /// Decrypt values that were encrypted more than once (by a columns
+    /// encrypt run over an already encrypted dump) down to the plaintext,
+    /// instead of failing on them.
+    #[arg(long)]
+    pub nested: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ColumnsRotateArgs {
+    #[command(flatten)]
+    pub dump: DumpArgs,
+    /// Key (KWK) name whose current version tokens are rewrapped to;
+    /// default from the configuration.
+    #[arg(long, short = 'k')]
+    pub key: Option<String>,
+    /// Copy selected values that are not tokens instead of failing.
+    #[arg(long)]
+    pub allow_plaintext: bool,
+}
+
+/// Parses a retention age: a whole number followed by one unit, `s`, `m`,
+/// `h`, `d` or `w` (`400d`, `12h`, `30m`, `90s`, `2w`), into seconds. One
+/// unit only and no months or years: those have no fixed length, and a
+/// purge cutoff must mean exactly one thing.
+pub fn parse_duration(s: &str) -> std::result::Result<u64, String> {
+    let bad = || {
+        format!(
+            "invalid duration {s:?}: use a whole number followed by s, m, h, d or w (e.g. 400d, 12h, 30m, 90s, 2w)"
+        )
+    };
+    let unit = s.chars().last().ok_or_else(bad)?;
+    let seconds: u64 = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        'w' => 7 * 86_400,
+        _ => return Err(bad()),
+    };
+    let digits = &s[..s.len() - 1];
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    n.checked_mul(seconds)
+        .ok_or_else(|| format!("invalid duration {s:?}: too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+
+    #[test]
+    fn durations_parse_to_seconds() {
+        for (s, secs) in [
+            ("0s", 0),
+            ("90s", 90),
+            ("30m", 1800),
+            ("12h", 43_200),
+            ("400d", 400 * 86_400),
+            ("2w", 14 * 86_400),
+            ("007d", 7 * 86_400),
+        ] {
+            assert_eq!(parse_duration(s), Ok(secs), "{s}");
+        }
+    }
+
+    #[test]
+    fn garbage_durations_are_rejected() {
+        for bad in [
+            "",
+            "d",
+            "400",
+            "-1d",
+            "+1d",
+            "1.5d",
+            "1 d",
+            " 1d",
+            "1d ",
+            "1D",
+            "1y",
+            "1mo",
+            "1d12h",
+            "１d",
+            "1µs",
+            "99999999999999999999d",
+        ] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.starts_with("invalid duration"), "{bad}: {e}");
+        }
+        assert!(parse_duration("18446744073709551615w")
+            .unwrap_err()
+            .contains("too long"));
+    }
 }

@@ -6,8 +6,8 @@
 //! Secrets: the PIN is never a setting value. It comes from `HSMSEAL_PIN`, a
 //! PIN file, or a terminal prompt, and is held in a zeroizing `Pin`.
 
-use crate::error::{Error, Result};
-use crate::secret::Pin;
+use hsmseal::error::{Error, Result};
+use hsmseal::secret::Pin;
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::IsTerminal;
@@ -133,7 +133,7 @@ pub fn resolve(flags: &Overrides) -> Result<Settings> {
     };
     let base = file_path
         .as_deref()
-        .map(crate::fs::parent_dir)
+        .map(hsmseal::fs::parent_dir)
         .unwrap_or_else(|| PathBuf::from("."));
     let from_file = |p: &Path| {
         if p.is_absolute() {

@@ -1,17 +1,27 @@
-//! The `hsmseal` binary: parse flags, run the command, turn the outcome into
-//! an exit code. All the work is in the library.
+//! The `hsmseal` binary: harden the process, parse flags, run the command,
+//! turn the outcome into an exit code. The cryptography, formats and HSM
+//! access are in the `hsmseal` library; this crate is its command line.
 
+mod app;
+mod bulk;
+mod cli;
+mod commands;
+mod config;
 mod faults;
+mod hardening;
+mod outputs;
+mod select;
+mod signals;
 
 use clap::Parser;
 
 fn main() {
     // Before anything reads the PIN or a key: no core dump may hold them.
-    hsmseal::hardening::disable_core_dumps();
-    let cli = hsmseal::cli::Cli::parse();
+    hardening::disable_core_dumps();
+    let cli = cli::Cli::parse();
     faults::install_from_env();
-    hsmseal::signals::install();
-    let code = match hsmseal::commands::run(cli) {
+    signals::install();
+    let code = match commands::run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("hsmseal: error: {e}");
@@ -19,5 +29,5 @@ fn main() {
         }
     };
     // Not std::process::exit: see signals::exit_now.
-    hsmseal::signals::exit_now(code);
+    signals::exit_now(code);
 }

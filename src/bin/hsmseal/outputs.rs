@@ -9,13 +9,13 @@
 //! lock, after comparing it (read through that locked descriptor) with the
 //! new file, which must still be the one this run wrote.
 
-use super::bulk::Item;
 use crate::app::App;
-use crate::backend::KeyBackend;
+use crate::bulk::Item;
 use crate::cli::OutputArgs;
-use crate::envelope::header::Header;
-use crate::error::{Error, Result};
-use crate::fs::{same_file, AtomicFile, FileId, LockMode, LockedFile, Sink};
+use hsmseal::backend::KeyBackend;
+use hsmseal::envelope::header::Header;
+use hsmseal::error::{Error, Result};
+use hsmseal::fs::{same_file, AtomicFile, FileId, LockMode, LockedFile, Sink};
 use serde::Serialize;
 use std::fs::File;
 use std::io::{self, BufReader, IsTerminal, Read, Write};
@@ -56,7 +56,7 @@ impl Input {
                 if meta.is_dir() {
                     return Err(Error::usage("is a directory"));
                 }
-                Ok(Box::new(BufReader::with_capacity(crate::fs::IO_BUF, f)))
+                Ok(Box::new(BufReader::with_capacity(hsmseal::fs::IO_BUF, f)))
             }
         }
     }
@@ -71,7 +71,7 @@ impl Input {
         match self {
             Input::Stdin => {
                 let mut r = self.open()?;
-                let (h, _) = crate::envelope::file::read_header(&mut r)?;
+                let (h, _) = hsmseal::envelope::file::read_header(&mut r)?;
                 Ok((h, r))
             }
             Input::File(p) => {
@@ -79,7 +79,7 @@ impl Input {
                 let header = read_header_locked(&f, p)?;
                 Ok((
                     header,
-                    Box::new(BufReader::with_capacity(crate::fs::IO_BUF, f)),
+                    Box::new(BufReader::with_capacity(hsmseal::fs::IO_BUF, f)),
                 ))
             }
         }
@@ -97,11 +97,11 @@ pub fn read_header_locked(f: &File, p: &Path) -> Result<Header> {
     }
     let regular = meta.is_file();
     if regular {
-        crate::fs::lock_wait(f, LockMode::Shared, p)?;
+        hsmseal::fs::lock_wait(f, LockMode::Shared, p)?;
     }
-    let r = crate::envelope::file::read_header(&mut &*f).map(|(h, _)| h);
+    let r = hsmseal::envelope::file::read_header(&mut &*f).map(|(h, _)| h);
     if regular {
-        crate::fs::unlock(f);
+        hsmseal::fs::unlock(f);
     }
     r
 }
@@ -151,7 +151,7 @@ pub fn plan_outputs(
             let out = match (&args.output, &item.input) {
                 // `-o /dev/stdout` is stdout itself (whatever it is), so
                 // --json lines keep out of the data.
-                (Some(o), _) if crate::fs::names_stdout(o) => Output::Stdout,
+                (Some(o), _) if hsmseal::fs::names_stdout(o) => Output::Stdout,
                 (Some(o), _) => Output::from_arg(o),
                 (None, Input::Stdin) => Output::Stdout,
                 (None, Input::File(p)) => match &args.output_dir {
@@ -203,7 +203,7 @@ pub fn write_item(
     input: &Input,
     output: &Output,
     sink: &Sink,
-    f: impl FnOnce(&mut dyn Write) -> Result<crate::envelope::file::FileReport>,
+    f: impl FnOnce(&mut dyn Write) -> Result<hsmseal::envelope::file::FileReport>,
 ) -> Result<ItemReport> {
     let (action, verb, mode) = match dir {
         Direction::Seal => ("encrypt", "encrypted", 0o644),
@@ -299,7 +299,7 @@ fn replace_original(
     std::fs::remove_file(original)
         .map_err(|e| Error::io_at("cannot remove the original", original.display(), &e))?;
     drop(orig);
-    crate::fs::sync_dir(&crate::fs::parent_dir(original))
+    hsmseal::fs::sync_dir(&hsmseal::fs::parent_dir(original))
 }
 
 /// Removes `p` if it is still the file `id` (under its lock); false if it
@@ -333,18 +333,18 @@ fn sealed_matches(
     let header = if lock_header {
         read_header_locked(sealed, sealed_path)?
     } else {
-        crate::envelope::file::read_header(&mut &*sealed)?.0
+        hsmseal::envelope::file::read_header(&mut &*sealed)?.0
     };
-    let reader = BufReader::with_capacity(crate::fs::IO_BUF, sealed);
+    let reader = BufReader::with_capacity(hsmseal::fs::IO_BUF, sealed);
     let mut cmp = Compare {
-        other: BufReader::with_capacity(crate::fs::IO_BUF, plain),
+        other: BufReader::with_capacity(hsmseal::fs::IO_BUF, plain),
         differs: false,
     };
-    let opts = crate::stream::StreamOptions {
+    let opts = hsmseal::stream::StreamOptions {
         threads: 1,
         progress: None,
     };
-    let r = crate::envelope::file::open_payload(backend, &header, reader, &mut cmp, &opts);
+    let r = hsmseal::envelope::file::open_payload(backend, &header, reader, &mut cmp, &opts);
     if cmp.differs {
         return Err(Error::integrity(
             "the ciphertext does not decrypt to the original",
@@ -370,7 +370,7 @@ struct Compare<R: Read> {
 impl<R: Read> Write for Compare<R> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut theirs = vec![0u8; buf.len()];
-        let got = crate::stream::read_full(&mut self.other, &mut theirs)?;
+        let got = hsmseal::stream::read_full(&mut self.other, &mut theirs)?;
         if got != buf.len() || theirs != buf {
             self.differs = true;
             return Err(io::Error::other("differs from the original"));
@@ -399,7 +399,7 @@ pub fn prepare(input: &Input, output: &Output, io: &OutputArgs) -> Result<Sink> 
                     )));
                 }
             }
-            crate::fs::resolve_output(o, io.force)?
+            hsmseal::fs::resolve_output(o, io.force)?
         }
     };
     if io.in_place {
@@ -445,7 +445,7 @@ pub fn write_output<T>(
         Sink::Stdout => {
             let stdout = io::stdout();
             let mut lock = io::BufWriter::with_capacity(
-                crate::fs::IO_BUF,
+                hsmseal::fs::IO_BUF,
                 crate::signals::PipeAware(stdout.lock()),
             );
             let r = f(&mut lock)?;
@@ -454,8 +454,8 @@ pub fn write_output<T>(
             Ok((r, None))
         }
         Sink::Stream(p) => {
-            let file = crate::fs::open_stream(p)?;
-            let mut w = io::BufWriter::with_capacity(crate::fs::IO_BUF, file);
+            let file = hsmseal::fs::open_stream(p)?;
+            let mut w = io::BufWriter::with_capacity(hsmseal::fs::IO_BUF, file);
             let r = f(&mut w)?;
             w.flush()
                 .map_err(|e| Error::io_at("writing", p.display(), &e))?;

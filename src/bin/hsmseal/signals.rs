@@ -112,14 +112,14 @@ fn stop(code: i32, why: &'static str, say: bool) -> ! {
     // A `columns` stream on stdout ends with the abort marker, so its
     // reader (a `psql \copy`) fails instead of loading a prefix.
     crate::commands::columns::abort_stdout_for_exit();
-    crate::fs::remove_live_temps_for_exit();
+    hsmseal::fs::remove_live_temps_for_exit();
     // The audit entry of the interrupted run (or the wait for the one the
     // main thread is appending).
     record_interruption(code, why);
     // Never exit in the middle of a login or another token write: SoftHSM2
     // rewrites its token.object file at every C_Login, and cutting that
     // short can leave the token unreadable.
-    crate::hsm::quiesce(std::time::Duration::from_secs(10));
+    hsmseal::hsm::quiesce(std::time::Duration::from_secs(10));
     if say {
         eprintln!("hsmseal: {why}; temporary files removed");
     }

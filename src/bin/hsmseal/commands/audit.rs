@@ -1,13 +1,13 @@
 //! `hsmseal audit init|verify`, and the per-run hook that appends one entry
 //! to the audit log for every command that touches keys or data (see
-//! `crate::audit` and docs/FORMAT.md section 7).
+//! `hsmseal::audit` and docs/FORMAT.md section 7).
 
 use crate::app::App;
-use crate::audit::{self, Record};
+use crate::cli::ColumnsCommand;
 use crate::cli::{AuditCommand, Command, KeyCommand};
-use crate::commands::columns::ColumnsCommand;
-use crate::error::{Error, ErrorKind, Result};
-use crate::hsm::audit_key::{AuditKeyStatus, AUDIT_KEY_LABEL};
+use hsmseal::audit::{self, Record};
+use hsmseal::error::{Error, ErrorKind, Result};
+use hsmseal::hsm::audit_key::{AuditKeyStatus, AUDIT_KEY_LABEL};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

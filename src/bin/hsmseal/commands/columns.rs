@@ -13,128 +13,27 @@
 //! [`SIGNAL_WAIT`] (see docs/SECURITY.md, "Column pipelines").
 
 use crate::app::App;
-use crate::backend::{KeyBackend, KeyRef};
-use crate::columns::{self, abort, ColumnOptions, ColumnStats, Format};
-use crate::error::{Error, Result};
-use crate::fs::{resolve_output, same_file, AtomicFile, Sink};
+use crate::cli::{
+    ColumnsCommand, ColumnsDecryptArgs, ColumnsEncryptArgs, ColumnsRotateArgs, DumpArgs,
+};
+use hsmseal::backend::{KeyBackend, KeyRef};
+use hsmseal::columns::{self, abort, ColumnOptions, ColumnStats, Format};
+use hsmseal::error::{Error, Result};
+use hsmseal::fs::{resolve_output, same_file, AtomicFile, Sink};
 use std::io::{IsTerminal, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-#[derive(Debug, clap::Subcommand)]
-pub enum ColumnsCommand {
-    /// Encrypt the selected columns: each non-NULL value becomes a token.
-    Encrypt(EncryptArgs),
-    /// Decrypt the tokens in the selected columns.
-    Decrypt(DecryptArgs),
-    /// Rewrap every token's batch key to the current KWK version, without
-    /// re-encrypting the values.
-    Rotate(RotateArgs),
-    /// Parse and rewrite the selected columns without cryptography (the
-    /// benchmark's speed ceiling).
-    #[command(hide = true)]
-    Passthrough(DumpArgs),
-}
-
-/// What every `columns` subcommand shares.
-#[derive(Debug, clap::Args)]
-pub struct DumpArgs {
-    /// Columns to process: header names (JSON keys for jsonl), or 1-based
-    /// positions with --no-header.
-    #[arg(long, short = 'c', value_delimiter = ',', required = true)]
-    pub columns: Vec<String>,
-    /// csv, tsv, jsonl or pgcopy (PostgreSQL COPY text). Required when
-    /// reading stdin; otherwise taken from the input file's extension
-    /// (.csv, .tsv/.tab, .jsonl/.ndjson, .copy/.pgcopy) if it has one of
-    /// these.
-    #[arg(long, short = 'f')]
-    pub format: Option<String>,
-    /// The first record is data, not a header: --columns are positions.
-    #[arg(long)]
-    pub no_header: bool,
-    /// Bind each token to this column's value in its row (a unique id), so a
-    /// token moved to another row fails to decrypt.
-    #[arg(long, value_name = "COL")]
-    pub row_id: Option<String>,
-    /// Bound into every token, e.g. the table `app.users`; decrypt must be
-    /// given the same. Default: empty.
-    #[arg(long, default_value = "")]
-    pub context: String,
-    /// Input file ("-" or absent: stdin).
-    #[arg(long, short = 'i', value_name = "FILE")]
-    pub input: Option<PathBuf>,
-    /// Output file, written atomically with mode 0600 ("-" or absent: stdout).
-    #[arg(long, short = 'o', value_name = "FILE")]
-    pub output: Option<PathBuf>,
-    /// Overwrite the output file if it exists.
-    #[arg(long)]
-    pub force: bool,
-    /// Print a summary (rows, cells, batches, HSM calls, seconds) on stderr
-    /// (with --json: as JSON, also on stderr: stdout carries the dump).
-    #[arg(long)]
-    pub stats: bool,
-}
-
-#[derive(Debug, clap::Args)]
-pub struct EncryptArgs {
-    #[command(flatten)]
-    pub dump: DumpArgs,
-    /// Key (KWK) name; default from the configuration.
-    #[arg(long, short = 'k')]
-    pub key: Option<String>,
-    /// Records per batch key: one HSM call per batch.
-    #[arg(long, default_value_t = columns::DEFAULT_BATCH_SIZE)]
-    pub batch_size: u64,
-    /// Leave selected values that already are tokens as they are (counted
-    /// and reported), e.g. to finish a half-encrypted dump. Without it such
-    /// a value is an error: it would be encrypted twice.
-    #[arg(long)]
-    pub skip_tokens: bool,
-}
-
-#[derive(Debug, clap::Args)]
-pub struct DecryptArgs {
-    #[command(flatten)]
-    pub dump: DumpArgs,
-    /// Copy selected values that are not tokens instead of failing (counted
-    /// and reported). A value starting with "hsc1." must still be a valid
-    /// token.
-    #[arg(long)]
-    pub allow_plaintext: bool,
-    /// Also accept tokens made from dumps of these formats (csv, tsv, jsonl,
-    /// pgcopy), e.g. tokens encrypted in a CSV dump, loaded into PostgreSQL
-    /// and exported with COPY: their values are written the way --format
-    /// writes them. Without it such a token is an error.
-    #[arg(long, value_delimiter = ',', value_name = "FORMAT")]
-    pub token_format: Vec<String>,
-    /// Decrypt values that were encrypted more than once (by a columns
-    /// encrypt run over an already encrypted dump) down to the plaintext,
-    /// instead of failing on them.
-    #[arg(long)]
-    pub nested: bool,
-}
-
-#[derive(Debug, clap::Args)]
-pub struct RotateArgs {
-    #[command(flatten)]
-    pub dump: DumpArgs,
-    /// Key (KWK) name whose current version tokens are rewrapped to;
-    /// default from the configuration.
-    #[arg(long, short = 'k')]
-    pub key: Option<String>,
-    /// Copy selected values that are not tokens instead of failing.
-    #[arg(long)]
-    pub allow_plaintext: bool,
-}
 
 /// Runs a `columns` subcommand; returns the exit code.
 pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
     // Usage errors first: no PIN prompt or HSM login for a mistyped flag.
     let key_name = match &cmd {
-        ColumnsCommand::Encrypt(EncryptArgs { key, .. })
-        | ColumnsCommand::Rotate(RotateArgs { key, .. }) => Some(app.key_name(key.as_deref())?),
+        ColumnsCommand::Encrypt(ColumnsEncryptArgs { key, .. })
+        | ColumnsCommand::Rotate(ColumnsRotateArgs { key, .. }) => {
+            Some(app.key_name(key.as_deref())?)
+        }
         _ => None,
     };
     options(dump_args(&cmd))?;
@@ -190,21 +89,11 @@ fn dump_args(cmd: &ColumnsCommand) -> &DumpArgs {
     }
 }
 
-/// Runs a `columns` subcommand with a given key backend (the HSM, or a test
-/// backend): `key_name` is the resolved key for encrypt and rotate, `json`
-/// selects the JSON summary, `jobs` the worker threads (0: one per core).
-pub fn execute(
-    backend: Option<&dyn KeyBackend>,
-    key_name: Option<String>,
-    json: bool,
-    jobs: usize,
-    cmd: ColumnsCommand,
-) -> Result<i32> {
-    execute_with_stats(backend, key_name, json, jobs, cmd).map(|_| 0)
-}
-
-/// [`execute`], returning the run's statistics and the key version it
-/// encrypted or rewrapped under.
+/// Runs a `columns` subcommand with a given key backend (the HSM, or the
+/// memory backend in the unit tests): `key_name` is the resolved key for
+/// encrypt and rotate, `json` selects the JSON summary, `jobs` the worker
+/// threads (0: one per core). Returns the run's statistics and the key
+/// version it encrypted or rewrapped under.
 pub fn execute_with_stats(
     backend: Option<&dyn KeyBackend>,
     key_name: Option<String>,
@@ -290,7 +179,7 @@ pub fn execute_with_stats(
             if let Sink::Stream(p) = &sink {
                 // A FIFO or device: the stream's descriptor from now on,
                 // with the marker armed as for stdout.
-                attach_stream(crate::fs::open_stream(p)?);
+                attach_stream(hsmseal::fs::open_stream(p)?);
             }
             // Unbuffered: the pipeline hands over whole blocks of records,
             // and each goes out in one piece (see `StreamSink`).
@@ -340,7 +229,7 @@ fn format_of(a: &DumpArgs) -> Result<Format> {
     Ok(format)
 }
 
-fn token_formats(a: &DecryptArgs) -> Result<Vec<Format>> {
+fn token_formats(a: &ColumnsDecryptArgs) -> Result<Vec<Format>> {
     a.token_format
         .iter()
         .map(|f| Format::parse(f.trim()))
@@ -579,3 +468,6 @@ impl Write for StreamSink {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -4,7 +4,7 @@
 use crate::app::App;
 use crate::cli::ConfigCommand;
 use crate::config::Setting;
-use crate::error::Result;
+use hsmseal::error::Result;
 
 pub fn run(app: &App, cmd: ConfigCommand) -> Result<i32> {
     match cmd {

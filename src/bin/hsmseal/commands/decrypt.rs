@@ -3,13 +3,13 @@
 //! to stdout, only authenticated chunks are written and the first failure
 //! ends the run with a non-zero exit.
 
-use super::bulk::{self, for_each_item, Spec, Want};
 use super::encrypt::check_suffix;
-use super::paths::{plan_outputs, prepare, write_item, Direction, Input, Output};
 use crate::app::App;
+use crate::bulk::{self, for_each_item, Spec, Want};
 use crate::cli::DecryptArgs;
-use crate::envelope::file;
-use crate::error::{Error, Result};
+use crate::outputs::{plan_outputs, prepare, write_item, Direction, Input, Output};
+use hsmseal::envelope::file;
+use hsmseal::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
 pub fn run(app: &App, args: DecryptArgs) -> Result<i32> {

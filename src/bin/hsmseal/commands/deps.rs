@@ -1,5 +1,5 @@
 //! `inspect --deps` and the `--check` of `key purge` / `key destroy`: which
-//! key versions the data under some paths still needs (see `crate::deps`).
+//! key versions the data under some paths still needs (see `hsmseal::deps`).
 //!
 //! Every regular file under the paths is read:
 //! - an hsmseal file needs its envelope's key version (from the header);
@@ -15,15 +15,15 @@
 //! not read as "nothing depends on this key"). Symbolic links under a tree
 //! are not followed and are reported as skipped.
 
-use super::bulk::{self, Item, Verdict, Want};
-use super::walk::{classify, Kind};
 use crate::app::App;
-use crate::backend::KeyRef;
+use crate::bulk::{self, Item, Verdict, Want};
 use crate::cli::SelectArgs;
-use crate::deps::{Dependencies, TokenScanner};
-use crate::envelope::{file, header};
-use crate::error::{Error, Result};
-use crate::stream::StreamOptions;
+use crate::select::walk::{classify, Kind};
+use hsmseal::backend::KeyRef;
+use hsmseal::deps::{Dependencies, TokenScanner};
+use hsmseal::envelope::{file, header};
+use hsmseal::error::{Error, Result};
+use hsmseal::stream::StreamOptions;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -3,7 +3,7 @@
 //! key's attributes with anything that makes hsmseal refuse it.
 
 use crate::app::App;
-use crate::error::Result;
+use hsmseal::error::Result;
 
 pub fn run(app: &App) -> Result<i32> {
     let hsm = app.hsm()?;

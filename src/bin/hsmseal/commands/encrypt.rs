@@ -2,16 +2,16 @@
 //! Inputs are only read (`--in-place` removes one only after its ciphertext
 //! is durable and decrypts back to it); outputs appear atomically.
 
-use super::bulk::{self, for_each_item, Spec, Want};
-use super::paths::{
+use crate::app::App;
+use crate::bulk::{self, for_each_item, Spec, Want};
+use crate::cli::{EncryptArgs, SelectArgs};
+use crate::outputs::{
     check_binary_stdout, plan_outputs, prepare, write_item, Direction, Input, ItemReport, Output,
 };
-use super::walk::{classify, Kind};
-use crate::app::App;
-use crate::backend::KeyRef;
-use crate::cli::{EncryptArgs, SelectArgs};
-use crate::envelope::{file, header};
-use crate::error::{Error, Result};
+use crate::select::walk::{classify, Kind};
+use hsmseal::backend::KeyRef;
+use hsmseal::envelope::{file, header};
+use hsmseal::error::{Error, Result};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 

@@ -7,12 +7,12 @@
 //! protected by the PIN file next to them: fine for development and tests,
 //! not for production, and the command says so.
 
-use crate::audit::{self, Record};
 use crate::cli::InitArgs;
 use crate::config::{FileConfig, CONFIG_FILE, DEFAULT_MODULE};
-use crate::error::{Error, Result};
-use crate::hsm::Hsm;
-use crate::secret::Pin;
+use hsmseal::audit::{self, Record};
+use hsmseal::error::{Error, Result};
+use hsmseal::hsm::Hsm;
+use hsmseal::secret::Pin;
 use rand::distributions::{Alphanumeric, DistString};
 use std::fs::{self, OpenOptions};
 use std::io::Write;

@@ -4,12 +4,12 @@
 //! `--deps` is the exception (`super::deps`): it decrypts sealed files in
 //! memory, through the HSM, to find the column tokens inside.
 
-use super::bulk::{self, for_each_item, Spec, Want};
-use super::paths::{Input, ItemReport};
 use crate::app::App;
+use crate::bulk::{self, for_each_item, Spec, Want};
 use crate::cli::InspectArgs;
-use crate::envelope::{file, header};
-use crate::error::{Error, Result};
+use crate::outputs::{Input, ItemReport};
+use hsmseal::envelope::{file, header};
+use hsmseal::error::{Error, Result};
 use serde::Serialize;
 
 #[derive(Serialize)]
@@ -76,7 +76,7 @@ pub fn run(app: &App, args: InspectArgs) -> Result<i32> {
             envelope_sequence: envelope.seq,
             file_bytes,
             plaintext_bytes,
-            chunks: plaintext_bytes.map(|p| p / crate::stream::CHUNK_SIZE as u64 + 1),
+            chunks: plaintext_bytes.map(|p| p / hsmseal::stream::CHUNK_SIZE as u64 + 1),
             authenticated: false,
         };
         let json_line = serde_json::to_string(&info).expect("serialisable");
@@ -117,23 +117,23 @@ struct KeyUse {
 /// `inspect -r DIR`: which key versions the hsmseal files under the
 /// directories depend on, from their headers alone.
 fn summarise(app: &App, sel: &crate::cli::SelectArgs) -> Result<i32> {
-    let filter = super::glob::Filter::new(&sel.include, &sel.exclude)?;
+    let filter = crate::select::glob::Filter::new(&sel.include, &sel.exclude)?;
     use std::collections::BTreeMap;
     let mut uses: BTreeMap<(String, u32), KeyUse> = BTreeMap::new();
     let (mut files, mut other) = (0u64, 0u64);
     let mut damaged: Vec<serde_json::Value> = Vec::new();
     for dir in &sel.recursive {
         let files_before = files + damaged.len() as u64;
-        for entry in super::walk::entries_under(dir, &filter)? {
+        for entry in crate::select::walk::entries_under(dir, &filter)? {
             let path = entry.path;
-            if !matches!(entry.found, super::walk::Found::File { .. }) {
+            if !matches!(entry.found, crate::select::walk::Found::File { .. }) {
                 other += 1;
                 continue;
             }
             // Same rule as the other commands under -r: a damaged hsmseal
             // file is reported (and makes the exit code 1), never counted
             // as some other file: this summary is what `key purge` relies on.
-            let head = match super::walk::sniff(&path) {
+            let head = match crate::select::walk::sniff(&path) {
                 Ok(h) => h,
                 Err(e) => {
                     damaged.push(serde_json::json!({
@@ -142,15 +142,15 @@ fn summarise(app: &App, sel: &crate::cli::SelectArgs) -> Result<i32> {
                     continue;
                 }
             };
-            match super::walk::classify(&head, &path, &sel.suffix) {
-                super::walk::Kind::Sealed => {}
-                super::walk::Kind::Damaged(e) => {
+            match crate::select::walk::classify(&head, &path, &sel.suffix) {
+                crate::select::walk::Kind::Sealed => {}
+                crate::select::walk::Kind::Damaged(e) => {
                     damaged.push(serde_json::json!({
                         "path": path.display().to_string(), "error": e.message()
                     }));
                     continue;
                 }
-                super::walk::Kind::Other => {
+                crate::select::walk::Kind::Other => {
                     other += 1;
                     continue;
                 }
@@ -158,7 +158,7 @@ fn summarise(app: &App, sel: &crate::cli::SelectArgs) -> Result<i32> {
             files += 1;
             let parsed = std::fs::File::open(&path)
                 .map_err(|e| Error::io(format!("cannot open: {e}")))
-                .and_then(|f| super::paths::read_header_locked(&f, &path));
+                .and_then(|f| crate::outputs::read_header_locked(&f, &path));
             match parsed {
                 Ok(h) => {
                     let k = &h.active().1.kwk;

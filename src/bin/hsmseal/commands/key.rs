@@ -1,6 +1,6 @@
 //! `hsmseal key create|rotate|list|info|disable|enable|destroy|purge`:
 //! key-wrapping keys live in the HSM; these commands create them there,
-//! move them through their lifecycle (see `crate::hsm::lifecycle`) and
+//! move them through their lifecycle (see `hsmseal::hsm::lifecycle`) and
 //! describe them. They never write a file (`destroy` and `purge` read the
 //! files named by `--check`, to spare versions data still needs), and no
 //! key material is ever shown (it cannot be: the keys are never
@@ -12,10 +12,10 @@
 //! refusal can say it.
 
 use crate::app::App;
-use crate::backend::{validate_key_name, KeyRef};
 use crate::cli::KeyCommand;
-use crate::error::{Error, Result};
-use crate::hsm::{KeyInfo, KeyState, PurgeReport, StateChange};
+use hsmseal::backend::{validate_key_name, KeyRef};
+use hsmseal::error::{Error, Result};
+use hsmseal::hsm::{KeyInfo, KeyState, PurgeReport, StateChange};
 use std::sync::atomic::Ordering;
 
 pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
@@ -133,7 +133,7 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
             yes,
             check,
         } => {
-            let now = crate::time::now_unix();
+            let now = hsmseal::time::now_unix();
             // Versions that data under --check still needs are spared; a
             // search that could not read everything destroys nothing.
             let needed = if check.is_empty() {
@@ -197,7 +197,7 @@ fn print_json<T: serde::Serialize>(v: &T) {
 }
 
 /// `v1, v3`
-fn versions(items: &[crate::hsm::PurgeItem]) -> String {
+fn versions(items: &[hsmseal::hsm::PurgeItem]) -> String {
     items
         .iter()
         .map(|i| format!("v{}", i.version))
@@ -306,7 +306,7 @@ fn print_keys(app: &App, keys: &[KeyInfo]) {
     for k in keys {
         let status = match (k.state, k.problems.is_empty()) {
             (KeyState::Destroyed, _) => "-".to_string(),
-            _ => crate::hsm::kwk::status(&k.problems),
+            _ => hsmseal::hsm::kwk::status(&k.problems),
         };
         crate::outln!(
             "{:<24} {:>7}  {:<12}  {:<20}  {status}",
@@ -315,81 +315,5 @@ fn print_keys(app: &App, keys: &[KeyInfo]) {
             k.state.to_string(),
             k.created.as_deref().unwrap_or("-"),
         );
-    }
-}
-
-/// Parses a retention age: a whole number followed by one unit, `s`, `m`,
-/// `h`, `d` or `w` (`400d`, `12h`, `30m`, `90s`, `2w`), into seconds. One
-/// unit only and no months or years: those have no fixed length, and a
-/// purge cutoff must mean exactly one thing.
-pub fn parse_duration(s: &str) -> std::result::Result<u64, String> {
-    let bad = || {
-        format!(
-            "invalid duration {s:?}: use a whole number followed by s, m, h, d or w (e.g. 400d, 12h, 30m, 90s, 2w)"
-        )
-    };
-    let unit = s.chars().last().ok_or_else(bad)?;
-    let seconds: u64 = match unit {
-        's' => 1,
-        'm' => 60,
-        'h' => 3600,
-        'd' => 86_400,
-        'w' => 7 * 86_400,
-        _ => return Err(bad()),
-    };
-    let digits = &s[..s.len() - 1];
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad());
-    }
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    n.checked_mul(seconds)
-        .ok_or_else(|| format!("invalid duration {s:?}: too long"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_duration;
-
-    #[test]
-    fn durations_parse_to_seconds() {
-        for (s, secs) in [
-            ("0s", 0),
-            ("90s", 90),
-            ("30m", 1800),
-            ("12h", 43_200),
-            ("400d", 400 * 86_400),
-            ("2w", 14 * 86_400),
-            ("007d", 7 * 86_400),
-        ] {
-            assert_eq!(parse_duration(s), Ok(secs), "{s}");
-        }
-    }
-
-    #[test]
-    fn garbage_durations_are_rejected() {
-        for bad in [
-            "",
-            "d",
-            "400",
-            "-1d",
-            "+1d",
-            "1.5d",
-            "1 d",
-            " 1d",
-            "1d ",
-            "1D",
-            "1y",
-            "1mo",
-            "1d12h",
-            "１d",
-            "1µs",
-            "99999999999999999999d",
-        ] {
-            let e = parse_duration(bad).unwrap_err();
-            assert!(e.starts_with("invalid duration"), "{bad}: {e}");
-        }
-        assert!(parse_duration("18446744073709551615w")
-            .unwrap_err()
-            .contains("too long"));
     }
 }

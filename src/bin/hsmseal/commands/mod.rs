@@ -3,27 +3,22 @@
 //! failures come back as `Error`, whose kind picks the exit code.
 
 pub mod audit;
-mod bulk;
 pub mod columns;
 pub mod config;
 pub mod decrypt;
 mod deps;
 pub mod doctor;
 pub mod encrypt;
-mod glob;
 pub mod init;
 pub mod inspect;
 pub mod key;
-mod paths;
-pub use paths::ItemReport;
-pub mod rotate;
+pub mod rewrap;
 pub mod verify;
-mod walk;
 
 use crate::app::App;
 use crate::cli::{Cli, Command};
 use crate::config::{self as settings, Overrides};
-use crate::error::Result;
+use hsmseal::error::Result;
 
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> Result<i32> {
@@ -33,7 +28,7 @@ pub fn run(cli: Cli) -> Result<i32> {
     let g = &cli.global;
     // Lock waits and stale temporary files removed are announced unless --quiet.
     if !g.quiet {
-        crate::notify::set_notifier(|msg| eprintln!("hsmseal: {msg}"));
+        hsmseal::notify::set_notifier(|msg| eprintln!("hsmseal: {msg}"));
     }
     if let Command::Init(args) = &cli.command {
         // init must not depend on an existing configuration.
@@ -56,7 +51,7 @@ pub fn run(cli: Cli) -> Result<i32> {
     let logged = audit::logged_name(&cli.command)
         .and_then(|name| audit::configured_log(&app).map(|log| (name, log)));
     if let Some((name, log)) = &logged {
-        crate::audit::check(&*app.hsm()?, log)?;
+        hsmseal::audit::check(&*app.hsm()?, log)?;
         audit::log_if_interrupted(&app, name, log);
     }
     let outcome = match cli.command {
@@ -66,7 +61,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Decrypt(args) => decrypt::run(&app, args),
         Command::Verify(args) => verify::run(&app, args),
         Command::Inspect(args) => inspect::run(&app, args),
-        Command::Rotate(args) => rotate::run(&app, args),
+        Command::Rotate(args) => rewrap::run(&app, args),
         Command::Doctor => doctor::run(&app),
         Command::Config(cmd) => config::run(&app, cmd),
         Command::Columns(cmd) => columns::run(&app, cmd),

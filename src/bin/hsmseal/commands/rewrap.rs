@@ -7,16 +7,16 @@
 //! unwraps only). Files that fail authentication are left byte-identical and
 //! reported; the run goes on and exits 1.
 
-use super::bulk::{self, for_each_item, Spec, Want};
-use super::paths::ItemReport;
 use crate::app::App;
+use crate::bulk::{self, for_each_item, Spec, Want};
 use crate::cli::RotateArgs;
-use crate::envelope::rewrap::{self, Outcome};
-use crate::error::{Error, Result};
+use crate::outputs::ItemReport;
+use hsmseal::envelope::rewrap::{self, Outcome};
+use hsmseal::error::{Error, Result};
 
 pub fn run(app: &App, args: RotateArgs) -> Result<i32> {
     if let Some(k) = &args.key {
-        crate::backend::validate_key_name(k)?;
+        hsmseal::backend::validate_key_name(k)?;
     }
     if args.inputs.iter().any(|p| p.as_os_str() == "-") {
         return Err(Error::usage("rotate works in place on files; stdin cannot be rotated (decrypt and encrypt it instead)"));

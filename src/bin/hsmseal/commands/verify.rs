@@ -1,12 +1,12 @@
 //! `hsmseal verify`: authenticate every byte (header via the HSM unwrap,
 //! every payload chunk); write nothing and print nothing secret.
 
-use super::bulk::{self, for_each_item, Spec, Want};
-use super::paths::ItemReport;
 use crate::app::App;
+use crate::bulk::{self, for_each_item, Spec, Want};
 use crate::cli::VerifyArgs;
-use crate::envelope::file;
-use crate::error::Result;
+use crate::outputs::ItemReport;
+use hsmseal::envelope::file;
+use hsmseal::error::Result;
 
 pub fn run(app: &App, args: VerifyArgs) -> Result<i32> {
     let selection = bulk::select(&args.inputs, &args.select, Want::Sealed, false)?;

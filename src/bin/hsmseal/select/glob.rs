@@ -15,7 +15,7 @@
 //! file selection needs, and ~100 lines with tests cost less than a regex
 //! engine in the dependency tree.
 
-use crate::error::{Error, Result};
+use hsmseal::error::{Error, Result};
 
 #[derive(Debug, Clone)]
 pub struct Glob {

@@ -6,9 +6,9 @@
 //! reported and the walk goes on. `classify` says whether a file is an
 //! hsmseal file, a damaged one, or some other file.
 
-use super::glob::Filter;
-use crate::error::{Error, Result};
-use crate::fs::TEMP_MARKER;
+use crate::select::glob::Filter;
+use hsmseal::error::{Error, Result};
+use hsmseal::fs::TEMP_MARKER;
 use std::path::{Path, PathBuf};
 
 /// What the walk found at a path.
@@ -109,8 +109,8 @@ fn rel_of(root: &Path, p: &Path) -> PathBuf {
 /// rather than pass it over).
 pub fn sniff(path: &Path) -> std::io::Result<Vec<u8>> {
     let mut f = std::fs::File::open(path)?;
-    let mut head = vec![0u8; crate::envelope::header::SNIFF_LEN];
-    let got = crate::stream::read_full(&mut f, &mut head)?;
+    let mut head = vec![0u8; hsmseal::envelope::header::SNIFF_LEN];
+    let got = hsmseal::stream::read_full(&mut f, &mut head)?;
     head.truncate(got);
     Ok(head)
 }
@@ -134,7 +134,7 @@ pub enum Kind {
 /// (`header::damage_evidence`, exit 3), or if its name ends with `suffix`
 /// (exit 8); otherwise it is some other file.
 pub fn classify(head: &[u8], name: &Path, suffix: &str) -> Kind {
-    use crate::envelope::header;
+    use hsmseal::envelope::header;
     if header::looks_like_hsmseal(head) {
         return Kind::Sealed;
     }

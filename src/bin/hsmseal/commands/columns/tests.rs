@@ -1,13 +1,14 @@
-//! The `columns` subcommands through their clap arguments and `execute`,
-//! with the in-memory key backend standing in for the HSM: files in and out,
-//! atomic output (nothing under the final name on failure), format from the
-//! file extension, exit codes.
+//! The `columns` subcommands in process, from their command line to
+//! `execute_with_stats`, with the in-memory key backend standing in for the
+//! HSM (the HSM is not the point here; tests/columns_pipes.rs runs the
+//! binary against SoftHSM2): files in and out, atomic output (nothing under
+//! the final name on failure), format from the file extension, error kinds.
 
+use super::execute_with_stats;
+use crate::cli::ColumnsCommand;
 use clap::Parser;
-use hsmseal::backend::{KeyBackend, MemoryBackend};
-use hsmseal::commands::columns::{execute, ColumnsCommand};
+use hsmseal::backend::MemoryBackend;
 use hsmseal::error::{ErrorKind, Result};
-use std::sync::Arc;
 
 #[derive(Parser)]
 struct Cli {
@@ -15,14 +16,12 @@ struct Cli {
     cmd: ColumnsCommand,
 }
 
-/// What `run` does once it has the backend and the key name.
-struct App(Arc<MemoryBackend>);
-
-fn app(b: &Arc<MemoryBackend>) -> App {
-    App(b.clone())
-}
-
-fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
+/// Parses `columns ARGS` and runs it against `b`, as `columns::run` does
+/// once it has the backend and the key name (default key: `pii`).
+fn run(b: &MemoryBackend, args: &[&str]) -> Result<i32> {
+    let cmd = Cli::try_parse_from(std::iter::once("columns").chain(args.iter().copied()))
+        .unwrap()
+        .cmd;
     let key = match &cmd {
         ColumnsCommand::Encrypt(a) => Some(a.key.clone().unwrap_or_else(|| "pii".into())),
         ColumnsCommand::Rotate(a) => Some(a.key.clone().unwrap_or_else(|| "pii".into())),
@@ -31,18 +30,12 @@ fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
     if let Some(k) = &key {
         hsmseal::backend::validate_key_name(k)?;
     }
-    execute(Some(&*app.0 as &dyn KeyBackend), key, false, 2, cmd)
-}
-
-fn cmd(args: &[&str]) -> ColumnsCommand {
-    Cli::try_parse_from(std::iter::once("columns").chain(args.iter().copied()))
-        .unwrap()
-        .cmd
+    execute_with_stats(Some(b), key, false, 2, cmd).map(|_| 0)
 }
 
 #[test]
 fn encrypt_and_decrypt_files_by_extension() {
-    let b = Arc::new(MemoryBackend::new());
+    let b = MemoryBackend::new();
     b.add_version("pii");
     let d = tempfile::tempdir().unwrap();
     let input = d.path().join("users.tsv");
@@ -50,10 +43,9 @@ fn encrypt_and_decrypt_files_by_extension() {
     let enc = d.path().join("users.enc.tsv");
     let dec = d.path().join("users.dec.tsv");
     let p = |x: &std::path::Path| x.to_str().unwrap().to_string();
-    let a = app(&b);
     let code = run(
-        &a,
-        cmd(&[
+        &b,
+        &[
             "encrypt",
             "--columns",
             "ssn",
@@ -65,7 +57,7 @@ fn encrypt_and_decrypt_files_by_extension() {
             &p(&input),
             "-o",
             &p(&enc),
-        ]),
+        ],
     )
     .unwrap();
     assert_eq!(code, 0);
@@ -79,15 +71,15 @@ fn encrypt_and_decrypt_files_by_extension() {
     );
     // Refuses to overwrite without --force.
     let e = run(
-        &a,
-        cmd(&["encrypt", "-c", "ssn", "-i", &p(&input), "-o", &p(&enc)]),
+        &b,
+        &["encrypt", "-c", "ssn", "-i", &p(&input), "-o", &p(&enc)],
     )
     .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Usage);
     // Wrong context: integrity error, and no output file left behind.
     let e = run(
-        &a,
-        cmd(&[
+        &b,
+        &[
             "decrypt",
             "-c",
             "ssn",
@@ -97,7 +89,7 @@ fn encrypt_and_decrypt_files_by_extension() {
             &p(&enc),
             "-o",
             &p(&dec),
-        ]),
+        ],
     )
     .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Integrity);
@@ -108,8 +100,8 @@ fn encrypt_and_decrypt_files_by_extension() {
         "temp or output left"
     );
     run(
-        &a,
-        cmd(&[
+        &b,
+        &[
             "decrypt",
             "-c",
             "ssn",
@@ -121,22 +113,18 @@ fn encrypt_and_decrypt_files_by_extension() {
             &p(&enc),
             "-o",
             &p(&dec),
-        ]),
+        ],
     )
     .unwrap();
     assert_eq!(std::fs::read(&dec).unwrap(), std::fs::read(&input).unwrap());
     // Rotation to a new key version keeps the file decryptable.
     b.add_version("pii");
     let rot = d.path().join("users.rot.tsv");
-    run(
-        &a,
-        cmd(&["rotate", "-c", "ssn", "-i", &p(&enc), "-o", &p(&rot)]),
-    )
-    .unwrap();
+    run(&b, &["rotate", "-c", "ssn", "-i", &p(&enc), "-o", &p(&rot)]).unwrap();
     assert_ne!(std::fs::read(&rot).unwrap(), std::fs::read(&enc).unwrap());
     run(
-        &a,
-        cmd(&[
+        &b,
+        &[
             "decrypt",
             "-c",
             "ssn",
@@ -149,7 +137,7 @@ fn encrypt_and_decrypt_files_by_extension() {
             "-o",
             &p(&dec),
             "--force",
-        ]),
+        ],
     )
     .unwrap();
     assert_eq!(std::fs::read(&dec).unwrap(), std::fs::read(&input).unwrap());
@@ -157,9 +145,8 @@ fn encrypt_and_decrypt_files_by_extension() {
 
 #[test]
 fn usage_errors() {
-    let b = Arc::new(MemoryBackend::new());
+    let b = MemoryBackend::new();
     b.add_version("pii");
-    let a = app(&b);
     let d = tempfile::tempdir().unwrap();
     let f = d.path().join("x.csv");
     std::fs::write(&f, "a,b\n1,2\n").unwrap();
@@ -171,14 +158,14 @@ fn usage_errors() {
         &["encrypt", "-c", "b", "--key", "bad name", "-i", f][..],
         &["encrypt", "-c", "x", "--no-header", "-i", f][..],
     ] {
-        let e = run(&a, cmd(args)).unwrap_err();
+        let e = run(&b, args).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Usage, "{args:?}: {e}");
     }
     assert!(
         Cli::try_parse_from(["columns", "encrypt"]).is_err(),
         "--columns is required"
     );
-    let e = run(&a, cmd(&["encrypt", "-c", "b", "--key", "nokey", "-i", f])).unwrap_err();
+    let e = run(&b, &["encrypt", "-c", "b", "--key", "nokey", "-i", f]).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Key);
 }
 
@@ -189,9 +176,8 @@ fn usage_errors() {
 /// naming the choices, before any key or output file is touched.
 #[test]
 fn the_format_is_never_guessed() {
-    let b = Arc::new(MemoryBackend::new());
+    let b = MemoryBackend::new();
     b.add_version("pii");
-    let a = app(&b);
     let d = tempfile::tempdir().unwrap();
     let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
     std::fs::write(p("dump.txt"), "1\tAlice, Smith\n").unwrap();
@@ -220,7 +206,7 @@ fn the_format_is_never_guessed() {
         ),
     ];
     for (args, want) in cases {
-        let e = run(&a, cmd(&args)).unwrap_err();
+        let e = run(&b, &args).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Usage, "{args:?}: {e}");
         assert!(e.message().contains(want), "{args:?}: {e}");
     }
@@ -228,8 +214,8 @@ fn the_format_is_never_guessed() {
     // Named explicitly, the same inputs work; --format beats the name.
     let out = p("dump.enc.copy");
     let code = run(
-        &a,
-        cmd(&[
+        &b,
+        &[
             "encrypt",
             "--no-header",
             "-c",
@@ -240,7 +226,7 @@ fn the_format_is_never_guessed() {
             &p("dump.txt"),
             "-o",
             &out,
-        ]),
+        ],
     )
     .unwrap();
     assert_eq!(code, 0);
@@ -250,8 +236,8 @@ fn the_format_is_never_guessed() {
         "{text}"
     );
     run(
-        &a,
-        cmd(&[
+        &b,
+        &[
             "encrypt",
             "-c",
             "name",
@@ -259,7 +245,7 @@ fn the_format_is_never_guessed() {
             &p("users.csv"),
             "-o",
             &p("users.enc.csv"),
-        ]),
+        ],
     )
     .unwrap();
 }
