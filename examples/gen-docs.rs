@@ -41,12 +41,8 @@ fn generate(out: &Path) -> std::io::Result<()> {
         Shell::PowerShell,
         Shell::Elvish,
     ] {
-        let path = clap_complete::generate_to(
-            shell,
-            &mut cli::Cli::command(),
-            "hsmseal",
-            &completions,
-        )?;
+        let path =
+            clap_complete::generate_to(shell, &mut cli::Cli::command(), "hsmseal", &completions)?;
         println!("{}", path.display());
     }
     let man = out.join("man");

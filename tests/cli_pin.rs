@@ -2,11 +2,11 @@
 //! output, error or file hsmseal writes — whatever the command, success or
 //! failure, human or `--json` output.
 
-mod clisupport;
-mod common;
 /// The binary's clap definitions, to walk every flag of every command.
 #[path = "../src/bin/hsmseal/cli.rs"]
 mod cli;
+mod clisupport;
+mod common;
 
 use clap::CommandFactory;
 use clisupport::{code, stderr, write, Cli};

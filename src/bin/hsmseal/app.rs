@@ -45,7 +45,7 @@ impl RunStats {
         self.skipped.load(Ordering::Relaxed)
     }
     /// Counts one finished item from its report.
-    pub fn record(&self, r: &crate::outputs::ItemReport) {
+    pub fn record(&self, r: &crate::report::ItemReport) {
         let counter = if r.status == "skipped" || r.status == "unchanged" {
             &self.skipped
         } else {

@@ -20,7 +20,8 @@
 
 use crate::app::App;
 use crate::cli::SelectArgs;
-use crate::outputs::{Input, ItemReport};
+use crate::outputs::Input;
+use crate::report::ItemReport;
 use crate::select::glob::Filter;
 use crate::select::walk::{self, Found, Kind};
 use hsmseal::error::{Error, Result};

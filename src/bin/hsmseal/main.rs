@@ -10,6 +10,7 @@ mod config;
 mod faults;
 mod hardening;
 mod outputs;
+mod report;
 mod select;
 mod signals;
 

@@ -12,11 +12,11 @@
 use crate::app::App;
 use crate::bulk::Item;
 use crate::cli::OutputArgs;
+use crate::report::ItemReport;
 use hsmseal::backend::KeyBackend;
 use hsmseal::envelope::header::Header;
 use hsmseal::error::{Error, Result};
 use hsmseal::fs::{same_file, AtomicFile, FileId, LockMode, LockedFile, Sink};
-use serde::Serialize;
 use std::fs::File;
 use std::io::{self, BufReader, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -446,7 +446,7 @@ pub fn write_output<T>(
             let stdout = io::stdout();
             let mut lock = io::BufWriter::with_capacity(
                 hsmseal::fs::IO_BUF,
-                crate::signals::PipeAware(stdout.lock()),
+                crate::report::PipeAware(stdout.lock()),
             );
             let r = f(&mut lock)?;
             lock.flush()
@@ -468,40 +468,4 @@ pub fn write_output<T>(
             Ok((r, Some(id)))
         }
     }
-}
-
-/// One line of `--json` output per item.
-#[derive(Serialize, Debug, Default)]
-pub struct ItemReport {
-    pub path: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub output: Option<String>,
-    pub action: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub version: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub from_key: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub from_version: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub bytes: Option<u64>,
-    pub status: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub exit_code: Option<i32>,
-    /// Why an item was skipped.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// Informational line for stderr (unless --quiet), printed in input order.
-    #[serde(skip)]
-    pub note: Option<String>,
-    /// Human-readable result for stdout (without --json), printed in input order.
-    #[serde(skip)]
-    pub text: Option<String>,
-    /// Replaces the serialised report as the item's --json line.
-    #[serde(skip)]
-    pub json_line: Option<String>,
 }

@@ -21,6 +21,17 @@ use std::time::{Duration, Instant};
 type Hook = Box<dyn FnOnce(i32, &str) + Send>;
 static ON_INTERRUPT: Mutex<Option<Hook>> = Mutex::new(None);
 
+/// Ends the data stream of the run, if it has one, before the process exits
+/// on a signal or a closed stdout: `commands::columns` registers the writer
+/// of its abort marker here (a hook, so this module needs nothing of the
+/// commands above it).
+static END_STREAM: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Registers `f` to run first when the run is stopped (see `END_STREAM`).
+pub fn on_stop_end_stream(f: fn()) {
+    let _ = END_STREAM.set(f);
+}
+
 /// Longest wait for the main thread's own audit append, or for the hook.
 const RECORD_WAIT: Duration = Duration::from_secs(10);
 
@@ -104,6 +115,13 @@ pub fn stdout_closed() -> ! {
     )
 }
 
+/// Writing stdout failed for another reason than a closed reader: the
+/// run stops with exit code 7 (I/O), never a panic (the error was already
+/// reported).
+pub fn stdout_failed() -> ! {
+    stop(7, "stopped: writing stdout failed", false)
+}
+
 /// Stops the run from any thread: removes the temporary files being
 /// written, records the interruption in the audit log (if any), waits for a
 /// login or key management call in progress, and ends the process with
@@ -111,7 +129,9 @@ pub fn stdout_closed() -> ! {
 fn stop(code: i32, why: &'static str, say: bool) -> ! {
     // A `columns` stream on stdout ends with the abort marker, so its
     // reader (a `psql \copy`) fails instead of loading a prefix.
-    crate::commands::columns::abort_stdout_for_exit();
+    if let Some(end_stream) = END_STREAM.get() {
+        end_stream();
+    }
     hsmseal::fs::remove_live_temps_for_exit();
     // The audit entry of the interrupted run (or the wait for the one the
     // main thread is appending).
@@ -130,50 +150,6 @@ fn stop(code: i32, why: &'static str, say: bool) -> ! {
     // its lock; lines already printed were flushed at their newline.
     // SAFETY: _exit(2) only ends the process.
     unsafe { _exit(code) }
-}
-
-/// Writes one line to stdout (the `outln!` macro). A closed stdout stops
-/// the run (`stdout_closed`); any other write error is reported and stops
-/// it with exit code 7 (I/O), never a panic.
-pub fn print_line(args: std::fmt::Arguments) {
-    use std::io::Write;
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    if let Err(e) = out.write_fmt(args).and_then(|_| out.write_all(b"\n")) {
-        drop(out);
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            stdout_closed();
-        }
-        eprintln!("hsmseal: error: writing stdout: {e}");
-        stop(7, "stopped: writing stdout failed", false);
-    }
-}
-
-/// `println!` for hsmseal's results: see [`print_line`].
-#[macro_export]
-macro_rules! outln {
-    ($($arg:tt)*) => {
-        $crate::signals::print_line(format_args!($($arg)*))
-    };
-}
-
-/// A writer to stdout for data (decrypted bytes, dumps) that stops the run
-/// quietly when the reader has gone away instead of failing with an error.
-pub struct PipeAware<W>(pub W);
-
-impl<W: std::io::Write> std::io::Write for PipeAware<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self.0.write(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => stdout_closed(),
-            r => r,
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self.0.flush() {
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => stdout_closed(),
-            r => r,
-        }
-    }
 }
 
 /// Starts the signal-watching thread. If the handler cannot be installed the

@@ -308,6 +308,8 @@ pub fn guard_stdout(cmd: &crate::cli::Command) -> Option<StdoutGuard> {
     let crate::cli::Command::Columns(c) = cmd else {
         return None;
     };
+    // A stop on a signal (or a closed stdout) ends the stream too.
+    crate::signals::on_stop_end_stream(abort_stdout_for_exit);
     let args = dump_args(c);
     let to_stdout = match args.output.as_deref() {
         None => true,
@@ -382,7 +384,7 @@ fn abort_stream(s: &mut Stream) {
 /// or a failed stdout: waits (at most [`SIGNAL_WAIT`]) for a block being
 /// written to finish, ends the stream with the marker, and keeps the lock
 /// so nothing more is written before the exit.
-pub fn abort_stdout_for_exit() {
+fn abort_stdout_for_exit() {
     let deadline = Instant::now() + SIGNAL_WAIT;
     let mut guard = loop {
         match STDOUT_STREAM.try_lock() {

@@ -6,8 +6,9 @@ use crate::app::App;
 use crate::bulk::{self, for_each_item, Spec, Want};
 use crate::cli::{EncryptArgs, SelectArgs};
 use crate::outputs::{
-    check_binary_stdout, plan_outputs, prepare, write_item, Direction, Input, ItemReport, Output,
+    check_binary_stdout, plan_outputs, prepare, write_item, Direction, Input, Output,
 };
+use crate::report::ItemReport;
 use crate::select::walk::{classify, Kind};
 use hsmseal::backend::KeyRef;
 use hsmseal::envelope::{file, header};

@@ -7,7 +7,8 @@
 use crate::app::App;
 use crate::bulk::{self, for_each_item, Spec, Want};
 use crate::cli::InspectArgs;
-use crate::outputs::{Input, ItemReport};
+use crate::outputs::Input;
+use crate::report::ItemReport;
 use hsmseal::envelope::{file, header};
 use hsmseal::error::{Error, Result};
 use serde::Serialize;

@@ -10,7 +10,7 @@
 use crate::app::App;
 use crate::bulk::{self, for_each_item, Spec, Want};
 use crate::cli::RotateArgs;
-use crate::outputs::ItemReport;
+use crate::report::ItemReport;
 use hsmseal::envelope::rewrap::{self, Outcome};
 use hsmseal::error::{Error, Result};
 

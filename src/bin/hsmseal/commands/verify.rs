@@ -4,7 +4,7 @@
 use crate::app::App;
 use crate::bulk::{self, for_each_item, Spec, Want};
 use crate::cli::VerifyArgs;
-use crate::outputs::ItemReport;
+use crate::report::ItemReport;
 use hsmseal::envelope::file;
 use hsmseal::error::Result;
 
