@@ -9,6 +9,7 @@ mod commands;
 mod config;
 mod faults;
 mod hardening;
+mod input;
 mod outputs;
 mod report;
 mod select;

@@ -3,11 +3,12 @@
 //! to stdout, only authenticated chunks are written and the first failure
 //! ends the run with a non-zero exit.
 
-use super::encrypt::check_suffix;
 use crate::app::App;
-use crate::bulk::{self, for_each_item, Spec, Want};
+use crate::bulk::{for_each_item, Spec};
 use crate::cli::DecryptArgs;
-use crate::outputs::{plan_outputs, prepare, write_item, Direction, Input, Output};
+use crate::input::Input;
+use crate::outputs::{plan_outputs, prepare, write_item, Direction, Output};
+use crate::select::{self, check_suffix, Want};
 use hsmseal::envelope::file;
 use hsmseal::error::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 pub fn run(app: &App, args: DecryptArgs) -> Result<i32> {
     let io = &args.io;
     check_suffix(&io.select)?;
-    let selection = bulk::select(&io.inputs, &io.select, Want::Sealed, true)?;
+    let selection = select::select(&io.inputs, &io.select, Want::Sealed, true)?;
     let items = selection.items;
     if io.in_place && items.iter().any(|i| i.input == Input::Stdin) {
         return Err(Error::usage("--in-place works on files, not stdin"));

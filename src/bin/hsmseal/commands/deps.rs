@@ -16,9 +16,9 @@
 //! are not followed and are reported as skipped.
 
 use crate::app::App;
-use crate::bulk::{self, Item, Verdict, Want};
 use crate::cli::SelectArgs;
 use crate::select::walk::{classify, Kind};
+use crate::select::{self, Item, Verdict, Want};
 use hsmseal::backend::KeyRef;
 use hsmseal::deps::{Dependencies, TokenScanner};
 use hsmseal::envelope::{file, header};
@@ -60,7 +60,7 @@ pub fn search(app: &App, paths: &[PathBuf], sel: &SelectArgs, open_sealed: bool)
             _ => files.push(p.clone()),
         }
     }
-    let items = bulk::select(&files, &trees, Want::AnyFile, false)?.items;
+    let items = select::select(&files, &trees, Want::AnyFile, false)?.items;
     if items.is_empty() {
         let where_ = paths
             .iter()
@@ -118,7 +118,7 @@ fn search_file(
         // (first bytes nearly the prefix, an intact envelope, or the suffix)
         // is a failed item, so its key version is never taken as unneeded.
         let name = item.path().unwrap_or(std::path::Path::new(""));
-        if let Kind::Damaged(e) = classify(&head, name, super::encrypt::SUFFIX) {
+        if let Kind::Damaged(e) = classify(&head, name, select::SUFFIX) {
             return Err(Error::new(
                 e.kind(),
                 format!("{} (its key version cannot be read)", e.message()),

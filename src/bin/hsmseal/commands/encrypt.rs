@@ -3,37 +3,23 @@
 //! is durable and decrypts back to it); outputs appear atomically.
 
 use crate::app::App;
-use crate::bulk::{self, for_each_item, Spec, Want};
-use crate::cli::{EncryptArgs, SelectArgs};
-use crate::outputs::{
-    check_binary_stdout, plan_outputs, prepare, write_item, Direction, Input, Output,
-};
+use crate::bulk::{for_each_item, Spec};
+use crate::cli::EncryptArgs;
+use crate::input::Input;
+use crate::outputs::{check_binary_stdout, plan_outputs, prepare, write_item, Direction, Output};
 use crate::report::ItemReport;
 use crate::select::walk::{classify, Kind};
+use crate::select::{self, check_suffix, Want};
 use hsmseal::backend::KeyRef;
 use hsmseal::envelope::{file, header};
 use hsmseal::error::{Error, Result};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-/// Default suffix of encrypted files.
-pub const SUFFIX: &str = ".hseal";
-
-/// Checks `--suffix`: not empty, and a name ending, not a path.
-pub fn check_suffix(sel: &SelectArgs) -> Result<()> {
-    if sel.suffix.is_empty() || sel.suffix.contains('/') {
-        return Err(Error::usage(format!(
-            "--suffix {:?}: give a non-empty file name ending such as .hseal",
-            sel.suffix
-        )));
-    }
-    Ok(())
-}
-
 pub fn run(app: &App, args: EncryptArgs) -> Result<i32> {
     let io = &args.io;
     check_suffix(&io.select)?;
-    let items = bulk::select(&io.inputs, &io.select, Want::AnyFile, true)?.items;
+    let items = select::select(&io.inputs, &io.select, Want::AnyFile, true)?.items;
     if io.in_place && items.iter().any(|i| i.input == Input::Stdin) {
         return Err(Error::usage("--in-place works on files, not stdin"));
     }

@@ -5,10 +5,11 @@
 //! memory, through the HSM, to find the column tokens inside.
 
 use crate::app::App;
-use crate::bulk::{self, for_each_item, Spec, Want};
+use crate::bulk::{for_each_item, Spec};
 use crate::cli::InspectArgs;
-use crate::outputs::Input;
+use crate::input::{read_header_locked, Input};
 use crate::report::ItemReport;
+use crate::select::{self, Want};
 use hsmseal::envelope::{file, header};
 use hsmseal::error::{Error, Result};
 use serde::Serialize;
@@ -41,7 +42,7 @@ pub fn run(app: &App, args: InspectArgs) -> Result<i32> {
     if !args.select.recursive.is_empty() {
         return summarise(app, &args.select);
     }
-    let items = bulk::select(&args.inputs, &args.select, Want::Sealed, false)?.items;
+    let items = select::select(&args.inputs, &args.select, Want::Sealed, false)?.items;
     let spec = Spec {
         action: "inspect",
         ..Default::default()
@@ -159,7 +160,7 @@ fn summarise(app: &App, sel: &crate::cli::SelectArgs) -> Result<i32> {
             files += 1;
             let parsed = std::fs::File::open(&path)
                 .map_err(|e| Error::io(format!("cannot open: {e}")))
-                .and_then(|f| crate::outputs::read_header_locked(&f, &path));
+                .and_then(|f| read_header_locked(&f, &path));
             match parsed {
                 Ok(h) => {
                     let k = &h.active().1.kwk;

@@ -8,9 +8,10 @@
 //! reported; the run goes on and exits 1.
 
 use crate::app::App;
-use crate::bulk::{self, for_each_item, Spec, Want};
+use crate::bulk::{for_each_item, Spec};
 use crate::cli::RotateArgs;
 use crate::report::ItemReport;
+use crate::select::{self, Want};
 use hsmseal::envelope::rewrap::{self, Outcome};
 use hsmseal::error::{Error, Result};
 
@@ -29,7 +30,7 @@ pub fn run(app: &App, args: RotateArgs) -> Result<i32> {
     // In a tree, only hsmseal files are candidates; others are not errors,
     // but damaged ones are (skipping one would let `key purge` destroy the
     // only key version it still needs).
-    let selection = bulk::select(&args.inputs, &args.select, Want::Sealed, false)?;
+    let selection = select::select(&args.inputs, &args.select, Want::Sealed, false)?;
     let items = selection.items;
     let backend = app.backend()?;
     let spec = Spec {

@@ -2,14 +2,15 @@
 //! every payload chunk); write nothing and print nothing secret.
 
 use crate::app::App;
-use crate::bulk::{self, for_each_item, Spec, Want};
+use crate::bulk::{for_each_item, Spec};
 use crate::cli::VerifyArgs;
 use crate::report::ItemReport;
+use crate::select::{self, Want};
 use hsmseal::envelope::file;
 use hsmseal::error::Result;
 
 pub fn run(app: &App, args: VerifyArgs) -> Result<i32> {
-    let selection = bulk::select(&args.inputs, &args.select, Want::Sealed, false)?;
+    let selection = select::select(&args.inputs, &args.select, Want::Sealed, false)?;
     let items = selection.items;
     let spec = Spec {
         action: "verify",
