@@ -117,18 +117,21 @@ pub enum Command {
     ///
     /// Changes on disk: only the 1024-byte header of each file that is not
     /// already on the current version; the payload is neither read nor moved,
-    /// so any file rotates in the same time. Crash-safe: killed at any point,
-    /// each file decrypts under the old or the new version. With --reencrypt,
-    /// a new data key and payload replace the file atomically. Changes in the
-    /// HSM: none. Files that fail authentication are left untouched and
-    /// reported; the run goes on and exits 1.
-    Rotate(RotateArgs),
+    /// so any file is rewrapped in the same time. Crash-safe: killed at any
+    /// point, each file decrypts under the old or the new version. With
+    /// --reencrypt, a new data key and payload replace the file atomically.
+    /// Changes in the HSM: none. Files that fail authentication are left
+    /// untouched and reported; the run goes on and exits 1. `rotate` is
+    /// another name for it (its name before hsmseal 0.2; Vault calls this
+    /// operation rewrap); `key rotate` is what rotates a key.
+    #[command(visible_alias = "rotate")]
+    Rewrap(RewrapArgs),
     /// Report the PKCS#11 module, token, mechanisms and key attributes
     Doctor,
     /// Show resolved settings
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Encrypt, decrypt or rotate selected columns of CSV, TSV, JSONL or PostgreSQL COPY dumps
+    /// Encrypt, decrypt or rewrap selected columns of CSV, TSV, JSONL or PostgreSQL COPY dumps
     #[command(subcommand)]
     Columns(ColumnsCommand),
     /// Set up and check the tamper-evident audit log
@@ -200,7 +203,7 @@ pub enum KeyCommand {
     /// Older versions stay on the token, decrypt-only.
     ///
     /// Changes on disk: none; existing files stay under their old version until
-    /// `hsmseal rotate` rewraps them.
+    /// `hsmseal rewrap` rewraps them.
     Rotate {
         /// Key name
         name: String,
@@ -353,7 +356,7 @@ pub struct OutputArgs {
 pub struct SelectArgs {
     /// Every file under this directory, recursively (repeatable). Symbolic
     /// links inside are not followed (reported as skipped; a broken one as
-    /// failed). decrypt, verify, rotate and inspect take only hsmseal files,
+    /// failed). decrypt, verify, rewrap and inspect take only hsmseal files,
     /// and report files that look like damaged ones as failed
     #[arg(long, short = 'r', value_name = "DIR")]
     pub recursive: Vec<PathBuf>,
@@ -407,7 +410,7 @@ pub struct InspectArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct RotateArgs {
+pub struct RewrapArgs {
     /// Move files to this key's current version (default: each file's own key)
     #[arg(long, short = 'k')]
     pub key: Option<String>,
@@ -419,7 +422,7 @@ pub struct RotateArgs {
     pub dry_run: bool,
     #[command(flatten)]
     pub select: SelectArgs,
-    /// Files to rotate in place
+    /// Files to rewrap in place
     pub inputs: Vec<PathBuf>,
 }
 
@@ -436,8 +439,10 @@ pub enum ColumnsCommand {
     /// Decrypt the tokens in the selected columns.
     Decrypt(ColumnsDecryptArgs),
     /// Rewrap every token's batch key to the current KWK version, without
-    /// re-encrypting the values.
-    Rotate(ColumnsRotateArgs),
+    /// re-encrypting the values (also called `rotate`, its name before
+    /// hsmseal 0.2).
+    #[command(visible_alias = "rotate")]
+    Rewrap(ColumnsRewrapArgs),
     /// Parse and rewrite the selected columns without cryptography (the
     /// benchmark's speed ceiling).
     #[command(hide = true)]
@@ -523,7 +528,7 @@ pub struct ColumnsDecryptArgs {
 }
 
 #[derive(Debug, clap::Args)]
-pub struct ColumnsRotateArgs {
+pub struct ColumnsRewrapArgs {
     #[command(flatten)]
     pub dump: DumpArgs,
     /// Key (KWK) name whose current version tokens are rewrapped to;

@@ -1,6 +1,6 @@
 //! SIGINT and SIGTERM: stop, remove the temporary files being written, and
 //! exit 130 or 143. Outputs already renamed into place are complete and
-//! stay; inputs are never written; a file being rotated in place is valid at
+//! stay; inputs are never written; a file being rewrapped in place is valid at
 //! every instant (see docs/FORMAT.md section 5), so stopping anywhere is safe.
 //! A file being replaced by `--in-place` loses its original only after the
 //! new file is durable and checked, so stopping leaves one or both.

@@ -32,7 +32,9 @@ pub fn logged_name(cmd: &Command) -> Option<String> {
         Command::Encrypt(_) => "encrypt",
         Command::Decrypt(_) => "decrypt",
         Command::Verify(_) => "verify",
-        Command::Rotate(_) => "rotate",
+        // The names entries had before `rotate` became `rewrap`, kept so
+        // that logs read the same across versions (CHANGELOG 0.2).
+        Command::Rewrap(_) => "rotate",
         Command::Key(k) => match k {
             KeyCommand::Create { .. } => "key create",
             KeyCommand::Rotate { .. } => "key rotate",
@@ -45,7 +47,7 @@ pub fn logged_name(cmd: &Command) -> Option<String> {
         Command::Columns(c) => match c {
             ColumnsCommand::Encrypt(_) => "columns encrypt",
             ColumnsCommand::Decrypt(_) => "columns decrypt",
-            ColumnsCommand::Rotate(_) => "columns rotate",
+            ColumnsCommand::Rewrap(_) => "columns rotate",
             ColumnsCommand::Passthrough(_) => return None,
         },
         Command::Init(_)

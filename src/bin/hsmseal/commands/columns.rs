@@ -1,4 +1,4 @@
-//! `hsmseal columns encrypt|decrypt|rotate`: per-record encryption of
+//! `hsmseal columns encrypt|decrypt|rewrap`: per-record encryption of
 //! selected columns in CSV, TSV, JSONL and PostgreSQL COPY dumps, streamed
 //! from stdin (or `-i FILE`) to stdout (or `-o FILE`, written atomically).
 //!
@@ -14,7 +14,7 @@
 
 use crate::app::App;
 use crate::cli::{
-    ColumnsCommand, ColumnsDecryptArgs, ColumnsEncryptArgs, ColumnsRotateArgs, DumpArgs,
+    ColumnsCommand, ColumnsDecryptArgs, ColumnsEncryptArgs, ColumnsRewrapArgs, DumpArgs,
 };
 use hsmseal::backend::{KeyBackend, KeyRef};
 use hsmseal::columns::{self, abort, ColumnOptions, ColumnStats, Format};
@@ -31,7 +31,7 @@ pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
     // Usage errors first: no PIN prompt or HSM login for a mistyped flag.
     let key_name = match &cmd {
         ColumnsCommand::Encrypt(ColumnsEncryptArgs { key, .. })
-        | ColumnsCommand::Rotate(ColumnsRotateArgs { key, .. }) => {
+        | ColumnsCommand::Rewrap(ColumnsRewrapArgs { key, .. }) => {
             Some(app.key_name(key.as_deref())?)
         }
         _ => None,
@@ -84,14 +84,14 @@ fn dump_args(cmd: &ColumnsCommand) -> &DumpArgs {
     match cmd {
         ColumnsCommand::Encrypt(a) => &a.dump,
         ColumnsCommand::Decrypt(a) => &a.dump,
-        ColumnsCommand::Rotate(a) => &a.dump,
+        ColumnsCommand::Rewrap(a) => &a.dump,
         ColumnsCommand::Passthrough(a) => a,
     }
 }
 
 /// Runs a `columns` subcommand with a given key backend (the HSM, or the
 /// memory backend in the unit tests): `key_name` is the resolved key for
-/// encrypt and rotate, `json` selects the JSON summary, `jobs` the worker
+/// encrypt and rewrap, `json` selects the JSON summary, `jobs` the worker
 /// threads (0: one per core). Returns the run's statistics and the key
 /// version it encrypted or rewrapped under.
 pub fn execute_with_stats(
@@ -104,7 +104,7 @@ pub fn execute_with_stats(
     let op = match &cmd {
         ColumnsCommand::Encrypt(_) => "encrypt",
         ColumnsCommand::Decrypt(_) => "decrypt",
-        ColumnsCommand::Rotate(_) => "rotate",
+        ColumnsCommand::Rewrap(_) => "rotate",
         ColumnsCommand::Passthrough(_) => "passthrough",
     };
     let dump = dump_args(&cmd);
@@ -120,7 +120,7 @@ pub fn execute_with_stats(
             opts.token_formats = token_formats(a)?;
             opts.nested = a.nested;
         }
-        ColumnsCommand::Rotate(a) => opts.allow_plaintext = a.allow_plaintext,
+        ColumnsCommand::Rewrap(a) => opts.allow_plaintext = a.allow_plaintext,
         ColumnsCommand::Passthrough(_) => {}
     }
     let backend = || backend.ok_or_else(|| Error::usage("no key backend for this command"));
@@ -160,7 +160,7 @@ pub fn execute_with_stats(
                 columns::encrypt(backend()?, target()?, &opts, input, out)
             }
             ColumnsCommand::Decrypt(_) => columns::decrypt(backend()?, &opts, input, out),
-            ColumnsCommand::Rotate(_) => columns::rewrap(backend()?, target()?, &opts, input, out),
+            ColumnsCommand::Rewrap(_) => columns::rewrap(backend()?, target()?, &opts, input, out),
             ColumnsCommand::Passthrough(_) => columns::passthrough(&opts, input, out),
         }
     };

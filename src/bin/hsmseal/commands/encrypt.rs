@@ -49,7 +49,7 @@ pub fn run(app: &App, args: EncryptArgs) -> Result<i32> {
         check_binary_stdout(&sink)?;
         let mut reader = input.open()?;
         // Never wrap an hsmseal file in another layer by accident, nor a
-        // damaged one (it would then hide from rotate and verify -r).
+        // damaged one (it would then hide from rewrap and verify -r).
         let mut head = vec![0u8; header::SNIFF_LEN];
         let n = file::read_up_to(&mut reader, &mut head)?;
         head.truncate(n);

@@ -73,7 +73,7 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
                 print_json(&info);
             } else {
                 crate::outln!(
-                    "created {name} v{v} on token {token}: new encryptions under {name} use v{v}; older versions stay decrypt-only. Files were not changed (`hsmseal rotate` rewraps them under v{v})",
+                    "created {name} v{v} on token {token}: new encryptions under {name} use v{v}; older versions stay decrypt-only. Files were not changed (`hsmseal rewrap` rewraps them under v{v})",
                     v = info.version
                 );
             }
@@ -105,7 +105,7 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
                 super::deps::require_complete(&found, &format!("destroy {k}"))?;
                 if let Some(why) = super::deps::needed_versions(&found, &k.name).get(&k.version) {
                     return Err(Error::usage(format!(
-                        "refusing to destroy {k}: {why}; rewrap that data first (`hsmseal rotate` for files; `hsmseal columns rotate` for dumps, decrypting a sealed dump first)"
+                        "refusing to destroy {k}: {why}; rewrap that data first (`hsmseal rewrap` for files; `hsmseal columns rewrap` for dumps, decrypting a sealed dump first)"
                     )));
                 }
             }
@@ -181,7 +181,7 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
             if !held.is_empty() && !dry_run {
                 for i in &held {
                     eprintln!(
-                        "hsmseal: key purge spared {name} v{}: {}; rewrap that data (`hsmseal rotate` for files; `hsmseal columns rotate` for dumps, decrypting a sealed dump first) and purge again",
+                        "hsmseal: key purge spared {name} v{}: {}; rewrap that data (`hsmseal rewrap` for files; `hsmseal columns rewrap` for dumps, decrypting a sealed dump first) and purge again",
                         i.version, i.reason
                     );
                 }

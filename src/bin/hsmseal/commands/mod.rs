@@ -61,7 +61,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Decrypt(args) => decrypt::run(&app, args),
         Command::Verify(args) => verify::run(&app, args),
         Command::Inspect(args) => inspect::run(&app, args),
-        Command::Rotate(args) => rewrap::run(&app, args),
+        Command::Rewrap(args) => rewrap::run(&app, args),
         Command::Doctor => doctor::run(&app),
         Command::Config(cmd) => config::run(&app, cmd),
         Command::Columns(cmd) => columns::run(&app, cmd),

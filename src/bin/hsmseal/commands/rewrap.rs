@@ -1,30 +1,35 @@
-//! `hsmseal rotate`: move files to the current version of their key (or to
-//! another key with `--key`), rewriting only the envelope in the header.
+//! `hsmseal rewrap` (alias `rotate`): move files to the current version of
+//! their key (or to another key with `--key`), rewriting only the envelope
+//! in the header.
 //!
-//! Changes on disk: the 1024-byte header of each rotated file, in place
+//! Changes on disk: the 1024-byte header of each rewrapped file, in place
 //! (crash-safe, see docs/FORMAT.md section 5); with `--reencrypt`, the whole
 //! file is replaced atomically. Changes in the HSM: none (it wraps and
 //! unwraps only). Files that fail authentication are left byte-identical and
 //! reported; the run goes on and exits 1.
+//!
+//! The `--json` lines keep the names of before the rename (`"action":
+//! "rotate"`, statuses `rotated` and `would-rotate`), so scripts written for
+//! `rotate` read `rewrap` the same (CHANGELOG 0.2).
 
 use crate::app::App;
 use crate::bulk::{for_each_item, Spec};
-use crate::cli::RotateArgs;
+use crate::cli::RewrapArgs;
 use crate::report::ItemReport;
 use crate::select::{self, Want};
 use hsmseal::envelope::rewrap::{self, Outcome};
 use hsmseal::error::{Error, Result};
 
-pub fn run(app: &App, args: RotateArgs) -> Result<i32> {
+pub fn run(app: &App, args: RewrapArgs) -> Result<i32> {
     if let Some(k) = &args.key {
         hsmseal::backend::validate_key_name(k)?;
     }
     if args.inputs.iter().any(|p| p.as_os_str() == "-") {
-        return Err(Error::usage("rotate works in place on files; stdin cannot be rotated (decrypt and encrypt it instead)"));
+        return Err(Error::usage("rewrap works in place on files; stdin cannot be rewrapped (decrypt and encrypt it instead)"));
     }
     if args.inputs.is_empty() && args.select.recursive.is_empty() {
         return Err(Error::usage(
-            "nothing to rotate: name files or a directory with -r DIR",
+            "nothing to rewrap: name files or a directory with -r DIR",
         ));
     }
     // In a tree, only hsmseal files are candidates; others are not errors,
@@ -52,7 +57,7 @@ pub fn run(app: &App, args: RotateArgs) -> Result<i32> {
         ..Default::default()
     };
     for_each_item(app, &spec, &items, |_, item, opts| {
-        let path = item.path().expect("rotate items are files");
+        let path = item.path().expect("rewrap items are files");
         let outcome = if args.reencrypt {
             rewrap::reencrypt(&*backend, path, args.key.as_deref(), args.dry_run, opts)?
         } else {
@@ -70,7 +75,7 @@ pub fn run(app: &App, args: RotateArgs) -> Result<i32> {
                 let (status, how) = if args.reencrypt {
                     ("reencrypted", "re-encrypted")
                 } else {
-                    ("rotated", "rotated")
+                    ("rotated", "rewrapped")
                 };
                 (
                     status,
@@ -83,7 +88,7 @@ pub fn run(app: &App, args: RotateArgs) -> Result<i32> {
                 "would-rotate",
                 Some(from.clone()),
                 to.clone(),
-                format!("would rotate {path_s}: {from} -> {to}"),
+                format!("would rewrap {path_s}: {from} -> {to}"),
             ),
         };
         Ok(ItemReport {
