@@ -1,6 +1,6 @@
-//! `hsmseal rotate` and `inspect -r` end to end on a real SoftHSM2 token:
-//! header-only rewrap, idempotence, dry runs, damaged files left alone, and
-//! crash safety under `kill -9` at random points.
+//! `hsmseal rewrap` (alias `rotate`) and `inspect -r` end to end on a real
+//! SoftHSM2 token: header-only rewrap, idempotence, dry runs, damaged files
+//! left alone, and crash safety under `kill -9` at random points.
 
 mod clisupport;
 mod common;
@@ -19,14 +19,14 @@ fn inspect_key(c: &Cli, file: &str) -> (String, u64) {
 }
 
 #[test]
-fn rotation_rewrites_only_the_header_and_is_a_no_op_the_second_time() {
+fn rewrap_rewrites_only_the_header_and_is_a_no_op_the_second_time() {
     let c = Cli::with_key();
     c.ok(&["key", "create", "b"]);
     let plain = data(3 * 1024 * 1024 + 5, 1);
     write(&c.path("p"), &plain);
     c.ok(&["encrypt", "--key", "k", "p"]);
     let before = std::fs::read(c.path("p.hseal")).unwrap();
-    let out = c.ok(&["--json", "rotate", "--key", "b", "p.hseal"]);
+    let out = c.ok(&["--json", "rewrap", "--key", "b", "p.hseal"]);
     let lines: Vec<serde_json::Value> = String::from_utf8(out)
         .unwrap()
         .lines()
@@ -49,10 +49,10 @@ fn rotation_rewrites_only_the_header_and_is_a_no_op_the_second_time() {
     c.ok(&["decrypt", "-o", "p.out", "p.hseal"]);
     assert_eq!(std::fs::read(c.path("p.out")).unwrap(), plain);
     // Second time: unchanged, not a byte written.
-    let out = c.ok(&["--json", "rotate", "--key", "b", "p.hseal"]);
+    let out = c.ok(&["--json", "rewrap", "--key", "b", "p.hseal"]);
     assert!(String::from_utf8_lossy(&out).contains("\"unchanged\""));
     assert_eq!(std::fs::read(c.path("p.hseal")).unwrap(), after);
-    // And back again into the other envelope place.
+    // And back again into the other envelope place, through the alias.
     c.ok(&["rotate", "--key", "k", "p.hseal"]);
     assert_eq!(inspect_key(&c, "p.hseal"), ("k".into(), 1));
     assert_eq!(
@@ -70,7 +70,7 @@ fn dry_run_changes_nothing() {
     c.ok(&["encrypt", "--key", "k", "p"]);
     let before = std::fs::read(c.path("p.hseal")).unwrap();
     let keys_before = c.ok(&["--json", "key", "list"]);
-    let out = c.ok(&["--json", "rotate", "--dry-run", "--key", "b", "p.hseal"]);
+    let out = c.ok(&["--json", "rewrap", "--dry-run", "--key", "b", "p.hseal"]);
     assert!(String::from_utf8_lossy(&out).contains("would-rotate"));
     assert_eq!(std::fs::read(c.path("p.hseal")).unwrap(), before);
     assert_eq!(
@@ -78,7 +78,7 @@ fn dry_run_changes_nothing() {
         keys_before,
         "HSM objects changed"
     );
-    let out = c.ok(&["--json", "rotate", "--dry-run", "--reencrypt", "p.hseal"]);
+    let out = c.ok(&["--json", "rewrap", "--dry-run", "--reencrypt", "p.hseal"]);
     assert!(String::from_utf8_lossy(&out).contains("would-rotate"));
     assert_eq!(std::fs::read(c.path("p.hseal")).unwrap(), before);
 }
@@ -114,7 +114,7 @@ fn damaged_and_foreign_files_are_left_byte_identical_and_the_run_goes_on() {
         .iter()
         .map(|n| std::fs::read(c.path(n)).unwrap())
         .collect();
-    let mut args = vec!["--json", "rotate", "--key", "b"];
+    let mut args = vec!["--json", "rewrap", "--key", "b"];
     args.extend(names);
     let out = c.run(&args);
     assert_eq!(code(&out), 1, "{}", stderr(&out));
@@ -156,7 +156,7 @@ fn reencrypt_replaces_the_payload_under_a_new_data_key() {
     write(&c.path("p"), &plain);
     c.ok(&["encrypt", "--key", "k", "p"]);
     let before = std::fs::read(c.path("p.hseal")).unwrap();
-    c.ok(&["rotate", "--reencrypt", "p.hseal"]);
+    c.ok(&["rewrap", "--reencrypt", "p.hseal"]);
     let after = std::fs::read(c.path("p.hseal")).unwrap();
     assert_ne!(
         before[HEADER..HEADER + 56],
@@ -213,7 +213,7 @@ fn inspect_r_summarises_key_versions_under_a_tree() {
 /// the target key so each run has work): afterwards every file still
 /// verifies and decrypts, under the old or the new key.
 #[test]
-fn rotation_survives_kill_9_at_any_point() {
+fn rewrap_survives_kill_9_at_any_point() {
     use rand::{Rng, SeedableRng};
     let c = Cli::new();
     c.ok(&["key", "create", "a"]);
@@ -258,9 +258,9 @@ fn rotation_survives_kill_9_at_any_point() {
     };
     // How long a full run takes here, to spread the kills over it.
     let t0 = std::time::Instant::now();
-    c.ok(&["-q", "rotate", "--key", "b", "-r", "d"]);
+    c.ok(&["-q", "rewrap", "--key", "b", "-r", "d"]);
     let full = t0.elapsed();
-    c.ok(&["-q", "rotate", "--key", "a", "-r", "d"]);
+    c.ok(&["-q", "rewrap", "--key", "a", "-r", "d"]);
     // SoftHSM2 rewrites its token.object file in place at every C_Login (to
     // reset the PIN flags), so a client killed during login can leave the
     // *token* unreadable ("no token labelled ..."), whatever that client
@@ -273,7 +273,7 @@ fn rotation_survives_kill_9_at_any_point() {
     for run in 0..50 {
         let target = if run % 2 == 0 { "b" } else { "a" };
         let mut cmd = c.cmd();
-        cmd.args(["-q", "rotate", "--key", target, "-r", "d"])
+        cmd.args(["-q", "rewrap", "--key", target, "-r", "d"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
         let mut child = cmd.spawn().unwrap();
@@ -308,7 +308,7 @@ fn rotation_survives_kill_9_at_any_point() {
         "only {partial} of 50 kills landed mid-run; the test is not exercising crashes"
     );
     // Finish the job and check the contents.
-    c.ok(&["-q", "rotate", "--key", "b", "-r", "d"]);
+    c.ok(&["-q", "rewrap", "--key", "b", "-r", "d"]);
     for (i, f) in sealed.iter().enumerate() {
         let out = c.run(&["decrypt", "-o", "-", f]);
         assert!(out.status.success());

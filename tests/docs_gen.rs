@@ -34,6 +34,7 @@ fn completions_and_man_pages_cover_every_visible_command() {
     let bash = read("completions/hsmseal.bash");
     for word in [
         "encrypt",
+        "rewrap",
         "rotate",
         "--jobs",
         "--pin-file",
@@ -54,11 +55,12 @@ fn completions_and_man_pages_cover_every_visible_command() {
         "decrypt",
         "verify",
         "inspect",
-        "rotate",
+        "rewrap",
         "doctor",
         "key-create",
         "key-destroy",
         "columns-encrypt",
+        "columns-rewrap",
         "config-show",
     ] {
         let text = read(&format!("man/hsmseal-{page}.1"));

@@ -121,9 +121,10 @@ pub enum Command {
     /// point, each file decrypts under the old or the new version. With
     /// --reencrypt, a new data key and payload replace the file atomically.
     /// Changes in the HSM: none. Files that fail authentication are left
-    /// untouched and reported; the run goes on and exits 1. `rotate` is
-    /// another name for it (its name before hsmseal 0.2; Vault calls this
-    /// operation rewrap); `key rotate` is what rotates a key.
+    /// untouched and reported; the run goes on and exits 1.
+    ///
+    /// `rotate` is another name for this command (its earlier name; Vault
+    /// calls the operation rewrap). `key rotate` is what rotates a key.
     #[command(visible_alias = "rotate")]
     Rewrap(RewrapArgs),
     /// Report the PKCS#11 module, token, mechanisms and key attributes
@@ -439,8 +440,9 @@ pub enum ColumnsCommand {
     /// Decrypt the tokens in the selected columns.
     Decrypt(ColumnsDecryptArgs),
     /// Rewrap every token's batch key to the current KWK version, without
-    /// re-encrypting the values (also called `rotate`, its name before
-    /// hsmseal 0.2).
+    /// re-encrypting the values.
+    ///
+    /// `rotate` is another name for this command (its earlier name).
     #[command(visible_alias = "rotate")]
     Rewrap(ColumnsRewrapArgs),
     /// Parse and rewrite the selected columns without cryptography (the
@@ -570,7 +572,33 @@ pub fn parse_duration(s: &str) -> std::result::Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_duration;
+    use super::*;
+    use clap::CommandFactory;
+
+    /// "rotate" means only `key rotate`; for files and column dumps it is
+    /// an alias of `rewrap`, shown as one in `--help`.
+    #[test]
+    fn rotate_is_an_alias_of_rewrap_except_for_keys() {
+        for name in ["rewrap", "rotate"] {
+            let cli = Cli::try_parse_from(["hsmseal", name, "a.hseal"]).unwrap();
+            assert!(
+                matches!(&cli.command, Command::Rewrap(a) if a.inputs == [PathBuf::from("a.hseal")]),
+                "{name}"
+            );
+            let cli = Cli::try_parse_from(["hsmseal", "columns", name, "-c", "x"]).unwrap();
+            assert!(
+                matches!(cli.command, Command::Columns(ColumnsCommand::Rewrap(_))),
+                "columns {name}"
+            );
+        }
+        let cli = Cli::try_parse_from(["hsmseal", "key", "rotate", "k"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Key(KeyCommand::Rotate { .. })
+        ));
+        let help = Cli::command().render_help().to_string();
+        assert!(help.contains("[alias: rotate]"), "{help}");
+    }
 
     #[test]
     fn durations_parse_to_seconds() {

@@ -120,7 +120,7 @@ fn encrypt_and_decrypt_files_by_extension() {
     // Rotation to a new key version keeps the file decryptable.
     b.add_version("pii");
     let rot = d.path().join("users.rot.tsv");
-    run(&b, &["rotate", "-c", "ssn", "-i", &p(&enc), "-o", &p(&rot)]).unwrap();
+    run(&b, &["rewrap", "-c", "ssn", "-i", &p(&enc), "-o", &p(&rot)]).unwrap();
     assert_ne!(std::fs::read(&rot).unwrap(), std::fs::read(&enc).unwrap());
     run(
         &b,
