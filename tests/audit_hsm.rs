@@ -7,14 +7,14 @@
 //! SoftHSM2 reads `SOFTHSM2_CONF` once per process, so this binary has one
 //! token and one test.
 
-mod common;
+mod support;
 
-use common::TestToken;
 use hsmseal::audit::{self, Record};
 use hsmseal::hsm::Hsm;
 use hsmseal::secret::Pin;
 use std::collections::BTreeSet;
 use std::path::Path;
+use support::TestToken;
 
 fn open(t: &TestToken) -> Hsm {
     let h = Hsm::open(&t.module, &t.label).expect("open token");

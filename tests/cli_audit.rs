@@ -4,13 +4,12 @@
 //! tampered log is never appended to; no PIN or plaintext reaches the log
 //! or any output; without the HSM's audit key nothing is called intact.
 
-mod clisupport;
-mod common;
+mod support;
 
-use clisupport::{code, stderr, write, Cli};
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};
+use support::{code, stderr, write, Cli};
 
 const LOG: &str = "audit.log";
 
@@ -518,7 +517,7 @@ fn an_interrupted_bulk_decrypt_is_logged_with_what_it_had_done() {
     for i in 0..400usize {
         let p = c.path(&format!("t/d{}/f{i:03}", i % 4));
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        write(&p, &clisupport::data(30_000 + i * 50, i as u64));
+        write(&p, &support::data(30_000 + i * 50, i as u64));
     }
     ok(
         &c,

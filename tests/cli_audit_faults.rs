@@ -13,14 +13,13 @@
 //!   them (made by hand with pkcs11-tool's C_CreateObject): the higher seq
 //!   counts, truncation is still caught, the next append leaves one.
 
-mod clisupport;
-mod common;
+mod support;
 
-use clisupport::{code, stderr, write, Cli};
 use serde_json::Value;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use support::{code, stderr, write, Cli};
 
 const LOG: &str = "audit.log";
 const FAULTS: &str = "HSMSEAL_TEST_AUDIT_FAULTS";

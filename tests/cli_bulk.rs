@@ -2,14 +2,13 @@
 //! --include/--exclude, --suffix, --json item lines and summary, and
 //! SIGTERM in the middle of a bulk encrypt or rotate.
 
-mod clisupport;
-mod common;
+mod support;
 
-use clisupport::{code, data, stderr, write, Cli};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+use support::{code, data, stderr, write, Cli};
 
 /// Every file under `root`, by path relative to it.
 fn tree(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {

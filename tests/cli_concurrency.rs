@@ -9,16 +9,15 @@
 //! scripts/stress-token.sh). No test here measures time: a deadline only
 //! turns a hang into a failure message.
 
-mod clisupport;
-mod common;
+mod support;
 
-use clisupport::{code, data, stderr, write, Cli};
 use std::fs::File;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+use support::{code, data, stderr, write, Cli};
 
 /// Starts `args` with the test's token settings; stdout and stderr piped.
 fn spawn(c: &Cli, args: &[&str]) -> Child {

@@ -2,11 +2,10 @@
 //! resolved setting and where it came from (flag over environment over file
 //! over default), with secrets redacted; a bad file is a usage error.
 
-mod clisupport;
-mod common;
+mod support;
 
-use clisupport::{code, stderr, write, Cli};
 use serde_json::Value;
+use support::{code, stderr, write, Cli};
 
 fn show(c: &Cli, args: &[&str], env: &[(&str, &str)]) -> Value {
     let mut a = vec!["--json"];

@@ -5,11 +5,10 @@
 //! search is incomplete (issue 9: `key purge` could not know that tokens in
 //! a sealed COPY dump still needed the version it destroyed).
 
-mod clisupport;
-mod common;
+mod support;
 
-use clisupport::{code, stderr, Cli};
 use serde_json::Value;
+use support::{code, stderr, Cli};
 
 /// A token with keys `k` (files) and `pii` (columns), and under `data/`:
 /// `a.txt.hseal` (k), `users.csv` (pii tokens) and `dump.csv.hseal` (a

@@ -11,10 +11,8 @@
 //! its work; a killed lock holder blocks nobody; stale temporary files of a
 //! killed run are removed by the next run, a live run's never.
 
-mod clisupport;
-mod common;
+mod support;
 
-use clisupport::{code, data, stderr, write, Cli};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::io::AsRawFd;
@@ -22,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::{code, data, stderr, write, Cli};
 
 fn spawn(c: &Cli, args: &[&str]) -> Child {
     let mut cmd = c.cmd();

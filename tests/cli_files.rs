@@ -1,11 +1,10 @@
 //! The file commands end to end: the real binary, a real SoftHSM2 token per
 //! test, real files.
 
-mod clisupport;
-mod common;
+mod support;
 
-use clisupport::{code, data, stderr, write, Cli};
 use std::os::unix::fs::PermissionsExt;
+use support::{code, data, stderr, write, Cli};
 
 #[test]
 fn round_trips_through_files_for_boundary_sizes() {
@@ -335,7 +334,7 @@ fn pin_file_flag_works_and_no_flag_takes_a_pin_value() {
 
 #[test]
 fn init_dev_then_the_full_cycle_as_a_new_user() {
-    use clisupport::{clear_hsmseal_env, run_cmd, BIN};
+    use support::{clear_hsmseal_env, run_cmd, BIN};
     let work = tempfile::tempdir().unwrap();
     let run = |args: &[&str], stdin: Option<&[u8]>| {
         let mut c = std::process::Command::new(BIN);

@@ -2,11 +2,10 @@
 //! SoftHSM2 token of each test's own: rotate, list/info states and creation
 //! times, disable/enable, destroy, purge, and what each refuses.
 
-mod clisupport;
-mod common;
+mod support;
 
-use clisupport::{code, stderr, write, Cli};
 use serde_json::Value;
+use support::{code, stderr, write, Cli};
 
 fn json(bytes: &[u8]) -> Value {
     serde_json::from_slice(bytes)

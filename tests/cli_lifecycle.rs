@@ -3,10 +3,9 @@
 //! destroy v1 and v2; everything rotated still decrypts, and a copy left on
 //! v1 fails with an error naming the destroyed version.
 
-mod clisupport;
-mod common;
+mod support;
 
-use clisupport::{code, data, stderr, write, Cli};
+use support::{code, data, stderr, write, Cli};
 
 #[test]
 fn rotate_twice_rewrap_everything_then_shred_the_old_versions() {

@@ -11,14 +11,13 @@
 //! /dev/stdout is). The literal /dev/null and /dev/stdout are used only
 //! without --force, where even the old code refused to replace them.
 
-mod clisupport;
-mod common;
+mod support;
 
-use clisupport::{code, data, stderr, write, Cli};
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use support::{code, data, stderr, write, Cli};
 
 fn sealed(c: &Cli, name: &str, plain: &[u8]) {
     write(&c.path(name), plain);

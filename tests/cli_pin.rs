@@ -5,13 +5,12 @@
 /// The binary's clap definitions, to walk every flag of every command.
 #[path = "../src/bin/hsmseal/cli.rs"]
 mod cli;
-mod clisupport;
-mod common;
+mod support;
 
 use clap::CommandFactory;
-use clisupport::{code, stderr, write, Cli};
 use std::os::unix::fs::PermissionsExt;
 use std::process::Output;
+use support::{code, stderr, write, Cli};
 
 /// Every flag of every (sub)command, as `cmd sub --flag`.
 fn all_flags() -> Vec<(String, clap::Arg)> {

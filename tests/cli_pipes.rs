@@ -3,12 +3,11 @@
 //! SIGPIPE), never a panic, no temporary file left, and with an audit log
 //! the run is recorded as interrupted.
 
-mod clisupport;
-mod common;
+mod support;
 
-use clisupport::{data, write, Cli};
 use std::io::{BufRead, BufReader, Read};
 use std::process::Stdio;
+use support::{data, write, Cli};
 
 /// Spawns `args`, reads `take` (a line, or some bytes) from its stdout, closes
 /// the pipe, and returns (exit code, stderr).

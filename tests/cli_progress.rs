@@ -2,11 +2,10 @@
 //! pseudo-terminal from util-linux `script`), never with `--quiet`, and
 //! never when stderr is not a terminal (pipes, files, CI logs).
 
-mod clisupport;
-mod common;
+mod support;
 
-use clisupport::{clear_hsmseal_env, write, Cli, BIN};
 use std::process::{Command, Stdio};
+use support::{clear_hsmseal_env, write, Cli, BIN};
 
 /// Runs hsmseal with `args` on a pseudo-terminal; returns what the terminal
 /// showed (stdout and stderr together).

@@ -2,10 +2,9 @@
 //! SoftHSM2 token: header-only rewrap, idempotence, dry runs, damaged files
 //! left alone, and crash safety under `kill -9` at random points.
 
-mod clisupport;
-mod common;
+mod support;
 
-use clisupport::{code, data, stderr, write, Cli};
+use support::{code, data, stderr, write, Cli};
 
 const HEADER: usize = 1024;
 

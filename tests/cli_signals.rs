@@ -1,13 +1,12 @@
 //! SIGINT/SIGTERM in the middle of writing an output: exit 130/143, no
 //! temporary file left, nothing under the output name, input untouched.
 
-mod clisupport;
-mod common;
+mod support;
 
-use clisupport::{stderr, Cli};
 use std::io::Write;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+use support::{stderr, Cli};
 
 fn interrupt_encrypt_midway(signal: &str, want: i32) {
     let c = Cli::with_key();

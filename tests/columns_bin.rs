@@ -1,32 +1,11 @@
 //! The `hsmseal columns` binary against a real SoftHSM2 token of its own:
 //! streaming stdin to stdout, the JSON summary on stderr (HSM calls equal
 //! batches), exit codes, and no output before a header error.
-//!
 
-mod clisupport;
-mod common;
+mod support;
 
-use clisupport::Cli;
 use std::process::Output;
-
-/// A private SoftHSM2 token and working directory (tests/common).
-struct Env {
-    cli: Cli,
-}
-
-impl Env {
-    fn new() -> Env {
-        Env { cli: Cli::new() }
-    }
-
-    fn run(&self, args: &[&str], stdin: &[u8]) -> Output {
-        self.cli.run_with(args, Some(stdin), &[])
-    }
-}
-
-fn err(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use support::{stderr as err, Cli};
 
 fn summary(o: &Output) -> serde_json::Value {
     let e = err(o);
@@ -36,14 +15,14 @@ fn summary(o: &Output) -> serde_json::Value {
 
 #[test]
 fn columns_round_trip_through_a_softhsm2_token() {
-    let e = Env::new();
-    let k = e.run(&["key", "create", "k"], b"");
+    let e = Cli::new();
+    let k = e.run_in(&["key", "create", "k"], b"");
     assert!(k.status.success(), "{}", err(&k));
     let mut csv = b"id,name,ssn\n".to_vec();
     for i in 0..25_000 {
         csv.extend_from_slice(format!("{i},\"Doe, J{i}\",{i:09}\r\n").as_bytes());
     }
-    let enc = e.run(
+    let enc = e.run_in(
         &[
             "--json",
             "columns",
@@ -68,7 +47,7 @@ fn columns_round_trip_through_a_softhsm2_token() {
     assert_eq!(s["stats"]["cells"], 50_000);
     assert_eq!(s["stats"]["hsm_calls"], s["stats"]["batches"]);
     assert!(s["stats"]["batches"].as_u64().unwrap() <= 10 + 16);
-    let dec = e.run(
+    let dec = e.run_in(
         &[
             "--json",
             "columns",
@@ -90,7 +69,7 @@ fn columns_round_trip_through_a_softhsm2_token() {
     assert_eq!(s["stats"]["hsm_calls"], s["stats"]["batches"]);
 
     // Wrong context: authentication fails (exit 3), naming row and column.
-    let bad = e.run(
+    let bad = e.run_in(
         &[
             "columns",
             "decrypt",
@@ -110,13 +89,13 @@ fn columns_round_trip_through_a_softhsm2_token() {
         err(&bad)
     );
     // Plaintext where a token is expected: a format error (exit 8).
-    let plain = e.run(
+    let plain = e.run_in(
         &["columns", "decrypt", "-f", "csv", "--columns", "ssn"],
         b"ssn\n123\n",
     );
     assert_eq!(plain.status.code(), Some(8), "{}", err(&plain));
     // A column missing from the header: usage error (exit 2), no output.
-    let miss = e.run(
+    let miss = e.run_in(
         &[
             "columns",
             "encrypt",

@@ -6,15 +6,14 @@
 //! the stream. Under `-o` nothing appears at all; a successful run carries
 //! no marker; a closed reader (EPIPE) stops the run quietly.
 
-mod clisupport;
-mod common;
+mod support;
 
-use clisupport::{code, stderr, Cli};
 use hsmseal::columns::abort::MARKER;
 use std::io::{Read, Write};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use support::{code, stderr, Cli};
 
 const ROWS: usize = 30_000;
 
@@ -68,7 +67,7 @@ fn before_marker(out: &[u8]) -> &[u8] {
 fn a_failed_decrypt_to_stdout_ends_with_the_abort_marker() {
     let c = Cli::with_key();
     let plain = plain_csv();
-    clisupport::write(&c.path("users.csv"), &plain);
+    support::write(&c.path("users.csv"), &plain);
     c.ok(&args(&[
         "columns",
         "encrypt",
@@ -110,7 +109,7 @@ fn a_failed_decrypt_to_stdout_ends_with_the_abort_marker() {
     assert!(plain.starts_with(data), "not a prefix of the plaintext");
     assert!(!data.windows(6).any(|w| w == b"19998,"));
     // To a file: nothing at all, no temporary left.
-    clisupport::write(&c.path("damaged.csv"), damaged.as_bytes());
+    support::write(&c.path("damaged.csv"), damaged.as_bytes());
     let before = c.files();
     let f = c.run(&args(&[
         "columns",
@@ -350,7 +349,7 @@ fn a_fifo_or_device_output_is_a_stream_with_the_abort_marker() {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let c = Cli::with_key();
     let plain = plain_csv();
-    clisupport::write(&c.path("users.csv"), &plain);
+    support::write(&c.path("users.csv"), &plain);
     c.ok(&args(&[
         "columns",
         "encrypt",
@@ -366,7 +365,7 @@ fn a_fifo_or_device_output_is_a_stream_with_the_abort_marker() {
     let at = lines[20_000].len() - 10;
     let c0 = lines[20_000].as_bytes()[at];
     lines[20_000].replace_range(at..at + 1, if c0 == b'A' { "B" } else { "A" });
-    clisupport::write(&c.path("damaged.csv"), (lines.join("\n") + "\n").as_bytes());
+    support::write(&c.path("damaged.csv"), (lines.join("\n") + "\n").as_bytes());
 
     let fifo = c.path("fifo");
     let run_into_fifo = |input: &str| {

@@ -5,9 +5,8 @@
 //! uses its own key names. Tests that need a login state of their own (wrong
 //! PIN, not logged in) live in `tests/hsm_login.rs`, a separate process.
 
-mod common;
+mod support;
 
-use common::TestToken;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::{Mechanism, MechanismType};
@@ -22,6 +21,7 @@ use hsmseal::secret::{Pin, SecretKey};
 use hsmseal::time::{now_unix, parse_rfc3339};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, OnceLock};
+use support::TestToken;
 
 /// The token every test in this binary shares.
 fn token() -> &'static TestToken {

@@ -2,13 +2,13 @@
 //! state is shared by the whole process, so these cannot run next to the
 //! tests in `tests/hsm.rs` (which stay logged in). One test, in order.
 
-mod common;
+mod support;
 
-use common::TestToken;
 use hsmseal::backend::{KeyBackend, KeyRef};
 use hsmseal::error::ErrorKind;
 use hsmseal::hsm::Hsm;
 use hsmseal::secret::{Pin, SecretKey};
+use support::TestToken;
 
 #[test]
 fn not_logged_in_then_wrong_pin_once_then_right_pin() {

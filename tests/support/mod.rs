@@ -1,11 +1,17 @@
-//! Runs the real `hsmseal` binary against a test's own SoftHSM2 token, in a
-//! private working directory (so no stray hsmseal.toml is picked up).
+//! What the integration tests share: a SoftHSM2 token of their own
+//! ([`token`]: each test its own token directory and `SOFTHSM2_CONF`), and
+//! the real `hsmseal` binary run against it in a private working directory
+//! (so no stray hsmseal.toml is picked up), with its environment cleared of
+//! the caller's `HSMSEAL_*` settings.
+// Each test binary compiles this module and uses a different part of it.
 #![allow(dead_code)]
 
-use crate::common::TestToken;
+pub mod token;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+pub use token::TestToken;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_hsmseal");
 
@@ -56,6 +62,11 @@ impl Cli {
 
     pub fn run(&self, args: &[&str]) -> Output {
         self.run_with(args, None, &[])
+    }
+
+    /// Runs with `stdin` as the standard input.
+    pub fn run_in(&self, args: &[&str], stdin: &[u8]) -> Output {
+        self.run_with(args, Some(stdin), &[])
     }
 
     /// Runs and asserts success; returns stdout.

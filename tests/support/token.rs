@@ -1,4 +1,4 @@
-//! The single place tests get an HSM token from.
+//! The single place tests get an HSM token from (`support::TestToken`).
 //!
 //! Every test token is private to the test that made it: its own temp
 //! directory, its own `SOFTHSM2_CONF` pointing there, a fresh token in it.
@@ -15,9 +15,6 @@
 //! (a local SoftHSM2 driven by `softhsm2-util`); a container-backed provider
 //! (a vendor HSM simulator under testcontainers, where Docker exists) can
 //! plug in here later without changing the tests.
-
-// Each test binary compiles this module and uses a different part of it.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
