@@ -51,7 +51,7 @@ fn may_precede(b: Option<u8>) -> bool {
 
 /// The key version in a token's batch envelope, from the base64 text after
 /// the `hsc1.` prefix: `head` holds the first characters of the body (up to
-/// [`REF_CHARS`]), `total_chars` the length of the whole body text. `None`
+/// `REF_CHARS`), `total_chars` the length of the whole body text. `None`
 /// if it cannot be a token.
 pub fn token_key_ref(head: &[u8], total_chars: u64) -> Option<KeyRef> {
     let usable = head.len().min(REF_CHARS) / 4 * 4;

@@ -436,7 +436,7 @@ fn sync_dir(abs: &str) {
 }
 
 /// Appends one entry for `record`; returns its seq. `new_log_ok`: see
-/// [`plan`].
+/// `plan`.
 ///
 /// Every step leaves a log the next append accepts, whatever kills the
 /// process after it (the `kill_point` names, tested in

@@ -1,7 +1,7 @@
 //! What a run reports on stdout: one [`ItemReport`] per item of a bulk run
 //! (its `--json` line, or its human line), and the writers that stop the
 //! run quietly when stdout's reader has gone away (`| head`: exit 141)
-//! instead of failing with an error: [`outln!`] for result lines,
+//! instead of failing with an error: [`outln!`](crate::outln) for result lines,
 //! [`PipeAware`] for data.
 
 use crate::signals;
