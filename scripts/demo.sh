@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the operator's job end to end on a local SoftHSM2 token.
 # Creates a dev token and a key, encrypts a sample backup, inspects,
-# verifies and decrypts it, rotates, seals column dumps and a whole tree with
+# verifies and decrypts it, rotates the key and rewraps the file, seals column dumps and a whole tree with
 # parallel workers, and checks the audit log. Runs in target/demo
 # (recreated each time); touches no other token.
 set -euo pipefail
@@ -56,7 +56,7 @@ fi
 echo
 echo "Key rotation: a new version in the HSM, then the file's header is rewrapped (payload untouched)"
 step "$BIN" key rotate backups
-step "$BIN" rotate backup.sql.hseal
+step "$BIN" rewrap backup.sql.hseal
 step "$BIN" inspect backup.sql.hseal
 step "$BIN" decrypt -o restored2.sql backup.sql.hseal
 step cmp backup.sql restored2.sql
