@@ -1,6 +1,11 @@
-//! One module per subcommand. Each turns its parsed arguments into work and
-//! returns the process exit code (0 success, 1 some items failed); hard
-//! failures come back as `Error`, whose kind picks the exit code.
+//! One module per subcommand (and `deps`, the search that `inspect --deps`
+//! and `key destroy|purge --check` share), and [`run`], which dispatches a
+//! parsed command line to them around the audit log's check and entry.
+//! Each turns its parsed arguments into work and returns the process exit
+//! code (0 success, 1 some items failed); hard failures come back as
+//! `Error`, whose kind picks the exit code. Commands use the layers below
+//! them (`bulk`, `outputs`, `select`, `input`, `report`, `app`, `cli`) and
+//! the library; nothing below imports a command.
 
 pub mod audit;
 pub mod columns;
