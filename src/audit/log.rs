@@ -348,20 +348,29 @@ fn plan(
 pub fn check(backend: &dyn AuditBackend, path: &Path) -> Result<()> {
     backend.check_audit_key()?;
     let abs = absolute(path)?;
-    let end = match File::open(path) {
-        Ok(mut f) => {
-            flock(&f, false, path)?;
-            read_end(&mut f, path)?
+    // The shared lock is held until the head has been compared too: an
+    // append in between (line written, head moved) would otherwise look
+    // like a head ahead of the log, i.e. truncation.
+    let mut file = match File::open(path) {
+        Ok(f) => Some(f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::io_at("cannot open audit log", path.display(), &e)),
+    };
+    let end = match &mut file {
+        Some(f) => {
+            flock(f, false, path)?;
+            read_end(f, path)?
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => End {
+        None => End {
             len: 0,
             torn_at: 0,
             torn: Vec::new(),
             last: Last::None,
         },
-        Err(e) => return Err(Error::io_at("cannot open audit log", path.display(), &e)),
     };
-    plan(backend, end, path, &abs, false).map(|_| ())
+    let checked = plan(backend, end, path, &abs, false).map(|_| ());
+    drop(file);
+    checked
 }
 
 /// The complete line (without `\n`) of entry `seq` for `record`, MAC from
