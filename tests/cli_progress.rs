@@ -42,7 +42,7 @@ fn progress_only_on_a_terminal_and_never_with_quiet() {
         write(&c.path(&format!("t/f{i:03}")), &vec![b'x'; 20_000]);
     }
     let shown = on_a_terminal(&c, &["--jobs", "2", "encrypt", "--key", "k", "-r", "t"]);
-    // The bar's message and byte counter (the template in src/commands/bulk.rs).
+    // The bar's message and byte counter (the template in src/bin/hsmseal/bulk.rs).
     assert!(shown.contains("/200 items"), "no progress bar: {shown}");
     assert!(shown.contains("ETA") && shown.contains("MiB"), "{shown}");
 
