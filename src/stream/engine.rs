@@ -25,7 +25,7 @@ use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
 use zeroize::Zeroize;
 
 use super::kdf::{Derived, NONCE_LEN};
-use super::{CHUNK_SIZE, ENC_CHUNK_LEN, TAG_LEN};
+use super::params::{CHUNK_SIZE, ENC_CHUNK_LEN, TAG_LEN};
 use crate::error::{Error, Result};
 
 /// Chunks per batch: ~1 MiB, large enough that channel and syscall

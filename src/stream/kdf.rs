@@ -12,7 +12,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha512;
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{COMMITMENT_LEN, SALT_LEN};
+use super::params::{COMMITMENT_LEN, SALT_LEN};
 
 /// `"c2sp.org/chunked-encryption@v1+" || AEAD name || 0x00`, the fixed start
 /// of the HKDF info string; salt and context follow it.

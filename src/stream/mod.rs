@@ -23,23 +23,14 @@ use crate::secret::SecretKey;
 
 mod engine;
 mod kdf;
+mod params;
+
+use params::ENC_CHUNK_LEN;
+pub use params::{CHUNK_SIZE, COMMITMENT_LEN, PAYLOAD_HEADER_LEN, SALT_LEN, TAG_LEN};
 
 pub use engine::read_full;
 use engine::{Batch, ChunkCipher, BATCH_BYTES, BATCH_PLAIN};
 
-/// Plaintext bytes in every chunk but the final one.
-pub const CHUNK_SIZE: usize = 16384;
-/// AES-GCM tag appended to every chunk.
-pub const TAG_LEN: usize = 16;
-/// Random salt at the start of the payload.
-pub const SALT_LEN: usize = 24;
-/// Key commitment after the salt.
-pub const COMMITMENT_LEN: usize = 32;
-/// Salt and commitment.
-pub const PAYLOAD_HEADER_LEN: usize = SALT_LEN + COMMITMENT_LEN;
-
-/// A full chunk as stored.
-const ENC_CHUNK_LEN: usize = CHUNK_SIZE + TAG_LEN;
 /// Chunk counters must stay below 2^38 (the spec's limit; 4 PiB of data).
 const MAX_CHUNKS: u64 = 1 << 38;
 
