@@ -112,3 +112,74 @@ fn columns_round_trip_through_a_softhsm2_token() {
     // Nothing but the abort marker, so a loader reading it fails too.
     assert_eq!(miss.stdout, hsmseal::columns::abort::MARKER);
 }
+
+/// `--batch-size` counts cells (selected non-NULL values), not rows: 100
+/// rows with two encrypted cells each (and a third selected column that is
+/// always NULL) at `--batch-size 10` make 20 batch keys of exactly 10 tokens
+/// each, one HSM call apiece. Counting rows would make 10 batches of 20.
+#[test]
+fn batch_size_counts_cells_not_rows() {
+    let e = Cli::with_key();
+    let mut csv = b"id,a,b,n\n".to_vec();
+    for i in 0..100 {
+        csv.extend_from_slice(format!("{i},a{i},b{i},\n").as_bytes());
+    }
+    let enc = e.run_in(
+        &[
+            "--json",
+            "--jobs",
+            "1",
+            "columns",
+            "encrypt",
+            "--key",
+            "k",
+            "-f",
+            "csv",
+            "-c",
+            "a,b,n",
+            "--batch-size",
+            "10",
+        ],
+        &csv,
+    );
+    assert_eq!(enc.status.code(), Some(0), "{}", err(&enc));
+    let s = summary(&enc);
+    assert_eq!(s["stats"]["rows"], 100);
+    assert_eq!(s["stats"]["cells"], 200);
+    assert_eq!(s["stats"]["nulls"], 100);
+    assert_eq!(s["stats"]["batches"], 20);
+    assert_eq!(s["stats"]["hsm_calls"], 20);
+    // Tokens of one batch share its envelope, the token text's first 93
+    // characters ("hsc1." and the base64 of the 66-byte envelope for key
+    // "k"): 20 envelopes, each in exactly 10 tokens.
+    let text = String::from_utf8(enc.stdout).unwrap();
+    let mut per_batch = std::collections::BTreeMap::<String, usize>::new();
+    for line in text.lines().skip(1) {
+        for cell in line.split(',').skip(1).take(2) {
+            assert!(cell.starts_with("hsc1."), "{line}");
+            *per_batch.entry(cell[..93].to_string()).or_default() += 1;
+        }
+    }
+    assert_eq!(per_batch.len(), 20, "{per_batch:?}");
+    assert!(per_batch.values().all(|&n| n == 10), "{per_batch:?}");
+    // Out of range: a usage error before any HSM work.
+    for bad in ["0", "1000001"] {
+        let o = e.run_in(
+            &[
+                "columns",
+                "encrypt",
+                "--key",
+                "k",
+                "-f",
+                "csv",
+                "-c",
+                "a",
+                "--batch-size",
+                bad,
+            ],
+            &csv,
+        );
+        assert_eq!(o.status.code(), Some(2), "{}", err(&o));
+        assert!(err(&o).contains("--batch-size"), "{}", err(&o));
+    }
+}

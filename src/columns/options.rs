@@ -17,7 +17,7 @@ pub struct ColumnOptions {
     pub row_id: Option<String>,
     /// Bound into every token, e.g. `app.users`. Empty by default.
     pub context: String,
-    /// Records per batch key.
+    /// Cells (selected non-NULL values, not rows) per batch key.
     pub batch_size: u64,
     /// On decrypt, copy selected values that are not tokens instead of
     /// failing.

@@ -100,7 +100,8 @@ const DEK_CT_LEN: usize = 32 + TAG_LEN;
 const FIXED_LEN: usize =
     1 + 4 + WRAP_IV_LEN + WRAPPED_KEY_LEN + NONCE_LEN + DEK_CT_LEN + 1 + TAG_LEN;
 
-/// Default number of records protected by one batch key.
+/// Default number of cells (selected non-NULL values, not rows) protected
+/// by one batch key.
 pub const DEFAULT_BATCH_SIZE: u64 = 10_000;
 /// Largest `--batch-size`: stays far below the 2^32 random-nonce limit of
 /// AES-GCM under one key.

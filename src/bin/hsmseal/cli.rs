@@ -497,8 +497,12 @@ pub struct ColumnsEncryptArgs {
     /// Key (KWK) name; default from the configuration.
     #[arg(long, short = 'k')]
     pub key: Option<String>,
-    /// Records per batch key: one HSM call per batch.
-    #[arg(long, default_value_t = hsmseal::columns::DEFAULT_BATCH_SIZE)]
+    /// Cells per batch key, not rows: each selected non-NULL value is one
+    /// cell, so a row with two encrypted columns uses two. One HSM call per
+    /// batch key; each worker (--jobs) draws its own, so a run makes
+    /// ceil(cells / N) batch keys, plus at most one partial one per worker
+    /// beyond the first. 1 to 1000000.
+    #[arg(long, value_name = "N", default_value_t = hsmseal::columns::DEFAULT_BATCH_SIZE)]
     pub batch_size: u64,
     /// Leave selected values that already are tokens as they are (counted
     /// and reported), e.g. to finish a half-encrypted dump. Without it such
