@@ -65,9 +65,9 @@ echo
 echo "Column dumps: selected columns become per-cell tokens bound to table, column and row"
 printf 'id,name,ssn,city\n1,"Doe, Jane",123-45-6789,Paris\n2,"O\x27Neil ""Mac""",,Oslo\n' > users.csv
 step cat users.csv
-step "$BIN" columns encrypt --key backups --columns name,ssn --row-id id --context app.users -i users.csv -o users.enc.csv
+step "$BIN" columns encrypt --key backups --columns name,ssn --row-id id --context app.users users.csv -o users.enc.csv
 step cat users.enc.csv
-step "$BIN" columns decrypt --columns name,ssn --row-id id --context app.users -i users.enc.csv -o users.dec.csv
+step "$BIN" columns decrypt --columns name,ssn --row-id id --context app.users users.enc.csv -o users.dec.csv
 step cmp users.csv users.dec.csv
 echo "users.dec.csv is byte-identical to users.csv"
 

@@ -183,3 +183,87 @@ fn batch_size_counts_cells_not_rows() {
         assert!(err(&o).contains("--batch-size"), "{}", err(&o));
     }
 }
+
+/// The command line of issue 10: `columns decrypt --columns ssn
+/// users.enc.csv -o users.csv`, the input positional as in every other
+/// data command, against a real token; several inputs are exit 2 before
+/// any PIN or HSM work (a wrong PIN would otherwise be exit 6).
+#[test]
+fn columns_take_a_positional_input() {
+    let e = Cli::with_key();
+    let (plain, enc, dec) = (
+        e.path("users.csv"),
+        e.path("users.enc.csv"),
+        e.path("users.dec.csv"),
+    );
+    std::fs::write(&plain, "id,ssn\n1,123-45-6789\n2,\n").unwrap();
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let o = e.run(&[
+        "columns",
+        "encrypt",
+        "--key",
+        "k",
+        "--columns",
+        "ssn",
+        &s(&plain),
+        "-o",
+        &s(&enc),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    let text = std::fs::read_to_string(&enc).unwrap();
+    assert!(
+        text.starts_with("id,ssn\n1,hsc1.") && !text.contains("6789"),
+        "{text}"
+    );
+    let o = e.run(&[
+        "columns",
+        "decrypt",
+        "--columns",
+        "ssn",
+        &s(&enc),
+        "-o",
+        &s(&dec),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert_eq!(std::fs::read(&dec).unwrap(), std::fs::read(&plain).unwrap());
+    let o = e.run_with(
+        &[
+            "columns",
+            "decrypt",
+            "--format",
+            "csv",
+            "--columns",
+            "ssn",
+            &s(&enc),
+            &s(&plain),
+            "-o",
+            &s(&e.path("x.csv")),
+        ],
+        None,
+        &[("HSMSEAL_PIN", "wrong-pin")],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", err(&o));
+    assert!(
+        err(&o).contains("one dump per run, got 2 inputs"),
+        "{}",
+        err(&o)
+    );
+    assert!(!e.path("x.csv").exists());
+    // The same with one input reaches the HSM: the wrong PIN is exit 6.
+    let o = e.run_with(
+        &[
+            "columns",
+            "decrypt",
+            "--format",
+            "csv",
+            "--columns",
+            "ssn",
+            &s(&enc),
+            "-o",
+            &s(&e.path("x.csv")),
+        ],
+        None,
+        &[("HSMSEAL_PIN", "wrong-pin")],
+    );
+    assert_eq!(o.status.code(), Some(6), "{}", err(&o));
+}

@@ -475,8 +475,13 @@ pub struct DumpArgs {
     /// given the same. Default: empty.
     #[arg(long, default_value = "")]
     pub context: String,
-    /// Input file ("-" or absent: stdin).
-    #[arg(long, short = 'i', value_name = "FILE")]
+    /// The dump to read ("-" or absent: stdin). One per run: a dump has
+    /// its own header and its own output, so several are refused (run
+    /// hsmseal once per dump).
+    #[arg(value_name = "INPUT")]
+    pub inputs: Vec<PathBuf>,
+    /// The same as INPUT (its earlier spelling, kept for scripts).
+    #[arg(long, short = 'i', value_name = "FILE", conflicts_with = "inputs")]
     pub input: Option<PathBuf>,
     /// Output file, written atomically with mode 0600 ("-" or absent: stdout).
     #[arg(long, short = 'o', value_name = "FILE")]

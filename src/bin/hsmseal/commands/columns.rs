@@ -1,6 +1,8 @@
 //! `hsmseal columns encrypt|decrypt|rewrap`: per-record encryption of
 //! selected columns in CSV, TSV, JSONL and PostgreSQL COPY dumps, streamed
-//! from stdin (or `-i FILE`) to stdout (or `-o FILE`, written atomically).
+//! from stdin (or the INPUT file, also spelled `-i FILE`) to stdout (or
+//! `-o FILE`, written atomically). One dump per run: several inputs are a
+//! usage error (see [`input_of`]).
 //!
 //! Invariants (issue 9): the format is never guessed (stdin needs
 //! `--format`); a run that fails writes nothing under `-o`'s name, and ends
@@ -36,6 +38,7 @@ pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
         }
         _ => None,
     };
+    input_of(dump_args(&cmd))?;
     options(dump_args(&cmd))?;
     if let ColumnsCommand::Decrypt(a) = &cmd {
         token_formats(a)?;
@@ -124,7 +127,7 @@ pub fn execute_with_stats(
         ColumnsCommand::Passthrough(_) => {}
     }
     let backend = || backend.ok_or_else(|| Error::usage("no key backend for this command"));
-    let input_path = dump.input.as_deref().filter(|p| *p != Path::new("-"));
+    let input_path = input_of(dump)?;
     let output_path = dump.output.as_deref().filter(|p| *p != Path::new("-"));
     if let (Some(i), Some(o)) = (input_path, output_path) {
         if same_file(i, o) {
@@ -200,7 +203,7 @@ fn format_of(a: &DumpArgs) -> Result<Format> {
         return Format::parse(f);
     }
     const CHOICES: &str = "pass --format csv, tsv, jsonl or pgcopy";
-    let input = a.input.as_deref().filter(|p| *p != Path::new("-"));
+    let input = input_of(a)?;
     let Some(input) = input else {
         return Err(Error::usage(format!(
             "the dump comes from stdin, which has no file name to tell its format by: {CHOICES}"
@@ -227,6 +230,29 @@ fn format_of(a: &DumpArgs) -> Result<Format> {
         }
     }
     Ok(format)
+}
+
+/// The input dump: the positional INPUT or `-i FILE` (clap refuses both);
+/// `None` for stdin (absent or "-"). Several inputs are refused rather
+/// than concatenated or given one output each: each dump has its own
+/// header, so two on one stdout would not be one loadable dump, and there
+/// is no output name to derive from a dump's name (a `columns` output is
+/// no `.hseal` file). A loop in the shell says what it means.
+fn input_of(a: &DumpArgs) -> Result<Option<&Path>> {
+    let input = match (a.input.as_deref(), a.inputs.as_slice()) {
+        (Some(p), _) => Some(p),
+        (None, []) => None,
+        (None, [p]) => Some(p.as_path()),
+        (None, many) => {
+            let names: Vec<String> = many.iter().map(|p| p.display().to_string()).collect();
+            return Err(Error::usage(format!(
+                "columns reads one dump per run, got {} inputs ({}): run hsmseal columns once per dump, each with its own -o",
+                many.len(),
+                names.join(", ")
+            )));
+        }
+    };
+    Ok(input.filter(|p| *p != Path::new("-")))
 }
 
 fn token_formats(a: &ColumnsDecryptArgs) -> Result<Vec<Format>> {

@@ -249,3 +249,75 @@ fn the_format_is_never_guessed() {
     )
     .unwrap();
 }
+
+/// `columns` takes its input dump as a positional INPUT like every other
+/// data command; `-i FILE` is the same (its earlier spelling) and "-" is
+/// stdin. Both at once is a clap error; several inputs are a usage error
+/// naming them, and nothing is written (they are never concatenated: each
+/// dump has its own header).
+#[test]
+fn the_input_is_positional_and_one_per_run() {
+    let b = MemoryBackend::new();
+    b.add_version("pii");
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    std::fs::write(p("users.csv"), "id,ssn\n1,123\n2,\n").unwrap();
+    std::fs::write(p("more.csv"), "id,ssn\n3,456\n").unwrap();
+    run(
+        &b,
+        &["encrypt", "-c", "ssn", &p("users.csv"), "-o", &p("a.csv")],
+    )
+    .unwrap();
+    run(
+        &b,
+        &["decrypt", "-c", "ssn", &p("a.csv"), "-o", &p("a.dec.csv")],
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read(p("a.dec.csv")).unwrap(),
+        std::fs::read(p("users.csv")).unwrap()
+    );
+    // -i is the same input; the positional one names the format too.
+    run(
+        &b,
+        &[
+            "decrypt",
+            "-c",
+            "ssn",
+            "-i",
+            &p("a.csv"),
+            "-o",
+            &p("b.dec.csv"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read(p("b.dec.csv")).unwrap(),
+        std::fs::read(p("users.csv")).unwrap()
+    );
+    // Both spellings at once: refused by the parser.
+    assert!(Cli::try_parse_from([
+        "columns",
+        "decrypt",
+        "-c",
+        "ssn",
+        "-i",
+        &p("a.csv"),
+        &p("a.csv")
+    ])
+    .is_err());
+    // Several inputs, with or without --format: a usage error naming them;
+    // no output appears.
+    for extra in [&[][..], &["--format", "csv"][..]] {
+        let mut args = vec!["encrypt", "-c", "ssn"];
+        args.extend_from_slice(extra);
+        let (u, m, o) = (p("users.csv"), p("more.csv"), p("both.csv"));
+        args.extend_from_slice(&[&u, &m, "-o", &o]);
+        let e = run(&b, &args).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Usage, "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("one dump per run, got 2 inputs"), "{msg}");
+        assert!(msg.contains("more.csv"), "{msg}");
+        assert!(!d.path().join("both.csv").exists());
+    }
+}
