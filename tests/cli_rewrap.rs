@@ -148,6 +148,72 @@ fn damaged_and_foreign_files_are_left_byte_identical_and_the_run_goes_on() {
     }
 }
 
+/// A file already on the current version costs no HSM call: its header
+/// says so (issue 10). 20 files rewrapped after a `key rotate` cost 40
+/// calls (an unwrap and a wrap each); the second run, all unchanged, 0.
+/// What `unchanged` promises is the version, not integrity: a payload
+/// damaged after the rewrap is still `unchanged` (no unwrap, no read of the
+/// payload), `verify` catches it; a file to move is still authenticated
+/// first (the damaged one fails once the key rotates again).
+#[test]
+fn rewrapping_current_files_costs_no_hsm_call() {
+    let c = Cli::with_key();
+    let mut names = Vec::new();
+    for i in 0..20 {
+        let n = format!("f{i}");
+        write(&c.path(&n), &data(10_000 + i, i as u64));
+        c.ok(&["encrypt", "--key", "k", &n]);
+        names.push(format!("{n}.hseal"));
+    }
+    let summary = |args: &[&str]| -> serde_json::Value {
+        let out = c.run(args);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let text = String::from_utf8(out.stdout).unwrap();
+        let last: serde_json::Value =
+            serde_json::from_str(text.lines().last().unwrap_or_default()).unwrap();
+        last["summary"].clone()
+    };
+    c.ok(&["key", "rotate", "k"]);
+    let mut args = vec!["--json", "rewrap"];
+    args.extend(names.iter().map(String::as_str));
+    let s = summary(&args);
+    assert_eq!(
+        (s["rotated"].as_u64(), s["hsm_calls"].as_u64()),
+        (Some(20), Some(40)),
+        "{s}"
+    );
+    let s = summary(&args);
+    assert_eq!(
+        (s["unchanged"].as_u64(), s["hsm_calls"].as_u64()),
+        (Some(20), Some(0)),
+        "{s}"
+    );
+    // --key naming the file's own key, and --dry-run: the same.
+    let mut a = vec!["--json", "rewrap", "--dry-run", "--key", "k"];
+    a.extend(names.iter().map(String::as_str));
+    let s = summary(&a);
+    assert_eq!(
+        (s["unchanged"].as_u64(), s["hsm_calls"].as_u64()),
+        (Some(20), Some(0)),
+        "{s}"
+    );
+    // Damage one payload: still unchanged (the header is), verify fails.
+    let mut t = std::fs::read(c.path("f0.hseal")).unwrap();
+    let n = t.len() - 10;
+    t[n] ^= 4;
+    write(&c.path("f0.hseal"), &t);
+    let out = c.run(&["--json", "rewrap", "f0.hseal"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"unchanged\""));
+    assert_eq!(code(&c.run(&["verify", "f0.hseal"])), 3);
+    // Moving it is authenticated first: refused, left byte-identical.
+    c.ok(&["key", "rotate", "k"]);
+    let out = c.run(&["--json", "rewrap", "f0.hseal", "f1.hseal"]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert_eq!(std::fs::read(c.path("f0.hseal")).unwrap(), t);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"rotated\""));
+}
+
 #[test]
 fn reencrypt_replaces_the_payload_under_a_new_data_key() {
     let c = Cli::with_key();

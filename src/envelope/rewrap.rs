@@ -40,7 +40,8 @@ use zeroize::Zeroizing;
 /// What a rewrap or re-encryption did (or, with `dry_run`, would do) to one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Already under the target key version: nothing written.
+    /// Already under the target key version, by its header: nothing
+    /// written, no HSM call, not authenticated (see [`rewrap`]).
     Unchanged(KeyRef),
     /// Envelope rewritten from the first to the second key version.
     Rewrapped { from: KeyRef, to: KeyRef },
@@ -63,6 +64,13 @@ fn lock(path: &Path, dry_run: bool) -> Result<LockedFile> {
     LockedFile::open(path, !dry_run)
 }
 
+/// Reads and checks (format, envelope checksums) the header; no HSM call.
+fn read_header(f: &mut File) -> Result<Header> {
+    f.seek(SeekFrom::Start(0))
+        .map_err(|e| Error::io(format!("reading input: {e}")))?;
+    Ok(file::read_header(f)?.0)
+}
+
 /// Reads and checks the header, unwraps the data key and authenticates it
 /// against the payload (commitment and final chunk). Nothing is written.
 fn authenticate(backend: &dyn KeyBackend, f: &mut File) -> Result<(Header, SecretKey, u64)> {
@@ -70,9 +78,7 @@ fn authenticate(backend: &dyn KeyBackend, f: &mut File) -> Result<(Header, Secre
         .metadata()
         .map_err(|e| Error::io(format!("cannot stat: {e}")))?
         .len();
-    f.seek(SeekFrom::Start(0))
-        .map_err(|e| Error::io(format!("reading input: {e}")))?;
-    let (hdr, _) = file::read_header(f)?;
+    let hdr = read_header(f)?;
     let (dek, _) = file::unwrap_dek(backend, &hdr)?;
     let plain = stream::authenticate_key_and_length(
         &dek,
@@ -84,6 +90,15 @@ fn authenticate(backend: &dyn KeyBackend, f: &mut File) -> Result<(Header, Secre
 }
 
 /// Rewraps the file's data key under `name`'s current version, in place.
+///
+/// [`Outcome::Unchanged`] costs no HSM call: it means the header is well
+/// formed and its envelope in force already names the target version, so
+/// there is nothing to rewrap and nothing was written. It does not
+/// authenticate the file (an unwrap and the payload's first and last
+/// pieces would; `verify` does all of it): a file already on the current
+/// version is not made any more readable by a rewrap, and a nightly rewrap
+/// of a tree should cost the HSM nothing for files it moved the night
+/// before. Whatever is written is authenticated first.
 pub fn rewrap(
     backend: &dyn KeyBackend,
     path: &Path,
@@ -93,13 +108,17 @@ pub fn rewrap(
     // Held until the second fsync: the header is read, checked and
     // rewritten by this process alone.
     let mut locked = lock(path, dry_run)?;
+    // The cheapest correct check first: the header says which version the
+    // data key is under, and the target needs no wrap or unwrap to find.
+    let now = read_header(locked.file_mut())?.active().1.kwk.clone();
+    let to = target_for(backend, &now, name)?;
+    if to == now {
+        return Ok(Outcome::Unchanged(now));
+    }
     let (hdr, dek, _) = authenticate(backend, locked.file_mut())?;
+    // The same header as above: it was read under the same lock.
     let (active_index, active) = hdr.active();
     let from = active.kwk.clone();
-    let to = target_for(backend, &from, name)?;
-    if to == from {
-        return Ok(Outcome::Unchanged(from));
-    }
     // The sequence number is covered by the envelope checksum alone, so an
     // edited header can hold the largest one; wrapping it would write an
     // invalid envelope and then clear the valid one (found by fuzzing:
@@ -305,10 +324,13 @@ mod tests {
         assert_eq!(h.active().0, 1);
         assert!(h.envelopes[0].is_none(), "old envelope not cleared");
         assert_eq!(decrypt(&b, &p).unwrap(), pt);
+        // Unchanged is told by the header: no backend call.
+        let calls = b.calls();
         assert!(matches!(
             rewrap(&b, &p, None, false).unwrap(),
             Outcome::Unchanged(_)
         ));
+        assert_eq!(b.calls(), calls);
         assert_eq!(std::fs::read(&p).unwrap(), after);
         // And back into place 0 on the next version.
         b.add_version("k");

@@ -117,7 +117,9 @@ pub enum Command {
     ///
     /// Changes on disk: only the 1024-byte header of each file that is not
     /// already on the current version; the payload is neither read nor moved,
-    /// so any file is rewrapped in the same time. Crash-safe: killed at any
+    /// so any file is rewrapped in the same time. A file already on the
+    /// current version is reported unchanged from its header alone (no HSM
+    /// call; not authenticated: `verify` does that). Crash-safe: killed at any
     /// point, each file decrypts under the old or the new version. With
     /// --reencrypt, a new data key and payload replace the file atomically.
     /// Changes in the HSM: none. Files that fail authentication are left
