@@ -460,7 +460,7 @@ fn rotate_rewraps_envelopes_only() {
     };
     let mut rotated = Vec::new();
     let before = b.calls();
-    let rs = columns::rewrap(&b, &k2, &o, Cursor::new(encd.clone()), &mut rotated).unwrap();
+    let rs = columns::rewrap(&b, Some(&k2), &o, Cursor::new(encd.clone()), &mut rotated).unwrap();
     assert_eq!(rs.cells, 1000);
     assert_eq!(rs.batches, s.batches);
     assert_eq!(b.calls() - before, 2 * s.batches);
@@ -470,7 +470,7 @@ fn rotate_rewraps_envelopes_only() {
     assert_eq!(dec(&b, &o, &rotated).unwrap().0, input);
     // Rotating again is a no-op.
     let mut again = Vec::new();
-    let rs2 = columns::rewrap(&b, &k2, &o, Cursor::new(rotated.clone()), &mut again).unwrap();
+    let rs2 = columns::rewrap(&b, Some(&k2), &o, Cursor::new(rotated.clone()), &mut again).unwrap();
     assert_eq!(again, rotated);
     assert_eq!(rs2.hsm_calls, 0);
 }

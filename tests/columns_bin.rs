@@ -267,3 +267,75 @@ fn columns_take_a_positional_input() {
     );
     assert_eq!(o.status.code(), Some(6), "{}", err(&o));
 }
+
+/// `columns rewrap` without --key takes each token to the current version
+/// of its own key, like file `rewrap` (issue 10): a dump with column a
+/// under key k and column b under key b, both keys rotated, ends with a
+/// under k v2 and b under b v2 (decrypts with both v1 disabled), and the
+/// configured default key (HSMSEAL_KEY) plays no part. Again: no HSM call.
+/// With --key b every token moves to b.
+#[test]
+fn columns_rewrap_defaults_to_each_tokens_own_key() {
+    let e = Cli::with_key();
+    e.ok(&["key", "create", "b"]);
+    let mut csv = b"id,a,b\n".to_vec();
+    for i in 0..50 {
+        csv.extend_from_slice(format!("{i},a{i},b{i}\n").as_bytes());
+    }
+    let enc = |stdin: &[u8], key: &str, col: &str| {
+        let o = e.run_in(
+            // One worker: one batch key per column, whatever the blocks.
+            &[
+                "-j", "1", "columns", "encrypt", "-f", "csv", "--key", key, "-c", col,
+            ],
+            stdin,
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+        o.stdout
+    };
+    let both = enc(&enc(&csv, "k", "a"), "b", "b");
+    e.ok(&["key", "rotate", "k"]);
+    e.ok(&["key", "rotate", "b"]);
+    let rewrap = |stdin: &[u8], extra: &[&str]| {
+        let mut args = vec!["--json", "--jobs", "2", "columns", "rewrap", "-f", "csv"];
+        args.extend_from_slice(&["-c", "a,b"]);
+        args.extend_from_slice(extra);
+        let o = e.run_with(&args, Some(stdin), &[("HSMSEAL_KEY", "k")]);
+        assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+        let s = summary(&o);
+        (o.stdout, s)
+    };
+    let (own, s) = rewrap(&both, &[]);
+    assert_eq!(s["stats"]["cells"], 100);
+    assert_eq!(s["stats"]["batches"], 2, "{s}");
+    assert_eq!(s["stats"]["hsm_calls"], 4, "{s}");
+    assert_eq!(s["key"], serde_json::Value::Null);
+    assert_eq!(
+        s["keys"],
+        serde_json::json!([{"name": "b", "version": 2}, {"name": "k", "version": 2}])
+    );
+    let (again, s) = rewrap(&own, &[]);
+    assert_eq!(again, own);
+    assert_eq!(s["stats"]["hsm_calls"], 0, "{s}");
+    // Each token went to its own key: with version 1 of both disabled,
+    // a decrypts and b decrypts.
+    let (moved, s) = rewrap(&both, &["--key", "b"]);
+    assert_eq!(s["keys"], serde_json::json!([{"name": "b", "version": 2}]));
+    e.ok(&["key", "disable", "k", "--version", "1"]);
+    e.ok(&["key", "disable", "b", "--version", "1"]);
+    for dump in [&own, &moved] {
+        let o = e.run_in(&["columns", "decrypt", "-f", "csv", "-c", "a,b"], dump);
+        assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+        assert_eq!(o.stdout, csv);
+    }
+    // With k's v2 disabled too: the dump moved to b still decrypts (--key b
+    // moved column a), the own-key one does not (column a is under k v2),
+    // and an own-key rewrap of the original has no version of k to go to.
+    e.ok(&["key", "disable", "k", "--version", "2"]);
+    let o = e.run_in(&["columns", "decrypt", "-f", "csv", "-c", "a,b"], &moved);
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    let o = e.run_in(&["columns", "decrypt", "-f", "csv", "-c", "a,b"], &own);
+    assert_eq!(o.status.code(), Some(4), "{}", err(&o));
+    let o = e.run_in(&["columns", "rewrap", "-f", "csv", "-c", "a,b"], &both);
+    assert_eq!(o.status.code(), Some(4), "{}", err(&o));
+}

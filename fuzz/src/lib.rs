@@ -476,7 +476,7 @@ pub fn token(data: &[u8]) {
     let opened = o.open(&aad, data).map(|(f, v)| (f, v.to_vec()));
     let rc = token::RewrapCache::new();
     let target = v2();
-    let mut rw = token::Rewrapper::new(&keys, &target, &rc);
+    let mut rw = token::Rewrapper::new(&keys, Some(&target), &rc);
     let mut rewrapped = Vec::new();
     let r = rw.rewrap(data, &mut rewrapped);
     match &opened {
@@ -624,7 +624,7 @@ pub fn dump(format: Format, data: &[u8]) {
                 assert!(d == rest, "decrypt(encrypt(x)) != x");
             }
             assert_eq!((ds.rows, ds.cells), (es.rows, es.cells));
-            let (r, rs) = run_columns(|i, o| columns::rewrap(&keys, &v2(), &dopts, i, o), e)
+            let (r, rs) = run_columns(|i, o| columns::rewrap(&keys, Some(&v2()), &dopts, i, o), e)
                 .unwrap_or_else(|err| panic!("rotating what encrypt wrote: {err}"));
             assert_eq!(rs.cells, es.cells);
             let (d2, _) = run_columns(|i, o| columns::decrypt(&keys, &dopts, i, o), &r)
@@ -644,7 +644,10 @@ pub fn dump(format: Format, data: &[u8]) {
     if let Err(e) = run_columns(|i, o| columns::decrypt(&keys, &opts, i, o), rest) {
         assert_kind(&e, DUMP_ERRORS);
     }
-    if let Err(e) = run_columns(|i, o| columns::rewrap(&keys, &v2(), &opts, i, o), rest) {
+    if let Err(e) = run_columns(
+        |i, o| columns::rewrap(&keys, Some(&v2()), &opts, i, o),
+        rest,
+    ) {
         assert_kind(&e, DUMP_ERRORS);
     }
 }

@@ -23,8 +23,9 @@ pub(super) enum Mode<'a> {
     Encrypt(&'a dyn KeyBackend, &'a KeyRef),
     /// Open each token.
     Decrypt(&'a dyn KeyBackend),
-    /// Rewrap each token's batch key to this KWK version.
-    Rewrap(&'a dyn KeyBackend, &'a KeyRef),
+    /// Rewrap each token's batch key to this KWK version (`None`: to the
+    /// current version of the token's own key).
+    Rewrap(&'a dyn KeyBackend, Option<&'a KeyRef>),
     /// Parse and write back, no cryptography.
     Passthrough,
 }

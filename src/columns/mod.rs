@@ -75,10 +75,12 @@ pub fn decrypt(
 }
 
 /// Rewraps the batch key of every token in the selected columns to `target`
-/// (the current KWK version) without touching the encrypted records.
+/// (a current KWK version), or with `None` each to the current version of
+/// the key it is under now, without touching the encrypted records.
+/// [`ColumnStats::targets`] lists the versions the tokens went to.
 pub fn rewrap(
     backend: &dyn KeyBackend,
-    target: &KeyRef,
+    target: Option<&KeyRef>,
     opts: &ColumnOptions,
     input: impl Read + Send + 'static,
     output: impl Write,

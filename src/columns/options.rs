@@ -78,4 +78,8 @@ pub struct ColumnStats {
     pub seconds: f64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// `rewrap`: the key versions the tokens are under now (the given
+    /// target, or each token's own key at its current version).
+    #[serde(skip)]
+    pub targets: Vec<crate::backend::KeyRef>,
 }

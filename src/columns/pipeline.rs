@@ -252,9 +252,13 @@ pub(super) fn run(
             stats.hsm_calls += batch_cache.hsm_calls();
             stats.batches = batch_cache.hsm_calls();
         }
-        Mode::Rewrap(..) => {
+        Mode::Rewrap(_, target) => {
             stats.hsm_calls += rewrap_cache.hsm_calls();
             stats.batches = rewrap_cache.hsm_calls() / 2;
+            stats.targets = match target {
+                Some(t) => vec![t.clone()],
+                None => rewrap_cache.targets(),
+            };
         }
         _ => {}
     }

@@ -467,8 +467,58 @@ impl<V: Clone> EnvelopeCache<V> {
 
 /// Unwrapped batch ciphers for decryption.
 pub type BatchCache = EnvelopeCache<Arc<Aes256Gcm>>;
-/// New envelopes by old envelope, for rotation.
-pub type RewrapCache = EnvelopeCache<Arc<Vec<u8>>>;
+/// What the workers of one `columns rewrap` run share: the new envelope
+/// by old envelope (one unwrap and one wrap per distinct batch), and, when
+/// each token goes to its own key, the current version of each key name.
+#[derive(Default)]
+pub struct RewrapCache {
+    envelopes: EnvelopeCache<Arc<Vec<u8>>>,
+    /// Looked up once per run under this lock, so every token of one key
+    /// ends under one version even if the key is rotated during the run.
+    current: Mutex<std::collections::BTreeMap<String, u32>>,
+}
+
+impl RewrapCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// HSM calls made to rewrap envelopes (version look-ups are not wraps
+    /// or unwraps and are not counted, as in [`KeyBackend::calls`]).
+    pub fn hsm_calls(&self) -> u64 {
+        self.envelopes.hsm_calls()
+    }
+
+    /// The current version of `name`, the same for the whole run.
+    fn current(&self, backend: &dyn KeyBackend, name: &str) -> Result<KeyRef> {
+        let mut m = self.current.lock().expect("current versions lock");
+        let version = match m.get(name) {
+            Some(&v) => v,
+            None => {
+                let v = backend.current_version(name)?;
+                m.insert(name.to_string(), v);
+                v
+            }
+        };
+        Ok(KeyRef {
+            name: name.to_string(),
+            version,
+        })
+    }
+
+    /// The key versions tokens were taken to when each went to its own
+    /// key (empty with a given target): every token the run wrote is under
+    /// one of them.
+    pub fn targets(&self) -> Vec<KeyRef> {
+        let m = self.current.lock().expect("current versions lock");
+        m.iter()
+            .map(|(name, &version)| KeyRef {
+                name: name.clone(),
+                version,
+            })
+            .collect()
+    }
+}
 
 /// Opens tokens. One per worker thread; remembers the last batch it used so
 /// consecutive tokens of one batch skip the shared cache.
@@ -540,24 +590,32 @@ impl<'a> Opener<'a> {
     }
 }
 
-/// Rewraps token envelopes to a new KWK version (`columns rewrap`). One per
-/// worker, sharing a [`RewrapCache`] so each distinct batch costs one unwrap
-/// and one wrap.
+/// A rewrapped envelope, or `None` for one already under its target.
+type Replacement = Option<Arc<Vec<u8>>>;
+
+/// Rewraps token envelopes to a new KWK version (`columns rewrap`): to
+/// the given target, or (`None`) each token to its own key's current
+/// version. One per worker, sharing a [`RewrapCache`] so each distinct
+/// batch costs one unwrap and one wrap.
 pub struct Rewrapper<'a> {
     backend: &'a dyn KeyBackend,
-    target: &'a KeyRef,
-    target_aad: Vec<u8>,
+    target: Option<&'a KeyRef>,
     cache: &'a RewrapCache,
-    last: Option<(Vec<u8>, Arc<Vec<u8>>)>,
+    /// The last envelope seen and its replacement (`None`: already under
+    /// its target, copied as it is).
+    last: Option<(Vec<u8>, Replacement)>,
     body: Vec<u8>,
 }
 
 impl<'a> Rewrapper<'a> {
-    pub fn new(backend: &'a dyn KeyBackend, target: &'a KeyRef, cache: &'a RewrapCache) -> Self {
+    pub fn new(
+        backend: &'a dyn KeyBackend,
+        target: Option<&'a KeyRef>,
+        cache: &'a RewrapCache,
+    ) -> Self {
         Rewrapper {
             backend,
             target,
-            target_aad: wrap_aad(target),
             cache,
             last: None,
             body: Vec::with_capacity(512),
@@ -566,7 +624,8 @@ impl<'a> Rewrapper<'a> {
 
     /// Appends to `out` the token `text` with its envelope rewrapped under the
     /// target KWK; the record part is copied untouched. A token already under
-    /// the target is copied as it is. Returns whether it changed.
+    /// the target is copied as it is, with no HSM call. Returns whether it
+    /// changed.
     ///
     /// The batch key is authenticated by its unwrap; the records are not
     /// opened (that needs their bindings), so `decrypt` remains the check.
@@ -577,19 +636,26 @@ impl<'a> Rewrapper<'a> {
         let hit = matches!(&self.last, Some((e, _)) if e[..] == env[..]);
         if !hit {
             let (kwk, wrapped) = parse_envelope(env)?;
-            if kwk == *self.target {
-                out.extend_from_slice(text);
-                return Ok(false);
-            }
-            let (backend, target, target_aad) = (self.backend, self.target, &self.target_aad);
-            let new = self.cache.get(env, 2, || {
-                let key = backend.unwrap(&kwk, &wrapped, &wrap_aad(&kwk))?;
-                let new = backend.wrap(target, &key, target_aad)?;
-                Ok(Arc::new(envelope_bytes(target, &new)))
-            })?;
+            let target = match self.target {
+                Some(t) => t.clone(),
+                None => self.cache.current(self.backend, &kwk.name)?,
+            };
+            let new = if kwk == target {
+                None
+            } else {
+                let backend = self.backend;
+                Some(self.cache.envelopes.get(env, 2, || {
+                    let key = backend.unwrap(&kwk, &wrapped, &wrap_aad(&kwk))?;
+                    let new = backend.wrap(&target, &key, &wrap_aad(&target))?;
+                    Ok(Arc::new(envelope_bytes(&target, &new)))
+                })?)
+            };
             self.last = Some((env.to_vec(), new));
         }
-        let new = &self.last.as_ref().expect("set above").1;
+        let Some(new) = &self.last.as_ref().expect("set above").1 else {
+            out.extend_from_slice(text);
+            return Ok(false);
+        };
         let mut nbody = Vec::with_capacity(self.body.len() + 64);
         nbody.extend_from_slice(new);
         nbody.extend_from_slice(&self.body[elen..]);
@@ -694,7 +760,7 @@ mod tests {
             version: b.add_version("pii"),
         };
         let rc = RewrapCache::new();
-        let mut r = Rewrapper::new(&b, &k2, &rc);
+        let mut r = Rewrapper::new(&b, Some(&k2), &rc);
         let mut t2 = Vec::new();
         assert!(r.rewrap(&tok, &mut t2).unwrap());
         assert_ne!(t2, tok);

@@ -441,8 +441,8 @@ pub enum ColumnsCommand {
     Encrypt(ColumnsEncryptArgs),
     /// Decrypt the tokens in the selected columns.
     Decrypt(ColumnsDecryptArgs),
-    /// Rewrap every token's batch key to the current KWK version, without
-    /// re-encrypting the values.
+    /// Rewrap every token's batch key to the current version of its key
+    /// (or of --key), without re-encrypting the values.
     ///
     /// `rotate` is another name for this command (its earlier name).
     #[command(visible_alias = "rotate")]
@@ -544,8 +544,8 @@ pub struct ColumnsDecryptArgs {
 pub struct ColumnsRewrapArgs {
     #[command(flatten)]
     pub dump: DumpArgs,
-    /// Key (KWK) name whose current version tokens are rewrapped to;
-    /// default from the configuration.
+    /// Move tokens to this key's current version (default: each token's
+    /// own key, as for file rewrap; the configured default key is not used).
     #[arg(long, short = 'k')]
     pub key: Option<String>,
     /// Copy selected values that are not tokens instead of failing.

@@ -32,9 +32,14 @@ use std::time::{Duration, Instant};
 pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
     // Usage errors first: no PIN prompt or HSM login for a mistyped flag.
     let key_name = match &cmd {
-        ColumnsCommand::Encrypt(ColumnsEncryptArgs { key, .. })
-        | ColumnsCommand::Rewrap(ColumnsRewrapArgs { key, .. }) => {
+        ColumnsCommand::Encrypt(ColumnsEncryptArgs { key, .. }) => {
             Some(app.key_name(key.as_deref())?)
+        }
+        // Like file `rewrap`: without --key each token stays with its own
+        // key (the configured default key is for new encryptions).
+        ColumnsCommand::Rewrap(ColumnsRewrapArgs { key: Some(k), .. }) => {
+            hsmseal::backend::validate_key_name(k)?;
+            Some(k.clone())
         }
         _ => None,
     };
@@ -48,7 +53,7 @@ pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
         _ => Some(app.backend()?),
     };
     // 0: one worker per core (the global --jobs setting, once App has it).
-    let (stats, key) = execute_with_stats(backend.as_deref(), key_name, app.json, app.jobs, cmd)?;
+    let (stats, keys) = execute_with_stats(backend.as_deref(), key_name, app.json, app.jobs, cmd)?;
     // For the audit entry: cells are the items; NULLs, and plaintext cells
     // or tokens left as they were on request, are skipped.
     app.stats.ok.fetch_add(stats.cells, Ordering::Relaxed);
@@ -57,7 +62,7 @@ pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
         Ordering::Relaxed,
     );
     app.stats.bytes.fetch_add(stats.bytes_in, Ordering::Relaxed);
-    if let Some(k) = key {
+    for k in keys {
         app.stats.add_key(k);
     }
     // Cells left as they were on request are said, so a partial result is
@@ -94,16 +99,17 @@ fn dump_args(cmd: &ColumnsCommand) -> &DumpArgs {
 
 /// Runs a `columns` subcommand with a given key backend (the HSM, or the
 /// memory backend in the unit tests): `key_name` is the resolved key for
-/// encrypt and rewrap, `json` selects the JSON summary, `jobs` the worker
-/// threads (0: one per core). Returns the run's statistics and the key
-/// version it encrypted or rewrapped under.
+/// encrypt and rewrap (for rewrap, `None`: each token to its own key),
+/// `json` selects the JSON summary, `jobs` the worker threads (0: one per
+/// core). Returns the run's statistics and the key versions it encrypted or
+/// rewrapped under.
 pub fn execute_with_stats(
     backend: Option<&dyn KeyBackend>,
     key_name: Option<String>,
     json: bool,
     jobs: usize,
     cmd: ColumnsCommand,
-) -> Result<(ColumnStats, Option<KeyRef>)> {
+) -> Result<(ColumnStats, Vec<KeyRef>)> {
     let op = match &cmd {
         ColumnsCommand::Encrypt(_) => "encrypt",
         ColumnsCommand::Decrypt(_) => "decrypt",
@@ -153,17 +159,14 @@ pub fn execute_with_stats(
     };
     let place = input_path.map_or_else(|| "stdin".to_string(), |p| p.display().to_string());
     let go = |out: &mut dyn Write| -> Result<ColumnStats> {
-        let target = || {
-            target
-                .as_ref()
-                .ok_or_else(|| Error::usage("no key given: pass --key NAME"))
-        };
+        let given = target.as_ref();
+        let target = || given.ok_or_else(|| Error::usage("no key given: pass --key NAME"));
         match &cmd {
             ColumnsCommand::Encrypt(_) => {
                 columns::encrypt(backend()?, target()?, &opts, input, out)
             }
             ColumnsCommand::Decrypt(_) => columns::decrypt(backend()?, &opts, input, out),
-            ColumnsCommand::Rewrap(_) => columns::rewrap(backend()?, target()?, &opts, input, out),
+            ColumnsCommand::Rewrap(_) => columns::rewrap(backend()?, given, &opts, input, out),
             ColumnsCommand::Passthrough(_) => columns::passthrough(&opts, input, out),
         }
     };
@@ -192,7 +195,11 @@ pub fn execute_with_stats(
         }
     };
     report(json, dump, op, opts.format, target.as_ref(), &stats);
-    Ok((stats, target))
+    let keys = match &cmd {
+        ColumnsCommand::Rewrap(_) => stats.targets.clone(),
+        _ => target.into_iter().collect(),
+    };
+    Ok((stats, keys))
 }
 
 /// The dump format: `--format`, else the input file's extension; never a
@@ -277,13 +284,19 @@ fn options(a: &DumpArgs) -> Result<ColumnOptions> {
 /// The summary on stderr: JSON with `--json`, a line with `--stats` (asked
 /// for explicitly, so printed even with `--quiet`).
 fn report(json: bool, a: &DumpArgs, op: &str, fmt: Format, key: Option<&KeyRef>, s: &ColumnStats) {
+    let key_json = |k: &KeyRef| serde_json::json!({"name": k.name, "version": k.version});
     if json {
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "command": format!("columns {op}"),
             "format": fmt,
-            "key": key.map(|k| serde_json::json!({"name": k.name, "version": k.version})),
+            "key": key.map(key_json),
             "stats": s,
         });
+        // rewrap: the versions the tokens are under now (without --key,
+        // one per key the dump's tokens were under).
+        if op == "rotate" {
+            v["keys"] = s.targets.iter().map(key_json).collect();
+        }
         eprintln!("{v}");
     } else if a.stats {
         eprintln!(

@@ -24,7 +24,7 @@ fn run(b: &MemoryBackend, args: &[&str]) -> Result<i32> {
         .cmd;
     let key = match &cmd {
         ColumnsCommand::Encrypt(a) => Some(a.key.clone().unwrap_or_else(|| "pii".into())),
-        ColumnsCommand::Rewrap(a) => Some(a.key.clone().unwrap_or_else(|| "pii".into())),
+        ColumnsCommand::Rewrap(a) => a.key.clone(),
         _ => None,
     };
     if let Some(k) = &key {
