@@ -64,6 +64,51 @@ fn versions(c: &Cli, name: &str) -> Vec<(u64, String, Vec<String>)> {
         .collect()
 }
 
+/// Two nightly `key rotate --if-older-than` jobs at once make one new
+/// version, never two: the age check and the creation happen under one
+/// exclusive token lock. Each round disables the current version, so both
+/// jobs see a key with no usable version; the one that runs second must
+/// see the version the first made (young: not rotated).
+#[test]
+fn two_conditional_rotates_at_once_make_one_version() {
+    let c = Cli::with_key();
+    let rounds = 10;
+    for round in 1..=rounds {
+        c.ok(&["key", "disable", "k", "--version", &round.to_string()]);
+        let outs = all_ok(vec![
+            (
+                format!("round {round}: a"),
+                spawn(
+                    &c,
+                    &["--json", "key", "rotate", "k", "--if-older-than", "1d"],
+                ),
+            ),
+            (
+                format!("round {round}: b"),
+                spawn(
+                    &c,
+                    &["--json", "key", "rotate", "k", "--if-older-than", "1d"],
+                ),
+            ),
+        ]);
+        let rotated: Vec<bool> = outs
+            .iter()
+            .map(|o| {
+                let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+                assert_eq!(v["current_version"], round + 1, "round {round}: {v}");
+                v["rotated"].as_bool().unwrap()
+            })
+            .collect();
+        assert_eq!(
+            rotated.iter().filter(|r| **r).count(),
+            1,
+            "round {round}: {rotated:?}"
+        );
+    }
+    let numbers: Vec<u64> = versions(&c, "k").iter().map(|(v, _, _)| *v).collect();
+    assert_eq!(numbers, (1..=rounds + 1).collect::<Vec<u64>>());
+}
+
 #[test]
 fn two_key_rotates_at_once_issue_unique_usable_versions() {
     let c = Cli::with_key();

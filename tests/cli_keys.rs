@@ -338,6 +338,74 @@ fn purge_destroys_old_non_current_versions_and_dry_run_changes_nothing() {
     assert_eq!(r["destroyed"].as_array().unwrap().len(), 0);
 }
 
+/// `key rotate --if-older-than DURATION` makes a nightly job idempotent
+/// (issue 10): it rotates only a current version created at or before
+/// now - DURATION (0s: always old; 1h: a version made by this test never
+/// is), or a key with no usable version; it says which and exits 0 either
+/// way, and the JSON says `rotated`.
+#[test]
+fn rotate_if_older_than_rotates_only_an_old_or_unusable_current_version() {
+    let c = Cli::with_key();
+    let before = c.ok(&["--json", "key", "list"]);
+    let r = json(&c.ok(&["--json", "key", "rotate", "k", "--if-older-than", "1h"]));
+    assert_eq!(r["rotated"], false, "{r}");
+    assert_eq!(r["current_version"], 1);
+    assert_eq!(r["previous_version"], 1);
+    assert!(
+        r["reason"].as_str().unwrap().contains("after the cutoff"),
+        "{r}"
+    );
+    assert!(unix(r["cutoff"].as_str().unwrap()).abs_diff(now() - 3600) < 300);
+    assert_eq!(c.ok(&["--json", "key", "list"]), before, "nothing changed");
+    let out = String::from_utf8(c.ok(&["key", "rotate", "k", "--if-older-than", "2w"])).unwrap();
+    assert!(out.starts_with("not rotated: key k"), "{out}");
+    assert!(out.contains("use v1. Nothing changed"), "{out}");
+
+    let r = json(&c.ok(&["--json", "key", "rotate", "k", "--if-older-than", "0s"]));
+    assert_eq!(r["rotated"], true, "{r}");
+    assert_eq!(
+        (
+            r["previous_version"].as_u64(),
+            r["current_version"].as_u64()
+        ),
+        (Some(1), Some(2))
+    );
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap()
+            .contains("at or before the cutoff"),
+        "{r}"
+    );
+    assert_eq!(states(&c, "k"), st(&[(1, "decrypt-only"), (2, "active")]));
+    // Straight after, the same nightly job does nothing.
+    let r = json(&c.ok(&["--json", "key", "rotate", "k", "--if-older-than", "1d"]));
+    assert_eq!(
+        (r["rotated"].as_bool(), r["current_version"].as_u64()),
+        (Some(false), Some(2))
+    );
+
+    // No usable version (every one disabled): rotated, however young.
+    c.ok(&["key", "disable", "k", "--version", "2"]);
+    c.ok(&["key", "disable", "k", "--version", "1"]);
+    let out = String::from_utf8(c.ok(&["key", "rotate", "k", "--if-older-than", "400d"])).unwrap();
+    assert!(out.starts_with("created k v3"), "{out}");
+    assert!(out.contains("no usable version"), "{out}");
+    assert_eq!(
+        states(&c, "k"),
+        st(&[(1, "disabled"), (2, "disabled"), (3, "active")])
+    );
+    // A key that does not exist: key error; a bad duration: usage error.
+    let out = c.run(&["key", "rotate", "nokey", "--if-older-than", "1d"]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    for bad in ["1y", "", "-1d"] {
+        let arg = format!("--if-older-than={bad}");
+        let out = c.run(&["key", "rotate", "k", &arg]);
+        assert_eq!(code(&out), 2, "{bad:?}: {}", stderr(&out));
+    }
+    assert_eq!(states(&c, "k").len(), 3);
+}
+
 #[test]
 fn bad_durations_and_flags_are_usage_errors_that_change_nothing() {
     let c = Cli::with_key();

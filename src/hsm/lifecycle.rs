@@ -111,6 +111,26 @@ pub struct PurgeReport {
     pub spared: Vec<PurgeItem>,
 }
 
+/// What `key rotate --if-older-than` decided ([`Hsm::rotate_if_older`]).
+#[derive(Serialize, Clone, Debug)]
+pub struct RotateReport {
+    pub key: String,
+    pub token: String,
+    /// Whether a new version was created.
+    pub rotated: bool,
+    /// Why, in words (names the version and its creation time).
+    pub reason: String,
+    /// A current version created at or before this moment (RFC 3339) is
+    /// rotated.
+    pub cutoff: String,
+    /// The version new encryptions use now (the new one if rotated).
+    pub current_version: u32,
+    /// The current version before (`None`: there was no usable one).
+    pub previous_version: Option<u32>,
+    /// Creation time of the current version.
+    pub created: Option<String>,
+}
+
 const REASON_OLD: &str = "created at or before the cutoff";
 const REASON_CURRENT: &str = "current version (new encryptions use it)";
 const REASON_NEW: &str = "created after the cutoff";
@@ -213,11 +233,88 @@ impl Hsm {
         if family.is_empty() {
             return Err(self.key_not_found(name));
         }
+        self.next_version_locked(&admin, &family, name)
+    }
+
+    /// Rotates `name` only if its current version was created at or before
+    /// `now - older_than` (the `key purge` cutoff rule), so a nightly
+    /// `key rotate --if-older-than 30d` is idempotent. It also rotates when
+    /// there is no usable current version (every version disabled or
+    /// destroyed, or the current one weak or duplicated: a new version is
+    /// what makes the key usable again) and when the current version's
+    /// creation time is unknown (the new one records it, so that happens
+    /// once). The decision and the creation are made under one exclusive
+    /// token lock: two such jobs at once make one new version, never two.
+    pub fn rotate_if_older(&self, name: &str, older_than: u64, now: u64) -> Result<RotateReport> {
+        validate_key_name(name)?;
+        let admin = self.admin_logged_in()?;
+        let family = self.family(&admin, name)?;
+        if family.is_empty() {
+            return Err(self.key_not_found(name));
+        }
+        let versions = self.version_infos(&admin, &family)?;
+        let cutoff = now.saturating_sub(older_than);
+        let current = versions.iter().find(|k| k.state == KeyState::Active);
+        let stamp = |k: &KeyInfo| {
+            k.created
+                .clone()
+                .unwrap_or_else(|| "at an unknown time".into())
+        };
+        let reason = match current {
+            None => "no usable version (all disabled or destroyed)".to_string(),
+            Some(c) if !c.problems.is_empty() => format!(
+                "current version v{} is not usable: {}",
+                c.version,
+                c.problems.join("; ")
+            ),
+            Some(c) => match c.created_not_after {
+                None => format!("creation time of current version v{} is unknown", c.version),
+                Some(t) if t <= cutoff => format!(
+                    "current version v{} was created {}, at or before the cutoff {}",
+                    c.version,
+                    stamp(c),
+                    crate::time::rfc3339(cutoff)
+                ),
+                Some(_) => {
+                    return Ok(RotateReport {
+                        key: name.to_string(),
+                        token: self.token_label.clone(),
+                        rotated: false,
+                        reason: format!(
+                            "current version v{} was created {}, after the cutoff {}",
+                            c.version,
+                            stamp(c),
+                            crate::time::rfc3339(cutoff)
+                        ),
+                        cutoff: crate::time::rfc3339(cutoff),
+                        current_version: c.version,
+                        previous_version: Some(c.version),
+                        created: c.created.clone(),
+                    })
+                }
+            },
+        };
+        let info = self.next_version_locked(&admin, &family, name)?;
+        Ok(RotateReport {
+            key: name.to_string(),
+            token: self.token_label.clone(),
+            rotated: true,
+            reason,
+            cutoff: crate::time::rfc3339(cutoff),
+            current_version: info.version,
+            previous_version: current.map(|c| c.version),
+            created: info.created,
+        })
+    }
+
+    /// Creates the next version of `family` (non-empty); the caller holds
+    /// the exclusive token lock from its scan.
+    fn next_version_locked(&self, admin: &Session, family: &Family, name: &str) -> Result<KeyInfo> {
         let next = family.last_issued().checked_add(1).ok_or_else(|| {
             Error::key(format!("key {name:?} has reached the last version number"))
         })?;
-        let (mut info, h) = self.generate(&admin, name, next)?;
-        self.ensure_unique(&admin, &info.key_ref(), h)?;
+        let (mut info, h) = self.generate(admin, name, next)?;
+        self.ensure_unique(admin, &info.key_ref(), h)?;
         info.state = KeyState::Active;
         Ok(info)
     }

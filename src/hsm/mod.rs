@@ -56,7 +56,7 @@ mod session;
 
 pub use doctor::DoctorReport;
 pub use kwk::{KeyAttributes, KeyInfo, KeyState};
-pub use lifecycle::{PurgeItem, PurgeReport, StateChange};
+pub use lifecycle::{PurgeItem, PurgeReport, RotateReport, StateChange};
 pub use session::{lock_token, quiesce, token_lock_path, TokenGuard};
 
 use crate::backend::KeyRef;

@@ -207,9 +207,18 @@ pub enum KeyCommand {
     ///
     /// Changes on disk: none; existing files stay under their old version until
     /// `hsmseal rewrap` rewraps them.
+    ///
+    /// With --if-older-than DURATION (for a nightly job): rotates only if
+    /// the current version was created at or before now - DURATION, or the
+    /// key has no usable current version, or its creation time is unknown;
+    /// says which, and exits 0 either way (--json: "rotated": true/false).
     Rotate {
         /// Key name
         name: String,
+        /// Rotate only if the current version is at least this old: a whole
+        /// number and a unit, s m h d or w (30d, 12h, 2w)
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        if_older_than: Option<u64>,
     },
     /// List hsmseal keys on the token: every version with its state and creation time
     ///

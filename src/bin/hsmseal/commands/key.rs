@@ -23,7 +23,7 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
     match &cmd {
         KeyCommand::List => {}
         KeyCommand::Create { name }
-        | KeyCommand::Rotate { name }
+        | KeyCommand::Rotate { name, .. }
         | KeyCommand::Info { name }
         | KeyCommand::Disable { name, .. }
         | KeyCommand::Enable { name, .. }
@@ -66,7 +66,33 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
                 );
             }
         }
-        KeyCommand::Rotate { name } => {
+        KeyCommand::Rotate {
+            name,
+            if_older_than: Some(age),
+        } => {
+            let r = hsm.rotate_if_older(&name, age, hsmseal::time::now_unix())?;
+            let k = KeyRef {
+                name: name.clone(),
+                version: r.current_version,
+            };
+            done(k, r.rotated);
+            if app.json {
+                print_json(&r);
+            } else if r.rotated {
+                crate::outln!(
+                    "created {name} v{v} on token {token} ({}): new encryptions under {name} use v{v}; older versions stay decrypt-only. Files were not changed (`hsmseal rewrap` rewraps them under v{v})",
+                    r.reason,
+                    v = r.current_version
+                );
+            } else {
+                crate::outln!(
+                    "not rotated: key {name} on token {token}: {}; new encryptions under {name} use v{}. Nothing changed",
+                    r.reason,
+                    r.current_version
+                );
+            }
+        }
+        KeyCommand::Rotate { name, .. } => {
             let info = hsm.create_next_version(&name)?;
             done(info.key_ref(), true);
             if app.json {
