@@ -130,3 +130,119 @@ fn bad_configuration_is_a_usage_error_naming_the_file() {
     );
     assert_eq!(code(&out), 2, "{}", stderr(&out));
 }
+
+/// (serial, slot id) of every initialised token in the test's SoftHSM2
+/// directory, as `softhsm2-util --show-slots` reports them.
+fn tokens(c: &Cli) -> Vec<(String, String)> {
+    let out = std::process::Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", &c.token.conf)
+        .arg("--show-slots")
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut found = Vec::new();
+    let (mut slot, mut serial) = (String::new(), String::new());
+    for line in text.lines() {
+        let l = line.trim();
+        if let Some(s) = line.strip_prefix("Slot ") {
+            slot = s.trim().to_string();
+        } else if let Some(s) = l.strip_prefix("Serial number:") {
+            serial = s.trim().to_string();
+        } else if l.starts_with("Initialized:") && l.ends_with("yes") {
+            found.push((serial.clone(), slot.clone()));
+        }
+    }
+    found
+}
+
+/// `--token` (and HSMSEAL_TOKEN) takes an RFC 7512 `pkcs11:` URI, so two
+/// SoftHSM2 tokens with one label in one directory are told apart by
+/// serial (or slot-id): a key made on one is not on the other. The plain
+/// label is refused as ambiguous (exit 5) and the message lists URIs that
+/// work. A PIN in the URI, an unknown attribute or a bad escape is a usage
+/// error (exit 2) before any PIN is read, and never echoes the PIN.
+#[test]
+fn two_tokens_with_one_label_are_told_apart_by_a_pkcs11_uri() {
+    let c = Cli::new();
+    let label = c.token.label.clone();
+    let out = std::process::Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", &c.token.conf)
+        .args(["--init-token", "--free", "--label", &label])
+        .args(["--pin", &c.token.pin, "--so-pin", &c.token.so_pin])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = tokens(&c);
+    assert_eq!(t.len(), 2, "{t:?}");
+    let (s1, s2) = (t[0].0.clone(), t[1].0.clone());
+    assert_ne!(s1, s2);
+
+    let amb = c.run(&["key", "list"]);
+    assert_eq!(code(&amb), 5, "{}", stderr(&amb));
+    assert!(
+        stderr(&amb).contains("2 tokens match the label"),
+        "{}",
+        stderr(&amb)
+    );
+    assert!(
+        stderr(&amb).contains(&format!("serial={s1}")),
+        "{}",
+        stderr(&amb)
+    );
+
+    let uri1 = format!("pkcs11:token={label};serial={s1}");
+    let uri2 = format!("pkcs11:serial={s2}");
+    assert_eq!(code(&c.run(&["--token", &uri1, "key", "create", "one"])), 0);
+    let on = |uri: &str, extra: &[(&str, &str)]| {
+        let mut env = vec![("HSMSEAL_TOKEN", uri)];
+        env.extend_from_slice(extra);
+        let out = c.run_with(&["--json", "key", "list"], None, &env);
+        assert_eq!(code(&out), 0, "{uri}: {}", stderr(&out));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["name"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(on(&uri1, &[]), ["one"]);
+    assert!(on(&uri2, &[]).is_empty(), "the key went to the other token");
+    // The same token by slot id, and with a percent-encoded serial.
+    let by_slot = format!("pkcs11:slot-id={}", t[0].1);
+    assert_eq!(on(&by_slot, &[]), ["one"]);
+    let enc: String = s1.bytes().map(|b| format!("%{b:02x}")).collect();
+    assert_eq!(on(&format!("pkcs11:serial={enc}"), &[]), ["one"]);
+    // A URI no token matches: exit 5, naming what there is.
+    let none = c.run(&["--token", "pkcs11:serial=nope", "key", "list"]);
+    assert_eq!(code(&none), 5, "{}", stderr(&none));
+    assert!(stderr(&none).contains("tokens found"), "{}", stderr(&none));
+
+    // Refused before any PIN is read (a wrong one would be exit 6).
+    for (uri, says) in [
+        (
+            format!("pkcs11:serial={s1}?pin-value=s3cret"),
+            "pin-value is refused",
+        ),
+        (
+            format!("pkcs11:serial={s1};pin-value=s3cret"),
+            "pin-value is refused",
+        ),
+        ("pkcs11:colour=red".to_string(), "unknown attribute"),
+        ("pkcs11:object=one".to_string(), "object names an object"),
+        ("pkcs11:token=%zz".to_string(), "bad percent escape"),
+    ] {
+        let out = c.run_with(
+            &["--token", &uri, "key", "list"],
+            None,
+            &[("HSMSEAL_PIN", "wrong-pin")],
+        );
+        assert_eq!(code(&out), 2, "{uri}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{uri}: {}", stderr(&out));
+        assert!(!stderr(&out).contains("s3cret"), "{}", stderr(&out));
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("s3cret"));
+    }
+}

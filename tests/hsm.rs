@@ -598,7 +598,7 @@ fn the_token_lock_excludes_threads_and_lives_in_the_token_directory() {
     let _serial = serial();
     let t = token();
     let _ = hsm();
-    let path = hsmseal::hsm::token_lock_path(&t.module, &t.label).unwrap();
+    let path = hsmseal::hsm::token_lock_path(&t.module).unwrap();
     assert_eq!(
         path,
         std::fs::canonicalize(t.dir.path().join("tokens"))
@@ -623,7 +623,7 @@ fn the_token_lock_excludes_threads_and_lives_in_the_token_directory() {
                     } else {
                         Mode::Exclusive
                     };
-                    let guard = hsmseal::hsm::lock_token(&t.module, &t.label, mode).unwrap();
+                    let guard = hsmseal::hsm::lock_token(&t.module, mode).unwrap();
                     assert_eq!(guard.mode(), mode);
                     assert!(!inside.swap(true, Ordering::SeqCst), "two holders at once");
                     std::thread::yield_now();

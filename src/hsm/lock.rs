@@ -56,7 +56,15 @@
 //!   `$XDG_RUNTIME_DIR/hsmseal`, else `${TMPDIR:-/tmp}/hsmseal-<uid>` (both
 //!   created mode 0700 and refused unless owned by the user and closed to
 //!   others), file `pkcs11-<module file>-<16 hex digits of SHA-256(module
-//!   path, token label)>.lock`.
+//!   path)>.lock`: one lock per module, like SoftHSM2's one per directory.
+//!   It used to be per module and token label; but a token can be named by
+//!   its label, its serial or its slot (`--token pkcs11:serial=...`), two
+//!   tokens can share a label, and which token a name means is only known
+//!   after `C_GetTokenInfo`, which itself runs under the lock. So the lock
+//!   keys on what certainly contains the token, its module: every name of
+//!   one token takes the same lock, and two tokens with one label are not
+//!   mistaken for one. The cost, serialising management calls on different
+//!   tokens of one module, is small: the hot path runs unlocked.
 //!
 //! The lock coordinates hsmseal processes on one host only; see
 //! docs/SECURITY.md, "The token: logins, key versions, the object store".
@@ -131,16 +139,14 @@ fn registry() -> MutexGuard<'static, Vec<Arc<TokenLock>>> {
 }
 
 impl TokenLock {
-    /// The lock for `token_label` in the module at `module` (canonical
-    /// path). Reads the environment (SoftHSM2's configuration, the lock
-    /// directory) each time; the file is opened on first [`Self::acquire`].
-    pub fn for_token(module: &Path, token_label: &str) -> Result<Arc<TokenLock>> {
+    /// The lock for the tokens of the module at `module` (canonical path;
+    /// see the module comment for why not per token). Reads the environment
+    /// (SoftHSM2's configuration, the lock directory) each time; the file is
+    /// opened on first [`Self::acquire`].
+    pub fn for_module(module: &Path) -> Result<Arc<TokenLock>> {
         let (path, softhsm2) = match softhsm2_token_dir(module) {
             Some(dir) => (dir.join(SOFTHSM2_LOCK_NAME), true),
-            None => (
-                generic_lock_dir()?.join(generic_lock_name(module, token_label)),
-                false,
-            ),
+            None => (generic_lock_dir()?.join(generic_lock_name(module)), false),
         };
         let mut locks = registry();
         if let Some(l) = locks.iter().find(|l| l.path == path) {
@@ -404,13 +410,11 @@ fn private_dir(dir: &Path, uid: u32) -> Result<()> {
     Ok(())
 }
 
-/// `pkcs11-<module file name>-<16 hex of SHA-256(module path NUL label)>.lock`:
-/// readable, and distinct per module file and token.
-pub fn generic_lock_name(module: &Path, token_label: &str) -> String {
+/// `pkcs11-<module file name>-<16 hex of SHA-256(module path)>.lock`:
+/// readable, and distinct per module file.
+pub fn generic_lock_name(module: &Path) -> String {
     let mut h = Sha256::new();
     h.update(module.as_os_str().as_encoded_bytes());
-    h.update([0]);
-    h.update(token_label.trim().as_bytes());
     let digest = h.finalize();
     let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
     let base: String = module
@@ -451,20 +455,14 @@ mod tests {
     }
 
     #[test]
-    fn generic_names_differ_per_module_and_token_and_are_safe() {
-        let a = generic_lock_name(Path::new("/usr/lib/x/libvendor pkcs11.so"), "prod");
-        let b = generic_lock_name(Path::new("/usr/lib/x/libvendor pkcs11.so"), "test");
-        let c = generic_lock_name(Path::new("/opt/libvendor pkcs11.so"), "prod");
+    fn generic_names_differ_per_module_and_are_safe() {
+        let a = generic_lock_name(Path::new("/usr/lib/x/libvendor pkcs11.so"));
+        let c = generic_lock_name(Path::new("/opt/libvendor pkcs11.so"));
         assert!(
             a.starts_with("pkcs11-libvendor_pkcs11.so-") && a.ends_with(".lock"),
             "{a}"
         );
-        assert_ne!(a, b);
         assert_ne!(a, c);
-        assert_eq!(
-            a,
-            generic_lock_name(Path::new("/usr/lib/x/libvendor pkcs11.so"), " prod ")
-        );
         assert!(!a.contains('/'));
     }
 

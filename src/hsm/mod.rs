@@ -53,11 +53,13 @@ pub mod lock;
 mod module;
 mod objects;
 mod session;
+pub mod uri;
 
 pub use doctor::DoctorReport;
 pub use kwk::{KeyAttributes, KeyInfo, KeyState};
 pub use lifecycle::{PurgeItem, PurgeReport, RotateReport, StateChange};
 pub use session::{lock_token, quiesce, token_lock_path, TokenGuard};
+pub use uri::TokenSpec;
 
 use crate::backend::KeyRef;
 use crate::error::{Error, Result};
@@ -129,13 +131,18 @@ struct Verified {
 
 impl Hsm {
     /// Loads the module, initialises it (once per process) and finds the
-    /// token whose label is `token_label`. Does not log in.
-    pub fn open(module: &Path, token_label: &str) -> Result<Hsm> {
-        let (ctx, token_lock) = context(module, token_label)?;
-        let label = token_label.trim().to_string();
-        let (slot, admin) = {
+    /// token `token` names: a label, or a `pkcs11:` URI ([`TokenSpec`]).
+    /// Does not log in.
+    pub fn open(module: &Path, token: &str) -> Result<Hsm> {
+        Hsm::open_spec(module, &TokenSpec::parse(token)?)
+    }
+
+    /// [`Hsm::open`] with a parsed token spec.
+    pub fn open_spec(module: &Path, spec: &TokenSpec) -> Result<Hsm> {
+        let (ctx, token_lock) = context(module)?;
+        let (slot, label, admin) = {
             let _guard = TokenGuard::take(&token_lock, Mode::Shared)?;
-            let slot = find_token(&ctx, module, token_label, token_lock.is_softhsm2())?;
+            let (slot, label) = find_token(&ctx, module, spec, token_lock.is_softhsm2())?;
             let admin = match ctx.open_rw_session(slot) {
                 Ok(s) => s,
                 // A write-protected token can still wrap and unwrap.
@@ -144,7 +151,7 @@ impl Hsm {
                     .map_err(|e| token_error(e, &label, "opening a session"))?,
                 Err(e) => return Err(token_error(e, &label, "opening a session")),
             };
-            (slot, admin)
+            (slot, label, admin)
         };
         Ok(Hsm {
             ctx,
@@ -236,7 +243,7 @@ impl Hsm {
                 "invalid token label {label:?}: use 1 to 32 bytes"
             )));
         }
-        let (ctx, token_lock) = context(module, label)?;
+        let (ctx, token_lock) = context(module)?;
         let softhsm2 = token_lock.is_softhsm2();
         // Exclusive throughout: C_InitToken creates the token's files,
         // C_Login and C_InitPIN rewrite them.
@@ -276,7 +283,7 @@ impl Hsm {
             })?;
         // SoftHSM2 moves a newly initialised token to a new slot id, so look
         // it up again by its label.
-        let slot = find_token(&ctx, module, label, softhsm2)?;
+        let (slot, _) = find_token(&ctx, module, &TokenSpec::label(label), softhsm2)?;
         let session = ctx
             .open_rw_session(slot)
             .map_err(|e| token_error(e, label, "opening a session"))?;

@@ -1,12 +1,13 @@
 //! The PKCS#11 module: one context per module file per process,
 //! `C_Initialize`d once (under the shared token lock) and never finalised,
-//! and the token found by its label. SoftHSM2 reads `SOFTHSM2_CONF` at
+//! and the token found by its label or `pkcs11:` URI attributes. SoftHSM2 reads `SOFTHSM2_CONF` at
 //! `C_Initialize`, so a later change of it is refused, not silently
 //! ignored. The invariants are stated in `crate::hsm`.
 
 use super::errors::{module_error, rv_of};
 use super::lock::{Mode, TokenLock};
 use super::session::{lock, retry_transient, TokenGuard};
+use super::uri::{TokenFields, TokenSpec};
 use crate::error::{Error, Result};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::RvError;
@@ -30,11 +31,11 @@ struct LoadedModule {
 static CONTEXTS: Mutex<Vec<LoadedModule>> = Mutex::new(Vec::new());
 
 /// The process's context for `module`, loading and initialising it on first
-/// use, and the token lock for `token_label` in it. `C_Initialize` runs
+/// use, and the token lock for its tokens. `C_Initialize` runs
 /// under the shared token lock: SoftHSM2 reads every token of its directory
 /// then, and skips (for the life of the process) one whose `token.object`
 /// it finds half-written.
-pub(super) fn context(module: &Path, token_label: &str) -> Result<(Pkcs11, Arc<TokenLock>)> {
+pub(super) fn context(module: &Path) -> Result<(Pkcs11, Arc<TokenLock>)> {
     let load_error = |detail: String| {
         Error::token(format!(
             "cannot load PKCS#11 module {}: {detail} — set --module or HSMSEAL_PKCS11_MODULE",
@@ -53,12 +54,9 @@ pub(super) fn context(module: &Path, token_label: &str) -> Result<(Pkcs11, Arc<T
                 module.display()
             )));
         }
-        return Ok((
-            m.ctx.clone(),
-            TokenLock::for_token(&canonical, token_label)?,
-        ));
+        return Ok((m.ctx.clone(), TokenLock::for_module(&canonical)?));
     }
-    let token_lock = TokenLock::for_token(&canonical, token_label)?;
+    let token_lock = TokenLock::for_module(&canonical)?;
     let ctx = Pkcs11::new(&canonical).map_err(|e| load_error(e.to_string()))?;
     let initialized = {
         let _guard = TokenGuard::take(&token_lock, Mode::Shared)?;
@@ -85,10 +83,16 @@ pub(super) fn context(module: &Path, token_label: &str) -> Result<(Pkcs11, Arc<T
     Ok((ctx, token_lock))
 }
 
-/// The slot holding the initialised token labelled `label` (compared
-/// trimmed). The caller holds the token lock (at least shared).
-pub(super) fn find_token(ctx: &Pkcs11, module: &Path, label: &str, softhsm2: bool) -> Result<Slot> {
-    let wanted = label.trim();
+/// The slot holding the one initialised token `spec` matches, and that
+/// token's label (trimmed). The caller holds the token lock (at least
+/// shared). No match, or several, is an error listing the tokens found, so
+/// that the right `pkcs11:` URI can be written from it.
+pub(super) fn find_token(
+    ctx: &Pkcs11,
+    module: &Path,
+    spec: &TokenSpec,
+    softhsm2: bool,
+) -> Result<(Slot, String)> {
     let slots = ctx
         .get_slots_with_token()
         .map_err(|e| module_error(e, module, "listing slots"))?;
@@ -100,26 +104,61 @@ pub(super) fn find_token(ctx: &Pkcs11, module: &Path, label: &str, softhsm2: boo
         if !info.token_initialized() {
             continue;
         }
-        let l = info.label().trim().to_string();
-        if l == wanted {
-            matches.push(slot);
+        let fields = TokenFields {
+            label: info.label().trim(),
+            serial: info.serial_number().trim(),
+            manufacturer: info.manufacturer_id().trim(),
+            model: info.model().trim(),
+            slot_id: slot.id(),
+        };
+        if spec.matches(&fields) {
+            matches.push((slot, fields.label.to_string()));
         }
-        found.push(format!("{l:?}"));
+        found.push(format!(
+            "{:?} (pkcs11:token={};serial={};slot-id={})",
+            fields.label,
+            percent(fields.label),
+            percent(fields.serial),
+            fields.slot_id
+        ));
     }
+    let list = || {
+        if found.is_empty() {
+            "none (for SoftHSM2, check SOFTHSM2_CONF)".to_string()
+        } else {
+            found.join(", ")
+        }
+    };
     match matches.len() {
-        1 => Ok(matches[0]),
+        1 => Ok(matches.remove(0)),
         0 => Err(Error::token(format!(
-            "no token labelled {wanted:?} in PKCS#11 module {}; tokens found: {} — set --token or HSMSEAL_TOKEN",
+            "no token {} in PKCS#11 module {}; tokens found: {} — set --token or HSMSEAL_TOKEN",
+            match (&spec.label, spec.is_label_only()) {
+                (Some(l), true) => format!("labelled {l:?}"),
+                _ => format!("matches {spec}"),
+            },
             module.display(),
-            if found.is_empty() {
-                "none (for SoftHSM2, check SOFTHSM2_CONF)".to_string()
-            } else {
-                found.join(", ")
-            }
+            list()
         ))),
         n => Err(Error::token(format!(
-            "{n} tokens are labelled {wanted:?} in PKCS#11 module {}; hsmseal will not guess which one holds the keys — relabel or remove the others",
-            module.display()
+            "{n} tokens match {} in PKCS#11 module {}; hsmseal will not guess which one holds the keys — name one with a pkcs11: URI (--token 'pkcs11:serial=...'): {}",
+            match (&spec.label, spec.is_label_only()) {
+                (Some(l), true) => format!("the label {l:?}"),
+                _ => spec.to_string(),
+            },
+            module.display(),
+            list()
         ))),
     }
+}
+
+/// A value as it goes into a `pkcs11:` URI (see [`TokenSpec`]'s Display).
+fn percent(v: &str) -> String {
+    TokenSpec {
+        serial: Some(v.to_string()),
+        ..TokenSpec::default()
+    }
+    .to_string()
+    .trim_start_matches("pkcs11:serial=")
+    .to_string()
 }

@@ -94,28 +94,26 @@ impl TokenGuard {
     }
 }
 
-/// Holds the token lock for `token_label` in the module at `module` as an
-/// hsmseal process would around its token calls; for tests and tools that
-/// must not run beside hsmseal's own token calls. The module need not be
-/// loaded.
-pub fn lock_token(module: &Path, token_label: &str, mode: Mode) -> Result<TokenGuard> {
+/// Holds the token lock for the module at `module` (one lock for all its
+/// tokens, see [`super::lock`]) as an hsmseal process would around its token
+/// calls; for tests and tools that must not run beside hsmseal's own token
+/// calls. The module need not be loaded.
+pub fn lock_token(module: &Path, mode: Mode) -> Result<TokenGuard> {
     let canonical = std::fs::canonicalize(module).map_err(|e| {
         Error::token(format!(
             "cannot load PKCS#11 module {}: {e} — set --module or HSMSEAL_PKCS11_MODULE",
             module.display()
         ))
     })?;
-    TokenGuard::take(&TokenLock::for_token(&canonical, token_label)?, mode)
+    TokenGuard::take(&TokenLock::for_module(&canonical)?, mode)
 }
 
-/// The path of the token lock file hsmseal uses for `token_label` in the
-/// module at `module`, with the current environment (see [`super::lock`]).
-pub fn token_lock_path(module: &Path, token_label: &str) -> Result<PathBuf> {
+/// The path of the token lock file hsmseal uses for the module at `module`,
+/// with the current environment (see [`super::lock`]).
+pub fn token_lock_path(module: &Path) -> Result<PathBuf> {
     let canonical = std::fs::canonicalize(module)
         .map_err(|e| Error::token(format!("cannot resolve module {}: {e}", module.display())))?;
-    Ok(TokenLock::for_token(&canonical, token_label)?
-        .path()
-        .to_path_buf())
+    Ok(TokenLock::for_module(&canonical)?.path().to_path_buf())
 }
 
 /// SoftHSM2 2.6.1's transient failures while another process (one that does

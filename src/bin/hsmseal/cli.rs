@@ -51,8 +51,8 @@ pub struct GlobalArgs {
     /// PKCS#11 module (shared library) [env: HSMSEAL_PKCS11_MODULE]
     #[arg(long, global = true, value_name = "PATH")]
     pub module: Option<PathBuf>,
-    /// Token label [env: HSMSEAL_TOKEN]
-    #[arg(long, global = true, value_name = "LABEL")]
+    /// Token label, or an RFC 7512 pkcs11: URI to tell tokens apart, e.g. 'pkcs11:token=prod;serial=1a2b3c' (token, serial, manufacturer, model, slot-id; no PIN) [env: HSMSEAL_TOKEN]
+    #[arg(long, global = true, value_name = "LABEL|URI")]
     pub token: Option<String>,
     /// File holding the token PIN (instead of HSMSEAL_PIN or a prompt)
     #[arg(long, global = true, value_name = "FILE")]

@@ -184,6 +184,11 @@ pub fn resolve(flags: &Overrides) -> Result<Settings> {
         cfg.token.clone(),
         file_src(),
     );
+    // A bad `pkcs11:` URI (or one holding a PIN) is refused here, before
+    // it is shown (`config show`, the PIN prompt) or used.
+    if let Some(t) = &token {
+        hsmseal::hsm::TokenSpec::parse(&t.value)?;
+    }
     let pin_file = pick(
         flags.pin_file.clone(),
         env("HSMSEAL_PIN_FILE").map(|v| (PathBuf::from(v), "HSMSEAL_PIN_FILE")),

@@ -85,7 +85,7 @@ pub fn run(args: &InitArgs, json: bool, quiet: bool) -> Result<i32> {
 
     // The audit log's HMAC key, and the log's first entry (this run).
     let audit_log = dir.join("audit.log");
-    let hsm = Hsm::open(&module, &args.label)?;
+    let hsm = Hsm::open_spec(&module, &hsmseal::hsm::TokenSpec::label(&args.label))?;
     hsm.login(&user_pin)?;
     hsm.create_audit_key()?;
     let record = Record {
