@@ -43,9 +43,12 @@ docs:
 fuzz:
 	./scripts/fuzz.sh
 
+# The second clippy: the library alone, as a program depending on it with
+# default-features = false builds it (no command-line crates).
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets --locked -- -D warnings
+	$(CARGO) clippy --lib --no-default-features --locked -- -D warnings
 
 fmt:
 	$(CARGO) fmt

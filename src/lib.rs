@@ -32,6 +32,10 @@
 //! [`notify::set_notifier`]. The file format is specified byte by byte in
 //! docs/FORMAT.md.
 //!
+//! The default feature `cli` only builds the `hsmseal` binary (clap, toml,
+//! indicatif, ...); a program using the library needs none of it:
+//! `hsmseal = { version = "0.1", default-features = false }`.
+//!
 //! # Sealing and opening a stream
 //!
 //! Any `Read` becomes an hsmseal file under the current version of a KWK;

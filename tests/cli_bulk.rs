@@ -384,6 +384,60 @@ fn include_exclude_suffix_and_already_encrypted_files() {
     assert_eq!(code(&out), 2);
 }
 
+#[test]
+fn brace_globs_select_and_a_pathological_pattern_finishes() {
+    let c = Cli::with_key();
+    let many_a = "a".repeat(40);
+    let one_a = format!("{}a", "b".repeat(39));
+    for rel in ["x.txt", "y.log", "z.csv", "d/w.log", &many_a, &one_a] {
+        let p = c.path(&format!("t/{rel}"));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        write(&p, rel.as_bytes());
+    }
+    // `*a` fourteen times: the backtracking matcher this replaced tried
+    // about C(54, 14) = 1e13 placements on the 40-character names (hours);
+    // no timing threshold, the run only has to finish.
+    let pathological = "*a".repeat(14);
+    let out = c.run(&[
+        "--json",
+        "encrypt",
+        "--key",
+        "k",
+        "-r",
+        "t",
+        "--include",
+        "*.{txt,log}",
+        "--include",
+        &pathological,
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let (items, summary) = items_and_summary(&out);
+    check_counts(&items, &summary);
+    let outputs: Vec<&str> = items
+        .iter()
+        .map(|l| l["output"].as_str().unwrap())
+        .collect();
+    // In path order; z.csv and the one-`a` name are not taken.
+    let want_many = format!("t/{many_a}.hseal");
+    assert_eq!(
+        outputs,
+        [
+            want_many.as_str(),
+            "t/d/w.log.hseal",
+            "t/x.txt.hseal",
+            "t/y.log.hseal"
+        ]
+    );
+    // An invalid pattern: one usage line naming it, exit 2, nothing done.
+    for bad in ["*.{txt,log", "[z-a]", "x[é]"] {
+        let out = c.run(&["verify", "-r", "t", "--exclude", bad]);
+        assert_eq!(code(&out), 2, "{bad:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains(&format!("--exclude {bad:?}")), "{err}");
+    }
+}
+
 /// Spawns `args`, waits until `started` says work is under way plus
 /// `extra`, sends SIGTERM, and returns the exit status.
 fn term_midway(

@@ -19,6 +19,11 @@
 //!
 //! Invariant: the parser never allocates per field; it reports spans into
 //! the caller's buffer through a callback.
+//!
+//! Hand-written rather than the `csv` crate: that crate hands out decoded
+//! fields, so it cannot tell `""` (empty) from an empty field (NULL), nor
+//! give the raw span that copies an untouched field and its record's own
+//! terminator byte for byte.
 
 use super::scan::{find1, find2};
 use crate::error::{Error, Result};

@@ -15,6 +15,10 @@
 //!
 //! Lines must be UTF-8 (JSON requires it): invalid UTF-8 is an error naming
 //! the row. Blank lines are copied.
+//!
+//! Hand-written rather than parsed with `serde_json`: a parsed object is
+//! written back in serde_json's spelling, and only a scan that reports the
+//! byte span of each top-level value can leave everything else untouched.
 
 use crate::error::{Error, Result};
 

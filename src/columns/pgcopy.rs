@@ -14,6 +14,10 @@
 //! way PostgreSQL writes them (see [`encode`]), so input PostgreSQL wrote
 //! round-trips byte for byte and non-canonical escapes (`\x41` for `A`) are
 //! normalised. Unselected fields are always copied as their raw bytes.
+//!
+//! Hand-written: no crate reads COPY text as raw spans, and the spans (no
+//! per-field allocation, as in `csv.rs`) are what keep unselected fields
+//! byte for byte.
 
 use super::csv::MAX_FIELD;
 use super::scan::find3;

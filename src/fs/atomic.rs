@@ -4,6 +4,11 @@
 //! with its pid, is fsynced and renamed into place; the registry of
 //! temporary files being written lets a signal handler remove them; stale
 //! ones of killed runs are removed by the next run writing there.
+//!
+//! Hand-written rather than `tempfile`'s `persist` (or `atomicwrites`):
+//! neither keeps a registry a signal handler can clean up from, nor marks
+//! a temp file with its writer's pid and lock so the next run can tell a
+//! stale one from a live one, nor fsyncs the directory after the rename.
 
 use super::lock::{lock_path, try_lock, LockFail, LockMode, LockedFile, MAX_RELOCKS};
 use super::{describe, parent_dir, sync_dir, FileId, IO_BUF};

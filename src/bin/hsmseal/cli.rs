@@ -374,7 +374,8 @@ pub struct SelectArgs {
     pub recursive: Vec<PathBuf>,
     /// Under -r, take only files matching GLOB (repeatable). A GLOB with a "/"
     /// is matched against the path relative to the -r directory, one without
-    /// against the file name; * and ? stop at "/", ** does not, [a-z] classes
+    /// against the file name; * and ? stop at "/", ** does not, [a-z] classes,
+    /// {txt,log} alternatives
     #[arg(long, value_name = "GLOB")]
     pub include: Vec<String>,
     /// Under -r, leave out files matching GLOB (repeatable; same rules as

@@ -8,6 +8,10 @@
 //! (at most 10 s), so the token's own files are never cut short; no new one
 //! starts meanwhile. Before that, a run with an audit log gets its entry,
 //! `"result":"interrupted"`, with what it had done so far (at most 10 s).
+//!
+//! `signal-hook` receives the signals (on a thread, not in a handler); what
+//! follows is hsmseal's own because it depends on the token lock, the temp
+//! file registry and the audit log, which no signal crate knows about.
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use std::sync::Mutex;

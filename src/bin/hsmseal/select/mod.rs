@@ -7,6 +7,8 @@
 //! an error unless `--allow-empty` (issue 9).
 
 pub mod glob;
+#[cfg(test)]
+mod tests;
 pub mod walk;
 
 use crate::cli::SelectArgs;

@@ -38,6 +38,11 @@ pub struct Entry {
 /// Everything under `root` that `filter` takes, sorted by path.
 /// Directories themselves are not entries; `filter` is applied to the path
 /// relative to `root`.
+///
+/// The walk is `walkdir`'s: links not followed (the root itself must be a
+/// real directory, checked here), siblings read sorted by name so that the
+/// depth-first order is the order of the paths, a directory that cannot be
+/// read an entry of its own while the walk goes on.
 pub fn entries_under(root: &Path, filter: &Filter) -> Result<Vec<Entry>> {
     let meta = std::fs::symlink_metadata(root)
         .map_err(|e| Error::io_at("cannot read directory", root.display(), &e))?;
@@ -47,61 +52,78 @@ pub fn entries_under(root: &Path, filter: &Filter) -> Result<Vec<Entry>> {
             root.display()
         )));
     }
+    let walk = walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .sort_by_file_name()
+        .into_iter()
+        // Skips a temp file, and a directory's whole subtree (as before).
+        .filter_entry(|e| e.depth() == 0 || !is_temp(e.file_name()));
     let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let listing = std::fs::read_dir(&dir).and_then(|rd| rd.collect::<Result<Vec<_>, _>>());
-        let entries = match listing {
-            Ok(v) => v,
-            Err(e) if dir == root => {
-                return Err(Error::io_at("cannot read directory", dir.display(), &e))
-            }
+    for next in walk {
+        let entry = match next {
+            Ok(entry) => entry,
             Err(e) => {
+                let path = e.path().unwrap_or(root).to_path_buf();
+                let depth = e.depth();
+                // Links are not followed, so every error is an I/O one
+                // (walkdir's only other kind is a link loop).
+                let text = e.to_string();
+                let io = e
+                    .into_io_error()
+                    .unwrap_or_else(|| std::io::Error::other(text));
+                if depth == 0 {
+                    return Err(Error::io_at("cannot read directory", path.display(), &io));
+                }
+                // Removed since its directory was listed (an --in-place
+                // run beside this one): nothing to do.
+                if io.kind() == std::io::ErrorKind::NotFound {
+                    continue;
+                }
                 out.push(Entry {
-                    rel: rel_of(root, &dir),
-                    found: Found::Unreadable(Error::io(format!("cannot read directory: {e}"))),
-                    path: dir,
+                    rel: rel_of(root, &path),
+                    found: Found::Unreadable(Error::io(format!("cannot read directory: {io}"))),
+                    path,
                 });
                 continue;
             }
         };
-        for entry in entries {
-            if entry.file_name().to_string_lossy().contains(TEMP_MARKER) {
-                continue;
-            }
-            let path = entry.path();
-            let meta = match std::fs::symlink_metadata(&path) {
-                Ok(m) => m,
+        let ft = entry.file_type();
+        if ft.is_dir() {
+            continue;
+        }
+        let rel = rel_of(root, entry.path());
+        if !filter.takes(&rel) {
+            continue;
+        }
+        let found = if ft.is_file() {
+            match entry.metadata() {
+                Ok(m) => Found::File { len: m.len() },
                 // Vanished since the listing: nothing to do.
                 Err(_) => continue,
-            };
-            let ft = meta.file_type();
-            if ft.is_dir() {
-                stack.push(path);
-                continue;
             }
-            let rel = rel_of(root, &path);
-            if !filter.takes(&rel.to_string_lossy()) {
-                continue;
+        } else if ft.is_symlink() {
+            Found::Symlink {
+                broken: std::fs::metadata(entry.path()).is_err(),
             }
-            let found = if ft.is_file() {
-                Found::File { len: meta.len() }
-            } else if ft.is_symlink() {
-                Found::Symlink {
-                    broken: std::fs::metadata(&path).is_err(),
-                }
-            } else {
-                Found::Special
-            };
-            out.push(Entry { path, rel, found });
-        }
+        } else {
+            Found::Special
+        };
+        out.push(Entry {
+            path: entry.into_path(),
+            rel,
+            found,
+        });
     }
-    out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
 }
 
 fn rel_of(root: &Path, p: &Path) -> PathBuf {
     p.strip_prefix(root).unwrap_or(p).to_path_buf()
+}
+
+/// hsmseal's own temporary files (`fs::AtomicFile`), never inputs.
+fn is_temp(name: &std::ffi::OsStr) -> bool {
+    name.to_string_lossy().contains(TEMP_MARKER)
 }
 
 /// The first `header::SNIFF_LEN` bytes of a file (fewer if it is shorter);
