@@ -382,7 +382,7 @@ fn every_single_character_change_of_a_token_is_rejected() {
             B64URL
                 .iter()
                 .copied()
-                .filter(|c| (*c as usize + i) % 7 == 0)
+                .filter(|c| (*c as usize + i).is_multiple_of(7))
                 .collect()
         };
         for &c in &alphabet {

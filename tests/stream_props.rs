@@ -97,7 +97,7 @@ struct Trickle<'a> {
 impl Read for Trickle<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.calls += 1;
-        if self.calls % 7 == 0 {
+        if self.calls.is_multiple_of(7) {
             return Err(io::ErrorKind::Interrupted.into());
         }
         let n = buf.len().min(self.step).min(self.data.len());
@@ -117,7 +117,7 @@ struct TrickleOut {
 impl Write for TrickleOut {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.calls += 1;
-        if self.calls % 5 == 0 {
+        if self.calls.is_multiple_of(5) {
             return Err(io::ErrorKind::Interrupted.into());
         }
         let n = buf.len().min(self.step);

@@ -175,7 +175,7 @@ pub fn hex(b: &[u8]) -> String {
 
 /// Lowercase hex only, so each value has exactly one spelling.
 pub(super) fn unhex(s: &[u8]) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     let v = |c: u8| match c {
