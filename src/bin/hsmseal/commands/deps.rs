@@ -93,6 +93,9 @@ pub fn search(app: &App, paths: &[PathBuf], sel: &SelectArgs, open_sealed: bool)
                     out.searched += 1;
                     out.sealed += u64::from(sealed);
                 }
+                // The HSM could not be opened (wrong PIN, no token...): the
+                // same for every sealed file, so the search stops once.
+                Err(e) if app.is_hsm_failure(&e) => return Err(e),
                 Err(e) => out.failed.push((path, e)),
             },
         }
