@@ -264,32 +264,18 @@ impl Settings {
 
     /// The PIN: `--pin-file` flag, then `HSMSEAL_PIN`, then a PIN file from
     /// the environment or config, then a prompt if stdin is a terminal.
+    /// Every copy of the PIN made on the way is in a zeroizing buffer.
     pub fn read_pin(&self) -> Result<Pin> {
         let from_file = |s: &Setting<PathBuf>| -> Result<Pin> {
-            let text = fs::read_to_string(&s.value).map_err(|e| {
-                Error::pin(format!(
-                    "cannot read PIN file {} ({}): {e}",
-                    s.value.display(),
-                    s.source
-                ))
-            })?;
+            let pin = read_pin_file(&s.value, &s.source)?;
             warn_if_readable_by_others(&s.value);
-            let pin = text.trim_end_matches(['\n', '\r']).to_string();
-            if pin.is_empty() {
-                return Err(Error::pin(format!(
-                    "PIN file {} is empty",
-                    s.value.display()
-                )));
-            }
-            Ok(Pin::new(pin))
+            Ok(pin)
         };
         if let Some(s) = self.pin_file.as_ref().filter(|s| s.source == Source::Flag) {
             return from_file(s);
         }
-        if let Ok(p) = std::env::var("HSMSEAL_PIN") {
-            if !p.is_empty() {
-                return Ok(Pin::new(p));
-            }
+        if let Some(p) = pin_from_env()? {
+            return Ok(p);
         }
         if let Some(s) = &self.pin_file {
             return from_file(s);
@@ -306,6 +292,88 @@ impl Settings {
     }
 }
 
+/// The longest PIN file read. PKCS#11 PINs are short (SoftHSM2 takes up
+/// to 255 bytes); a bigger file is not a PIN file.
+const MAX_PIN_FILE: usize = 4096;
+
+/// The PIN in a PIN file: its text without the trailing newline.
+///
+/// Read into one buffer of fixed size, wiped on drop, which becomes the
+/// `Pin` itself: `read_to_string` would grow a `String` (each reallocation
+/// leaves an unwiped copy in freed memory) and then the trimmed copy.
+pub fn read_pin_file(path: &Path, source: &Source) -> Result<Pin> {
+    use std::io::Read;
+    let cannot = |e: std::io::Error| {
+        Error::pin(format!(
+            "cannot read PIN file {} ({source}): {e}",
+            path.display()
+        ))
+    };
+    let mut f = fs::File::open(path).map_err(cannot)?;
+    let mut buf = zeroize::Zeroizing::new(vec![0u8; MAX_PIN_FILE + 1]);
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(cannot(e)),
+        }
+    }
+    if n > MAX_PIN_FILE {
+        return Err(Error::pin(format!(
+            "PIN file {} ({source}) is longer than {MAX_PIN_FILE} bytes: it must hold the PIN alone",
+            path.display()
+        )));
+    }
+    // Shortening never reallocates: the buffer stays the one wiped.
+    buf.truncate(n);
+    while buf.last().is_some_and(|b| matches!(b, b'\n' | b'\r')) {
+        buf.pop();
+    }
+    if buf.is_empty() {
+        return Err(Error::pin(format!(
+            "PIN file {} ({source}) is empty",
+            path.display()
+        )));
+    }
+    Pin::from_utf8(buf).ok_or_else(|| {
+        Error::pin(format!(
+            "PIN file {} ({source}) is not UTF-8 text",
+            path.display()
+        ))
+    })
+}
+
+/// `HSMSEAL_PIN`, if set and not empty. The copy the environment hands
+/// out is moved into a zeroizing buffer at once (the environment's own
+/// copy stays for the life of the process: prefer a PIN file).
+pub fn pin_from_env() -> Result<Option<Pin>> {
+    use std::os::unix::ffi::OsStringExt;
+    let Some(v) = std::env::var_os("HSMSEAL_PIN") else {
+        return Ok(None);
+    };
+    let bytes = zeroize::Zeroizing::new(v.into_vec());
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    Pin::from_utf8(bytes)
+        .map(Some)
+        .ok_or_else(|| Error::pin("HSMSEAL_PIN is not UTF-8 text"))
+}
+
+/// Whether `HSMSEAL_PIN` is set and not empty (for `config show`); the
+/// value is looked at in a zeroizing buffer only.
+pub fn pin_env_set() -> bool {
+    use std::os::unix::ffi::OsStringExt;
+    let v = zeroize::Zeroizing::new(
+        std::env::var_os("HSMSEAL_PIN")
+            .map(|v| v.into_vec())
+            .unwrap_or_default(),
+    );
+    !v.is_empty()
+}
+
 fn warn_if_readable_by_others(p: &Path) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(m) = fs::metadata(p) {
@@ -316,5 +384,52 @@ fn warn_if_readable_by_others(p: &Path) {
                 p.display()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_with(bytes: &[u8]) -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("pin");
+        fs::write(&p, bytes).unwrap();
+        (d, p)
+    }
+
+    #[test]
+    fn a_pin_file_is_read_into_a_pin_and_its_errors_name_the_file_not_the_pin() {
+        // The type is the point: the PIN comes back as a `Pin`, no `String`.
+        let read: fn(&Path, &Source) -> Result<Pin> = read_pin_file;
+        for (text, want) in [
+            (&b"user-1234\n"[..], "user-1234"),
+            (b"user-1234\r\n\n", "user-1234"),
+            (b"  spaced pin ", "  spaced pin "),
+        ] {
+            let (_d, p) = file_with(text);
+            assert_eq!(read(&p, &Source::Flag).unwrap().expose(), want);
+        }
+        let too_long = vec![b'7'; MAX_PIN_FILE + 1];
+        for (text, says) in [
+            (&b"\n"[..], "is empty"),
+            (b"\xff\xfesecret-ish", "not UTF-8"),
+            (&too_long[..], "longer than"),
+        ] {
+            let (_d, p) = file_with(text);
+            let e = read(&p, &Source::Flag).unwrap_err();
+            assert_eq!(e.kind(), hsmseal::error::ErrorKind::Pin);
+            assert!(e.message().contains(says), "{e}");
+            assert!(e.message().contains(&p.display().to_string()), "{e}");
+            assert!(!e.message().contains("secret-ish") && !e.message().contains("7777"));
+        }
+        let (_d, p) = file_with(&vec![b'7'; MAX_PIN_FILE]);
+        assert_eq!(
+            read(&p, &Source::Flag).unwrap().expose().len(),
+            MAX_PIN_FILE
+        );
+        let e = read(Path::new("/nonexistent/pin"), &Source::Flag).unwrap_err();
+        assert_eq!(e.kind(), hsmseal::error::ErrorKind::Pin);
+        assert!(e.message().contains("/nonexistent/pin"), "{e}");
     }
 }

@@ -13,11 +13,12 @@ use hsmseal::audit::{self, Record};
 use hsmseal::error::{Error, Result};
 use hsmseal::hsm::Hsm;
 use hsmseal::secret::Pin;
-use rand::distributions::{Alphanumeric, DistString};
+use rand::distributions::{Alphanumeric, Distribution};
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use zeroize::Zeroizing;
 
 pub fn run(args: &InitArgs, json: bool, quiet: bool) -> Result<i32> {
     let started = std::time::Instant::now();
@@ -66,17 +67,10 @@ pub fn run(args: &InitArgs, json: bool, quiet: bool) -> Result<i32> {
         )
         .as_bytes(),
     )?;
-    let mut rng = rand::rngs::OsRng;
-    let user_pin = Pin::new(Alphanumeric.sample_string(&mut rng, 24));
-    let so_pin = Pin::new(Alphanumeric.sample_string(&mut rng, 24));
-    write_private(
-        &dir.join("user-pin"),
-        format!("{}\n", user_pin.expose()).as_bytes(),
-    )?;
-    write_private(
-        &dir.join("so-pin"),
-        format!("{}\n", so_pin.expose()).as_bytes(),
-    )?;
+    let user_pin = random_pin();
+    let so_pin = random_pin();
+    write_private(&dir.join("user-pin"), &pin_file_text(&user_pin))?;
+    write_private(&dir.join("so-pin"), &pin_file_text(&so_pin))?;
 
     // SoftHSM2 reads SOFTHSM2_CONF when the module is initialised; this
     // process has started no other thread yet.
@@ -136,6 +130,29 @@ pub fn run(args: &InitArgs, json: bool, quiet: bool) -> Result<i32> {
     Ok(0)
 }
 
+/// Length of a generated PIN: 24 alphanumerics, about 143 bits.
+const PIN_LEN: usize = 24;
+
+/// A fresh random PIN, built in a zeroizing buffer of its final size (no
+/// reallocation, so no unwiped copy of a part of it is left behind).
+fn random_pin() -> Pin {
+    let mut s = Zeroizing::new(String::with_capacity(PIN_LEN));
+    let mut rng = rand::rngs::OsRng;
+    for _ in 0..PIN_LEN {
+        s.push(char::from(Alphanumeric.sample(&mut rng)));
+    }
+    Pin::from_zeroizing(s)
+}
+
+/// The PIN file's contents, the PIN and a newline, in a zeroizing buffer
+/// (not a `format!`, whose `String` would never be wiped).
+fn pin_file_text(pin: &Pin) -> Zeroizing<Vec<u8>> {
+    let mut v = Zeroizing::new(Vec::with_capacity(pin.expose().len() + 1));
+    v.extend_from_slice(pin.expose().as_bytes());
+    v.push(b'\n');
+    v
+}
+
 /// Creates a new file readable by the owner only.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = OpenOptions::new()
@@ -147,4 +164,23 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     f.write_all(bytes)
         .and_then(|_| f.sync_all())
         .map_err(|e| Error::io_at("cannot write", path.display(), &e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_pins_and_their_file_text_are_zeroizing_and_never_grown() {
+        let a = random_pin();
+        let b = random_pin();
+        assert_eq!(a.expose().len(), PIN_LEN);
+        assert!(a.expose().bytes().all(|c| c.is_ascii_alphanumeric()));
+        assert_ne!(a.expose(), b.expose());
+        let text: Zeroizing<Vec<u8>> = pin_file_text(&a);
+        assert_eq!(&text[..PIN_LEN], a.expose().as_bytes());
+        assert_eq!(&text[PIN_LEN..], b"\n");
+        // Allocated once at its final size: nothing was copied on growth.
+        assert_eq!(text.capacity(), PIN_LEN + 1);
+    }
 }
