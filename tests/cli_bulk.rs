@@ -811,7 +811,8 @@ fn a_run_wide_hsm_error_stops_every_bulk_command_once_with_its_own_code() {
     let wrong_pin = [("HSMSEAL_PIN", "000000-wrong")];
     let no_token = [("HSMSEAL_TOKEN", "no-such-token")];
     let no_module = [("HSMSEAL_PKCS11_MODULE", "/nonexistent/libpkcs11.so")];
-    let cases: [(&[(&str, &str)], i32, &str); 3] = [
+    type Env<'a> = &'a [(&'a str, &'a str)];
+    let cases: [(Env, i32, &str); 3] = [
         (&wrong_pin, 6, "wrong PIN"),
         (&no_token, 5, "no-such-token"),
         (&no_module, 5, "/nonexistent/libpkcs11.so"),
