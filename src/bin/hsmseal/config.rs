@@ -253,11 +253,13 @@ impl Settings {
 
     /// Makes a dev token's SoftHSM2 configuration visible to the module.
     /// Must run before the module is loaded (SoftHSM2 reads it at
-    /// C_Initialize) and before any thread is started.
+    /// C_Initialize) and before any thread is started (`set_env_alone`):
+    /// `main` calls it, through `commands::prepare`, before the signal
+    /// thread starts.
     pub fn export_softhsm2_conf(&self) {
         if let Some(s) = &self.softhsm2_conf {
             if !matches!(s.source, Source::Env(_)) {
-                std::env::set_var("SOFTHSM2_CONF", &s.value);
+                set_env_alone("SOFTHSM2_CONF", &s.value);
             }
         }
     }
@@ -290,6 +292,32 @@ impl Settings {
             "no PIN available: set HSMSEAL_PIN, pass --pin-file FILE, set pin_file in hsmseal.toml, or run on a terminal to be prompted",
         ))
     }
+}
+
+/// Sets an environment variable while this is the process's only thread.
+///
+/// SoftHSM2 finds its configuration only through `SOFTHSM2_CONF`, read
+/// with getenv(3) at C_Initialize, so a dev token's path must be in the
+/// environment; there is no other way to hand it over. But setenv(3)
+/// while another thread may call getenv (a PKCS#11 module, glibc itself)
+/// is undefined behaviour, and Rust's own lock does not cover C code. So
+/// it is done first thing, before any thread starts, and checked: another
+/// thread alive here is a bug in the order of `main`, not a user's error.
+pub fn set_env_alone(name: &str, value: &Path) {
+    let threads = threads_alive();
+    assert!(
+        threads.is_none_or(|n| n == 1),
+        "{name} must be set before any thread starts ({threads:?} threads alive)"
+    );
+    // SAFETY-by-order: no other thread exists (checked above), so nothing
+    // can read the environment meanwhile.
+    std::env::set_var(name, value);
+}
+
+/// How many threads this process has (Linux `/proc/self/task`), or `None`
+/// if that cannot be read.
+fn threads_alive() -> Option<usize> {
+    fs::read_dir("/proc/self/task").ok().map(|d| d.count())
 }
 
 /// The longest PIN file read. PKCS#11 PINs are short (SoftHSM2 takes up
@@ -396,6 +424,20 @@ mod tests {
         let p = d.path().join("pin");
         fs::write(&p, bytes).unwrap();
         (d, p)
+    }
+
+    #[test]
+    fn the_thread_count_that_guards_set_env_alone_sees_other_threads() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || rx.recv());
+        // This thread and the one just started, at least.
+        assert!(threads_alive().expect("/proc/self/task") >= 2);
+        let refused =
+            std::panic::catch_unwind(|| set_env_alone("HSMSEAL_TEST_UNSET", Path::new("x")));
+        assert!(refused.is_err(), "set while another thread runs");
+        assert!(std::env::var_os("HSMSEAL_TEST_UNSET").is_none());
+        drop(tx);
+        t.join().unwrap().unwrap_err();
     }
 
     #[test]

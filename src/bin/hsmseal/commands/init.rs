@@ -72,9 +72,8 @@ pub fn run(args: &InitArgs, json: bool, quiet: bool) -> Result<i32> {
     write_private(&dir.join("user-pin"), &pin_file_text(&user_pin))?;
     write_private(&dir.join("so-pin"), &pin_file_text(&so_pin))?;
 
-    // SoftHSM2 reads SOFTHSM2_CONF when the module is initialised; this
-    // process has started no other thread yet.
-    std::env::set_var("SOFTHSM2_CONF", abs_dir.join("softhsm2.conf"));
+    // SoftHSM2 reads SOFTHSM2_CONF (set by `export_softhsm2_conf`, before
+    // any thread started) when the module is initialised, here.
     Hsm::init_token(&module, &args.label, &so_pin, &user_pin)?;
 
     // The audit log's HMAC key, and the log's first entry (this run).
@@ -128,6 +127,16 @@ pub fn run(args: &InitArgs, json: bool, quiet: bool) -> Result<i32> {
         );
     }
     Ok(0)
+}
+
+/// Points `SOFTHSM2_CONF` at the configuration this run will write in
+/// DIR. Called by `main` before any thread starts (`set_env_alone`); the
+/// file need not exist yet: the module is loaded only after it is written.
+pub fn export_softhsm2_conf(args: &InitArgs) -> Result<()> {
+    let dir = std::path::absolute(&args.dir)
+        .map_err(|e| Error::io_at("cannot resolve", args.dir.display(), &e))?;
+    crate::config::set_env_alone("SOFTHSM2_CONF", &dir.join("softhsm2.conf"));
+    Ok(())
 }
 
 /// Length of a generated PIN: 24 alphanumerics, about 143 bits.
