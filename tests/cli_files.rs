@@ -376,3 +376,40 @@ fn init_dev_then_the_full_cycle_as_a_new_user() {
     let doctor = run(&["doctor"], None);
     assert!(doctor.status.success(), "{}", stderr(&doctor));
 }
+
+/// Counts agree with their nouns in what a person reads: a one-byte file
+/// is "1 byte" in "1 chunk", not "1 bytes" in "1 chunks" (issue 10).
+#[test]
+fn one_of_a_thing_is_singular_in_human_messages() {
+    let c = Cli::with_key();
+    write(&c.path("one"), b"x");
+    c.ok(&["encrypt", "--key", "k", "one"]);
+    let inspect = String::from_utf8(c.ok(&["inspect", "one.hseal"])).unwrap();
+    assert!(
+        inspect.contains("(1 byte of plaintext in 1 chunk)"),
+        "{inspect}"
+    );
+    let verify = String::from_utf8(c.ok(&["verify", "one.hseal"])).unwrap();
+    assert!(verify.contains("OK (1 byte, key k v1)"), "{verify}");
+    std::fs::create_dir(c.path("d")).unwrap();
+    std::fs::rename(c.path("one.hseal"), c.path("d/one.hseal")).unwrap();
+    let tree = String::from_utf8(c.ok(&["inspect", "-r", "d"])).unwrap();
+    assert!(
+        tree.contains("1 hsmseal file (0 other files skipped)"),
+        "{tree}"
+    );
+    let deps = String::from_utf8(c.ok(&["inspect", "--deps", "d"])).unwrap();
+    assert!(
+        deps.contains("1 file searched, 1 of them an hsmseal file"),
+        "{deps}"
+    );
+    for text in [&inspect, &verify, &tree, &deps] {
+        for wrong in ["1 chunks", "1 bytes", "1 files", "1 hsmseal files"] {
+            let bad = text.starts_with(wrong)
+                || [" ", "(", "\n"]
+                    .iter()
+                    .any(|b| text.contains(&format!("{b}{wrong}")));
+            assert!(!bad, "{wrong:?} in {text}");
+        }
+    }
+}

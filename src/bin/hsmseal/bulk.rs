@@ -283,10 +283,12 @@ fn summary(app: &App, spec: &Spec, n_items: usize, workers: usize, t: &Tally) {
         parts.push(format!("{} failed", t.failed));
         let mib = t.bytes as f64 / (1024.0 * 1024.0);
         eprintln!(
-            "{}: {n_items} items: {}; {mib:.1} MiB in {seconds:.2} s ({:.1} MiB/s), {hsm_calls} HSM calls, {workers} jobs",
+            "{}: {n_items} items: {}; {mib:.1} MiB in {seconds:.2} s ({:.1} MiB/s), {}, {}",
             spec.action,
             parts.join(", "),
             if seconds > 0.0 { mib / seconds } else { 0.0 },
+            hsmseal::error::count(hsm_calls, "HSM call", "HSM calls"),
+            hsmseal::error::count(workers as u64, "job", "jobs"),
         );
     }
 }
