@@ -130,3 +130,20 @@ fn bad_configuration_is_a_usage_error_naming_the_file() {
     );
     assert_eq!(code(&out), 2, "{}", stderr(&out));
 }
+
+/// hsmseal.toml is found in the working directory only: run from elsewhere
+/// (a new user's `cd data`), the error says so instead of only suggesting a
+/// second `init --dev`.
+#[test]
+fn no_token_says_no_config_file_was_found_here() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(support::BIN);
+    support::clear_hsmseal_env(&mut cmd);
+    cmd.current_dir(dir.path()).args(["key", "list"]);
+    let out = support::run_cmd(cmd, None);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("no hsmseal.toml in this directory"), "{err}");
+    assert!(err.contains("HSMSEAL_CONFIG"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one-line error: {err}");
+}

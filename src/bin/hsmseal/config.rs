@@ -247,7 +247,16 @@ impl Settings {
     /// The token label, or a usage error saying how to set it.
     pub fn token_label(&self) -> Result<&str> {
         self.token.as_ref().map(|s| s.value.as_str()).ok_or_else(|| {
-            Error::usage("no token selected: pass --token LABEL, set HSMSEAL_TOKEN, or run `hsmseal init --dev`")
+            // hsmseal.toml is looked up in the working directory only: a
+            // new user who cds into a subdirectory is told so, rather than
+            // to make a second dev token there.
+            let why = match &self.config_file {
+                None => format!(" (no {CONFIG_FILE} in this directory, and HSMSEAL_CONFIG is not set)"),
+                Some(p) => format!(" ({} names none)", p.display()),
+            };
+            Error::usage(format!(
+                "no token selected{why}: pass --token LABEL, set HSMSEAL_TOKEN, point HSMSEAL_CONFIG at your {CONFIG_FILE}, or run `hsmseal init --dev` to create a dev token here"
+            ))
         })
     }
 
