@@ -293,9 +293,10 @@ impl Settings {
         }
         if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
             let label = self.token.as_ref().map(|t| t.value.as_str()).unwrap_or("?");
-            let p = rpassword::prompt_password(format!("PIN for token {label}: "))
-                .map_err(|e| Error::pin(format!("cannot read the PIN from the terminal: {e}")))?;
-            return Ok(Pin::new(p));
+            crate::signals::on_stop_restore_terminal(crate::tty::restore);
+            return crate::tty::read_pin(&format!("PIN for token {label}: "))
+                .map_err(|e| Error::pin(format!("cannot read the PIN from the terminal: {e}")))?
+                .ok_or_else(|| Error::pin("no PIN entered at the prompt"));
         }
         Err(Error::pin(
             "no PIN available: set HSMSEAL_PIN, pass --pin-file FILE, set pin_file in hsmseal.toml, or run on a terminal to be prompted",

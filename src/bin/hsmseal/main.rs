@@ -14,6 +14,7 @@ mod outputs;
 mod report;
 mod select;
 mod signals;
+mod tty;
 
 use clap::Parser;
 
