@@ -371,8 +371,34 @@ fn init_dev_then_the_full_cycle_as_a_new_user() {
         std::fs::read(work.path().join("backup.sql")).unwrap(),
         plain
     );
-    // A second init in the same place is refused rather than clobbering.
-    assert_eq!(code(&run(&["init", "--dev"], None)), 2);
+    // A second init in the same place is refused rather than clobbering,
+    // and does not suggest --force, which would not help (a token is there).
+    for args in [&["init", "--dev"][..], &["init", "--dev", "--force"]] {
+        let again = run(args, None);
+        assert_eq!(code(&again), 2, "{}", stderr(&again));
+        assert!(
+            stderr(&again).contains("already holds a dev token"),
+            "{}",
+            stderr(&again)
+        );
+    }
+    // --module is honoured by init (it was ignored): a wrong one is named.
+    let other = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(BIN);
+    clear_hsmseal_env(&mut cmd);
+    cmd.current_dir(other.path()).args([
+        "init",
+        "--dev",
+        "--module",
+        "/nonexistent/libsofthsm2.so",
+    ]);
+    let o = run_cmd(cmd, None);
+    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("/nonexistent/libsofthsm2.so"),
+        "{}",
+        stderr(&o)
+    );
     let doctor = run(&["doctor"], None);
     assert!(doctor.status.success(), "{}", stderr(&doctor));
 }

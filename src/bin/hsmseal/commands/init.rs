@@ -20,13 +20,20 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
-pub fn run(args: &InitArgs, json: bool, quiet: bool) -> Result<i32> {
+/// `module`: the global `--module` flag (it used to be ignored here), else
+/// `HSMSEAL_PKCS11_MODULE`, else Debian's SoftHSM2.
+pub fn run(args: &InitArgs, module: Option<&Path>, json: bool, quiet: bool) -> Result<i32> {
     let started = std::time::Instant::now();
     if !args.dev {
         return Err(Error::usage("only `hsmseal init --dev` exists: production tokens are set up with your HSM vendor's tools"));
     }
-    let module = std::env::var_os("HSMSEAL_PKCS11_MODULE")
-        .map(PathBuf::from)
+    let module = module
+        .map(Path::to_path_buf)
+        .or_else(|| {
+            std::env::var_os("HSMSEAL_PKCS11_MODULE")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
         .unwrap_or_else(|| PathBuf::from(DEFAULT_MODULE));
     if !module.exists() {
         return Err(Error::token(format!(
@@ -35,17 +42,19 @@ pub fn run(args: &InitArgs, json: bool, quiet: bool) -> Result<i32> {
         )));
     }
     let config_path = PathBuf::from(CONFIG_FILE);
-    if config_path.exists() && !args.force {
-        return Err(Error::usage(format!(
-            "{CONFIG_FILE} already exists here; pass --force to replace it"
-        )));
-    }
     let dir = &args.dir;
     let conf = dir.join("softhsm2.conf");
+    // The token first: --force replaces hsmseal.toml, never a token, so
+    // suggesting it here would only lead to this same refusal.
     if conf.exists() {
         return Err(Error::usage(format!(
             "{} already holds a dev token; remove the directory or choose another DIR",
             dir.display()
+        )));
+    }
+    if config_path.exists() && !args.force {
+        return Err(Error::usage(format!(
+            "{CONFIG_FILE} already exists here; pass --force to replace it"
         )));
     }
     fs::DirBuilder::new()

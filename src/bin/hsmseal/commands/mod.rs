@@ -61,7 +61,7 @@ pub fn run(cli: Cli, prepared: Result<Option<settings::Settings>>) -> Result<i32
     if let Command::Init(args) = &cli.command {
         // init must not depend on an existing configuration.
         prepared?;
-        return init::run(args, g.json, g.quiet);
+        return init::run(args, g.module.as_deref(), g.json, g.quiet);
     }
     let Some(resolved) = prepared? else {
         unreachable!("prepare resolves settings for every command but init")
