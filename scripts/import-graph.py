@@ -46,6 +46,7 @@ LAYERS = [
     ("bin::config", 13),
     ("bin::faults", 12),
     ("bin::signals", 12),
+    ("bin::tty", 12),
     ("bin::hardening", 12),
     ("bin::cli", 11),
     # the old single crate: the same layers under lib::

@@ -161,6 +161,12 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// `n` and the noun in the number that goes with it, for messages:
+/// `count(1, "file", "files")` is "1 file", `count(0, ..)` "0 files".
+pub fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// Extension to add a place to any `Result<_, Error>`.
 pub trait ResultExt<T> {
     fn context(self, place: impl fmt::Display) -> Result<T>;
@@ -175,6 +181,13 @@ impl<T> ResultExt<T> for Result<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_agree_with_their_noun() {
+        assert_eq!(count(1, "chunk", "chunks"), "1 chunk");
+        assert_eq!(count(0, "chunk", "chunks"), "0 chunks");
+        assert_eq!(count(2, "entry", "entries"), "2 entries");
+    }
 
     #[test]
     fn the_summary_never_holds_the_place() {

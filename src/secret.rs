@@ -55,14 +55,40 @@ impl fmt::Debug for SecretKey {
     }
 }
 
-/// A token PIN.
+/// A token PIN (user or SO).
+///
+/// Where it comes from must not leave copies behind either: a PIN is read
+/// into a buffer allocated once at its final size (a `String` grown while
+/// reading would leave an unwiped copy in freed memory at each
+/// reallocation), and that buffer becomes the `Pin`'s own storage.
 #[derive(Clone)]
 pub struct Pin(Zeroizing<String>);
 
 impl Pin {
+    /// Takes ownership of the text (moved, not copied).
     pub fn new(s: String) -> Self {
         Pin(Zeroizing::new(s))
     }
+
+    /// Takes text that was already held in a zeroizing buffer.
+    pub fn from_zeroizing(s: Zeroizing<String>) -> Self {
+        Pin(s)
+    }
+
+    /// Takes the bytes of a PIN as read (a PIN file, an environment
+    /// variable): the buffer itself becomes the PIN, without a copy, if it
+    /// is UTF-8; it is wiped and `None` returned if not.
+    pub fn from_utf8(mut bytes: Zeroizing<Vec<u8>>) -> Option<Self> {
+        // `take` moves the allocation out and leaves an empty one behind.
+        match String::from_utf8(std::mem::take(&mut *bytes)) {
+            Ok(s) => Some(Pin(Zeroizing::new(s))),
+            Err(e) => {
+                drop(Zeroizing::new(e.into_bytes()));
+                None
+            }
+        }
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -85,6 +111,20 @@ mod tests {
         assert!(!s.to_lowercase().contains("ab"), "{s}");
         let p = Pin::new("123456".into());
         assert!(!format!("{p:?}").contains("123456"));
+    }
+
+    #[test]
+    fn a_pin_from_bytes_is_the_buffer_itself_never_a_copy() {
+        let mut buf = Zeroizing::new(Vec::with_capacity(64));
+        buf.extend_from_slice(b"user-pin-42");
+        let at = buf.as_ptr();
+        let pin = Pin::from_utf8(buf).unwrap();
+        assert_eq!(pin.expose(), "user-pin-42");
+        assert_eq!(pin.expose().as_ptr(), at, "copied");
+        assert!(Pin::from_utf8(Zeroizing::new(vec![0xff, b'1'])).is_none());
+        let s = String::from("moved");
+        let at = s.as_ptr();
+        assert_eq!(Pin::new(s).expose().as_ptr(), at, "copied");
     }
 
     #[test]

@@ -843,3 +843,69 @@ fn an_empty_or_unmatched_directory_fails_unless_allowed() {
     }
     assert!(!c.path("out").exists() || tree(&c.path("out")).is_empty());
 }
+
+/// An error that is the same for every item (the HSM cannot be opened: a
+/// wrong PIN, no such token, no module) stops a bulk run once, with its own
+/// exit code: never one error per file and exit 1 (issue 10).
+#[test]
+fn a_run_wide_hsm_error_stops_every_bulk_command_once_with_its_own_code() {
+    let c = Cli::with_key();
+    let dir = c.path("d");
+    std::fs::create_dir(&dir).unwrap();
+    for i in 0..4 {
+        write(&dir.join(format!("f{i}")), &data(100 + i, i as u64));
+    }
+    c.ok(&["encrypt", "--key", "k", "-r", "d"]);
+    // Plaintext to encrypt in a tree of its own.
+    let plain = c.path("p");
+    std::fs::create_dir(&plain).unwrap();
+    for i in 0..4 {
+        write(&plain.join(format!("g{i}")), &data(50 + i, 9 + i as u64));
+    }
+    let wrong_pin = [("HSMSEAL_PIN", "000000-wrong")];
+    let no_token = [("HSMSEAL_TOKEN", "no-such-token")];
+    let no_module = [("HSMSEAL_PKCS11_MODULE", "/nonexistent/libpkcs11.so")];
+    type Env<'a> = &'a [(&'a str, &'a str)];
+    let cases: [(Env, i32, &str); 3] = [
+        (&wrong_pin, 6, "wrong PIN"),
+        (&no_token, 5, "no-such-token"),
+        (&no_module, 5, "/nonexistent/libpkcs11.so"),
+    ];
+    let commands: [&[&str]; 6] = [
+        &["decrypt", "-r", "d", "--output-dir", "out"],
+        &["verify", "-r", "d"],
+        &["encrypt", "--key", "k", "-r", "p", "--output-dir", "enc"],
+        &["rewrap", "-r", "d"],
+        &["inspect", "--deps", "d"],
+        &["--jobs", "3", "verify", "-r", "d"],
+    ];
+    for (env, want, says) in cases {
+        for args in commands {
+            for json in [false, true] {
+                let mut a: Vec<&str> = if json { vec!["--json"] } else { vec![] };
+                a.extend_from_slice(args);
+                let out = c.run_with(&a, None, env);
+                let err = stderr(&out);
+                assert_eq!(code(&out), want, "{a:?} {env:?}: {err}");
+                assert_eq!(
+                    err.matches(says).count(),
+                    1,
+                    "{a:?} {env:?}: said once: {err}"
+                );
+                assert!(
+                    !err.contains("f0") && !err.contains("f1"),
+                    "{a:?}: per file: {err}"
+                );
+                assert!(!err.contains("items failed"), "{a:?}: {err}");
+                // No item is reported as failed on stdout either.
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                assert!(!stdout.contains("\"failed\""), "{a:?}: {stdout}");
+                assert!(!stdout.contains("f0"), "{a:?}: {stdout}");
+            }
+        }
+    }
+    // Nothing was written, and the right PIN still works (never locked).
+    assert!(!c.path("out").exists() || tree(&c.path("out")).is_empty());
+    assert!(!c.path("enc").exists() || tree(&c.path("enc")).is_empty());
+    c.ok(&["verify", "-r", "d"]);
+}

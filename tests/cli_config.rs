@@ -246,3 +246,20 @@ fn two_tokens_with_one_label_are_told_apart_by_a_pkcs11_uri() {
         assert!(!String::from_utf8_lossy(&out.stdout).contains("s3cret"));
     }
 }
+
+/// hsmseal.toml is found in the working directory only: run from elsewhere
+/// (a new user's `cd data`), the error says so instead of only suggesting a
+/// second `init --dev`.
+#[test]
+fn no_token_says_no_config_file_was_found_here() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(support::BIN);
+    support::clear_hsmseal_env(&mut cmd);
+    cmd.current_dir(dir.path()).args(["key", "list"]);
+    let out = support::run_cmd(cmd, None);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("no hsmseal.toml in this directory"), "{err}");
+    assert!(err.contains("HSMSEAL_CONFIG"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one-line error: {err}");
+}

@@ -371,8 +371,71 @@ fn init_dev_then_the_full_cycle_as_a_new_user() {
         std::fs::read(work.path().join("backup.sql")).unwrap(),
         plain
     );
-    // A second init in the same place is refused rather than clobbering.
-    assert_eq!(code(&run(&["init", "--dev"], None)), 2);
+    // A second init in the same place is refused rather than clobbering,
+    // and does not suggest --force, which would not help (a token is there).
+    for args in [&["init", "--dev"][..], &["init", "--dev", "--force"]] {
+        let again = run(args, None);
+        assert_eq!(code(&again), 2, "{}", stderr(&again));
+        assert!(
+            stderr(&again).contains("already holds a dev token"),
+            "{}",
+            stderr(&again)
+        );
+    }
+    // --module is honoured by init (it was ignored): a wrong one is named.
+    let other = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(BIN);
+    clear_hsmseal_env(&mut cmd);
+    cmd.current_dir(other.path()).args([
+        "init",
+        "--dev",
+        "--module",
+        "/nonexistent/libsofthsm2.so",
+    ]);
+    let o = run_cmd(cmd, None);
+    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("/nonexistent/libsofthsm2.so"),
+        "{}",
+        stderr(&o)
+    );
     let doctor = run(&["doctor"], None);
     assert!(doctor.status.success(), "{}", stderr(&doctor));
+}
+
+/// Counts agree with their nouns in what a person reads: a one-byte file
+/// is "1 byte" in "1 chunk", not "1 bytes" in "1 chunks" (issue 10).
+#[test]
+fn one_of_a_thing_is_singular_in_human_messages() {
+    let c = Cli::with_key();
+    write(&c.path("one"), b"x");
+    c.ok(&["encrypt", "--key", "k", "one"]);
+    let inspect = String::from_utf8(c.ok(&["inspect", "one.hseal"])).unwrap();
+    assert!(
+        inspect.contains("(1 byte of plaintext in 1 chunk)"),
+        "{inspect}"
+    );
+    let verify = String::from_utf8(c.ok(&["verify", "one.hseal"])).unwrap();
+    assert!(verify.contains("OK (1 byte, key k v1)"), "{verify}");
+    std::fs::create_dir(c.path("d")).unwrap();
+    std::fs::rename(c.path("one.hseal"), c.path("d/one.hseal")).unwrap();
+    let tree = String::from_utf8(c.ok(&["inspect", "-r", "d"])).unwrap();
+    assert!(
+        tree.contains("1 hsmseal file (0 other files skipped)"),
+        "{tree}"
+    );
+    let deps = String::from_utf8(c.ok(&["inspect", "--deps", "d"])).unwrap();
+    assert!(
+        deps.contains("1 file searched, 1 of them an hsmseal file"),
+        "{deps}"
+    );
+    for text in [&inspect, &verify, &tree, &deps] {
+        for wrong in ["1 chunks", "1 bytes", "1 files", "1 hsmseal files"] {
+            let bad = text.starts_with(wrong)
+                || [" ", "(", "\n"]
+                    .iter()
+                    .any(|b| text.contains(&format!("{b}{wrong}")));
+            assert!(!bad, "{wrong:?} in {text}");
+        }
+    }
 }

@@ -251,3 +251,93 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A pseudo-terminal pair: (master, slave).
+fn openpty() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let (mut m, mut s) = (0, 0);
+    // SAFETY: openpty fills in two new descriptors, which we then own.
+    let rc = unsafe {
+        libc::openpty(
+            &mut m,
+            &mut s,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both are open descriptors owned by nobody else.
+    unsafe { (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s)) }
+}
+
+/// `key list` with no PIN but a terminal: its prompt on the terminal.
+fn prompting(c: &Cli, slave: &std::fs::File) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = c.cmd();
+    cmd.env_remove("HSMSEAL_PIN").args(["key", "list"]);
+    let tty = || std::process::Stdio::from(slave.try_clone().unwrap());
+    cmd.stdin(tty()).stdout(tty()).stderr(tty());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            // A session of its own with the pty as controlling terminal,
+            // so its /dev/tty is the pty.
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().expect("spawn hsmseal on a pty")
+}
+
+/// Reads the terminal's output until it holds `want`.
+fn read_until(master: &mut std::fs::File, seen: &mut String, want: &str) {
+    use std::io::Read;
+    let mut buf = [0u8; 4096];
+    while !seen.contains(want) {
+        let n = master.read(&mut buf).expect("read the pty");
+        assert!(n > 0, "terminal closed before {want:?}: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}
+
+fn echo_on(tty: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: termios is plain data; tty is an open terminal.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::tcgetattr(tty.as_raw_fd(), &mut t) }, 0);
+    t.c_lflag & libc::ECHO != 0
+}
+
+/// The prompt reads the PIN with echo off, and the terminal's echo is back
+/// afterwards: after a login, and when SIGINT stops the waiting prompt
+/// (a terminal left mute is what a new user meets first).
+#[test]
+fn the_terminal_prompt_hides_the_pin_and_always_restores_echo() {
+    use std::io::Write;
+    let c = Cli::with_key();
+    let pin = c.token.pin.clone();
+
+    let (mut master, slave) = openpty();
+    assert!(echo_on(&slave));
+    let mut child = prompting(&c, &slave);
+    let mut seen = String::new();
+    read_until(&mut master, &mut seen, "PIN for token");
+    master.write_all(format!("{pin}\n").as_bytes()).unwrap();
+    read_until(&mut master, &mut seen, "active");
+    assert!(child.wait().unwrap().success(), "{seen}");
+    assert!(!seen.contains(&pin), "PIN echoed: {seen}");
+    assert!(echo_on(&slave), "echo left off after the prompt");
+
+    let (mut master, slave) = openpty();
+    let mut child = prompting(&c, &slave);
+    let mut seen = String::new();
+    read_until(&mut master, &mut seen, "PIN for token");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{seen}");
+    assert!(echo_on(&slave), "echo left off after SIGINT at the prompt");
+}

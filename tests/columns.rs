@@ -538,7 +538,7 @@ fn bad_rows_are_reported_with_row_and_column() {
         (kind, m.as_str()),
         (
             ErrorKind::Format,
-            "row 3: has 1 fields, expected 2 (ragged row)"
+            "row 3: has 1 field, expected 2 (ragged row)"
         )
     );
     let (_, m) = err_msg(enc(&b, &k, &o, b"a,b\n1,\"2\"x\n"));
@@ -802,7 +802,7 @@ fn the_first_error_in_input_order_is_reported() {
             let e = columns::encrypt(&b, &k, &o, Cursor::new(input.clone()), &mut out).unwrap_err();
             assert_eq!(
                 e.message(),
-                "row 15002: has 1 fields, expected 2 (ragged row)"
+                "row 15002: has 1 field, expected 2 (ragged row)"
             );
             // Nothing from the bad row on was written.
             assert!(count_tokens(&out) <= 15_000);

@@ -244,8 +244,8 @@ fn plan(
                     return Err(tampered(
                         path,
                         &format!(
-                            "the log is missing or holds no complete entry{torn_note}, but the HSM's head record says log {id} there had {} entries (it was deleted or truncated). `hsmseal audit init` starts a new log once you have investigated",
-                            head.seq + 1
+                            "the log is missing or holds no complete entry{torn_note}, but the HSM's head record says log {id} there had {} (it was deleted or truncated). `hsmseal audit init` starts a new log once you have investigated",
+                            crate::error::count(head.seq + 1, "entry", "entries")
                         ),
                     ));
                 }
@@ -420,8 +420,8 @@ fn repair_record(torn: &[u8]) -> Record {
         bytes: torn.len() as u64,
         result: "repaired",
         error: Some(format!(
-            "removed an incomplete line of {} bytes (SHA-256 {}) left by an interrupted append (kill, crash or full disk); the HSM's head record never named it",
-            torn.len(),
+            "removed an incomplete line of {} (SHA-256 {}) left by an interrupted append (kill, crash or full disk); the HSM's head record never named it",
+            crate::error::count(torn.len() as u64, "byte", "bytes"),
             hex(&sha256(torn))
         )),
         ..Default::default()

@@ -112,8 +112,8 @@ pub fn verify(backend: &dyn AuditBackend, path: &Path) -> Result<VerifyReport> {
                     1,
                     ProblemKind::Truncated,
                     format!(
-                        "the log is missing, but the HSM's head record says log {id} there had {} entries",
-                        head.seq + 1
+                        "the log is missing, but the HSM's head record says log {id} there had {}",
+                        crate::error::count(head.seq + 1, "entry", "entries")
                     ),
                 );
                 return Ok(report);
@@ -144,8 +144,8 @@ pub fn verify(backend: &dyn AuditBackend, path: &Path) -> Result<VerifyReport> {
             "the log is empty".to_string()
         } else {
             format!(
-                "the log holds no complete entry, only an incomplete line of {} bytes",
-                torn.len()
+                "the log holds no complete entry, only an incomplete line of {}",
+                crate::error::count(torn.len() as u64, "byte", "bytes")
             )
         };
         let had = backend
@@ -154,8 +154,8 @@ pub fn verify(backend: &dyn AuditBackend, path: &Path) -> Result<VerifyReport> {
             .next()
             .map(|(id, h)| {
                 format!(
-                    ", but the HSM's head record says log {id} there had {} entries",
-                    h.seq + 1
+                    ", but the HSM's head record says log {id} there had {}",
+                    crate::error::count(h.seq + 1, "entry", "entries")
                 )
             })
             .unwrap_or_else(|| {
@@ -318,8 +318,9 @@ pub fn verify(backend: &dyn AuditBackend, path: &Path) -> Result<VerifyReport> {
 
 fn torn_note(n: usize, len: usize) -> String {
     format!(
-        "line {} is an incomplete line of {len} bytes, not an entry: an append was cut short (kill, crash or full disk) before its line was complete and before the HSM's head record named it; nothing authenticated is missing, and the next append replaces it with an `{REPAIR_COMMAND}` entry",
-        n + 1
+        "line {} is an incomplete line of {}, not an entry: an append was cut short (kill, crash or full disk) before its line was complete and before the HSM's head record named it; nothing authenticated is missing, and the next append replaces it with an `{REPAIR_COMMAND}` entry",
+        n + 1,
+        crate::error::count(len as u64, "byte", "bytes")
     )
 }
 

@@ -211,7 +211,8 @@ pub(super) fn layout(
             })?;
             if let Some(width) = width.filter(|&w| i > w) {
                 return Err(Error::usage(format!(
-                    "row 1: column {i} selected but the row has only {width} fields"
+                    "row 1: column {i} selected but the row has only {}",
+                    crate::error::count(width as u64, "field", "fields")
                 )));
             }
             return Ok((ColumnId::Index(i as u32), i - 1));
@@ -225,8 +226,8 @@ pub(super) fn layout(
             // The header's names are not listed: if the first line is in
             // fact data, they would put plaintext into an error message.
             0 => Err(Error::usage(format!(
-                "column {name:?} is not in the header ({} columns); if the input has no header, pass --no-header and 1-based positions",
-                names.len()
+                "column {name:?} is not in the header ({}); if the input has no header, pass --no-header and 1-based positions",
+                crate::error::count(names.len() as u64, "column", "columns")
             ))),
             n => Err(Error::format(format!(
                 "column {name:?} appears {n} times in the header"

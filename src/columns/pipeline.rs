@@ -368,7 +368,8 @@ fn read_blocks<R: Read>(
                         return Err((
                             seq,
                             Error::format(format!(
-                                "row {row}: has {nf} fields, expected {} (ragged row)",
+                                "row {row}: has {}, expected {} (ragged row)",
+                                crate::error::count(nf as u64, "field", "fields"),
                                 layout.nfields
                             )),
                         ));

@@ -224,7 +224,8 @@ fn open_payload_header(
     let n = read_full(input, &mut header).map_err(read_err)?;
     if n < PAYLOAD_HEADER_LEN {
         return Err(Error::integrity(format!(
-            "truncated: the payload is {n} bytes, shorter than its {PAYLOAD_HEADER_LEN}-byte header"
+            "truncated: the payload is {}, shorter than its {PAYLOAD_HEADER_LEN}-byte header",
+            crate::error::count(n as u64, "byte", "bytes")
         )));
     }
     let salt: &[u8; SALT_LEN] = header[..SALT_LEN].try_into().expect("fixed length");
@@ -269,7 +270,8 @@ fn open_stream(
             (b.n_chunks, b.tail_len) = (full, ENC_CHUNK_LEN);
             b.trailer = Some(Error::integrity(if rem > 0 {
                 format!(
-                    "truncated: the final chunk has {rem} bytes, fewer than its {TAG_LEN}-byte tag"
+                    "truncated: the final chunk has {}, fewer than its {TAG_LEN}-byte tag",
+                    crate::error::count(rem as u64, "byte", "bytes")
                 )
             } else if next_chunk + full as u64 == 0 {
                 "truncated: no chunks after the header".to_string()
@@ -330,7 +332,8 @@ pub fn authenticate_key_and_length<R: Read + io::Seek>(
     let start = input.stream_position().map_err(read_err)?;
     let plain_len = plaintext_len(payload_len).ok_or_else(|| {
         Error::integrity(format!(
-            "truncated or extended: {payload_len} bytes is not a possible payload length"
+            "truncated or extended: {} is not a possible payload length",
+            crate::error::count(payload_len, "byte", "bytes")
         ))
     })?;
     let cipher = open_payload_header(key.expose(), context, input)?;

@@ -126,6 +126,26 @@ impl App {
         Ok(self.hsm.get_or_init(|| Arc::new(hsm)).clone())
     }
 
+    /// Why the HSM could not be opened in this run, if it was tried and
+    /// failed: a missing module, a token not found, a wrong or missing PIN.
+    /// Such an error is the same for every item that needs a key, so a bulk
+    /// run stops on it once, with its own exit code, instead of reporting
+    /// it per item (and `App::hsm` never retries it, so the token's PIN
+    /// counter is decremented once).
+    pub fn hsm_failure(&self) -> Option<Error> {
+        self.hsm_init
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// True if `e` is [`Self::hsm_failure`] as `App::hsm` returned it (an
+    /// item that failed for another reason meanwhile is its own failure).
+    pub fn is_hsm_failure(&self, e: &Error) -> bool {
+        self.hsm_failure()
+            .is_some_and(|f| f.kind() == e.kind() && f.message() == e.message())
+    }
+
     /// Opens the module and token; logs in if `login`.
     pub fn open_hsm(&self, login: bool) -> Result<Hsm> {
         let label = self.settings.token_label()?;

@@ -13,7 +13,11 @@
 //!   instead of stdout when the command's data goes to stdout).
 //! - Failures: a failed item is reported and the run goes on; the exit code
 //!   is 1 if any failed. A run of exactly one item exits with that item's
-//!   own error code instead (as if it had been run alone).
+//!   own error code instead (as if it had been run alone). An error that
+//!   would be the same for every item (the HSM could not be opened: module
+//!   missing, token not found, wrong PIN: `App::hsm_failure`) is not an
+//!   item's: no new item starts, items after it are not reported, and the
+//!   run ends with that error and its own exit code, said once.
 //! - Progress: a bar on stderr when stderr is a terminal and `--quiet` is not
 //!   given (bytes/s, items done and failed, ETA); nothing otherwise.
 
@@ -71,6 +75,7 @@ pub fn for_each_item(
     let bar = Bar::new(app, spec, items);
     let mut tally = Tally::default();
     let mut single_error = None;
+    let mut run_error = None;
     let next = AtomicUsize::new(0);
     let (tx, rx) = mpsc::channel::<(usize, Result<ItemReport>)>();
     std::thread::scope(|s| {
@@ -80,6 +85,9 @@ pub fn for_each_item(
             std::thread::Builder::new()
                 .name(format!("hsmseal-worker-{w}"))
                 .spawn_scoped(s, move || loop {
+                    if app.hsm_failure().is_some() {
+                        break;
+                    }
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(item) = items.get(i) else { break };
                     let r = match &item.verdict {
@@ -96,13 +104,15 @@ pub fn for_each_item(
                     // Counted as soon as it is done, not when its report is
                     // printed in order: an interrupted run's audit entry
                     // must count every output already in place.
+                    let run_wide = matches!(&r, Err(e) if app.is_hsm_failure(e));
                     match &r {
                         Ok(report) => app.stats.record(report),
+                        Err(_) if run_wide => {}
                         Err(_) => {
                             app.stats.failed.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    if tx.send((i, r)).is_err() {
+                    if tx.send((i, r)).is_err() || run_wide {
                         break;
                     }
                 })
@@ -119,8 +129,19 @@ pub fn for_each_item(
                     while let Some(r) = pending.remove(&next_out) {
                         let item = &items[next_out];
                         next_out += 1;
-                        if let Some(e) = finish(app, spec, item, r, items.len(), &mut tally, &bar) {
-                            single_error = Some(e);
+                        if run_error.is_some() {
+                            // The run has stopped: later items go unsaid.
+                            continue;
+                        }
+                        match r {
+                            Err(e) if app.is_hsm_failure(&e) => run_error = Some(e),
+                            r => {
+                                if let Some(e) =
+                                    finish(app, spec, item, r, items.len(), &mut tally, &bar)
+                                {
+                                    single_error = Some(e);
+                                }
+                            }
                         }
                     }
                 }
@@ -131,6 +152,9 @@ pub fn for_each_item(
         }
     });
     bar.finish();
+    if let Some(e) = run_error {
+        return Err(e);
+    }
     summary(app, spec, items.len(), workers, &tally);
     if let Some(e) = single_error {
         return Err(e);
@@ -259,10 +283,12 @@ fn summary(app: &App, spec: &Spec, n_items: usize, workers: usize, t: &Tally) {
         parts.push(format!("{} failed", t.failed));
         let mib = t.bytes as f64 / (1024.0 * 1024.0);
         eprintln!(
-            "{}: {n_items} items: {}; {mib:.1} MiB in {seconds:.2} s ({:.1} MiB/s), {hsm_calls} HSM calls, {workers} jobs",
+            "{}: {n_items} items: {}; {mib:.1} MiB in {seconds:.2} s ({:.1} MiB/s), {}, {}",
             spec.action,
             parts.join(", "),
             if seconds > 0.0 { mib / seconds } else { 0.0 },
+            hsmseal::error::count(hsm_calls, "HSM call", "HSM calls"),
+            hsmseal::error::count(workers as u64, "job", "jobs"),
         );
     }
 }

@@ -252,63 +252,169 @@ impl Settings {
     /// The token label, or a usage error saying how to set it.
     pub fn token_label(&self) -> Result<&str> {
         self.token.as_ref().map(|s| s.value.as_str()).ok_or_else(|| {
-            Error::usage("no token selected: pass --token LABEL, set HSMSEAL_TOKEN, or run `hsmseal init --dev`")
+            // hsmseal.toml is looked up in the working directory only: a
+            // new user who cds into a subdirectory is told so, rather than
+            // to make a second dev token there.
+            let why = match &self.config_file {
+                None => format!(" (no {CONFIG_FILE} in this directory, and HSMSEAL_CONFIG is not set)"),
+                Some(p) => format!(" ({} names none)", p.display()),
+            };
+            Error::usage(format!(
+                "no token selected{why}: pass --token LABEL, set HSMSEAL_TOKEN, point HSMSEAL_CONFIG at your {CONFIG_FILE}, or run `hsmseal init --dev` to create a dev token here"
+            ))
         })
     }
 
     /// Makes a dev token's SoftHSM2 configuration visible to the module.
     /// Must run before the module is loaded (SoftHSM2 reads it at
-    /// C_Initialize) and before any thread is started.
+    /// C_Initialize) and before any thread is started (`set_env_alone`):
+    /// `main` calls it, through `commands::prepare`, before the signal
+    /// thread starts.
     pub fn export_softhsm2_conf(&self) {
         if let Some(s) = &self.softhsm2_conf {
             if !matches!(s.source, Source::Env(_)) {
-                std::env::set_var("SOFTHSM2_CONF", &s.value);
+                set_env_alone("SOFTHSM2_CONF", &s.value);
             }
         }
     }
 
     /// The PIN: `--pin-file` flag, then `HSMSEAL_PIN`, then a PIN file from
     /// the environment or config, then a prompt if stdin is a terminal.
+    /// Every copy of the PIN made on the way is in a zeroizing buffer.
     pub fn read_pin(&self) -> Result<Pin> {
         let from_file = |s: &Setting<PathBuf>| -> Result<Pin> {
-            let text = fs::read_to_string(&s.value).map_err(|e| {
-                Error::pin(format!(
-                    "cannot read PIN file {} ({}): {e}",
-                    s.value.display(),
-                    s.source
-                ))
-            })?;
+            let pin = read_pin_file(&s.value, &s.source)?;
             warn_if_readable_by_others(&s.value);
-            let pin = text.trim_end_matches(['\n', '\r']).to_string();
-            if pin.is_empty() {
-                return Err(Error::pin(format!(
-                    "PIN file {} is empty",
-                    s.value.display()
-                )));
-            }
-            Ok(Pin::new(pin))
+            Ok(pin)
         };
         if let Some(s) = self.pin_file.as_ref().filter(|s| s.source == Source::Flag) {
             return from_file(s);
         }
-        if let Ok(p) = std::env::var("HSMSEAL_PIN") {
-            if !p.is_empty() {
-                return Ok(Pin::new(p));
-            }
+        if let Some(p) = pin_from_env()? {
+            return Ok(p);
         }
         if let Some(s) = &self.pin_file {
             return from_file(s);
         }
         if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
             let label = self.token.as_ref().map(|t| t.value.as_str()).unwrap_or("?");
-            let p = rpassword::prompt_password(format!("PIN for token {label}: "))
-                .map_err(|e| Error::pin(format!("cannot read the PIN from the terminal: {e}")))?;
-            return Ok(Pin::new(p));
+            crate::signals::on_stop_restore_terminal(crate::tty::restore);
+            return crate::tty::read_pin(&format!("PIN for token {label}: "))
+                .map_err(|e| Error::pin(format!("cannot read the PIN from the terminal: {e}")))?
+                .ok_or_else(|| Error::pin("no PIN entered at the prompt"));
         }
         Err(Error::pin(
             "no PIN available: set HSMSEAL_PIN, pass --pin-file FILE, set pin_file in hsmseal.toml, or run on a terminal to be prompted",
         ))
     }
+}
+
+/// Sets an environment variable while this is the process's only thread.
+///
+/// SoftHSM2 finds its configuration only through `SOFTHSM2_CONF`, read
+/// with getenv(3) at C_Initialize, so a dev token's path must be in the
+/// environment; there is no other way to hand it over. But setenv(3)
+/// while another thread may call getenv (a PKCS#11 module, glibc itself)
+/// is undefined behaviour, and Rust's own lock does not cover C code. So
+/// it is done first thing, before any thread starts, and checked: another
+/// thread alive here is a bug in the order of `main`, not a user's error.
+pub fn set_env_alone(name: &str, value: &Path) {
+    let threads = threads_alive();
+    assert!(
+        threads.is_none_or(|n| n == 1),
+        "{name} must be set before any thread starts ({threads:?} threads alive)"
+    );
+    // SAFETY-by-order: no other thread exists (checked above), so nothing
+    // can read the environment meanwhile.
+    std::env::set_var(name, value);
+}
+
+/// How many threads this process has (Linux `/proc/self/task`), or `None`
+/// if that cannot be read.
+fn threads_alive() -> Option<usize> {
+    fs::read_dir("/proc/self/task").ok().map(|d| d.count())
+}
+
+/// The longest PIN file read. PKCS#11 PINs are short (SoftHSM2 takes up
+/// to 255 bytes); a bigger file is not a PIN file.
+const MAX_PIN_FILE: usize = 4096;
+
+/// The PIN in a PIN file: its text without the trailing newline.
+///
+/// Read into one buffer of fixed size, wiped on drop, which becomes the
+/// `Pin` itself: `read_to_string` would grow a `String` (each reallocation
+/// leaves an unwiped copy in freed memory) and then the trimmed copy.
+pub fn read_pin_file(path: &Path, source: &Source) -> Result<Pin> {
+    use std::io::Read;
+    let cannot = |e: std::io::Error| {
+        Error::pin(format!(
+            "cannot read PIN file {} ({source}): {e}",
+            path.display()
+        ))
+    };
+    let mut f = fs::File::open(path).map_err(cannot)?;
+    let mut buf = zeroize::Zeroizing::new(vec![0u8; MAX_PIN_FILE + 1]);
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(cannot(e)),
+        }
+    }
+    if n > MAX_PIN_FILE {
+        return Err(Error::pin(format!(
+            "PIN file {} ({source}) is longer than {MAX_PIN_FILE} bytes: it must hold the PIN alone",
+            path.display()
+        )));
+    }
+    // Shortening never reallocates: the buffer stays the one wiped.
+    buf.truncate(n);
+    while buf.last().is_some_and(|b| matches!(b, b'\n' | b'\r')) {
+        buf.pop();
+    }
+    if buf.is_empty() {
+        return Err(Error::pin(format!(
+            "PIN file {} ({source}) is empty",
+            path.display()
+        )));
+    }
+    Pin::from_utf8(buf).ok_or_else(|| {
+        Error::pin(format!(
+            "PIN file {} ({source}) is not UTF-8 text",
+            path.display()
+        ))
+    })
+}
+
+/// `HSMSEAL_PIN`, if set and not empty. The copy the environment hands
+/// out is moved into a zeroizing buffer at once (the environment's own
+/// copy stays for the life of the process: prefer a PIN file).
+pub fn pin_from_env() -> Result<Option<Pin>> {
+    use std::os::unix::ffi::OsStringExt;
+    let Some(v) = std::env::var_os("HSMSEAL_PIN") else {
+        return Ok(None);
+    };
+    let bytes = zeroize::Zeroizing::new(v.into_vec());
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    Pin::from_utf8(bytes)
+        .map(Some)
+        .ok_or_else(|| Error::pin("HSMSEAL_PIN is not UTF-8 text"))
+}
+
+/// Whether `HSMSEAL_PIN` is set and not empty (for `config show`); the
+/// value is looked at in a zeroizing buffer only.
+pub fn pin_env_set() -> bool {
+    use std::os::unix::ffi::OsStringExt;
+    let v = zeroize::Zeroizing::new(
+        std::env::var_os("HSMSEAL_PIN")
+            .map(|v| v.into_vec())
+            .unwrap_or_default(),
+    );
+    !v.is_empty()
 }
 
 fn warn_if_readable_by_others(p: &Path) {
@@ -321,5 +427,66 @@ fn warn_if_readable_by_others(p: &Path) {
                 p.display()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_with(bytes: &[u8]) -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("pin");
+        fs::write(&p, bytes).unwrap();
+        (d, p)
+    }
+
+    #[test]
+    fn the_thread_count_that_guards_set_env_alone_sees_other_threads() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || rx.recv());
+        // This thread and the one just started, at least.
+        assert!(threads_alive().expect("/proc/self/task") >= 2);
+        let refused =
+            std::panic::catch_unwind(|| set_env_alone("HSMSEAL_TEST_UNSET", Path::new("x")));
+        assert!(refused.is_err(), "set while another thread runs");
+        assert!(std::env::var_os("HSMSEAL_TEST_UNSET").is_none());
+        drop(tx);
+        t.join().unwrap().unwrap_err();
+    }
+
+    #[test]
+    fn a_pin_file_is_read_into_a_pin_and_its_errors_name_the_file_not_the_pin() {
+        // The type is the point: the PIN comes back as a `Pin`, no `String`.
+        let read: fn(&Path, &Source) -> Result<Pin> = read_pin_file;
+        for (text, want) in [
+            (&b"user-1234\n"[..], "user-1234"),
+            (b"user-1234\r\n\n", "user-1234"),
+            (b"  spaced pin ", "  spaced pin "),
+        ] {
+            let (_d, p) = file_with(text);
+            assert_eq!(read(&p, &Source::Flag).unwrap().expose(), want);
+        }
+        let too_long = vec![b'7'; MAX_PIN_FILE + 1];
+        for (text, says) in [
+            (&b"\n"[..], "is empty"),
+            (b"\xff\xfesecret-ish", "not UTF-8"),
+            (&too_long[..], "longer than"),
+        ] {
+            let (_d, p) = file_with(text);
+            let e = read(&p, &Source::Flag).unwrap_err();
+            assert_eq!(e.kind(), hsmseal::error::ErrorKind::Pin);
+            assert!(e.message().contains(says), "{e}");
+            assert!(e.message().contains(&p.display().to_string()), "{e}");
+            assert!(!e.message().contains("secret-ish") && !e.message().contains("7777"));
+        }
+        let (_d, p) = file_with(&vec![b'7'; MAX_PIN_FILE]);
+        assert_eq!(
+            read(&p, &Source::Flag).unwrap().expose().len(),
+            MAX_PIN_FILE
+        );
+        let e = read(Path::new("/nonexistent/pin"), &Source::Flag).unwrap_err();
+        assert_eq!(e.kind(), hsmseal::error::ErrorKind::Pin);
+        assert!(e.message().contains("/nonexistent/pin"), "{e}");
     }
 }

@@ -14,6 +14,7 @@ mod outputs;
 mod report;
 mod select;
 mod signals;
+mod tty;
 
 use clap::Parser;
 
@@ -21,9 +22,14 @@ fn main() {
     // Before anything reads the PIN or a key: no core dump may hold them.
     hardening::disable_core_dumps();
     let cli = cli::Cli::parse();
+    // While this is the only thread: the settings, and SOFTHSM2_CONF set
+    // for the PKCS#11 module (see config::set_env_alone). Its error, if
+    // any, is raised inside `run`, so a failed `columns` stream still ends
+    // with its abort marker.
+    let prepared = commands::prepare(&cli);
     faults::install_from_env();
     signals::install();
-    let code = match commands::run(cli) {
+    let code = match commands::run(cli, prepared) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("hsmseal: error: {e}");

@@ -31,6 +31,16 @@ static ON_INTERRUPT: Mutex<Option<Hook>> = Mutex::new(None);
 /// commands above it).
 static END_STREAM: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
 
+/// Puts the terminal back as it was if the PIN prompt is waiting with its
+/// echo off (`tty::restore`, registered by whoever prompts: a hook, as
+/// `END_STREAM`).
+static RESTORE_TERMINAL: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Registers `f` to run first when the run is stopped (see `RESTORE_TERMINAL`).
+pub fn on_stop_restore_terminal(f: fn()) {
+    let _ = RESTORE_TERMINAL.set(f);
+}
+
 /// Registers `f` to run first when the run is stopped (see `END_STREAM`).
 pub fn on_stop_end_stream(f: fn()) {
     let _ = END_STREAM.set(f);
@@ -131,6 +141,10 @@ pub fn stdout_failed() -> ! {
 /// login or key management call in progress, and ends the process with
 /// `code`. Outputs already renamed into place are complete and stay.
 fn stop(code: i32, why: &'static str, say: bool) -> ! {
+    // A prompt stopped by Ctrl-C must not leave the user's terminal mute.
+    if let Some(restore) = RESTORE_TERMINAL.get() {
+        restore();
+    }
     // A `columns` stream on stdout ends with the abort marker, so its
     // reader (a `psql \copy`) fails instead of loading a prefix.
     if let Some(end_stream) = END_STREAM.get() {

@@ -209,9 +209,9 @@ fn verify(app: &App, log: Option<PathBuf>) -> Result<i32> {
     }
     if !app.json {
         crate::outln!(
-            "{}: {} entries, chain intact, head matches the HSM",
+            "{}: {}, chain intact, head matches the HSM",
             path.display(),
-            report.entries
+            hsmseal::error::count(report.entries as u64, "entry", "entries")
         );
     }
     for r in &report.repairs {

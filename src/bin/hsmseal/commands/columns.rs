@@ -20,7 +20,7 @@ use crate::cli::{
 };
 use hsmseal::backend::{KeyBackend, KeyRef};
 use hsmseal::columns::{self, abort, ColumnOptions, ColumnStats, Format};
-use hsmseal::error::{Error, Result};
+use hsmseal::error::{count, Error, Result};
 use hsmseal::fs::{resolve_output, same_file, AtomicFile, Sink};
 use std::io::{IsTerminal, Read, Write};
 use std::path::Path;
@@ -69,14 +69,14 @@ pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
     // never mistaken for a complete one.
     if stats.plaintext > 0 {
         app.info(format!(
-            "hsmseal: note: --allow-plaintext: {} selected cell(s) were not tokens and were copied as they are",
-            stats.plaintext
+            "hsmseal: note: --allow-plaintext: {} not tokens and copied as they are",
+            were(stats.plaintext, "selected cell")
         ));
     }
     if stats.tokens_skipped > 0 {
         app.info(format!(
-            "hsmseal: note: --skip-tokens: {} selected cell(s) already were tokens and were left as they are",
-            stats.tokens_skipped
+            "hsmseal: note: --skip-tokens: {} already tokens and left as they are",
+            were(stats.tokens_skipped, "selected cell")
         ));
     }
     if stats.nested > 0 {
@@ -86,6 +86,15 @@ pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
         ));
     }
     Ok(0)
+}
+
+/// "1 selected cell was", "2 selected cells were".
+fn were(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun} was")
+    } else {
+        format!("{n} {noun}s were")
+    }
 }
 
 fn dump_args(cmd: &ColumnsCommand) -> &DumpArgs {
@@ -300,12 +309,12 @@ fn report(json: bool, a: &DumpArgs, op: &str, fmt: Format, key: Option<&KeyRef>,
         eprintln!("{v}");
     } else if a.stats {
         eprintln!(
-            "columns {op}: {} rows, {} cells, {} nulls, {} batches, {} HSM calls, {:.3} s ({:.0} cells/s)",
-            s.rows,
-            s.cells,
-            s.nulls,
-            s.batches,
-            s.hsm_calls,
+            "columns {op}: {}, {}, {}, {}, {}, {:.3} s ({:.0} cells/s)",
+            count(s.rows, "row", "rows"),
+            count(s.cells, "cell", "cells"),
+            count(s.nulls, "null", "nulls"),
+            count(s.batches, "batch", "batches"),
+            count(s.hsm_calls, "HSM call", "HSM calls"),
             s.seconds,
             s.cells as f64 / s.seconds.max(1e-9)
         );

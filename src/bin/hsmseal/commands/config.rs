@@ -20,7 +20,7 @@ fn show(app: &App) -> Result<i32> {
         .is_some_and(|p| p.source == crate::config::Source::Flag)
     {
         "--pin-file (redacted)".to_string()
-    } else if std::env::var("HSMSEAL_PIN").is_ok_and(|p| !p.is_empty()) {
+    } else if crate::config::pin_env_set() {
         "environment HSMSEAL_PIN (redacted)".to_string()
     } else if let Some(p) = &s.pin_file {
         format!("file {} from {} (redacted)", p.value.display(), p.source)

@@ -22,7 +22,7 @@ use crate::select::{self, Item, Verdict, Want};
 use hsmseal::backend::KeyRef;
 use hsmseal::deps::{Dependencies, TokenScanner};
 use hsmseal::envelope::{file, header};
-use hsmseal::error::{Error, Result};
+use hsmseal::error::{count, Error, Result};
 use hsmseal::stream::StreamOptions;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -93,6 +93,9 @@ pub fn search(app: &App, paths: &[PathBuf], sel: &SelectArgs, open_sealed: bool)
                     out.searched += 1;
                     out.sealed += u64::from(sealed);
                 }
+                // The HSM could not be opened (wrong PIN, no token...): the
+                // same for every sealed file, so the search stops once.
+                Err(e) if app.is_hsm_failure(&e) => return Err(e),
                 Err(e) => out.failed.push((path, e)),
             },
         }
@@ -257,9 +260,9 @@ pub fn run_inspect(
         Ok(0)
     } else {
         eprintln!(
-            "hsmseal: {} of {} files could not be searched: the versions they need are not listed",
+            "hsmseal: {} of {} could not be searched: the versions they need are not listed",
             s.failed.len(),
-            s.searched + s.failed.len() as u64
+            count(s.searched + s.failed.len() as u64, "file", "files")
         );
         Ok(1)
     }
@@ -272,9 +275,14 @@ fn print_table(s: &Search, headers_only: bool) {
         "sealed payloads decrypted in memory and searched for column tokens"
     };
     crate::outln!(
-        "{} files searched, {} of them hsmseal files ({how})",
-        s.searched,
-        s.sealed
+        "{} searched, {} of them {} ({how})",
+        count(s.searched, "file", "files"),
+        s.sealed,
+        if s.sealed == 1 {
+            "an hsmseal file"
+        } else {
+            "hsmseal files"
+        }
     );
     if s.deps.by_key.is_empty() {
         crate::outln!("no key version is needed by these files");

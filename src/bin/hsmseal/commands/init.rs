@@ -13,19 +13,27 @@ use hsmseal::audit::{self, Record};
 use hsmseal::error::{Error, Result};
 use hsmseal::hsm::Hsm;
 use hsmseal::secret::Pin;
-use rand::distributions::{Alphanumeric, DistString};
+use rand::distributions::{Alphanumeric, Distribution};
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use zeroize::Zeroizing;
 
-pub fn run(args: &InitArgs, json: bool, quiet: bool) -> Result<i32> {
+/// `module`: the global `--module` flag (it used to be ignored here), else
+/// `HSMSEAL_PKCS11_MODULE`, else Debian's SoftHSM2.
+pub fn run(args: &InitArgs, module: Option<&Path>, json: bool, quiet: bool) -> Result<i32> {
     let started = std::time::Instant::now();
     if !args.dev {
         return Err(Error::usage("only `hsmseal init --dev` exists: production tokens are set up with your HSM vendor's tools"));
     }
-    let module = std::env::var_os("HSMSEAL_PKCS11_MODULE")
-        .map(PathBuf::from)
+    let module = module
+        .map(Path::to_path_buf)
+        .or_else(|| {
+            std::env::var_os("HSMSEAL_PKCS11_MODULE")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
         .unwrap_or_else(|| PathBuf::from(DEFAULT_MODULE));
     if !module.exists() {
         return Err(Error::token(format!(
@@ -34,17 +42,19 @@ pub fn run(args: &InitArgs, json: bool, quiet: bool) -> Result<i32> {
         )));
     }
     let config_path = PathBuf::from(CONFIG_FILE);
-    if config_path.exists() && !args.force {
-        return Err(Error::usage(format!(
-            "{CONFIG_FILE} already exists here; pass --force to replace it"
-        )));
-    }
     let dir = &args.dir;
     let conf = dir.join("softhsm2.conf");
+    // The token first: --force replaces hsmseal.toml, never a token, so
+    // suggesting it here would only lead to this same refusal.
     if conf.exists() {
         return Err(Error::usage(format!(
             "{} already holds a dev token; remove the directory or choose another DIR",
             dir.display()
+        )));
+    }
+    if config_path.exists() && !args.force {
+        return Err(Error::usage(format!(
+            "{CONFIG_FILE} already exists here; pass --force to replace it"
         )));
     }
     fs::DirBuilder::new()
@@ -66,21 +76,13 @@ pub fn run(args: &InitArgs, json: bool, quiet: bool) -> Result<i32> {
         )
         .as_bytes(),
     )?;
-    let mut rng = rand::rngs::OsRng;
-    let user_pin = Pin::new(Alphanumeric.sample_string(&mut rng, 24));
-    let so_pin = Pin::new(Alphanumeric.sample_string(&mut rng, 24));
-    write_private(
-        &dir.join("user-pin"),
-        format!("{}\n", user_pin.expose()).as_bytes(),
-    )?;
-    write_private(
-        &dir.join("so-pin"),
-        format!("{}\n", so_pin.expose()).as_bytes(),
-    )?;
+    let user_pin = random_pin();
+    let so_pin = random_pin();
+    write_private(&dir.join("user-pin"), &pin_file_text(&user_pin))?;
+    write_private(&dir.join("so-pin"), &pin_file_text(&so_pin))?;
 
-    // SoftHSM2 reads SOFTHSM2_CONF when the module is initialised; this
-    // process has started no other thread yet.
-    std::env::set_var("SOFTHSM2_CONF", abs_dir.join("softhsm2.conf"));
+    // SoftHSM2 reads SOFTHSM2_CONF (set by `export_softhsm2_conf`, before
+    // any thread started) when the module is initialised, here.
     Hsm::init_token(&module, &args.label, &so_pin, &user_pin)?;
 
     // The audit log's HMAC key, and the log's first entry (this run).
@@ -136,6 +138,39 @@ pub fn run(args: &InitArgs, json: bool, quiet: bool) -> Result<i32> {
     Ok(0)
 }
 
+/// Points `SOFTHSM2_CONF` at the configuration this run will write in
+/// DIR. Called by `main` before any thread starts (`set_env_alone`); the
+/// file need not exist yet: the module is loaded only after it is written.
+pub fn export_softhsm2_conf(args: &InitArgs) -> Result<()> {
+    let dir = std::path::absolute(&args.dir)
+        .map_err(|e| Error::io_at("cannot resolve", args.dir.display(), &e))?;
+    crate::config::set_env_alone("SOFTHSM2_CONF", &dir.join("softhsm2.conf"));
+    Ok(())
+}
+
+/// Length of a generated PIN: 24 alphanumerics, about 143 bits.
+const PIN_LEN: usize = 24;
+
+/// A fresh random PIN, built in a zeroizing buffer of its final size (no
+/// reallocation, so no unwiped copy of a part of it is left behind).
+fn random_pin() -> Pin {
+    let mut s = Zeroizing::new(String::with_capacity(PIN_LEN));
+    let mut rng = rand::rngs::OsRng;
+    for _ in 0..PIN_LEN {
+        s.push(char::from(Alphanumeric.sample(&mut rng)));
+    }
+    Pin::from_zeroizing(s)
+}
+
+/// The PIN file's contents, the PIN and a newline, in a zeroizing buffer
+/// (not a `format!`, whose `String` would never be wiped).
+fn pin_file_text(pin: &Pin) -> Zeroizing<Vec<u8>> {
+    let mut v = Zeroizing::new(Vec::with_capacity(pin.expose().len() + 1));
+    v.extend_from_slice(pin.expose().as_bytes());
+    v.push(b'\n');
+    v
+}
+
 /// Creates a new file readable by the owner only.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = OpenOptions::new()
@@ -147,4 +182,23 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     f.write_all(bytes)
         .and_then(|_| f.sync_all())
         .map_err(|e| Error::io_at("cannot write", path.display(), &e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_pins_and_their_file_text_are_zeroizing_and_never_grown() {
+        let a = random_pin();
+        let b = random_pin();
+        assert_eq!(a.expose().len(), PIN_LEN);
+        assert!(a.expose().bytes().all(|c| c.is_ascii_alphanumeric()));
+        assert_ne!(a.expose(), b.expose());
+        let text: Zeroizing<Vec<u8>> = pin_file_text(&a);
+        assert_eq!(&text[..PIN_LEN], a.expose().as_bytes());
+        assert_eq!(&text[PIN_LEN..], b"\n");
+        // Allocated once at its final size: nothing was copied on growth.
+        assert_eq!(text.capacity(), PIN_LEN + 1);
+    }
 }

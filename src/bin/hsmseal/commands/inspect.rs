@@ -11,7 +11,7 @@ use crate::input::{read_header_locked, Input};
 use crate::report::ItemReport;
 use crate::select::{self, Want};
 use hsmseal::envelope::{file, header};
-use hsmseal::error::{Error, Result};
+use hsmseal::error::{count, Error, Result};
 use serde::Serialize;
 
 #[derive(Serialize)]
@@ -89,7 +89,10 @@ pub fn run(app: &App, args: InspectArgs) -> Result<i32> {
         );
         if let (Some(f), Some(p), Some(c)) = (info.file_bytes, info.plaintext_bytes, info.chunks) {
             text.push_str(&format!(
-                "\n  size:        {f} bytes ({p} bytes of plaintext in {c} chunks)"
+                "\n  size:        {} ({} of plaintext in {})",
+                count(f, "byte", "bytes"),
+                count(p, "byte", "bytes"),
+                count(c, "chunk", "chunks")
             ));
         }
         text.push_str(
@@ -197,7 +200,11 @@ fn summarise(app: &App, sel: &crate::cli::SelectArgs) -> Result<i32> {
             })
         );
     } else {
-        crate::outln!("{files} hsmseal files ({other} other files skipped)");
+        crate::outln!(
+            "{} ({} skipped)",
+            count(files, "hsmseal file", "hsmseal files"),
+            count(other, "other file", "other files")
+        );
         crate::outln!(
             "{:<24} {:>7} {:>10} {:>16}",
             "KEY",

@@ -25,20 +25,16 @@ use crate::cli::{Cli, Command};
 use crate::config::{self as settings, Overrides};
 use hsmseal::error::Result;
 
-/// Runs one parsed command line.
-pub fn run(cli: Cli) -> Result<i32> {
-    // Held to the end: a `columns` run to stdout that fails at any step
-    // ends its stream with the abort marker (issue 9).
-    let _stdout = columns::guard_stdout(&cli.command);
-    let g = &cli.global;
-    // Lock waits and stale temporary files removed are announced unless --quiet.
-    if !g.quiet {
-        hsmseal::notify::set_notifier(|msg| eprintln!("hsmseal: {msg}"));
-    }
+/// What must be done before any other thread starts: the settings
+/// resolved and `SOFTHSM2_CONF` exported for the PKCS#11 module (the dev
+/// token of `hsmseal.toml`, or the one `init --dev` is creating). `None`
+/// for `init`, which does not read a configuration.
+pub fn prepare(cli: &Cli) -> Result<Option<settings::Settings>> {
     if let Command::Init(args) = &cli.command {
-        // init must not depend on an existing configuration.
-        return init::run(args, g.json, g.quiet);
+        init::export_softhsm2_conf(args)?;
+        return Ok(None);
     }
+    let g = &cli.global;
     let overrides = Overrides {
         module: g.module.clone(),
         token: g.token.clone(),
@@ -49,6 +45,27 @@ pub fn run(cli: Cli) -> Result<i32> {
     };
     let resolved = settings::resolve(&overrides)?;
     resolved.export_softhsm2_conf();
+    Ok(Some(resolved))
+}
+
+/// Runs one parsed command line, with what [`prepare`] made of it.
+pub fn run(cli: Cli, prepared: Result<Option<settings::Settings>>) -> Result<i32> {
+    // Held to the end: a `columns` run to stdout that fails at any step
+    // ends its stream with the abort marker (issue 9).
+    let _stdout = columns::guard_stdout(&cli.command);
+    let g = &cli.global;
+    // Lock waits and stale temporary files removed are announced unless --quiet.
+    if !g.quiet {
+        hsmseal::notify::set_notifier(|msg| eprintln!("hsmseal: {msg}"));
+    }
+    if let Command::Init(args) = &cli.command {
+        // init must not depend on an existing configuration.
+        prepared?;
+        return init::run(args, g.module.as_deref(), g.json, g.quiet);
+    }
+    let Some(resolved) = prepared? else {
+        unreachable!("prepare resolves settings for every command but init")
+    };
     // Shared with the signal thread, which logs an interrupted run.
     let app = std::sync::Arc::new(App::new(resolved, g.json, g.quiet));
     // A command that touches keys or data runs only if its audit entry can

@@ -26,9 +26,9 @@ pub fn run(app: &App, args: VerifyArgs) -> Result<i32> {
         let report = file::verify_payload(&*backend, &header, reader, opts)?;
         let text = (!app.quiet).then(|| {
             format!(
-                "{}: OK ({} bytes, key {})",
+                "{}: OK ({}, key {})",
                 item.display(),
-                report.plaintext_bytes,
+                hsmseal::error::count(report.plaintext_bytes, "byte", "bytes"),
                 report.kwk
             )
         });
