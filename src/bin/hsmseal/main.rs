@@ -15,12 +15,23 @@ mod report;
 mod select;
 mod signals;
 
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches};
 
 fn main() {
     // Before anything reads the PIN or a key: no core dump may hold them.
     hardening::disable_core_dumps();
-    let cli = cli::Cli::parse();
+    // An empty HSMSEAL_* variable means "unset" (config::resolve reads them
+    // so); clap would parse it as an empty value. Removed here, before any
+    // thread exists, so the environment is never changed under a reader.
+    for name in env_vars(&cli::Cli::command()) {
+        if std::env::var_os(&name).is_some_and(|v| v.is_empty()) {
+            std::env::remove_var(&name);
+        }
+    }
+    let matches = cli::Cli::command().get_matches();
+    let mut cli = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    flags_only(&mut cli.global, &matches);
     faults::install_from_env();
     signals::install();
     let code = match commands::run(cli) {
@@ -32,4 +43,41 @@ fn main() {
     };
     // Not std::process::exit: see signals::exit_now.
     signals::exit_now(code);
+}
+
+/// Keeps the global settings given as flags and drops those clap took from
+/// the environment (its `env` attribute, there for `--help` and for
+/// checking the value): `config::resolve` reads the environment itself,
+/// after flags and before hsmseal.toml, and records each value's source
+/// for `config show`, which `ArgMatches::value_source` tells here.
+fn flags_only(g: &mut cli::GlobalArgs, m: &ArgMatches) {
+    let from_flag = |id: &str| m.value_source(id) == Some(ValueSource::CommandLine);
+    if !from_flag("module") {
+        g.module = None;
+    }
+    if !from_flag("token") {
+        g.token = None;
+    }
+    if !from_flag("pin_file") {
+        g.pin_file = None;
+    }
+    if !from_flag("jobs") {
+        g.jobs = None;
+    }
+    if !from_flag("audit_log") {
+        g.audit_log = None;
+    }
+}
+
+/// Every environment variable an option of `cmd` or of its subcommands
+/// reads (clap's `env` attribute).
+fn env_vars(cmd: &clap::Command) -> Vec<std::ffi::OsString> {
+    let mut names: Vec<_> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_env().map(|e| e.to_os_string()))
+        .collect();
+    for sub in cmd.get_subcommands() {
+        names.extend(env_vars(sub));
+    }
+    names
 }

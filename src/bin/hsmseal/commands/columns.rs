@@ -196,8 +196,8 @@ pub fn execute_with_stats(
 /// default. Reading a COPY text dump as CSV (the old default for stdin)
 /// left values with a comma partly in clear (issue 9).
 fn format_of(a: &DumpArgs) -> Result<Format> {
-    if let Some(f) = &a.format {
-        return Format::parse(f);
+    if let Some(f) = a.format {
+        return Ok(f.into());
     }
     const CHOICES: &str = "pass --format csv, tsv, jsonl or pgcopy";
     let input = a.input.as_deref().filter(|p| *p != Path::new("-"));
@@ -230,10 +230,7 @@ fn format_of(a: &DumpArgs) -> Result<Format> {
 }
 
 fn token_formats(a: &ColumnsDecryptArgs) -> Result<Vec<Format>> {
-    a.token_format
-        .iter()
-        .map(|f| Format::parse(f.trim()))
-        .collect()
+    Ok(a.token_format.iter().map(|&f| f.into()).collect())
 }
 
 fn options(a: &DumpArgs) -> Result<ColumnOptions> {
