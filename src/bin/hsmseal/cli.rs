@@ -86,7 +86,7 @@ pub struct GlobalArgs {
         hide_env_values = true
     )]
     pub pin_file: Option<PathBuf>,
-    /// Machine-readable JSON output on stdout
+    /// JSON lines, each an object with a "type" (item, summary, error, ...), on stdout (stderr when the data goes to stdout)
     #[arg(long, global = true)]
     pub json: bool,
     /// No progress or informational messages on stderr
@@ -136,7 +136,7 @@ pub enum Command {
     ///
     /// Bulk runs (-r DIR, several inputs): --jobs workers, each with its own HSM
     /// session; a progress bar on a terminal (stderr); with --json one line per
-    /// item, in input order, then a {"summary": ...} line. A failed item is
+    /// item, in input order, then a {"type":"summary", ...} line. A failed item is
     /// reported and the run goes on, then exits 1.
     #[command(after_help = EX_ENCRYPT)]
     Encrypt(EncryptArgs),
@@ -547,7 +547,8 @@ pub struct DumpArgs {
     #[arg(long)]
     pub force: bool,
     /// Print a summary (rows, cells, batches, HSM calls, seconds) on stderr
-    /// (with --json: as JSON, also on stderr: stdout carries the dump).
+    /// (with --json there always is one: the `summary` line, on stderr like
+    /// every --json line of `columns`, which then carries nothing else).
     #[arg(long)]
     pub stats: bool,
 }

@@ -29,15 +29,18 @@ fn main() {
             std::env::remove_var(&name);
         }
     }
-    let matches = cli::Cli::command().get_matches();
-    let mut cli = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let matches = cli::Cli::command()
+        .try_get_matches()
+        .unwrap_or_else(|e| usage_error(e));
+    let mut cli = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| usage_error(e));
     flags_only(&mut cli.global, &matches);
+    report::set_json(cli.global.json);
     faults::install_from_env();
     signals::install();
     let code = match commands::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("hsmseal: error: {e}");
+            report::error(&e);
             e.exit_code()
         }
     };
@@ -80,4 +83,27 @@ fn env_vars(cmd: &clap::Command) -> Vec<std::ffi::OsString> {
         names.extend(env_vars(sub));
     }
     names
+}
+
+/// A command line clap refused (or `--help`, `--version`): clap's own
+/// message and exit code (2 for errors), and with `--json` anywhere on the
+/// line also the `error` line every failure has in JSON output.
+fn usage_error(e: clap::Error) -> ! {
+    let json = std::env::args_os().skip(1).any(|a| a == "--json");
+    if json && e.exit_code() != 0 {
+        report::set_json(true);
+        let text = e.render().to_string();
+        let first = text.lines().next().unwrap_or("invalid command line");
+        let first = first.strip_prefix("error: ").unwrap_or(first);
+        let message = format!("{first} (see hsmseal --help)");
+        report::emit(
+            "error",
+            &report::ErrorLine {
+                kind: "usage".into(),
+                exit_code: e.exit_code(),
+                message: &message,
+            },
+        );
+    }
+    e.exit()
 }

@@ -58,7 +58,12 @@ pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
         app.stats.add_key(k);
     }
     // Cells left as they were on request are said, so a partial result is
-    // never mistaken for a complete one.
+    // never mistaken for a complete one (with --json, by the summary's
+    // `plaintext`, `tokens_skipped` and `nested` counts: it stays the last
+    // line).
+    if app.json {
+        return Ok(0);
+    }
     if stats.plaintext > 0 {
         app.info(format!(
             "hsmseal: note: --allow-plaintext: {} selected cell(s) were not tokens and were copied as they are",
@@ -245,17 +250,26 @@ fn options(a: &DumpArgs) -> Result<ColumnOptions> {
     })
 }
 
-/// The summary on stderr: JSON with `--json`, a line with `--stats` (asked
-/// for explicitly, so printed even with `--quiet`).
+/// The summary on stderr: a `summary` JSON line with `--json` (stderr is
+/// then the JSON stream: `commands::run`), a human line with `--stats`
+/// (asked for explicitly, so printed even with `--quiet`). Never both: the
+/// two would mix on one stream.
 fn report(json: bool, a: &DumpArgs, op: &str, fmt: Format, key: Option<&KeyRef>, s: &ColumnStats) {
     if json {
-        let v = serde_json::json!({
-            "command": format!("columns {op}"),
-            "format": fmt,
-            "key": key.map(|k| serde_json::json!({"name": k.name, "version": k.version})),
-            "stats": s,
-        });
-        eprintln!("{v}");
+        let op = if op == "rotate" { "rewrap" } else { op };
+        let mut m = serde_json::Map::new();
+        m.insert("action".into(), format!("columns {op}").into());
+        m.insert("format".into(), serde_json::json!(fmt));
+        m.insert(
+            "key".into(),
+            serde_json::json!(
+                key.map(|k| serde_json::json!({"name": k.name, "version": k.version}))
+            ),
+        );
+        if let Ok(serde_json::Value::Object(stats)) = serde_json::to_value(s) {
+            m.extend(stats);
+        }
+        crate::report::emit("summary", &m);
     } else if a.stats {
         eprintln!(
             "columns {op}: {} rows, {} cells, {} nulls, {} batches, {} HSM calls, {:.3} s ({:.0} cells/s)",
