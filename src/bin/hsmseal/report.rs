@@ -188,3 +188,29 @@ impl<W: std::io::Write> std::io::Write for PipeAware<W> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::typed;
+
+    /// `type` comes first, the object's own fields follow in their order,
+    /// and a value that is not an object is wrapped, so every line is an
+    /// object with a type.
+    #[test]
+    fn typed_lines_start_with_their_type() {
+        #[derive(serde::Serialize)]
+        struct S {
+            z: u8,
+            a: &'static str,
+        }
+        assert_eq!(
+            typed("item", &S { z: 1, a: "x" }),
+            r#"{"type":"item","z":1,"a":"x"}"#
+        );
+        assert_eq!(
+            typed("summary", &serde_json::json!({})),
+            r#"{"type":"summary"}"#
+        );
+        assert_eq!(typed("key", &vec![1, 2]), r#"{"type":"key","value":[1,2]}"#);
+    }
+}
