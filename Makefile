@@ -5,7 +5,7 @@
 CARGO ?= cargo
 BIN := target/release/hsmseal
 
-.PHONY: all build deps test unit-test pg-e2e demo bench docs lint fmt clean fuzz
+.PHONY: all build deps test unit-test pg-e2e demo bench docs bless lint fmt clean fuzz
 
 all: build
 
@@ -36,6 +36,11 @@ bench: deps build
 # (examples/gen-docs.rs), into target/docs/{completions,man}.
 docs:
 	$(CARGO) run --release --locked --example gen-docs -- target/docs
+
+# Accept the current --help texts and error messages as the snapshots in
+# tests/snapshots/ (tests/cli_snapshots.rs); then review `git diff tests/snapshots/`.
+bless:
+	HSMSEAL_BLESS=1 $(CARGO) test --release --locked --test cli_snapshots
 
 # Every fuzz target (fuzz/, cargo-fuzz + libFuzzer on stable Rust, installed
 # into target/fuzz-tools if missing) for FUZZ_SECONDS each (default 40);

@@ -44,9 +44,9 @@ fn json_lines(out: &std::process::Output) -> Vec<serde_json::Value> {
 /// Item lines and the summary (which must be the last line).
 fn items_and_summary(out: &std::process::Output) -> (Vec<serde_json::Value>, serde_json::Value) {
     let mut lines = json_lines(out);
-    let summary = lines.pop().expect("a summary line")["summary"].clone();
-    assert!(summary.is_object(), "last line is not the summary");
-    assert!(lines.iter().all(|l| l.get("summary").is_none()));
+    let summary = lines.pop().expect("a summary line");
+    assert_eq!(summary["type"], "summary", "last line is not the summary");
+    assert!(lines.iter().all(|l| l["type"] == "item"), "{lines:?}");
     (lines, summary)
 }
 
@@ -615,12 +615,29 @@ fn json_reports_go_to_stderr_when_the_data_goes_to_stdout() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    assert_eq!(lines[0]["type"], "item");
     assert_eq!(lines[0]["status"], "ok");
-    assert_eq!(lines[1]["summary"]["ok"], 1);
+    assert_eq!(lines[1]["type"], "summary");
+    assert_eq!(lines[1]["ok"], 1);
     let out = c.run(&["--json", "decrypt", "-o", "-", "s.hseal"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(out.stdout, plain);
-    assert!(stderr(&out).contains("\"summary\""));
+    assert!(stderr(&out).contains("\"type\":\"summary\""));
+    // A failure: stderr is the JSON stream, so it carries JSON lines only,
+    // the error among them; stdout (the data) nothing.
+    write(&c.path("bad.hseal"), b"not an hsmseal file at all");
+    let out = c.run(&["--json", "decrypt", "-o", "-", "bad.hseal"]);
+    assert_eq!(code(&out), 8, "{}", stderr(&out));
+    assert!(out.stdout.is_empty());
+    let lines: Vec<serde_json::Value> = stderr(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let types: Vec<&str> = lines.iter().map(|l| l["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["item", "summary", "error"], "{lines:?}");
+    assert_eq!(lines[0]["status"], "failed");
+    assert_eq!(lines[2]["kind"], "format");
+    assert_eq!(lines[2]["exit_code"], 8);
 }
 
 /// A tree with two good hsmseal files and damaged ones: first byte flipped
@@ -743,13 +760,11 @@ fn damaged_hsmseal_files_under_r_are_failed_items_not_passed_over() {
     // inspect -r (what `key purge --check` and operators rely on) lists them.
     let o = c.run(&["--json", "inspect", "-r", "t"]);
     assert_eq!(code(&o), 1, "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let listed: Vec<&str> = v["damaged"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["path"].as_str().unwrap())
-        .collect();
+    let v = support::json_one(&o.stdout, "summary");
+    let failed = support::json_of_type(&o.stdout, "item");
+    assert!(failed.iter().all(|d| d["status"] == "failed"), "{failed:?}");
+    let listed: Vec<&str> = failed.iter().map(|d| d["path"].as_str().unwrap()).collect();
+    assert_eq!(v["damaged"], failed.len());
     for (p, _) in damaged {
         assert!(listed.contains(&p), "inspect: {p} not listed: {listed:?}");
     }

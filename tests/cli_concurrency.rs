@@ -44,9 +44,7 @@ fn all_ok(children: Vec<(String, Child)>) -> Vec<Output> {
 /// `key list --json` as (version, label, problems) for key `name`.
 fn versions(c: &Cli, name: &str) -> Vec<(u64, String, Vec<String>)> {
     let out = c.ok(&["--json", "key", "list"]);
-    let list: serde_json::Value = serde_json::from_slice(&out).unwrap();
-    list.as_array()
-        .unwrap()
+    support::json_of_type(&out, "key")
         .iter()
         .filter(|k| k["name"] == name)
         .map(|k| {

@@ -263,3 +263,70 @@ fn no_token_says_no_config_file_was_found_here() {
     assert!(err.contains("HSMSEAL_CONFIG"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "one-line error: {err}");
 }
+
+/// The environment variables are declared on the options (clap's `env`),
+/// so `--help` names every one, HSMSEAL_PIN_FILE included; the precedence
+/// is unchanged (flag, environment, file, default) and `config show` still
+/// tells a value from the environment from one given as a flag. An empty
+/// variable counts as unset.
+#[test]
+fn environment_variables_are_declared_and_keep_their_place() {
+    let c = Cli::new();
+    let v = show(&c, &[], &[("HSMSEAL_PIN_FILE", "/env/pin")]);
+    assert_eq!(v["pin_file"]["value"], "/env/pin");
+    assert_eq!(v["pin_file"]["source"]["env"], "HSMSEAL_PIN_FILE", "{v}");
+    let v = show(
+        &c,
+        &["--pin-file", "/flag/pin"],
+        &[("HSMSEAL_PIN_FILE", "/env/pin")],
+    );
+    assert_eq!(v["pin_file"]["value"], "/flag/pin");
+    assert_eq!(v["pin_file"]["source"], "flag", "{v}");
+
+    // Empty: as if unset, for a path and a number alike (clap alone would
+    // take "" as a value and refuse it).
+    let v = show(
+        &c,
+        &[],
+        &[("HSMSEAL_PKCS11_MODULE", ""), ("HSMSEAL_JOBS", "")],
+    );
+    assert_eq!(v["module"]["source"], "default", "{v}");
+    assert_eq!(v["jobs"]["source"], "default", "{v}");
+
+    // A bad value from the environment is a usage error naming it.
+    let out = c.run_with(&["config", "show"], None, &[("HSMSEAL_JOBS", "0")]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("HSMSEAL_JOBS"), "{}", stderr(&out));
+
+    // --help names each variable, and never shows a value from the
+    // environment (the PIN least of all).
+    let secret = "pin-9f8e7d";
+    let env = [
+        ("HSMSEAL_PIN", secret),
+        ("HSMSEAL_TOKEN", secret),
+        ("HSMSEAL_PIN_FILE", secret),
+        ("HSMSEAL_KEY", secret),
+    ];
+    for args in [
+        &["--help"][..],
+        &["encrypt", "--help"],
+        &["columns", "encrypt", "-h"],
+    ] {
+        let out = c.run_with(args, None, &env);
+        assert_eq!(code(&out), 0, "{args:?}");
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(!help.contains(secret), "{args:?} shows a value:\n{help}");
+        for name in [
+            "HSMSEAL_PKCS11_MODULE",
+            "HSMSEAL_TOKEN",
+            "HSMSEAL_PIN_FILE",
+            "HSMSEAL_JOBS",
+            "HSMSEAL_AUDIT_LOG",
+        ] {
+            assert!(help.contains(&format!("[env: {name}]")), "{args:?}: {name}");
+        }
+        if args[0] != "--help" {
+            assert!(help.contains("[env: HSMSEAL_KEY]"), "{args:?}");
+        }
+    }
+}

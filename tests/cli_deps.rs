@@ -67,27 +67,18 @@ fn setup() -> Cli {
     c
 }
 
-fn json_lines(out: &[u8]) -> Vec<Value> {
-    String::from_utf8_lossy(out)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
+use support::json_lines;
 
 fn dep<'a>(lines: &'a [Value], key: &str, version: u64) -> Option<&'a Value> {
     lines
         .iter()
-        .find(|l| l["key"] == key && l["version"] == version)
+        .find(|l| l["type"] == "dependency" && l["key"] == key && l["version"] == version)
 }
 
 fn versions_of(c: &Cli, name: &str) -> Vec<(u64, String)> {
     let out = c.ok(&["key", "info", name, "--json"]);
-    let v: Value = serde_json::from_slice(&out).unwrap();
-    let list = v
-        .as_array()
-        .cloned()
-        .unwrap_or_else(|| v["versions"].as_array().cloned().expect("versions listed"));
-    list.iter()
+    support::json_of_type(&out, "key")
+        .iter()
         .map(|x| {
             (
                 x["version"].as_u64().unwrap(),
@@ -120,7 +111,8 @@ fn deps_find_envelopes_and_tokens_in_plain_and_sealed_dumps() {
         .map(|p| p.as_str().unwrap())
         .collect();
     assert_eq!(paths, ["data/dump.csv.hseal", "data/users.csv"]);
-    let summary = &lines.last().unwrap()["summary"];
+    let summary = lines.last().unwrap();
+    assert_eq!(summary["type"], "summary");
     assert_eq!(summary["complete"], true);
     assert_eq!(summary["hsmseal_files"], 2);
 

@@ -7,14 +7,23 @@ mod support;
 use serde_json::Value;
 use support::{code, stderr, write, Cli};
 
+/// The one `--json` line of a command's output.
 fn json(bytes: &[u8]) -> Value {
-    serde_json::from_slice(bytes)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(bytes)))
+    let mut lines = support::json_lines(bytes);
+    assert_eq!(lines.len(), 1, "{}", String::from_utf8_lossy(bytes));
+    lines.pop().unwrap()
+}
+
+/// `key list|info --json`: one `key` line per version, as an array.
+fn keys(bytes: &[u8]) -> Value {
+    let lines = support::json_lines(bytes);
+    assert!(lines.iter().all(|l| l["type"] == "key"), "{lines:?}");
+    Value::Array(lines)
 }
 
 /// (version, state) of every version of `name`, from `key info --json`.
 fn states(c: &Cli, name: &str) -> Vec<(u64, String)> {
-    json(&c.ok(&["--json", "key", "info", name]))
+    keys(&c.ok(&["--json", "key", "info", name]))
         .as_array()
         .unwrap()
         .iter()
@@ -33,7 +42,7 @@ fn st(v: &[(u64, &str)]) -> Vec<(u64, String)> {
 
 /// The key version an encrypted file is under, from `inspect --json`.
 fn file_version(c: &Cli, file: &str) -> u64 {
-    json(&c.ok(&["--json", "inspect", file]))["key_version"]
+    support::json_one(&c.ok(&["--json", "inspect", file]), "item")["key_version"]
         .as_u64()
         .unwrap()
 }
@@ -81,8 +90,8 @@ fn rotate_makes_new_encryptions_use_the_new_version_and_old_files_still_decrypt(
     assert_eq!(std::fs::read(c.path("a.hseal.out")).unwrap(), b"a");
 
     // list and info agree, with states and creation times from the token.
-    let list = json(&c.ok(&["--json", "key", "list"]));
-    let info = json(&c.ok(&["--json", "key", "info", "k"]));
+    let list = keys(&c.ok(&["--json", "key", "list"]));
+    let info = keys(&c.ok(&["--json", "key", "info", "k"]));
     assert_eq!(list, info);
     let versions = list.as_array().unwrap();
     assert_eq!(versions.len(), 3);
@@ -129,7 +138,7 @@ fn disable_makes_the_hsm_refuse_a_version_until_it_is_enabled() {
     assert_eq!(out["state"], "disabled");
     assert_eq!(out["current_version"], 2);
     assert_eq!(states(&c, "k"), st(&[(1, "disabled"), (2, "active")]));
-    let info = json(&c.ok(&["--json", "key", "info", "k"]));
+    let info = keys(&c.ok(&["--json", "key", "info", "k"]));
     assert_eq!(info[0]["attributes"]["encrypt"], false);
     assert_eq!(info[0]["attributes"]["decrypt"], false);
     assert_eq!(info[0]["problems"].as_array().unwrap().len(), 0);
@@ -229,7 +238,7 @@ fn destroy_needs_yes_spares_the_current_version_and_shreds_what_was_under_it() {
     assert!(decrypts(&c, &b).status.success());
 
     // The destroyed version stays listed, without an object.
-    let list = json(&c.ok(&["--json", "key", "list"]));
+    let list = keys(&c.ok(&["--json", "key", "list"]));
     assert_eq!(list[0]["version"], 1);
     assert_eq!(list[0]["state"], "destroyed");
     assert_eq!(list[0]["created"], Value::Null);

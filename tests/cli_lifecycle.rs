@@ -41,11 +41,8 @@ fn rotate_twice_rewrap_everything_then_shred_the_old_versions() {
 
     c.ok(&["key", "rotate", "backups"]);
     c.ok(&["key", "rotate", "backups"]);
-    let info: serde_json::Value =
-        serde_json::from_slice(&c.ok(&["--json", "key", "info", "backups"])).unwrap();
+    let info = support::json_of_type(&c.ok(&["--json", "key", "info", "backups"]), "key");
     let versions: Vec<u64> = info
-        .as_array()
-        .unwrap()
         .iter()
         .map(|k| k["version"].as_u64().unwrap())
         .collect();
@@ -57,8 +54,7 @@ fn rotate_twice_rewrap_everything_then_shred_the_old_versions() {
         std::fs::read(c.path("db.sql.hseal")).unwrap()[1024..],
         payload_before[..]
     );
-    let v: serde_json::Value =
-        serde_json::from_slice(&c.ok(&["--json", "inspect", "db.sql.hseal"])).unwrap();
+    let v = support::json_one(&c.ok(&["--json", "inspect", "db.sql.hseal"]), "item");
     assert_eq!(v["key_version"], 3);
     let mut args = vec![
         "columns",

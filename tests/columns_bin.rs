@@ -7,10 +7,13 @@ mod support;
 use std::process::Output;
 use support::{stderr as err, Cli};
 
+/// The `summary` line: the last of the JSON lines, which are all stderr
+/// carries with --json (stdout is the dump).
 fn summary(o: &Output) -> serde_json::Value {
-    let e = err(o);
-    serde_json::from_str(e.lines().last().unwrap_or_default())
-        .unwrap_or_else(|x| panic!("{x}: {e}"))
+    let lines = support::json_lines(&o.stderr);
+    let last = lines.last().cloned().unwrap_or_default();
+    assert_eq!(last["type"], "summary", "{}", err(o));
+    last
 }
 
 #[test]
@@ -44,9 +47,9 @@ fn columns_round_trip_through_a_softhsm2_token() {
     );
     assert_eq!(enc.status.code(), Some(0), "{}", err(&enc));
     let s = summary(&enc);
-    assert_eq!(s["stats"]["cells"], 50_000);
-    assert_eq!(s["stats"]["hsm_calls"], s["stats"]["batches"]);
-    assert!(s["stats"]["batches"].as_u64().unwrap() <= 10 + 16);
+    assert_eq!(s["cells"], 50_000);
+    assert_eq!(s["hsm_calls"], s["batches"]);
+    assert!(s["batches"].as_u64().unwrap() <= 10 + 16);
     let dec = e.run_in(
         &[
             "--json",
@@ -66,7 +69,7 @@ fn columns_round_trip_through_a_softhsm2_token() {
     assert_eq!(dec.status.code(), Some(0), "{}", err(&dec));
     assert_eq!(dec.stdout, csv);
     let s = summary(&dec);
-    assert_eq!(s["stats"]["hsm_calls"], s["stats"]["batches"]);
+    assert_eq!(s["hsm_calls"], s["batches"]);
 
     // Wrong context: authentication fails (exit 3), naming row and column.
     let bad = e.run_in(
@@ -111,6 +114,52 @@ fn columns_round_trip_through_a_softhsm2_token() {
     assert_eq!(miss.status.code(), Some(2), "{}", err(&miss));
     // Nothing but the abort marker, so a loader reading it fails too.
     assert_eq!(miss.stdout, hsmseal::columns::abort::MARKER);
+
+    // --stats --json: stderr is the JSON stream and holds nothing else:
+    // not the --stats line, not the note a human run prints (cells copied
+    // as plaintext): the summary counts them.
+    let args = [
+        "--json",
+        "columns",
+        "decrypt",
+        "-f",
+        "csv",
+        "--columns",
+        "ssn",
+        "--allow-plaintext",
+        "--stats",
+    ];
+    let mixed = e.run_in(&args, b"ssn\n123\n");
+    assert_eq!(mixed.status.code(), Some(0), "{}", err(&mixed));
+    assert_eq!(mixed.stdout, b"ssn\n123\n");
+    let lines = support::json_lines(&mixed.stderr);
+    let types: Vec<&str> = lines.iter().map(|l| l["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["summary"], "{}", err(&mixed));
+    assert_eq!(lines[0]["plaintext"], 1);
+    // Without --json: the human --stats line and the note, no JSON.
+    let human = e.run_in(&args[1..], b"ssn\n123\n");
+    assert!(
+        err(&human).contains("columns decrypt: 1 rows"),
+        "{}",
+        err(&human)
+    );
+    assert!(
+        err(&human).contains("--allow-plaintext: 1"),
+        "{}",
+        err(&human)
+    );
+    assert!(!err(&human).contains('{'), "{}", err(&human));
+    // A failure with --json: an `error` line on stderr, no human line.
+    let failed = e.run_in(
+        &["--json", "columns", "decrypt", "-f", "csv", "-c", "ssn"],
+        b"ssn\n123\n",
+    );
+    assert_eq!(failed.status.code(), Some(8), "{}", err(&failed));
+    let lines = support::json_lines(&failed.stderr);
+    assert_eq!(lines.len(), 1, "{}", err(&failed));
+    assert_eq!(lines[0]["type"], "error");
+    assert_eq!(lines[0]["kind"], "format");
+    assert_eq!(lines[0]["exit_code"], 8);
 }
 
 /// `--batch-size` counts cells (selected non-NULL values), not rows: 100

@@ -150,3 +150,37 @@ pub fn data(len: usize, seed: u64) -> Vec<u8> {
 pub fn write(p: &Path, bytes: &[u8]) {
     std::fs::write(p, bytes).unwrap();
 }
+
+/// The `--json` lines of one output stream: every line one JSON object
+/// with a `type` (README "JSON output").
+pub fn json_lines(bytes: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+            assert!(v["type"].is_string(), "a line without a type: {l}");
+            v
+        })
+        .collect()
+}
+
+/// The lines of type `ty` in an output stream.
+pub fn json_of_type(bytes: &[u8], ty: &str) -> Vec<serde_json::Value> {
+    json_lines(bytes)
+        .into_iter()
+        .filter(|v| v["type"] == ty)
+        .collect()
+}
+
+/// The one line of type `ty` in an output stream.
+pub fn json_one(bytes: &[u8], ty: &str) -> serde_json::Value {
+    let mut v = json_of_type(bytes, ty);
+    assert_eq!(
+        v.len(),
+        1,
+        "want one {ty} line in: {}",
+        String::from_utf8_lossy(bytes)
+    );
+    v.pop().unwrap()
+}

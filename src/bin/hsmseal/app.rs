@@ -183,7 +183,7 @@ impl App {
     /// Informational message on stderr unless `--quiet`.
     pub fn info(&self, msg: impl std::fmt::Display) {
         if !self.quiet {
-            eprintln!("{msg}");
+            crate::report::diag(msg);
         }
     }
 }

@@ -9,8 +9,9 @@
 //!   every item's output file depends on that item alone, and the per-item
 //!   lines (`--json` objects, stdout results, stderr notes and errors) are
 //!   printed in input order, each as soon as every item before it is done.
-//!   With `--json` a final `{"summary": ...}` line follows them (on stderr
-//!   instead of stdout when the command's data goes to stdout).
+//!   With `--json` a final `{"type":"summary", ...}` line follows them (on
+//!   stderr instead of stdout when the command's data goes to stdout; stderr
+//!   then carries JSON lines only).
 //! - Failures: a failed item is reported and the run goes on; the exit code
 //!   is 1 if any failed. A run of exactly one item exits with that item's
 //!   own error code instead (as if it had been run alone). An error that
@@ -63,6 +64,9 @@ pub fn for_each_item(
     items: &[Item],
     work: impl Fn(usize, &Item, &StreamOptions) -> Result<ItemReport> + Sync,
 ) -> Result<i32> {
+    if spec.data_on_stdout {
+        crate::report::json_on_stderr();
+    }
     let workers = app.jobs.max(1).min(items.len()).max(1);
     let progress_bytes = AtomicU64::new(0);
     let opts = StreamOptions {
@@ -70,7 +74,7 @@ pub fn for_each_item(
         progress: Some(&progress_bytes),
     };
     if items.is_empty() && !app.quiet {
-        eprintln!("hsmseal: {}: no files selected", spec.action);
+        crate::report::diag(format!("hsmseal: {}: no files selected", spec.action));
     }
     let bar = Bar::new(app, spec, items);
     let mut tally = Tally::default();
@@ -162,7 +166,10 @@ pub fn for_each_item(
     if tally.failed == 0 {
         Ok(0)
     } else {
-        eprintln!("hsmseal: {} of {} items failed", tally.failed, items.len());
+        // With --json the summary line says it.
+        if !crate::report::stderr_is_json() {
+            eprintln!("hsmseal: {} of {} items failed", tally.failed, items.len());
+        }
         Ok(1)
     }
 }
@@ -210,7 +217,7 @@ fn finish(
             if app.json {
                 let line = match report.json_line.take() {
                     Some(l) => l,
-                    None => serde_json::to_string(&report).expect("serialisable"),
+                    None => crate::report::typed("item", &report),
                 };
                 bar.report(&line);
             } else if let Some(text) = &report.text {
@@ -230,12 +237,15 @@ fn finish(
                     exit_code: Some(e.exit_code()),
                     ..Default::default()
                 };
-                bar.report(&serde_json::to_string(&report).expect("serialisable"));
+                bar.report(&crate::report::typed("item", &report));
             }
             if n_items == 1 {
                 return Some(e);
             }
-            bar.eprintln(&format!("hsmseal: error: {e}"));
+            // With --json on stderr, the item line above says it.
+            if !crate::report::stderr_is_json() {
+                bar.eprintln(&format!("hsmseal: error: {e}"));
+            }
             None
         }
     }
@@ -266,12 +276,7 @@ fn summary(app: &App, spec: &Spec, n_items: usize, workers: usize, t: &Tally) {
         m.insert("seconds".into(), seconds.into());
         m.insert("hsm_calls".into(), hsm_calls.into());
         m.insert("jobs".into(), workers.into());
-        let line = serde_json::json!({ "summary": m }).to_string();
-        if spec.data_on_stdout {
-            eprintln!("{line}");
-        } else {
-            crate::outln!("{line}");
-        }
+        crate::report::emit("summary", &m);
     } else if !app.quiet && n_items > 1 {
         let mut parts = vec![format!("{} ok", t.ok)];
         for (key, status) in spec.status_counts {
@@ -359,7 +364,7 @@ impl Bar {
     /// A `--json` line: on stdout, or stderr if the data goes to stdout.
     fn report(&self, line: &str) {
         if self.json_to_stderr {
-            self.eprintln(line)
+            self.raw_eprintln(line)
         } else {
             self.println(line)
         }
@@ -373,8 +378,17 @@ impl Bar {
         }
     }
 
-    /// A line for stderr, above the bar.
+    /// A line for stderr, above the bar (a human one becomes a `note`
+    /// line when stderr carries the JSON lines).
     fn eprintln(&self, line: &str) {
+        if crate::report::stderr_is_json() {
+            crate::report::diag(line)
+        } else {
+            self.raw_eprintln(line)
+        }
+    }
+
+    fn raw_eprintln(&self, line: &str) {
         match &self.pb {
             Some(pb) => pb.println(line),
             None => eprintln!("{line}"),

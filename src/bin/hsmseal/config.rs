@@ -421,11 +421,11 @@ fn warn_if_readable_by_others(p: &Path) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(m) = fs::metadata(p) {
         if m.permissions().mode() & 0o077 != 0 {
-            eprintln!(
+            crate::report::diag(format!(
                 "hsmseal: warning: PIN file {} is readable by other users; run `chmod 600 {}`",
                 p.display(),
                 p.display()
-            );
+            ));
         }
     }
 }

@@ -159,6 +159,9 @@ fn stop(code: i32, why: &'static str, say: bool) -> ! {
     // short can leave the token unreadable.
     hsmseal::hsm::quiesce(std::time::Duration::from_secs(10));
     if say {
+        // Human even under --json with stderr as the JSON stream: this
+        // module sits below `report` (which uses it), and the exit code
+        // (130/143) already says what happened.
         eprintln!("hsmseal: {why}; temporary files removed");
     }
     // _exit, not exit: exit() would run the C library's atexit handlers and

@@ -112,9 +112,9 @@ pub fn after_run(app: &App, command: &str, log: &Path, outcome: Result<i32>) -> 
             format!("`{command}` completed, but its audit entry was not written: {ae}"),
         )),
         (Err(ae), outcome) => {
-            eprintln!(
+            crate::report::diag(format!(
                 "hsmseal: error: the audit entry of this failed `{command}` was not written: {ae}"
-            );
+            ));
             outcome
         }
     }
@@ -133,7 +133,7 @@ pub fn log_if_interrupted(app: &Arc<App>, command: &str, log: &Path) {
             .hsm()
             .and_then(|hsm| audit::append(&*hsm, &log, &rec, false));
         if let Err(e) = appended {
-            eprintln!("hsmseal: error: the audit entry of this interrupted `{command}` was not written: {e}");
+            crate::report::diag(format!("hsmseal: error: the audit entry of this interrupted `{command}` was not written: {e}"));
         }
     });
 }
@@ -153,15 +153,16 @@ fn init(app: &App) -> Result<i32> {
         seq = Some(audit::append(&*hsm, log, &rec, true)?);
     }
     if app.json {
-        crate::outln!(
-            "{}",
-            serde_json::json!({
+        crate::report::emit(
+            "audit",
+            &serde_json::json!({
+                "action": "init",
                 "token": token,
                 "key": AUDIT_KEY_LABEL,
                 "created": status == AuditKeyStatus::Created,
                 "log": log,
                 "seq": seq,
-            })
+            }),
         );
         return Ok(0);
     }
@@ -191,7 +192,7 @@ fn verify(app: &App, log: Option<PathBuf>) -> Result<i32> {
     let hsm = app.hsm()?;
     let report = audit::verify(&*hsm, &path)?;
     if app.json {
-        crate::outln!("{}", serde_json::to_string(&report).expect("serialisable"));
+        crate::report::emit("audit", &report);
     }
     if let Some(p) = &report.problem {
         let intact = match p.line {

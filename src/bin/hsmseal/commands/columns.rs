@@ -66,7 +66,12 @@ pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
         app.stats.add_key(k);
     }
     // Cells left as they were on request are said, so a partial result is
-    // never mistaken for a complete one.
+    // never mistaken for a complete one (with --json, by the summary's
+    // `plaintext`, `tokens_skipped` and `nested` counts: it stays the last
+    // line).
+    if app.json {
+        return Ok(0);
+    }
     if stats.plaintext > 0 {
         app.info(format!(
             "hsmseal: note: --allow-plaintext: {} not tokens and copied as they are",
@@ -215,8 +220,8 @@ pub fn execute_with_stats(
 /// default. Reading a COPY text dump as CSV (the old default for stdin)
 /// left values with a comma partly in clear (issue 9).
 fn format_of(a: &DumpArgs) -> Result<Format> {
-    if let Some(f) = &a.format {
-        return Format::parse(f);
+    if let Some(f) = a.format {
+        return Ok(f.into());
     }
     const CHOICES: &str = "pass --format csv, tsv, jsonl or pgcopy";
     let input = input_of(a)?;
@@ -272,10 +277,7 @@ fn input_of(a: &DumpArgs) -> Result<Option<&Path>> {
 }
 
 fn token_formats(a: &ColumnsDecryptArgs) -> Result<Vec<Format>> {
-    a.token_format
-        .iter()
-        .map(|f| Format::parse(f.trim()))
-        .collect()
+    Ok(a.token_format.iter().map(|&f| f.into()).collect())
 }
 
 fn options(a: &DumpArgs) -> Result<ColumnOptions> {
@@ -290,23 +292,27 @@ fn options(a: &DumpArgs) -> Result<ColumnOptions> {
     })
 }
 
-/// The summary on stderr: JSON with `--json`, a line with `--stats` (asked
-/// for explicitly, so printed even with `--quiet`).
+/// The summary on stderr: a `summary` JSON line with `--json` (stderr is
+/// then the JSON stream: `commands::run`), a human line with `--stats`
+/// (asked for explicitly, so printed even with `--quiet`). Never both: the
+/// two would mix on one stream.
 fn report(json: bool, a: &DumpArgs, op: &str, fmt: Format, key: Option<&KeyRef>, s: &ColumnStats) {
     let key_json = |k: &KeyRef| serde_json::json!({"name": k.name, "version": k.version});
     if json {
-        let mut v = serde_json::json!({
-            "command": format!("columns {op}"),
-            "format": fmt,
-            "key": key.map(key_json),
-            "stats": s,
-        });
+        let op = if op == "rotate" { "rewrap" } else { op };
+        let mut m = serde_json::Map::new();
+        m.insert("action".into(), format!("columns {op}").into());
+        m.insert("format".into(), serde_json::json!(fmt));
+        m.insert("key".into(), serde_json::json!(key.map(key_json)));
+        if let Ok(serde_json::Value::Object(stats)) = serde_json::to_value(s) {
+            m.extend(stats);
+        }
         // rewrap: the versions the tokens are under now (without --key,
         // one per key the dump's tokens were under).
-        if op == "rotate" {
-            v["keys"] = s.targets.iter().map(key_json).collect();
+        if op == "rewrap" {
+            m.insert("keys".into(), s.targets.iter().map(key_json).collect());
         }
-        eprintln!("{v}");
+        crate::report::emit("summary", &m);
     } else if a.stats {
         eprintln!(
             "columns {op}: {}, {}, {}, {}, {}, {:.3} s ({:.0} cells/s)",

@@ -30,7 +30,7 @@ fn show(app: &App) -> Result<i32> {
     if app.json {
         let mut v = serde_json::to_value(s).expect("serialisable");
         v["pin"] = serde_json::Value::String(pin_source);
-        crate::outln!("{v}");
+        crate::report::emit("config", &v);
         return Ok(0);
     }
     fn line<T: std::fmt::Debug>(name: &str, s: &Option<Setting<T>>) {

@@ -221,31 +221,31 @@ pub fn run_inspect(
                 tokens: u.tokens,
                 paths: &u.paths,
             };
-            crate::outln!("{}", serde_json::to_string(&line).expect("serialisable"));
+            crate::report::emit("dependency", &line);
         }
         for (path, why) in &s.skipped {
-            crate::outln!(
-                "{}",
-                serde_json::json!({"path": path, "action": "deps", "status": "skipped", "reason": why})
+            crate::report::emit(
+                "item",
+                &serde_json::json!({"path": path, "action": "deps", "status": "skipped", "reason": why}),
             );
         }
         for (path, e) in &s.failed {
-            crate::outln!(
-                "{}",
-                serde_json::json!({"path": path, "action": "deps", "status": "failed",
-                    "error": e.message(), "exit_code": e.exit_code()})
+            crate::report::emit(
+                "item",
+                &serde_json::json!({"path": path, "action": "deps", "status": "failed",
+                    "error": e.message(), "exit_code": e.exit_code()}),
             );
         }
-        crate::outln!(
-            "{}",
-            serde_json::json!({"summary": {
+        crate::report::emit(
+            "summary",
+            &serde_json::json!({
                 "action": "deps",
                 "items": s.searched + s.failed.len() as u64 + s.skipped.len() as u64,
                 "ok": s.searched, "skipped": s.skipped.len(), "failed": s.failed.len(),
                 "hsmseal_files": s.sealed, "versions": s.deps.by_key.len(),
                 "sealed_payloads_searched": !headers_only,
                 "complete": s.failed.is_empty(),
-            }})
+            }),
         );
     } else {
         print_table(&s, headers_only);

@@ -9,7 +9,7 @@ pub fn run(app: &App) -> Result<i32> {
     let hsm = app.hsm()?;
     let report = hsm.doctor()?;
     if app.json {
-        crate::outln!("{}", serde_json::to_string(&report).expect("serialisable"));
+        crate::report::emit("doctor", &report);
     } else {
         crate::outln!("{report}");
     }

@@ -117,12 +117,12 @@ pub fn run(args: &InitArgs, module: Option<&Path>, json: bool, quiet: bool) -> R
     fs::rename(&tmp, &config_path).map_err(|e| Error::io_at("cannot write", CONFIG_FILE, &e))?;
 
     if json {
-        crate::outln!(
-            "{}",
-            serde_json::json!({
+        crate::report::emit(
+            "init",
+            &serde_json::json!({
                 "token": args.label, "dir": abs_dir, "config": CONFIG_FILE,
                 "module": module, "software_token": true, "audit_log": audit_log
-            })
+            }),
         );
     } else if !quiet {
         eprintln!(

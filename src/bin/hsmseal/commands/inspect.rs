@@ -17,6 +17,8 @@ use serde::Serialize;
 #[derive(Serialize)]
 struct Inspection {
     path: String,
+    action: &'static str,
+    status: &'static str,
     format_version: u16,
     header_bytes: usize,
     payload: &'static str,
@@ -45,6 +47,7 @@ pub fn run(app: &App, args: InspectArgs) -> Result<i32> {
     let items = select::select(&args.inputs, &args.select, Want::Sealed, false)?.items;
     let spec = Spec {
         action: "inspect",
+        json_summary: true,
         ..Default::default()
     };
     for_each_item(app, &spec, &items, |_, item, _| {
@@ -69,6 +72,8 @@ pub fn run(app: &App, args: InspectArgs) -> Result<i32> {
         };
         let info = Inspection {
             path: input.display(),
+            action: "inspect",
+            status: "ok",
             format_version: header::FORMAT_VERSION,
             header_bytes: header::HEADER_LEN,
             payload: "c2sp.org/chunked-encryption@v1 Cobblestone-256 (AES-256-GCM, HKDF-SHA-512, 16 KiB chunks)",
@@ -81,7 +86,7 @@ pub fn run(app: &App, args: InspectArgs) -> Result<i32> {
             chunks: plaintext_bytes.map(|p| p / hsmseal::stream::CHUNK_SIZE as u64 + 1),
             authenticated: false,
         };
-        let json_line = serde_json::to_string(&info).expect("serialisable");
+        let json_line = crate::report::typed("item", &info);
         let mut text = format!(
             "{}\n  format:      hsmseal v{} ({} byte header)\n  payload:     {}\n  key:         {} v{} (envelope {}, sequence {})",
             info.path, info.format_version, info.header_bytes, info.payload,
@@ -192,12 +197,25 @@ fn summarise(app: &App, sel: &crate::cli::SelectArgs) -> Result<i32> {
     }
     let keys: Vec<&KeyUse> = uses.values().collect();
     if app.json {
-        crate::outln!(
-            "{}",
-            serde_json::json!({
-                "hsmseal_files": files, "other_files": other,
-                "keys": keys, "damaged": damaged, "authenticated": false
-            })
+        for u in &keys {
+            crate::report::emit("dependency", u);
+        }
+        for d in &damaged {
+            crate::report::emit(
+                "item",
+                &serde_json::json!({
+                    "path": d["path"], "action": "inspect", "status": "failed",
+                    "error": d["error"], "exit_code": hsmseal::error::ErrorKind::Format.exit_code(),
+                }),
+            );
+        }
+        crate::report::emit(
+            "summary",
+            &serde_json::json!({
+                "action": "inspect",
+                "hsmseal_files": files, "other_files": other, "damaged": damaged.len(),
+                "versions": keys.len(), "authenticated": false,
+            }),
         );
     } else {
         crate::outln!(

@@ -57,7 +57,7 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
             let info = hsm.create_key(&name)?;
             done(info.key_ref(), true);
             if app.json {
-                print_json(&info);
+                crate::report::emit("key", &info);
             } else {
                 crate::outln!(
                     "created {} v{} on token {token}; files were not changed",
@@ -77,7 +77,7 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
             };
             done(k, r.rotated);
             if app.json {
-                print_json(&r);
+                crate::report::emit("key_rotation", &r);
             } else if r.rotated {
                 crate::outln!(
                     "created {name} v{v} on token {token} ({}): new encryptions under {name} use v{v}; older versions stay decrypt-only. Files were not changed (`hsmseal rewrap` rewraps them under v{v})",
@@ -96,7 +96,7 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
             let info = hsm.create_next_version(&name)?;
             done(info.key_ref(), true);
             if app.json {
-                print_json(&info);
+                crate::report::emit("key", &info);
             } else {
                 crate::outln!(
                     "created {name} v{v} on token {token}: new encryptions under {name} use v{v}; older versions stay decrypt-only. Files were not changed (`hsmseal rewrap` rewraps them under v{v})",
@@ -218,10 +218,6 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
     Ok(0)
 }
 
-fn print_json<T: serde::Serialize>(v: &T) {
-    crate::outln!("{}", serde_json::to_string(v).expect("serialisable"));
-}
-
 /// `v1, v3`
 fn versions(items: &[hsmseal::hsm::PurgeItem]) -> String {
     items
@@ -243,7 +239,7 @@ fn current_note(name: &str, current: Option<u32>) -> String {
 
 fn print_change(app: &App, c: &StateChange) {
     if app.json {
-        print_json(c);
+        crate::report::emit("key_change", c);
         return;
     }
     let k = format!("{} v{}", c.key, c.version);
@@ -269,7 +265,7 @@ fn print_change(app: &App, c: &StateChange) {
 
 fn print_purge(app: &App, r: &PurgeReport) {
     if app.json {
-        print_json(r);
+        crate::report::emit("purge", r);
         return;
     }
     let verb = if r.dry_run {
@@ -315,7 +311,10 @@ fn print_purge(app: &App, r: &PurgeReport) {
 
 fn print_keys(app: &App, keys: &[KeyInfo]) {
     if app.json {
-        print_json(&keys);
+        // One line per key version (none: no line).
+        for k in keys {
+            crate::report::emit("key", k);
+        }
         return;
     }
     if keys.is_empty() {

@@ -53,10 +53,15 @@ pub fn run(cli: Cli, prepared: Result<Option<settings::Settings>>) -> Result<i32
     // Held to the end: a `columns` run to stdout that fails at any step
     // ends its stream with the abort marker (issue 9).
     let _stdout = columns::guard_stdout(&cli.command);
+    // `columns` writes its dump to stdout (or -o): its JSON lines, errors
+    // included, always go to stderr, which then carries nothing else.
+    if matches!(cli.command, Command::Columns(_)) {
+        crate::report::json_on_stderr();
+    }
     let g = &cli.global;
     // Lock waits and stale temporary files removed are announced unless --quiet.
     if !g.quiet {
-        hsmseal::notify::set_notifier(|msg| eprintln!("hsmseal: {msg}"));
+        hsmseal::notify::set_notifier(|msg| crate::report::diag(format!("hsmseal: {msg}")));
     }
     if let Command::Init(args) = &cli.command {
         // init must not depend on an existing configuration.
