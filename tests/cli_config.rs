@@ -202,10 +202,11 @@ fn two_tokens_with_one_label_are_told_apart_by_a_pkcs11_uri() {
         env.extend_from_slice(extra);
         let out = c.run_with(&["--json", "key", "list"], None, &env);
         assert_eq!(code(&out), 0, "{uri}: {}", stderr(&out));
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        v.as_array()
-            .unwrap()
-            .iter()
+        // One `key` line per key version (JSON lines, docs/FORMAT.md 8).
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .inspect(|k| assert_eq!(k["type"], "key", "{k}"))
             .map(|k| k["name"].as_str().unwrap().to_string())
             .collect::<Vec<_>>()
     };
