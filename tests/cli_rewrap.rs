@@ -169,7 +169,8 @@ fn rewrapping_current_files_costs_no_hsm_call() {
         let text = String::from_utf8(out.stdout).unwrap();
         let last: serde_json::Value =
             serde_json::from_str(text.lines().last().unwrap_or_default()).unwrap();
-        last["summary"].clone()
+        assert_eq!(last["type"], "summary", "{last}");
+        last
     };
     c.ok(&["key", "rotate", "k"]);
     let mut args = vec!["--json", "rewrap"];

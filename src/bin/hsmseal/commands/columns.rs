@@ -74,31 +74,44 @@ pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
     }
     if stats.plaintext > 0 {
         app.info(format!(
-            "hsmseal: note: --allow-plaintext: {} not tokens and copied as they are",
-            were(stats.plaintext, "selected cell")
+            "hsmseal: note: --allow-plaintext: {}",
+            cells(
+                stats.plaintext,
+                "was not a token and was copied unchanged",
+                "were not tokens and were copied unchanged"
+            )
         ));
     }
     if stats.tokens_skipped > 0 {
         app.info(format!(
-            "hsmseal: note: --skip-tokens: {} already tokens and left as they are",
-            were(stats.tokens_skipped, "selected cell")
+            "hsmseal: note: --skip-tokens: {}",
+            cells(
+                stats.tokens_skipped,
+                "was already a token and was left unchanged",
+                "were already tokens and were left unchanged"
+            )
         ));
     }
     if stats.nested > 0 {
         app.info(format!(
-            "hsmseal: note: --nested: {} cell(s) had been encrypted more than once; every layer was decrypted",
-            stats.nested
+            "hsmseal: note: --nested: {}; every layer was decrypted",
+            cells(
+                stats.nested,
+                "had been encrypted more than once",
+                "had been encrypted more than once"
+            )
         ));
     }
     Ok(0)
 }
 
-/// "1 selected cell was", "2 selected cells were".
-fn were(n: u64, noun: &str) -> String {
+/// "1 selected cell was ...", "2 selected cells were ...": the count and
+/// the verb agree.
+fn cells(n: u64, one: &str, many: &str) -> String {
     if n == 1 {
-        format!("1 {noun} was")
+        format!("1 selected cell {one}")
     } else {
-        format!("{n} {noun}s were")
+        format!("{n} selected cells {many}")
     }
 }
 
