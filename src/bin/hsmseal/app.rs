@@ -91,6 +91,12 @@ pub struct App {
     /// Held while the HSM is being opened, so concurrent workers log in
     /// once; keeps the error if that failed (a wrong PIN is never retried).
     hsm_init: Mutex<Option<Error>>,
+    /// In the binary's own unit tests only: the key backend the commands
+    /// get instead of the HSM (an in-memory one), so command logic is
+    /// tested in process where the HSM is not the point. Not compiled into
+    /// the shipped binary: no setting or variable can swap the HSM out.
+    #[cfg(test)]
+    test_backend: Option<Arc<dyn KeyBackend>>,
 }
 
 impl App {
@@ -105,6 +111,35 @@ impl App {
             started: std::time::Instant::now(),
             hsm: OnceLock::new(),
             hsm_init: Mutex::new(None),
+            #[cfg(test)]
+            test_backend: None,
+        }
+    }
+
+    /// An app whose commands use `backend` for every key operation (unit
+    /// tests of the commands; see `test_backend`).
+    #[cfg(test)]
+    pub fn with_backend(backend: Arc<dyn KeyBackend>, jobs: usize) -> Self {
+        use crate::config::{Setting, Source};
+        let settings = Settings {
+            config_file: None,
+            module: Setting {
+                value: "/nonexistent/not-used-by-tests.so".into(),
+                source: Source::Default,
+            },
+            token: None,
+            pin_file: None,
+            default_key: None,
+            jobs: Setting {
+                value: jobs,
+                source: Source::Default,
+            },
+            audit_log: None,
+            softhsm2_conf: None,
+        };
+        App {
+            test_backend: Some(backend),
+            ..App::new(settings, false, true)
         }
     }
 
@@ -159,6 +194,10 @@ impl App {
 
     /// The key backend (the HSM), opened and logged into on first call.
     pub fn backend(&self) -> Result<Arc<dyn KeyBackend>> {
+        #[cfg(test)]
+        if let Some(b) = &self.test_backend {
+            return Ok(b.clone());
+        }
         Ok(self.hsm()? as Arc<dyn KeyBackend>)
     }
 

@@ -20,6 +20,9 @@ pub mod key;
 pub mod rewrap;
 pub mod verify;
 
+#[cfg(test)]
+mod tests;
+
 use crate::app::App;
 use crate::cli::{Cli, Command};
 use crate::config::{self as settings, Overrides};
