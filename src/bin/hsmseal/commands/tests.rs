@@ -34,25 +34,13 @@ fn s(p: &Path) -> String {
 /// Every file under `dir`, relative, sorted (temporaries included: none
 /// may be left).
 fn tree(dir: &Path) -> Vec<String> {
-    let mut out: Vec<String> = walk(dir)
+    walkdir::WalkDir::new(dir)
+        .sort_by_file_name()
         .into_iter()
-        .map(|p| p.strip_prefix(dir).unwrap().display().to_string())
-        .collect();
-    out.sort();
-    out
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
+        .map(|e| e.unwrap())
+        .filter(|e| !e.file_type().is_dir())
+        .map(|e| e.path().strip_prefix(dir).unwrap().display().to_string())
+        .collect()
 }
 
 /// A tree of three files of different sizes (one of them empty).
@@ -73,40 +61,61 @@ fn plain_tree(root: &Path) -> Vec<(String, Vec<u8>)> {
     files
 }
 
+/// A backend with key `k`, and in a temporary directory the plain tree
+/// `p/` sealed into `s/` by `encrypt -r --output-dir` (exit 0 asserted).
+struct Sealed {
+    b: Arc<MemoryBackend>,
+    d: tempfile::TempDir,
+    files: Vec<(String, Vec<u8>)>,
+}
+
+impl Sealed {
+    fn new() -> Sealed {
+        let b = Arc::new(MemoryBackend::new());
+        b.add_version("k");
+        let d = tempfile::tempdir().unwrap();
+        let files = plain_tree(&d.path().join("p"));
+        let (plain, sealed) = (d.path().join("p"), d.path().join("s"));
+        let args = [
+            "encrypt",
+            "-k",
+            "k",
+            "-r",
+            &s(&plain),
+            "--output-dir",
+            &s(&sealed),
+        ];
+        assert_eq!(run(&b, &args), 0);
+        Sealed { b, d, files }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.d.path().join(name)
+    }
+}
+
 #[test]
 fn a_tree_round_trips_through_encrypt_verify_decrypt() {
-    let b = Arc::new(MemoryBackend::new());
-    b.add_version("k");
-    let d = tempfile::tempdir().unwrap();
-    let (plain, sealed, back) = (d.path().join("p"), d.path().join("s"), d.path().join("b"));
-    let files = plain_tree(&plain);
-    let args = [
-        "encrypt",
-        "-k",
-        "k",
-        "-r",
-        &s(&plain),
-        "--output-dir",
-        &s(&sealed),
-    ];
-    assert_eq!(run(&b, &args), 0);
+    let t = Sealed::new();
+    let (b, files) = (&t.b, &t.files);
+    let (plain, sealed, back) = (t.path("p"), t.path("s"), t.path("b"));
     assert_eq!(
         tree(&sealed),
         ["a.txt.hseal", "sub/b.bin.hseal", "sub/empty.hseal"]
     );
-    assert_eq!(run(&b, &["verify", "-r", &s(&sealed)]), 0);
+    assert_eq!(run(b, &["verify", "-r", &s(&sealed)]), 0);
     assert_eq!(
         run(
-            &b,
+            b,
             &["decrypt", "-r", &s(&sealed), "--output-dir", &s(&back)]
         ),
         0
     );
-    for (name, data) in &files {
+    for (name, data) in files {
         assert_eq!(&std::fs::read(back.join(name)).unwrap(), data, "{name}");
     }
     // The inputs are untouched.
-    for (name, data) in &files {
+    for (name, data) in files {
         assert_eq!(&std::fs::read(plain.join(name)).unwrap(), data, "{name}");
     }
 }
@@ -116,35 +125,23 @@ fn a_tree_round_trips_through_encrypt_verify_decrypt() {
 /// the other files are still done while the run exits 1.
 #[test]
 fn a_tampered_file_is_refused_and_leaves_nothing_behind() {
-    let b = Arc::new(MemoryBackend::new());
-    b.add_version("k");
-    let d = tempfile::tempdir().unwrap();
-    let (plain, sealed, back) = (d.path().join("p"), d.path().join("s"), d.path().join("b"));
-    plain_tree(&plain);
-    let args = [
-        "encrypt",
-        "-k",
-        "k",
-        "-r",
-        &s(&plain),
-        "--output-dir",
-        &s(&sealed),
-    ];
-    assert_eq!(run(&b, &args), 0);
+    let t = Sealed::new();
+    let b = &t.b;
+    let (sealed, back) = (t.path("s"), t.path("b"));
     let victim = sealed.join("sub/b.bin.hseal");
     let mut bytes = std::fs::read(&victim).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0x01;
     std::fs::write(&victim, &bytes).unwrap();
 
-    assert_eq!(run(&b, &["verify", &s(&victim)]), 3);
-    let out = d.path().join("one.bin");
-    assert_eq!(run(&b, &["decrypt", &s(&victim), "-o", &s(&out)]), 3);
+    assert_eq!(run(b, &["verify", &s(&victim)]), 3);
+    let out = t.path("one.bin");
+    assert_eq!(run(b, &["decrypt", &s(&victim), "-o", &s(&out)]), 3);
     assert!(!out.exists());
-    assert_eq!(run(&b, &["verify", "-r", &s(&sealed)]), 1);
+    assert_eq!(run(b, &["verify", "-r", &s(&sealed)]), 1);
     assert_eq!(
         run(
-            &b,
+            b,
             &["decrypt", "-r", &s(&sealed), "--output-dir", &s(&back)]
         ),
         1
@@ -190,24 +187,24 @@ fn a_file_under_another_key_is_refused() {
 /// payload; a second rewrap changes nothing; the data still decrypts.
 #[test]
 fn rewrap_moves_files_to_the_current_version_once() {
-    let b = Arc::new(MemoryBackend::new());
+    let b = &Arc::new(MemoryBackend::new());
     b.add_version("k");
     let d = tempfile::tempdir().unwrap();
     let input = d.path().join("f");
     let data = b"payload ".repeat(5000);
     std::fs::write(&input, &data).unwrap();
-    assert_eq!(run(&b, &["encrypt", "-k", "k", &s(&input)]), 0);
+    assert_eq!(run(b, &["encrypt", "-k", "k", &s(&input)]), 0);
     let sealed = d.path().join("f.hseal");
     let before = std::fs::read(&sealed).unwrap();
     assert_eq!(b.add_version("k"), 2);
-    assert_eq!(run(&b, &["rewrap", &s(&sealed)]), 0);
+    assert_eq!(run(b, &["rewrap", &s(&sealed)]), 0);
     let after = std::fs::read(&sealed).unwrap();
     assert_ne!(before[..1024], after[..1024], "header rewritten");
     assert_eq!(before[1024..], after[1024..], "payload untouched");
-    assert_eq!(run(&b, &["rewrap", &s(&sealed)]), 0);
+    assert_eq!(run(b, &["rewrap", &s(&sealed)]), 0);
     assert_eq!(std::fs::read(&sealed).unwrap(), after, "already current");
     let out = d.path().join("f.out");
-    assert_eq!(run(&b, &["decrypt", &s(&sealed), "-o", &s(&out)]), 0);
+    assert_eq!(run(b, &["decrypt", &s(&sealed), "-o", &s(&out)]), 0);
     assert_eq!(std::fs::read(&out).unwrap(), data);
 }
 
@@ -215,15 +212,15 @@ fn rewrap_moves_files_to_the_current_version_once() {
 /// and is left as it was.
 #[test]
 fn an_existing_output_needs_force() {
-    let b = Arc::new(MemoryBackend::new());
+    let b = &Arc::new(MemoryBackend::new());
     b.add_version("k");
     let d = tempfile::tempdir().unwrap();
     let input = d.path().join("f");
     std::fs::write(&input, b"new").unwrap();
     let sealed = d.path().join("f.hseal");
     std::fs::write(&sealed, b"someone else's file").unwrap();
-    assert_eq!(run(&b, &["encrypt", "-k", "k", &s(&input)]), 2);
+    assert_eq!(run(b, &["encrypt", "-k", "k", &s(&input)]), 2);
     assert_eq!(std::fs::read(&sealed).unwrap(), b"someone else's file");
-    assert_eq!(run(&b, &["encrypt", "-k", "k", "--force", &s(&input)]), 0);
-    assert_eq!(run(&b, &["verify", &s(&sealed)]), 0);
+    assert_eq!(run(b, &["encrypt", "-k", "k", "--force", &s(&input)]), 0);
+    assert_eq!(run(b, &["verify", &s(&sealed)]), 0);
 }
