@@ -6,6 +6,8 @@
 // Each test binary compiles this module and uses a different part of it.
 #![allow(dead_code)]
 
+#[cfg(feature = "containers")]
+pub mod container;
 pub mod token;
 
 use std::io::Write;
