@@ -5,7 +5,7 @@
 CARGO ?= cargo
 BIN := target/release/hsmseal
 
-.PHONY: all build deps test unit-test pg-e2e demo bench docs bless lint fmt clean fuzz
+.PHONY: all build deps test unit-test pg-e2e demo bench docs bless lint fmt clean fuzz test-containers
 
 all: build
 
@@ -25,6 +25,13 @@ unit-test:
 pg-e2e: deps build
 	./scripts/install-deps.sh postgresql
 	./scripts/pg-e2e.sh $(BIN)
+
+# Tests whose tokens each come from their own container (podman, image built
+# locally with mmdebstrap), and the release binary run in a minimal image
+# (scripts/test-containers.sh; README "Tests in containers"). Root only;
+# compiles the `containers` feature (testcontainers, ~240 crates).
+test-containers: deps
+	CARGO=$(CARGO) ./scripts/test-containers.sh
 
 demo: deps build
 	./scripts/demo.sh $(BIN)
