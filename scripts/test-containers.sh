@@ -66,13 +66,20 @@ cleanup() {
         podman rm -f $left >/dev/null || true
         rc=1
     fi
+    if [ "$rc" -ne 0 ] && [ -s "$run/service.log" ]; then
+        echo "test-containers: podman service log (last lines):" >&2
+        tail -n 20 "$run/service.log" >&2
+    fi
     rm -rf "$run"
+    [ "$rc" -ne 0 ] || echo "test-containers: ok (service stopped, no container left)" >&2
     exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-podman system service --time=0 "unix://$run/podman.sock" &
+# Its log (one "Stopping logger" line per removed container) is shown only
+# on failure.
+podman system service --time=0 "unix://$run/podman.sock" 2>"$run/service.log" &
 service_pid=$!
 export DOCKER_HOST=unix://$run/podman.sock
 for _ in $(seq 1 200); do
@@ -94,4 +101,3 @@ if [ -n "$SUITES" ]; then
     for s in $SUITES; do args+=(--test "$s"); done
     HSMSEAL_TEST_TOKENS=containers $CARGO test --release --locked --features containers "${args[@]}"
 fi
-echo "test-containers: ok" >&2
