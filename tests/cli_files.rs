@@ -439,3 +439,40 @@ fn one_of_a_thing_is_singular_in_human_messages() {
         }
     }
 }
+
+/// Outputs bigger than a few write-back ranges (`fs::durable` starts
+/// write-back every 8 MiB, before the final fsync): a round trip through
+/// files, `--in-place` both ways, and a decrypt that fails in its last
+/// chunk, after 20 MiB of plaintext went to the temporary file and its
+/// write-back was started, leaves no output and no temporary file.
+#[test]
+fn large_outputs_appear_whole_or_not_at_all() {
+    let c = Cli::with_key();
+    let plain = data(20 * 1024 * 1024 + 12345, 7);
+    write(&c.path("big"), &plain);
+    c.ok(&["encrypt", "--key", "k", "-o", "big.hseal", "big"]);
+    c.ok(&["decrypt", "-o", "big.out", "big.hseal"]);
+    assert!(std::fs::read(c.path("big.out")).unwrap() == plain);
+
+    c.ok(&["encrypt", "--key", "k", "--in-place", "big.out"]);
+    assert!(!c.path("big.out").exists());
+    c.ok(&["decrypt", "--in-place", "big.out.hseal"]);
+    assert!(!c.path("big.out.hseal").exists());
+    assert!(std::fs::read(c.path("big.out")).unwrap() == plain);
+    std::fs::remove_file(c.path("big.out")).unwrap();
+
+    let mut sealed = std::fs::read(c.path("big.hseal")).unwrap();
+    let at = sealed.len() - 100;
+    sealed[at] ^= 0x20;
+    write(&c.path("bad.hseal"), &sealed);
+    let before = c.files();
+    let out = c.run(&["decrypt", "-o", "bad.out", "bad.hseal"]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("authentication failed"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!c.path("bad.out").exists(), "output left behind");
+    assert_eq!(c.files(), before, "temporary file left behind");
+}

@@ -10,13 +10,14 @@
 //! a temp file with its writer's pid and lock so the next run can tell a
 //! stale one from a live one, nor fsyncs the directory after the rename.
 
+use super::durable::DurableWriter;
 use super::lock::{lock_path, try_lock, LockFail, LockMode, LockedFile, MAX_RELOCKS};
-use super::{describe, parent_dir, sync_dir, FileId, IO_BUF};
+use super::{describe, parent_dir, sync_dir, FileId};
 use crate::error::{Error, Result};
 use crate::notify::notice;
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
-use std::fs::{self, File, Metadata, OpenOptions};
+use std::fs::{self, Metadata, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -51,7 +52,10 @@ pub fn remove_live_temps_for_exit() {
 pub const TEMP_MARKER: &str = ".hsmseal-tmp-";
 
 pub struct AtomicFile {
-    file: Option<io::BufWriter<File>>,
+    /// Gathers small writes, writes page-aligned, and starts write-back
+    /// as it goes, so the fsync in `commit` waits only for the tail
+    /// (`super::durable`).
+    file: Option<DurableWriter>,
     temp: PathBuf,
     dest: PathBuf,
     force: bool,
@@ -169,7 +173,7 @@ impl AtomicFile {
             match opened {
                 Ok(f) => {
                     return Ok(AtomicFile {
-                        file: Some(io::BufWriter::with_capacity(IO_BUF, f)),
+                        file: Some(DurableWriter::new(f)),
                         temp,
                         dest: dest.to_path_buf(),
                         force,
@@ -224,8 +228,8 @@ impl AtomicFile {
         let writer = self.file.take().expect("AtomicFile used after commit");
         // The file stays open (and so locked) until it is in place.
         let file = writer
-            .into_inner()
-            .map_err(|e| Error::io_at("writing", self.temp.display(), e.error()))?;
+            .finish()
+            .map_err(|e| Error::io_at("writing", self.temp.display(), &e))?;
         file.sync_all()
             .map_err(|e| Error::io_at("fsync of", self.temp.display(), &e))?;
         let id = FileId::of(
@@ -550,7 +554,7 @@ mod tests {
         let name = f.temp_path().file_name().unwrap().to_owned();
         assert_eq!(temp_writer_pid(&name), Some(std::process::id()));
         // The writer holds its temp file's lock.
-        let other = File::open(f.temp_path()).unwrap();
+        let other = std::fs::File::open(f.temp_path()).unwrap();
         assert!(!try_lock(&other, LockMode::Exclusive).unwrap());
         drop(f);
         for bad in [

@@ -1,6 +1,7 @@
 //! Files: output files written atomically, what an output path means, and
 //! locks on existing files. `atomic` (AtomicFile, the registry of temporary
-//! files being written, stale ones of killed runs), `sink` (resolve_output,
+//! files being written, stale ones of killed runs), `durable` (the writer
+//! under AtomicFile: page-aligned writes, early write-back), `sink` (resolve_output,
 //! Sink, OutputFile, open_stream), `lock` (LockedFile and flock(2)).
 //!
 //! Invariants (docs/SECURITY.md, "Files: rewriting an existing hsmseal
@@ -30,6 +31,7 @@
 //!   exists and it holds the lock).
 
 mod atomic;
+mod durable;
 mod lock;
 mod sink;
 
@@ -42,10 +44,25 @@ use std::fs::{self, File, Metadata};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-/// Buffer size for output files: large reads and writes bypass it. 1 MiB
-/// buffers made 1 MiB-aligned writes, which were markedly slower on the
-/// build machines than 64 KiB pieces.
+/// Buffer size for readers, pipes and devices: large reads and writes
+/// bypass it. (Output files go through `durable::DurableWriter` instead.)
 pub const IO_BUF: usize = 64 * 1024;
+
+/// Tells the kernel `f` is read from start to end once, so it reads ahead
+/// further. A hint: where it is not supported nothing changes.
+pub fn advise_sequential(f: &File) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: a plain syscall on a descriptor the caller owns; the
+        // result is only advice, so an error (a pipe: ESPIPE) is ignored.
+        unsafe {
+            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = f;
+}
 
 /// Identity of a file: device and inode number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

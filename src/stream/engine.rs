@@ -44,7 +44,7 @@ pub(super) const BATCH_PLAIN: usize = BATCH_CHUNKS * CHUNK_SIZE;
 
 /// Most worker threads used, whatever the caller asks for. Sixteen already
 /// outrun any disk; the cap bounds memory, as batches in flight grow with
-/// threads.
+/// workers (34 batches, ~34 MiB, at the cap).
 const MAX_THREADS: usize = 16;
 
 pub(super) struct Batch {
@@ -278,9 +278,14 @@ pub(super) type CryptFn<'a> = dyn Fn(&mut Batch) + Sync + 'a;
 pub(super) type WriteFn<'a> = dyn FnMut(&mut Batch) -> Result<()> + 'a;
 
 /// Moves every batch of the stream through `read`, `crypt` and `write`, in
-/// stream order for `write`. With more than one thread, reading and writing
-/// stay on the calling thread (the reader and writer need not be `Send`)
-/// while `threads` workers run `crypt`, so I/O overlaps with crypto.
+/// stream order for `write`, on `threads` threads in all. With more than
+/// one, reading and writing stay on the calling thread (the reader and
+/// writer need not be `Send`) while `threads - 1` workers run `crypt`, so
+/// I/O overlaps with crypto. The calling thread counts as one of the
+/// `threads`: it is busy with read and write syscalls (the kernel's copies
+/// into and out of the page cache cost more than AES-GCM does), and
+/// a worker more than there are cores only competes with it, and with the
+/// kernel's write-back, for the same cores, and adds hand-offs.
 pub(super) fn run(
     threads: usize,
     read: &mut ReadFn<'_>,
@@ -289,8 +294,9 @@ pub(super) fn run(
 ) -> Result<()> {
     let mut b = Batch::new();
     let last = read(&mut b)?;
-    if threads > 1 && !last {
-        return run_parallel(threads.min(MAX_THREADS), b, read, crypt, write);
+    let workers = threads.saturating_sub(1).min(MAX_THREADS);
+    if workers > 0 && !last {
+        return run_parallel(workers, b, read, crypt, write);
     }
     // One thread, or a stream that fits one batch: starting workers would
     // cost more than it saves (bulk runs encrypt many small files).
@@ -408,23 +414,23 @@ fn process(crypt: &CryptFn<'_>, mut batch: Batch) -> Done {
 }
 
 fn run_parallel(
-    threads: usize,
+    workers: usize,
     first: Batch,
     read: &mut ReadFn<'_>,
     crypt: &CryptFn<'_>,
     write: &mut WriteFn<'_>,
 ) -> Result<()> {
     // Enough batches for every worker to have one in hand and one queued,
-    // plus one being read and one being written: ~6 MiB with 2 threads,
-    // ~36 MiB at most (MAX_THREADS).
-    let in_flight = 2 * threads + 2;
+    // plus one being read and one being written: ~4 MiB with one worker,
+    // ~34 MiB at most (MAX_THREADS).
+    let in_flight = 2 * workers + 2;
     let queue = WorkQueue::new(in_flight);
     let (done_tx, done_rx) = mpsc::channel::<Done>();
 
     std::thread::scope(|s| {
         // `Builder::spawn_scoped` rather than `Scope::spawn`, which panics
         // when the system refuses a thread; with fewer workers, carry on.
-        let handles: Vec<_> = (0..threads)
+        let handles: Vec<_> = (0..workers)
             .map_while(|_| {
                 let done_tx = done_tx.clone();
                 let queue = &queue;

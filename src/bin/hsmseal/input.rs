@@ -44,6 +44,7 @@ impl Input {
                 if meta.is_dir() {
                     return Err(Error::usage("is a directory"));
                 }
+                hsmseal::fs::advise_sequential(&f);
                 Ok(Box::new(BufReader::with_capacity(hsmseal::fs::IO_BUF, f)))
             }
         }
@@ -65,6 +66,7 @@ impl Input {
             Input::File(p) => {
                 let f = File::open(p).map_err(|e| Error::io(format!("cannot open: {e}")))?;
                 let header = read_header_locked(&f, p)?;
+                hsmseal::fs::advise_sequential(&f);
                 Ok((
                     header,
                     Box::new(BufReader::with_capacity(hsmseal::fs::IO_BUF, f)),

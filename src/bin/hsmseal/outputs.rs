@@ -251,8 +251,11 @@ fn sealed_matches(
         hsmseal::envelope::file::read_header(&mut &*sealed)?.0
     };
     let reader = BufReader::with_capacity(hsmseal::fs::IO_BUF, sealed);
+    hsmseal::fs::advise_sequential(sealed);
+    hsmseal::fs::advise_sequential(plain);
     let mut cmp = Compare {
         other: BufReader::with_capacity(hsmseal::fs::IO_BUF, plain),
+        theirs: Vec::new(),
         differs: false,
     };
     let opts = hsmseal::stream::StreamOptions {
@@ -279,14 +282,18 @@ fn sealed_matches(
 /// A writer that compares what it is given with another file's bytes.
 struct Compare<R: Read> {
     other: R,
+    /// The other file's bytes for the current write, reused: writes come
+    /// a batch (~1 MiB) at a time, and a fresh buffer each time would be a
+    /// fresh mapping, faulted in page by page.
+    theirs: Vec<u8>,
     differs: bool,
 }
 
 impl<R: Read> Write for Compare<R> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut theirs = vec![0u8; buf.len()];
-        let got = hsmseal::stream::read_full(&mut self.other, &mut theirs)?;
-        if got != buf.len() || theirs != buf {
+        self.theirs.resize(buf.len(), 0);
+        let got = hsmseal::stream::read_full(&mut self.other, &mut self.theirs)?;
+        if got != buf.len() || self.theirs != buf {
             self.differs = true;
             return Err(io::Error::other("differs from the original"));
         }
