@@ -251,7 +251,7 @@ proptest! {
             format,
             columns: if header || format == Format::Jsonl { vec!["a".into()] } else { vec!["2".into()] },
             header: header || format == Format::Jsonl,
-            row_id: None,
+            row_id: vec![],
             allow_plaintext: true,
             ..ColumnOptions::default()
         };
