@@ -252,12 +252,24 @@ pub(super) fn layout(
         if !fmt.is_table() {
             return Ok((ColumnId::Name(name.to_string()), 0));
         }
-        if by_index {
-            let i: usize = name.parse().ok().filter(|&i| i >= 1).ok_or_else(|| {
-                Error::usage(format!(
-                    "with --no-header, columns are 1-based positions: {name:?} is not one"
-                ))
+        // `@N` selects and binds by position even with a header, so tokens
+        // made from a headerless dump (bound to positions) open in the same
+        // table exported with a header (docs/FORMAT.md section 6).
+        let at = name.strip_prefix('@');
+        if by_index || at.is_some() {
+            let num = at.unwrap_or(name);
+            let i: usize = num.parse().ok().filter(|&i| i >= 1).ok_or_else(|| {
+                Error::usage(if by_index {
+                    format!("with --no-header, columns are 1-based positions: {name:?} is not one")
+                } else {
+                    format!("{name:?}: @ must be followed by a 1-based column position (@3)")
+                })
             })?;
+            let width = if by_index {
+                width
+            } else {
+                header.map(<[_]>::len)
+            };
             if let Some(width) = width.filter(|&w| i > w) {
                 return Err(Error::usage(format!(
                     "row 1: column {i} selected but the row has only {}",

@@ -530,9 +530,10 @@ pub enum ColumnsCommand {
 #[derive(Debug, clap::Args)]
 pub struct DumpArgs {
     /// Columns to process: header names (JSON keys for jsonl), or 1-based
-    /// positions with --no-header. Comma-separated, repeatable; a name that
-    /// contains a comma is written in double quotes as in CSV ("a,b",c; a
-    /// quote inside is doubled).
+    /// positions with --no-header; @N is position N with a header too (for
+    /// tokens made from a headerless dump, which are bound to positions).
+    /// Comma-separated, repeatable; a name that contains a comma is written
+    /// in double quotes as in CSV ("a,b",c; a quote inside is doubled).
     #[arg(long, short = 'c', value_name = "COLS", required = true)]
     pub columns: Vec<String>,
     /// The dump's format. Required when reading stdin; otherwise taken from
