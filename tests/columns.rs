@@ -93,7 +93,7 @@ fn csv_quote_all_round_trips() {
 #[test]
 fn csv_written_by_postgres_round_trips_with_nulls_left_alone() {
     let mut o = opts(Format::Csv, &["email", "ssn", "note"]);
-    o.row_id = Some("id".into());
+    o.row_id = vec!["id".into()];
     o.context = "app.users".into();
     let (b, k) = backend();
     let input = fixture("postgres.csv");
@@ -134,7 +134,7 @@ fn tsv_round_trips() {
 #[test]
 fn pgcopy_round_trips() {
     let mut o = opts(Format::PgCopy, &["name", "email", "ssn", "note"]);
-    o.row_id = Some("id".into());
+    o.row_id = vec!["id".into()];
     round_trip("postgres.pgcopy", &o, 21);
 }
 
@@ -158,7 +158,7 @@ fn pgcopy_without_header_binds_positions() {
 fn pgcopy_normalises_non_canonical_escapes() {
     let (b, k) = backend();
     let mut o = opts(Format::PgCopy, &["v"]);
-    o.row_id = None;
+    o.row_id = vec![];
     let input = b"k\tv\n1\t\\x41\\102\\q\n2\tx\\\ty\n";
     let (encd, _) = enc(&b, &k, &o, input).unwrap();
     let (decd, _) = dec(&b, &o, &encd).unwrap();
@@ -187,7 +187,7 @@ fn jsonl_round_trips_types_order_and_escapes() {
 fn jsonl_row_id_binds_rows() {
     let (b, k) = backend();
     let mut o = opts(Format::Jsonl, &["ssn"]);
-    o.row_id = Some("id".into());
+    o.row_id = vec!["id".into()];
     let input = b"{\"id\":1,\"ssn\":\"a\"}\n{\"id\":\"2\",\"ssn\":\"b\"}\n";
     let (encd, _) = enc(&b, &k, &o, input).unwrap();
     assert_eq!(dec(&b, &o, &encd).unwrap().0, input);
@@ -261,7 +261,7 @@ fn plaintext_that_looks_like_a_token_is_still_encrypted() {
 /// Tokens of a 3-row, 2-column CSV encrypted with a row id and context.
 fn bound_dump(b: &MemoryBackend, k: &KeyRef) -> (ColumnOptions, Vec<Vec<String>>) {
     let mut o = opts(Format::Csv, &["ssn", "email"]);
-    o.row_id = Some("id".into());
+    o.row_id = vec!["id".into()];
     o.context = "app.users".into();
     let input = b"id,ssn,email\n1,111,a@x\n2,222,b@x\n3,333,c@x\n";
     let (encd, _) = enc(b, k, &o, input).unwrap();
@@ -320,7 +320,7 @@ fn tokens_swapped_between_rows_columns_or_contexts_are_rejected() {
     for change in [
         |o: &mut ColumnOptions| o.context = "app.admins".into(),
         |o: &mut ColumnOptions| o.context = String::new(),
-        |o: &mut ColumnOptions| o.row_id = None,
+        |o: &mut ColumnOptions| o.row_id = vec![],
     ] {
         let mut o2 = o.clone();
         change(&mut o2);
@@ -447,7 +447,7 @@ fn hsm_calls_grow_with_batches_not_cells() {
 fn rotate_rewraps_envelopes_only() {
     let (b, k) = backend();
     let mut o = opts(Format::Csv, &["a"]);
-    o.row_id = Some("id".into());
+    o.row_id = vec!["id".into()];
     o.batch_size = 100;
     let mut input = b"id,a\n".to_vec();
     for i in 0..1000 {
@@ -505,12 +505,12 @@ fn header_problems_fail_before_any_output() {
         assert!(out.is_empty(), "output written before the header error");
     }
     let mut o = opts(Format::Csv, &["ssn"]);
-    o.row_id = Some("ssn".into());
+    o.row_id = vec!["ssn".into()];
     assert_eq!(err_msg(enc(&b, &k, &o, input)).0, ErrorKind::Usage);
     for (cols, rid) in [(&["1", "01"][..], None), (&["2"][..], Some("02"))] {
         let mut o = opts(Format::Csv, cols);
         o.header = false;
-        o.row_id = rid.map(str::to_string);
+        o.row_id = rid.into_iter().map(str::to_string).collect();
         assert_eq!(
             err_msg(enc(&b, &k, &o, input)).0,
             ErrorKind::Usage,
@@ -574,7 +574,7 @@ fn bad_rows_are_reported_with_row_and_column() {
     assert_eq!(m, "row 2, column \"b\": malformed token: invalid base64url");
     // A row id that is NULL.
     let mut o3 = o.clone();
-    o3.row_id = Some("a".into());
+    o3.row_id = vec!["a".into()];
     let (_, m) = err_msg(enc(&b, &k, &o3, b"a,b\n,2\n"));
     assert_eq!(m, "row 2, column \"a\": the --row-id value is NULL");
 }
@@ -609,7 +609,7 @@ fn empty_input_and_header_only() {
     assert!(enc(&b, &k, &o, b"").is_err());
     let mut o2 = opts(Format::PgCopy, &["2"]);
     o2.header = false;
-    o2.row_id = Some("1".into());
+    o2.row_id = vec!["1".into()];
     let (out, s) = enc(&b, &k, &o2, b"").unwrap();
     assert_eq!((out.len(), s.rows), (0, 0));
     assert_eq!(dec(&b, &o2, b"").unwrap().0, b"");
@@ -627,7 +627,7 @@ fn streams_many_blocks_in_order() {
     for jobs in [1, 3] {
         let mut o = opts(Format::Csv, &["v"]);
         o.jobs = jobs;
-        o.row_id = Some("id".into());
+        o.row_id = vec!["id".into()];
         let (encd, s) = enc(&b, &k, &o, &input).unwrap();
         assert_eq!(s.rows, 30_000);
         let (decd, _) = dec(&b, &o, &encd).unwrap();
@@ -695,7 +695,7 @@ fn spec_test_vector() {
     let csv = spec_token(0x04);
     assert_eq!(csv, SPEC_VECTOR_CSV);
     let mut o = opts(Format::Csv, &["ssn"]);
-    o.row_id = Some("id".into());
+    o.row_id = vec!["id".into()];
     o.context = "app.users".into();
     for (token, tsv_ok) in [(&legacy, true), (&csv, false)] {
         let input = format!("id,ssn\n42,{token}\n");

@@ -112,7 +112,7 @@ fn bench_columns_csv() {
     let o = ColumnOptions {
         format: Format::Csv,
         columns: vec!["email".into(), "ssn".into(), "note".into()],
-        row_id: Some("id".into()),
+        row_id: vec!["id".into()],
         context: "app.users".into(),
         ..ColumnOptions::default()
     };

@@ -61,12 +61,25 @@ fn table() -> impl Strategy<Value = Table> {
     })
 }
 
-fn csv_field(out: &mut Vec<u8>, v: &Option<Vec<u8>>, delim: u8, quote_all: bool) {
+/// Writes a field as a CSV writer would. A CR is written bare (as Python's
+/// csv module with `lineterminator="\n"` and some spreadsheets do) except
+/// where it would read back as part of the terminator: at the end of a
+/// record's last field before a lone LF (`cr_ends_record`). So bare CRs
+/// inside fields, at the end of a field before a delimiter, before CRLF and
+/// at the end of the input (no final newline) are all covered.
+fn csv_field(
+    out: &mut Vec<u8>,
+    v: &Option<Vec<u8>>,
+    delim: u8,
+    quote_all: bool,
+    cr_ends_record: bool,
+) {
     let Some(v) = v else { return };
     let needs = quote_all
         || v.is_empty()
-        || v.iter()
-            .any(|&c| c == delim || c == b'"' || c == b'\r' || c == b'\n');
+        || v[0] == b'"'
+        || v.iter().any(|&c| c == delim || c == b'"' || c == b'\n')
+        || (cr_ends_record && v.last() == Some(&b'\r'));
     if !needs {
         out.extend_from_slice(v);
         return;
@@ -88,15 +101,24 @@ fn write_csv(t: &Table, delim: u8) -> Vec<u8> {
     let header: Vec<Option<Vec<u8>>> = (0..*ncols)
         .map(|i| Some(format!("c{i}").into_bytes()))
         .collect();
+    let nrec = rows.len() + 1;
     for (i, r) in std::iter::once(&header).chain(rows.iter()).enumerate() {
         if i > 0 {
             out.extend_from_slice(nl);
         }
+        // A lone LF follows this record.
+        let lf_follows = !*crlf && (i + 1 < nrec || *final_nl);
         for (j, v) in r.iter().enumerate() {
             if j > 0 {
                 out.push(delim);
             }
-            csv_field(&mut out, v, delim, *quote_all);
+            csv_field(
+                &mut out,
+                v,
+                delim,
+                *quote_all,
+                lf_follows && j + 1 == r.len(),
+            );
         }
     }
     if *final_nl {
@@ -251,7 +273,7 @@ proptest! {
             format,
             columns: if header || format == Format::Jsonl { vec!["a".into()] } else { vec!["2".into()] },
             header: header || format == Format::Jsonl,
-            row_id: None,
+            row_id: vec![],
             allow_plaintext: true,
             ..ColumnOptions::default()
         };
@@ -259,5 +281,34 @@ proptest! {
         let _ = columns::encrypt(b, k, &o, Cursor::new(input.clone()), &mut out);
         let mut out = Vec::new();
         let _ = columns::decrypt(b, &o, Cursor::new(input), &mut out);
+    }
+}
+
+/// Issue 11: an unquoted last field ending in CR at the end of the input
+/// (no final newline) must come back bare, byte for byte, in CSV and TSV;
+/// and the other places a bare CR can stand.
+#[test]
+fn a_bare_cr_comes_back_bare() {
+    for input in [
+        &b"c0\nx\r"[..],
+        b"c0\n\r",
+        b"c0,c1\n1,x\r",
+        b"c0,c1\n1,x\r\n2,y\r",
+        b"c0,c1\n1,x\r\r\n",
+        b"c0,c1\nx\r,y\n",
+        b"c0,c1\na\rb,y\n",
+        b"c0,c1\n\"x\r\",y\r",
+        b"c0,c1\nx,\"y\r\"\n",
+    ] {
+        for (f, d) in [(Format::Csv, b','), (Format::Tsv, b'\t')] {
+            let input: Vec<u8> = input
+                .iter()
+                .map(|&c| if c == b',' { d } else { c })
+                .collect();
+            let ncols = if input.starts_with(b"c0\n") { 1 } else { 2 };
+            let cols: Vec<usize> = (0..ncols).collect();
+            check(f, &input, &cols)
+                .unwrap_or_else(|e| panic!("{f:?} {:?}: {e}", String::from_utf8_lossy(&input)));
+        }
     }
 }

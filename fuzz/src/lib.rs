@@ -558,7 +558,7 @@ pub fn column_options(format: Format, line: &[u8]) -> ColumnOptions {
         let (k, v) = w.split_once('=').unwrap_or((w, ""));
         match k {
             "c" => o.columns = v.split(',').map(String::from).collect(),
-            "r" => o.row_id = Some(v.to_string()),
+            "r" => o.row_id = vec![v.to_string()],
             "x" => o.context = v.to_string(),
             "n" => o.header = false,
             "b" => o.batch_size = v.parse().unwrap_or(o.batch_size),

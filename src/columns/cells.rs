@@ -6,11 +6,11 @@
 //! fields are copied as they are; NULLs stay NULL.
 
 use super::format::Format;
-use super::layout::{row_err, Block, Layout, Selected};
+use super::layout::{row_err, row_id_part, row_id_start, Block, Layout, Selected};
 use super::options::ColumnOptions;
 use super::token::{
-    self, binding, looks_like_token, BatchCache, ColumnId, Opener, RewrapCache, Rewrapper, Sealer,
-    FLAG_JSON, FLAG_QUOTED, PREFIX,
+    self, binding_encoded, looks_like_token, BatchCache, ColumnId, Opener, RewrapCache, Rewrapper,
+    Sealer, FLAG_JSON, FLAG_QUOTED, PREFIX,
 };
 use super::{csv, jsonl, pgcopy};
 use crate::backend::{KeyBackend, KeyRef};
@@ -257,22 +257,23 @@ impl Worker<'_> {
             let row = b.first_row + r as u64;
             self.stats.rows += 1;
             let fs = &b.fields[r * width..(r + 1) * width];
+            // The row id, encoded for the binding (`scratch` is free until
+            // the cells below use it).
             let mut rid_buf = std::mem::take(&mut self.rid);
-            let rid = match &layout.row_id {
-                None => None,
-                Some((id, _)) => {
-                    let f = fs[nselected];
-                    let raw = &data[f.start as usize..f.end as usize];
-                    if is_null(fmt, raw, f.quoted) {
-                        return Err(cell_err(
-                            row,
-                            id,
-                            Error::format("the --row-id value is NULL"),
-                        ));
-                    }
-                    Some(decode(fmt, raw, f.quoted, &mut rid_buf))
+            row_id_start(&mut rid_buf, layout.row_id.len());
+            for (i, (id, _)) in layout.row_id.iter().enumerate() {
+                let f = fs[nselected + i];
+                let raw = &data[f.start as usize..f.end as usize];
+                if is_null(fmt, raw, f.quoted) {
+                    return Err(cell_err(
+                        row,
+                        id,
+                        Error::format("the --row-id value is NULL"),
+                    ));
                 }
-            };
+                row_id_part(&mut rid_buf, decode(fmt, raw, f.quoted, &mut self.scratch));
+            }
+            let rid = &rid_buf[..];
             let mut cur = start;
             for (j, sel) in layout.selected.iter().enumerate() {
                 let f = fs[j];
@@ -302,7 +303,7 @@ impl Worker<'_> {
         sel: &Selected,
         raw: &[u8],
         quoted: bool,
-        rid: Option<&[u8]>,
+        rid: &[u8],
         last: bool,
         out: &mut Vec<u8>,
     ) -> Result<()> {
@@ -327,7 +328,7 @@ impl Worker<'_> {
                     out.extend_from_slice(raw);
                     return Ok(());
                 }
-                binding(&mut self.aad, &sel.prefix, rid);
+                binding_encoded(&mut self.aad, &sel.prefix, rid);
                 let mut flags = self.fmt_flags;
                 if quoted && fmt != Format::PgCopy {
                     flags |= FLAG_QUOTED;
@@ -345,7 +346,7 @@ impl Worker<'_> {
                     out.extend_from_slice(raw);
                     return Ok(());
                 }
-                binding(&mut self.aad, &sel.prefix, rid);
+                binding_encoded(&mut self.aad, &sel.prefix, rid);
                 let flags = open_cell(
                     o,
                     &self.aad,
@@ -425,7 +426,7 @@ impl Worker<'_> {
         jsonl::parse_object(line, &mut members).map_err(|e| row_err(row, e))?;
         let nselected = layout.selected.len();
         self.found.clear();
-        self.found.resize(nselected + 1, None);
+        self.found.resize(nselected + layout.row_id.len(), None);
         for (mi, m) in members.iter().enumerate() {
             let key = &line[m.key.0..m.key.1];
             for (j, sel) in layout.selected.iter().enumerate() {
@@ -443,44 +444,42 @@ impl Worker<'_> {
                     }
                 }
             }
-            if let Some((ColumnId::Name(n), _)) = &layout.row_id {
-                if jsonl::key_is(key, n) {
-                    if self.found[nselected].is_some() {
-                        return Err(cell_err(
-                            row,
-                            &layout.row_id.as_ref().expect("some").0,
-                            Error::format("the key occurs twice in the object"),
-                        ));
+            for (i, (id, _)) in layout.row_id.iter().enumerate() {
+                if let ColumnId::Name(n) = id {
+                    if jsonl::key_is(key, n) {
+                        if self.found[nselected + i].is_some() {
+                            return Err(cell_err(
+                                row,
+                                id,
+                                Error::format("the key occurs twice in the object"),
+                            ));
+                        }
+                        self.found[nselected + i] = Some(mi);
                     }
-                    self.found[nselected] = Some(mi);
                 }
             }
         }
         let mut rid_buf = std::mem::take(&mut self.rid);
-        let rid: Option<&[u8]> = match &layout.row_id {
-            None => None,
-            Some((id, _)) => {
-                let m = self.found[nselected].ok_or_else(|| {
-                    cell_err(row, id, Error::format("the --row-id key is missing"))
-                })?;
-                let raw = &line[members[m].value.0..members[m].value.1];
-                match raw[0] {
-                    b'"' => {
-                        Some(jsonl::string_value(raw, &mut rid_buf).ok_or_else(|| {
-                            cell_err(row, id, Error::format("invalid JSON string"))
-                        })?)
-                    }
-                    b'{' | b'[' | b'n' => {
-                        return Err(cell_err(
-                            row,
-                            id,
-                            Error::format("the --row-id value must be a string, number or boolean"),
-                        ))
-                    }
-                    _ => Some(raw),
+        row_id_start(&mut rid_buf, layout.row_id.len());
+        for (i, (id, _)) in layout.row_id.iter().enumerate() {
+            let m = self.found[nselected + i]
+                .ok_or_else(|| cell_err(row, id, Error::format("the --row-id key is missing")))?;
+            let raw = &line[members[m].value.0..members[m].value.1];
+            let part = match raw[0] {
+                b'"' => jsonl::string_value(raw, &mut self.scratch)
+                    .ok_or_else(|| cell_err(row, id, Error::format("invalid JSON string")))?,
+                b'{' | b'[' | b'n' => {
+                    return Err(cell_err(
+                        row,
+                        id,
+                        Error::format("the --row-id value must be a string, number or boolean"),
+                    ))
                 }
-            }
-        };
+                _ => raw,
+            };
+            row_id_part(&mut rid_buf, part);
+        }
+        let rid = &rid_buf[..];
         let mut cur = 0;
         for (mi, m) in members.iter().enumerate() {
             let Some(j) = self.found[..nselected].iter().position(|f| *f == Some(mi)) else {
@@ -502,7 +501,7 @@ impl Worker<'_> {
         &mut self,
         sel: &Selected,
         raw: &[u8],
-        rid: Option<&[u8]>,
+        rid: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<()> {
         if raw == b"null" {
@@ -525,7 +524,7 @@ impl Worker<'_> {
                     out.extend_from_slice(raw);
                     return Ok(());
                 }
-                binding(&mut self.aad, &sel.prefix, rid);
+                binding_encoded(&mut self.aad, &sel.prefix, rid);
                 out.push(b'"');
                 s.seal(&self.aad, flags | self.fmt_flags, v, out)?;
                 out.push(b'"');
@@ -545,7 +544,7 @@ impl Worker<'_> {
                     out.extend_from_slice(raw);
                     return Ok(());
                 };
-                binding(&mut self.aad, &sel.prefix, rid);
+                binding_encoded(&mut self.aad, &sel.prefix, rid);
                 // `tok` may live in `scratch`; `inner` is free for nesting.
                 let flags = open_cell(
                     o,

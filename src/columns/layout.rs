@@ -32,18 +32,53 @@ pub(super) struct Layout {
     pub(super) fmt: Format,
     /// Tables: in field order. JSONL: in `--columns` order.
     pub(super) selected: Vec<Selected>,
-    pub(super) row_id: Option<(ColumnId, usize)>,
+    /// The `--row-id` columns, in `--row-id` order (the binding's order).
+    pub(super) row_id: Vec<(ColumnId, usize)>,
     /// Fields per record (tables).
     pub(super) nfields: usize,
-    /// Field position -> index in `selected` + 1 (0: not selected); the row id
-    /// column maps to `selected.len() + 1`.
+    /// Field position -> index in `selected` + 1 (0: not selected); the
+    /// i-th row id column maps to `selected.len() + 1 + i`.
     pub(super) selected_at: Vec<u32>,
 }
 
 impl Layout {
     /// Field spans recorded per record.
     pub(super) fn width(&self) -> usize {
-        self.selected.len() + usize::from(self.row_id.is_some())
+        self.selected.len() + self.row_id.len()
+    }
+}
+
+/// Most `--row-id` columns (the count is one byte in the binding).
+pub const MAX_ROW_ID_COLUMNS: usize = 255;
+
+/// Starts the binding's encoding of a row id made of `k` column values
+/// (docs/FORMAT.md section 6): `u8(0)` for none, `u8(1)` then the value for
+/// one (the version-1 encoding, unchanged), `u8(2) || u8(k)` then the
+/// values for k >= 2. Append each value with [`row_id_part`], in `--row-id`
+/// order. `hsmseal pg` encodes a table's key the same way, so a token can
+/// move between a table and its dumps.
+pub fn row_id_start(out: &mut Vec<u8>, k: usize) {
+    assert!(k <= MAX_ROW_ID_COLUMNS, "checked when --row-id is parsed");
+    out.clear();
+    match k {
+        0 => out.push(0),
+        1 => out.push(1),
+        _ => out.extend_from_slice(&[2, k as u8]),
+    }
+}
+
+/// Appends one row id value, length-prefixed (`lp`), after [`row_id_start`].
+pub fn row_id_part(out: &mut Vec<u8>, value: &[u8]) {
+    // Values are capped far below 4 GiB (records at 64 MiB), so u32 is exact.
+    out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+    out.extend_from_slice(value);
+}
+
+/// The binding's encoding of a row id made of `parts` (see [`row_id_start`]).
+pub fn encode_row_id(out: &mut Vec<u8>, parts: &[&[u8]]) {
+    row_id_start(out, parts.len());
+    for p in parts {
+        row_id_part(out, p);
     }
 }
 
@@ -192,10 +227,24 @@ pub(super) fn layout(
         if opts.columns[..i].contains(c) {
             return Err(Error::usage(format!("column {c:?} is selected twice")));
         }
-        if opts.row_id.as_deref() == Some(c) {
+        if opts.row_id.contains(c) {
             return Err(Error::usage(format!(
                 "column {c:?} is the --row-id column and cannot also be encrypted"
             )));
+        }
+    }
+    if opts.row_id.len() > MAX_ROW_ID_COLUMNS {
+        return Err(Error::usage(format!(
+            "--row-id names {} columns; at most {MAX_ROW_ID_COLUMNS} are allowed",
+            opts.row_id.len()
+        )));
+    }
+    for (i, c) in opts.row_id.iter().enumerate() {
+        if c.is_empty() {
+            return Err(Error::usage("--row-id has an empty column name"));
+        }
+        if opts.row_id[..i].contains(c) {
+            return Err(Error::usage(format!("--row-id names column {c:?} twice")));
         }
     }
     let by_index = fmt.is_table() && !opts.header;
@@ -203,12 +252,24 @@ pub(super) fn layout(
         if !fmt.is_table() {
             return Ok((ColumnId::Name(name.to_string()), 0));
         }
-        if by_index {
-            let i: usize = name.parse().ok().filter(|&i| i >= 1).ok_or_else(|| {
-                Error::usage(format!(
-                    "with --no-header, columns are 1-based positions: {name:?} is not one"
-                ))
+        // `@N` selects and binds by position even with a header, so tokens
+        // made from a headerless dump (bound to positions) open in the same
+        // table exported with a header (docs/FORMAT.md section 6).
+        let at = name.strip_prefix('@');
+        if by_index || at.is_some() {
+            let num = at.unwrap_or(name);
+            let i: usize = num.parse().ok().filter(|&i| i >= 1).ok_or_else(|| {
+                Error::usage(if by_index {
+                    format!("with --no-header, columns are 1-based positions: {name:?} is not one")
+                } else {
+                    format!("{name:?}: @ must be followed by a 1-based column position (@3)")
+                })
             })?;
+            let width = if by_index {
+                width
+            } else {
+                header.map(<[_]>::len)
+            };
             if let Some(width) = width.filter(|&w| i > w) {
                 return Err(Error::usage(format!(
                     "row 1: column {i} selected but the row has only {}",
@@ -243,7 +304,11 @@ pub(super) fn layout(
             pos,
         });
     }
-    let row_id = opts.row_id.as_deref().map(resolve).transpose()?;
+    let row_id = opts
+        .row_id
+        .iter()
+        .map(|c| resolve(c))
+        .collect::<Result<Vec<_>>>()?;
     if fmt.is_table() {
         selected.sort_by_key(|s| s.pos);
         // Names were compared as written; positions can still collide
@@ -251,11 +316,14 @@ pub(super) fn layout(
         if let Some(w) = selected.windows(2).find(|w| w[0].pos == w[1].pos) {
             return Err(Error::usage(format!("{} is selected twice", w[0].id)));
         }
-        if let Some((id, p)) = &row_id {
+        for (i, (id, p)) in row_id.iter().enumerate() {
             if selected.iter().any(|s| s.pos == *p) {
                 return Err(Error::usage(format!(
                     "{id} is the --row-id column and cannot also be encrypted"
                 )));
+            }
+            if row_id[..i].iter().any(|(_, q)| q == p) {
+                return Err(Error::usage(format!("--row-id names {id} twice")));
             }
         }
     }
@@ -266,8 +334,10 @@ pub(super) fn layout(
             *x = j as u32 + 1;
         }
     }
-    if let Some(x) = row_id.as_ref().and_then(|(_, p)| selected_at.get_mut(*p)) {
-        *x = selected.len() as u32 + 1;
+    for (i, (_, p)) in row_id.iter().enumerate() {
+        if let Some(x) = selected_at.get_mut(*p) {
+            *x = (selected.len() + 1 + i) as u32;
+        }
     }
     Ok(Layout {
         fmt,

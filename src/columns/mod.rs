@@ -39,7 +39,7 @@ mod scan;
 pub mod token;
 
 pub use format::Format;
-pub use layout::MAX_RECORD;
+pub use layout::{encode_row_id, row_id_part, row_id_start, MAX_RECORD, MAX_ROW_ID_COLUMNS};
 pub use options::{ColumnOptions, ColumnStats};
 pub use token::{DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE, MAX_VALUE};
 

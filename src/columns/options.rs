@@ -13,8 +13,9 @@ pub struct ColumnOptions {
     pub columns: Vec<String>,
     /// The first record is a header (CSV, TSV, pgcopy). Ignored for JSONL.
     pub header: bool,
-    /// Column whose value binds each token to its row.
-    pub row_id: Option<String>,
+    /// Columns whose values bind each token to its row (a unique key,
+    /// composite keys in key order). Empty: tokens are not bound to rows.
+    pub row_id: Vec<String>,
     /// Bound into every token, e.g. `app.users`. Empty by default.
     pub context: String,
     /// Cells (selected non-NULL values, not rows) per batch key.
@@ -42,7 +43,7 @@ impl Default for ColumnOptions {
             format: Format::Csv,
             columns: Vec::new(),
             header: true,
-            row_id: None,
+            row_id: Vec::new(),
             context: String::new(),
             batch_size: DEFAULT_BATCH_SIZE,
             allow_plaintext: false,

@@ -190,6 +190,15 @@ pub fn binding(out: &mut Vec<u8>, prefix: &[u8], row_id: Option<&[u8]>) {
     }
 }
 
+/// Completes a binding with a row id already encoded by
+/// [`crate::columns::encode_row_id`] (any number of `--row-id` columns):
+/// `binding(out, p, None)` equals `binding_encoded(out, p, &[0])`.
+pub fn binding_encoded(out: &mut Vec<u8>, prefix: &[u8], row_id: &[u8]) {
+    out.clear();
+    out.extend_from_slice(prefix);
+    out.extend_from_slice(row_id);
+}
+
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     // Lengths are capped far below 4 GiB (values at 16 MiB), so u32 is exact.
     out.extend_from_slice(&(b.len() as u32).to_be_bytes());

@@ -530,8 +530,11 @@ pub enum ColumnsCommand {
 #[derive(Debug, clap::Args)]
 pub struct DumpArgs {
     /// Columns to process: header names (JSON keys for jsonl), or 1-based
-    /// positions with --no-header.
-    #[arg(long, short = 'c', value_delimiter = ',', required = true)]
+    /// positions with --no-header; @N is position N with a header too (for
+    /// tokens made from a headerless dump, which are bound to positions).
+    /// Comma-separated, repeatable; a name that contains a comma is written
+    /// in double quotes as in CSV ("a,b",c; a quote inside is doubled).
+    #[arg(long, short = 'c', value_name = "COLS", required = true)]
     pub columns: Vec<String>,
     /// The dump's format. Required when reading stdin; otherwise taken from
     /// the input file's extension (.csv, .tsv/.tab, .jsonl/.ndjson,
@@ -541,10 +544,12 @@ pub struct DumpArgs {
     /// The first record is data, not a header: --columns are positions.
     #[arg(long)]
     pub no_header: bool,
-    /// Bind each token to this column's value in its row (a unique id), so a
-    /// token moved to another row fails to decrypt.
-    #[arg(long, value_name = "COL")]
-    pub row_id: Option<String>,
+    /// Bind each token to its row's value of this column (a unique id), so a
+    /// token moved to another row fails to decrypt. A composite key is
+    /// several columns in key order (tenant_id,cust_id), written like
+    /// --columns; decrypt must name the same columns in the same order.
+    #[arg(long, value_name = "COLS")]
+    pub row_id: Vec<String>,
     /// Bound into every token, e.g. the table `app.users`; decrypt must be
     /// given the same. Default: empty.
     #[arg(long, default_value = "")]

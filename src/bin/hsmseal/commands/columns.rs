@@ -297,12 +297,69 @@ fn options(a: &DumpArgs) -> Result<ColumnOptions> {
     let format = format_of(a)?;
     Ok(ColumnOptions {
         format,
-        columns: a.columns.iter().map(|c| c.trim().to_string()).collect(),
+        columns: names("--columns", &a.columns)?,
         header: !a.no_header,
-        row_id: a.row_id.clone(),
+        row_id: names("--row-id", &a.row_id)?,
         context: a.context.clone(),
         ..ColumnOptions::default()
     })
+}
+
+/// The column names of a repeatable, comma-separated list option: each
+/// occurrence split at commas, CSV-style, so a name with a comma (or
+/// leading/trailing blanks) is written in double quotes, a quote inside
+/// doubled (`"a,b",c`). Unquoted names are trimmed; a quote inside an
+/// unquoted name is an ordinary character (as before quoting existed).
+fn names(flag: &str, args: &[String]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for arg in args {
+        let mut rest = arg.as_str();
+        loop {
+            let t = rest.trim_start();
+            if let Some(q) = t.strip_prefix('"') {
+                let mut name = String::new();
+                let mut chars = q.char_indices();
+                let after = loop {
+                    match chars.next() {
+                        None => {
+                            return Err(Error::usage(format!(
+                                "{flag} {arg:?}: a quoted name has no closing quote (write a quote inside a name as \"\")"
+                            )))
+                        }
+                        Some((i, '"')) if q[i + 1..].starts_with('"') => {
+                            name.push('"');
+                            chars.next();
+                        }
+                        Some((i, '"')) => break q[i + 1..].trim_start(),
+                        Some((_, c)) => name.push(c),
+                    }
+                };
+                out.push(name);
+                match after.strip_prefix(',') {
+                    Some(r) => rest = r,
+                    None if after.is_empty() => break,
+                    None => {
+                        return Err(Error::usage(format!(
+                            "{flag} {arg:?}: text after the closing quote of {:?} (quote the whole name)",
+                            out.last().expect("pushed")
+                        )))
+                    }
+                }
+            } else {
+                match t.split_once(',') {
+                    Some((name, r)) => {
+                        out.push(name.trim().to_string());
+                        rest = r;
+                    }
+                    None => {
+                        out.push(t.trim().to_string());
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The summary on stderr: a `summary` JSON line with `--json` (stderr is
