@@ -4,7 +4,10 @@
 # file to file, against a fresh SoftHSM2 token. Prints a Markdown table:
 # cells/s for encrypt and decrypt beside a plain parse-and-rewrite of the same
 # file with no crypto (`columns passthrough`, the ceiling), HSM calls, token
-# overhead in bytes per cell and peak memory (/usr/bin/time -v).
+# overhead in bytes per cell, the dump's size blow-up (v2 tokens, and what
+# v1 tokens would have cost: each v1 token is exactly 128 characters longer,
+# 96 more body bytes) and peak memory (/usr/bin/time -v). `encrypt-null`
+# writes to /dev/null (the issue's "into /dev/null" goal).
 #
 # Usage: scripts/bench-columns.sh [HSMSEAL_BINARY]   (default: target/release/hsmseal)
 # Environment: BENCH_ROWS (default 1000000), BENCH_JOBS (default: all cores).
@@ -82,10 +85,12 @@ run passthrough columns passthrough --columns "$COLS" --row-id id -i "$WORK/user
 cmp "$WORK/users.csv" "$WORK/pass.csv"
 run encrypt columns encrypt --key pii --columns "$COLS" --row-id id --context app.users \
     -i "$WORK/users.csv" -o "$WORK/users.enc.csv"
+run encrypt-null columns encrypt --key pii --columns "$COLS" --row-id id --context app.users \
+    -i "$WORK/users.csv" -o /dev/null
 run decrypt columns decrypt --columns "$COLS" --row-id id --context app.users \
     -i "$WORK/users.enc.csv" -o "$WORK/users.dec.csv"
 cmp "$WORK/users.csv" "$WORK/users.dec.csv"
-# Rotation: a new KWK version, then rewrap every token's batch key.
+# Rotation: a new KWK version, then every v2 token re-encrypted under it.
 "$HSMSEAL" key rotate pii >/dev/null
 run rotate columns rotate --key pii --columns "$COLS" --row-id id --context app.users \
     -i "$WORK/users.enc.csv" -o "$WORK/users.rot.csv"
@@ -100,7 +105,7 @@ printf '\nColumns benchmark: %s rows, 6 columns, 3 encrypted (%s cells, %s NULLs
     "$ROWS" "$cells" "$(field "$WORK/encrypt.json" nulls)" "$(nproc)" "$(awk "BEGIN {print $in_bytes / 1048576}")"
 echo "| run | seconds (pipeline) | cells/s (pipeline) | seconds (process) | cells/s (process) | HSM calls | batches | peak RSS (MiB) |"
 echo "|---|---|---|---|---|---|---|---|"
-for r in passthrough encrypt decrypt rotate; do
+for r in passthrough encrypt encrypt-null decrypt rotate; do
     s=$(field "$WORK/$r.json" seconds)
     c=$(field "$WORK/$r.json" cells)
     w=$(wall "$WORK/$r.time")
@@ -110,3 +115,6 @@ for r in passthrough encrypt decrypt rotate; do
 done
 printf '\nToken overhead: %.1f bytes per encrypted cell (%s -> %s bytes).\n' \
     "$(awk "BEGIN {print ($enc_bytes - $in_bytes) / $cells}")" "$in_bytes" "$enc_bytes"
+printf 'Dump size: %s -> %s bytes (%.2fx) with v2 tokens; v1 tokens would give %s bytes (%.2fx).\n' \
+    "$in_bytes" "$enc_bytes" "$(awk "BEGIN {print $enc_bytes / $in_bytes}")" \
+    "$((enc_bytes + 128 * cells))" "$(awk "BEGIN {print ($enc_bytes + 128 * $cells) / $in_bytes}")"

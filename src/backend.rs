@@ -77,6 +77,17 @@ pub trait KeyBackend: Send + Sync {
     /// is an `ErrorKind::Integrity` error that says authentication failed.
     fn unwrap(&self, kwk: &KeyRef, wrapped: &WrappedKey, aad: &[u8]) -> Result<SecretKey>;
 
+    /// HMAC-SHA256 of `data` under the key-derivation key (KDK) of `kwk`:
+    /// the batch keys of version-2 column tokens (docs/FORMAT.md section
+    /// 6). `Ok(None)` if that version has no KDK (it was created before
+    /// token v2; its callers then write version-1 tokens). The KDK is used
+    /// only while its KWK version is usable: a disabled, weak or destroyed
+    /// version fails here as it does for `wrap`/`unwrap`.
+    fn derive(&self, kwk: &KeyRef, data: &[u8]) -> Result<Option<SecretKey>> {
+        let _ = (kwk, data);
+        Ok(None)
+    }
+
     /// How many calls into the key store (HSM) this backend has made so far.
     fn calls(&self) -> u64;
 }
@@ -86,6 +97,8 @@ pub trait KeyBackend: Send + Sync {
 #[derive(Default)]
 pub struct MemoryBackend {
     keys: Mutex<BTreeMap<String, Vec<SecretKey>>>,
+    /// The KDK of each version (`None`: a version made without one).
+    kdks: Mutex<BTreeMap<KeyRef, Option<SecretKey>>>,
     calls: AtomicU64,
 }
 
@@ -96,10 +109,34 @@ impl MemoryBackend {
 
     /// Adds a new version of `name` (version 1 if it is new) and returns it.
     pub fn add_version(&self, name: &str) -> u32 {
+        self.add(name, true)
+    }
+
+    /// Adds a version with no KDK, as versions made before token v2 are.
+    pub fn add_version_without_kdk(&self, name: &str) -> u32 {
+        self.add(name, false)
+    }
+
+    fn add(&self, name: &str, kdk: bool) -> u32 {
         let mut keys = self.keys.lock().expect("memory backend lock");
         let versions = keys.entry(name.to_string()).or_default();
         versions.push(SecretKey::random());
-        versions.len() as u32
+        let v = versions.len() as u32;
+        let k = KeyRef {
+            name: name.to_string(),
+            version: v,
+        };
+        let kdk = kdk.then(SecretKey::random);
+        self.kdks
+            .lock()
+            .expect("memory backend lock")
+            .insert(k, kdk);
+        v
+    }
+
+    /// Destroys the KDK of `k` alone (tests of a KDK gone missing).
+    pub fn remove_kdk(&self, k: &KeyRef) {
+        self.kdks.lock().expect("memory backend lock").remove(k);
     }
 
     fn cipher(&self, kwk: &KeyRef) -> Result<Aes256Gcm> {
@@ -158,6 +195,26 @@ impl KeyBackend for MemoryBackend {
             })?;
         SecretKey::from_slice(&mut pt)
             .ok_or_else(|| Error::integrity("unwrapped key has the wrong length"))
+    }
+
+    fn derive(&self, kwk: &KeyRef, data: &[u8]) -> Result<Option<SecretKey>> {
+        use hmac::Mac;
+        self.cipher(kwk)?;
+        let kdks = self.kdks.lock().expect("memory backend lock");
+        let Some(kdk) = kdks.get(kwk) else {
+            return Err(Error::key(format!(
+                "the key-derivation key of {kwk} is missing: tokens under {kwk} cannot be opened"
+            )));
+        };
+        // No KDK: nothing to sign with, so (like the HSM) no call counted.
+        let Some(kdk) = kdk else { return Ok(None) };
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(kdk.expose())
+            .expect("HMAC takes any key");
+        mac.update(data);
+        Ok(Some(SecretKey::from_bytes(
+            mac.finalize().into_bytes().into(),
+        )))
     }
 
     fn calls(&self) -> u64 {

@@ -5,8 +5,9 @@
 //! Data depends on a key version in two ways:
 //! - an hsmseal **file** depends on the version in its active envelope
 //!   (docs/FORMAT.md section 3.1; read from the header, no HSM needed);
-//! - a **column token** (`hsc1.…`, section 6) depends on the version in its
-//!   batch envelope. Tokens live in column dumps, and a dump may itself be
+//! - a **column token** (`hsc1.…` or `hsc2.…`, section 6) depends on the
+//!   version in its batch envelope (v1) or header (v2): both bodies start
+//!   with the key name and version. Tokens live in column dumps, and a dump may itself be
 //!   sealed in an hsmseal file (a COPY dump saved as `.hseal`): its tokens
 //!   are only visible after decryption, so the caller decrypts the payload
 //!   (authenticated chunks only, into memory) and feeds it to a
@@ -23,7 +24,7 @@
 //! compressed data (e.g. `pg_dump -Fc`) are not visible to any scan.
 
 use crate::backend::{validate_key_name, KeyRef};
-use crate::columns::token::{token_len, PREFIX};
+use crate::columns::token::{token_len, token_len_v2, PREFIX};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use std::collections::BTreeMap;
@@ -54,6 +55,11 @@ fn may_precede(b: Option<u8>) -> bool {
 /// `REF_CHARS`), `total_chars` the length of the whole body text. `None`
 /// if it cannot be a token.
 pub fn token_key_ref(head: &[u8], total_chars: u64) -> Option<KeyRef> {
+    token_key_ref_of(1, head, total_chars)
+}
+
+/// [`token_key_ref`] for a token of format `format` (1 or 2).
+pub fn token_key_ref_of(format: u8, head: &[u8], total_chars: u64) -> Option<KeyRef> {
     let usable = head.len().min(REF_CHARS) / 4 * 4;
     let bytes = URL_SAFE_NO_PAD.decode(&head[..usable]).ok()?;
     let n = *bytes.first()? as usize;
@@ -67,7 +73,12 @@ pub fn token_key_ref(head: &[u8], total_chars: u64) -> Option<KeyRef> {
         return None;
     }
     // Shorter than the smallest token for this name: not a token.
-    let min_chars = (token_len(n, 0) - PREFIX.len()) as u64;
+    let min_chars = if format == 2 {
+        token_len_v2(n, 0)
+    } else {
+        token_len(n, 0)
+    } - PREFIX.len();
+    let min_chars = min_chars as u64;
     if total_chars < min_chars {
         return None;
     }
@@ -81,10 +92,15 @@ pub fn token_key_ref(head: &[u8], total_chars: u64) -> Option<KeyRef> {
 enum State {
     /// Between tokens; `prev` is the last byte seen.
     Idle { prev: Option<u8> },
-    /// Matched this many bytes of `hsc1.`.
-    Prefix(usize),
+    /// Matched this many bytes of `hsc1.` or `hsc2.` (byte 3, the format
+    /// version, when matched, is the second field).
+    Prefix(usize, u8),
     /// In the base64 body: its first characters and its length so far.
-    Body { head: Vec<u8>, chars: u64 },
+    Body {
+        head: Vec<u8>,
+        chars: u64,
+        version: u8,
+    },
 }
 
 /// Counts the column tokens in a byte stream by the key version they depend
@@ -123,7 +139,7 @@ impl TokenScanner {
                     };
                     let before = if at == 0 { *prev } else { Some(data[at - 1]) };
                     self.state = if may_precede(before) {
-                        State::Prefix(1)
+                        State::Prefix(1, 0)
                     } else {
                         State::Idle {
                             prev: Some(PREFIX[0]),
@@ -131,14 +147,24 @@ impl TokenScanner {
                     };
                     data = &data[at + 1..];
                 }
-                State::Prefix(k) => {
+                State::Prefix(k, version) => {
                     let b = data[0];
-                    if b == PREFIX[*k] {
+                    // Byte 3 is the format version: `1` or `2`.
+                    let matched = if *k == 3 {
+                        matches!(b, b'1' | b'2')
+                    } else {
+                        b == PREFIX[*k]
+                    };
+                    if matched {
+                        if *k == 3 {
+                            *version = b - b'0';
+                        }
                         *k += 1;
                         if *k == PREFIX.len() {
                             self.state = State::Body {
                                 head: Vec::with_capacity(REF_CHARS),
                                 chars: 0,
+                                version: *version,
                             };
                         }
                         data = &data[1..];
@@ -151,7 +177,7 @@ impl TokenScanner {
                         };
                     }
                 }
-                State::Body { head, chars } => {
+                State::Body { head, chars, .. } => {
                     let run = data
                         .iter()
                         .position(|&b| !is_token_char(b))
@@ -174,8 +200,13 @@ impl TokenScanner {
     }
 
     fn end_body(&mut self) {
-        if let State::Body { head, chars } = &self.state {
-            if let Some(k) = token_key_ref(head, *chars) {
+        if let State::Body {
+            head,
+            chars,
+            version,
+        } = &self.state
+        {
+            if let Some(k) = token_key_ref_of(*version, head, *chars) {
                 *self.found.entry(k).or_default() += 1;
             }
         }
@@ -289,7 +320,9 @@ mod tests {
         b.add_version("pii");
         let v1 = tokens(&b, "pii", 3, 5);
         b.add_version("pii");
-        b.add_version("other.key_2-x");
+        // A version made before token v2 (no KDK): its tokens are v1, so
+        // the dump mixes both formats.
+        b.add_version_without_kdk("other.key_2-x");
         let v2 = tokens(&b, "pii", 2, 0);
         let o = tokens(&b, "other.key_2-x", 1, 70_000);
         let s = |t: &Vec<u8>| String::from_utf8(t.clone()).unwrap();
@@ -320,6 +353,7 @@ mod tests {
         }
         // A token at the very end of the stream, with no byte after it.
         assert_eq!(scan_in_pieces(&v1[0], 3), [(kr("pii", 1), 1)].into());
+        assert!(v1[0].starts_with(b"hsc2.") && o[0].starts_with(b"hsc1."));
     }
 
     #[test]
@@ -333,7 +367,8 @@ mod tests {
             ("glued to a dotted word", format!("a.{t}")),
             ("cut short", t[..t.len() - 40].to_string()),
             ("no prefix", body.to_string()),
-            ("other prefix", format!("hsc2.{body}")),
+            ("other prefix", format!("hsc3.{body}")),
+            ("v1 prefix on a v2 body", format!("hsc1.{body}")),
             ("prefix only", "hsc1.".to_string()),
             ("junk body", "hsc1.!!!!".to_string()),
         ] {

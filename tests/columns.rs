@@ -51,7 +51,9 @@ fn dec(b: &MemoryBackend, o: &ColumnOptions, input: &[u8]) -> Result<(Vec<u8>, C
 }
 
 fn count_tokens(data: &[u8]) -> usize {
-    data.windows(5).filter(|w| w == b"hsc1.").count()
+    data.windows(5)
+        .filter(|w| w == b"hsc1." || w == b"hsc2.")
+        .count()
 }
 
 /// Encrypts, checks the selected values became tokens and the rest is
@@ -106,7 +108,7 @@ fn csv_written_by_postgres_round_trips_with_nulls_left_alone() {
     let row2: Vec<&str> = text.lines().nth(2).unwrap().split(',').collect();
     assert_eq!(row2[0], "2");
     assert_eq!(row2[2], "");
-    assert!(row2[3].starts_with("hsc1."));
+    assert!(row2[3].starts_with("hsc2."));
     assert_eq!(row2[4], "");
     round_trip("postgres.csv", &o, 12);
 }
@@ -122,7 +124,7 @@ fn csv_with_bom_mixed_terminators_and_no_final_newline_round_trips() {
         &fixture("bom_mixed.csv"),
     )
     .unwrap();
-    assert!(encd.starts_with(b"\xEF\xBB\xBF\"id\",name,ssn\r\n1,\"a\"\"b\",hsc1."));
+    assert!(encd.starts_with(b"\xEF\xBB\xBF\"id\",name,ssn\r\n1,\"a\"\"b\",hsc2."));
     assert!(!encd.ends_with(b"\n"));
 }
 
@@ -178,8 +180,8 @@ fn jsonl_round_trips_types_order_and_escapes() {
     let (encd, _) = enc(&b, &k, &o, &fixture("data.jsonl")).unwrap();
     let first: serde_json::Value =
         serde_json::from_slice(encd.split(|&c| c == b'\n').next().unwrap()).unwrap();
-    assert!(first["ssn"].as_str().unwrap().starts_with("hsc1."));
-    assert!(first["score"].as_str().unwrap().starts_with("hsc1."));
+    assert!(first["ssn"].as_str().unwrap().starts_with("hsc2."));
+    assert!(first["score"].as_str().unwrap().starts_with("hsc2."));
     assert_eq!(first["id"], 1);
 }
 
@@ -192,7 +194,7 @@ fn jsonl_row_id_binds_rows() {
     let (encd, _) = enc(&b, &k, &o, input).unwrap();
     assert_eq!(dec(&b, &o, &encd).unwrap().0, input);
     let text = String::from_utf8(encd).unwrap();
-    let toks: Vec<&str> = text.split('"').filter(|s| s.starts_with("hsc1.")).collect();
+    let toks: Vec<&str> = text.split('"').filter(|s| s.starts_with("hsc2.")).collect();
     let swapped = text
         .replace(toks[0], "X")
         .replace(toks[1], toks[0])
@@ -239,7 +241,7 @@ fn token_text_is_safe_in_csv_and_spreadsheets() {
     let (encd, _) = enc(&b, &k, &o, &fixture("python.csv")).unwrap();
     let text = String::from_utf8(encd).unwrap();
     for line in text.lines().skip(1) {
-        for f in line.split(',').filter(|f| f.starts_with("hsc1.")) {
+        for f in line.split(',').filter(|f| f.starts_with("hsc2.")) {
             assert!(f
                 .bytes()
                 .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'.'));
@@ -360,7 +362,7 @@ fn every_single_character_change_of_a_token_is_rejected() {
     let o = opts(Format::Csv, &["v"]);
     let (encd, _) = enc(&b, &k, &o, b"v\nsecret\n").unwrap();
     let tok = encd[2..encd.len() - 1].to_vec();
-    assert!(tok.starts_with(b"hsc1."));
+    assert!(tok.starts_with(b"hsc2."));
     let check = |t: &[u8], what: &str| {
         let mut input = b"v\n".to_vec();
         input.extend_from_slice(t);
@@ -444,7 +446,7 @@ fn hsm_calls_grow_with_batches_not_cells() {
 }
 
 #[test]
-fn rotate_rewraps_envelopes_only() {
+fn rotate_reencrypts_to_v2_and_rewraps_v1_envelopes_only() {
     let (b, k) = backend();
     let mut o = opts(Format::Csv, &["a"]);
     o.row_id = vec!["id".into()];
@@ -454,25 +456,50 @@ fn rotate_rewraps_envelopes_only() {
         input.extend_from_slice(format!("{i},v{i}\n").as_bytes());
     }
     let (encd, s) = enc(&b, &k, &o, &input).unwrap();
+    assert!(encd.windows(5).any(|w| w == b"hsc2."));
     let k2 = KeyRef {
         name: "pii".into(),
         version: b.add_version("pii"),
     };
+    // v2 has no separable envelope: every token is opened (one derivation
+    // per source batch) and sealed again (one per new batch).
     let mut rotated = Vec::new();
     let before = b.calls();
     let rs = columns::rewrap(&b, Some(&k2), &o, Cursor::new(encd.clone()), &mut rotated).unwrap();
     assert_eq!(rs.cells, 1000);
-    assert_eq!(rs.batches, s.batches);
     assert_eq!(b.calls() - before, 2 * s.batches);
     assert_eq!(rs.hsm_calls, 2 * s.batches);
     assert_eq!(rotated.len(), encd.len());
     assert_ne!(rotated, encd);
     assert_eq!(dec(&b, &o, &rotated).unwrap().0, input);
-    // Rotating again is a no-op.
+    // Rotating again is a no-op with no HSM call.
     let mut again = Vec::new();
     let rs2 = columns::rewrap(&b, Some(&k2), &o, Cursor::new(rotated.clone()), &mut again).unwrap();
     assert_eq!(again, rotated);
     assert_eq!(rs2.hsm_calls, 0);
+    // v1 tokens (a version made before token v2) to another v1 version:
+    // the envelope alone is rewrapped, one unwrap and one wrap per batch.
+    let old = KeyRef {
+        name: "old".into(),
+        version: b.add_version_without_kdk("old"),
+    };
+    let (v1, s1) = enc(&b, &old, &o, &input).unwrap();
+    assert!(v1.windows(5).any(|w| w == b"hsc1.") && !v1.windows(5).any(|w| w == b"hsc2."));
+    let old2 = KeyRef {
+        name: "old".into(),
+        version: b.add_version_without_kdk("old"),
+    };
+    let mut r1 = Vec::new();
+    let rs = columns::rewrap(&b, Some(&old2), &o, Cursor::new(v1.clone()), &mut r1).unwrap();
+    assert_eq!(rs.hsm_calls, 2 * s1.batches);
+    assert_eq!(r1.len(), v1.len());
+    assert_eq!(dec(&b, &o, &r1).unwrap().0, input);
+    // ... and upgraded to v2 by a rotation to a version with a KDK.
+    let mut up = Vec::new();
+    columns::rewrap(&b, Some(&k2), &o, Cursor::new(r1), &mut up).unwrap();
+    assert!(up.windows(5).any(|w| w == b"hsc2.") && !up.windows(5).any(|w| w == b"hsc1."));
+    assert!(up.len() < v1.len() / 2);
+    assert_eq!(dec(&b, &o, &up).unwrap().0, input);
 }
 
 fn err_msg(r: Result<(Vec<u8>, ColumnStats)>) -> (ErrorKind, String) {
@@ -678,6 +705,17 @@ impl KeyBackend for FixedKwk {
             .map_err(|_| hsmseal::error::Error::integrity("bad"))?;
         Ok(hsmseal::secret::SecretKey::from_slice(&mut pt).unwrap())
     }
+    /// KDK of `pii` v1 = bytes `80 81 … 9f` (the v2 vector).
+    fn derive(&self, kwk: &KeyRef, data: &[u8]) -> Result<Option<hsmseal::secret::SecretKey>> {
+        use hmac::Mac;
+        assert_eq!((kwk.name.as_str(), kwk.version), ("pii", 1));
+        let kdk: Vec<u8> = (0x80u8..0xa0).collect();
+        let mut m = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&kdk).unwrap();
+        m.update(data);
+        Ok(Some(hsmseal::secret::SecretKey::from_bytes(
+            m.finalize().into_bytes().into(),
+        )))
+    }
     fn calls(&self) -> u64 {
         0
     }
@@ -710,6 +748,104 @@ fn spec_test_vector() {
         assert_eq!(r.is_ok(), tsv_ok, "{r:?}");
     }
 }
+
+/// The v2 vector of docs/FORMAT.md, built from the spec's text alone with
+/// HMAC-SHA256 and AES-GCM: it must open with the implementation, bound to
+/// its row, and decrypt as CSV only (flags 0x04).
+#[test]
+fn spec_test_vector_v2() {
+    let token = spec_token_v2();
+    assert_eq!(token, SPEC_VECTOR_V2);
+    assert_eq!(token.len(), 85);
+    let mut o = opts(Format::Csv, &["ssn"]);
+    o.row_id = Some("id".into());
+    o.context = "app.users".into();
+    let mut out = Vec::new();
+    let input = format!("id,ssn\n42,{token}\n");
+    columns::decrypt(&FixedKwk, &o, Cursor::new(input.into_bytes()), &mut out).unwrap();
+    assert_eq!(out, b"id,ssn\n42,123-45-6789\n");
+    let input = format!("id,ssn\n43,{token}\n");
+    let e = columns::decrypt(
+        &FixedKwk,
+        &o,
+        Cursor::new(input.into_bytes()),
+        &mut Vec::new(),
+    );
+    assert_eq!(e.unwrap_err().kind(), ErrorKind::Integrity);
+    let mut t = o.clone();
+    t.format = Format::Tsv;
+    let input = format!("id\tssn\n42\t{token}\n");
+    assert!(columns::decrypt(
+        &FixedKwk,
+        &t,
+        Cursor::new(input.into_bytes()),
+        &mut Vec::new()
+    )
+    .is_err());
+}
+
+fn spec_token_v2() -> String {
+    use aes_gcm::aead::{Aead, KeyInit, Payload};
+    use base64::Engine;
+    use hmac::Mac;
+    let lp = |out: &mut Vec<u8>, b: &[u8]| {
+        out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+        out.extend_from_slice(b);
+    };
+    let hmac = |k: &[u8], m: &[u8]| {
+        let mut h = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(k).unwrap();
+        h.update(m);
+        h.finalize().into_bytes().to_vec()
+    };
+    let kdk: Vec<u8> = (0x80u8..0xa0).collect();
+    let batch_salt: Vec<u8> = (0xa0u8..0xac).collect();
+    let cell_salt: Vec<u8> = (0xb0u8..0xbc).collect();
+    let mut input = Vec::new();
+    lp(&mut input, b"hsmseal/columns/batch-key/v2");
+    lp(&mut input, b"pii");
+    input.extend_from_slice(&1u32.to_be_bytes());
+    input.extend_from_slice(&batch_salt);
+    let batch_key = hmac(&kdk, &input);
+    let mut cell_in = b"hsmseal/columns/cell-key/v2".to_vec();
+    cell_in.extend_from_slice(&cell_salt);
+    let cell_key = hmac(&batch_key, &cell_in);
+    let mut binding = Vec::new();
+    lp(&mut binding, b"hsmseal/columns/record");
+    binding.push(1);
+    lp(&mut binding, b"app.users");
+    binding.push(1);
+    lp(&mut binding, b"ssn");
+    binding.push(1);
+    lp(&mut binding, b"42");
+    let mut pt = vec![0x04];
+    pt.extend_from_slice(b"123-45-6789");
+    let ct = aes_gcm::Aes256Gcm::new_from_slice(&cell_key)
+        .unwrap()
+        .encrypt(
+            &aes_gcm::Nonce::default(),
+            Payload {
+                msg: &pt,
+                aad: &binding,
+            },
+        )
+        .unwrap();
+    let mut body = vec![3u8];
+    body.extend_from_slice(b"pii");
+    body.extend_from_slice(&1u32.to_be_bytes());
+    body.extend_from_slice(&batch_salt);
+    body.extend_from_slice(&cell_salt);
+    body.extend_from_slice(&ct);
+    assert_eq!(body.len(), 46 + 3 + 11);
+    let token = format!(
+        "hsc2.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&body)
+    );
+    println!("{token}");
+    token
+}
+
+const SPEC_VECTOR_V2: &str =
+    "hsc2.A3BpaQAAAAGgoaKjpKWmp6ipqquwsbKztLW2t7i5uruFLYUggwqpaA1OgrjBlnFGRBuAgWDfZeTmE88v";
 
 fn spec_token(flags: u8) -> String {
     use aes_gcm::aead::{Aead, KeyInit, Payload};

@@ -198,15 +198,15 @@ fn batch_size_counts_cells_not_rows() {
     assert_eq!(s["nulls"], 100);
     assert_eq!(s["batches"], 20);
     assert_eq!(s["hsm_calls"], 20);
-    // Tokens of one batch share its envelope, the token text's first 93
-    // characters ("hsc1." and the base64 of the 66-byte envelope for key
-    // "k"): 20 envelopes, each in exactly 10 tokens.
+    // Tokens of one batch share their v2 header, the token text's first 29
+    // characters ("hsc2." and the base64 of the 18-byte header for key
+    // "k": name, version, batch salt): 20 headers, each in exactly 10 tokens.
     let text = String::from_utf8(enc.stdout).unwrap();
     let mut per_batch = std::collections::BTreeMap::<String, usize>::new();
     for line in text.lines().skip(1) {
         for cell in line.split(',').skip(1).take(2) {
-            assert!(cell.starts_with("hsc1."), "{line}");
-            *per_batch.entry(cell[..93].to_string()).or_default() += 1;
+            assert!(cell.starts_with("hsc2."), "{line}");
+            *per_batch.entry(cell[..29].to_string()).or_default() += 1;
         }
     }
     assert_eq!(per_batch.len(), 20, "{per_batch:?}");
@@ -261,7 +261,7 @@ fn columns_take_a_positional_input() {
     assert_eq!(o.status.code(), Some(0), "{}", err(&o));
     let text = std::fs::read_to_string(&enc).unwrap();
     assert!(
-        text.starts_with("id,ssn\n1,hsc1.") && !text.contains("6789"),
+        text.starts_with("id,ssn\n1,hsc2.") && !text.contains("6789"),
         "{text}"
     );
     let o = e.run(&[

@@ -145,7 +145,7 @@ fn a_failed_encrypt_to_stdout_ends_with_the_abort_marker() {
         stderr(&out)
     );
     let data = before_marker(&out.stdout);
-    assert!(data.starts_with(b"id,name,ssn\n0,hsc1."));
+    assert!(data.starts_with(b"id,name,ssn\n0,hsc2."));
     // The same for every format's reader of its own output: the marker
     // comes after a record boundary even when the input's last record had
     // no terminator (a JSONL key missing from every row fails at the end).
@@ -295,17 +295,17 @@ fn sigterm_mid_stream_ends_with_the_marker_after_whole_records() {
         let text = std::str::from_utf8(data).unwrap();
         let mut lines = text.lines();
         assert_eq!(lines.next(), Some("id,name,ssn"));
-        let tok_len = hsmseal::columns::token::token_len(1, 0);
+        let tok_len = hsmseal::columns::token::token_len_v2(1, 0);
         for (n, l) in lines.enumerate() {
             let f: Vec<&str> = l.split(',').collect();
             assert_eq!(f.len(), 3, "round {round}: {l}");
             assert_eq!(f[0], n.to_string(), "round {round}");
             assert!(
-                f[1].starts_with("hsc1.") && f[1].len() > tok_len,
+                f[1].starts_with("hsc2.") && f[1].len() > tok_len,
                 "round {round}"
             );
             assert!(
-                f[2].starts_with("hsc1.") && f[2].len() > tok_len,
+                f[2].starts_with("hsc2.") && f[2].len() > tok_len,
                 "round {round}"
             );
         }
@@ -337,7 +337,7 @@ fn a_closed_reader_stops_the_run_quietly() {
     feeder.join().unwrap();
     assert_eq!(out.status.code(), Some(141), "{}", stderr(&out));
     assert_eq!(stderr(&out), "");
-    assert!(first.starts_with(b"id,name,ssn\n0,hsc1."));
+    assert!(first.starts_with(b"id,name,ssn\n0,hsc2."));
 }
 
 /// `-o` that is written into rather than replaced (issue 9 item 5): a FIFO

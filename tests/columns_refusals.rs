@@ -89,7 +89,7 @@ fn token_of(f: Format, encd: &[u8]) -> String {
         .lines()
         .nth(if f == Format::Jsonl { 0 } else { 1 })
         .unwrap();
-    let at = line.find("hsc1.").unwrap();
+    let at = line.find("hsc2.").unwrap();
     line[at..]
         .chars()
         .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
@@ -338,7 +338,14 @@ fn encrypt_refuses_values_that_already_are_tokens() {
     }
     // Plaintexts that merely start like a token are encrypted.
     let o = opts(Format::Csv, &["v"]);
-    for v in ["hsc1.example.com", "hsc1.AAAA", "hsc1."] {
+    for v in [
+        "hsc1.example.com",
+        "hsc1.AAAA",
+        "hsc1.",
+        "hsc2.example.com",
+        "hsc2.AAAA",
+        "hsc2.",
+    ] {
         let input = format!("id,v\n1,{v}\n");
         let (encd, s) = enc(&b, &k, &o, input.as_bytes()).unwrap();
         assert_eq!(s.cells, 1, "{v}");

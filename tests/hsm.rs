@@ -1054,3 +1054,121 @@ fn keys_without_a_time_in_their_id_fall_back_and_are_never_purged() {
         assert!(r.spared[0].reason.contains("unknown"), "{r:?}");
     }
 }
+
+/// Token v2: every version made by create/rotate has a sign-only HMAC KDK
+/// beside it; hsmseal derives v2 batch keys with it, refuses it when the
+/// version is disabled or the KDK weak, writes v1 tokens under a version
+/// without one, and destroys it with its version (crypto-shredding).
+#[test]
+fn each_version_has_a_sign_only_kdk_that_dies_with_it() {
+    use hsmseal::columns::token::{binding, binding_prefix, BatchCache, ColumnId, Opener, Sealer};
+    use hsmseal::hsm::kdk::{kdk_problems, kdk_template};
+    use hsmseal::hsm::KeyAttributes;
+    let _serial = serial();
+    let h = hsm();
+    h.create_key("t-kdk").unwrap();
+    let v1 = kref("t-kdk", 1);
+    let s = raw_session();
+    let kdk = find_by_label(&s, "hsmseal-kdk:t-kdk:v1");
+    let attrs = s
+        .get_attributes(
+            kdk,
+            &[
+                AttributeType::Class,
+                AttributeType::KeyType,
+                AttributeType::ValueLen,
+                AttributeType::Token,
+                AttributeType::Private,
+                AttributeType::Sensitive,
+                AttributeType::AlwaysSensitive,
+                AttributeType::Extractable,
+                AttributeType::NeverExtractable,
+                AttributeType::Encrypt,
+                AttributeType::Decrypt,
+                AttributeType::Wrap,
+                AttributeType::Unwrap,
+                AttributeType::Sign,
+                AttributeType::Verify,
+                AttributeType::Derive,
+                AttributeType::AllowedMechanisms,
+            ],
+        )
+        .unwrap();
+    let a = KeyAttributes::from_attributes(&attrs);
+    assert_eq!(kdk_problems(&a), Vec::<String>::new());
+    assert_eq!(
+        (a.sign, a.verify, a.decrypt),
+        (Some(true), Some(false), Some(false))
+    );
+    // The KDK is not a KWK: the key list shows one version.
+    assert_eq!(h.key_versions("t-kdk").unwrap().len(), 1);
+
+    let mut aad = Vec::new();
+    binding(
+        &mut aad,
+        &binding_prefix("ctx", &ColumnId::Name("c".into())),
+        Some(b"1"),
+    );
+    let seal = |h: &Hsm, k: &KeyRef| {
+        let mut t = Vec::new();
+        Sealer::new(h, k, 10)
+            .unwrap()
+            .seal(&aad, 0, b"v", &mut t)
+            .unwrap();
+        t
+    };
+    let open = |h: &Hsm, t: &[u8]| {
+        let cache = BatchCache::new();
+        Opener::new(h, &cache)
+            .open(&aad, t)
+            .map(|(_, v)| v.to_vec())
+    };
+    let t1 = seal(&h, &v1);
+    assert!(t1.starts_with(b"hsc2."));
+    assert_eq!(open(&h, &t1).unwrap(), b"v");
+    let d1 = h.derive(&v1, b"x").unwrap().unwrap();
+    assert_eq!(h.derive(&v1, b"x").unwrap().unwrap().expose(), d1.expose());
+
+    h.create_next_version("t-kdk").unwrap();
+    let v2 = kref("t-kdk", 2);
+    assert_ne!(h.derive(&v2, b"x").unwrap().unwrap().expose(), d1.expose());
+
+    // Disabled: nothing derives, the token does not open.
+    h.disable_version(&v1).unwrap();
+    let e = open(&hsm(), &t1).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Key, "{e}");
+    h.enable_version(&v1).unwrap();
+    assert_eq!(open(&hsm(), &t1).unwrap(), b"v");
+
+    // Destroyed with its version: the KDK object is gone too.
+    h.destroy_version(&v1, false).unwrap();
+    let left = s
+        .find_objects(&[Attribute::Label(b"hsmseal-kdk:t-kdk:v1".to_vec())])
+        .unwrap();
+    assert!(left.is_empty(), "KDK left after destroy");
+    let e = open(&hsm(), &t1).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Key, "{e}");
+
+    // A version without KDK (as made before token v2) seals v1 tokens;
+    // its v2 tokens no longer open.
+    let t2 = seal(&h, &v2);
+    s.destroy_object(find_by_label(&s, "hsmseal-kdk:t-kdk:v2"))
+        .unwrap();
+    let h2 = hsm();
+    let old = seal(&h2, &v2);
+    assert!(
+        old.starts_with(b"hsc1."),
+        "{}",
+        String::from_utf8_lossy(&old)
+    );
+    assert_eq!(open(&h2, &old).unwrap(), b"v");
+    assert_eq!(open(&h2, &t2).unwrap_err().kind(), ErrorKind::Key);
+
+    // A weaker KDK (able to verify) is refused, naming the attribute.
+    let mut t = kdk_template("t-kdk", 2, now_unix());
+    set(&mut t, Attribute::Verify(true));
+    s.generate_key(&Mechanism::GenericSecretKeyGen, &t).unwrap();
+    let e = hsm().derive(&v2, b"x").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Key, "{e}");
+    assert!(e.to_string().contains("CKA_VERIFY is true"), "{e}");
+}

@@ -9,8 +9,8 @@ use super::format::Format;
 use super::layout::{row_err, row_id_part, row_id_start, Block, Layout, Selected};
 use super::options::ColumnOptions;
 use super::token::{
-    self, binding_encoded, looks_like_token, BatchCache, ColumnId, Opener, RewrapCache, Rewrapper,
-    Sealer, FLAG_JSON, FLAG_QUOTED, PREFIX,
+    self, binding_encoded, has_prefix, looks_like_token, BatchCache, ColumnId, Opener, RewrapCache,
+    Rewrapper, Sealer, FLAG_JSON, FLAG_QUOTED,
 };
 use super::{csv, jsonl, pgcopy};
 use crate::backend::{KeyBackend, KeyRef};
@@ -187,7 +187,12 @@ impl<'a> Worker<'a> {
         let crypto = match mode {
             Mode::Encrypt(b, k) => Crypto::Seal(Box::new(Sealer::new(b, k, opts.batch_size)?)),
             Mode::Decrypt(b) => Crypto::Open(Opener::new(b, batch_cache)),
-            Mode::Rewrap(b, k) => Crypto::Rewrap(Rewrapper::new(b, k, rewrap_cache)),
+            Mode::Rewrap(b, k) => Crypto::Rewrap(Rewrapper::with_batch_size(
+                b,
+                k,
+                rewrap_cache,
+                opts.batch_size,
+            )),
             Mode::Passthrough => Crypto::Copy,
         };
         let accept = opts
@@ -338,7 +343,7 @@ impl Worker<'_> {
             Crypto::Open(o) => {
                 // Any value with the prefix must open, even with
                 // --allow-plaintext: a damaged token is never "plaintext".
-                if !value.starts_with(PREFIX) {
+                if !has_prefix(value) {
                     if !self.allow_plaintext {
                         return Err(plaintext_err());
                     }
@@ -361,7 +366,7 @@ impl Worker<'_> {
                 write(out, v, flags & FLAG_QUOTED != 0);
             }
             Crypto::Rewrap(rw) => {
-                if !value.starts_with(PREFIX) {
+                if !has_prefix(value) {
                     if !self.allow_plaintext {
                         return Err(plaintext_err());
                     }
@@ -369,10 +374,11 @@ impl Worker<'_> {
                     out.extend_from_slice(raw);
                     return Ok(());
                 }
+                binding_encoded(&mut self.aad, &sel.prefix, rid);
                 if quoted {
                     out.push(b'"');
                 }
-                rw.rewrap(value, out)?;
+                rw.rewrap(&self.aad, value, out)?;
                 if quoted {
                     out.push(b'"');
                 }
@@ -534,8 +540,7 @@ impl Worker<'_> {
                 _ => out.extend_from_slice(raw),
             },
             Crypto::Open(o) => {
-                let tok =
-                    jsonl::string_value(raw, &mut self.scratch).filter(|t| t.starts_with(PREFIX));
+                let tok = jsonl::string_value(raw, &mut self.scratch).filter(|t| has_prefix(t));
                 let Some(tok) = tok else {
                     if !self.allow_plaintext {
                         return Err(plaintext_err());
@@ -559,8 +564,7 @@ impl Worker<'_> {
                 jsonl::write_value(out, o.last_value(), flags & FLAG_JSON != 0)?;
             }
             Crypto::Rewrap(rw) => {
-                let tok =
-                    jsonl::string_value(raw, &mut self.scratch).filter(|t| t.starts_with(PREFIX));
+                let tok = jsonl::string_value(raw, &mut self.scratch).filter(|t| has_prefix(t));
                 let Some(tok) = tok else {
                     if !self.allow_plaintext {
                         return Err(plaintext_err());
@@ -569,8 +573,9 @@ impl Worker<'_> {
                     out.extend_from_slice(raw);
                     return Ok(());
                 };
+                binding_encoded(&mut self.aad, &sel.prefix, rid);
                 out.push(b'"');
-                rw.rewrap(tok, out)?;
+                rw.rewrap(&self.aad, tok, out)?;
                 out.push(b'"');
             }
         }

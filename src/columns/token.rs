@@ -1,8 +1,16 @@
-//! The column token format (version 1): one encrypted cell as a
-//! self-contained ASCII string, and the key hierarchy behind it.
+//! The column token formats: one encrypted cell as a self-contained ASCII
+//! string, and the key hierarchy behind it. New tokens are version 2 when
+//! the key version has a key-derivation key (KDK), version 1 otherwise;
+//! both open.
 //!
 //! ```text
-//! token  = "hsc1." base64url-no-pad(body)
+//! v2: token = "hsc2." base64url-no-pad(body)
+//!     body  = u8 n | key name (n) | u32be key version | batch salt (12) | cell salt (12)
+//!           | AES-256-GCM(cell key, 0^12, flags || value, AAD = binding) (1 + len + 16)
+//!     batch key = HMAC-SHA256(KDK of name/version, in the HSM,
+//!                 lp(BATCH_DOMAIN_V2) | lp(name) | u32be version | batch salt)
+//!     cell key  = HMAC-SHA256(batch key, CELL_DOMAIN | cell salt), on the host
+//! v1: token = "hsc1." base64url-no-pad(body)
 //! body   = envelope record
 //! envelope (replaceable by rotation, not authenticated by the record):
 //!          u8 n | key name (n bytes) | u32be key version | wrap IV (12) | wrapped batch key (48)
@@ -25,6 +33,15 @@
 //!   it rather than write the value with the wrong escaping (issue 9);
 //!   tokens from before that record format 0, "unknown".
 //!
+//! - v2: every cell key is a PRF output of its own random 96-bit cell salt
+//!   under a batch key that is itself a PRF output of the KDK (which never
+//!   leaves the HSM), so it is used for exactly one message: the fixed
+//!   all-zero nonce is safe. The binding is the value layer's AAD. Nothing
+//!   in a v2 token is outside authentication: the key name, version and
+//!   salts select the key, and any change selects another key and fails.
+//! - v2 has no separable envelope: rotation re-encrypts the cell
+//!   ([`Rewrapper`] opens it under its binding and seals it again).
+//!
 //! docs/FORMAT.md (section 6) specifies all of this byte by byte.
 
 use super::format::Format;
@@ -35,16 +52,35 @@ use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use hmac::{Hmac, Mac};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
+use sha2::Sha256;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use zeroize::Zeroize;
 
-/// Token format version, also spelled out in [`PREFIX`].
+/// Token format version 1, also spelled out in [`PREFIX`]; also the version
+/// byte of the binding layout ([`binding_prefix`]), which v2 keeps.
 pub const TOKEN_VERSION: u8 = 1;
 /// Every version-1 token starts with these five ASCII bytes.
 pub const PREFIX: &[u8] = b"hsc1.";
+/// Every version-2 token starts with these five ASCII bytes.
+pub const PREFIX_V2: &[u8] = b"hsc2.";
+/// Length of both prefixes; they differ in byte 3 only.
+pub const PREFIX_LEN: usize = 5;
+
+/// Domain separation string of a v2 batch key derivation (HMAC input).
+pub const BATCH_DOMAIN_V2: &[u8] = b"hsmseal/columns/batch-key/v2";
+/// Domain separation string of a v2 cell key derivation (HMAC input).
+pub const CELL_DOMAIN: &[u8] = b"hsmseal/columns/cell-key/v2";
+/// Length of a v2 batch salt and of a v2 cell salt.
+pub const SALT_LEN: usize = 12;
+
+/// True if `value` starts with the prefix of a token of any version.
+pub fn has_prefix(value: &[u8]) -> bool {
+    value.starts_with(PREFIX) || value.starts_with(PREFIX_V2)
+}
 
 /// Domain separation string of the record binding (the AAD of a record).
 pub const BINDING_DOMAIN: &[u8] = b"hsmseal/columns/record";
@@ -96,9 +132,11 @@ pub const MAX_VALUE: usize = 16 << 20;
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 const DEK_CT_LEN: usize = 32 + TAG_LEN;
-/// Bytes of a body besides the key name and the value.
+/// Bytes of a v1 body besides the key name and the value.
 const FIXED_LEN: usize =
     1 + 4 + WRAP_IV_LEN + WRAPPED_KEY_LEN + NONCE_LEN + DEK_CT_LEN + 1 + TAG_LEN;
+/// Bytes of a v2 body besides the key name and the value.
+const FIXED_LEN_V2: usize = 1 + 4 + SALT_LEN + SALT_LEN + 1 + TAG_LEN;
 
 /// Default number of cells (selected non-NULL values, not rows) protected
 /// by one batch key.
@@ -110,18 +148,24 @@ pub const MAX_BATCH_SIZE: u64 = 1_000_000;
 /// How many unwrapped batch keys decryption keeps (FIFO, zeroized on drop).
 pub const BATCH_CACHE_ENTRIES: usize = 4096;
 
-/// Length of the whole token text for a key name of `name_len` bytes and a
-/// value of `value_len` bytes.
+/// Length of the whole v1 token text for a key name of `name_len` bytes and
+/// a value of `value_len` bytes.
 pub const fn token_len(name_len: usize, value_len: usize) -> usize {
     PREFIX.len() + base64_len(FIXED_LEN + name_len + value_len)
+}
+
+/// Length of the whole v2 token text for a key name of `name_len` bytes and
+/// a value of `value_len` bytes.
+pub const fn token_len_v2(name_len: usize, value_len: usize) -> usize {
+    PREFIX_V2.len() + base64_len(FIXED_LEN_V2 + name_len + value_len)
 }
 
 const fn base64_len(n: usize) -> usize {
     (n * 4).div_ceil(3)
 }
 
-/// The shortest token text there is: a one-byte key name, an empty value.
-pub const MIN_TOKEN_LEN: usize = token_len(1, 0);
+/// The shortest token text there is (v2): a one-byte key name, an empty value.
+pub const MIN_TOKEN_LEN: usize = token_len_v2(1, 0);
 
 /// True if `value` has the shape of a token: the prefix, then at least as
 /// many base64url characters as the shortest token has. This is how
@@ -129,9 +173,15 @@ pub const MIN_TOKEN_LEN: usize = token_len(1, 0);
 /// `--skip-tokens`) and `decrypt` a value that was encrypted twice. A
 /// plaintext such as `hsc1.example.com` (a dot, too short) is not one.
 pub fn looks_like_token(value: &[u8]) -> bool {
-    value.len() >= MIN_TOKEN_LEN
-        && value.starts_with(PREFIX)
-        && value[PREFIX.len()..]
+    let min = if value.starts_with(PREFIX) {
+        token_len(1, 0)
+    } else if value.starts_with(PREFIX_V2) {
+        token_len_v2(1, 0)
+    } else {
+        return false;
+    };
+    value.len() >= min
+        && value[PREFIX_LEN..]
             .iter()
             .all(|&c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
 }
@@ -248,40 +298,112 @@ fn parse_envelope(env: &[u8]) -> Result<(KeyRef, WrappedKey)> {
     ))
 }
 
-/// Length of the envelope at the start of `body`, after checking the body is
-/// long enough to hold it and a record.
+/// Length of the v1 envelope at the start of `body`, after checking the
+/// body is long enough to hold it and a record.
 fn envelope_len(body: &[u8]) -> Result<usize> {
-    let n = *body
-        .first()
-        .ok_or_else(|| Error::format("malformed token: empty"))? as usize;
-    if n == 0 || n > crate::backend::MAX_KEY_NAME_LEN {
-        return Err(Error::format("malformed token: bad key name length"));
-    }
+    let n = name_len(body)?;
     if body.len() < FIXED_LEN + n {
         return Err(Error::format("malformed token: too short"));
     }
     Ok(1 + n + 4 + WRAP_IV_LEN + WRAPPED_KEY_LEN)
 }
 
-/// Decodes the text of a token into `body` (cleared first). Errors (kind
-/// Format) if it lacks the prefix or is not canonical base64url.
-pub fn decode_text(text: &[u8], body: &mut Vec<u8>) -> Result<()> {
+/// Length of the v2 header (key name, version, batch salt) at the start of
+/// `body`, after checking the body is long enough to hold a whole token.
+fn header_len_v2(body: &[u8]) -> Result<usize> {
+    let n = name_len(body)?;
+    if body.len() < FIXED_LEN_V2 + n {
+        return Err(Error::format("malformed token: too short"));
+    }
+    Ok(1 + n + 4 + SALT_LEN)
+}
+
+fn name_len(body: &[u8]) -> Result<usize> {
+    let n = *body
+        .first()
+        .ok_or_else(|| Error::format("malformed token: empty"))? as usize;
+    if n == 0 || n > crate::backend::MAX_KEY_NAME_LEN {
+        return Err(Error::format("malformed token: bad key name length"));
+    }
+    Ok(n)
+}
+
+/// The key name and version at the start of a body (both versions begin
+/// `u8 n | name | u32be version`); the caller checked the length.
+fn parse_key_ref(body: &[u8]) -> Result<KeyRef> {
+    let n = body[0] as usize;
+    let name = std::str::from_utf8(&body[1..1 + n])
+        .ok()
+        .filter(|s| crate::backend::validate_key_name(s).is_ok())
+        .ok_or_else(|| Error::format("malformed token: invalid key name"))?;
+    let mut v = [0u8; 4];
+    v.copy_from_slice(&body[1 + n..5 + n]);
+    Ok(KeyRef {
+        name: name.to_string(),
+        version: u32::from_be_bytes(v),
+    })
+}
+
+/// The HMAC input whose output under the KDK of `kwk` is the v2 batch key.
+pub fn batch_input_v2(kwk: &KeyRef, batch_salt: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(48 + kwk.name.len());
+    put_bytes(&mut b, BATCH_DOMAIN_V2);
+    put_bytes(&mut b, kwk.name.as_bytes());
+    b.extend_from_slice(&kwk.version.to_be_bytes());
+    b.extend_from_slice(batch_salt);
+    b
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The value cipher of one v2 cell: AES-256-GCM under
+/// HMAC-SHA256(batch key, CELL_DOMAIN | cell salt). `batch` is the batch
+/// key's HMAC state (keyed once per batch, cloned per cell).
+fn cell_cipher(batch: &HmacSha256, cell_salt: &[u8]) -> Aes256Gcm {
+    let mut mac = batch.clone();
+    mac.update(CELL_DOMAIN);
+    mac.update(cell_salt);
+    let mut key: [u8; 32] = mac.finalize().into_bytes().into();
+    let cipher = Aes256Gcm::new(&key.into());
+    key.zeroize();
+    cipher
+}
+
+/// Decodes the text of a token of either version into `body` (cleared
+/// first) and returns its version. Errors (kind Format) if it lacks a
+/// prefix, is not canonical base64url, or is too short for its version.
+pub fn decode_text(text: &[u8], body: &mut Vec<u8>) -> Result<u8> {
     body.clear();
-    let b64 = text
-        .strip_prefix(PREFIX)
-        .ok_or_else(|| Error::format("not an hsmseal column token"))?;
+    let (version, b64) = if let Some(b) = text.strip_prefix(PREFIX_V2) {
+        (2, b)
+    } else if let Some(b) = text.strip_prefix(PREFIX) {
+        (1, b)
+    } else {
+        return Err(Error::format("not an hsmseal column token"));
+    };
     if b64.len() > MAX_TOKEN_LEN {
         return Err(Error::format("malformed token: too long"));
     }
     URL_SAFE_NO_PAD
         .decode_vec(b64, body)
         .map_err(|_| Error::format("malformed token: invalid base64url"))?;
-    envelope_len(body).map(|_| ())
+    if version == 2 {
+        header_len_v2(body)?;
+    } else {
+        envelope_len(body)?;
+    }
+    Ok(version)
 }
 
-/// Appends the text of a token with binary `body` to `out`.
+/// Appends the text of a v1 token with binary `body` to `out`.
 pub fn encode_text(body: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(PREFIX);
+    encode_b64(body, out);
+}
+
+/// Appends the text of a token of `version` with binary `body` to `out`.
+pub fn encode_text_version(version: u8, body: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(if version == 2 { PREFIX_V2 } else { PREFIX });
     encode_b64(body, out);
 }
 
@@ -295,61 +417,131 @@ fn encode_b64(body: &[u8], out: &mut Vec<u8>) {
     out.truncate(at + n);
 }
 
-/// A batch key ready for use: its AES-GCM instance and its envelope.
+/// A batch key ready for use.
+enum BatchKind {
+    /// v1: the batch key's AES-GCM instance (it encrypts the DEKs).
+    V1(Aes256Gcm),
+    /// v2: the batch key's HMAC state (it derives the cell keys).
+    V2(HmacSha256),
+}
+
+/// A batch key ready for sealing, with the bytes every token of the batch
+/// starts with (the v1 envelope, or the v2 header).
 struct Batch {
-    cipher: Aes256Gcm,
-    envelope: Vec<u8>,
-    /// `PREFIX` and the base64 text of the envelope's first `3k` bytes: the
+    kind: BatchKind,
+    head: Vec<u8>,
+    /// The prefix and the base64 text of `head`'s first `3k` bytes: the
     /// same in every token of the batch, so it is encoded once (base64 of a
     /// multiple of 3 bytes does not depend on what follows).
     text_head: Vec<u8>,
 }
 
 /// Makes tokens. One per worker thread: it owns a CSPRNG seeded once from the
-/// OS and the worker's current batch key.
+/// OS and the worker's current batch key. Tokens are v2 when the key version
+/// has a KDK, v1 under a version made before token v2 (which has none).
 pub struct Sealer<'a> {
     backend: &'a dyn KeyBackend,
-    kwk: &'a KeyRef,
+    kwk: KeyRef,
     wrap_aad: Vec<u8>,
     rng: ChaCha20Rng,
     batch_size: u64,
     batch: Option<Batch>,
     used: u64,
     body: Vec<u8>,
-    /// Batch keys made (each one HSM wrap call).
+    /// `Some(false)`: the version has no KDK (v1 tokens); `Some(true)`: it
+    /// has one; `None`: not known before the first batch.
+    v2: Option<bool>,
+    /// Batch keys made (each one HSM call: a v2 derivation or a v1 wrap).
     pub batches: u64,
     /// Calls into the key backend.
     pub hsm_calls: u64,
 }
 
 impl<'a> Sealer<'a> {
-    pub fn new(backend: &'a dyn KeyBackend, kwk: &'a KeyRef, batch_size: u64) -> Result<Self> {
+    pub fn new(backend: &'a dyn KeyBackend, kwk: &KeyRef, batch_size: u64) -> Result<Self> {
         let rng = ChaCha20Rng::from_rng(rand::rngs::OsRng)
             .map_err(|e| Error::io(format!("cannot seed the random generator: {e}")))?;
         Ok(Sealer {
             backend,
-            kwk,
+            kwk: kwk.clone(),
             wrap_aad: wrap_aad(kwk),
             rng,
             batch_size: batch_size.max(1),
             batch: None,
             used: 0,
             body: Vec::with_capacity(512),
+            v2: None,
             batches: 0,
             hsm_calls: 0,
         })
     }
 
+    /// True if the key version has a KDK (the tokens are v2). The first
+    /// call asks the backend: a v2 batch made by asking is kept for the
+    /// next seal; a version without KDK costs no wrap here.
+    pub fn writes_v2(&mut self) -> Result<bool> {
+        if self.v2.is_none() {
+            self.v2_batch()?;
+        }
+        Ok(self.v2 == Some(true))
+    }
+
+    /// Makes a v2 batch if the version has a KDK (true), else records that
+    /// it has none (false). An answer of "no KDK" is no HSM operation (no
+    /// object to sign with) and is not counted.
+    fn v2_batch(&mut self) -> Result<bool> {
+        let mut salt = [0u8; SALT_LEN];
+        self.rng.fill_bytes(&mut salt);
+        match self
+            .backend
+            .derive(&self.kwk, &batch_input_v2(&self.kwk, &salt))?
+        {
+            Some(key) => {
+                self.hsm_calls += 1;
+                let mut head = Vec::with_capacity(1 + self.kwk.name.len() + 4 + SALT_LEN);
+                head.push(self.kwk.name.len() as u8);
+                head.extend_from_slice(self.kwk.name.as_bytes());
+                head.extend_from_slice(&self.kwk.version.to_be_bytes());
+                head.extend_from_slice(&salt);
+                let mut text_head = Vec::new();
+                encode_text_version(2, &head[..head.len() / 3 * 3], &mut text_head);
+                let mac =
+                    <HmacSha256 as Mac>::new_from_slice(key.expose()).expect("any key length");
+                self.batch = Some(Batch {
+                    kind: BatchKind::V2(mac),
+                    head,
+                    text_head,
+                });
+                self.v2 = Some(true);
+                self.batches += 1;
+                self.used = 0;
+                Ok(true)
+            }
+            // The KDK vanished during the run: never fall back silently.
+            None if self.v2 == Some(true) => Err(Error::key(format!(
+                "the key-derivation key of {} disappeared during the run",
+                self.kwk
+            ))),
+            None => {
+                self.v2 = Some(false);
+                Ok(false)
+            }
+        }
+    }
+
     fn new_batch(&mut self) -> Result<()> {
+        if self.v2 != Some(false) && self.v2_batch()? {
+            return Ok(());
+        }
         let key = SecretKey::generate(&mut self.rng);
         self.hsm_calls += 1;
-        let wrapped = self.backend.wrap(self.kwk, &key, &self.wrap_aad)?;
-        let envelope = envelope_bytes(self.kwk, &wrapped);
+        let wrapped = self.backend.wrap(&self.kwk, &key, &self.wrap_aad)?;
+        let envelope = envelope_bytes(&self.kwk, &wrapped);
         let mut text_head = Vec::new();
         encode_text(&envelope[..envelope.len() / 3 * 3], &mut text_head);
         self.batch = Some(Batch {
-            cipher: Aes256Gcm::new(key.expose().into()),
-            envelope,
+            kind: BatchKind::V1(Aes256Gcm::new(key.expose().into())),
+            head: envelope,
             text_head,
         });
         self.batches += 1;
@@ -372,31 +564,48 @@ impl<'a> Sealer<'a> {
         }
         self.used += 1;
         let batch = self.batch.as_ref().expect("batch made above");
-        // DEK and its nonce in one draw from the worker's CSPRNG.
-        let mut rnd = [0u8; 32 + NONCE_LEN];
-        self.rng.fill_bytes(&mut rnd);
-        // `body` holds the token body from byte 3k of the envelope on.
+        // `body` holds the token body from byte 3k of the head on.
         let body = &mut self.body;
         body.clear();
-        body.extend_from_slice(&batch.envelope[batch.envelope.len() / 3 * 3..]);
-        body.extend_from_slice(&rnd[32..]);
-        let at = body.len();
-        body.extend_from_slice(&rnd[..32]);
-        let tag = batch
-            .cipher
-            .encrypt_in_place_detached(Nonce::from_slice(&rnd[32..]), aad, &mut body[at..])
-            .map_err(|_| Error::format("encryption failed"))?;
-        body.extend_from_slice(&tag);
-        let at = body.len();
-        body.push(flags);
-        body.extend_from_slice(value);
-        let dek = Aes256Gcm::new_from_slice(&rnd[..32]).expect("32-byte key");
-        rnd.zeroize();
-        // One message per DEK: the all-zero nonce is never reused under a key.
-        let tag = dek
-            .encrypt_in_place_detached(&Nonce::default(), b"", &mut body[at..])
-            .map_err(|_| Error::format("encryption failed"))?;
-        body.extend_from_slice(&tag);
+        body.extend_from_slice(&batch.head[batch.head.len() / 3 * 3..]);
+        match &batch.kind {
+            BatchKind::V2(mac) => {
+                let mut salt = [0u8; SALT_LEN];
+                self.rng.fill_bytes(&mut salt);
+                body.extend_from_slice(&salt);
+                let at = body.len();
+                body.push(flags);
+                body.extend_from_slice(value);
+                // One message per cell key: the all-zero nonce is never
+                // reused under a key.
+                let tag = cell_cipher(mac, &salt)
+                    .encrypt_in_place_detached(&Nonce::default(), aad, &mut body[at..])
+                    .map_err(|_| Error::format("encryption failed"))?;
+                body.extend_from_slice(&tag);
+            }
+            BatchKind::V1(cipher) => {
+                // DEK and its nonce in one draw from the worker's CSPRNG.
+                let mut rnd = [0u8; 32 + NONCE_LEN];
+                self.rng.fill_bytes(&mut rnd);
+                body.extend_from_slice(&rnd[32..]);
+                let at = body.len();
+                body.extend_from_slice(&rnd[..32]);
+                let tag = cipher
+                    .encrypt_in_place_detached(Nonce::from_slice(&rnd[32..]), aad, &mut body[at..])
+                    .map_err(|_| Error::format("encryption failed"))?;
+                body.extend_from_slice(&tag);
+                let at = body.len();
+                body.push(flags);
+                body.extend_from_slice(value);
+                let dek = Aes256Gcm::new_from_slice(&rnd[..32]).expect("32-byte key");
+                rnd.zeroize();
+                // One message per DEK: the all-zero nonce is never reused under a key.
+                let tag = dek
+                    .encrypt_in_place_detached(&Nonce::default(), b"", &mut body[at..])
+                    .map_err(|_| Error::format("encryption failed"))?;
+                body.extend_from_slice(&tag);
+            }
+        }
         out.extend_from_slice(&batch.text_head);
         encode_b64(body, out);
         Ok(())
@@ -474,14 +683,24 @@ impl<V: Clone> EnvelopeCache<V> {
     }
 }
 
-/// Unwrapped batch ciphers for decryption.
-pub type BatchCache = EnvelopeCache<Arc<Aes256Gcm>>;
+/// A batch key for opening: the v1 batch cipher or the v2 HMAC state.
+pub struct OpenKey(BatchKind);
+
+/// Batch keys for decryption, keyed by the v1 envelope or the v2 header.
+/// The two never collide: both start with the name length n, and a v1
+/// envelope is n + 65 bytes long, a v2 header n + 17.
+pub type BatchCache = EnvelopeCache<Arc<OpenKey>>;
 /// What the workers of one `columns rewrap` run share: the new envelope
-/// by old envelope (one unwrap and one wrap per distinct batch), and, when
-/// each token goes to its own key, the current version of each key name.
+/// by old envelope (v1 to a version without KDK: one unwrap and one wrap
+/// per distinct batch), the batch keys of the tokens it re-encrypts, and,
+/// when each token goes to its own key, the current version of each key name.
 #[derive(Default)]
 pub struct RewrapCache {
     envelopes: EnvelopeCache<Arc<Vec<u8>>>,
+    /// Batch keys of the tokens opened to be re-encrypted.
+    opened: BatchCache,
+    /// HSM calls of the workers' sealers (re-encrypted tokens).
+    sealed: std::sync::atomic::AtomicU64,
     /// Looked up once per run under this lock, so every token of one key
     /// ends under one version even if the key is rotated during the run.
     current: Mutex<std::collections::BTreeMap<String, u32>>,
@@ -492,10 +711,12 @@ impl RewrapCache {
         Self::default()
     }
 
-    /// HSM calls made to rewrap envelopes (version look-ups are not wraps
-    /// or unwraps and are not counted, as in [`KeyBackend::calls`]).
+    /// HSM calls made to rewrap envelopes and re-encrypt tokens (version
+    /// look-ups are not counted, as in [`KeyBackend::calls`]).
     pub fn hsm_calls(&self) -> u64 {
         self.envelopes.hsm_calls()
+            + self.opened.hsm_calls()
+            + self.sealed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The current version of `name`, the same for the whole run.
@@ -529,12 +750,12 @@ impl RewrapCache {
     }
 }
 
-/// Opens tokens. One per worker thread; remembers the last batch it used so
-/// consecutive tokens of one batch skip the shared cache.
+/// Opens tokens of both versions. One per worker thread; remembers the last
+/// batch it used so consecutive tokens of one batch skip the shared cache.
 pub struct Opener<'a> {
     backend: &'a dyn KeyBackend,
     cache: &'a BatchCache,
-    last: Option<(Vec<u8>, Arc<Aes256Gcm>)>,
+    last: Option<(Vec<u8>, Arc<OpenKey>)>,
     body: Vec<u8>,
     /// Where the last opened value lies in `body`.
     value: std::ops::Range<usize>,
@@ -561,59 +782,116 @@ impl<'a> Opener<'a> {
     /// Returns the flags and the plaintext value (valid until the next call).
     pub fn open(&mut self, aad: &[u8], text: &[u8]) -> Result<(u8, &[u8])> {
         self.value = 0..0;
-        decode_text(text, &mut self.body)?;
-        let elen = envelope_len(&self.body)?;
-        let hit = matches!(&self.last, Some((e, _)) if e[..] == self.body[..elen]);
+        let version = decode_text(text, &mut self.body)?;
+        let hlen = if version == 2 {
+            header_len_v2(&self.body)?
+        } else {
+            envelope_len(&self.body)?
+        };
+        let hit = matches!(&self.last, Some((e, _)) if e[..] == self.body[..hlen]);
         if !hit {
-            let env = &self.body[..elen];
+            let head = &self.body[..hlen];
             let backend = self.backend;
-            let c = self.cache.get(env, 1, || {
-                let (kwk, wrapped) = parse_envelope(env)?;
-                let key = backend.unwrap(&kwk, &wrapped, &wrap_aad(&kwk))?;
-                Ok(Arc::new(Aes256Gcm::new(key.expose().into())))
+            let c = self.cache.get(head, 1, || {
+                if version == 2 {
+                    let kwk = parse_key_ref(head)?;
+                    let key = backend
+                        .derive(&kwk, &batch_input_v2(&kwk, &head[hlen - SALT_LEN..]))?
+                        .ok_or_else(|| {
+                            Error::key(format!(
+                                "a version-2 token is under {kwk}, which has no key-derivation key on this token (destroyed, or {kwk} was made before token v2): it cannot be opened"
+                            ))
+                        })?;
+                    let mac = <HmacSha256 as Mac>::new_from_slice(key.expose()).expect("any key length");
+                    Ok(Arc::new(OpenKey(BatchKind::V2(mac))))
+                } else {
+                    let (kwk, wrapped) = parse_envelope(head)?;
+                    let key = backend.unwrap(&kwk, &wrapped, &wrap_aad(&kwk))?;
+                    Ok(Arc::new(OpenKey(BatchKind::V1(Aes256Gcm::new(
+                        key.expose().into(),
+                    )))))
+                }
             })?;
-            self.last = Some((env.to_vec(), c));
+            self.last = Some((head.to_vec(), c));
         }
         let batch = &self.last.as_ref().expect("set above").1;
         let body = &mut self.body;
-        let (nonce, rest) = body[elen..].split_at_mut(NONCE_LEN);
-        let (dek_ct, value_ct) = rest.split_at_mut(DEK_CT_LEN);
-        let (dek, dek_tag) = dek_ct.split_at_mut(32);
-        batch
-            .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, dek, Tag::from_slice(dek_tag))
-            .map_err(|_| auth_failed())?;
-        let cipher = Aes256Gcm::new_from_slice(dek).expect("32-byte key");
-        dek.zeroize();
-        let (pt, tag) = value_ct.split_at_mut(value_ct.len() - TAG_LEN);
-        cipher
-            .decrypt_in_place_detached(&Nonce::default(), b"", pt, Tag::from_slice(tag))
-            .map_err(|_| auth_failed())?;
-        let flags = pt[0];
+        let start = match &batch.0 {
+            BatchKind::V2(mac) => {
+                let (salt, value_ct) = body[hlen..].split_at_mut(SALT_LEN);
+                let cipher = cell_cipher(mac, salt);
+                let (pt, tag) = value_ct.split_at_mut(value_ct.len() - TAG_LEN);
+                cipher
+                    .decrypt_in_place_detached(&Nonce::default(), aad, pt, Tag::from_slice(tag))
+                    .map_err(|_| auth_failed())?;
+                hlen + SALT_LEN
+            }
+            BatchKind::V1(batch) => {
+                let (nonce, rest) = body[hlen..].split_at_mut(NONCE_LEN);
+                let (dek_ct, value_ct) = rest.split_at_mut(DEK_CT_LEN);
+                let (dek, dek_tag) = dek_ct.split_at_mut(32);
+                batch
+                    .decrypt_in_place_detached(
+                        Nonce::from_slice(nonce),
+                        aad,
+                        dek,
+                        Tag::from_slice(dek_tag),
+                    )
+                    .map_err(|_| auth_failed())?;
+                let cipher = Aes256Gcm::new_from_slice(dek).expect("32-byte key");
+                dek.zeroize();
+                let (pt, tag) = value_ct.split_at_mut(value_ct.len() - TAG_LEN);
+                cipher
+                    .decrypt_in_place_detached(&Nonce::default(), b"", pt, Tag::from_slice(tag))
+                    .map_err(|_| auth_failed())?;
+                hlen + NONCE_LEN + DEK_CT_LEN
+            }
+        };
+        let flags = self.body[start];
         // Format codes 5-7 are unassigned: unknown, like unknown bits.
         if flags & !KNOWN_FLAGS != 0 || (flags & FORMAT_MASK) >> FORMAT_SHIFT > 4 {
             return Err(Error::format("token has unknown flags"));
         }
         let end = self.body.len() - TAG_LEN;
-        self.value = elen + NONCE_LEN + DEK_CT_LEN + 1..end;
+        self.value = start + 1..end;
         Ok((flags, &self.body[self.value.clone()]))
     }
+}
+
+/// The token version and key version of token `text` (nothing
+/// authenticated).
+pub fn token_key(text: &[u8]) -> Result<(u8, KeyRef)> {
+    let mut body = Vec::new();
+    let v = decode_text(text, &mut body)?;
+    Ok((v, parse_key_ref(&body)?))
 }
 
 /// A rewrapped envelope, or `None` for one already under its target.
 type Replacement = Option<Arc<Vec<u8>>>;
 
-/// Rewraps token envelopes to a new KWK version (`columns rewrap`): to
-/// the given target, or (`None`) each token to its own key's current
-/// version. One per worker, sharing a [`RewrapCache`] so each distinct
-/// batch costs one unwrap and one wrap.
+/// Moves tokens to a new KWK version (`columns rewrap`): to the given
+/// target, or (`None`) each token to its own key's current version. One per
+/// worker, sharing a [`RewrapCache`].
+///
+/// - A target version with a KDK gets v2 tokens: a v1 token (upgrade) or a
+///   v2 token under another version is opened under its binding and sealed
+///   again (v2 has no separable envelope); a v2 token already under the
+///   target is copied as it is.
+/// - A target version without a KDK (made before token v2) keeps v1: a v1
+///   token's envelope alone is rewrapped (one unwrap and one wrap per
+///   distinct batch, records copied), and a v2 token is re-encrypted as v1.
 pub struct Rewrapper<'a> {
     backend: &'a dyn KeyBackend,
     target: Option<&'a KeyRef>,
     cache: &'a RewrapCache,
-    /// The last envelope seen and its replacement (`None`: already under
+    /// The last v1 envelope seen and its replacement (`None`: already under
     /// its target, copied as it is).
     last: Option<(Vec<u8>, Replacement)>,
     body: Vec<u8>,
+    opener: Opener<'a>,
+    /// One sealer per target version met so far.
+    sealers: Vec<Sealer<'a>>,
+    batch_size: u64,
 }
 
 impl<'a> Rewrapper<'a> {
@@ -622,41 +900,96 @@ impl<'a> Rewrapper<'a> {
         target: Option<&'a KeyRef>,
         cache: &'a RewrapCache,
     ) -> Self {
+        Self::with_batch_size(backend, target, cache, DEFAULT_BATCH_SIZE)
+    }
+
+    /// [`Self::new`] with the cells per batch key of re-encrypted tokens.
+    pub fn with_batch_size(
+        backend: &'a dyn KeyBackend,
+        target: Option<&'a KeyRef>,
+        cache: &'a RewrapCache,
+        batch_size: u64,
+    ) -> Self {
         Rewrapper {
             backend,
             target,
             cache,
             last: None,
             body: Vec::with_capacity(512),
+            opener: Opener::new(backend, &cache.opened),
+            sealers: Vec::new(),
+            batch_size,
         }
     }
 
-    /// Appends to `out` the token `text` with its envelope rewrapped under the
-    /// target KWK; the record part is copied untouched. A token already under
-    /// the target is copied as it is, with no HSM call. Returns whether it
-    /// changed.
-    ///
-    /// The batch key is authenticated by its unwrap; the records are not
-    /// opened (that needs their bindings), so `decrypt` remains the check.
-    pub fn rewrap(&mut self, text: &[u8], out: &mut Vec<u8>) -> Result<bool> {
-        decode_text(text, &mut self.body)?;
+    /// The sealer for `target` and whether it writes v2 tokens.
+    fn sealer(&mut self, target: &KeyRef) -> Result<(usize, bool)> {
+        let i = match self.sealers.iter().position(|s| s.kwk == *target) {
+            Some(i) => i,
+            None => {
+                self.sealers
+                    .push(Sealer::new(self.backend, target, self.batch_size)?);
+                self.sealers.len() - 1
+            }
+        };
+        let s = &mut self.sealers[i];
+        let before = s.hsm_calls;
+        let v2 = s.writes_v2();
+        self.cache
+            .sealed
+            .fetch_add(s.hsm_calls - before, std::sync::atomic::Ordering::Relaxed);
+        Ok((i, v2?))
+    }
+
+    /// Appends to `out` token `text` (bound to `aad`) moved to the target
+    /// version, and returns whether it changed. A token already in its
+    /// final form is copied as it is, with no HSM call. A re-encrypted
+    /// token is authenticated by opening it; a v1 envelope rewrap
+    /// authenticates the batch key only (the records are copied), so
+    /// `decrypt` remains the check.
+    pub fn rewrap(&mut self, aad: &[u8], text: &[u8], out: &mut Vec<u8>) -> Result<bool> {
+        let version = decode_text(text, &mut self.body)?;
+        let kwk = parse_key_ref(&self.body)?;
+        let target = match self.target {
+            Some(t) => t.clone(),
+            None => self.cache.current(self.backend, &kwk.name)?,
+        };
+        // A v2 token under its target is final (its version has a KDK):
+        // copied with no HSM call, so a second rotation costs nothing.
+        if version == 2 && kwk == target {
+            out.extend_from_slice(text);
+            return Ok(false);
+        }
+        let (i, v2) = self.sealer(&target)?;
+        if version == 2 || v2 {
+            let (flags, _) = self.opener.open(aad, text)?;
+            let s = &mut self.sealers[i];
+            let before = s.hsm_calls;
+            let r = s.seal(aad, flags, self.opener.last_value(), out);
+            self.cache
+                .sealed
+                .fetch_add(s.hsm_calls - before, std::sync::atomic::Ordering::Relaxed);
+            r?;
+            return Ok(true);
+        }
+        self.rewrap_envelope(&target, text, out)
+    }
+
+    /// A v1 token to a v1 target: the envelope alone is rewrapped.
+    fn rewrap_envelope(&mut self, target: &KeyRef, text: &[u8], out: &mut Vec<u8>) -> Result<bool> {
         let elen = envelope_len(&self.body)?;
         let env = &self.body[..elen];
         let hit = matches!(&self.last, Some((e, _)) if e[..] == env[..]);
         if !hit {
             let (kwk, wrapped) = parse_envelope(env)?;
-            let target = match self.target {
-                Some(t) => t.clone(),
-                None => self.cache.current(self.backend, &kwk.name)?,
-            };
-            let new = if kwk == target {
+            let new = if kwk == *target {
                 None
             } else {
                 let backend = self.backend;
                 Some(self.cache.envelopes.get(env, 2, || {
                     let key = backend.unwrap(&kwk, &wrapped, &wrap_aad(&kwk))?;
-                    let new = backend.wrap(&target, &key, &wrap_aad(&target))?;
-                    Ok(Arc::new(envelope_bytes(&target, &new)))
+                    let new = backend.wrap(target, &key, &wrap_aad(target))?;
+                    Ok(Arc::new(envelope_bytes(target, &new)))
                 })?)
             };
             self.last = Some((env.to_vec(), new));
@@ -705,8 +1038,8 @@ mod tests {
         binding(&mut aad, &pre, Some(b"17"));
         let mut tok = Vec::new();
         s.seal(&aad, FLAG_QUOTED, b"123-45-6789", &mut tok).unwrap();
-        assert!(tok.starts_with(PREFIX));
-        assert_eq!(tok.len(), token_len(3, 11));
+        assert!(tok.starts_with(PREFIX_V2));
+        assert_eq!(tok.len(), token_len_v2(3, 11));
         let cache = BatchCache::new();
         let mut o = Opener::new(&b, &cache);
         let (f, v) = o.open(&aad, &tok).unwrap();
@@ -755,27 +1088,187 @@ mod tests {
         assert!(tried > 60 * tok.len());
     }
 
-    #[test]
-    fn rotation_replaces_envelope_only() {
-        let (b, k1) = setup();
-        let mut s = Sealer::new(&b, &k1, 10).unwrap();
-        let pre = binding_prefix("", &ColumnId::Index(2));
+    fn aad_for(ctx: &str, col: &str, row: Option<&[u8]>) -> Vec<u8> {
         let mut aad = Vec::new();
-        binding(&mut aad, &pre, None);
+        binding(
+            &mut aad,
+            &binding_prefix(ctx, &ColumnId::Name(col.into())),
+            row,
+        );
+        aad
+    }
+
+    fn seal_one(b: &MemoryBackend, k: &KeyRef, aad: &[u8], v: &[u8]) -> Vec<u8> {
+        let mut s = Sealer::new(b, k, 10).unwrap();
         let mut tok = Vec::new();
-        s.seal(&aad, 0, b"x", &mut tok).unwrap();
+        s.seal(aad, 0, v, &mut tok).unwrap();
+        tok
+    }
+
+    /// FORMAT.md section 6: 11-byte SSN under "pii" is 85 characters in v2
+    /// (74 of overhead), 213 in v1.
+    #[test]
+    fn v2_is_compact_and_v1_is_what_a_version_without_kdk_writes() {
+        let b = MemoryBackend::new();
+        let old = KeyRef {
+            name: "pii".into(),
+            version: b.add_version_without_kdk("pii"),
+        };
+        let new = KeyRef {
+            name: "pii".into(),
+            version: b.add_version("pii"),
+        };
+        let aad = aad_for("app.users", "ssn", Some(b"17"));
+        let t1 = seal_one(&b, &old, &aad, b"123-45-6789");
+        let t2 = seal_one(&b, &new, &aad, b"123-45-6789");
+        assert!(t1.starts_with(PREFIX) && t2.starts_with(PREFIX_V2));
+        assert_eq!((t1.len(), t2.len()), (213, 85));
+        assert_eq!((token_len(3, 11), token_len_v2(3, 11)), (213, 85));
+        assert!(looks_like_token(&t1) && looks_like_token(&t2));
+        let cache = BatchCache::new();
+        let mut o = Opener::new(&b, &cache);
+        assert_eq!(o.open(&aad, &t1).unwrap().1, b"123-45-6789");
+        assert_eq!(o.open(&aad, &t2).unwrap().1, b"123-45-6789");
+        assert_eq!(token_key(&t2).unwrap(), (2, new.clone()));
+        assert_eq!(token_key(&t1).unwrap(), (1, old));
+    }
+
+    /// A v2 token moved to another row, column or context, or with its
+    /// header pointing at another key or version (re-encoded canonically,
+    /// so only the cryptography can refuse it), does not open.
+    #[test]
+    fn v2_swaps_between_rows_columns_contexts_keys_and_versions_fail() {
+        let b = MemoryBackend::new();
+        let k1 = KeyRef {
+            name: "pii".into(),
+            version: b.add_version("pii"),
+        };
+        b.add_version("pii");
+        b.add_version("pix");
+        let aad = aad_for("app.users", "ssn", Some(b"17"));
+        let tok = seal_one(&b, &k1, &aad, b"v");
+        let cache = BatchCache::new();
+        let mut o = Opener::new(&b, &cache);
+        assert!(o.open(&aad, &tok).is_ok());
+        for other in [
+            aad_for("app.users", "ssn", Some(b"18")),
+            aad_for("app.users", "ssn", None),
+            aad_for("app.users", "email", Some(b"17")),
+            aad_for("app.user", "ssn", Some(b"17")),
+        ] {
+            let e = o.open(&other, &tok).unwrap_err();
+            assert_eq!(e.kind(), crate::error::ErrorKind::Integrity);
+        }
+        let mut body = Vec::new();
+        decode_text(&tok, &mut body).unwrap();
+        let mut to_v2 = body.clone();
+        to_v2[7] = 2; // version 1 -> 2 (u32be at bytes 4..8)
+        let mut to_pix = body.clone();
+        to_pix[3] = b'x';
+        // A v2 body under the v1 prefix is refused too (too short for v1).
+        for (what, b2, version) in [("version", to_v2, 2), ("name", to_pix, 2), ("v1", body, 1)] {
+            let mut t = Vec::new();
+            encode_text_version(version, &b2, &mut t);
+            assert!(o.open(&aad, &t).is_err(), "{what}");
+        }
+    }
+
+    #[test]
+    fn v2_under_a_destroyed_kdk_or_a_missing_version_fails_with_a_key_error() {
+        let (b, k) = setup();
+        let aad = aad_for("c", "x", None);
+        let tok = seal_one(&b, &k, &aad, b"secret");
+        b.remove_kdk(&k);
+        let cache = BatchCache::new();
+        let e = Opener::new(&b, &cache).open(&aad, &tok).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Key, "{e}");
+        let other = MemoryBackend::new();
+        let e = Opener::new(&other, &cache).open(&aad, &tok).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Key, "{e}");
+    }
+
+    #[test]
+    fn every_single_character_change_of_a_v1_token_is_rejected() {
+        let b = MemoryBackend::new();
+        let k = KeyRef {
+            name: "pii".into(),
+            version: b.add_version_without_kdk("pii"),
+        };
+        let aad = aad_for("ctx", "c", Some(b"1"));
+        let tok = seal_one(&b, &k, &aad, b"value");
+        assert!(tok.starts_with(PREFIX));
+        let cache = BatchCache::new();
+        let mut o = Opener::new(&b, &cache);
+        assert!(o.open(&aad, &tok).is_ok());
+        for i in 0..tok.len() {
+            for c in [b'A', b'z', b'0', b'_'] {
+                if c != tok[i] {
+                    let mut t = tok.clone();
+                    t[i] = c;
+                    assert!(o.open(&aad, &t).is_err(), "substitution {i}");
+                }
+            }
+            let mut t = tok.clone();
+            t.remove(i);
+            assert!(o.open(&aad, &t).is_err(), "deletion {i}");
+        }
+    }
+
+    #[test]
+    fn rewrap_upgrades_v1_moves_v2_and_then_changes_nothing() {
+        let b = MemoryBackend::new();
+        let k1 = KeyRef {
+            name: "pii".into(),
+            version: b.add_version_without_kdk("pii"),
+        };
+        let aad = aad_for("", "c", None);
+        let t1 = seal_one(&b, &k1, &aad, b"x");
         let k2 = KeyRef {
             name: "pii".into(),
             version: b.add_version("pii"),
         };
+        let t2 = seal_one(&b, &k2, &aad, b"y");
+        let k3 = KeyRef {
+            name: "pii".into(),
+            version: b.add_version("pii"),
+        };
         let rc = RewrapCache::new();
-        let mut r = Rewrapper::new(&b, Some(&k2), &rc);
-        let mut t2 = Vec::new();
-        assert!(r.rewrap(&tok, &mut t2).unwrap());
-        assert_ne!(t2, tok);
         let cache = BatchCache::new();
         let mut o = Opener::new(&b, &cache);
-        let (_, v) = o.open(&aad, &t2).unwrap();
-        assert_eq!(v, b"x");
+        for target in [Some(&k3), None] {
+            let mut r = Rewrapper::new(&b, target, &rc);
+            for (t, v) in [(&t1, &b"x"[..]), (&t2, &b"y"[..])] {
+                let mut out = Vec::new();
+                assert!(r.rewrap(&aad, t, &mut out).unwrap());
+                assert_eq!(token_key(&out).unwrap(), (2, k3.clone()));
+                assert_eq!(o.open(&aad, &out).unwrap().1, v);
+                let mut again = Vec::new();
+                assert!(!r.rewrap(&aad, &out, &mut again).unwrap());
+                assert_eq!(again, out);
+                // Re-encryption opens the token: a wrong binding fails.
+                let wrong = aad_for("", "d", None);
+                assert!(r.rewrap(&wrong, t, &mut Vec::new()).is_err());
+            }
+        }
+        // A v1 target (no KDK): a v1 token's envelope alone is rewrapped,
+        // a v2 token is re-encrypted as v1.
+        let k0 = KeyRef {
+            name: "old".into(),
+            version: b.add_version_without_kdk("old"),
+        };
+        let mut r = Rewrapper::new(&b, Some(&k0), &rc);
+        for (t, v) in [(&t1, &b"x"[..]), (&t2, &b"y"[..])] {
+            let mut out = Vec::new();
+            assert!(r.rewrap(&aad, t, &mut out).unwrap());
+            assert_eq!(token_key(&out).unwrap(), (1, k0.clone()));
+            assert_eq!(o.open(&aad, &out).unwrap().1, v);
+        }
+        let mut out = Vec::new();
+        r.rewrap(&aad, &t1, &mut out).unwrap();
+        let (mut a, mut c) = (Vec::new(), Vec::new());
+        decode_text(&t1, &mut a).unwrap();
+        decode_text(&out, &mut c).unwrap();
+        let record = |x: &[u8]| x[1 + x[0] as usize + 4 + 12 + 48..].to_vec();
+        assert_eq!(record(&a), record(&c), "envelope rewrap keeps the record");
     }
 }

@@ -275,6 +275,10 @@ impl KeyBackend for Hsm {
         })
     }
 
+    fn derive(&self, kwk: &KeyRef, data: &[u8]) -> Result<Option<SecretKey>> {
+        self.derive_with_kdk(kwk, data)
+    }
+
     fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
     }

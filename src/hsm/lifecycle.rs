@@ -390,6 +390,9 @@ impl Hsm {
             .unwrap_or(KeyState::Destroyed);
         if target.is_some() {
             self.destroy_versions(&admin, &family, &[k.version])?;
+        } else {
+            // Already destroyed: finish an interrupted destroy (its KDK).
+            self.destroy_kdk(&admin, k)?;
         }
         let after = self.family(&admin, &k.name)?;
         let versions = self.version_infos(&admin, &after)?;
@@ -485,6 +488,13 @@ impl Hsm {
                 self.token_label,
                 info.problems.join("; ")
             )));
+        }
+        // Its key-derivation key (v2 column tokens), made under the same
+        // lock: a version never exists without one. If it cannot be made,
+        // the new KWK is destroyed too and the creation fails.
+        if let Err(e) = self.generate_kdk(admin, &k) {
+            let _ = admin.destroy_object(h);
+            return Err(e);
         }
         Ok((info, h))
     }
@@ -691,6 +701,10 @@ impl Hsm {
                     }
                 }
             }
+            // Its KDK after it: a crash in between leaves a KDK whose KWK is
+            // gone, which derives nothing (derivation checks the KWK first)
+            // and is removed by running the destroy again.
+            self.destroy_kdk(admin, &k)?;
             self.evict(&k);
             done.push(format!("v{v}"));
         }

@@ -9,7 +9,8 @@
 //! `objects` (finding and reading hsmseal's objects), [`kwk`] (labels,
 //! template and attribute checks of a KWK, no token access), [`lifecycle`]
 //! (creating, disabling, destroying and purging versions), [`audit_key`]
-//! (the audit log's HMAC key and head records), [`doctor`], [`lock`] (the
+//! (the audit log's HMAC key and head records), [`kdk`] (the key-derivation
+//! key beside each KWK version, for v2 column tokens), [`doctor`], [`lock`] (the
 //! token lock file) and `errors` (PKCS#11 errors to hsmseal's).
 //!
 //! Invariants:
@@ -47,6 +48,7 @@ pub mod audit_key;
 mod backend;
 pub mod doctor;
 mod errors;
+pub mod kdk;
 pub mod kwk;
 pub mod lifecycle;
 pub mod lock;
@@ -105,6 +107,9 @@ pub struct Hsm {
     calls: AtomicU64,
     /// The audit HMAC key, once found and checked (see [`audit_key`]).
     audit_key: Mutex<Option<ObjectHandle>>,
+    /// The checked KDK of each key version (`None`: it has none), once
+    /// looked up (see [`kdk`]); dropped with the version's other caches.
+    kdks: Mutex<HashMap<KeyRef, Option<ObjectHandle>>>,
 }
 
 impl std::fmt::Debug for Hsm {
@@ -165,6 +170,7 @@ impl Hsm {
             current: RwLock::new(HashMap::new()),
             calls: AtomicU64::new(0),
             audit_key: Mutex::new(None),
+            kdks: Mutex::new(HashMap::new()),
         })
     }
 
@@ -362,6 +368,7 @@ impl Hsm {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(k);
+        lock(&self.kdks).remove(k);
         self.forget_current(&k.name);
     }
 

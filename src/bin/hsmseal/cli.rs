@@ -514,8 +514,13 @@ pub enum ColumnsCommand {
     /// Decrypt the tokens in the selected columns.
     #[command(after_help = EX_COLUMNS_DECRYPT)]
     Decrypt(ColumnsDecryptArgs),
-    /// Rewrap every token's batch key to the current version of its key
-    /// (or of --key), without re-encrypting the values.
+    /// Move every token to the current version of its key (or of --key).
+    ///
+    /// Version-2 tokens have no separate envelope: they are re-encrypted
+    /// (opened under their row, column and context, then sealed again).
+    /// Version-1 tokens are upgraded to v2 when the target version has a
+    /// key-derivation key; under an older target only their batch key is
+    /// rewrapped.
     ///
     /// `rotate` is another name for this command (its earlier name).
     #[command(visible_alias = "rotate", after_help = EX_COLUMNS_REWRAP)]
@@ -627,8 +632,8 @@ pub struct ColumnsDecryptArgs {
     #[command(flatten)]
     pub dump: DumpArgs,
     /// Copy selected values that are not tokens instead of failing (counted
-    /// and reported). A value starting with "hsc1." must still be a valid
-    /// token.
+    /// and reported). A value starting with "hsc1." or "hsc2." must still be a
+    /// valid token.
     #[arg(long)]
     pub allow_plaintext: bool,
     /// Also accept tokens made from dumps of these formats, e.g. tokens
