@@ -205,17 +205,22 @@ pub enum Command {
 #[derive(Debug, clap::Subcommand)]
 pub enum PgCommand {
     /// Encrypt the selected columns: each non-NULL value becomes a token.
+    #[command(after_help = EX_PG_ENCRYPT)]
     Encrypt(PgEncryptArgs),
     /// Decrypt the tokens in the selected columns (and restore the types
     /// --alter recorded once no token is left).
+    #[command(after_help = EX_PG_DECRYPT)]
     Decrypt(PgArgs),
     /// Rewrap tokens to the current version of their key (or of --key);
     /// tokens already there are left alone.
+    #[command(after_help = EX_PG_ROTATE)]
     Rotate(PgRotateArgs),
     /// Check that every token in the selected columns opens; writes nothing.
+    #[command(after_help = EX_PG_VERIFY)]
     Verify(PgArgs),
     /// Count, per column, NULLs, clear values and tokens per key version
     /// (no HSM call, writes nothing).
+    #[command(after_help = EX_PG_STATUS)]
     Status(PgArgs),
 }
 
@@ -757,6 +762,31 @@ Examples:
   hsmseal pg status  --dsn postgresql://app@db:5432/prod --table public.users -c email,ssn
   hsmseal pg encrypt --dsn postgresql://app@db:5432/prod --table public.users -c email,ssn --key pii
   hsmseal pg decrypt --dsn postgresql://app@db:5432/prod --table public.users -c email,ssn";
+
+const EX_PG_ENCRYPT: &str = "\
+Examples:
+  export PGPASSWORD=...   # or ~/.pgpass; never in --dsn
+  hsmseal pg encrypt --dsn postgresql://app@db/prod --table public.users -c email,ssn --key pii
+  # A jsonb column: changed to text, its type recorded for pg decrypt
+  hsmseal pg encrypt --dsn postgresql://app@db/prod --table public.users -c profile --key pii --alter";
+
+const EX_PG_DECRYPT: &str = "\
+Examples:
+  hsmseal pg decrypt --dsn postgresql://app@db/prod --table public.users -c email,ssn";
+
+const EX_PG_ROTATE: &str = "\
+Examples:
+  hsmseal key rotate pii
+  hsmseal pg rotate --dsn postgresql://app@db/prod --table public.users -c email,ssn";
+
+const EX_PG_VERIFY: &str = "\
+Examples:
+  hsmseal pg verify --dsn postgresql://app@db/prod --table public.users -c email,ssn";
+
+const EX_PG_STATUS: &str = "\
+Examples:
+  # Which key versions the table depends on, before a key purge
+  hsmseal --json pg status --dsn postgresql://app@db/prod --table public.users -c email,ssn";
 
 const EX_INIT: &str = "\
 Examples:
