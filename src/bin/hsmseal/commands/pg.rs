@@ -167,7 +167,10 @@ fn connect(dsn: &str) -> Result<Client> {
     })?;
     // bytea as `\x` hex text whatever the server's default: what encrypt
     // decodes (FORMAT §6.9).
-    c.batch_execute("SET bytea_output = 'hex'")
+    // synchronous_commit off: a chunk's commit does not wait for its WAL
+    // flush. A server crash may then lose the last chunks, but each with its
+    // cursor (one transaction), so the resumed run redoes exactly those.
+    c.batch_execute("SET bytea_output = 'hex'; SET synchronous_commit = off")
         .map_err(db_err("cannot set bytea_output"))?;
     Ok(c)
 }
