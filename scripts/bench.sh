@@ -252,6 +252,7 @@ CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
     if [ -n "$COLUMNS_MD" ]; then
         echo "$COLUMNS_MD"
     fi
+    if [ -x "$ROOT/scripts/bench-pg.sh" ]; then echo; "$ROOT/scripts/bench-pg.sh" "$BIN"; fi
 } > "$ROOT/docs/PERFORMANCE.md"
 rm -f input.bin
 echo "bench: wrote docs/PERFORMANCE.md" >&2

@@ -4,7 +4,7 @@
 
 use crate::app::App;
 use crate::cli::ColumnsCommand;
-use crate::cli::{AuditCommand, Command, KeyCommand};
+use crate::cli::{AuditCommand, Command, KeyCommand, PgCommand};
 use hsmseal::audit::{self, Record};
 use hsmseal::error::{Error, ErrorKind, Result};
 use hsmseal::hsm::audit_key::{AuditKeyStatus, AUDIT_KEY_LABEL};
@@ -49,6 +49,13 @@ pub fn logged_name(cmd: &Command) -> Option<String> {
             ColumnsCommand::Decrypt(_) => "columns decrypt",
             ColumnsCommand::Rewrap(_) => "columns rotate",
             ColumnsCommand::Passthrough(_) => return None,
+        },
+        Command::Pg(p) => match p {
+            PgCommand::Encrypt(_) => "pg encrypt",
+            PgCommand::Decrypt(_) => "pg decrypt",
+            PgCommand::Rotate(_) => "pg rotate",
+            PgCommand::Verify(_) => "pg verify",
+            PgCommand::Status(_) => return None,
         },
         Command::Init(_)
         | Command::Inspect(_)

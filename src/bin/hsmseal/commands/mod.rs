@@ -17,6 +17,7 @@ pub mod encrypt;
 pub mod init;
 pub mod inspect;
 pub mod key;
+pub mod pg;
 pub mod rewrap;
 pub mod verify;
 
@@ -96,6 +97,7 @@ pub fn run(cli: Cli, prepared: Result<Option<settings::Settings>>) -> Result<i32
         Command::Config(cmd) => config::run(&app, cmd),
         Command::Columns(cmd) => columns::run(&app, cmd),
         Command::Audit(cmd) => audit::run(&app, cmd),
+        Command::Pg(cmd) => pg::run(&app, cmd),
     };
     match logged {
         Some((name, log)) => audit::after_run(&app, &name, &log, outcome),

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# `hsmseal pg encrypt` against the dump pipeline and a plain COPY round trip,
+# on one table of BENCH_PG_ROWS rows (default 1,000,000) x 3 text columns,
+# in one run on a fresh PostgreSQL (as scripts/pg-e2e.sh starts it) and a
+# fresh SoftHSM2 token. Prints a markdown section on stdout (scripts/bench.sh
+# puts it into docs/PERFORMANCE.md). No thresholds: a measurement.
+#
+#   scripts/bench-pg.sh [path/to/hsmseal]
+set -euo pipefail
+BIN=$(realpath "${1:-target/release/hsmseal}")
+ROWS=${BENCH_PG_ROWS:-1000000}
+log() { printf 'bench-pg: %s\n' "$*" >&2; }
+PGBIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+[[ -x $PGBIN/initdb ]] || { log "no PostgreSQL (apt-get install postgresql)"; exit 2; }
+if [[ $(id -u) -eq 0 ]]; then as_pg() { runuser -u postgres -- "$@"; }; else as_pg() { "$@"; }; fi
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/hsmseal-bench-pg.XXXXXX")
+chmod 755 "$WORK"; mkdir -p "$WORK/pg"
+[[ $(id -u) -eq 0 ]] && chown postgres: "$WORK/pg"
+STARTED=0
+cleanup() {
+    [[ $STARTED -eq 1 ]] && as_pg "$PGBIN/pg_ctl" -D "$WORK/pg/data" -m immediate -w stop >/dev/null 2>&1 || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+as_pg "$PGBIN/initdb" -D "$WORK/pg/data" -A trust -U postgres -E UTF8 --locale=C --no-sync >/dev/null
+STARTED=1
+# Durability settings as pg-e2e.sh: the same for every pipeline measured.
+as_pg "$PGBIN/pg_ctl" -D "$WORK/pg/data" -l "$WORK/pg/log" -w -t 60 \
+    -o "-c listen_addresses=127.0.0.1 -p $PORT -k $WORK/pg -c fsync=off -c full_page_writes=off -c max_wal_size=4GB" start >/dev/null
+psql_() { "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres -d postgres "$@"; }
+DSN="postgresql://postgres@127.0.0.1:$PORT/postgres?sslmode=disable"
+
+mkdir -p "$WORK/tokens"
+printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' "$WORK/tokens" >"$WORK/softhsm2.conf"
+unset HSMSEAL_CONFIG HSMSEAL_PIN_FILE HSMSEAL_KEY || true
+export SOFTHSM2_CONF=$WORK/softhsm2.conf HSMSEAL_TOKEN=bench-pg HSMSEAL_PIN=bench-pin-1234
+export HSMSEAL_PKCS11_MODULE=${HSMSEAL_PKCS11_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
+softhsm2-util --init-token --free --label bench-pg --pin "$HSMSEAL_PIN" --so-pin so-pin-1234 >/dev/null
+"$BIN" key create bench >/dev/null
+
+log "creating $ROWS rows"
+psql_ <<SQL
+CREATE TABLE src (id bigint PRIMARY KEY, name text, email text, ssn text);
+INSERT INTO src SELECT g, 'Name ' || g || ' Surname', 'user' || g || '@example.com',
+       lpad((g % 1000)::text, 3, '0') || '-' || lpad((g % 100)::text, 2, '0') || '-' || lpad((g % 10000)::text, 4, '0')
+  FROM generate_series(1, $ROWS) g;
+CREATE TABLE plain (LIKE src INCLUDING ALL);
+CREATE TABLE dump (LIKE src INCLUDING ALL);
+CREATE TABLE direct AS SELECT * FROM src;
+ALTER TABLE direct ADD PRIMARY KEY (id);
+VACUUM ANALYZE;
+SQL
+size() { psql_ -At -c "SELECT pg_total_relation_size('$1')"; }
+now() { date +%s.%N; }
+# rss FILE: peak RSS in KiB from /usr/bin/time -f %M output, 0 without it.
+TIME=(); [[ -x /usr/bin/time ]] && TIME=(/usr/bin/time -f %M -o)
+
+log "plain COPY TO | COPY FROM"
+t0=$(now)
+psql_ -c "COPY src TO STDOUT (FORMAT text, HEADER)" | psql_ -c "COPY plain FROM STDIN (FORMAT text, HEADER)"
+PLAIN_S=$(echo "$(now) - $t0" | bc)
+
+log "dump pipeline: COPY TO | columns encrypt | COPY FROM"
+t0=$(now)
+psql_ -c "COPY src TO STDOUT (FORMAT text, HEADER)" \
+    | ${TIME:+"${TIME[@]}" "$WORK/dump.rss"} "$BIN" --json columns encrypt --key bench --format pgcopy \
+        --columns name,email,ssn --row-id id --context public.direct 2>"$WORK/dump.json" \
+    | psql_ -c "COPY dump FROM STDIN (FORMAT text, HEADER)"
+DUMP_S=$(echo "$(now) - $t0" | bc)
+DUMP_HSM=$(grep -o '"hsm_calls":[0-9]*' "$WORK/dump.json" | head -1 | cut -d: -f2)
+
+log "pg encrypt"
+t0=$(now)
+${TIME:+"${TIME[@]}" "$WORK/direct.rss"} "$BIN" --json pg encrypt --dsn "$DSN" --table public.direct \
+    --columns name,email,ssn --key bench >"$WORK/direct.json"
+DIRECT_S=$(echo "$(now) - $t0" | bc)
+DIRECT_HSM=$(grep -o '"hsm_calls":[0-9]*' "$WORK/direct.json" | cut -d: -f2)
+DIRECT_SIZE_DEAD=$(size direct)
+psql_ -c "VACUUM FULL direct"
+rss() { [[ -f $1 ]] && echo $(( $(tail -n 1 "$1") / 1024 )) || echo "-"; }
+bpc() { psql_ -At -c "SELECT round(avg(octet_length(t.email)) - avg(octet_length(c.email)), 1) FROM $1 t JOIN src c USING (id)"; }
+SRC_SIZE=$(size src)
+row() { # NAME SECONDS SIZE HSM RSS BPC
+    awk -v n="$1" -v s="$2" -v size="$3" -v src="$SRC_SIZE" -v rows="$ROWS" -v h="$4" -v r="$5" -v b="$6" -v p="$PLAIN_S" \
+        'BEGIN { printf "| %s | %.1f | %.0f | %.0f | %.1f | %.1f | %.2f | %s | %s | %s |\n", n, s, rows/s, 3*rows/s, size/1048576, size/src, s/p, b, h, r }'
+}
+log "done"
+echo "## PostgreSQL tables: ${ROWS} rows x 3 text columns"
+echo
+echo "One table (id bigint primary key, name, email, ssn: $(( SRC_SIZE / 1048576 )) MiB) on a local PostgreSQL"
+echo "$("$PGBIN/postgres" --version | awk '{print $3}') (fsync off), SoftHSM2, one run (\`scripts/bench-pg.sh\`). \"× COPY\" is the"
+echo "wall time over a plain \`COPY TO | COPY FROM\` of the same table in the same run; sizes are"
+echo "\`pg_total_relation_size\` (for \`pg encrypt\`, after \`VACUUM FULL\`: the UPDATEs leave the old row"
+echo "versions, $(( DIRECT_SIZE_DEAD / 1048576 )) MiB before it). Bytes/cell: extra bytes per encrypted email cell."
+echo
+echo "| pipeline | wall s | rows/s | cells/s | table MiB | × size | × COPY | bytes/cell | HSM calls | peak RSS MiB |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+row "plain COPY TO \\| COPY FROM" "$PLAIN_S" "$(size plain)" 0 "-" 0
+row "COPY TO \\| columns encrypt \\| COPY FROM" "$DUMP_S" "$(size dump)" "${DUMP_HSM:--}" "$(rss "$WORK/dump.rss")" "$(bpc dump)"
+row "pg encrypt (in place, chunks of 2000)" "$DIRECT_S" "$(size direct)" "${DIRECT_HSM:--}" "$(rss "$WORK/direct.rss")" "$(bpc direct)"

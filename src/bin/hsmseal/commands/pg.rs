@@ -1,0 +1,1210 @@
+//! `hsmseal pg encrypt|decrypt|rotate|verify|status`: columns of a live
+//! PostgreSQL table, in place, through the `postgres` client.
+//!
+//! Invariants:
+//! - Tokens are the ones `columns encrypt --format pgcopy --context
+//!   SCHEMA.TABLE --row-id PK` makes from a COPY text dump of the table:
+//!   column id `Name(column)`, the pgcopy format code in the flags, the
+//!   value the column's text (what COPY text decodes to), the row id the
+//!   key columns' text (composite keys: [`row_binding`]). So a table done
+//!   here can be dumped and decrypted by `columns decrypt`, and back.
+//!   bytea is the exception: its tokens hold the raw bytes (see FORMAT §6.9).
+//! - The walk goes in key order in chunks, each its own transaction:
+//!   `SELECT … WHERE (key) > (last) ORDER BY key LIMIT n FOR UPDATE`, the
+//!   UPDATE of the changed rows, and the cursor in `hsmseal.progress`, all
+//!   committed together. A killed run loses at most its open chunk, which
+//!   rolls back, and resumes after the last committed one.
+//! - A value is changed at most once: encrypt leaves a value that is already
+//!   a token of this cell alone (and fails on one that is not: moved from
+//!   another row), decrypt leaves clear values alone, rotate leaves tokens
+//!   already under the target version alone. A re-run changes nothing.
+//! - Writers of one table are serialised by a session advisory lock on its
+//!   name (docs/SECURITY.md, "Concurrency and failure model"): a second run
+//!   waits, then finds nothing left to do.
+//! - Only `text` columns are touched; any other type is an error naming it
+//!   unless `--alter`, which records the type in `hsmseal.columns` and
+//!   makes the column text; decrypt restores the type when no token is left.
+//! - No password on argv: a password in `--dsn` is refused; PGPASSWORD or
+//!   the passfile supply it; errors name user@host:port/db, never the DSN.
+
+use crate::app::App;
+use crate::cli::{PgArgs, PgCommand};
+use hsmseal::backend::{KeyBackend, KeyRef};
+use hsmseal::columns::token::{
+    self, binding_prefix, looks_like_token, BatchCache, ColumnId, Opener, RewrapCache, Rewrapper,
+    Sealer, MIN_TOKEN_LEN, PREFIX,
+};
+use hsmseal::columns::Format;
+use hsmseal::error::{Error, Result};
+use postgres::{Client, NoTls};
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// What a walk does to each cell.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Op {
+    Encrypt,
+    Decrypt,
+    Rotate,
+    Verify,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Encrypt => "encrypt",
+            Op::Decrypt => "decrypt",
+            Op::Rotate => "rotate",
+            Op::Verify => "verify",
+        }
+    }
+    fn writes(self) -> bool {
+        self != Op::Verify
+    }
+}
+
+/// Runs a `pg` subcommand; returns the exit code.
+pub fn run(app: &App, cmd: PgCommand) -> Result<i32> {
+    let (op, args, key) = match cmd {
+        PgCommand::Encrypt(a) => (Op::Encrypt, a.target, Some(app.key_name(a.key.as_deref())?)),
+        PgCommand::Decrypt(a) => (Op::Decrypt, a, None),
+        PgCommand::Rotate(a) => {
+            if let Some(k) = &a.key {
+                hsmseal::backend::validate_key_name(k)?;
+            }
+            (Op::Rotate, a.target, a.key)
+        }
+        PgCommand::Verify(a) => (Op::Verify, a, None),
+        PgCommand::Status(a) => return status(app, &a),
+    };
+    check_args(&args)?;
+    let mut client = connect(&args.dsn)?;
+    let t = Table::load(&mut client, &args, op == Op::Encrypt)?;
+    if args.dry_run && op.writes() {
+        return walk(app, &mut client, &t, &args, op, key, true);
+    }
+    walk(app, &mut client, &t, &args, op, key, false)
+}
+
+fn check_args(a: &PgArgs) -> Result<()> {
+    if a.chunk_rows == 0 || a.chunk_rows > 1_000_000 {
+        return Err(Error::usage("--chunk-rows must be 1 to 1000000"));
+    }
+    if a.columns.iter().any(|c| c.is_empty()) {
+        return Err(Error::usage("--columns holds an empty name"));
+    }
+    Ok(())
+}
+
+// ---- Connection -----------------------------------------------------------
+
+/// Connects with `dsn` (URL or key=value), completed from PGHOST, PGPORT,
+/// PGUSER, PGDATABASE, and the password from PGPASSWORD or the passfile.
+fn connect(dsn: &str) -> Result<Client> {
+    let mut cfg: postgres::Config = dsn.parse().map_err(|_| {
+        // The parser's message may quote the DSN, password included: not shown.
+        Error::usage(
+            "--dsn is not a PostgreSQL URL (postgresql://user@host:port/db) or key=value string",
+        )
+    })?;
+    if cfg.get_password().is_some() {
+        return Err(Error::usage(
+            "--dsn holds a password, which other users can read on the command line: remove it and set PGPASSWORD or use ~/.pgpass (PGPASSFILE)",
+        ));
+    }
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    if cfg.get_hosts().is_empty() {
+        match env("PGHOST") {
+            Some(h) if h.starts_with('/') => cfg.host_path(h),
+            Some(h) => cfg.host(&h),
+            None => cfg.host("localhost"),
+        };
+    }
+    if cfg.get_ports().is_empty() {
+        let port = match env("PGPORT") {
+            Some(p) => p
+                .parse()
+                .map_err(|_| Error::usage(format!("PGPORT {p:?} is not a port number")))?,
+            None => 5432,
+        };
+        cfg.port(port);
+    }
+    if cfg.get_user().is_none() {
+        let user = env("PGUSER")
+            .or_else(|| env("USER"))
+            .unwrap_or_else(|| "postgres".into());
+        cfg.user(&user);
+    }
+    let user = cfg.get_user().unwrap_or_default().to_string();
+    if cfg.get_dbname().is_none() {
+        cfg.dbname(&env("PGDATABASE").unwrap_or_else(|| user.clone()));
+    }
+    let db = cfg.get_dbname().unwrap_or_default().to_string();
+    let host = match &cfg.get_hosts()[0] {
+        postgres::config::Host::Tcp(h) => h.clone(),
+        postgres::config::Host::Unix(p) => p.display().to_string(),
+    };
+    let port = cfg.get_ports()[0];
+    // pgpass names a Unix socket "localhost", as libpq does.
+    let pass_host = if host.starts_with('/') {
+        "localhost"
+    } else {
+        &host
+    };
+    if let Some(pw) = env("PGPASSWORD").or_else(|| pgpass(pass_host, port, &db, &user)) {
+        cfg.password(pw);
+    }
+    cfg.application_name("hsmseal");
+    cfg.connect_timeout(Duration::from_secs(30));
+    let place = format!("{user}@{host}:{port}/{db}");
+    let mut c = cfg.connect(NoTls).map_err(|e| {
+        Error::io(format!(
+            "cannot connect to PostgreSQL {place}: {}",
+            pg_msg(&e)
+        ))
+    })?;
+    // bytea as `\x` hex text whatever the server's default: what encrypt
+    // decodes (FORMAT §6.9).
+    // synchronous_commit off: a chunk's commit does not wait for its WAL
+    // flush. A server crash may then lose the last chunks, but each with its
+    // cursor (one transaction), so the resumed run redoes exactly those.
+    c.batch_execute("SET bytea_output = 'hex'; SET synchronous_commit = off")
+        .map_err(db_err("cannot set bytea_output"))?;
+    Ok(c)
+}
+
+/// The password for host:port:db:user from PGPASSFILE or ~/.pgpass (the
+/// libpq rules: first match wins, `*` matches anything, `\` escapes `:`
+/// and `\`). The file is ignored, as by libpq, if others may read it.
+fn pgpass(host: &str, port: u16, db: &str, user: &str) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PGPASSFILE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".pgpass")))?;
+    let meta = std::fs::metadata(&path).ok()?;
+    if !meta.is_file() || meta.permissions().mode() & 0o077 != 0 {
+        return None;
+    }
+    let text = std::fs::read_to_string(&path).ok()?;
+    let want = [
+        host.to_string(),
+        port.to_string(),
+        db.to_string(),
+        user.to_string(),
+    ];
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let mut fields = Vec::new();
+        let mut cur = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => cur.extend(chars.next()),
+                ':' if fields.len() < 4 => fields.push(std::mem::take(&mut cur)),
+                _ => cur.push(c),
+            }
+        }
+        fields.push(cur);
+        if fields.len() == 5
+            && fields[..4]
+                .iter()
+                .zip(&want)
+                .all(|(f, w)| f == "*" || f == w)
+        {
+            return Some(fields.pop().expect("five fields"));
+        }
+    }
+    None
+}
+
+/// A PostgreSQL error on one line (a server error's DETAIL and HINT
+/// follow after "; ").
+fn pg_msg(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => {
+            let mut m = d.message().to_string();
+            if let Some(x) = d.detail() {
+                m = format!("{m}; {x}");
+            }
+            if let Some(x) = d.hint() {
+                m = format!("{m}; hint: {x}");
+            }
+            m.replace('\n', " ")
+        }
+        None => e.to_string().replace('\n', " "),
+    }
+}
+
+fn db_err(what: &str) -> impl Fn(postgres::Error) -> Error + '_ {
+    move |e| Error::io(format!("{what}: {}", pg_msg(&e)))
+}
+
+// ---- The table --------------------------------------------------------------
+
+/// A SQL identifier, quoted.
+fn ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+struct KeyCol {
+    name: String,
+    /// `format_type()`: what the cursor's text values are cast back to.
+    ty: String,
+}
+
+struct Col {
+    name: String,
+    /// The type recorded by `--alter` (`hsmseal.columns`), if any.
+    original: Option<String>,
+}
+
+impl Col {
+    fn bytea(&self) -> bool {
+        self.original.as_deref() == Some("bytea")
+    }
+}
+
+struct Table {
+    /// SCHEMA.TABLE as given: the default context, the progress and lock key.
+    label: String,
+    /// The quoted name for SQL.
+    sql: String,
+    key: Vec<KeyCol>,
+    cols: Vec<Col>,
+    /// Columns that are not text yet and will be altered (`--alter`).
+    to_alter: Vec<(String, String)>,
+}
+
+const STATE_SQL: &str = "
+CREATE SCHEMA IF NOT EXISTS hsmseal;
+CREATE TABLE IF NOT EXISTS hsmseal.progress (
+    table_name text NOT NULL,
+    columns    text NOT NULL,
+    op         text NOT NULL,
+    last_key   text[] NOT NULL,
+    rows_done  bigint NOT NULL,
+    started    timestamptz NOT NULL,
+    updated    timestamptz NOT NULL,
+    PRIMARY KEY (table_name, columns, op));
+CREATE TABLE IF NOT EXISTS hsmseal.columns (
+    table_name    text NOT NULL,
+    column_name   text NOT NULL,
+    original_type text NOT NULL,
+    altered       timestamptz NOT NULL,
+    PRIMARY KEY (table_name, column_name));";
+
+/// Advisory lock keys: one for hsmseal's own schema, one per table.
+const STATE_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtextextended('hsmseal state', 0))";
+
+impl Table {
+    fn load(c: &mut Client, a: &PgArgs, encrypting: bool) -> Result<Table> {
+        let (schema, name) = a.table.split_once('.').ok_or_else(|| {
+            Error::usage(format!(
+                "--table {:?} has no schema: write SCHEMA.TABLE, e.g. public.{}",
+                a.table, a.table
+            ))
+        })?;
+        let q = "SELECT c.oid::int8 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')";
+        let rows = c
+            .query(q, &[&schema, &name])
+            .map_err(db_err("cannot look the table up"))?;
+        let oid: i64 = rows
+            .first()
+            .ok_or_else(|| Error::usage(format!("no table {schema}.{name} in this database")))?
+            .get(0);
+        let attrs = c
+            .query(
+                "SELECT attname::text, format_type(atttypid, atttypmod), atttypid::int8, attnotnull
+                   FROM pg_attribute WHERE attrelid = $1::int8::oid AND attnum > 0 AND NOT attisdropped",
+                &[&oid],
+            )
+            .map_err(db_err("cannot read the table's columns"))?;
+        let attr = |n: &str| attrs.iter().find(|r| r.get::<_, &str>(0) == n);
+        let pk: Vec<String> = c
+            .query(
+                "SELECT a.attname::text FROM pg_index i
+                   JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true
+                   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                  WHERE i.indrelid = $1::int8::oid AND i.indisprimary ORDER BY k.ord",
+                &[&oid],
+            )
+            .map_err(db_err("cannot read the primary key"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let label = format!("{schema}.{name}");
+        let key_names: Vec<String> = if !a.row_id.is_empty() {
+            a.row_id.iter().map(|s| s.trim().to_string()).collect()
+        } else if !pk.is_empty() {
+            pk
+        } else {
+            return Err(Error::usage(format!(
+                "{label} has no primary key: pass --row-id COL[,COL...] naming unique, non-NULL columns to bind each token to its row"
+            )));
+        };
+        let mut key = Vec::new();
+        for k in &key_names {
+            let r = attr(k)
+                .ok_or_else(|| Error::usage(format!("--row-id: {label} has no column {k:?}")))?;
+            if a.columns.iter().any(|c| c == k) {
+                return Err(Error::usage(format!(
+                    "column {k:?} is the row id and cannot be encrypted: a token is bound to it"
+                )));
+            }
+            key.push(KeyCol {
+                name: k.clone(),
+                ty: r.get(1),
+            });
+        }
+        if !a.row_id.is_empty() {
+            // The walk pages by these columns: without uniqueness rows
+            // sharing a value at a chunk boundary would be skipped.
+            let uniq = c
+                .query(
+                    "SELECT 1 FROM pg_index i WHERE i.indrelid = $1::int8::oid AND i.indisunique
+                        AND i.indpred IS NULL AND i.indexprs IS NULL
+                        AND (SELECT array_agg(a.attname::text ORDER BY a.attname)
+                               FROM pg_attribute a WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey))
+                          = (SELECT array_agg(x ORDER BY x) FROM unnest($2::text[]) x)",
+                    &[&oid, &key_names],
+                )
+                .map_err(db_err("cannot read the table's indexes"))?;
+            if uniq.is_empty() {
+                return Err(Error::usage(format!(
+                    "--row-id {}: {label} has no unique index on exactly these columns; the walk needs one to page through the table (CREATE UNIQUE INDEX ... ON {label} ({}))",
+                    key_names.join(","),
+                    key_names.join(", ")
+                )));
+            }
+        }
+        let recorded: BTreeMap<String, String> = match c.query(
+            "SELECT column_name, original_type FROM hsmseal.columns WHERE table_name = $1",
+            &[&label],
+        ) {
+            Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+            // No hsmseal schema yet: nothing recorded.
+            Err(e) if e.code() == Some(&postgres::error::SqlState::UNDEFINED_TABLE) => {
+                BTreeMap::new()
+            }
+            Err(e) => return Err(db_err("cannot read hsmseal.columns")(e)),
+        };
+        let mut cols = Vec::new();
+        let mut to_alter = Vec::new();
+        for name in &a.columns {
+            let r = attr(name)
+                .ok_or_else(|| Error::usage(format!("{label} has no column {name:?}")))?;
+            let ty: String = r.get(1);
+            let typid: i64 = r.get(2);
+            if cols.iter().any(|c: &Col| &c.name == name) {
+                return Err(Error::usage(format!("--columns names {name:?} twice")));
+            }
+            let mut original = recorded.get(name).cloned();
+            // A column that is not text holds no tokens: decrypt, rotate,
+            // verify and status count its values as clear (a re-run after
+            // decrypt restored the type changes nothing).
+            if typid != 25 && encrypting {
+                if !a.alter {
+                    return Err(Error::usage(format!(
+                        "column {name:?} of {label} is {ty}, not text: a token is text, so pass --alter to change the column to text (its type is recorded in hsmseal.columns and restored by pg decrypt), or leave it out of --columns"
+                    )));
+                }
+                to_alter.push((name.clone(), ty.clone()));
+                original = Some(ty);
+            }
+            cols.push(Col {
+                name: name.clone(),
+                original,
+            });
+        }
+        Ok(Table {
+            sql: format!("{}.{}", ident(schema), ident(name)),
+            label,
+            key,
+            cols,
+            to_alter,
+        })
+    }
+
+    /// `(k1, k2)` in SQL, prefixed with `t.` or not.
+    fn key_list(&self, prefix: &str) -> String {
+        let v: Vec<String> = self
+            .key
+            .iter()
+            .map(|k| format!("{prefix}{}", ident(&k.name)))
+            .collect();
+        v.join(", ")
+    }
+}
+
+/// The row part of a binding: `u8(1) || lp(id)` for one key column (what
+/// `columns --row-id COL` binds), `u8(2) || u8(k) || lp(v1) || … || lp(vk)`
+/// for k ≥ 2 (the composite row id agreed with the dump path, FORMAT §6).
+fn row_binding(out: &mut Vec<u8>, prefix: &[u8], ids: &[&[u8]]) {
+    if let [one] = ids {
+        token::binding(out, prefix, Some(one));
+        return;
+    }
+    out.clear();
+    out.extend_from_slice(prefix);
+    out.push(2);
+    // A PostgreSQL index has at most 32 columns.
+    out.push(ids.len() as u8);
+    for v in ids {
+        out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+        out.extend_from_slice(v);
+    }
+}
+
+fn hex_decode(s: &[u8]) -> Option<Vec<u8>> {
+    let h = s.strip_prefix(b"\\x")?;
+    if h.len() % 2 != 0 {
+        return None;
+    }
+    let d = |c: u8| (c as char).to_digit(16);
+    h.chunks(2)
+        .map(|p| Some((d(p[0])? * 16 + d(p[1])?) as u8))
+        .collect()
+}
+
+fn hex_encode(b: &[u8]) -> String {
+    let mut s = String::with_capacity(2 + b.len() * 2);
+    s.push_str("\\x");
+    for x in b {
+        s.push_str(&format!("{x:02x}"));
+    }
+    s
+}
+
+// ---- The walk --------------------------------------------------------------
+
+/// Counts of one walk (the `--json` summary's fields).
+#[derive(Default, serde::Serialize)]
+struct Counts {
+    rows: u64,
+    cells: u64,
+    changed: u64,
+    nulls: u64,
+    /// Clear values: left alone by decrypt, rotate and verify.
+    clear: u64,
+    /// Tokens left alone: encrypt (already tokens of this cell), rotate
+    /// (already under the target version).
+    unchanged_tokens: u64,
+    chunks: u64,
+}
+
+/// Per-cell cryptography of one walk.
+enum Engine<'a> {
+    Seal(Box<Sealer<'a>>, Opener<'a>),
+    Open(Opener<'a>),
+    Rewrap(Rewrapper<'a>),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn walk(
+    app: &App,
+    client: &mut Client,
+    t: &Table,
+    a: &PgArgs,
+    op: Op,
+    key_name: Option<String>,
+    dry_run: bool,
+) -> Result<i32> {
+    let started = Instant::now();
+    let backend = app.backend()?;
+    let backend: &dyn KeyBackend = &*backend;
+    let target = match &key_name {
+        Some(n) => Some(KeyRef {
+            name: n.clone(),
+            version: backend.current_version(n)?,
+        }),
+        None => None,
+    };
+    let context = a.context.clone().unwrap_or_else(|| t.label.clone());
+    let cols_key = serde_json::to_string(&a.columns).expect("strings serialise");
+    let writes = op.writes() && !dry_run;
+    if writes {
+        let mut tx = client.transaction().map_err(db_err("cannot begin"))?;
+        tx.batch_execute(STATE_LOCK)
+            .and_then(|_| tx.batch_execute(STATE_SQL))
+            .map_err(db_err(
+                "cannot create hsmseal's state tables (schema hsmseal)",
+            ))?;
+        tx.commit()
+            .map_err(db_err("cannot create hsmseal's state tables"))?;
+        lock_table(app, client, &t.label)?;
+    }
+    if writes && !t.to_alter.is_empty() {
+        if op != Op::Encrypt {
+            let (c, ty) = &t.to_alter[0];
+            return Err(Error::usage(format!(
+                "column {c:?} of {} is {ty}, not text, and holds no tokens",
+                t.label
+            )));
+        }
+        alter_to_text(client, t)?;
+    }
+    let batch_cache = BatchCache::new();
+    let rewrap_cache = RewrapCache::new();
+    let mut engine = match op {
+        Op::Encrypt if !dry_run => {
+            let k = target.as_ref().expect("encrypt has a key");
+            Engine::Seal(
+                Box::new(Sealer::new(backend, k, token::DEFAULT_BATCH_SIZE)?),
+                Opener::new(backend, &batch_cache),
+            )
+        }
+        Op::Encrypt => Engine::Open(Opener::new(backend, &batch_cache)),
+        Op::Decrypt | Op::Verify => Engine::Open(Opener::new(backend, &batch_cache)),
+        Op::Rotate => Engine::Rewrap(Rewrapper::new(backend, target.as_ref(), &rewrap_cache)),
+    };
+    let prefixes: Vec<Vec<u8>> = t
+        .cols
+        .iter()
+        .map(|c| binding_prefix(&context, &ColumnId::Name(c.name.clone())))
+        .collect();
+    // Resume: the cursor of an interrupted run of this op on these columns.
+    // A cursor of another op is stale once this one runs: dropped.
+    let mut last: Option<Vec<String>> = None;
+    let mut resumed = 0i64;
+    if writes {
+        client
+            .execute(
+                "DELETE FROM hsmseal.progress WHERE table_name = $1 AND op <> $2",
+                &[&t.label, &op.name()],
+            )
+            .map_err(db_err("cannot read hsmseal.progress"))?;
+        if let Some(r) = client
+            .query_opt(
+                "SELECT last_key, rows_done FROM hsmseal.progress WHERE table_name = $1 AND columns = $2 AND op = $3",
+                &[&t.label, &cols_key, &op.name()],
+            )
+            .map_err(db_err("cannot read hsmseal.progress"))?
+        {
+            last = Some(r.get(0));
+            resumed = r.get(1);
+            app.info(format!(
+                "hsmseal: resuming pg {} of {} after {resumed} rows (hsmseal.progress)",
+                op.name(),
+                t.label
+            ));
+        }
+    }
+    let bar = progress_bar(app, client, t)?;
+    if let Some(pb) = &bar {
+        pb.set_position(resumed as u64);
+    }
+
+    // The chunk's SELECT: key columns, then the selected columns, as text.
+    let nk = t.key.len();
+    // Qualified: a bare name in ORDER BY would pick the `::text` output
+    // column of the same name and sort as text.
+    let keys_t = t.key_list("t.");
+    let sel_cols: Vec<String> = t
+        .key
+        .iter()
+        .map(|k| format!("t.{}::text", ident(&k.name)))
+        .chain(t.cols.iter().map(|c| format!("t.{}::text", ident(&c.name))))
+        .collect();
+    let after: Vec<String> = t
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("${}::text::{}", i + 1, k.ty))
+        .collect();
+    let lock = if writes { " FOR UPDATE" } else { "" };
+    let select_first = format!(
+        "SELECT {} FROM {} AS t ORDER BY {keys_t} LIMIT {}{lock}",
+        sel_cols.join(", "),
+        t.sql,
+        a.chunk_rows
+    );
+    let select_next = format!(
+        "SELECT {} FROM {} AS t WHERE ({keys_t}) > ({}) ORDER BY {keys_t} LIMIT {}{lock}",
+        sel_cols.join(", "),
+        t.sql,
+        after.join(", "),
+        a.chunk_rows
+    );
+    // The chunk's UPDATE: the changed rows from arrays, NULL meaning "keep".
+    let vals: Vec<String> = (0..nk + t.cols.len())
+        .map(|i| format!("${}::text[]", i + 1))
+        .collect();
+    let names: Vec<String> = (0..nk)
+        .map(|i| format!("k{i}"))
+        .chain((0..t.cols.len()).map(|i| format!("v{i}")))
+        .collect();
+    let sets: Vec<String> = t
+        .cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            format!(
+                "{} = COALESCE(v.v{i}, t.{})",
+                ident(&c.name),
+                ident(&c.name)
+            )
+        })
+        .collect();
+    let matches: Vec<String> = t
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("t.{} = v.k{i}::{}", ident(&k.name), k.ty))
+        .collect();
+    let update = format!(
+        "UPDATE {} AS t SET {} FROM unnest({}) AS v({}) WHERE {}",
+        t.sql,
+        sets.join(", "),
+        vals.join(", "),
+        names.join(", "),
+        matches.join(" AND ")
+    );
+    let save = "INSERT INTO hsmseal.progress AS p (table_name, columns, op, last_key, rows_done, started, updated)
+                VALUES ($1, $2, $3, $4, $5, now(), clock_timestamp())
+                ON CONFLICT (table_name, columns, op) DO UPDATE
+                SET last_key = EXCLUDED.last_key, rows_done = p.rows_done + EXCLUDED.rows_done, updated = clock_timestamp()";
+    let done_sql =
+        "DELETE FROM hsmseal.progress WHERE table_name = $1 AND columns = $2 AND op = $3";
+
+    let mut counts = Counts::default();
+    let mut aad = Vec::with_capacity(256);
+    let mut out = Vec::with_capacity(512);
+    let fmt_flags = token::format_flags(Format::PgCopy);
+
+    // Transactions by hand: per chunk BEGIN … COMMIT, or with --atomic one
+    // BEGIN … COMMIT around savepoints. On an error the connection is
+    // dropped with the transaction open: the server rolls it back.
+    let atomic = a.atomic && writes;
+    let sql = |c: &mut Client, q: &str| c.batch_execute(q).map_err(db_err("transaction control"));
+    if atomic {
+        sql(client, "BEGIN")?;
+    }
+    loop {
+        sql(
+            client,
+            if atomic {
+                "SAVEPOINT hsmseal_chunk"
+            } else {
+                "BEGIN"
+            },
+        )?;
+        let tx = &mut *client;
+        let rows = match &last {
+            None => tx.query(&select_first, &[]),
+            Some(l) => {
+                let p: Vec<&(dyn postgres::types::ToSql + Sync)> = l
+                    .iter()
+                    .map(|s| s as &(dyn postgres::types::ToSql + Sync))
+                    .collect();
+                tx.query(&select_next, &p)
+            }
+        }
+        .map_err(db_err(&format!("cannot read {}", t.label)))?;
+        let n = rows.len();
+        let mut upd: Vec<Vec<Option<String>>> = vec![Vec::new(); nk + t.cols.len()];
+        for row in &rows {
+            counts.rows += 1;
+            let mut kv: Vec<String> = Vec::with_capacity(nk);
+            for i in 0..nk {
+                let v: Option<String> = row.try_get(i).map_err(db_err("cannot read a row id"))?;
+                kv.push(v.ok_or_else(|| {
+                    Error::format(format!(
+                        "row id column {:?} is NULL in a row of {}: each row needs a non-NULL id",
+                        t.key[i].name, t.label
+                    ))
+                })?);
+            }
+            let place = || {
+                let names: Vec<&str> = t.key.iter().map(|k| k.name.as_str()).collect();
+                format!("row ({}) = ({})", names.join(", "), kv.join(", "))
+            };
+            let ids: Vec<&[u8]> = kv.iter().map(|s| s.as_bytes()).collect();
+            let mut changed_row = false;
+            let mut new_vals: Vec<Option<String>> = vec![None; t.cols.len()];
+            for (j, col) in t.cols.iter().enumerate() {
+                let v: Option<&str> = row.try_get(nk + j).map_err(db_err("cannot read a value"))?;
+                let Some(v) = v else {
+                    counts.nulls += 1;
+                    continue;
+                };
+                counts.cells += 1;
+                let cell_err = |e: Error| {
+                    e.context(format!("{}, {}, column {:?}", t.label, place(), col.name))
+                };
+                row_binding(&mut aad, &prefixes[j], &ids);
+                let is_token = looks_like_token(v.as_bytes());
+                match (&mut engine, op) {
+                    (Engine::Seal(s, o), _) => {
+                        if is_token {
+                            // Already encrypted (a re-run or resumed run):
+                            // it must be this cell's token, else it was moved.
+                            o.open(&aad, v.as_bytes()).map_err(cell_err)?;
+                            counts.unchanged_tokens += 1;
+                            continue;
+                        }
+                        let raw;
+                        let value: &[u8] = if col.bytea() {
+                            raw = hex_decode(v.as_bytes()).ok_or_else(|| {
+                                cell_err(Error::format("a bytea value in text form should start with \\x and hold hex digits"))
+                            })?;
+                            &raw
+                        } else {
+                            v.as_bytes()
+                        };
+                        out.clear();
+                        s.seal(&aad, fmt_flags, value, &mut out).map_err(cell_err)?;
+                        new_vals[j] =
+                            Some(String::from_utf8(out.clone()).expect("tokens are ASCII"));
+                    }
+                    (Engine::Open(o), Op::Encrypt) => {
+                        // --dry-run of encrypt: what would be sealed.
+                        if is_token {
+                            o.open(&aad, v.as_bytes()).map_err(cell_err)?;
+                            counts.unchanged_tokens += 1;
+                            continue;
+                        }
+                    }
+                    (Engine::Open(o), _) => {
+                        if !is_token {
+                            counts.clear += 1;
+                            continue;
+                        }
+                        let (_, value) = o.open(&aad, v.as_bytes()).map_err(cell_err)?;
+                        if op == Op::Decrypt {
+                            let text = if col.bytea() {
+                                hex_encode(value)
+                            } else {
+                                String::from_utf8(value.to_vec()).map_err(|_| {
+                                    cell_err(Error::format(
+                                        "the decrypted value is not UTF-8 text, so it cannot go into a text column (a bytea value? its column's type record is missing from hsmseal.columns)",
+                                    ))
+                                })?
+                            };
+                            new_vals[j] = Some(text);
+                        } else {
+                            // verify: opened, nothing written.
+                            continue;
+                        }
+                    }
+                    (Engine::Rewrap(r), _) => {
+                        if !is_token {
+                            counts.clear += 1;
+                            continue;
+                        }
+                        out.clear();
+                        if !r.rewrap(v.as_bytes(), &mut out).map_err(cell_err)? {
+                            counts.unchanged_tokens += 1;
+                            continue;
+                        }
+                        new_vals[j] =
+                            Some(String::from_utf8(out.clone()).expect("tokens are ASCII"));
+                    }
+                }
+                counts.changed += 1;
+                changed_row = true;
+            }
+            if changed_row && writes {
+                for (i, k) in kv.iter().enumerate() {
+                    upd[i].push(Some(k.clone()));
+                }
+                for (j, v) in new_vals.into_iter().enumerate() {
+                    upd[nk + j].push(v);
+                }
+            }
+            if let Some(l) = &mut last {
+                *l = kv;
+            } else {
+                last = Some(kv);
+            }
+        }
+        if writes {
+            if !upd[0].is_empty() {
+                let p: Vec<&(dyn postgres::types::ToSql + Sync)> = upd
+                    .iter()
+                    .map(|v| v as &(dyn postgres::types::ToSql + Sync))
+                    .collect();
+                tx.execute(&update, &p)
+                    .map_err(db_err(&format!("cannot update {}", t.label)))?;
+            }
+            if n < a.chunk_rows as usize {
+                tx.execute(done_sql, &[&t.label, &cols_key, &op.name()])
+                    .map_err(db_err("cannot update hsmseal.progress"))?;
+            } else {
+                let l = last.as_ref().expect("a full chunk has rows");
+                tx.execute(save, &[&t.label, &cols_key, &op.name(), l, &(n as i64)])
+                    .map_err(db_err("cannot update hsmseal.progress"))?;
+            }
+        }
+        sql(
+            client,
+            if atomic {
+                "RELEASE SAVEPOINT hsmseal_chunk"
+            } else {
+                "COMMIT"
+            },
+        )
+        .map_err(|e| e.context(format!("committing a chunk of {}", t.label)))?;
+        counts.chunks += 1;
+        if let Some(pb) = &bar {
+            pb.inc(n as u64);
+        }
+        if n < a.chunk_rows as usize {
+            break;
+        }
+    }
+    if atomic {
+        sql(client, "COMMIT").map_err(|e| e.context("committing the --atomic transaction"))?;
+    }
+    if let Some(pb) = &bar {
+        pb.finish_and_clear();
+    }
+    if op == Op::Decrypt && writes {
+        restore_types(app, client, t)?;
+    }
+    let hsm_calls = match &engine {
+        Engine::Seal(s, _) => s.hsm_calls + batch_cache.hsm_calls(),
+        Engine::Open(_) => batch_cache.hsm_calls(),
+        Engine::Rewrap(_) => rewrap_cache.hsm_calls(),
+    };
+    // Audit entry: cells changed (or checked) are the items.
+    let done = if op == Op::Verify {
+        counts.cells - counts.clear
+    } else {
+        counts.changed
+    };
+    app.stats.ok.fetch_add(done, Ordering::Relaxed);
+    app.stats
+        .skipped
+        .fetch_add(counts.cells - done + counts.nulls, Ordering::Relaxed);
+    let keys: Vec<KeyRef> = match op {
+        Op::Rotate if target.is_none() => rewrap_cache.targets(),
+        _ => target.iter().cloned().collect(),
+    };
+    for k in &keys {
+        app.stats.add_key(k.clone());
+    }
+    let secs = started.elapsed().as_secs_f64();
+    if app.json {
+        let mut m = serde_json::Map::new();
+        m.insert("action".into(), format!("pg {}", op.name()).into());
+        m.insert("table".into(), t.label.clone().into());
+        m.insert("columns".into(), serde_json::json!(a.columns));
+        m.insert("context".into(), context.into());
+        let names: Vec<&str> = t.key.iter().map(|k| k.name.as_str()).collect();
+        m.insert("row_id".into(), serde_json::json!(names));
+        m.insert(
+            "keys".into(),
+            keys.iter()
+                .map(|k| serde_json::json!({"name": k.name, "version": k.version}))
+                .collect(),
+        );
+        m.insert("dry_run".into(), dry_run.into());
+        m.insert("resumed_after_rows".into(), resumed.into());
+        if let Ok(serde_json::Value::Object(c)) = serde_json::to_value(&counts) {
+            m.extend(c);
+        }
+        m.insert("hsm_calls".into(), hsm_calls.into());
+        m.insert("seconds".into(), secs.into());
+        crate::report::emit("summary", &m);
+    } else {
+        let verb = match (op, dry_run) {
+            (Op::Verify, _) => "tokens open",
+            (_, true) => "would change",
+            _ => "changed",
+        };
+        let n = if op == Op::Verify {
+            done
+        } else {
+            counts.changed
+        };
+        app.info(format!(
+            "pg {}{}: {} of {}: {n} cells {verb}, {} rows, {} NULL, {} clear, {} tokens left as they were, {} chunks, {} HSM calls, {secs:.1} s",
+            op.name(),
+            if dry_run { " --dry-run" } else { "" },
+            a.columns.join(","),
+            t.label,
+            counts.rows,
+            counts.nulls,
+            counts.clear,
+            counts.unchanged_tokens,
+            counts.chunks,
+            hsm_calls,
+        ));
+    }
+    Ok(0)
+}
+
+/// Takes the table's session advisory lock: one writing hsmseal run per
+/// table at a time; a second one waits (said on stderr) and then finds
+/// nothing left to do. Released when the connection closes, also when the
+/// process is killed.
+fn lock_table(app: &App, c: &mut Client, label: &str) -> Result<()> {
+    let key = format!("hsmseal table {label}");
+    let got: bool = c
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+            &[&key],
+        )
+        .map_err(db_err("cannot take the table's advisory lock"))?
+        .get(0);
+    if !got {
+        app.info(format!(
+            "hsmseal: waiting for another hsmseal pg run on {label} to finish (advisory lock)"
+        ));
+        c.query_one("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&key])
+            .map_err(db_err("cannot take the table's advisory lock"))?;
+    }
+    Ok(())
+}
+
+/// `--alter`: records each non-text column's type in `hsmseal.columns`
+/// and changes the column to text, in one transaction (bytea as `\x` hex
+/// text, which encrypt decodes back to the bytes).
+fn alter_to_text(c: &mut Client, t: &Table) -> Result<()> {
+    let mut tx = c.transaction().map_err(db_err("cannot begin"))?;
+    tx.batch_execute("SET LOCAL bytea_output = 'hex'")
+        .map_err(db_err("cannot set bytea_output"))?;
+    for (name, ty) in &t.to_alter {
+        tx.execute(
+            "INSERT INTO hsmseal.columns (table_name, column_name, original_type, altered) VALUES ($1, $2, $3, now())",
+            &[&t.label, name, ty],
+        )
+        .map_err(db_err("cannot record the column's type in hsmseal.columns"))?;
+        tx.batch_execute(&format!(
+            "ALTER TABLE {} ALTER COLUMN {} TYPE text USING {}::text",
+            t.sql,
+            ident(name),
+            ident(name)
+        ))
+        .map_err(db_err(&format!("cannot change column {name:?} to text")))?;
+    }
+    tx.commit().map_err(db_err("cannot commit --alter"))
+}
+
+/// After a complete decrypt: columns whose type `--alter` recorded get it
+/// back, if no token is left in them.
+fn restore_types(app: &App, c: &mut Client, t: &Table) -> Result<()> {
+    for col in &t.cols {
+        let Some(ty) = &col.original else { continue };
+        let mut tx = c.transaction().map_err(db_err("cannot begin"))?;
+        let q = format!(
+            "SELECT count(*) FROM {} WHERE {}",
+            t.sql,
+            token_pred(&ident(&col.name))
+        );
+        let left: i64 = tx
+            .query_one(&q, &[])
+            .map_err(db_err("cannot count tokens"))?
+            .get(0);
+        if left > 0 {
+            app.info(format!(
+                "hsmseal: column {:?} still holds {left} tokens: left as text (run pg decrypt again)",
+                col.name
+            ));
+            continue;
+        }
+        let using = if col.bytea() {
+            format!("decode(substr({0}, 3), 'hex')", ident(&col.name))
+        } else {
+            format!("{}::{ty}", ident(&col.name))
+        };
+        tx.batch_execute(&format!(
+            "ALTER TABLE {} ALTER COLUMN {} TYPE {ty} USING {using}",
+            t.sql,
+            ident(&col.name)
+        ))
+        .map_err(db_err(&format!(
+            "cannot change column {:?} back to {ty}",
+            col.name
+        )))?;
+        tx.execute(
+            "DELETE FROM hsmseal.columns WHERE table_name = $1 AND column_name = $2",
+            &[&t.label, &col.name],
+        )
+        .map_err(db_err("cannot update hsmseal.columns"))?;
+        tx.commit().map_err(db_err("cannot commit"))?;
+    }
+    Ok(())
+}
+
+/// SQL: the value of `col` has the shape of a token ([`looks_like_token`]).
+fn token_pred(col: &str) -> String {
+    let prefix = std::str::from_utf8(PREFIX)
+        .expect("ASCII")
+        .replace('.', "\\.");
+    format!("(length({col}) >= {MIN_TOKEN_LEN} AND {col} ~ '^{prefix}[A-Za-z0-9_-]*$')")
+}
+
+fn progress_bar(app: &App, c: &mut Client, t: &Table) -> Result<Option<indicatif::ProgressBar>> {
+    if app.quiet || app.json || !std::io::stderr().is_terminal() {
+        return Ok(None);
+    }
+    let n: i64 = c
+        .query_one(&format!("SELECT count(*) FROM {}", t.sql), &[])
+        .map_err(db_err("cannot count rows"))?
+        .get(0);
+    let pb = indicatif::ProgressBar::with_draw_target(
+        Some(n as u64),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} {elapsed_precise} [{wide_bar}] {pos}/{len} rows {per_sec} ETA {eta}",
+    ) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.enable_steady_tick(Duration::from_millis(200));
+    Ok(Some(pb))
+}
+
+// ---- status ----------------------------------------------------------------
+
+/// `pg status`: per column, NULLs, clear values and tokens per key version
+/// and token format version, counted by the server (nothing decrypted, no
+/// HSM call, nothing written).
+fn status(app: &App, a: &PgArgs) -> Result<i32> {
+    check_args(a)?;
+    let mut client = connect(&a.dsn)?;
+    let args = a.clone();
+    let t = Table::load(&mut client, &args, false)?;
+    for col in &t.cols {
+        let c = ident(&col.name);
+        let counts = client
+            .query_one(
+                &format!(
+                    "SELECT count(*) FILTER (WHERE {c} IS NULL), count(*) FILTER (WHERE {c} IS NOT NULL AND NOT {p}), count(*) FROM {}",
+                    t.sql,
+                    p = token_pred(&format!("{c}::text"))
+                ),
+                &[],
+            )
+            .map_err(db_err(&format!("cannot count {}", t.label)))?;
+        let (nulls, clear, total): (i64, i64, i64) = (counts.get(0), counts.get(1), counts.get(2));
+        // The envelope's head (u8 n | key name | u32be version), decoded
+        // from the base64 after the prefix by the server.
+        let q = format!(
+            "WITH h AS (
+               SELECT decode(translate(substr(v, {s}, 4 * ((5 + n + 2) / 3)), '-_', '+/'), 'base64') AS b, n
+                 FROM (SELECT {c}::text AS v,
+                              get_byte(decode(translate(substr({c}::text, {s}, 4), '-_', '+/'), 'base64'), 0) AS n
+                         FROM {} WHERE {p}) x)
+             SELECT convert_from(substring(b FROM 2 FOR n), 'UTF8'),
+                    (get_byte(b, 1 + n)::int8 << 24) + (get_byte(b, 2 + n) << 16) + (get_byte(b, 3 + n) << 8) + get_byte(b, 4 + n),
+                    count(*)
+               FROM h GROUP BY 1, 2 ORDER BY 1, 2",
+            t.sql,
+            s = PREFIX.len() + 1,
+            p = token_pred(&format!("{c}::text"))
+        );
+        let by_key = client
+            .query(&q, &[])
+            .map_err(db_err(&format!("cannot count the tokens of {}", t.label)))?;
+        let keys: Vec<(String, i64, i64)> = by_key
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        let tokens: i64 = keys.iter().map(|k| k.2).sum();
+        if app.json {
+            crate::report::emit(
+                "pg_column",
+                &serde_json::json!({
+                    "table": t.label,
+                    "column": col.name,
+                    "original_type": col.original,
+                    "rows": total,
+                    "nulls": nulls,
+                    "clear": clear,
+                    "tokens": tokens,
+                    "token_version": token::TOKEN_VERSION,
+                    "keys": keys.iter().map(|(n, v, c)| serde_json::json!({"name": n, "version": v, "tokens": c})).collect::<Vec<_>>(),
+                }),
+            );
+        } else {
+            let ks: Vec<String> = keys
+                .iter()
+                .map(|(n, v, c)| format!("{n} v{v}: {c}"))
+                .collect();
+            crate::report::print_line(format_args!(
+                "{}.{}: {total} rows, {nulls} NULL, {clear} clear, {tokens} tokens (format v{}){}{}",
+                t.label,
+                col.name,
+                token::TOKEN_VERSION,
+                if ks.is_empty() { String::new() } else { format!(" [{}]", ks.join(", ")) },
+                match &col.original {
+                    Some(ty) => format!(", was {ty}"),
+                    None => String::new(),
+                }
+            ));
+        }
+        for (name, version, _) in &keys {
+            if let Ok(v) = u32::try_from(*version) {
+                app.stats.add_key(KeyRef {
+                    name: name.clone(),
+                    version: v,
+                });
+            }
+        }
+    }
+    if !app.json {
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn composite_binding_differs_from_single_and_by_split() {
+        let pre = binding_prefix("s.t", &ColumnId::Name("c".into()));
+        let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+        row_binding(&mut a, &pre, &[b"1"]);
+        let mut d = Vec::new();
+        token::binding(&mut d, &pre, Some(b"1"));
+        assert_eq!(a, d, "one key column binds as --row-id COL does");
+        row_binding(&mut b, &pre, &[b"1", b"23"]);
+        row_binding(&mut c, &pre, &[b"12", b"3"]);
+        assert_ne!(b, c);
+        assert_eq!(&b[pre.len()..pre.len() + 2], &[2, 2]);
+    }
+
+    #[test]
+    fn hex_round_trip() {
+        assert_eq!(hex_decode(b"\\x00ff10").unwrap(), vec![0, 255, 16]);
+        assert_eq!(hex_encode(&[0, 255, 16]), "\\x00ff10");
+        assert!(hex_decode(b"00ff").is_none());
+        assert!(hex_decode(b"\\x0").is_none());
+        assert!(hex_decode(b"\\xzz").is_none());
+    }
+
+    #[test]
+    fn pgpass_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pgpass");
+        std::fs::write(
+            &p,
+            "# c\nother:*:*:*:no\n127.0.0.1:5432:db:u\\:x:pw\\:1\n*:*:*:*:any\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::env::set_var("PGPASSFILE", &p);
+        assert_eq!(
+            pgpass("127.0.0.1", 5432, "db", "u:x").as_deref(),
+            Some("pw:1")
+        );
+        assert_eq!(pgpass("h", 1, "d", "u").as_deref(), Some("any"));
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(
+            pgpass("h", 1, "d", "u"),
+            None,
+            "a world-readable passfile is ignored"
+        );
+        std::env::remove_var("PGPASSFILE");
+    }
+}

@@ -1,0 +1,792 @@
+//! `hsmseal pg` against a real PostgreSQL (issue 11 item 1): each test
+//! starts its own server (initdb as the `postgres` user when run as root,
+//! in a temp dir, on a free loopback port, password authentication over
+//! TCP) and its own SoftHSM2 token. Skipped, with the reason printed, only
+//! when no PostgreSQL binaries are installed; CI installs them.
+
+mod support;
+
+use postgres::{Client, NoTls};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use support::{code, stderr, Cli, BIN};
+
+const PASSWORD: &str = "pg-s3cret-Pw";
+
+struct Pg {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+}
+
+fn pg_bindir() -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| Some(e.ok()?.path().join("bin")))
+        .filter(|p| p.join("initdb").exists() && p.join("pg_ctl").exists())
+        .collect();
+    dirs.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name()?.to_str()?.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    dirs.pop()
+}
+
+fn as_pg(bin: &std::path::Path) -> Command {
+    if unsafe { libc::getuid() } == 0 {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Pg {
+    /// A fresh server, or `None` (printed) when PostgreSQL is not installed.
+    fn start() -> Option<Pg> {
+        let Some(bin) = pg_bindir() else {
+            eprintln!("SKIPPED: no PostgreSQL binaries under /usr/lib/postgresql (apt-get install postgresql)");
+            return None;
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("hsmseal-pg")
+            .tempdir()
+            .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let pwfile = dir.path().join("pw");
+        std::fs::write(&pwfile, PASSWORD).unwrap();
+        std::fs::set_permissions(&pwfile, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let data = dir.path().join("data");
+        let out = as_pg(&bin.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port();
+        let out = as_pg(&bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(dir.path().join("log"))
+            .args(["-w", "-t", "120", "-o"])
+            .arg(format!(
+                "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off -c full_page_writes=off -c synchronous_commit=off",
+                dir.path().display()
+            ))
+            .arg("start")
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(Pg { dir, bin, port })
+    }
+
+    fn dsn(&self) -> String {
+        format!(
+            "postgresql://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+            self.port
+        )
+    }
+
+    fn client(&self) -> Client {
+        let mut c = postgres::Config::new();
+        c.host("127.0.0.1")
+            .port(self.port)
+            .user("postgres")
+            .dbname("postgres")
+            .password(PASSWORD);
+        c.connect(NoTls).unwrap()
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        let _ = as_pg(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// `hsmseal pg ARGS --dsn … ` with PGPASSWORD set.
+fn pg(cli: &Cli, db: &Pg, args: &[&str]) -> Output {
+    let dsn = db.dsn();
+    let mut all: Vec<&str> = vec!["pg"];
+    all.extend_from_slice(&args[..1]);
+    all.extend_from_slice(&["--dsn", &dsn]);
+    all.extend_from_slice(&args[1..]);
+    cli.run_with(&all, None, &[("PGPASSWORD", PASSWORD)])
+}
+
+fn pg_ok(cli: &Cli, db: &Pg, args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    // --json is global: before the subcommand.
+    let dsn = db.dsn();
+    let mut all: Vec<&str> = vec!["--json", "pg", args[0], "--dsn", &dsn];
+    all.extend_from_slice(&args[1..]);
+    let out = cli.run_with(&all, None, &[("PGPASSWORD", PASSWORD)]);
+    assert_eq!(code(&out), 0, "hsmseal pg {args:?}: {}", stderr(&out));
+    support::json_one(&out.stdout, "summary")
+}
+
+fn count(c: &mut Client, q: &str) -> i64 {
+    c.query_one(q, &[]).unwrap().get(0)
+}
+
+/// The nasty-value table of the issue, with a composite primary key.
+const NASTY: &str = r#"
+CREATE TABLE public.nasty (
+    tenant int NOT NULL,
+    id bigint NOT NULL,
+    t text,
+    j jsonb,
+    n numeric,
+    ts timestamptz,
+    b bytea,
+    PRIMARY KEY (tenant, id));
+INSERT INTO public.nasty
+SELECT g % 7, g,
+       CASE g % 16
+         WHEN 0 THEN NULL
+         WHEN 1 THEN ''
+         WHEN 2 THEN E'line\nbreak\r\nand\ttab'
+         WHEN 3 THEN E'back\\slash \\N \\. end'
+         WHEN 4 THEN '\.'
+         WHEN 5 THEN '\N'
+         WHEN 6 THEN 'quotes "double" and ''single'''
+         WHEN 7 THEN 'emoji 👩‍👩‍👧 rtl مرحبا combining é'
+         WHEN 8 THEN CASE WHEN g = 8 THEN repeat('x', 1000000) ELSE 'x' || g END
+         WHEN 9 THEN E'\x01\x7f bell'
+         WHEN 10 THEN 'hsc1.example.com'
+         ELSE 'plain ' || g END,
+       CASE WHEN g % 5 = 0 THEN NULL
+            WHEN g = 3 THEN jsonb_build_object('big', repeat('y', 100000))
+            ELSE jsonb_build_object('k', g, 's', E'a\nb', 'u', '😀') END,
+       CASE g % 6 WHEN 0 THEN 'NaN' WHEN 1 THEN NULL WHEN 2 THEN '-12.5e-3' ELSE g * 1.25 END,
+       CASE g % 4 WHEN 0 THEN timestamptz '0044-03-15 12:00:00+00 BC' WHEN 1 THEN 'infinity'
+            WHEN 2 THEN '-infinity' ELSE timestamptz '2024-01-01 00:00:00+00' + g * interval '1 minute' END,
+       CASE WHEN g % 9 = 0 THEN NULL WHEN g % 9 = 1 THEN ''::bytea
+            WHEN g = 4 THEN convert_to(repeat('z', 1048576), 'UTF8')
+            ELSE decode(md5(g::text) || '000a5c0d', 'hex') END
+FROM generate_series(1, 2000) g;
+CREATE TABLE public.nasty_orig AS SELECT * FROM public.nasty;
+"#;
+
+const NCOLS: [&str; 5] = ["t", "j", "n", "ts", "b"];
+
+fn same_as_orig(c: &mut Client, table: &str) {
+    let a = count(c, &format!("SELECT count(*) FROM (SELECT * FROM {table} EXCEPT ALL SELECT * FROM public.nasty_orig) x"));
+    let b = count(c, &format!("SELECT count(*) FROM (SELECT * FROM public.nasty_orig EXCEPT ALL SELECT * FROM {table}) x"));
+    assert_eq!((a, b), (0, 0), "{table} differs from the original");
+    for col in NCOLS {
+        for pred in ["IS NULL", "::text = ''"] {
+            let mut q = |t: &str| count(c, &format!("SELECT count(*) FROM {t} WHERE {col} {pred}"));
+            let (x, y) = (q(table), q("public.nasty_orig"));
+            assert_eq!(x, y, "{col} {pred}");
+        }
+    }
+}
+
+#[test]
+fn nasty_table_with_composite_key_round_trips_and_reruns_change_nothing() {
+    let Some(db) = Pg::start() else { return };
+    let cli = Cli::with_key();
+    let mut c = db.client();
+    c.batch_execute(NASTY).unwrap();
+    let cols = NCOLS.join(",");
+    let base = ["--table", "public.nasty", "--columns", &cols];
+
+    // Non-text columns without --alter: refused, named, nothing changed.
+    let out = pg(
+        &cli,
+        &db,
+        &["encrypt", base[0], base[1], base[2], base[3], "--key", "k"],
+    );
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("column \"j\" of public.nasty is jsonb"),
+        "{}",
+        stderr(&out)
+    );
+
+    // --dry-run writes nothing.
+    let mut a = base.to_vec();
+    a.extend(["--key", "k", "--alter", "--dry-run"]);
+    let mut args = vec!["encrypt"];
+    args.extend(&a);
+    let s = pg_ok(&cli, &db, &args);
+    let cells = 2000 * 5 - count(&mut c, "SELECT sum((t IS NULL)::int + (j IS NULL)::int + (n IS NULL)::int + (ts IS NULL)::int + (b IS NULL)::int) FROM public.nasty");
+    assert_eq!(s["changed"], cells);
+    same_as_orig(&mut c, "public.nasty");
+
+    let mut args = vec!["encrypt"];
+    args.extend(&base);
+    args.extend(["--key", "k", "--alter", "--chunk-rows", "97"]);
+    let s = pg_ok(&cli, &db, &args);
+    assert_eq!(s["changed"], cells);
+    assert_eq!(s["rows"], 2000);
+    // Every non-NULL value is a token; NULLs stay NULL; the columns are text.
+    for col in NCOLS {
+        let clear = count(
+            &mut c,
+            &format!("SELECT count(*) FROM public.nasty WHERE {col} NOT LIKE 'hsc1.%'"),
+        );
+        assert_eq!(clear, 0, "{col} has clear values");
+        let nulls = |t: &str, c: &mut Client| {
+            count(c, &format!("SELECT count(*) FROM {t} WHERE {col} IS NULL"))
+        };
+        assert_eq!(
+            nulls("public.nasty", &mut c),
+            nulls("public.nasty_orig", &mut c)
+        );
+    }
+    let types = count(&mut c, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'nasty' AND data_type = 'text'");
+    assert_eq!(types, 5);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM hsmseal.progress"),
+        0,
+        "a finished run leaves no cursor"
+    );
+
+    // status: per column counts and the key version.
+    let dsn = db.dsn();
+    let out = cli.run_with(
+        &[
+            "--json",
+            "pg",
+            "status",
+            "--dsn",
+            &dsn,
+            "--table",
+            "public.nasty",
+            "--columns",
+            &cols,
+        ],
+        None,
+        &[("PGPASSWORD", PASSWORD)],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let lines = support::json_of_type(&out.stdout, "pg_column");
+    assert_eq!(lines.len(), 5);
+    for l in &lines {
+        let col = l["column"].as_str().unwrap();
+        let nulls = count(
+            &mut c,
+            &format!("SELECT count(*) FROM public.nasty_orig WHERE {col} IS NULL"),
+        );
+        assert_eq!(l["nulls"], nulls);
+        assert_eq!(l["clear"], 0);
+        assert_eq!(l["tokens"], 2000 - nulls);
+        assert_eq!(
+            l["keys"],
+            serde_json::json!([{"name": "k", "version": 1, "tokens": 2000 - nulls}])
+        );
+    }
+
+    // A re-run changes nothing; verify opens everything.
+    let s = pg_ok(&cli, &db, &args);
+    assert_eq!(
+        (s["changed"].as_i64(), s["unchanged_tokens"].as_i64()),
+        (Some(0), Some(cells))
+    );
+    let mut v = vec!["verify"];
+    v.extend(&base);
+    let s = pg_ok(&cli, &db, &v);
+    assert_eq!(s["cells"], cells);
+
+    // Rotate to a new version, twice: the second changes nothing.
+    cli.ok(&["key", "rotate", "k"]);
+    let mut r = vec!["rotate"];
+    r.extend(&base);
+    assert_eq!(pg_ok(&cli, &db, &r)["changed"], cells);
+    assert_eq!(pg_ok(&cli, &db, &r)["changed"], 0);
+
+    // Decrypt: the original table back, types included; again: no change.
+    let mut d = vec!["decrypt"];
+    d.extend(&base);
+    assert_eq!(pg_ok(&cli, &db, &d)["changed"], cells);
+    same_as_orig(&mut c, "public.nasty");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM hsmseal.columns"), 0);
+    let s = pg_ok(&cli, &db, &d);
+    assert_eq!(
+        (s["changed"].as_i64(), s["clear"].as_i64()),
+        (Some(0), Some(cells))
+    );
+    same_as_orig(&mut c, "public.nasty");
+}
+
+#[test]
+fn a_token_moved_to_another_row_fails_and_bad_setups_are_refused() {
+    let Some(db) = Pg::start() else { return };
+    let cli = Cli::with_key();
+    let mut c = db.client();
+    // (1, 23) and (12, 3): a binding that concatenated the key columns
+    // would give both rows the same id.
+    c.batch_execute(
+        "CREATE TABLE public.acct (a int, b int, secret text, PRIMARY KEY (a, b));
+         INSERT INTO public.acct VALUES (1, 23, 'one'), (12, 3, 'two'), (5, 5, 'three');
+         CREATE TABLE public.nopk (x int, secret text);
+         INSERT INTO public.nopk VALUES (1, 'a');",
+    )
+    .unwrap();
+    let base = ["--table", "public.acct", "--columns", "secret"];
+    let mut e = vec!["encrypt"];
+    e.extend(&base);
+    e.extend(["--key", "k"]);
+    assert_eq!(pg_ok(&cli, &db, &e)["changed"], 3);
+    c.batch_execute(
+        "UPDATE public.acct SET secret = (SELECT secret FROM public.acct WHERE a = 1) WHERE a = 12",
+    )
+    .unwrap();
+    for op in ["verify", "decrypt", "encrypt"] {
+        let mut args = vec![op];
+        args.extend(&base);
+        if op == "encrypt" {
+            args.extend(["--key", "k"]);
+        }
+        let out = pg(&cli, &db, &args);
+        assert_eq!(code(&out), 3, "{op}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("row (a, b) = (12, 3), column \"secret\""),
+            "{op}: {}",
+            stderr(&out)
+        );
+    }
+    // The failed decrypt changed nothing (its chunk rolled back).
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM public.acct WHERE secret LIKE 'hsc1.%'"
+        ),
+        3
+    );
+
+    // No primary key: --row-id needed, and then a unique index.
+    let out = pg(
+        &cli,
+        &db,
+        &[
+            "encrypt",
+            "--table",
+            "public.nopk",
+            "--columns",
+            "secret",
+            "--key",
+            "k",
+        ],
+    );
+    assert_eq!(code(&out), 2);
+    assert!(
+        stderr(&out).contains("has no primary key: pass --row-id"),
+        "{}",
+        stderr(&out)
+    );
+    let out = pg(
+        &cli,
+        &db,
+        &[
+            "encrypt",
+            "--table",
+            "public.nopk",
+            "--columns",
+            "secret",
+            "--key",
+            "k",
+            "--row-id",
+            "x",
+        ],
+    );
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("no unique index"), "{}", stderr(&out));
+    c.batch_execute("CREATE UNIQUE INDEX ON public.nopk (x)")
+        .unwrap();
+    let a = vec![
+        "encrypt",
+        "--table",
+        "public.nopk",
+        "--columns",
+        "secret",
+        "--key",
+        "k",
+        "--row-id",
+        "x",
+        "--atomic",
+    ];
+    assert_eq!(pg_ok(&cli, &db, &a)["changed"], 1);
+    let a = [
+        "decrypt",
+        "--table",
+        "public.nopk",
+        "--columns",
+        "secret",
+        "--row-id",
+        "x",
+    ];
+    assert_eq!(pg_ok(&cli, &db, &a)["changed"], 1);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM public.nopk WHERE secret = 'a'"
+        ),
+        1
+    );
+
+    // The password: refused in --dsn, never printed; a wrong one fails
+    // without echoing it; ~/.pgpass (PGPASSFILE) supplies a right one.
+    let dsn = format!(
+        "postgresql://postgres:{PASSWORD}@127.0.0.1:{}/postgres",
+        db.port
+    );
+    let out = cli.run(&[
+        "pg",
+        "status",
+        "--dsn",
+        &dsn,
+        "--table",
+        "public.acct",
+        "-c",
+        "secret",
+    ]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        stderr(&out).contains("--dsn holds a password"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains(PASSWORD) && !stderr(&out).contains("postgresql://"));
+    let dsn = db.dsn();
+    let out = cli.run_with(
+        &[
+            "pg",
+            "status",
+            "--dsn",
+            &dsn,
+            "--table",
+            "public.acct",
+            "-c",
+            "secret",
+        ],
+        None,
+        &[("PGPASSWORD", "wrong-Pw-123")],
+    );
+    assert_eq!(code(&out), 7, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("postgres@127.0.0.1:{}/postgres", db.port)),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("wrong-Pw-123"));
+    let passfile = cli.path("pgpass");
+    std::fs::write(
+        &passfile,
+        format!("127.0.0.1:{}:postgres:postgres:{PASSWORD}\n", db.port),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = cli.run_with(
+        &[
+            "pg",
+            "status",
+            "--dsn",
+            &dsn,
+            "--table",
+            "public.acct",
+            "-c",
+            "secret",
+        ],
+        None,
+        &[("PGPASSFILE", passfile.to_str().unwrap())],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("public.acct.secret: 3 rows, 0 NULL, 0 clear, 3 tokens"),
+        "{text}"
+    );
+}
+
+/// A table done by `pg encrypt` decrypts from a COPY text dump with
+/// `columns decrypt`, and a dump encrypted by `columns encrypt` loads
+/// into a table `pg decrypt` opens.
+#[test]
+fn interoperates_with_the_dump_path() {
+    let Some(db) = Pg::start() else { return };
+    let cli = Cli::with_key();
+    let mut c = db.client();
+    c.batch_execute(
+        r#"CREATE TABLE public.users (id bigint PRIMARY KEY, email text, note text);
+           INSERT INTO public.users SELECT g, CASE WHEN g % 5 = 0 THEN NULL ELSE 'u' || g || '@example.com' END,
+                  CASE g % 4 WHEN 0 THEN '' WHEN 1 THEN E'tab\there\nline \\N \\.' ELSE 'é 😀' END
+             FROM generate_series(1, 500) g;
+           CREATE TABLE public.users2 (LIKE public.users INCLUDING ALL);"#,
+    )
+    .unwrap();
+    let copy_out = |c: &mut Client, t: &str| {
+        let mut r = c
+            .copy_out(&format!(
+                "COPY (SELECT * FROM {t} ORDER BY id) TO STDOUT (FORMAT text, HEADER)"
+            ))
+            .unwrap();
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut r, &mut v).unwrap();
+        v
+    };
+    let orig = copy_out(&mut c, "public.users");
+    let cols = ["--columns", "email,note"];
+    let mut e = vec![
+        "encrypt",
+        "--table",
+        "public.users",
+        cols[0],
+        cols[1],
+        "--key",
+        "k",
+    ];
+    pg_ok(&cli, &db, &e);
+    let enc = copy_out(&mut c, "public.users");
+    let dec = cli.run_in(
+        &[
+            "columns",
+            "decrypt",
+            "--format",
+            "pgcopy",
+            "--columns",
+            "email,note",
+            "--row-id",
+            "id",
+            "--context",
+            "public.users",
+        ],
+        &enc,
+    );
+    assert_eq!(code(&dec), 0, "{}", stderr(&dec));
+    assert!(
+        dec.stdout == orig,
+        "columns decrypt of a pg encrypt table differs from the original dump"
+    );
+
+    // The other way: columns encrypt, COPY FROM into users2, pg decrypt
+    // (the context names the table the tokens were made for).
+    let enc2 = cli.run_in(
+        &[
+            "columns",
+            "encrypt",
+            "--key",
+            "k",
+            "--format",
+            "pgcopy",
+            "--columns",
+            "email,note",
+            "--row-id",
+            "id",
+            "--context",
+            "public.users",
+        ],
+        &orig,
+    );
+    assert_eq!(code(&enc2), 0, "{}", stderr(&enc2));
+    {
+        let mut w = c
+            .copy_in("COPY public.users2 FROM STDIN (FORMAT text, HEADER)")
+            .unwrap();
+        std::io::Write::write_all(&mut w, &enc2.stdout).unwrap();
+        w.finish().unwrap();
+    }
+    e = vec![
+        "decrypt",
+        "--table",
+        "public.users2",
+        cols[0],
+        cols[1],
+        "--context",
+        "public.users",
+    ];
+    assert_eq!(pg_ok(&cli, &db, &e)["changed"], 500 - 100 + 500);
+    assert!(copy_out(&mut c, "public.users2") == orig);
+}
+
+/// kill -9 at 20 points of `pg encrypt` over 200,000 rows, then a resumed
+/// run: every value encrypted exactly once, decrypting to the original;
+/// and two runs at once on one table (the advisory lock).
+#[test]
+fn killed_runs_resume_and_concurrent_runs_serialise() {
+    let Some(db) = Pg::start() else { return };
+    let cli = Cli::with_key();
+    let mut c = db.client();
+    c.batch_execute(
+        "CREATE TABLE public.big (id bigint PRIMARY KEY, a text, b text);
+         INSERT INTO public.big SELECT g, 'a' || g, CASE WHEN g % 3 = 0 THEN NULL ELSE md5(g::text) END
+           FROM generate_series(1, 200000) g;
+         CREATE TABLE public.big_orig AS SELECT * FROM public.big;",
+    )
+    .unwrap();
+    let dsn = db.dsn();
+    let args = [
+        "pg",
+        "encrypt",
+        "--dsn",
+        &dsn,
+        "--table",
+        "public.big",
+        "--columns",
+        "a,b",
+        "--key",
+        "k",
+        "--chunk-rows",
+        "500",
+    ];
+    // Deterministic "random" delays (xorshift), 150-600 ms: long enough to
+    // log in and get going, short enough not to finish.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut killed_mid_run = 0;
+    let mut progress = Vec::new();
+    for _ in 0..20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let mut cmd = cli.cmd();
+        cmd.args(args)
+            .env("PGPASSWORD", PASSWORD)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(150 + x % 450));
+        if child.try_wait().unwrap().is_none() {
+            killed_mid_run += 1;
+        }
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let _ = child.wait();
+        let enc = count(
+            &mut c,
+            "SELECT count(*) FROM public.big WHERE a LIKE 'hsc1.%'",
+        );
+        progress.push(enc);
+    }
+    eprintln!(
+        "killed {killed_mid_run} of 20 runs mid-run; encrypted rows after each: {progress:?}"
+    );
+    assert!(
+        progress.windows(2).all(|w| w[0] <= w[1]),
+        "progress went backwards: {progress:?}"
+    );
+    // The cursor exists until the walk ends.
+    if *progress.last().unwrap() < 200000 {
+        assert_eq!(
+            count(
+                &mut c,
+                "SELECT count(*) FROM hsmseal.progress WHERE op = 'encrypt'"
+            ),
+            1
+        );
+    }
+    // Two runs at once: one waits for the other's advisory lock.
+    let spawn = || {
+        let mut cmd = cli.cmd();
+        cmd.args(args)
+            .arg("--json")
+            .env("PGPASSWORD", PASSWORD)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    let (p1, p2) = (spawn(), spawn());
+    let (o1, o2) = (
+        p1.wait_with_output().unwrap(),
+        p2.wait_with_output().unwrap(),
+    );
+    assert_eq!(
+        (code(&o1), code(&o2)),
+        (0, 0),
+        "{} {}",
+        stderr(&o1),
+        stderr(&o2)
+    );
+    let changed = |o: &Output| -> i64 {
+        let l = String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .chain(String::from_utf8_lossy(&o.stdout).lines())
+            .filter(|l| l.contains("\"summary\""))
+            .map(|l| l.to_string())
+            .collect::<Vec<_>>();
+        let v: serde_json::Value = serde_json::from_str(&l[0]).unwrap();
+        v["changed"].as_i64().unwrap()
+    };
+    let total_cells = 200000
+        + count(
+            &mut c,
+            "SELECT count(*) FROM public.big_orig WHERE b IS NOT NULL",
+        );
+    let (c1, c2) = (changed(&o1), changed(&o2));
+    assert!(c1 == 0 || c2 == 0, "both runs changed cells: {c1} {c2}");
+    // Fully encrypted, once: every token opens, and decrypts to the original.
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM public.big WHERE a NOT LIKE 'hsc1.%' OR b NOT LIKE 'hsc1.%'"
+        ),
+        0
+    );
+    let v = pg_ok(
+        &cli,
+        &db,
+        &["verify", "--table", "public.big", "--columns", "a,b"],
+    );
+    assert_eq!(v["cells"], total_cells);
+    let d = pg_ok(
+        &cli,
+        &db,
+        &[
+            "decrypt",
+            "--table",
+            "public.big",
+            "--columns",
+            "a,b",
+            "--chunk-rows",
+            "5000",
+        ],
+    );
+    assert_eq!(
+        d["changed"], total_cells,
+        "a value was encrypted twice, or lost"
+    );
+    let diff = count(&mut c, "SELECT count(*) FROM (SELECT * FROM public.big EXCEPT ALL SELECT * FROM public.big_orig) x")
+        + count(&mut c, "SELECT count(*) FROM (SELECT * FROM public.big_orig EXCEPT ALL SELECT * FROM public.big) x");
+    assert_eq!(diff, 0);
+    let _ = BIN;
+}
