@@ -758,7 +758,7 @@ fn spec_test_vector_v2() {
     assert_eq!(token, SPEC_VECTOR_V2);
     assert_eq!(token.len(), 85);
     let mut o = opts(Format::Csv, &["ssn"]);
-    o.row_id = Some("id".into());
+    o.row_id = vec!["id".into()];
     o.context = "app.users".into();
     let mut out = Vec::new();
     let input = format!("id,ssn\n42,{token}\n");

@@ -32,9 +32,9 @@ use crate::cli::{PgArgs, PgCommand};
 use hsmseal::backend::{KeyBackend, KeyRef};
 use hsmseal::columns::token::{
     self, binding_prefix, looks_like_token, BatchCache, ColumnId, Opener, RewrapCache, Rewrapper,
-    Sealer, MIN_TOKEN_LEN, PREFIX,
+    Sealer, MIN_TOKEN_LEN, PREFIX, PREFIX_V2,
 };
-use hsmseal::columns::Format;
+use hsmseal::columns::{self, Format};
 use hsmseal::error::{Error, Result};
 use postgres::{Client, NoTls};
 use std::collections::BTreeMap;
@@ -441,23 +441,15 @@ impl Table {
     }
 }
 
-/// The row part of a binding: `u8(1) || lp(id)` for one key column (what
-/// `columns --row-id COL` binds), `u8(2) || u8(k) || lp(v1) || … || lp(vk)`
-/// for k ≥ 2 (the composite row id agreed with the dump path, FORMAT §6).
-fn row_binding(out: &mut Vec<u8>, prefix: &[u8], ids: &[&[u8]]) {
-    if let [one] = ids {
-        token::binding(out, prefix, Some(one));
-        return;
-    }
-    out.clear();
-    out.extend_from_slice(prefix);
-    out.push(2);
-    // A PostgreSQL index has at most 32 columns.
-    out.push(ids.len() as u8);
-    for v in ids {
-        out.extend_from_slice(&(v.len() as u32).to_be_bytes());
-        out.extend_from_slice(v);
-    }
+/// The binding of one cell: the column's prefix and the row id, `u8(1) ||
+/// lp(id)` for one key column (what `columns --row-id COL` binds), `u8(2) ||
+/// u8(k) || lp(v1) || … || lp(vk)` for k ≥ 2: the dump path's own encoder
+/// ([`columns::encode_row_id`], FORMAT §6), so tokens move between a table
+/// and its COPY dump.
+fn row_binding(out: &mut Vec<u8>, prefix: &[u8], ids: &[&[u8]], rid: &mut Vec<u8>) {
+    rid.clear();
+    columns::encode_row_id(rid, ids);
+    token::binding_encoded(out, prefix, rid);
 }
 
 fn hex_decode(s: &[u8]) -> Option<Vec<u8>> {
@@ -674,6 +666,7 @@ fn walk(
     let mut counts = Counts::default();
     let mut aad = Vec::with_capacity(256);
     let mut out = Vec::with_capacity(512);
+    let mut rid = Vec::with_capacity(64);
     let fmt_flags = token::format_flags(Format::PgCopy);
 
     // Transactions by hand: per chunk BEGIN … COMMIT, or with --atomic one
@@ -736,7 +729,7 @@ fn walk(
                 let cell_err = |e: Error| {
                     e.context(format!("{}, {}, column {:?}", t.label, place(), col.name))
                 };
-                row_binding(&mut aad, &prefixes[j], &ids);
+                row_binding(&mut aad, &prefixes[j], &ids, &mut rid);
                 let is_token = looks_like_token(v.as_bytes());
                 match (&mut engine, op) {
                     (Engine::Seal(s, o), _) => {
@@ -797,7 +790,7 @@ fn walk(
                             continue;
                         }
                         out.clear();
-                        if !r.rewrap(v.as_bytes(), &mut out).map_err(cell_err)? {
+                        if !r.rewrap(&aad, v.as_bytes(), &mut out).map_err(cell_err)? {
                             counts.unchanged_tokens += 1;
                             continue;
                         }
@@ -1032,12 +1025,12 @@ fn restore_types(app: &App, c: &mut Client, t: &Table) -> Result<()> {
     Ok(())
 }
 
-/// SQL: the value of `col` has the shape of a token ([`looks_like_token`]).
+/// SQL: the value of `col` has the shape of a token of either format
+/// version ([`looks_like_token`]; `hsc1.` and `hsc2.` share their length
+/// and the head of their body: u8 n | key name | u32be version).
 fn token_pred(col: &str) -> String {
-    let prefix = std::str::from_utf8(PREFIX)
-        .expect("ASCII")
-        .replace('.', "\\.");
-    format!("(length({col}) >= {MIN_TOKEN_LEN} AND {col} ~ '^{prefix}[A-Za-z0-9_-]*$')")
+    debug_assert_eq!(PREFIX.len(), PREFIX_V2.len());
+    format!("(length({col}) >= {MIN_TOKEN_LEN} AND {col} ~ '^hsc[12]\\.[A-Za-z0-9_-]*$')")
 }
 
 fn progress_bar(app: &App, c: &mut Client, t: &Table) -> Result<Option<indicatif::ProgressBar>> {
@@ -1088,14 +1081,15 @@ fn status(app: &App, a: &PgArgs) -> Result<i32> {
         // from the base64 after the prefix by the server.
         let q = format!(
             "WITH h AS (
-               SELECT decode(translate(substr(v, {s}, 4 * ((5 + n + 2) / 3)), '-_', '+/'), 'base64') AS b, n
+               SELECT decode(translate(substr(v, {s}, 4 * ((5 + n + 2) / 3)), '-_', '+/'), 'base64') AS b, n,
+                      substr(v, 4, 1)::int AS f
                  FROM (SELECT {c}::text AS v,
                               get_byte(decode(translate(substr({c}::text, {s}, 4), '-_', '+/'), 'base64'), 0) AS n
                          FROM {} WHERE {p}) x)
              SELECT convert_from(substring(b FROM 2 FOR n), 'UTF8'),
                     (get_byte(b, 1 + n)::int8 << 24) + (get_byte(b, 2 + n) << 16) + (get_byte(b, 3 + n) << 8) + get_byte(b, 4 + n),
-                    count(*)
-               FROM h GROUP BY 1, 2 ORDER BY 1, 2",
+                    f, count(*)
+               FROM h GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
             t.sql,
             s = PREFIX.len() + 1,
             p = token_pred(&format!("{c}::text"))
@@ -1103,11 +1097,12 @@ fn status(app: &App, a: &PgArgs) -> Result<i32> {
         let by_key = client
             .query(&q, &[])
             .map_err(db_err(&format!("cannot count the tokens of {}", t.label)))?;
-        let keys: Vec<(String, i64, i64)> = by_key
+        // (key name, key version, token format version, count)
+        let keys: Vec<(String, i64, i32, i64)> = by_key
             .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
             .collect();
-        let tokens: i64 = keys.iter().map(|k| k.2).sum();
+        let tokens: i64 = keys.iter().map(|k| k.3).sum();
         if app.json {
             crate::report::emit(
                 "pg_column",
@@ -1119,20 +1114,18 @@ fn status(app: &App, a: &PgArgs) -> Result<i32> {
                     "nulls": nulls,
                     "clear": clear,
                     "tokens": tokens,
-                    "token_version": token::TOKEN_VERSION,
-                    "keys": keys.iter().map(|(n, v, c)| serde_json::json!({"name": n, "version": v, "tokens": c})).collect::<Vec<_>>(),
+                    "keys": keys.iter().map(|(n, v, f, c)| serde_json::json!({"name": n, "version": v, "token_version": f, "tokens": c})).collect::<Vec<_>>(),
                 }),
             );
         } else {
             let ks: Vec<String> = keys
                 .iter()
-                .map(|(n, v, c)| format!("{n} v{v}: {c}"))
+                .map(|(n, v, f, c)| format!("{n} v{v} (token v{f}): {c}"))
                 .collect();
             crate::report::print_line(format_args!(
-                "{}.{}: {total} rows, {nulls} NULL, {clear} clear, {tokens} tokens (format v{}){}{}",
+                "{}.{}: {total} rows, {nulls} NULL, {clear} clear, {tokens} tokens{}{}",
                 t.label,
                 col.name,
-                token::TOKEN_VERSION,
                 if ks.is_empty() { String::new() } else { format!(" [{}]", ks.join(", ")) },
                 match &col.original {
                     Some(ty) => format!(", was {ty}"),
@@ -1140,7 +1133,7 @@ fn status(app: &App, a: &PgArgs) -> Result<i32> {
                 }
             ));
         }
-        for (name, version, _) in &keys {
+        for (name, version, _, _) in &keys {
             if let Ok(v) = u32::try_from(*version) {
                 app.stats.add_key(KeyRef {
                     name: name.clone(),
@@ -1162,13 +1155,13 @@ mod tests {
     #[test]
     fn composite_binding_differs_from_single_and_by_split() {
         let pre = binding_prefix("s.t", &ColumnId::Name("c".into()));
-        let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
-        row_binding(&mut a, &pre, &[b"1"]);
+        let (mut a, mut b, mut c, mut rid) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        row_binding(&mut a, &pre, &[b"1"], &mut rid);
         let mut d = Vec::new();
         token::binding(&mut d, &pre, Some(b"1"));
         assert_eq!(a, d, "one key column binds as --row-id COL does");
-        row_binding(&mut b, &pre, &[b"1", b"23"]);
-        row_binding(&mut c, &pre, &[b"12", b"3"]);
+        row_binding(&mut b, &pre, &[b"1", b"23"], &mut rid);
+        row_binding(&mut c, &pre, &[b"12", b"3"], &mut rid);
         assert_ne!(b, c);
         assert_eq!(&b[pre.len()..pre.len() + 2], &[2, 2]);
     }
