@@ -74,9 +74,11 @@ JOBS=()
 # run NAME ARGS...: runs hsmseal under /usr/bin/time, keeps the --json stats.
 run() {
     local name=$1; shift
-    /usr/bin/time -v -o "$WORK/$name.time" "$HSMSEAL" --json "$@" "${JOBS[@]}" 2>"$WORK/$name.json"
+    # The --json summary (JSON schema 1) is the last JSON line of the run's
+    # output (stdout, or stderr when the data goes to stdout).
+    /usr/bin/time -v -o "$WORK/$name.time" "$HSMSEAL" --json "$@" "${JOBS[@]}" >"$WORK/$name.json" 2>&1
 }
-field() { python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])['stats'][sys.argv[2]])" "$1" "$2"; }
+field() { python3 -c "import json,sys; print([json.loads(l) for l in open(sys.argv[1]) if l.startswith('{')][-1][sys.argv[2]])" "$1" "$2"; }
 rss_mib() { awk -F: '/Maximum resident set size/ {printf "%.0f", $2/1024}' "$1"; }
 # Whole-process wall time (start-up, key login, fsync and rename included).
 wall() { awk '/Elapsed \(wall clock\)/ {n = split($NF, t, ":"); s = 0; for (i = 1; i <= n; i++) s = s * 60 + t[i]; print s}' "$1"; }
