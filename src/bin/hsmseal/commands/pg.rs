@@ -1126,7 +1126,11 @@ fn status(app: &App, a: &PgArgs) -> Result<i32> {
                 "{}.{}: {total} rows, {nulls} NULL, {clear} clear, {tokens} tokens{}{}",
                 t.label,
                 col.name,
-                if ks.is_empty() { String::new() } else { format!(" [{}]", ks.join(", ")) },
+                if ks.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [{}]", ks.join(", "))
+                },
                 match &col.original {
                     Some(ty) => format!(", was {ty}"),
                     None => String::new(),
