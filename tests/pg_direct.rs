@@ -264,7 +264,7 @@ fn nasty_table_with_composite_key_round_trips_and_reruns_change_nothing() {
     for col in NCOLS {
         let clear = count(
             &mut c,
-            &format!("SELECT count(*) FROM public.nasty WHERE {col} NOT LIKE 'hsc1.%'"),
+            &format!("SELECT count(*) FROM public.nasty WHERE {col} NOT LIKE 'hsc_.%'"),
         );
         assert_eq!(clear, 0, "{col} has clear values");
         let nulls = |t: &str, c: &mut Client| {
@@ -314,7 +314,7 @@ fn nasty_table_with_composite_key_round_trips_and_reruns_change_nothing() {
         assert_eq!(l["tokens"], 2000 - nulls);
         assert_eq!(
             l["keys"],
-            serde_json::json!([{"name": "k", "version": 1, "tokens": 2000 - nulls}])
+            serde_json::json!([{"name": "k", "version": 1, "token_version": 2, "tokens": 2000 - nulls}])
         );
     }
 
@@ -391,7 +391,7 @@ fn a_token_moved_to_another_row_fails_and_bad_setups_are_refused() {
     assert_eq!(
         count(
             &mut c,
-            "SELECT count(*) FROM public.acct WHERE secret LIKE 'hsc1.%'"
+            "SELECT count(*) FROM public.acct WHERE secret LIKE 'hsc_.%'"
         ),
         3
     );
@@ -694,7 +694,7 @@ fn killed_runs_resume_and_concurrent_runs_serialise() {
         let _ = child.wait();
         let enc = count(
             &mut c,
-            "SELECT count(*) FROM public.big WHERE a LIKE 'hsc1.%'",
+            "SELECT count(*) FROM public.big WHERE a LIKE 'hsc_.%'",
         );
         progress.push(enc);
     }
@@ -758,7 +758,7 @@ fn killed_runs_resume_and_concurrent_runs_serialise() {
     assert_eq!(
         count(
             &mut c,
-            "SELECT count(*) FROM public.big WHERE a NOT LIKE 'hsc1.%' OR b NOT LIKE 'hsc1.%'"
+            "SELECT count(*) FROM public.big WHERE a NOT LIKE 'hsc_.%' OR b NOT LIKE 'hsc_.%'"
         ),
         0
     );
