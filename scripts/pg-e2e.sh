@@ -158,7 +158,7 @@ psql_ -c "\\copy (SELECT * FROM users ORDER BY id) TO pstdout CSV HEADER" \
     | "$HSMSEAL" columns encrypt --key pii --columns "$COLS" --row-id id --context app.users --format csv "${STATS[@]}" \
     | psql_ -c "\\copy users_enc FROM pstdin CSV HEADER"
 
-tokens=$(psql_ -At -c "SELECT count(*) FROM users_enc WHERE national_id LIKE 'hsc1.%'")
+tokens=$(psql_ -At -c "SELECT count(*) FROM users_enc WHERE national_id LIKE 'hsc_.%'")
 plain=$(psql_ -At -c "SELECT count(*) FROM users WHERE national_id IS NOT NULL")
 nulls_enc=$(psql_ -At -c "SELECT count(*) FROM users_enc WHERE email IS NULL")
 nulls=$(psql_ -At -c "SELECT count(*) FROM users WHERE email IS NULL")
@@ -187,7 +187,7 @@ psql_ -c "COPY (SELECT * FROM users ORDER BY id) TO STDOUT" >"$WORK/orig.copy"
 "$HSMSEAL" columns encrypt --key pii --format pgcopy --no-header --columns 2,3,4,5 --row-id 1 \
         --context app.users "${STATS[@]}" <"$WORK/orig.copy" \
     | psql_ -c "COPY users_enc_copy FROM STDIN"
-tokens=$(psql_ -At -c "SELECT count(*) FROM users_enc_copy WHERE notes LIKE 'hsc1.%'")
+tokens=$(psql_ -At -c "SELECT count(*) FROM users_enc_copy WHERE notes LIKE 'hsc_.%'")
 plain=$(psql_ -At -c "SELECT count(*) FROM users WHERE notes IS NOT NULL")
 [[ $tokens == "$plain" ]] || { log "pgcopy: expected $plain note tokens, got $tokens"; exit 1; }
 
@@ -262,7 +262,7 @@ import re, sys
 src, dst, rid = sys.argv[1], sys.argv[2], sys.argv[3].encode()
 lines = open(src, "rb").read().split(b"\n")
 i = next(i for i, l in enumerate(lines) if re.match(rb"%s[,\t]" % rid, l))
-toks = list(re.finditer(rb"hsc1\.[A-Za-z0-9_-]+", lines[i]))
+toks = list(re.finditer(rb"hsc[12]\.[A-Za-z0-9_-]+", lines[i]))
 p = toks[-1].end() - 10
 l = lines[i]
 lines[i] = l[:p] + (b"B" if l[p:p + 1] == b"A" else b"A") + l[p + 1:]

@@ -90,7 +90,7 @@
 //! let mut sealer = Sealer::new(&keys, &kwk, 10_000)?;
 //! let mut token = Vec::new();
 //! sealer.seal(&aad, 0, b"123-45-6789", &mut token)?;
-//! assert!(token.starts_with(b"hsc1."));
+//! assert!(token.starts_with(b"hsc2."));
 //!
 //! let cache = BatchCache::new();
 //! let mut opener = Opener::new(&keys, &cache);

@@ -92,7 +92,11 @@ fn composite_row_id_round_trips_in_every_format() {
     let (b, k) = backend();
     let o = opts(Format::Csv, &["ssn", "name"], &["tenant_id", "cust_id"]);
     let e = enc(&b, &k, &o, CSV).unwrap();
-    assert_eq!(e.windows(5).filter(|w| w == b"hsc2.").count(), 10, "v2 tokens");
+    assert_eq!(
+        e.windows(5).filter(|w| w == b"hsc2.").count(),
+        10,
+        "v2 tokens"
+    );
     assert_eq!(dec(&b, &o, &e).unwrap(), CSV);
 
     let tsv = String::from_utf8(CSV.to_vec()).unwrap().replace(',', "\t");
