@@ -665,9 +665,13 @@ pub fn dump(format: Format, data: &[u8]) {
             assert_kind(a, DUMP_ERRORS);
             assert_eq!(a.kind(), b.kind(), "passthrough: {a}; encrypt: {b}");
         }
-        // Encrypt may refuse a value that already is a token (issue 9:
-        // no silent double encryption), which a plain pass copies.
-        (Ok(_), Err(b)) if contains(rest, token::PREFIX) => assert_kind(b, DUMP_ERRORS),
+        // Encrypt may refuse a value that already is a token of either
+        // version (issue 9: no silent double encryption), which a plain pass
+        // copies. The plain pass's output is searched too: it has the
+        // values unescaped (`\hsc2.` in pgcopy is the value `hsc2.`).
+        (Ok((p, _)), Err(b)) if has_token_prefix(rest) || has_token_prefix(p) => {
+            assert_kind(b, DUMP_ERRORS)
+        }
         (Ok(_), Err(b)) => panic!("encrypt failed where passthrough did not: {b}"),
         (Err(a), Ok(_)) => panic!("passthrough failed where encrypt did not: {a}"),
     }
@@ -680,6 +684,10 @@ pub fn dump(format: Format, data: &[u8]) {
     ) {
         assert_kind(&e, DUMP_ERRORS);
     }
+}
+
+fn has_token_prefix(buf: &[u8]) -> bool {
+    contains(buf, token::PREFIX) || contains(buf, token::PREFIX_V2)
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
