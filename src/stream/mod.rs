@@ -127,7 +127,7 @@ fn seal_stream(
 
     let mut next_chunk = 0u64;
     let mut read = |b: &mut Batch| -> Result<bool> {
-        let n = read_full(input, &mut b.buf[..BATCH_PLAIN]).map_err(read_err)?;
+        let n = engine::read_chunk_places(input, &mut b.buf).map_err(read_err)?;
         b.first_chunk = next_chunk;
         // A batch that is not filled holds the final, short chunk (possibly
         // empty); a full batch is followed by at least that final chunk.
