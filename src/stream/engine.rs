@@ -693,7 +693,7 @@ mod tests {
             }
             fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
                 self.calls += 1;
-                if self.calls % 3 == 0 {
+                if self.calls.is_multiple_of(3) {
                     return Err(io::ErrorKind::Interrupted.into());
                 }
                 let mut budget = 5000.min(self.data.len());
