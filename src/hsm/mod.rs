@@ -48,6 +48,7 @@ pub mod audit_key;
 mod backend;
 pub mod doctor;
 mod errors;
+pub mod hmac_object;
 pub mod kdk;
 pub mod kwk;
 pub mod lifecycle;
