@@ -391,8 +391,10 @@ impl Hsm {
         if target.is_some() {
             self.destroy_versions(&admin, &family, &[k.version])?;
         } else {
-            // Already destroyed: finish an interrupted destroy (its KDK).
+            // Already destroyed: finish an interrupted destroy (its KDK,
+            // and the key's blind-index key if no version is left).
             self.destroy_kdk(&admin, k)?;
+            self.destroy_bidx_if_last(&admin, &k.name)?;
         }
         let after = self.family(&admin, &k.name)?;
         let versions = self.version_infos(&admin, &after)?;
@@ -708,6 +710,11 @@ impl Hsm {
             self.evict(&k);
             done.push(format!("v{v}"));
         }
+        // The key's blind-index key goes with its last version (a crash
+        // before this leaves it with no version, which computes nothing:
+        // indexes need a usable version; running the destroy again
+        // removes it).
+        self.destroy_bidx_if_last(admin, name)?;
         Ok(())
     }
 
