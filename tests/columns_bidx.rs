@@ -474,3 +474,38 @@ fn spec_vector_matches_python() {
         assert!(spec.contains(v), "FORMAT.md lacks {v}");
     }
 }
+
+#[test]
+fn key_list_and_doctor_show_kdks_and_index_keys_with_their_checks() {
+    let e = Cli::with_key();
+    let list = String::from_utf8(e.ok(&["key", "list"])).unwrap();
+    assert!(list.contains("hsmseal-kdk:k:v1"), "{list}");
+    assert!(!list.contains("hsmseal-bidx:k"), "{list}");
+    index(&e, &["-k", "k", "-c", "email"], b"v");
+    e.ok(&["key", "rotate", "k"]);
+    e.ok(&["key", "disable", "k", "--version", "1"]);
+    let list = String::from_utf8(e.ok(&["key", "list"])).unwrap();
+    for l in ["hsmseal-kdk:k:v1", "hsmseal-kdk:k:v2", "hsmseal-bidx:k"] {
+        let line = list.lines().find(|x| x.starts_with(l)).expect(l);
+        // A disabled version's KDK does not sign: that is its expected
+        // state, not a problem.
+        assert!(line.ends_with("  ok"), "{line}");
+    }
+    // `key list --json` stays one `key` line per version.
+    let json = e.ok(&["--json", "key", "list"]);
+    assert!(support::json_lines(&json)
+        .iter()
+        .all(|l| l["type"] == "key"));
+    let doctor = e.run(&["--json", "doctor"]);
+    assert_eq!(code(&doctor), 0, "{}", err(&doctor));
+    let d = support::json_one(&doctor.stdout, "doctor");
+    let hmac = d["hmac_keys"].as_array().unwrap();
+    assert_eq!(hmac.len(), 3);
+    assert!(hmac
+        .iter()
+        .any(|o| o["kind"] == "blind_index" && o["key"] == "k"));
+    assert_eq!(d["problems"].as_array().unwrap().len(), 0, "{d}");
+    let human = String::from_utf8(e.ok(&["doctor"])).unwrap();
+    assert!(human.contains("hmac keys:"), "{human}");
+    assert!(human.contains("blind-index key of k"), "{human}");
+}

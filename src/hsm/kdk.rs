@@ -45,6 +45,18 @@ pub fn kdk_label(name: &str, version: u32) -> String {
     format!("{KDK_LABEL_PREFIX}{name}:v{version}")
 }
 
+/// The key version in a KDK's label, if it is one.
+pub fn parse_kdk_label(label: &str) -> Option<KeyRef> {
+    let rest = label.strip_prefix(KDK_LABEL_PREFIX)?;
+    let (name, v) = rest.rsplit_once(":v")?;
+    crate::backend::validate_key_name(name).ok()?;
+    let version = super::kwk::parse_version(v)?;
+    (kdk_label(name, version) == label).then(|| KeyRef {
+        name: name.to_string(),
+        version,
+    })
+}
+
 /// The template for `C_GenerateKey(CKM_GENERIC_SECRET_KEY_GEN)`.
 pub fn kdk_template(name: &str, version: u32, created_unix: u64) -> Vec<Attribute> {
     hmac_object::template(&kdk_label(name, version), KDK_LEN, false, created_unix)
@@ -274,6 +286,21 @@ mod tests {
     fn kdk_labels_are_not_kwk_labels() {
         let l = kdk_label("pii", 3);
         assert_eq!(l, "hsmseal-kdk:pii:v3");
+        assert_eq!(
+            parse_kdk_label(&l),
+            Some(KeyRef {
+                name: "pii".into(),
+                version: 3
+            })
+        );
+        for bad in [
+            "hsmseal-kdk:pii:v03",
+            "hsmseal-kdk:pii",
+            "hsmseal-kdk::v1",
+            "hsmseal:pii:v1",
+        ] {
+            assert_eq!(parse_kdk_label(bad), None, "{bad}");
+        }
         assert!(kwk::parse_label(l.as_bytes()).is_none());
         assert!(kwk::parse_high_water_label(l.as_bytes()).is_none());
     }
