@@ -383,23 +383,6 @@ fn refusals_are_usage_or_format_errors_naming_the_fix() {
         );
         assert_eq!(code(&o), 2, "{bits}: {}", err(&o));
     }
-    // JSONL: refused with the alternative named.
-    let o = e.run_in(
-        &[
-            "columns",
-            "encrypt",
-            "-f",
-            "jsonl",
-            "-k",
-            "k",
-            "-c",
-            "email",
-            "--blind-index",
-            "email=x",
-        ],
-        b"{\"email\":\"a\",\"x\":null}\n",
-    );
-    assert_eq!(code(&o), 2, "{}", err(&o));
     // The value can never be given on the command line.
     let o = e.run(&["columns", "index", "-k", "k", "-c", "email", "a@x.org"]);
     assert_eq!(code(&o), 2, "{}", err(&o));
@@ -629,4 +612,50 @@ fn a_lookup_in_postgresql_finds_exactly_the_right_rows() {
     );
     assert_eq!(code(&dec), 0, "{}", err(&dec));
     assert_eq!(dec.stdout, b"id,email\n1,alice@x.org\n3, Alice@X.org\n");
+}
+
+#[test]
+fn jsonl_strings_numbers_nulls_and_missing_targets() {
+    let e = Cli::with_key();
+    let dump = b"{\"id\":1,\"email\":\"a@x.org\",\"email_bidx\":null}\n\
+{\"email_bidx\":\"old\",\"id\":2,\"email\":\"a\\u0040x.org\"}\n\
+{\"id\":3,\"email\":null,\"email_bidx\":\"old\"}\n\
+{\"id\":4,\"email\":42,\"email_bidx\":0}\n";
+    let args = [
+        "columns",
+        "encrypt",
+        "-f",
+        "jsonl",
+        "-k",
+        "k",
+        "-c",
+        "email",
+        "--row-id",
+        "id",
+        "--blind-index",
+        "email",
+    ];
+    let enc = e.run_in(&args, dump);
+    assert_eq!(code(&enc), 0, "{}", err(&enc));
+    let lines: Vec<serde_json::Value> = enc
+        .stdout
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    let a = email_index_ctx(&e, b"a@x.org");
+    // The decoded string is indexed: an escaped spelling is the same value.
+    assert_eq!(lines[0]["email_bidx"], a.as_str());
+    assert_eq!(lines[1]["email_bidx"], a.as_str());
+    assert_eq!(lines[2]["email_bidx"], serde_json::Value::Null);
+    // A number is indexed by its JSON text.
+    assert_eq!(lines[3]["email_bidx"], email_index_ctx(&e, b"42").as_str());
+    // A missing target key: a format error naming it and the row.
+    let o = e.run_in(&args, b"{\"id\":1,\"email\":\"a\"}\n");
+    assert_eq!(code(&o), 8, "{}", err(&o));
+    assert!(err(&o).contains("email_bidx"), "{}", err(&o));
+}
+
+fn email_index_ctx(e: &Cli, v: &[u8]) -> String {
+    index(e, &["-k", "k", "--column", "email"], v)
 }

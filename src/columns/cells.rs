@@ -496,8 +496,10 @@ impl Worker<'_> {
         let mut members = std::mem::take(&mut self.members);
         jsonl::parse_object(line, &mut members).map_err(|e| row_err(row, e))?;
         let nselected = layout.selected.len();
+        let nrid = layout.row_id.len();
         self.found.clear();
-        self.found.resize(nselected + layout.row_id.len(), None);
+        self.found
+            .resize(nselected + nrid + layout.bidx.len(), None);
         for (mi, m) in members.iter().enumerate() {
             let key = &line[m.key.0..m.key.1];
             for (j, sel) in layout.selected.iter().enumerate() {
@@ -513,6 +515,18 @@ impl Worker<'_> {
                         self.found[j] = Some(mi);
                         self.stats.seen[j] = true;
                     }
+                }
+            }
+            for (i, b) in layout.bidx.iter().enumerate() {
+                if jsonl::key_is(key, &b.key) {
+                    if self.found[nselected + nrid + i].is_some() {
+                        return Err(cell_err(
+                            row,
+                            &ColumnId::Name(b.key.clone()),
+                            Error::format("the key occurs twice in the object"),
+                        ));
+                    }
+                    self.found[nselected + nrid + i] = Some(mi);
                 }
             }
             for (i, (id, _)) in layout.row_id.iter().enumerate() {
@@ -551,8 +565,23 @@ impl Worker<'_> {
             row_id_part(&mut rid_buf, part);
         }
         let rid = &rid_buf[..];
+        if !layout.bidx.is_empty() {
+            self.json_blind_indexes(layout, line, &members, row)?;
+        }
         let mut cur = 0;
         for (mi, m) in members.iter().enumerate() {
+            if let Some(i) = self.found[nselected + nrid..]
+                .iter()
+                .position(|f| *f == Some(mi))
+            {
+                out.extend_from_slice(&line[cur..m.value.0]);
+                cur = m.value.1;
+                match self.bidx_out[i] {
+                    Some((a, b)) => out.extend_from_slice(&self.bidx_vals[a..b]),
+                    None => out.extend_from_slice(&line[m.value.0..m.value.1]),
+                }
+                continue;
+            }
             let Some(j) = self.found[..nselected].iter().position(|f| *f == Some(mi)) else {
                 continue;
             };
@@ -565,6 +594,63 @@ impl Worker<'_> {
         out.extend_from_slice(&line[cur..]);
         self.rid = rid_buf;
         self.members = members;
+        Ok(())
+    }
+
+    /// [`Self::blind_indexes`] for a JSON object (members found in
+    /// `self.found`): the index as a JSON string, `null` for a null or
+    /// missing source, the target left as it is for a token. A string is
+    /// indexed by its decoded text, another value by its JSON text. A
+    /// missing target key is an error: the index has nowhere to go.
+    fn json_blind_indexes(
+        &mut self,
+        layout: &Layout,
+        line: &[u8],
+        members: &[jsonl::Member],
+        row: u64,
+    ) -> Result<()> {
+        let base = layout.selected.len() + layout.row_id.len();
+        self.bidx_vals.clear();
+        self.bidx_out.clear();
+        for (i, (b, indexer)) in layout.bidx.iter().zip(&layout.indexers).enumerate() {
+            if self.found[base + i].is_none() {
+                return Err(cell_err(
+                    row,
+                    &ColumnId::Name(b.key.clone()),
+                    Error::format(
+                        "the --blind-index target key is missing from the object (add it, e.g. as null: its value is replaced)",
+                    ),
+                ));
+            }
+            let a = self.bidx_vals.len();
+            let src = &layout.selected[b.source].id;
+            let raw = match self.found[b.source] {
+                Some(m) => &line[members[m].value.0..members[m].value.1],
+                None => b"null".as_slice(),
+            };
+            if raw == b"null" {
+                self.bidx_vals.extend_from_slice(b"null");
+                self.bidx_out.push(Some((a, self.bidx_vals.len())));
+                continue;
+            }
+            let value = if raw[0] == b'"' {
+                let v = jsonl::string_value(raw, &mut self.scratch)
+                    .ok_or_else(|| cell_err(row, src, Error::format("invalid JSON string")))?;
+                if looks_like_token(v) {
+                    self.bidx_out.push(None);
+                    continue;
+                }
+                v
+            } else {
+                raw
+            };
+            self.bidx_vals.push(b'"');
+            indexer
+                .index(value, &mut self.bidx_vals)
+                .map_err(|e| cell_err(row, src, e))?;
+            self.bidx_vals.push(b'"');
+            self.bidx_out.push(Some((a, self.bidx_vals.len())));
+        }
         Ok(())
     }
 

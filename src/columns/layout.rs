@@ -27,12 +27,14 @@ pub(super) struct Selected {
     pub(super) prefix: Vec<u8>,
 }
 
-/// A blind index written by this run (`--blind-index`, tables only).
+/// A blind index written by this run (`--blind-index`).
 pub(super) struct BlindCol {
     /// Index in `Layout::selected` of the column whose plaintext is indexed.
     pub(super) source: usize,
-    /// The target's 0-based field position.
+    /// The target's 0-based field position (tables).
     pub(super) pos: usize,
+    /// The target's key (JSONL).
+    pub(super) key: String,
 }
 
 /// A field a worker rewrites, in field order.
@@ -405,16 +407,33 @@ fn blind_cols(
     let mut out: Vec<BlindCol> = Vec::new();
     for spec in &opts.blind_indexes {
         let (col, target) = (&spec.column, &spec.target);
-        if !opts.format.is_table() {
-            return Err(Error::usage(format!(
-                "--blind-index {col}: blind indexes are written into CSV, TSV and pgcopy dumps only (not {}); `hsmseal columns index` computes them for any value",
-                opts.format.name()
-            )));
-        }
         if !opts.columns.contains(col) {
             return Err(Error::usage(format!(
                 "--blind-index {col:?}: not one of the encrypted --columns (an index is computed from the plaintext of a column this run encrypts); add it to --columns"
             )));
+        }
+        if !opts.format.is_table() {
+            // JSONL: keys, in --columns order.
+            let source = selected
+                .iter()
+                .position(|s| s.id == ColumnId::Name(col.clone()))
+                .expect("an encrypted key is selected");
+            if opts.columns.contains(target) || opts.row_id.contains(target) {
+                return Err(Error::usage(format!(
+                    "--blind-index {col}: its target key {target:?} is encrypted or a --row-id key; an index goes into a key of its own"
+                )));
+            }
+            if out.iter().any(|b| b.key == *target) {
+                return Err(Error::usage(format!(
+                    "--blind-index: key {target:?} is the target of two indexes"
+                )));
+            }
+            out.push(BlindCol {
+                source,
+                pos: 0,
+                key: target.clone(),
+            });
+            continue;
         }
         let (_, src_pos) = resolve(col)?;
         let source = selected
@@ -445,7 +464,11 @@ fn blind_cols(
                 "--blind-index: {id} is the target of two indexes"
             )));
         }
-        out.push(BlindCol { source, pos });
+        out.push(BlindCol {
+            source,
+            pos,
+            key: String::new(),
+        });
     }
     Ok(out)
 }

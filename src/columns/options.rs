@@ -38,7 +38,7 @@ pub struct ColumnOptions {
     /// On encrypt, the blind indexes to write (`--blind-index`): each
     /// source column must be one of `columns`, each target an existing
     /// column whose values are replaced by the index of the source's
-    /// plaintext (tables only).
+    /// plaintext.
     pub blind_indexes: Vec<super::BlindIndexSpec>,
 }
 

@@ -775,7 +775,8 @@ pub struct ColumnsEncryptArgs {
     /// Also write a blind index (a keyed, truncated hash) of COL's
     /// plaintext into TARGET (default COL_bidx), for equality lookups; see
     /// `hsmseal columns index`. COL must be one of --columns; TARGET must
-    /// be a column of the dump (CSV, TSV, pgcopy): its values are replaced.
+    /// be a column of the dump (a key of every JSONL object): its values are
+    /// replaced.
     /// NULL gives NULL. Repeatable. Equal values get equal indexes: read
     /// docs/SECURITY.md, "Blind indexes: what they leak".
     #[arg(long, value_name = "COL[=TARGET]")]
