@@ -6,7 +6,7 @@
 //! fields are copied as they are; NULLs stay NULL.
 
 use super::format::Format;
-use super::layout::{row_err, row_id_part, row_id_start, Block, Layout, Selected};
+use super::layout::{row_err, row_id_part, row_id_start, Block, Layout, Selected, Slot};
 use super::options::ColumnOptions;
 use super::token::{
     self, binding_encoded, has_prefix, looks_like_token, BatchCache, ColumnId, Opener, RewrapCache,
@@ -73,6 +73,11 @@ pub(super) struct Worker<'a> {
     /// A JSON string value decoded for a table format.
     conv: Vec<u8>,
     rid: Vec<u8>,
+    /// This record's blind-index values, back to back.
+    bidx_vals: Vec<u8>,
+    /// Per blind index: its value's span in `bidx_vals`, or `None` to
+    /// leave the target as it is (the source is a token left alone).
+    bidx_out: Vec<Option<(usize, usize)>>,
     members: Vec<jsonl::Member>,
     found: Vec<Option<usize>>,
     stats: WorkerStats,
@@ -214,6 +219,8 @@ impl<'a> Worker<'a> {
             inner: Vec::new(),
             conv: Vec::new(),
             rid: Vec::new(),
+            bidx_vals: Vec::new(),
+            bidx_out: Vec::new(),
             members: Vec::new(),
             found: Vec::new(),
             stats: WorkerStats {
@@ -279,8 +286,26 @@ impl Worker<'_> {
                 row_id_part(&mut rid_buf, decode(fmt, raw, f.quoted, &mut self.scratch));
             }
             let rid = &rid_buf[..];
+            if !layout.bidx.is_empty() {
+                self.blind_indexes(layout, fs, data, row)?;
+            }
             let mut cur = start;
-            for (j, sel) in layout.selected.iter().enumerate() {
+            for slot in &layout.slots {
+                let j = match *slot {
+                    Slot::Selected(j) => j,
+                    Slot::Bidx(i) => {
+                        let f = fs[nselected + layout.row_id.len() + i];
+                        let (fs_, fe) = (f.start as usize, f.end as usize);
+                        out.extend_from_slice(&data[cur..fs_]);
+                        cur = fe;
+                        match self.bidx_out[i] {
+                            Some((a, b)) => out.extend_from_slice(&self.bidx_vals[a..b]),
+                            None => out.extend_from_slice(&data[fs_..fe]),
+                        }
+                        continue;
+                    }
+                };
+                let sel = &layout.selected[j];
                 let f = fs[j];
                 let (fs_, fe) = (f.start as usize, f.end as usize);
                 out.extend_from_slice(&data[cur..fs_]);
@@ -297,6 +322,46 @@ impl Worker<'_> {
             out.extend_from_slice(&data[cur..end]);
             start = end;
             self.rid = rid_buf;
+        }
+        Ok(())
+    }
+
+    /// This record's blind-index values (into `bidx_vals`/`bidx_out`),
+    /// computed from the plaintext of their source columns before any of
+    /// the record is written (a target may come before its source). A NULL
+    /// source gives a NULL index; a source that already is a token (left
+    /// alone under `--skip-tokens`) leaves its target as it is: there is no
+    /// plaintext to hash.
+    fn blind_indexes(
+        &mut self,
+        layout: &Layout,
+        fs: &[super::layout::Field],
+        data: &[u8],
+        row: u64,
+    ) -> Result<()> {
+        let fmt = layout.fmt;
+        self.bidx_vals.clear();
+        self.bidx_out.clear();
+        for (b, indexer) in layout.bidx.iter().zip(&layout.indexers) {
+            let f = fs[b.source];
+            let raw = &data[f.start as usize..f.end as usize];
+            let a = self.bidx_vals.len();
+            if is_null(fmt, raw, f.quoted) {
+                if fmt == Format::PgCopy {
+                    self.bidx_vals.extend_from_slice(b"\\N");
+                }
+                self.bidx_out.push(Some((a, self.bidx_vals.len())));
+                continue;
+            }
+            let value = decode(fmt, raw, f.quoted, &mut self.scratch);
+            if looks_like_token(value) {
+                self.bidx_out.push(None);
+                continue;
+            }
+            indexer
+                .index(value, &mut self.bidx_vals)
+                .map_err(|e| cell_err(row, &layout.selected[b.source].id, e))?;
+            self.bidx_out.push(Some((a, self.bidx_vals.len())));
         }
         Ok(())
     }
@@ -431,8 +496,10 @@ impl Worker<'_> {
         let mut members = std::mem::take(&mut self.members);
         jsonl::parse_object(line, &mut members).map_err(|e| row_err(row, e))?;
         let nselected = layout.selected.len();
+        let nrid = layout.row_id.len();
         self.found.clear();
-        self.found.resize(nselected + layout.row_id.len(), None);
+        self.found
+            .resize(nselected + nrid + layout.bidx.len(), None);
         for (mi, m) in members.iter().enumerate() {
             let key = &line[m.key.0..m.key.1];
             for (j, sel) in layout.selected.iter().enumerate() {
@@ -448,6 +515,18 @@ impl Worker<'_> {
                         self.found[j] = Some(mi);
                         self.stats.seen[j] = true;
                     }
+                }
+            }
+            for (i, b) in layout.bidx.iter().enumerate() {
+                if jsonl::key_is(key, &b.key) {
+                    if self.found[nselected + nrid + i].is_some() {
+                        return Err(cell_err(
+                            row,
+                            &ColumnId::Name(b.key.clone()),
+                            Error::format("the key occurs twice in the object"),
+                        ));
+                    }
+                    self.found[nselected + nrid + i] = Some(mi);
                 }
             }
             for (i, (id, _)) in layout.row_id.iter().enumerate() {
@@ -486,8 +565,23 @@ impl Worker<'_> {
             row_id_part(&mut rid_buf, part);
         }
         let rid = &rid_buf[..];
+        if !layout.bidx.is_empty() {
+            self.json_blind_indexes(layout, line, &members, row)?;
+        }
         let mut cur = 0;
         for (mi, m) in members.iter().enumerate() {
+            if let Some(i) = self.found[nselected + nrid..]
+                .iter()
+                .position(|f| *f == Some(mi))
+            {
+                out.extend_from_slice(&line[cur..m.value.0]);
+                cur = m.value.1;
+                match self.bidx_out[i] {
+                    Some((a, b)) => out.extend_from_slice(&self.bidx_vals[a..b]),
+                    None => out.extend_from_slice(&line[m.value.0..m.value.1]),
+                }
+                continue;
+            }
             let Some(j) = self.found[..nselected].iter().position(|f| *f == Some(mi)) else {
                 continue;
             };
@@ -500,6 +594,63 @@ impl Worker<'_> {
         out.extend_from_slice(&line[cur..]);
         self.rid = rid_buf;
         self.members = members;
+        Ok(())
+    }
+
+    /// [`Self::blind_indexes`] for a JSON object (members found in
+    /// `self.found`): the index as a JSON string, `null` for a null or
+    /// missing source, the target left as it is for a token. A string is
+    /// indexed by its decoded text, another value by its JSON text. A
+    /// missing target key is an error: the index has nowhere to go.
+    fn json_blind_indexes(
+        &mut self,
+        layout: &Layout,
+        line: &[u8],
+        members: &[jsonl::Member],
+        row: u64,
+    ) -> Result<()> {
+        let base = layout.selected.len() + layout.row_id.len();
+        self.bidx_vals.clear();
+        self.bidx_out.clear();
+        for (i, (b, indexer)) in layout.bidx.iter().zip(&layout.indexers).enumerate() {
+            if self.found[base + i].is_none() {
+                return Err(cell_err(
+                    row,
+                    &ColumnId::Name(b.key.clone()),
+                    Error::format(
+                        "the --blind-index target key is missing from the object (add it, e.g. as null: its value is replaced)",
+                    ),
+                ));
+            }
+            let a = self.bidx_vals.len();
+            let src = &layout.selected[b.source].id;
+            let raw = match self.found[b.source] {
+                Some(m) => &line[members[m].value.0..members[m].value.1],
+                None => b"null".as_slice(),
+            };
+            if raw == b"null" {
+                self.bidx_vals.extend_from_slice(b"null");
+                self.bidx_out.push(Some((a, self.bidx_vals.len())));
+                continue;
+            }
+            let value = if raw[0] == b'"' {
+                let v = jsonl::string_value(raw, &mut self.scratch)
+                    .ok_or_else(|| cell_err(row, src, Error::format("invalid JSON string")))?;
+                if looks_like_token(v) {
+                    self.bidx_out.push(None);
+                    continue;
+                }
+                v
+            } else {
+                raw
+            };
+            self.bidx_vals.push(b'"');
+            indexer
+                .index(value, &mut self.bidx_vals)
+                .map_err(|e| cell_err(row, src, e))?;
+            self.bidx_vals.push(b'"');
+            self.bidx_out.push(Some((a, self.bidx_vals.len())));
+        }
         Ok(())
     }
 

@@ -48,6 +48,7 @@ pub fn logged_name(cmd: &Command) -> Option<String> {
             ColumnsCommand::Encrypt(_) => "columns encrypt",
             ColumnsCommand::Decrypt(_) => "columns decrypt",
             ColumnsCommand::Rewrap(_) => "columns rotate",
+            ColumnsCommand::Index(_) => "columns index",
             ColumnsCommand::Passthrough(_) => return None,
         },
         Command::Pg(p) => match p {
