@@ -619,6 +619,14 @@ pub enum ColumnsCommand {
     /// `rotate` is another name for this command (its earlier name).
     #[command(visible_alias = "rotate", after_help = EX_COLUMNS_REWRAP)]
     Rewrap(ColumnsRewrapArgs),
+    /// Count, per selected column of a dump, NULLs, clear values, tokens per
+    /// key version and token format, and malformed tokens.
+    ///
+    /// Reads only the token headers: no HSM, no key, nothing decrypted
+    /// (whether a token opens is `columns decrypt`'s question). Use it
+    /// before `key purge` to see which key versions a dump still needs.
+    #[command(after_help = EX_COLUMNS_INSPECT)]
+    Inspect(ColumnsInspectArgs),
     /// Parse and rewrite the selected columns without cryptography (the
     /// benchmark's speed ceiling).
     #[command(hide = true)]
@@ -747,6 +755,24 @@ pub struct ColumnsDecryptArgs {
     /// instead of failing on them.
     #[arg(long)]
     pub nested: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ColumnsInspectArgs {
+    /// Columns to count, written as for `columns decrypt` (names, or
+    /// 1-based positions with --no-header; comma-separated, repeatable).
+    #[arg(long, short = 'c', value_name = "COLS", required = true)]
+    pub columns: Vec<String>,
+    /// The dump's format. Required when reading stdin; otherwise taken from
+    /// the input file's extension as for `columns decrypt`.
+    #[arg(long, short = 'f', value_enum, ignore_case = true)]
+    pub format: Option<DumpFormat>,
+    /// The first record is data, not a header: --columns are positions.
+    #[arg(long)]
+    pub no_header: bool,
+    /// The dump to read ("-" or absent: stdin).
+    #[arg(value_name = "INPUT")]
+    pub inputs: Vec<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -921,6 +947,11 @@ const EX_COLUMNS_REWRAP: &str = "\
 Examples:
   # After `hsmseal key rotate pii`: each token's batch key to its key's current version
   hsmseal columns rewrap -c ssn,email --row-id id users.enc.csv -o users.rewrapped.csv";
+
+const EX_COLUMNS_INSPECT: &str = "\
+Examples:
+  hsmseal columns inspect -c ssn,email users.enc.csv
+  psql -c '\\copy app.users TO STDOUT (HEADER)' | hsmseal columns inspect --json -f pgcopy -c ssn";
 
 const EX_AUDIT: &str = "\
 Examples:

@@ -16,7 +16,8 @@
 
 use crate::app::App;
 use crate::cli::{
-    ColumnsCommand, ColumnsDecryptArgs, ColumnsEncryptArgs, ColumnsRewrapArgs, DumpArgs,
+    ColumnsCommand, ColumnsDecryptArgs, ColumnsEncryptArgs, ColumnsInspectArgs, ColumnsRewrapArgs,
+    DumpArgs,
 };
 use hsmseal::backend::{KeyBackend, KeyRef};
 use hsmseal::columns::{self, abort, ColumnOptions, ColumnStats, Format};
@@ -30,6 +31,9 @@ use std::time::{Duration, Instant};
 
 /// Runs a `columns` subcommand; returns the exit code.
 pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
+    if let ColumnsCommand::Inspect(a) = &cmd {
+        return inspect(app, a);
+    }
     // Usage errors first: no PIN prompt or HSM login for a mistyped flag.
     let key_name = match &cmd {
         ColumnsCommand::Encrypt(ColumnsEncryptArgs { key, .. }) => {
@@ -43,8 +47,9 @@ pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
         }
         _ => None,
     };
-    input_of(dump_args(&cmd))?;
-    options(dump_args(&cmd))?;
+    let dump = dump_args(&cmd).ok_or_else(|| Error::usage("no dump arguments"))?;
+    input_of(dump)?;
+    options(dump)?;
     if let ColumnsCommand::Decrypt(a) = &cmd {
         token_formats(a)?;
     }
@@ -115,13 +120,78 @@ fn cells(n: u64, one: &str, many: &str) -> String {
     }
 }
 
-fn dump_args(cmd: &ColumnsCommand) -> &DumpArgs {
+/// The dump arguments of a command that writes a dump (`None`: inspect).
+fn dump_args(cmd: &ColumnsCommand) -> Option<&DumpArgs> {
     match cmd {
-        ColumnsCommand::Encrypt(a) => &a.dump,
-        ColumnsCommand::Decrypt(a) => &a.dump,
-        ColumnsCommand::Rewrap(a) => &a.dump,
-        ColumnsCommand::Passthrough(a) => a,
+        ColumnsCommand::Encrypt(a) => Some(&a.dump),
+        ColumnsCommand::Decrypt(a) => Some(&a.dump),
+        ColumnsCommand::Rewrap(a) => Some(&a.dump),
+        ColumnsCommand::Passthrough(a) => Some(a),
+        ColumnsCommand::Inspect(_) => None,
     }
+}
+
+/// `columns inspect`'s arguments as the dump arguments the other `columns`
+/// commands share (no output, no binding: inspect reads token headers only).
+fn inspect_dump(a: &ColumnsInspectArgs) -> DumpArgs {
+    DumpArgs {
+        columns: a.columns.clone(),
+        format: a.format,
+        no_header: a.no_header,
+        row_id: Vec::new(),
+        context: String::new(),
+        inputs: a.inputs.clone(),
+        input: None,
+        output: None,
+        force: false,
+        stats: false,
+    }
+}
+
+/// `columns inspect`: per selected column, what its values are (NULL,
+/// clear, tokens per key version, malformed), from token headers alone:
+/// no backend is opened. One `column` line each (text), or one JSON line
+/// each of type `column` with the fields of `pg status` (FORMAT §8).
+fn inspect(app: &App, a: &ColumnsInspectArgs) -> Result<i32> {
+    let dump = inspect_dump(a);
+    let input_path = input_of(&dump)?;
+    let mut opts = options(&dump)?;
+    opts.jobs = app.jobs;
+    let input: Box<dyn Read + Send> = match input_path {
+        Some(p) => Box::new(
+            std::fs::File::open(p).map_err(|e| Error::io_at("cannot open", p.display(), &e))?,
+        ),
+        None => Box::new(std::io::stdin()),
+    };
+    let place = input_path.map_or_else(|| "stdin".to_string(), |p| p.display().to_string());
+    let stats = columns::inspect(&opts, input).map_err(|e| e.context(&place))?;
+    for (id, c) in &stats.inspect {
+        let column = match id {
+            columns::token::ColumnId::Name(n) => serde_json::Value::from(n.as_str()),
+            columns::token::ColumnId::Index(i) => serde_json::Value::from(*i),
+        };
+        if app.json {
+            let mut m = c.to_json();
+            m.insert("input".into(), place.clone().into());
+            m.insert("column".into(), column);
+            crate::report::emit("column", &m);
+        } else {
+            crate::report::print_line(format_args!("{place}: {id}: {}", c.summary()));
+        }
+        for k in c.key_refs() {
+            app.stats.add_key(k);
+        }
+    }
+    let malformed: u64 = stats.inspect.iter().map(|(_, c)| c.malformed).sum();
+    if malformed > 0 {
+        // Counted, not fatal: the report is what was asked; the exit code
+        // says the dump holds values decrypt would refuse.
+        app.info(format!(
+            "hsmseal: {place}: {malformed} token-looking values do not parse (malformed): columns decrypt would fail on them"
+        ));
+        return Ok(1);
+    }
+    Ok(0)
 }
 
 /// Runs a `columns` subcommand with a given key backend (the HSM, or the
@@ -142,8 +212,9 @@ pub fn execute_with_stats(
         ColumnsCommand::Decrypt(_) => "decrypt",
         ColumnsCommand::Rewrap(_) => "rotate",
         ColumnsCommand::Passthrough(_) => "passthrough",
+        ColumnsCommand::Inspect(_) => "inspect",
     };
-    let dump = dump_args(&cmd);
+    let dump = dump_args(&cmd).ok_or_else(|| Error::usage("no dump arguments"))?;
     let mut opts = options(dump)?;
     opts.jobs = jobs;
     match &cmd {
@@ -157,7 +228,7 @@ pub fn execute_with_stats(
             opts.nested = a.nested;
         }
         ColumnsCommand::Rewrap(a) => opts.allow_plaintext = a.allow_plaintext,
-        ColumnsCommand::Passthrough(_) => {}
+        ColumnsCommand::Passthrough(_) | ColumnsCommand::Inspect(_) => {}
     }
     let backend = || backend.ok_or_else(|| Error::usage("no key backend for this command"));
     let input_path = input_of(dump)?;
@@ -195,6 +266,8 @@ pub fn execute_with_stats(
             ColumnsCommand::Decrypt(_) => columns::decrypt(backend()?, &opts, input, out),
             ColumnsCommand::Rewrap(_) => columns::rewrap(backend()?, given, &opts, input, out),
             ColumnsCommand::Passthrough(_) => columns::passthrough(&opts, input, out),
+            // Handled by `inspect` before any output exists.
+            ColumnsCommand::Inspect(_) => Err(Error::usage("columns inspect writes no dump")),
         }
     };
     let sink = match output_path {
@@ -432,9 +505,10 @@ pub fn guard_stdout(cmd: &crate::cli::Command) -> Option<StdoutGuard> {
     let crate::cli::Command::Columns(c) = cmd else {
         return None;
     };
+    // `columns inspect` writes a report, not a dump: no marker.
+    let args = dump_args(c)?;
     // A stop on a signal (or a closed stdout) ends the stream too.
     crate::signals::on_stop_end_stream(abort_stdout_for_exit);
-    let args = dump_args(c);
     let to_stdout = match args.output.as_deref() {
         None => true,
         Some(p) if p == Path::new("-") => true,

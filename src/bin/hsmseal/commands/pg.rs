@@ -30,6 +30,7 @@
 use crate::app::App;
 use crate::cli::{PgArgs, PgCommand};
 use hsmseal::backend::{KeyBackend, KeyRef};
+use hsmseal::columns::inspect::ColumnCounts;
 use hsmseal::columns::token::{
     self, binding_prefix, looks_like_token, BatchCache, ColumnId, Opener, RewrapCache, Rewrapper,
     Sealer, MIN_TOKEN_LEN, PREFIX, PREFIX_V2,
@@ -1099,17 +1100,26 @@ fn status(app: &App, a: &PgArgs) -> Result<i32> {
     let t = Table::load(&mut client, &args, false)?;
     for col in &t.cols {
         let c = ident(&col.name);
+        // Clear: no token prefix; malformed: the prefix without a token's
+        // shape (decrypt would refuse it), as `columns inspect` counts.
         let counts = client
             .query_one(
                 &format!(
-                    "SELECT count(*) FILTER (WHERE {c} IS NULL), count(*) FILTER (WHERE {c} IS NOT NULL AND NOT {p}), count(*) FROM {}",
+                    "SELECT count(*) FILTER (WHERE {c} IS NULL),
+                            count(*) FILTER (WHERE {c} IS NOT NULL AND left({c}::text, {n}) NOT IN ('{p1}', '{p2}')),
+                            count(*) FILTER (WHERE left({c}::text, {n}) IN ('{p1}', '{p2}') AND NOT {p}),
+                            count(*) FROM {}",
                     t.sql,
+                    n = PREFIX.len(),
+                    p1 = String::from_utf8_lossy(PREFIX),
+                    p2 = String::from_utf8_lossy(PREFIX_V2),
                     p = token_pred(&format!("{c}::text"))
                 ),
                 &[],
             )
             .map_err(db_err(&format!("cannot count {}", t.label)))?;
-        let (nulls, clear, total): (i64, i64, i64) = (counts.get(0), counts.get(1), counts.get(2));
+        let (nulls, clear, malformed, total): (i64, i64, i64, i64) =
+            (counts.get(0), counts.get(1), counts.get(2), counts.get(3));
         // The envelope's head (u8 n | key name | u32be version), decoded
         // from the base64 after the prefix by the server.
         let q = format!(
@@ -1130,53 +1140,43 @@ fn status(app: &App, a: &PgArgs) -> Result<i32> {
         let by_key = client
             .query(&q, &[])
             .map_err(db_err(&format!("cannot count the tokens of {}", t.label)))?;
-        // (key name, key version, token format version, count)
-        let keys: Vec<(String, i64, i32, i64)> = by_key
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-            .collect();
-        let tokens: i64 = keys.iter().map(|k| k.3).sum();
+        // The same counts, JSON and line as `columns inspect` (FORMAT §8).
+        let mut cc = ColumnCounts {
+            rows: total as u64,
+            nulls: nulls as u64,
+            clear: clear as u64,
+            malformed: malformed as u64,
+            ..Default::default()
+        };
+        for r in &by_key {
+            let (name, version, tv, n): (String, i64, i32, i64) =
+                (r.get(0), r.get(1), r.get(2), r.get(3));
+            let (Ok(version), Ok(tv)) = (u32::try_from(version), u8::try_from(tv)) else {
+                cc.malformed += n as u64;
+                continue;
+            };
+            *cc.keys.entry((name, version, tv)).or_default() += n as u64;
+        }
         if app.json {
-            crate::report::emit(
-                "pg_column",
-                &serde_json::json!({
-                    "table": t.label,
-                    "column": col.name,
-                    "original_type": col.original,
-                    "rows": total,
-                    "nulls": nulls,
-                    "clear": clear,
-                    "tokens": tokens,
-                    "keys": keys.iter().map(|(n, v, f, c)| serde_json::json!({"name": n, "version": v, "token_version": f, "tokens": c})).collect::<Vec<_>>(),
-                }),
-            );
+            let mut m = cc.to_json();
+            m.insert("table".into(), t.label.clone().into());
+            m.insert("column".into(), col.name.clone().into());
+            m.insert("original_type".into(), serde_json::json!(col.original));
+            crate::report::emit("pg_column", &m);
         } else {
-            let ks: Vec<String> = keys
-                .iter()
-                .map(|(n, v, f, c)| format!("{n} v{v} (token v{f}): {c}"))
-                .collect();
             crate::report::print_line(format_args!(
-                "{}.{}: {total} rows, {nulls} NULL, {clear} clear, {tokens} tokens{}{}",
+                "{}.{}: {}{}",
                 t.label,
                 col.name,
-                if ks.is_empty() {
-                    String::new()
-                } else {
-                    format!(" [{}]", ks.join(", "))
-                },
+                cc.summary(),
                 match &col.original {
                     Some(ty) => format!(", was {ty}"),
                     None => String::new(),
                 }
             ));
         }
-        for (name, version, _, _) in &keys {
-            if let Ok(v) = u32::try_from(*version) {
-                app.stats.add_key(KeyRef {
-                    name: name.clone(),
-                    version: v,
-                });
-            }
+        for k in cc.key_refs() {
+            app.stats.add_key(k);
         }
     }
     if !app.json {
