@@ -88,6 +88,21 @@ pub trait KeyBackend: Send + Sync {
         Ok(None)
     }
 
+    /// HMAC-SHA256 of `data` under the blind-index key of the key *name*
+    /// `name` (one per name, not per version, so `key rotate` leaves index
+    /// values alone; docs/FORMAT.md section 6, "Blind indexes"): the
+    /// per-column index keys of `columns::blind_index`. The index key is
+    /// created on first use if the name has none; it is used only while
+    /// `name` has a usable current version (a key whose versions are all
+    /// disabled or destroyed computes no index), and `key destroy` of the
+    /// last version destroys it.
+    fn blind_index_mac(&self, name: &str, data: &[u8]) -> Result<SecretKey> {
+        let _ = data;
+        Err(Error::key(format!(
+            "this key store has no blind-index keys, so no index can be computed under {name:?}"
+        )))
+    }
+
     /// How many calls into the key store (HSM) this backend has made so far.
     fn calls(&self) -> u64;
 }
@@ -99,6 +114,8 @@ pub struct MemoryBackend {
     keys: Mutex<BTreeMap<String, Vec<SecretKey>>>,
     /// The KDK of each version (`None`: a version made without one).
     kdks: Mutex<BTreeMap<KeyRef, Option<SecretKey>>>,
+    /// The blind-index key of each key name, made on first use.
+    bidx: Mutex<BTreeMap<String, SecretKey>>,
     calls: AtomicU64,
 }
 
@@ -132,6 +149,14 @@ impl MemoryBackend {
             .expect("memory backend lock")
             .insert(k, kdk);
         v
+    }
+
+    /// Sets the blind-index key of `name` (test vectors).
+    pub fn set_blind_index_key(&self, name: &str, key: SecretKey) {
+        self.bidx
+            .lock()
+            .expect("memory backend lock")
+            .insert(name.to_string(), key);
     }
 
     /// Destroys the KDK of `k` alone (tests of a KDK gone missing).
@@ -215,6 +240,21 @@ impl KeyBackend for MemoryBackend {
         Ok(Some(SecretKey::from_bytes(
             mac.finalize().into_bytes().into(),
         )))
+    }
+
+    fn blind_index_mac(&self, name: &str, data: &[u8]) -> Result<SecretKey> {
+        use hmac::Mac;
+        // As in the HSM: only a name with a usable version computes indexes.
+        self.current_version(name)?;
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let mut keys = self.bidx.lock().expect("memory backend lock");
+        let key = keys
+            .entry(name.to_string())
+            .or_insert_with(SecretKey::random);
+        let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key.expose())
+            .expect("HMAC takes any key");
+        mac.update(data);
+        Ok(SecretKey::from_bytes(mac.finalize().into_bytes().into()))
     }
 
     fn calls(&self) -> u64 {

@@ -1172,3 +1172,119 @@ fn each_version_has_a_sign_only_kdk_that_dies_with_it() {
     assert_eq!(e.kind(), ErrorKind::Key, "{e}");
     assert!(e.to_string().contains("CKA_VERIFY is true"), "{e}");
 }
+
+/// `CKA_SIGN` of the object labelled `label`.
+fn sign_of(s: &Session, label: &str) -> Option<bool> {
+    let h = find_by_label(s, label);
+    s.get_attributes(h, &[AttributeType::Sign])
+        .unwrap()
+        .into_iter()
+        .find_map(|a| match a {
+            Attribute::Sign(v) => Some(v),
+            _ => None,
+        })
+}
+
+#[test]
+fn disabling_a_version_clears_its_kdks_sign_and_enabling_restores_it() {
+    let _serial = serial();
+    let h = hsm();
+    h.create_key("t-kdk-off").unwrap();
+    let v1 = kref("t-kdk-off", 1);
+    let s = raw_session();
+    let label = "hsmseal-kdk:t-kdk-off:v1";
+    assert_eq!(sign_of(&s, label), Some(true));
+    h.disable_version(&v1).unwrap();
+    assert_eq!(sign_of(&s, label), Some(false));
+    // The token itself refuses to sign with it now, whoever asks.
+    let kdk = find_by_label(&s, label);
+    let e = s.sign(&Mechanism::Sha256Hmac, kdk, b"x").unwrap_err();
+    assert!(
+        matches!(e, CkError::Pkcs11(RvError::KeyFunctionNotPermitted, _)),
+        "{e}"
+    );
+    assert_eq!(hsm().derive(&v1, b"x").unwrap_err().kind(), ErrorKind::Key);
+    // Idempotent; and enable restores both.
+    assert!(!h.disable_version(&v1).unwrap().changed);
+    h.enable_version(&v1).unwrap();
+    assert_eq!(sign_of(&s, label), Some(true));
+    assert!(hsm().derive(&v1, b"x").unwrap().is_some());
+    // A disable interrupted after the KWK (KDK still signing) is finished
+    // by running it again.
+    h.disable_version(&v1).unwrap();
+    let kdk = find_by_label(&s, label);
+    s.update_attributes(kdk, &[Attribute::Sign(true)]).unwrap();
+    assert!(h.disable_version(&v1).unwrap().changed);
+    assert_eq!(sign_of(&s, label), Some(false));
+}
+
+#[test]
+fn blind_index_key_is_one_per_name_survives_rotation_and_dies_with_the_key() {
+    use hsmseal::columns::blind_index::{column_id, BlindIndexer, Normalize};
+    use hsmseal::columns::token::ColumnId;
+    use hsmseal::hsm::bidx_key::{bidx_key_problems, bidx_key_template};
+    use hsmseal::hsm::KeyAttributes;
+    let _serial = serial();
+    let h = hsm();
+    h.create_key("t-bidx").unwrap();
+    let col = column_id(&ColumnId::Name("email".into()));
+    let index = |h: &Hsm, v: &[u8]| -> hsmseal::error::Result<String> {
+        let i = BlindIndexer::new(h, "t-bidx", "app.users", &col, 64, Normalize::None)?;
+        let mut out = Vec::new();
+        i.index(v, &mut out)?;
+        Ok(String::from_utf8(out).unwrap())
+    };
+    let s = raw_session();
+    let label = "hsmseal-bidx:t-bidx";
+    assert!(s
+        .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
+        .unwrap()
+        .is_empty());
+    // First use makes the object, with the checked attributes.
+    let a = index(&h, b"alice@x.org").unwrap();
+    let obj = find_by_label(&s, label);
+    let attrs = s
+        .get_attributes(obj, hsmseal::hsm::kwk::CHECKED_ATTRIBUTES)
+        .unwrap();
+    let attrs = KeyAttributes::from_attributes(&attrs);
+    assert_eq!(bidx_key_problems(&attrs), Vec::<String>::new());
+    assert_eq!(
+        (attrs.sign, attrs.verify, attrs.extractable),
+        (Some(true), Some(false), Some(false))
+    );
+    // Another process (a fresh Hsm) finds the same key: same values.
+    assert_eq!(index(&hsm(), b"alice@x.org").unwrap(), a);
+    assert_ne!(index(&h, b"bob@x.org").unwrap(), a);
+    // Rotation and purge of old versions keep it; values unchanged.
+    h.create_next_version("t-bidx").unwrap();
+    assert_eq!(index(&hsm(), b"alice@x.org").unwrap(), a);
+    h.destroy_version(&kref("t-bidx", 1), false).unwrap();
+    assert_eq!(index(&hsm(), b"alice@x.org").unwrap(), a);
+    // Every version disabled: no index.
+    h.disable_version(&kref("t-bidx", 2)).unwrap();
+    assert_eq!(index(&hsm(), b"x").unwrap_err().kind(), ErrorKind::Key);
+    h.enable_version(&kref("t-bidx", 2)).unwrap();
+    // A weaker object (extractable) is refused, naming the attribute.
+    s.destroy_object(obj).unwrap();
+    let mut t = bidx_key_template("t-bidx", now_unix());
+    set(&mut t, Attribute::Extractable(true));
+    let weak = s.generate_key(&Mechanism::GenericSecretKeyGen, &t).unwrap();
+    let e = index(&hsm(), b"alice@x.org").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Key, "{e}");
+    assert!(e.to_string().contains("CKA_EXTRACTABLE is true"), "{e}");
+    s.destroy_object(weak).unwrap();
+    // Gone (here: destroyed behind hsmseal's back): a new one is made, and
+    // old index values no longer match: the key is what makes them.
+    let b = index(&hsm(), b"alice@x.org").unwrap();
+    assert_ne!(b, a);
+    // Destroying the key's last version destroys its index key.
+    h.destroy_version(&kref("t-bidx", 2), true).unwrap();
+    assert!(s
+        .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        index(&hsm(), b"alice@x.org").unwrap_err().kind(),
+        ErrorKind::Key
+    );
+}

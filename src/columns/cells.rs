@@ -6,7 +6,7 @@
 //! fields are copied as they are; NULLs stay NULL.
 
 use super::format::Format;
-use super::layout::{row_err, row_id_part, row_id_start, Block, Layout, Selected};
+use super::layout::{row_err, row_id_part, row_id_start, Block, Layout, Selected, Slot};
 use super::options::ColumnOptions;
 use super::token::{
     self, binding_encoded, has_prefix, looks_like_token, BatchCache, ColumnId, Opener, RewrapCache,
@@ -78,6 +78,11 @@ pub(super) struct Worker<'a> {
     /// A JSON string value decoded for a table format.
     conv: Vec<u8>,
     rid: Vec<u8>,
+    /// This record's blind-index values, back to back.
+    bidx_vals: Vec<u8>,
+    /// Per blind index: its value's span in `bidx_vals`, or `None` to
+    /// leave the target as it is (the source is a token left alone).
+    bidx_out: Vec<Option<(usize, usize)>>,
     members: Vec<jsonl::Member>,
     found: Vec<Option<usize>>,
     stats: WorkerStats,
@@ -220,6 +225,8 @@ impl<'a> Worker<'a> {
             inner: Vec::new(),
             conv: Vec::new(),
             rid: Vec::new(),
+            bidx_vals: Vec::new(),
+            bidx_out: Vec::new(),
             members: Vec::new(),
             found: Vec::new(),
             stats: WorkerStats {
@@ -286,8 +293,26 @@ impl Worker<'_> {
                 row_id_part(&mut rid_buf, decode(fmt, raw, f.quoted, &mut self.scratch));
             }
             let rid = &rid_buf[..];
+            if !layout.bidx.is_empty() {
+                self.blind_indexes(layout, fs, data, row)?;
+            }
             let mut cur = start;
-            for (j, sel) in layout.selected.iter().enumerate() {
+            for slot in &layout.slots {
+                let j = match *slot {
+                    Slot::Selected(j) => j,
+                    Slot::Bidx(i) => {
+                        let f = fs[nselected + layout.row_id.len() + i];
+                        let (fs_, fe) = (f.start as usize, f.end as usize);
+                        out.extend_from_slice(&data[cur..fs_]);
+                        cur = fe;
+                        match self.bidx_out[i] {
+                            Some((a, b)) => out.extend_from_slice(&self.bidx_vals[a..b]),
+                            None => out.extend_from_slice(&data[fs_..fe]),
+                        }
+                        continue;
+                    }
+                };
+                let sel = &layout.selected[j];
                 let f = fs[j];
                 let (fs_, fe) = (f.start as usize, f.end as usize);
                 out.extend_from_slice(&data[cur..fs_]);
@@ -304,6 +329,46 @@ impl Worker<'_> {
             out.extend_from_slice(&data[cur..end]);
             start = end;
             self.rid = rid_buf;
+        }
+        Ok(())
+    }
+
+    /// This record's blind-index values (into `bidx_vals`/`bidx_out`),
+    /// computed from the plaintext of their source columns before any of
+    /// the record is written (a target may come before its source). A NULL
+    /// source gives a NULL index; a source that already is a token (left
+    /// alone under `--skip-tokens`) leaves its target as it is: there is no
+    /// plaintext to hash.
+    fn blind_indexes(
+        &mut self,
+        layout: &Layout,
+        fs: &[super::layout::Field],
+        data: &[u8],
+        row: u64,
+    ) -> Result<()> {
+        let fmt = layout.fmt;
+        self.bidx_vals.clear();
+        self.bidx_out.clear();
+        for (b, indexer) in layout.bidx.iter().zip(&layout.indexers) {
+            let f = fs[b.source];
+            let raw = &data[f.start as usize..f.end as usize];
+            let a = self.bidx_vals.len();
+            if is_null(fmt, raw, f.quoted) {
+                if fmt == Format::PgCopy {
+                    self.bidx_vals.extend_from_slice(b"\\N");
+                }
+                self.bidx_out.push(Some((a, self.bidx_vals.len())));
+                continue;
+            }
+            let value = decode(fmt, raw, f.quoted, &mut self.scratch);
+            if looks_like_token(value) {
+                self.bidx_out.push(None);
+                continue;
+            }
+            indexer
+                .index(value, &mut self.bidx_vals)
+                .map_err(|e| cell_err(row, &layout.selected[b.source].id, e))?;
+            self.bidx_out.push(Some((a, self.bidx_vals.len())));
         }
         Ok(())
     }

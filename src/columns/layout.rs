@@ -29,6 +29,23 @@ pub(super) struct Selected {
     pub(super) prefix: Vec<u8>,
 }
 
+/// A blind index written by this run (`--blind-index`, tables only).
+pub(super) struct BlindCol {
+    /// Index in `Layout::selected` of the column whose plaintext is indexed.
+    pub(super) source: usize,
+    /// The target's 0-based field position.
+    pub(super) pos: usize,
+}
+
+/// A field a worker rewrites, in field order.
+#[derive(Clone, Copy)]
+pub(super) enum Slot {
+    /// `Layout::selected[j]`.
+    Selected(usize),
+    /// `Layout::bidx[i]`.
+    Bidx(usize),
+}
+
 /// Where the selected columns are, resolved from the header or positions.
 pub(super) struct Layout {
     pub(super) fmt: Format,
@@ -39,14 +56,23 @@ pub(super) struct Layout {
     /// Fields per record (tables).
     pub(super) nfields: usize,
     /// Field position -> index in `selected` + 1 (0: not selected); the
-    /// i-th row id column maps to `selected.len() + 1 + i`.
+    /// i-th row id column maps to `selected.len() + 1 + i`, the i-th blind
+    /// index target to `selected.len() + row_id.len() + 1 + i`.
     pub(super) selected_at: Vec<u32>,
+    /// The blind-index targets, in `--blind-index` order.
+    pub(super) bidx: Vec<BlindCol>,
+    /// The selected columns and blind-index targets, in field order
+    /// (tables); what a worker walks through per record.
+    pub(super) slots: Vec<Slot>,
+    /// One per `bidx` entry, made by the encrypt run once the key is known
+    /// (one HSM call each); empty otherwise.
+    pub(super) indexers: Vec<super::BlindIndexer>,
 }
 
 impl Layout {
     /// Field spans recorded per record.
     pub(super) fn width(&self) -> usize {
-        self.selected.len() + self.row_id.len()
+        self.selected.len() + self.row_id.len() + self.bidx.len()
     }
 }
 
@@ -333,6 +359,7 @@ pub(super) fn layout(
     for (j, s) in selected.iter_mut().enumerate() {
         s.index = j;
     }
+    let bidx = blind_cols(opts, header, &selected, &row_id, &resolve)?;
     let width = width.unwrap_or(0);
     let mut selected_at = vec![0u32; if fmt.is_table() { width } else { 0 }];
     for (j, s) in selected.iter().enumerate() {
@@ -345,11 +372,86 @@ pub(super) fn layout(
             *x = (selected.len() + 1 + i) as u32;
         }
     }
+    for (i, b) in bidx.iter().enumerate() {
+        if let Some(x) = selected_at.get_mut(b.pos) {
+            *x = (selected.len() + row_id.len() + 1 + i) as u32;
+        }
+    }
+    let mut slots: Vec<(usize, Slot)> = selected
+        .iter()
+        .enumerate()
+        .map(|(j, s)| (s.pos, Slot::Selected(j)))
+        .chain(bidx.iter().enumerate().map(|(i, b)| (b.pos, Slot::Bidx(i))))
+        .collect();
+    if fmt.is_table() {
+        slots.sort_by_key(|(p, _)| *p);
+    }
     Ok(Layout {
         fmt,
         selected,
         row_id,
         nfields: width,
         selected_at,
+        bidx,
+        slots: slots.into_iter().map(|(_, s)| s).collect(),
+        indexers: Vec::new(),
     })
+}
+
+/// Resolves `--blind-index COL[=TARGET]`: COL must be one of the encrypted
+/// columns, TARGET an existing column that is neither encrypted, a row id
+/// nor another index's target.
+fn blind_cols(
+    opts: &ColumnOptions,
+    header: Option<&[Vec<u8>]>,
+    selected: &[Selected],
+    row_id: &[(ColumnId, usize)],
+    resolve: &dyn Fn(&str) -> Result<(ColumnId, usize)>,
+) -> Result<Vec<BlindCol>> {
+    let mut out: Vec<BlindCol> = Vec::new();
+    for spec in &opts.blind_indexes {
+        let (col, target) = (&spec.column, &spec.target);
+        if !opts.format.is_table() {
+            return Err(Error::usage(format!(
+                "--blind-index {col}: blind indexes are written into CSV, TSV and pgcopy dumps only (not {}); `hsmseal columns index` computes them for any value",
+                opts.format.name()
+            )));
+        }
+        if !opts.columns.contains(col) {
+            return Err(Error::usage(format!(
+                "--blind-index {col:?}: not one of the encrypted --columns (an index is computed from the plaintext of a column this run encrypts); add it to --columns"
+            )));
+        }
+        let (_, src_pos) = resolve(col)?;
+        let source = selected
+            .iter()
+            .position(|s| s.pos == src_pos)
+            .expect("an encrypted column is selected");
+        let named = !target.starts_with('@') && opts.header;
+        let in_header = header.is_some_and(|h| h.iter().any(|n| n == target.as_bytes()));
+        if named && !in_header {
+            return Err(Error::usage(format!(
+                "--blind-index {col}: its target column {target:?} is not in the header: add it to the dump (its values are replaced by the index), or name another with --blind-index {col}=COLUMN"
+            )));
+        }
+        let (id, pos) = resolve(target)
+            .map_err(|e| Error::usage(format!("--blind-index {col}: target: {e}")))?;
+        if selected.iter().any(|s| s.pos == pos) {
+            return Err(Error::usage(format!(
+                "--blind-index {col}: its target {id} is encrypted by this run; an index goes into a column of its own"
+            )));
+        }
+        if row_id.iter().any(|(_, p)| *p == pos) {
+            return Err(Error::usage(format!(
+                "--blind-index {col}: its target {id} is a --row-id column"
+            )));
+        }
+        if out.iter().any(|b| b.pos == pos) {
+            return Err(Error::usage(format!(
+                "--blind-index: {id} is the target of two indexes"
+            )));
+        }
+        out.push(BlindCol { source, pos });
+    }
+    Ok(out)
 }

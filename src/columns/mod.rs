@@ -27,6 +27,7 @@
 //! counted); input containing the abort marker is refused.
 
 pub mod abort;
+pub mod blind_index;
 mod cells;
 pub mod csv;
 mod format;
@@ -39,6 +40,7 @@ mod pipeline;
 mod scan;
 pub mod token;
 
+pub use blind_index::{BlindIndexSpec, BlindIndexer, Normalize};
 pub use format::Format;
 pub use layout::{encode_row_id, row_id_part, row_id_start, MAX_RECORD, MAX_ROW_ID_COLUMNS};
 pub use options::{ColumnOptions, ColumnStats};

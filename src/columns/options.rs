@@ -35,6 +35,11 @@ pub struct ColumnOptions {
     pub nested: bool,
     /// Worker threads (0: one per core).
     pub jobs: usize,
+    /// On encrypt, the blind indexes to write (`--blind-index`): each
+    /// source column must be one of `columns`, each target an existing
+    /// column whose values are replaced by the index of the source's
+    /// plaintext (tables only).
+    pub blind_indexes: Vec<super::BlindIndexSpec>,
 }
 
 impl Default for ColumnOptions {
@@ -51,6 +56,7 @@ impl Default for ColumnOptions {
             token_formats: Vec::new(),
             nested: false,
             jobs: 0,
+            blind_indexes: Vec::new(),
         }
     }
 }

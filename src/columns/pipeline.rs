@@ -13,6 +13,7 @@
 //! ending at a record boundary.
 
 use super::abort;
+use super::blind_index::{self, BlindIndexer};
 use super::cells::{Mode, Worker, WorkerStats};
 use super::format::Format;
 use super::layout::{
@@ -143,6 +144,28 @@ pub(super) fn run(
     } else {
         layout(opts, None, None)?
     };
+    let mut layout = layout;
+    if !layout.bidx.is_empty() {
+        // One HSM call per index column per run, before any output: an
+        // unusable or weak index key fails the run here.
+        let Mode::Encrypt(backend, key) = mode else {
+            return Err(Error::usage(
+                "--blind-index applies to columns encrypt only",
+            ));
+        };
+        for b in &layout.bidx {
+            let spec = &opts.blind_indexes[layout.indexers.len()];
+            let id = blind_index::column_id(&layout.selected[b.source].id);
+            layout.indexers.push(BlindIndexer::new(
+                backend,
+                &key.name,
+                &opts.context,
+                &id,
+                spec.bits,
+                spec.normalize,
+            )?);
+        }
+    }
     output
         .write_all(&head)
         .map_err(|e| Error::io(format!("writing the output: {e}")))?;

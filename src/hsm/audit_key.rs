@@ -25,13 +25,14 @@
 //! lifecycle; `C_Sign`/`C_Verify` run on a pooled session.
 
 use super::errors::{is_gone, rv_of, token_error};
+use super::hmac_object;
 use super::kwk::KeyAttributes;
 use super::Hsm;
 use crate::audit::{current_head, AuditBackend, Head};
 use crate::error::{Error, Result};
 use cryptoki::error::RvError;
-use cryptoki::mechanism::{Mechanism, MechanismType};
-use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
 /// Label of the audit HMAC key. Deliberately not under `hsmseal:`.
@@ -45,134 +46,24 @@ pub const AUDIT_KEY_LEN: u64 = 32;
 
 /// The template for `C_GenerateKey(CKM_GENERIC_SECRET_KEY_GEN)`.
 pub fn audit_key_template(created_unix: u64) -> Vec<Attribute> {
-    vec![
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(KeyType::GENERIC_SECRET),
-        Attribute::ValueLen(AUDIT_KEY_LEN.into()),
-        Attribute::Token(true),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(false),
-        Attribute::Sign(true),
-        Attribute::Verify(true),
-        Attribute::Encrypt(false),
-        Attribute::Decrypt(false),
-        Attribute::Wrap(false),
-        Attribute::Unwrap(false),
-        Attribute::Derive(false),
-        Attribute::AllowedMechanisms(vec![MechanismType::SHA256_HMAC]),
-        Attribute::Label(AUDIT_KEY_LABEL.as_bytes().to_vec()),
-        Attribute::Id(
-            format!("{AUDIT_KEY_LABEL}@{}", crate::time::rfc3339(created_unix)).into_bytes(),
-        ),
-    ]
+    hmac_object::template(AUDIT_KEY_LABEL, AUDIT_KEY_LEN, true, created_unix)
 }
+
+/// What the audit key must be, and why ([`hmac_object::problems`]).
+const AUDIT_KEY_RULES: hmac_object::Rules = hmac_object::Rules {
+    min_len: AUDIT_KEY_LEN,
+    extractable_why: "it could leave the HSM, and whoever holds a copy can rewrite the log",
+    sign_why: "it cannot authenticate new entries",
+    verify_why: Some("it cannot check entries"),
+    only: "(the audit key must only sign and verify)",
+};
 
 /// Every way `a` is weaker than a key made by [`audit_key_template`]; empty
 /// means usable. A token that does not report `CKA_ALLOWED_MECHANISMS` is
 /// accepted (the key can still only sign and verify); one that lists any
 /// mechanism besides `CKM_SHA256_HMAC` is not.
 pub fn audit_key_problems(a: &KeyAttributes) -> Vec<String> {
-    let mut p = Vec::new();
-    let secret_key = ObjectClass::SECRET_KEY.to_string();
-    let generic = KeyType::GENERIC_SECRET.to_string();
-    match &a.class {
-        Some(c) if *c == secret_key => {}
-        Some(c) => p.push(format!("CKA_CLASS is {c}, not {secret_key}")),
-        None => p.push("CKA_CLASS could not be read".to_string()),
-    }
-    match &a.key_type {
-        Some(t) if *t == generic => {}
-        Some(t) => p.push(format!("CKA_KEY_TYPE is {t}, not {generic}")),
-        None => p.push("CKA_KEY_TYPE could not be read".to_string()),
-    }
-    match a.value_len {
-        Some(n) if n >= AUDIT_KEY_LEN => {}
-        Some(n) => p.push(format!(
-            "CKA_VALUE_LEN is {n} bytes (at least {AUDIT_KEY_LEN} are required)"
-        )),
-        None => p.push("CKA_VALUE_LEN could not be read".to_string()),
-    }
-    let required: [(&str, Option<bool>, bool, &str); 8] = [
-        (
-            "CKA_TOKEN",
-            a.token,
-            true,
-            "it would vanish with the session",
-        ),
-        (
-            "CKA_PRIVATE",
-            a.private,
-            true,
-            "it is usable without logging in",
-        ),
-        (
-            "CKA_SENSITIVE",
-            a.sensitive,
-            true,
-            "its value can be read out of the HSM",
-        ),
-        (
-            "CKA_ALWAYS_SENSITIVE",
-            a.always_sensitive,
-            true,
-            "its value was readable at some point",
-        ),
-        (
-            "CKA_EXTRACTABLE",
-            a.extractable,
-            false,
-            "it could leave the HSM, and whoever holds a copy can rewrite the log",
-        ),
-        (
-            "CKA_NEVER_EXTRACTABLE",
-            a.never_extractable,
-            true,
-            "it may have left the HSM before",
-        ),
-        (
-            "CKA_SIGN",
-            a.sign,
-            true,
-            "it cannot authenticate new entries",
-        ),
-        ("CKA_VERIFY", a.verify, true, "it cannot check entries"),
-    ];
-    for (attr, value, want, why) in required {
-        match value {
-            Some(v) if v == want => {}
-            Some(v) => p.push(format!("{attr} is {v} ({why})")),
-            None => p.push(format!("{attr} could not be read")),
-        }
-    }
-    for (attr, value) in [
-        ("CKA_ENCRYPT", a.encrypt),
-        ("CKA_DECRYPT", a.decrypt),
-        ("CKA_WRAP", a.wrap),
-        ("CKA_UNWRAP", a.unwrap),
-        ("CKA_DERIVE", a.derive),
-    ] {
-        if value == Some(true) {
-            p.push(format!(
-                "{attr} is true (the audit key must only sign and verify)"
-            ));
-        }
-    }
-    let hmac = MechanismType::SHA256_HMAC.to_string();
-    if let Some(m) = &a.allowed_mechanisms {
-        let extra: Vec<&str> = m
-            .iter()
-            .filter(|x| **x != hmac)
-            .map(String::as_str)
-            .collect();
-        if !extra.is_empty() {
-            p.push(format!(
-                "CKA_ALLOWED_MECHANISMS allows {} (only {hmac} is accepted)",
-                extra.join(", ")
-            ));
-        }
-    }
-    p
+    hmac_object::problems(a, &AUDIT_KEY_RULES)
 }
 
 /// The label of the head record of log `log_id`.
@@ -483,6 +374,8 @@ impl Hsm {
 mod tests {
     use super::*;
     use crate::hsm::kwk;
+    use cryptoki::mechanism::MechanismType;
+    use cryptoki::object::KeyType;
 
     fn good() -> KeyAttributes {
         KeyAttributes::from_attributes(&[

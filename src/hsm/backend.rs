@@ -279,6 +279,10 @@ impl KeyBackend for Hsm {
         self.derive_with_kdk(kwk, data)
     }
 
+    fn blind_index_mac(&self, name: &str, data: &[u8]) -> Result<SecretKey> {
+        self.bidx_mac(name, data)
+    }
+
     fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
     }

@@ -24,6 +24,8 @@ pub struct DoctorReport {
     /// The hsmseal keys on the token; `None` when not logged in (the keys
     /// are private objects, invisible before login).
     pub keys: Option<Vec<KeyInfo>>,
+    /// The KDKs and blind-index keys, checked; `None` when not logged in.
+    pub hmac_keys: Option<Vec<super::hmac_object::HmacKeyInfo>>,
     /// Everything that would stop hsmseal from working, one line each.
     pub problems: Vec<String>,
 }
@@ -176,6 +178,37 @@ impl Hsm {
         } else {
             None
         };
+        let hmac_keys = match &keys {
+            Some(k) => match self.hmac_keys(k) {
+                Ok(h) => {
+                    // Orphans (left by an interrupted destroy) are listed
+                    // but harmless: nothing uses them.
+                    for o in &h {
+                        let real: Vec<&String> = o
+                            .problems
+                            .iter()
+                            .filter(|p| !p.starts_with("orphan:"))
+                            .collect();
+                        if !real.is_empty() {
+                            problems.push(format!(
+                                "{} is refused: {}",
+                                o.label,
+                                real.iter()
+                                    .map(|p| p.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join("; ")
+                            ));
+                        }
+                    }
+                    Some(h)
+                }
+                Err(e) => {
+                    problems.push(format!("listing HMAC keys failed: {e}"));
+                    None
+                }
+            },
+            None => None,
+        };
 
         Ok(DoctorReport {
             module: self.module.display().to_string(),
@@ -202,6 +235,7 @@ impl Hsm {
             },
             mechanisms,
             keys,
+            hmac_keys,
             problems,
         })
     }
@@ -277,6 +311,12 @@ impl fmt::Display for DoctorReport {
                 }
             }
         }
+        if let Some(h) = self.hmac_keys.as_ref().filter(|h| !h.is_empty()) {
+            writeln!(f, "hmac keys:")?;
+            for o in h {
+                writeln!(f, "  {}", hmac_key_line(o))?;
+            }
+        }
         if self.ok() {
             write!(f, "result:  ok")
         } else {
@@ -290,4 +330,23 @@ impl fmt::Display for DoctorReport {
             Ok(())
         }
     }
+}
+
+/// One KDK or blind-index key for `doctor` and `key list`: label, what it
+/// is, creation time, status.
+pub fn hmac_key_line(o: &super::hmac_object::HmacKeyInfo) -> String {
+    let what = match o.version {
+        Some(v) => format!("key-derivation key of {} v{v}", o.key),
+        None => format!("blind-index key of {}", o.key),
+    };
+    let status = if o.problems.is_empty() {
+        "ok".to_string()
+    } else {
+        o.problems.join("; ")
+    };
+    format!(
+        "{:<32} {what:<40} created {:<20}  {status}",
+        o.label,
+        o.created.as_deref().unwrap_or("unknown")
+    )
 }

@@ -24,13 +24,14 @@
 //!   scan, `key list` and version numbering never mistake a KDK for a KWK.
 
 use super::errors::{is_gone, is_not_permitted, token_error};
+use super::hmac_object;
 use super::kwk::KeyAttributes;
 use super::Hsm;
 use crate::backend::KeyRef;
 use crate::error::{Error, Result};
 use crate::secret::SecretKey;
-use cryptoki::mechanism::{Mechanism, MechanismType};
-use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, ObjectHandle};
 use cryptoki::session::Session;
 use std::sync::atomic::Ordering;
 
@@ -44,100 +45,39 @@ pub fn kdk_label(name: &str, version: u32) -> String {
     format!("{KDK_LABEL_PREFIX}{name}:v{version}")
 }
 
+/// The key version in a KDK's label, if it is one.
+pub fn parse_kdk_label(label: &str) -> Option<KeyRef> {
+    let rest = label.strip_prefix(KDK_LABEL_PREFIX)?;
+    let (name, v) = rest.rsplit_once(":v")?;
+    crate::backend::validate_key_name(name).ok()?;
+    let version = super::kwk::parse_version(v)?;
+    (kdk_label(name, version) == label).then(|| KeyRef {
+        name: name.to_string(),
+        version,
+    })
+}
+
 /// The template for `C_GenerateKey(CKM_GENERIC_SECRET_KEY_GEN)`.
 pub fn kdk_template(name: &str, version: u32, created_unix: u64) -> Vec<Attribute> {
-    let label = kdk_label(name, version);
-    vec![
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(KeyType::GENERIC_SECRET),
-        Attribute::ValueLen(KDK_LEN.into()),
-        Attribute::Token(true),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(false),
-        Attribute::Sign(true),
-        Attribute::Verify(false),
-        Attribute::Encrypt(false),
-        Attribute::Decrypt(false),
-        Attribute::Wrap(false),
-        Attribute::Unwrap(false),
-        Attribute::Derive(false),
-        Attribute::AllowedMechanisms(vec![MechanismType::SHA256_HMAC]),
-        Attribute::Id(format!("{label}@{}", crate::time::rfc3339(created_unix)).into_bytes()),
-        Attribute::Label(label.into_bytes()),
-    ]
+    hmac_object::template(&kdk_label(name, version), KDK_LEN, false, created_unix)
 }
+
+/// What a KDK must be, and why ([`hmac_object::problems`]).
+const KDK_RULES: hmac_object::Rules = hmac_object::Rules {
+    min_len: KDK_LEN,
+    extractable_why:
+        "it could leave the HSM, and whoever holds a copy derives every batch key of its version",
+    sign_why: "it cannot derive batch keys",
+    verify_why: None,
+    only: "(a key-derivation key must only sign)",
+};
 
 /// Every way `a` is weaker than a KDK made by [`kdk_template`]; empty means
 /// usable. A token that does not report `CKA_ALLOWED_MECHANISMS` is
 /// accepted (the key can still only sign); one that lists any mechanism
 /// besides `CKM_SHA256_HMAC` is not.
 pub fn kdk_problems(a: &KeyAttributes) -> Vec<String> {
-    let mut p = Vec::new();
-    let secret_key = ObjectClass::SECRET_KEY.to_string();
-    let generic = KeyType::GENERIC_SECRET.to_string();
-    match &a.class {
-        Some(c) if *c == secret_key => {}
-        Some(c) => p.push(format!("CKA_CLASS is {c}, not {secret_key}")),
-        None => p.push("CKA_CLASS could not be read".to_string()),
-    }
-    match &a.key_type {
-        Some(t) if *t == generic => {}
-        Some(t) => p.push(format!("CKA_KEY_TYPE is {t}, not {generic}")),
-        None => p.push("CKA_KEY_TYPE could not be read".to_string()),
-    }
-    match a.value_len {
-        Some(n) if n >= KDK_LEN => {}
-        Some(n) => p.push(format!(
-            "CKA_VALUE_LEN is {n} bytes (at least {KDK_LEN} are required)"
-        )),
-        None => p.push("CKA_VALUE_LEN could not be read".to_string()),
-    }
-    let required: [(&str, Option<bool>, bool, &str); 7] = [
-        ("CKA_TOKEN", a.token, true, "it would vanish with the session"),
-        ("CKA_PRIVATE", a.private, true, "it is usable without logging in"),
-        ("CKA_SENSITIVE", a.sensitive, true, "its value can be read out of the HSM"),
-        ("CKA_ALWAYS_SENSITIVE", a.always_sensitive, true, "its value was readable at some point"),
-        ("CKA_EXTRACTABLE", a.extractable, false, "it could leave the HSM, and whoever holds a copy derives every batch key of its version"),
-        ("CKA_NEVER_EXTRACTABLE", a.never_extractable, true, "it may have left the HSM before"),
-        ("CKA_SIGN", a.sign, true, "it cannot derive batch keys"),
-    ];
-    for (attr, value, want, why) in required {
-        match value {
-            Some(v) if v == want => {}
-            Some(v) => p.push(format!("{attr} is {v} ({why})")),
-            None => p.push(format!("{attr} could not be read")),
-        }
-    }
-    for (attr, value) in [
-        ("CKA_VERIFY", a.verify),
-        ("CKA_ENCRYPT", a.encrypt),
-        ("CKA_DECRYPT", a.decrypt),
-        ("CKA_WRAP", a.wrap),
-        ("CKA_UNWRAP", a.unwrap),
-        ("CKA_DERIVE", a.derive),
-    ] {
-        if value == Some(true) {
-            p.push(format!(
-                "{attr} is true (a key-derivation key must only sign)"
-            ));
-        }
-    }
-    let hmac = MechanismType::SHA256_HMAC.to_string();
-    if let Some(m) = &a.allowed_mechanisms {
-        let extra: Vec<&str> = m
-            .iter()
-            .filter(|x| **x != hmac)
-            .map(String::as_str)
-            .collect();
-        if !extra.is_empty() {
-            p.push(format!(
-                "CKA_ALLOWED_MECHANISMS allows {} (only {hmac} is accepted)",
-                extra.join(", ")
-            ));
-        }
-    }
-    p
+    hmac_object::problems(a, &KDK_RULES)
 }
 
 impl Hsm {
@@ -285,6 +225,8 @@ impl Hsm {
 mod tests {
     use super::*;
     use crate::hsm::kwk;
+    use cryptoki::mechanism::MechanismType;
+    use cryptoki::object::{KeyType, ObjectClass};
 
     fn good() -> KeyAttributes {
         KeyAttributes::from_attributes(&[
@@ -344,6 +286,21 @@ mod tests {
     fn kdk_labels_are_not_kwk_labels() {
         let l = kdk_label("pii", 3);
         assert_eq!(l, "hsmseal-kdk:pii:v3");
+        assert_eq!(
+            parse_kdk_label(&l),
+            Some(KeyRef {
+                name: "pii".into(),
+                version: 3
+            })
+        );
+        for bad in [
+            "hsmseal-kdk:pii:v03",
+            "hsmseal-kdk:pii",
+            "hsmseal-kdk::v1",
+            "hsmseal:pii:v1",
+        ] {
+            assert_eq!(parse_kdk_label(bad), None, "{bad}");
+        }
         assert!(kwk::parse_label(l.as_bytes()).is_none());
         assert!(kwk::parse_high_water_label(l.as_bytes()).is_none());
     }

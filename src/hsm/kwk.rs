@@ -147,7 +147,7 @@ pub struct KeyAttributes {
 /// `CKR_GENERAL_ERROR` when it is requested from a private object (it stores
 /// the date in clear but tries to decrypt it on read; SoftHSMv2 issues #655
 /// and #804). It is read on its own, failures tolerated.
-pub(crate) const CHECKED_ATTRIBUTES: &[AttributeType] = &[
+pub const CHECKED_ATTRIBUTES: &[AttributeType] = &[
     AttributeType::Class,
     AttributeType::KeyType,
     AttributeType::ValueLen,

@@ -50,7 +50,7 @@ use crate::backend::{validate_key_name, KeyRef};
 use crate::error::{Error, Result};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -391,8 +391,10 @@ impl Hsm {
         if target.is_some() {
             self.destroy_versions(&admin, &family, &[k.version])?;
         } else {
-            // Already destroyed: finish an interrupted destroy (its KDK).
+            // Already destroyed: finish an interrupted destroy (its KDK,
+            // and the key's blind-index key if no version is left).
             self.destroy_kdk(&admin, k)?;
+            self.destroy_bidx_if_last(&admin, &k.name)?;
         }
         let after = self.family(&admin, &k.name)?;
         let versions = self.version_infos(&admin, &after)?;
@@ -594,6 +596,15 @@ impl Hsm {
         }
         let before = self.version_infos(&admin, &family)?;
         let mut changed = false;
+        // The version's KDK follows its KWK (CKA_SIGN false while
+        // disabled), so the token itself also refuses to derive v2 batch
+        // keys under a disabled version, whoever asks. Enabling restores
+        // the KDK first and disabling clears it last: a crash in between
+        // leaves a KWK state hsmseal checks before every derivation, and
+        // running the command again finishes (both steps are idempotent).
+        if enable {
+            changed |= self.set_kdk_sign(&admin, k, true)?;
+        }
         for h in handles {
             let Some(disabled) = self.disabled(&admin, h)? else {
                 continue;
@@ -617,6 +628,9 @@ impl Hsm {
                 })?;
             changed = true;
         }
+        if !enable {
+            changed |= self.set_kdk_sign(&admin, k, false)?;
+        }
         self.evict(k);
         let after = self.family(&admin, &k.name)?;
         let versions = self.version_infos(&admin, &after)?;
@@ -637,6 +651,38 @@ impl Hsm {
             state,
             current_version: current_of(&versions),
         })
+    }
+
+    /// Sets `CKA_SIGN` of the KDK(s) of `k` to `sign` where it differs;
+    /// true if anything changed. A version without KDK changes nothing.
+    fn set_kdk_sign(&self, admin: &Session, k: &KeyRef, sign: bool) -> Result<bool> {
+        let t = &self.token_label;
+        let action = if sign { "enable" } else { "disable" };
+        let mut changed = false;
+        for h in self.kdk_objects(admin, k)? {
+            let now = match admin.get_attributes(h, &[AttributeType::Sign]) {
+                Ok(a) => a.into_iter().find_map(|a| match a {
+                    Attribute::Sign(v) => Some(v),
+                    _ => None,
+                }),
+                Err(e) if is_gone(&e) => continue,
+                Err(e) => return Err(token_error(e, t, "reading a key-derivation key's CKA_SIGN")),
+            };
+            if now == Some(sign) {
+                continue;
+            }
+            admin
+                .update_attributes(h, &[Attribute::Sign(sign)])
+                .map_err(|e| {
+                    Error::token(format!(
+                        "token {t:?} did not let hsmseal set CKA_SIGN of the key-derivation key {} to {sign} ({}), so it cannot {action} {k} there; run the command again, or `hsmseal key destroy` the version",
+                        super::kdk::kdk_label(&k.name, k.version),
+                        returned(&e)
+                    ))
+                })?;
+            changed = true;
+        }
+        Ok(changed)
     }
 
     /// `k`'s entry if [`Self::destroy_version`] may destroy it, `None` if it
@@ -708,6 +754,11 @@ impl Hsm {
             self.evict(&k);
             done.push(format!("v{v}"));
         }
+        // The key's blind-index key goes with its last version (a crash
+        // before this leaves it with no version, which computes nothing:
+        // indexes need a usable version; running the destroy again
+        // removes it).
+        self.destroy_bidx_if_last(admin, name)?;
         Ok(())
     }
 

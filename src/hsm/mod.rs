@@ -10,7 +10,9 @@
 //! template and attribute checks of a KWK, no token access), [`lifecycle`]
 //! (creating, disabling, destroying and purging versions), [`audit_key`]
 //! (the audit log's HMAC key and head records), [`kdk`] (the key-derivation
-//! key beside each KWK version, for v2 column tokens), [`doctor`], [`lock`] (the
+//! key beside each KWK version, for v2 column tokens), [`bidx_key`] (the
+//! blind-index key of each key name), [`hmac_object`] (the template and
+//! attribute check those three HMAC objects share), [`doctor`], [`lock`] (the
 //! token lock file) and `errors` (PKCS#11 errors to hsmseal's).
 //!
 //! Invariants:
@@ -46,8 +48,10 @@
 
 pub mod audit_key;
 mod backend;
+pub mod bidx_key;
 pub mod doctor;
 mod errors;
+pub mod hmac_object;
 pub mod kdk;
 pub mod kwk;
 pub mod lifecycle;
@@ -110,6 +114,9 @@ pub struct Hsm {
     /// The checked KDK of each key version (`None`: it has none), once
     /// looked up (see [`kdk`]); dropped with the version's other caches.
     kdks: Mutex<HashMap<KeyRef, Option<ObjectHandle>>>,
+    /// The checked blind-index key of each key name, once found or made
+    /// (see [`bidx_key`]); dropped when the last version is destroyed.
+    bidx_keys: Mutex<HashMap<String, ObjectHandle>>,
 }
 
 impl std::fmt::Debug for Hsm {
@@ -171,6 +178,7 @@ impl Hsm {
             calls: AtomicU64::new(0),
             audit_key: Mutex::new(None),
             kdks: Mutex::new(HashMap::new()),
+            bidx_keys: Mutex::new(HashMap::new()),
         })
     }
 

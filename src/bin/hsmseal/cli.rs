@@ -627,10 +627,63 @@ pub enum ColumnsCommand {
     /// before `key purge` to see which key versions a dump still needs.
     #[command(after_help = EX_COLUMNS_INSPECT)]
     Inspect(ColumnsInspectArgs),
+    /// Print the blind index of a value read from stdin, exactly as
+    /// `columns encrypt --blind-index` stores it, for an equality lookup
+    /// (WHERE email_bidx = '<printed value>').
+    ///
+    /// The value is read from stdin, never from the command line (argv is
+    /// visible to other users and kept in shell history); one trailing
+    /// newline (LF or CRLF) is removed unless --raw. --key, --column,
+    /// --context, --bits and --normalize must be those of the encrypt run.
+    #[command(after_help = EX_COLUMNS_INDEX)]
+    Index(ColumnsIndexArgs),
     /// Parse and rewrite the selected columns without cryptography (the
     /// benchmark's speed ceiling).
     #[command(hide = true)]
     Passthrough(DumpArgs),
+}
+
+/// `--blind-index-normalize` / `--normalize`: how a value is normalised
+/// before its blind index is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NormalizeArg {
+    /// The exact bytes
+    None,
+    /// UTF-8: Unicode white space trimmed at both ends, then lower-cased
+    LowerTrim,
+}
+
+impl From<NormalizeArg> for hsmseal::columns::Normalize {
+    fn from(n: NormalizeArg) -> Self {
+        match n {
+            NormalizeArg::None => Self::None,
+            NormalizeArg::LowerTrim => Self::LowerTrim,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ColumnsIndexArgs {
+    /// Key (KWK) name the dump was encrypted under; default from the
+    /// configuration. Its blind-index key (one per key name) is used.
+    #[arg(long, short = 'k', env = "HSMSEAL_KEY", hide_env_values = true)]
+    pub key: Option<String>,
+    /// The encrypted column the index was computed from: its header name
+    /// (JSON key), or @N for position N (as given to --columns).
+    #[arg(long, short = 'c', value_name = "COL")]
+    pub column: String,
+    /// The --context of the encrypt run. Default: empty.
+    #[arg(long, default_value = "")]
+    pub context: String,
+    /// Index length in bits, as given to --blind-index-bits.
+    #[arg(long, value_name = "N", default_value_t = hsmseal::columns::blind_index::DEFAULT_BITS)]
+    pub bits: u16,
+    /// Normalisation, as given to --blind-index-normalize.
+    #[arg(long, value_enum, value_name = "MODE", default_value = "none")]
+    pub normalize: NormalizeArg,
+    /// Use stdin exactly as read (no trailing newline removed).
+    #[arg(long)]
+    pub raw: bool,
 }
 
 /// What every `columns` subcommand shares.
@@ -727,6 +780,21 @@ pub struct ColumnsEncryptArgs {
     /// a value is an error: it would be encrypted twice.
     #[arg(long)]
     pub skip_tokens: bool,
+    /// Also write a blind index (a keyed, truncated hash) of COL's
+    /// plaintext into TARGET (default COL_bidx), for equality lookups; see
+    /// `hsmseal columns index`. COL must be one of --columns; TARGET must
+    /// be a column of the dump (CSV, TSV, pgcopy): its values are replaced.
+    /// NULL gives NULL. Repeatable. Equal values get equal indexes: read
+    /// docs/SECURITY.md, "Blind indexes: what they leak".
+    #[arg(long, value_name = "COL[=TARGET]")]
+    pub blind_index: Vec<String>,
+    /// Blind-index length in bits: a multiple of 8 from 16 to 256. Longer
+    /// means fewer false matches per lookup, shorter less to learn from.
+    #[arg(long, value_name = "N", default_value_t = hsmseal::columns::blind_index::DEFAULT_BITS)]
+    pub blind_index_bits: u16,
+    /// How values are normalised before their blind index is computed.
+    #[arg(long, value_enum, value_name = "MODE", default_value = "none")]
+    pub blind_index_normalize: NormalizeArg,
 }
 
 #[derive(Debug, clap::Args)]
@@ -791,6 +859,12 @@ pub struct ColumnsRewrapArgs {
 // ---- Examples shown at the end of each subcommand's --help ----
 // Each is a command a user can adapt as it stands; `hsmseal help` and the
 // man pages carry them too (examples/gen-docs.rs).
+
+const EX_COLUMNS_INDEX: &str = "\
+Examples:
+  hsmseal columns encrypt -c email,ssn --row-id id -k pii --context app.users --blind-index email users.csv -o users.enc.csv
+  printf %s \"$email\" | hsmseal columns index -k pii --column email --context app.users
+  # then: SELECT * FROM users WHERE email_bidx = '<printed value>'";
 
 const EX_PG: &str = "\
 Examples:

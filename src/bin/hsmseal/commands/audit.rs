@@ -49,6 +49,7 @@ pub fn logged_name(cmd: &Command) -> Option<String> {
             ColumnsCommand::Decrypt(_) => "columns decrypt",
             ColumnsCommand::Rewrap(_) => "columns rotate",
             ColumnsCommand::Passthrough(_) | ColumnsCommand::Inspect(_) => return None,
+            ColumnsCommand::Index(_) => "columns index",
         },
         Command::Pg(p) => match p {
             PgCommand::Encrypt(_) => "pg encrypt",

@@ -16,8 +16,8 @@
 
 use crate::app::App;
 use crate::cli::{
-    ColumnsCommand, ColumnsDecryptArgs, ColumnsEncryptArgs, ColumnsInspectArgs, ColumnsRewrapArgs,
-    DumpArgs,
+    ColumnsCommand, ColumnsDecryptArgs, ColumnsEncryptArgs, ColumnsIndexArgs, ColumnsInspectArgs,
+    ColumnsRewrapArgs, DumpArgs,
 };
 use hsmseal::backend::{KeyBackend, KeyRef};
 use hsmseal::columns::{self, abort, ColumnOptions, ColumnStats, Format};
@@ -31,9 +31,11 @@ use std::time::{Duration, Instant};
 
 /// Runs a `columns` subcommand; returns the exit code.
 pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
-    if let ColumnsCommand::Inspect(a) = &cmd {
-        return inspect(app, a);
-    }
+    let cmd = match cmd {
+        ColumnsCommand::Index(a) => return index(app, &a),
+        ColumnsCommand::Inspect(a) => return inspect(app, &a),
+        cmd => cmd,
+    };
     // Usage errors first: no PIN prompt or HSM login for a mistyped flag.
     let key_name = match &cmd {
         ColumnsCommand::Encrypt(ColumnsEncryptArgs { key, .. }) => {
@@ -47,9 +49,13 @@ pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
         }
         _ => None,
     };
-    let dump = dump_args(&cmd).ok_or_else(|| Error::usage("no dump arguments"))?;
-    input_of(dump)?;
-    options(dump)?;
+    if let Some(dump) = dump_args(&cmd) {
+        input_of(dump)?;
+        options(dump)?;
+    }
+    if let ColumnsCommand::Encrypt(a) = &cmd {
+        blind_indexes(a)?;
+    }
     if let ColumnsCommand::Decrypt(a) = &cmd {
         token_formats(a)?;
     }
@@ -120,14 +126,15 @@ fn cells(n: u64, one: &str, many: &str) -> String {
     }
 }
 
-/// The dump arguments of a command that writes a dump (`None`: inspect).
+/// The dump a subcommand reads (`None`: `columns index`, which reads one
+/// value).
 fn dump_args(cmd: &ColumnsCommand) -> Option<&DumpArgs> {
     match cmd {
         ColumnsCommand::Encrypt(a) => Some(&a.dump),
         ColumnsCommand::Decrypt(a) => Some(&a.dump),
         ColumnsCommand::Rewrap(a) => Some(&a.dump),
         ColumnsCommand::Passthrough(a) => Some(a),
-        ColumnsCommand::Inspect(_) => None,
+        ColumnsCommand::Index(_) | ColumnsCommand::Inspect(_) => None,
     }
 }
 
@@ -194,6 +201,79 @@ fn inspect(app: &App, a: &ColumnsInspectArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// `--blind-index COL[=TARGET]` with the run's bits and normalisation.
+fn blind_indexes(a: &ColumnsEncryptArgs) -> Result<Vec<columns::BlindIndexSpec>> {
+    a.blind_index
+        .iter()
+        .map(|s| {
+            columns::BlindIndexSpec::parse(s, a.blind_index_bits, a.blind_index_normalize.into())
+        })
+        .collect()
+}
+
+/// Longest value `columns index` reads (the longest a cell can hold).
+const MAX_INDEX_INPUT: usize = columns::MAX_VALUE;
+
+/// `hsmseal columns index`: the blind index of one value read from stdin
+/// (never argv), printed as the companion column stores it.
+fn index(app: &App, a: &ColumnsIndexArgs) -> Result<i32> {
+    // Usage errors before the PIN prompt.
+    let key = app.key_name(a.key.as_deref())?;
+    columns::blind_index::check_bits(a.bits)?;
+    if a.column.is_empty() {
+        return Err(Error::usage("--column is empty"));
+    }
+    let id = match a.column.strip_prefix('@') {
+        Some(n) => columns::token::ColumnId::Index(
+            n.parse().ok().filter(|&i: &u32| i >= 1).ok_or_else(|| {
+                Error::usage(format!(
+                    "--column {:?}: @ must be followed by a 1-based column position (@3)",
+                    a.column
+                ))
+            })?,
+        ),
+        None => columns::token::ColumnId::Name(a.column.clone()),
+    };
+    let mut value = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(MAX_INDEX_INPUT as u64 + 3)
+        .read_to_end(&mut value)
+        .map_err(|e| Error::io(format!("reading the value from stdin: {e}")))?;
+    if !a.raw {
+        if value.ends_with(b"\r\n") {
+            value.truncate(value.len() - 2);
+        } else if value.ends_with(b"\n") {
+            value.truncate(value.len() - 1);
+        }
+    }
+    if value.len() > MAX_INDEX_INPUT {
+        return Err(Error::usage(format!(
+            "the value on stdin is longer than {} MiB, the longest a cell holds",
+            MAX_INDEX_INPUT >> 20
+        )));
+    }
+    let backend = app.backend()?;
+    let indexer = columns::BlindIndexer::new(
+        backend.as_ref(),
+        &key,
+        &a.context,
+        &columns::blind_index::column_id(&id),
+        a.bits,
+        a.normalize.into(),
+    )?;
+    let mut out = Vec::with_capacity(usize::from(a.bits / 4) + 1);
+    indexer.index(&value, &mut out)?;
+    out.push(b'\n');
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(&out)
+        .and_then(|()| stdout.flush())
+        .map_err(|e| Error::io(format!("writing the index to stdout: {e}")))?;
+    app.stats.ok.fetch_add(1, Ordering::Relaxed);
+    Ok(0)
+}
+
 /// Runs a `columns` subcommand with a given key backend (the HSM, or the
 /// memory backend in the unit tests): `key_name` is the resolved key for
 /// encrypt and rewrap (for rewrap, `None`: each token to its own key),
@@ -212,15 +292,19 @@ pub fn execute_with_stats(
         ColumnsCommand::Decrypt(_) => "decrypt",
         ColumnsCommand::Rewrap(_) => "rotate",
         ColumnsCommand::Passthrough(_) => "passthrough",
+        ColumnsCommand::Index(_) => "index",
         ColumnsCommand::Inspect(_) => "inspect",
     };
-    let dump = dump_args(&cmd).ok_or_else(|| Error::usage("no dump arguments"))?;
+    let Some(dump) = dump_args(&cmd) else {
+        return Err(Error::usage(format!("columns {op} reads no dump")));
+    };
     let mut opts = options(dump)?;
     opts.jobs = jobs;
     match &cmd {
         ColumnsCommand::Encrypt(a) => {
             opts.batch_size = a.batch_size;
             opts.skip_tokens = a.skip_tokens;
+            opts.blind_indexes = blind_indexes(a)?;
         }
         ColumnsCommand::Decrypt(a) => {
             opts.allow_plaintext = a.allow_plaintext;
@@ -228,7 +312,7 @@ pub fn execute_with_stats(
             opts.nested = a.nested;
         }
         ColumnsCommand::Rewrap(a) => opts.allow_plaintext = a.allow_plaintext,
-        ColumnsCommand::Passthrough(_) | ColumnsCommand::Inspect(_) => {}
+        ColumnsCommand::Passthrough(_) | ColumnsCommand::Index(_) | ColumnsCommand::Inspect(_) => {}
     }
     let backend = || backend.ok_or_else(|| Error::usage("no key backend for this command"));
     let input_path = input_of(dump)?;
@@ -266,7 +350,7 @@ pub fn execute_with_stats(
             ColumnsCommand::Decrypt(_) => columns::decrypt(backend()?, &opts, input, out),
             ColumnsCommand::Rewrap(_) => columns::rewrap(backend()?, given, &opts, input, out),
             ColumnsCommand::Passthrough(_) => columns::passthrough(&opts, input, out),
-            // Handled by `inspect` before any output exists.
+            ColumnsCommand::Index(_) => Err(Error::usage("columns index reads no dump")),
             ColumnsCommand::Inspect(_) => Err(Error::usage("columns inspect writes no dump")),
         }
     };
@@ -505,10 +589,10 @@ pub fn guard_stdout(cmd: &crate::cli::Command) -> Option<StdoutGuard> {
     let crate::cli::Command::Columns(c) = cmd else {
         return None;
     };
-    // `columns inspect` writes a report, not a dump: no marker.
-    let args = dump_args(c)?;
     // A stop on a signal (or a closed stdout) ends the stream too.
     crate::signals::on_stop_end_stream(abort_stdout_for_exit);
+    // `columns index` prints one value, no dump: nothing to end.
+    let args = dump_args(c)?;
     let to_stdout = match args.output.as_deref() {
         None => true,
         Some(p) if p == Path::new("-") => true,

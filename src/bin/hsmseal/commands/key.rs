@@ -104,7 +104,23 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
                 );
             }
         }
-        KeyCommand::List => print_keys(app, &hsm.list_keys()?),
+        KeyCommand::List => {
+            let keys = hsm.list_keys()?;
+            print_keys(app, &keys);
+            // The KDKs and blind-index keys beside them, with their checks
+            // (human output only: `key list --json` stays one `key` line
+            // per version, as consumers expect; `doctor --json` carries
+            // them as `hmac_keys`).
+            if !app.json {
+                let hmac = hsm.hmac_keys(&keys)?;
+                crate::outln!(
+                    "HMAC KEYS (key-derivation keys of versions, blind-index keys of names)"
+                );
+                for o in &hmac {
+                    crate::outln!("{}", hsmseal::hsm::doctor::hmac_key_line(o));
+                }
+            }
+        }
         KeyCommand::Info { name } => print_keys(app, &hsm.key_versions(&name)?),
         KeyCommand::Disable { name, version } => {
             let change = hsm.disable_version(&KeyRef { name, version })?;
