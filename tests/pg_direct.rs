@@ -790,3 +790,160 @@ fn killed_runs_resume_and_concurrent_runs_serialise() {
     assert_eq!(diff, 0);
     let _ = BIN;
 }
+
+/// `pg encrypt --blind-index` (issue 11 item 4 in direct mode): the index
+/// goes into the companion column in the same UPDATE as the token; a lookup
+/// with `columns index` (value on stdin, context SCHEMA.TABLE) finds exactly
+/// the right row, a near miss none; a re-run changes nothing; a missing
+/// target is exit 2 without --alter and added as text with it.
+#[test]
+fn blind_index_lookup_finds_exactly_the_row_and_reruns_keep_it() {
+    let Some(db) = Pg::start() else { return };
+    let cli = Cli::with_key();
+    let mut c = db.client();
+    c.batch_execute(
+        "CREATE TABLE public.users (id bigint PRIMARY KEY, email text, name text);
+         INSERT INTO public.users SELECT g, 'user' || g || '@example.com', 'N' || g FROM generate_series(1, 500) g;
+         INSERT INTO public.users VALUES (1000, NULL, 'no mail'), (1001, ' Alice@Example.COM ', 'alice');",
+    )
+    .unwrap();
+    let enc = [
+        "encrypt",
+        "--table",
+        "public.users",
+        "--columns",
+        "email,name",
+        "--key",
+        "k",
+        "--blind-index",
+        "email",
+        "--blind-index-normalize",
+        "lower-trim",
+        "--chunk-rows",
+        "100",
+    ];
+    // No email_bidx column and no --alter: exit 2 naming it, nothing changed.
+    let out = pg(&cli, &db, &enc);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("email_bidx"), "{}", stderr(&out));
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM public.users WHERE email LIKE 'hsc%'"
+        ),
+        0
+    );
+    // An index not on an encrypted column: exit 2.
+    let out = pg(&cli, &db, &[&enc[..7], &["--blind-index", "id"]].concat());
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+
+    let mut with_alter = enc.to_vec();
+    with_alter.push("--alter");
+    assert_eq!(pg_ok(&cli, &db, &with_alter)["changed"], 2 * 501 + 1);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM public.users WHERE email_bidx ~ '^[0-9a-f]{16}$'"
+        ),
+        501,
+        "one 64-bit hex index per non-NULL email"
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM public.users WHERE email_bidx IS NULL"
+        ),
+        1
+    );
+
+    let lookup = |value: &str| -> String {
+        let out = cli.run_in(
+            &[
+                "columns",
+                "index",
+                "--key",
+                "k",
+                "--column",
+                "email",
+                "--context",
+                "public.users",
+                "--normalize",
+                "lower-trim",
+            ],
+            value.as_bytes(),
+        );
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .trim_end()
+            .to_string()
+    };
+    let ids = |c: &mut Client, bidx: &str| -> Vec<i64> {
+        c.query(
+            "SELECT id FROM public.users WHERE email_bidx = $1 ORDER BY id",
+            &[&bidx],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    assert_eq!(ids(&mut c, &lookup("user42@example.com\n")), vec![42]);
+    assert_eq!(
+        ids(&mut c, &lookup("alice@example.com")),
+        vec![1001],
+        "normalised"
+    );
+    assert!(
+        ids(&mut c, &lookup("user42@example.co")).is_empty(),
+        "a near miss"
+    );
+    assert_eq!(
+        ids(&mut c, &lookup(" USER4@example.com")),
+        vec![4],
+        "lower-trim"
+    );
+
+    // A re-run (tokens are left as they are) changes neither token nor index.
+    let snapshot = |c: &mut Client| -> Vec<(i64, Option<String>, Option<String>)> {
+        c.query(
+            "SELECT id, email, email_bidx FROM public.users ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+    };
+    let before = snapshot(&mut c);
+    let s = pg_ok(&cli, &db, &with_alter);
+    assert_eq!(
+        (s["changed"].as_u64(), s["unchanged_tokens"].as_u64()),
+        (Some(0), Some(1003))
+    );
+    assert_eq!(snapshot(&mut c), before);
+    // A new row is encrypted and indexed by the next run; the rest kept.
+    c.batch_execute("INSERT INTO public.users VALUES (2000, 'new@example.com', 'new')")
+        .unwrap();
+    assert_eq!(pg_ok(&cli, &db, &with_alter)["changed"], 2);
+    assert_eq!(ids(&mut c, &lookup("new@example.com")), vec![2000]);
+    // Decrypt leaves the index column alone; the values come back.
+    pg_ok(
+        &cli,
+        &db,
+        &[
+            "decrypt",
+            "--table",
+            "public.users",
+            "--columns",
+            "email,name",
+        ],
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM public.users WHERE id = 42 AND email = 'user42@example.com'"
+        ),
+        1
+    );
+}

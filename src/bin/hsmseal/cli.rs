@@ -275,6 +275,22 @@ pub struct PgEncryptArgs {
     /// Key (KWK) name; default from the configuration.
     #[arg(long, short = 'k', env = "HSMSEAL_KEY", hide_env_values = true)]
     pub key: Option<String>,
+    /// Also write a blind index (a keyed, truncated hash) of COL's
+    /// plaintext into column TARGET (default COL_bidx), in the same UPDATE
+    /// as the token, for equality lookups (see `hsmseal columns index`,
+    /// with --context SCHEMA.TABLE). COL must be one of --columns; a missing
+    /// TARGET is added as text with --alter (without it: an error). Values
+    /// that already are tokens keep their index. Repeatable. Equal values
+    /// get equal indexes: read docs/SECURITY.md, "Blind indexes: what they
+    /// leak".
+    #[arg(long, value_name = "COL[=TARGET]")]
+    pub blind_index: Vec<String>,
+    /// Blind-index length in bits: a multiple of 8 from 16 to 256.
+    #[arg(long, value_name = "N", default_value_t = hsmseal::columns::blind_index::DEFAULT_BITS)]
+    pub blind_index_bits: u16,
+    /// How values are normalised before their blind index is computed.
+    #[arg(long, value_enum, value_name = "MODE", default_value = "none")]
+    pub blind_index_normalize: NormalizeArg,
 }
 
 #[derive(Debug, clap::Args)]

@@ -35,7 +35,7 @@ use hsmseal::columns::token::{
     self, binding_prefix, looks_like_token, BatchCache, ColumnId, Opener, RewrapCache, Rewrapper,
     Sealer, MIN_TOKEN_LEN, PREFIX, PREFIX_V2,
 };
-use hsmseal::columns::{self, Format};
+use hsmseal::columns::{self, BlindIndexSpec, BlindIndexer, Format};
 use hsmseal::error::{Error, Result};
 use postgres::{Client, NoTls};
 use std::collections::BTreeMap;
@@ -68,8 +68,18 @@ impl Op {
 
 /// Runs a `pg` subcommand; returns the exit code.
 pub fn run(app: &App, cmd: PgCommand) -> Result<i32> {
+    let mut bidx = Vec::new();
     let (op, args, key) = match cmd {
-        PgCommand::Encrypt(a) => (Op::Encrypt, a.target, Some(app.key_name(a.key.as_deref())?)),
+        PgCommand::Encrypt(a) => {
+            for s in &a.blind_index {
+                bidx.push(BlindIndexSpec::parse(
+                    s,
+                    a.blind_index_bits,
+                    a.blind_index_normalize.into(),
+                )?);
+            }
+            (Op::Encrypt, a.target, Some(app.key_name(a.key.as_deref())?))
+        }
         PgCommand::Decrypt(a) => (Op::Decrypt, a, None),
         PgCommand::Rotate(a) => {
             if let Some(k) = &a.key {
@@ -82,7 +92,8 @@ pub fn run(app: &App, cmd: PgCommand) -> Result<i32> {
     };
     check_args(&args)?;
     let mut client = connect(&args.dsn)?;
-    let t = Table::load(&mut client, &args, op == Op::Encrypt)?;
+    let mut t = Table::load(&mut client, &args, op == Op::Encrypt)?;
+    t.blind_targets(&mut client, &args, bidx)?;
     if args.dry_run && op.writes() {
         return walk(app, &mut client, &t, &args, op, key, true);
     }
@@ -278,6 +289,9 @@ struct Table {
     cols: Vec<Col>,
     /// Columns that are not text yet and will be altered (`--alter`).
     to_alter: Vec<(String, String)>,
+    /// `--blind-index`: (index into `cols`, spec, whether TARGET must be
+    /// added by `--alter`).
+    bidx: Vec<(usize, BlindIndexSpec, bool)>,
 }
 
 const STATE_SQL: &str = "
@@ -428,7 +442,68 @@ impl Table {
             key,
             cols,
             to_alter,
+            bidx: Vec::new(),
         })
+    }
+
+    /// Checks each `--blind-index` against the table: COL is encrypted by
+    /// this run, TARGET is a text column that is neither a key nor an
+    /// encrypted column, or is missing and `--alter` adds it. Exit 2 (usage)
+    /// otherwise, naming the column.
+    fn blind_targets(
+        &mut self,
+        c: &mut Client,
+        a: &PgArgs,
+        specs: Vec<BlindIndexSpec>,
+    ) -> Result<()> {
+        for spec in specs {
+            let (col, target) = (&spec.column, &spec.target);
+            let j = self.cols.iter().position(|c| &c.name == col).ok_or_else(|| {
+                Error::usage(format!(
+                    "--blind-index {col:?}: not one of the encrypted --columns (an index is computed from the plaintext of a column this run encrypts); add it to --columns"
+                ))
+            })?;
+            if self.cols.iter().any(|c| &c.name == target)
+                || self.key.iter().any(|k| &k.name == target)
+            {
+                return Err(Error::usage(format!(
+                    "--blind-index {col}: its target {target:?} is encrypted by this run or is the row id; an index goes into a column of its own"
+                )));
+            }
+            if self.bidx.iter().any(|(_, s, _)| &s.target == target) {
+                return Err(Error::usage(format!(
+                    "--blind-index: target {target:?} is named twice"
+                )));
+            }
+            let ty: Option<String> = c
+                .query_opt(
+                    "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+                      WHERE attrelid = $1::text::regclass AND attname = $2 AND attnum > 0 AND NOT attisdropped",
+                    &[&self.sql, target],
+                )
+                .map_err(db_err("cannot read the table's columns"))?
+                .map(|r| r.get(0));
+            let add = match ty.as_deref() {
+                Some("text") => false,
+                Some(ty) => {
+                    return Err(Error::usage(format!(
+                        "--blind-index {col}: target column {target:?} of {} is {ty}; an index is text: drop it or name another with --blind-index {col}=COLUMN",
+                        self.label
+                    )))
+                }
+                None if a.alter => true,
+                None => {
+                    return Err(Error::usage(format!(
+                        "--blind-index {col}: {} has no column {target:?}: pass --alter to add it as text, add it yourself (ALTER TABLE {} ADD COLUMN {} text), or name another with --blind-index {col}=COLUMN",
+                        self.label,
+                        self.label,
+                        ident(target)
+                    )))
+                }
+            };
+            self.bidx.push((j, spec, add));
+        }
+        Ok(())
     }
 
     /// `(k1, k2)` in SQL, prefixed with `t.` or not.
@@ -541,6 +616,20 @@ fn walk(
         }
         alter_to_text(client, t)?;
     }
+    if writes {
+        for (_, spec, add) in &t.bidx {
+            if *add {
+                // `--alter`: the blind index's column, added once.
+                client
+                    .batch_execute(&format!(
+                        "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} text",
+                        t.sql,
+                        ident(&spec.target)
+                    ))
+                    .map_err(db_err(&format!("cannot add column {:?}", spec.target)))?;
+            }
+        }
+    }
     let batch_cache = BatchCache::new();
     let rewrap_cache = RewrapCache::new();
     let mut engine = match op {
@@ -555,6 +644,27 @@ fn walk(
         Op::Decrypt | Op::Verify => Engine::Open(Opener::new(backend, &batch_cache)),
         Op::Rotate => Engine::Rewrap(Rewrapper::new(backend, target.as_ref(), &rewrap_cache)),
     };
+    // One indexer per --blind-index (one HSM call each), for encrypt only:
+    // the column id is the token binding's, ColumnId::Name(column).
+    let indexers: Vec<(usize, BlindIndexer)> = match (&engine, &key_name) {
+        (Engine::Seal(..), Some(k)) => t
+            .bidx
+            .iter()
+            .map(|(j, spec, _)| {
+                BlindIndexer::new(
+                    backend,
+                    k,
+                    &context,
+                    &columns::blind_index::column_id(&ColumnId::Name(spec.column.clone())),
+                    spec.bits,
+                    spec.normalize,
+                )
+                .map(|ix| (*j, ix))
+            })
+            .collect::<Result<_>>()?,
+        _ => Vec::new(),
+    };
+    let nb = indexers.len();
     let prefixes: Vec<Vec<u8>> = t
         .cols
         .iter()
@@ -632,12 +742,13 @@ fn walk(
     // between the SELECT and the UPDATE: the row is locked FOR UPDATE by
     // this transaction, and VACUUM never moves a tuple. The key columns
     // are still compared, so a wrong ctid could only update nothing.
-    let vals: Vec<String> = (0..nk + t.cols.len() + 1)
+    let vals: Vec<String> = (0..nk + t.cols.len() + nb + 1)
         .map(|i| format!("${}::text[]", i + 1))
         .collect();
     let names: Vec<String> = (0..nk)
         .map(|i| format!("k{i}"))
         .chain((0..t.cols.len()).map(|i| format!("v{i}")))
+        .chain((0..nb).map(|i| format!("b{i}")))
         .chain(std::iter::once("tid".to_string()))
         .collect();
     let sets: Vec<String> = t
@@ -651,6 +762,14 @@ fn walk(
                 ident(&c.name)
             )
         })
+        // A blind index changes only with its value's token: NULL keeps it.
+        .chain(t.bidx.iter().take(nb).enumerate().map(|(i, (_, spec, _))| {
+            format!(
+                "{} = COALESCE(v.b{i}, t.{})",
+                ident(&spec.target),
+                ident(&spec.target)
+            )
+        }))
         .collect();
     let matches: Vec<String> = t
         .key
@@ -722,7 +841,7 @@ fn walk(
         }
         .map_err(db_err(&format!("cannot read {}", t.label)))?;
         let n = rows.len();
-        let mut upd: Vec<Vec<Option<String>>> = vec![Vec::new(); nk + t.cols.len() + 1];
+        let mut upd: Vec<Vec<Option<String>>> = vec![Vec::new(); nk + t.cols.len() + nb + 1];
         for row in &rows {
             counts.rows += 1;
             let mut kv: Vec<String> = Vec::with_capacity(nk);
@@ -742,6 +861,7 @@ fn walk(
             let ids: Vec<&[u8]> = kv.iter().map(|s| s.as_bytes()).collect();
             let mut changed_row = false;
             let mut new_vals: Vec<Option<String>> = vec![None; t.cols.len()];
+            let mut new_bidx: Vec<Option<String>> = vec![None; nb];
             for (j, col) in t.cols.iter().enumerate() {
                 let v: Option<&str> = row.try_get(nk + j).map_err(db_err("cannot read a value"))?;
                 let Some(v) = v else {
@@ -772,6 +892,14 @@ fn walk(
                         } else {
                             v.as_bytes()
                         };
+                        for (i, (_, ix)) in
+                            indexers.iter().enumerate().filter(|(_, (c, _))| *c == j)
+                        {
+                            out.clear();
+                            ix.index(value, &mut out).map_err(cell_err)?;
+                            new_bidx[i] =
+                                Some(String::from_utf8(out.clone()).expect("an index is hex"));
+                        }
                         out.clear();
                         s.seal(&aad, fmt_flags, value, &mut out).map_err(cell_err)?;
                         new_vals[j] =
@@ -831,10 +959,13 @@ fn walk(
                 for (j, v) in new_vals.into_iter().enumerate() {
                     upd[nk + j].push(v);
                 }
+                for (i, v) in new_bidx.into_iter().enumerate() {
+                    upd[nk + t.cols.len() + i].push(v);
+                }
                 let tid: String = row
                     .try_get(nk + t.cols.len())
                     .map_err(db_err("cannot read a row's ctid"))?;
-                upd[nk + t.cols.len()].push(Some(tid));
+                upd[nk + t.cols.len() + nb].push(Some(tid));
             }
             if let Some(l) = &mut last {
                 *l = kv;
