@@ -142,24 +142,25 @@ impl Drop for Pg {
     }
 }
 
-/// `hsmseal pg ARGS --dsn … ` with PGPASSWORD set.
-fn pg(cli: &Cli, db: &Pg, args: &[&str]) -> Output {
-    let dsn = db.dsn();
-    let mut all: Vec<&str> = vec!["pg"];
-    all.extend_from_slice(&args[..1]);
-    all.extend_from_slice(&["--dsn", &dsn]);
+/// The one way the tests run `hsmseal [--json] pg SUBCOMMAND --dsn DSN
+/// REST…` (`args` = SUBCOMMAND, REST…) with extra environment `env` (the
+/// password's source: PGPASSWORD, PGPASSFILE, or none).
+fn run_pg(cli: &Cli, json: bool, dsn: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    // --json is global: before the subcommand.
+    let mut all: Vec<&str> = if json { vec!["--json"] } else { vec![] };
+    all.extend_from_slice(&["pg", args[0], "--dsn", dsn]);
     all.extend_from_slice(&args[1..]);
-    cli.run_with(&all, None, &[("PGPASSWORD", PASSWORD)])
+    cli.run_with(&all, None, env)
 }
 
+/// `hsmseal pg ARGS` on `db` with PGPASSWORD set.
+fn pg(cli: &Cli, db: &Pg, args: &[&str]) -> Output {
+    run_pg(cli, false, &db.dsn(), args, &[("PGPASSWORD", PASSWORD)])
+}
+
+/// `hsmseal --json pg ARGS` on `db`, which must exit 0: its summary.
 fn pg_ok(cli: &Cli, db: &Pg, args: &[&str]) -> serde_json::Value {
-    let mut a = vec!["--json"];
-    a.extend_from_slice(args);
-    // --json is global: before the subcommand.
-    let dsn = db.dsn();
-    let mut all: Vec<&str> = vec!["--json", "pg", args[0], "--dsn", &dsn];
-    all.extend_from_slice(&args[1..]);
-    let out = cli.run_with(&all, None, &[("PGPASSWORD", PASSWORD)]);
+    let out = run_pg(cli, true, &db.dsn(), args, &[("PGPASSWORD", PASSWORD)]);
     assert_eq!(code(&out), 0, "hsmseal pg {args:?}: {}", stderr(&out));
     support::json_one(&out.stdout, "summary")
 }
@@ -284,20 +285,11 @@ fn nasty_table_with_composite_key_round_trips_and_reruns_change_nothing() {
     );
 
     // status: per column counts and the key version.
-    let dsn = db.dsn();
-    let out = cli.run_with(
-        &[
-            "--json",
-            "pg",
-            "status",
-            "--dsn",
-            &dsn,
-            "--table",
-            "public.nasty",
-            "--columns",
-            &cols,
-        ],
-        None,
+    let out = run_pg(
+        &cli,
+        true,
+        &db.dsn(),
+        &["status", "--table", "public.nasty", "--columns", &cols],
         &[("PGPASSWORD", PASSWORD)],
     );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
@@ -397,45 +389,7 @@ fn a_token_moved_to_another_row_fails_and_bad_setups_are_refused() {
     );
 
     // No primary key: --row-id needed, and then a unique index.
-    let out = pg(
-        &cli,
-        &db,
-        &[
-            "encrypt",
-            "--table",
-            "public.nopk",
-            "--columns",
-            "secret",
-            "--key",
-            "k",
-        ],
-    );
-    assert_eq!(code(&out), 2);
-    assert!(
-        stderr(&out).contains("has no primary key: pass --row-id"),
-        "{}",
-        stderr(&out)
-    );
-    let out = pg(
-        &cli,
-        &db,
-        &[
-            "encrypt",
-            "--table",
-            "public.nopk",
-            "--columns",
-            "secret",
-            "--key",
-            "k",
-            "--row-id",
-            "x",
-        ],
-    );
-    assert_eq!(code(&out), 2);
-    assert!(stderr(&out).contains("no unique index"), "{}", stderr(&out));
-    c.batch_execute("CREATE UNIQUE INDEX ON public.nopk (x)")
-        .unwrap();
-    let a = vec![
+    let nopk = [
         "encrypt",
         "--table",
         "public.nopk",
@@ -443,10 +397,20 @@ fn a_token_moved_to_another_row_fails_and_bad_setups_are_refused() {
         "secret",
         "--key",
         "k",
-        "--row-id",
-        "x",
-        "--atomic",
     ];
+    let out = pg(&cli, &db, &nopk);
+    assert_eq!(code(&out), 2);
+    assert!(
+        stderr(&out).contains("has no primary key: pass --row-id"),
+        "{}",
+        stderr(&out)
+    );
+    let out = pg(&cli, &db, &[&nopk[..], &["--row-id", "x"]].concat());
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("no unique index"), "{}", stderr(&out));
+    c.batch_execute("CREATE UNIQUE INDEX ON public.nopk (x)")
+        .unwrap();
+    let a = [&nopk[..], &["--row-id", "x", "--atomic"]].concat();
     assert_eq!(pg_ok(&cli, &db, &a)["changed"], 1);
     let a = [
         "decrypt",
@@ -472,16 +436,8 @@ fn a_token_moved_to_another_row_fails_and_bad_setups_are_refused() {
         "postgresql://postgres:{PASSWORD}@127.0.0.1:{}/postgres",
         db.port
     );
-    let out = cli.run(&[
-        "pg",
-        "status",
-        "--dsn",
-        &dsn,
-        "--table",
-        "public.acct",
-        "-c",
-        "secret",
-    ]);
+    let status = ["status", "--table", "public.acct", "-c", "secret"];
+    let out = run_pg(&cli, false, &dsn, &status, &[]);
     assert_eq!(code(&out), 2);
     assert!(
         stderr(&out).contains("--dsn holds a password"),
@@ -490,18 +446,11 @@ fn a_token_moved_to_another_row_fails_and_bad_setups_are_refused() {
     );
     assert!(!stderr(&out).contains(PASSWORD) && !stderr(&out).contains("postgresql://"));
     let dsn = db.dsn();
-    let out = cli.run_with(
-        &[
-            "pg",
-            "status",
-            "--dsn",
-            &dsn,
-            "--table",
-            "public.acct",
-            "-c",
-            "secret",
-        ],
-        None,
+    let out = run_pg(
+        &cli,
+        false,
+        &dsn,
+        &status,
         &[("PGPASSWORD", "wrong-Pw-123")],
     );
     assert_eq!(code(&out), 7, "{}", stderr(&out));
@@ -519,18 +468,11 @@ fn a_token_moved_to_another_row_fails_and_bad_setups_are_refused() {
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let out = cli.run_with(
-        &[
-            "pg",
-            "status",
-            "--dsn",
-            &dsn,
-            "--table",
-            "public.acct",
-            "-c",
-            "secret",
-        ],
-        None,
+    let out = run_pg(
+        &cli,
+        false,
+        &dsn,
+        &status,
         &[("PGPASSFILE", passfile.to_str().unwrap())],
     );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
