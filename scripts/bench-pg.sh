@@ -53,14 +53,26 @@ ALTER TABLE direct ADD PRIMARY KEY (id);
 VACUUM ANALYZE;
 SQL
 size() { psql_ -At -c "SELECT pg_total_relation_size('$1')"; }
+# srvcpu: CPU seconds of the server so far (the postmaster's reaped
+# backends plus its live children): what each pipeline costs the server.
+PM=$(head -n 1 "$WORK/pg/data/postmaster.pid")
+srvcpu() {
+    local t=0 c
+    for c in $(pgrep -P "$PM"); do t=$((t + $(awk '{print $14 + $15}' "/proc/$c/stat" 2>/dev/null || echo 0))); done
+    echo "$(awk '{print $16 + $17}' "/proc/$PM/stat") $t $(getconf CLK_TCK)" | awk '{printf "%.2f", ($1 + $2) / $3}'
+}
+# settle: the backends of the step before have exited and been reaped.
+settle() { sleep 1; }
 now() { date +%s.%N; }
 # rss FILE: peak RSS in KiB from /usr/bin/time -f %M output, 0 without it.
-TIME=(); [[ -x /usr/bin/time ]] && TIME=(/usr/bin/time -f %M -o)
+TIME=(); [[ -x /usr/bin/time ]] && TIME=(/usr/bin/time -f '%U %S %M' -o)
 
 log "plain COPY TO | COPY FROM"
+settle; C0=$(srvcpu)
 t0=$(now)
 psql_ -c "COPY src TO STDOUT (FORMAT text, HEADER)" | psql_ -c "COPY plain FROM STDIN (FORMAT text, HEADER)"
 PLAIN_S=$(echo "$(now) - $t0" | bc)
+settle; C1=$(srvcpu); PLAIN_SRV=$(echo "$C1 - $C0" | bc)
 
 log "dump pipeline: COPY TO | columns encrypt | COPY FROM"
 t0=$(now)
@@ -69,22 +81,25 @@ psql_ -c "COPY src TO STDOUT (FORMAT text, HEADER)" \
         --columns name,email,ssn --row-id id --context public.direct 2>"$WORK/dump.json" \
     | psql_ -c "COPY dump FROM STDIN (FORMAT text, HEADER)"
 DUMP_S=$(echo "$(now) - $t0" | bc)
+settle; C2=$(srvcpu); DUMP_SRV=$(echo "$C2 - $C1" | bc)
 DUMP_HSM=$(grep -o '"hsm_calls":[0-9]*' "$WORK/dump.json" | head -1 | cut -d: -f2)
 
 log "pg encrypt"
 t0=$(now)
 ${TIME:+"${TIME[@]}" "$WORK/direct.rss"} "$BIN" --json pg encrypt --dsn "$DSN" --table public.direct \
-    --columns name,email,ssn --key bench >"$WORK/direct.json"
+    --columns name,email,ssn --key bench --chunk-rows "${BENCH_PG_CHUNK:-2000}" >"$WORK/direct.json"
 DIRECT_S=$(echo "$(now) - $t0" | bc)
+settle; C3=$(srvcpu); DIRECT_SRV=$(echo "$C3 - $C2" | bc)
 DIRECT_HSM=$(grep -o '"hsm_calls":[0-9]*' "$WORK/direct.json" | cut -d: -f2)
 DIRECT_SIZE_DEAD=$(size direct)
 psql_ -c "VACUUM FULL direct"
-rss() { [[ -f $1 ]] && echo $(( $(tail -n 1 "$1") / 1024 )) || echo "-"; }
+rss() { [[ -f $1 ]] && echo $(( $(tail -n 1 "$1" | awk '{print $3}') / 1024 )) || echo "-"; }
+cpu() { [[ -f $1 ]] && tail -n 1 "$1" | awk '{printf "%.1f", $1 + $2}' || echo "-"; }
 bpc() { psql_ -At -c "SELECT round(avg(octet_length(t.email)) - avg(octet_length(c.email)), 1) FROM $1 t JOIN src c USING (id)"; }
 SRC_SIZE=$(size src)
-row() { # NAME SECONDS SIZE HSM RSS BPC
-    awk -v n="$1" -v s="$2" -v size="$3" -v src="$SRC_SIZE" -v rows="$ROWS" -v h="$4" -v r="$5" -v b="$6" -v p="$PLAIN_S" \
-        'BEGIN { printf "| %s | %.1f | %.0f | %.0f | %.1f | %.1f | %.2f | %s | %s | %s |\n", n, s, rows/s, 3*rows/s, size/1048576, size/src, s/p, b, h, r }'
+row() { # NAME SECONDS SIZE HSM RSS BPC HSMSEAL_CPU SERVER_CPU
+    awk -v n="$1" -v s="$2" -v size="$3" -v src="$SRC_SIZE" -v rows="$ROWS" -v h="$4" -v r="$5" -v b="$6" -v p="$PLAIN_S" -v hc="$7" -v sc="$8" \
+        'BEGIN { printf "| %s | %.1f | %.0f | %.0f | %.1f | %.1f | %.2f | %s | %s | %s | %s | %.1f |\n", n, s, rows/s, 3*rows/s, size/1048576, size/src, s/p, b, h, r, hc, sc }'
 }
 log "done"
 echo "## PostgreSQL tables: ${ROWS} rows x 3 text columns"
@@ -94,9 +109,10 @@ echo "$("$PGBIN/postgres" --version | awk '{print $3}') (fsync off), SoftHSM2, o
 echo "wall time over a plain \`COPY TO | COPY FROM\` of the same table in the same run; sizes are"
 echo "\`pg_total_relation_size\` (for \`pg encrypt\`, after \`VACUUM FULL\`: the UPDATEs leave the old row"
 echo "versions, $(( DIRECT_SIZE_DEAD / 1048576 )) MiB before it). Bytes/cell: extra bytes per encrypted email cell."
+echo "CPU s: user+system of hsmseal and of the server's backends; load average at the end: $(cut -d" " -f1-3 /proc/loadavg)."
 echo
-echo "| pipeline | wall s | rows/s | cells/s | table MiB | × size | × COPY | bytes/cell | HSM calls | peak RSS MiB |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-row "plain COPY TO \\| COPY FROM" "$PLAIN_S" "$(size plain)" 0 "-" 0
-row "COPY TO \\| columns encrypt \\| COPY FROM" "$DUMP_S" "$(size dump)" "${DUMP_HSM:--}" "$(rss "$WORK/dump.rss")" "$(bpc dump)"
-row "pg encrypt (in place, chunks of 2000)" "$DIRECT_S" "$(size direct)" "${DIRECT_HSM:--}" "$(rss "$WORK/direct.rss")" "$(bpc direct)"
+echo "| pipeline | wall s | rows/s | cells/s | table MiB | × size | × COPY | bytes/cell | HSM calls | peak RSS MiB | hsmseal CPU s | server CPU s |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+row "plain COPY TO \\| COPY FROM" "$PLAIN_S" "$(size plain)" 0 "-" 0 "-" "$PLAIN_SRV"
+row "COPY TO \\| columns encrypt \\| COPY FROM" "$DUMP_S" "$(size dump)" "${DUMP_HSM:--}" "$(rss "$WORK/dump.rss")" "$(bpc dump)" "$(cpu "$WORK/dump.rss")" "$DUMP_SRV"
+row "pg encrypt (in place, chunks of ${BENCH_PG_CHUNK:-2000})" "$DIRECT_S" "$(size direct)" "${DIRECT_HSM:--}" "$(rss "$WORK/direct.rss")" "$(bpc direct)" "$(cpu "$WORK/direct.rss")" "$DIRECT_SRV"

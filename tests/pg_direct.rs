@@ -142,24 +142,25 @@ impl Drop for Pg {
     }
 }
 
-/// `hsmseal pg ARGS --dsn … ` with PGPASSWORD set.
-fn pg(cli: &Cli, db: &Pg, args: &[&str]) -> Output {
-    let dsn = db.dsn();
-    let mut all: Vec<&str> = vec!["pg"];
-    all.extend_from_slice(&args[..1]);
-    all.extend_from_slice(&["--dsn", &dsn]);
+/// The one way the tests run `hsmseal [--json] pg SUBCOMMAND --dsn DSN
+/// REST…` (`args` = SUBCOMMAND, REST…) with extra environment `env` (the
+/// password's source: PGPASSWORD, PGPASSFILE, or none).
+fn run_pg(cli: &Cli, json: bool, dsn: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    // --json is global: before the subcommand.
+    let mut all: Vec<&str> = if json { vec!["--json"] } else { vec![] };
+    all.extend_from_slice(&["pg", args[0], "--dsn", dsn]);
     all.extend_from_slice(&args[1..]);
-    cli.run_with(&all, None, &[("PGPASSWORD", PASSWORD)])
+    cli.run_with(&all, None, env)
 }
 
+/// `hsmseal pg ARGS` on `db` with PGPASSWORD set.
+fn pg(cli: &Cli, db: &Pg, args: &[&str]) -> Output {
+    run_pg(cli, false, &db.dsn(), args, &[("PGPASSWORD", PASSWORD)])
+}
+
+/// `hsmseal --json pg ARGS` on `db`, which must exit 0: its summary.
 fn pg_ok(cli: &Cli, db: &Pg, args: &[&str]) -> serde_json::Value {
-    let mut a = vec!["--json"];
-    a.extend_from_slice(args);
-    // --json is global: before the subcommand.
-    let dsn = db.dsn();
-    let mut all: Vec<&str> = vec!["--json", "pg", args[0], "--dsn", &dsn];
-    all.extend_from_slice(&args[1..]);
-    let out = cli.run_with(&all, None, &[("PGPASSWORD", PASSWORD)]);
+    let out = run_pg(cli, true, &db.dsn(), args, &[("PGPASSWORD", PASSWORD)]);
     assert_eq!(code(&out), 0, "hsmseal pg {args:?}: {}", stderr(&out));
     support::json_one(&out.stdout, "summary")
 }
@@ -284,20 +285,11 @@ fn nasty_table_with_composite_key_round_trips_and_reruns_change_nothing() {
     );
 
     // status: per column counts and the key version.
-    let dsn = db.dsn();
-    let out = cli.run_with(
-        &[
-            "--json",
-            "pg",
-            "status",
-            "--dsn",
-            &dsn,
-            "--table",
-            "public.nasty",
-            "--columns",
-            &cols,
-        ],
-        None,
+    let out = run_pg(
+        &cli,
+        true,
+        &db.dsn(),
+        &["status", "--table", "public.nasty", "--columns", &cols],
         &[("PGPASSWORD", PASSWORD)],
     );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
@@ -397,45 +389,7 @@ fn a_token_moved_to_another_row_fails_and_bad_setups_are_refused() {
     );
 
     // No primary key: --row-id needed, and then a unique index.
-    let out = pg(
-        &cli,
-        &db,
-        &[
-            "encrypt",
-            "--table",
-            "public.nopk",
-            "--columns",
-            "secret",
-            "--key",
-            "k",
-        ],
-    );
-    assert_eq!(code(&out), 2);
-    assert!(
-        stderr(&out).contains("has no primary key: pass --row-id"),
-        "{}",
-        stderr(&out)
-    );
-    let out = pg(
-        &cli,
-        &db,
-        &[
-            "encrypt",
-            "--table",
-            "public.nopk",
-            "--columns",
-            "secret",
-            "--key",
-            "k",
-            "--row-id",
-            "x",
-        ],
-    );
-    assert_eq!(code(&out), 2);
-    assert!(stderr(&out).contains("no unique index"), "{}", stderr(&out));
-    c.batch_execute("CREATE UNIQUE INDEX ON public.nopk (x)")
-        .unwrap();
-    let a = vec![
+    let nopk = [
         "encrypt",
         "--table",
         "public.nopk",
@@ -443,10 +397,20 @@ fn a_token_moved_to_another_row_fails_and_bad_setups_are_refused() {
         "secret",
         "--key",
         "k",
-        "--row-id",
-        "x",
-        "--atomic",
     ];
+    let out = pg(&cli, &db, &nopk);
+    assert_eq!(code(&out), 2);
+    assert!(
+        stderr(&out).contains("has no primary key: pass --row-id"),
+        "{}",
+        stderr(&out)
+    );
+    let out = pg(&cli, &db, &[&nopk[..], &["--row-id", "x"]].concat());
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("no unique index"), "{}", stderr(&out));
+    c.batch_execute("CREATE UNIQUE INDEX ON public.nopk (x)")
+        .unwrap();
+    let a = [&nopk[..], &["--row-id", "x", "--atomic"]].concat();
     assert_eq!(pg_ok(&cli, &db, &a)["changed"], 1);
     let a = [
         "decrypt",
@@ -472,16 +436,8 @@ fn a_token_moved_to_another_row_fails_and_bad_setups_are_refused() {
         "postgresql://postgres:{PASSWORD}@127.0.0.1:{}/postgres",
         db.port
     );
-    let out = cli.run(&[
-        "pg",
-        "status",
-        "--dsn",
-        &dsn,
-        "--table",
-        "public.acct",
-        "-c",
-        "secret",
-    ]);
+    let status = ["status", "--table", "public.acct", "-c", "secret"];
+    let out = run_pg(&cli, false, &dsn, &status, &[]);
     assert_eq!(code(&out), 2);
     assert!(
         stderr(&out).contains("--dsn holds a password"),
@@ -490,18 +446,11 @@ fn a_token_moved_to_another_row_fails_and_bad_setups_are_refused() {
     );
     assert!(!stderr(&out).contains(PASSWORD) && !stderr(&out).contains("postgresql://"));
     let dsn = db.dsn();
-    let out = cli.run_with(
-        &[
-            "pg",
-            "status",
-            "--dsn",
-            &dsn,
-            "--table",
-            "public.acct",
-            "-c",
-            "secret",
-        ],
-        None,
+    let out = run_pg(
+        &cli,
+        false,
+        &dsn,
+        &status,
         &[("PGPASSWORD", "wrong-Pw-123")],
     );
     assert_eq!(code(&out), 7, "{}", stderr(&out));
@@ -519,18 +468,11 @@ fn a_token_moved_to_another_row_fails_and_bad_setups_are_refused() {
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let out = cli.run_with(
-        &[
-            "pg",
-            "status",
-            "--dsn",
-            &dsn,
-            "--table",
-            "public.acct",
-            "-c",
-            "secret",
-        ],
-        None,
+    let out = run_pg(
+        &cli,
+        false,
+        &dsn,
+        &status,
         &[("PGPASSFILE", passfile.to_str().unwrap())],
     );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
@@ -789,4 +731,161 @@ fn killed_runs_resume_and_concurrent_runs_serialise() {
         + count(&mut c, "SELECT count(*) FROM (SELECT * FROM public.big_orig EXCEPT ALL SELECT * FROM public.big) x");
     assert_eq!(diff, 0);
     let _ = BIN;
+}
+
+/// `pg encrypt --blind-index` (issue 11 item 4 in direct mode): the index
+/// goes into the companion column in the same UPDATE as the token; a lookup
+/// with `columns index` (value on stdin, context SCHEMA.TABLE) finds exactly
+/// the right row, a near miss none; a re-run changes nothing; a missing
+/// target is exit 2 without --alter and added as text with it.
+#[test]
+fn blind_index_lookup_finds_exactly_the_row_and_reruns_keep_it() {
+    let Some(db) = Pg::start() else { return };
+    let cli = Cli::with_key();
+    let mut c = db.client();
+    c.batch_execute(
+        "CREATE TABLE public.users (id bigint PRIMARY KEY, email text, name text);
+         INSERT INTO public.users SELECT g, 'user' || g || '@example.com', 'N' || g FROM generate_series(1, 500) g;
+         INSERT INTO public.users VALUES (1000, NULL, 'no mail'), (1001, ' Alice@Example.COM ', 'alice');",
+    )
+    .unwrap();
+    let enc = [
+        "encrypt",
+        "--table",
+        "public.users",
+        "--columns",
+        "email,name",
+        "--key",
+        "k",
+        "--blind-index",
+        "email",
+        "--blind-index-normalize",
+        "lower-trim",
+        "--chunk-rows",
+        "100",
+    ];
+    // No email_bidx column and no --alter: exit 2 naming it, nothing changed.
+    let out = pg(&cli, &db, &enc);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("email_bidx"), "{}", stderr(&out));
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM public.users WHERE email LIKE 'hsc%'"
+        ),
+        0
+    );
+    // An index not on an encrypted column: exit 2.
+    let out = pg(&cli, &db, &[&enc[..7], &["--blind-index", "id"]].concat());
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+
+    let mut with_alter = enc.to_vec();
+    with_alter.push("--alter");
+    assert_eq!(pg_ok(&cli, &db, &with_alter)["changed"], 2 * 501 + 1);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM public.users WHERE email_bidx ~ '^[0-9a-f]{16}$'"
+        ),
+        501,
+        "one 64-bit hex index per non-NULL email"
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM public.users WHERE email_bidx IS NULL"
+        ),
+        1
+    );
+
+    let lookup = |value: &str| -> String {
+        let out = cli.run_in(
+            &[
+                "columns",
+                "index",
+                "--key",
+                "k",
+                "--column",
+                "email",
+                "--context",
+                "public.users",
+                "--normalize",
+                "lower-trim",
+            ],
+            value.as_bytes(),
+        );
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .trim_end()
+            .to_string()
+    };
+    let ids = |c: &mut Client, bidx: &str| -> Vec<i64> {
+        c.query(
+            "SELECT id FROM public.users WHERE email_bidx = $1 ORDER BY id",
+            &[&bidx],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    assert_eq!(ids(&mut c, &lookup("user42@example.com\n")), vec![42]);
+    assert_eq!(
+        ids(&mut c, &lookup("alice@example.com")),
+        vec![1001],
+        "normalised"
+    );
+    assert!(
+        ids(&mut c, &lookup("user42@example.co")).is_empty(),
+        "a near miss"
+    );
+    assert_eq!(
+        ids(&mut c, &lookup(" USER4@example.com")),
+        vec![4],
+        "lower-trim"
+    );
+
+    // A re-run (tokens are left as they are) changes neither token nor index.
+    let snapshot = |c: &mut Client| -> Vec<(i64, Option<String>, Option<String>)> {
+        c.query(
+            "SELECT id, email, email_bidx FROM public.users ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+    };
+    let before = snapshot(&mut c);
+    let s = pg_ok(&cli, &db, &with_alter);
+    assert_eq!(
+        (s["changed"].as_u64(), s["unchanged_tokens"].as_u64()),
+        (Some(0), Some(1003))
+    );
+    assert_eq!(snapshot(&mut c), before);
+    // A new row is encrypted and indexed by the next run; the rest kept.
+    c.batch_execute("INSERT INTO public.users VALUES (2000, 'new@example.com', 'new')")
+        .unwrap();
+    assert_eq!(pg_ok(&cli, &db, &with_alter)["changed"], 2);
+    assert_eq!(ids(&mut c, &lookup("new@example.com")), vec![2000]);
+    // Decrypt leaves the index column alone; the values come back.
+    pg_ok(
+        &cli,
+        &db,
+        &[
+            "decrypt",
+            "--table",
+            "public.users",
+            "--columns",
+            "email,name",
+        ],
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM public.users WHERE id = 42 AND email = 'user42@example.com'"
+        ),
+        1
+    );
 }

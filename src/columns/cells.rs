@@ -28,6 +28,8 @@ pub(super) enum Mode<'a> {
     Rewrap(&'a dyn KeyBackend, Option<&'a KeyRef>),
     /// Parse and write back, no cryptography.
     Passthrough,
+    /// Count what each value is (`columns inspect`): no key used.
+    Inspect,
 }
 
 /// One worker's counts, summed into [`super::ColumnStats`] by the pipeline.
@@ -43,6 +45,8 @@ pub(super) struct WorkerStats {
     pub(super) hsm_calls: u64,
     pub(super) bytes_in: u64,
     pub(super) seen: Vec<bool>,
+    /// [`Mode::Inspect`]: per selected column, in layout order.
+    pub(super) inspect: Vec<super::inspect::ColumnCounts>,
 }
 
 /// What a worker does to one cell.
@@ -51,6 +55,7 @@ enum Crypto<'a> {
     Open(Opener<'a>),
     Rewrap(Rewrapper<'a>),
     Copy,
+    Inspect,
 }
 
 /// Per-worker state: the crypto engine and reused scratch buffers.
@@ -199,6 +204,7 @@ impl<'a> Worker<'a> {
                 opts.batch_size,
             )),
             Mode::Passthrough => Crypto::Copy,
+            Mode::Inspect => Crypto::Inspect,
         };
         let accept = opts
             .token_formats
@@ -225,6 +231,7 @@ impl<'a> Worker<'a> {
             found: Vec::new(),
             stats: WorkerStats {
                 seen: vec![false; layout.selected.len()],
+                inspect: vec![Default::default(); layout.selected.len()],
                 ..Default::default()
             },
         })
@@ -379,6 +386,9 @@ impl Worker<'_> {
     ) -> Result<()> {
         if is_null(fmt, raw, quoted) {
             self.stats.nulls += 1;
+            if let Crypto::Inspect = self.crypto {
+                self.stats.inspect[sel.index].add_null();
+            }
             out.extend_from_slice(raw);
             return Ok(());
         }
@@ -389,6 +399,10 @@ impl Worker<'_> {
         };
         match &mut self.crypto {
             Crypto::Copy => write(out, value, quoted),
+            Crypto::Inspect => {
+                self.stats.inspect[sel.index].add(value);
+                out.extend_from_slice(raw);
+            }
             Crypto::Seal(s) => {
                 if looks_like_token(value) {
                     if !self.skip_tokens {
@@ -663,10 +677,21 @@ impl Worker<'_> {
     ) -> Result<()> {
         if raw == b"null" {
             self.stats.nulls += 1;
+            if let Crypto::Inspect = self.crypto {
+                self.stats.inspect[sel.index].add_null();
+            }
             out.extend_from_slice(raw);
             return Ok(());
         }
         match &mut self.crypto {
+            Crypto::Inspect => {
+                // A token is a JSON string; any other JSON value is clear.
+                match jsonl::plain(raw, &mut self.scratch)? {
+                    jsonl::Plain::Str(v) => self.stats.inspect[sel.index].add(v),
+                    _ => self.stats.inspect[sel.index].add(b""),
+                }
+                out.extend_from_slice(raw);
+            }
             Crypto::Seal(s) => {
                 let (flags, v) = match jsonl::plain(raw, &mut self.scratch)? {
                     jsonl::Plain::Str(v) => (0, v),

@@ -21,6 +21,8 @@ pub(super) const READ_CHUNK: usize = 4 << 20;
 /// A selected column.
 pub(super) struct Selected {
     pub(super) id: ColumnId,
+    /// Its index in [`Layout::selected`] (per-column counts).
+    pub(super) index: usize,
     /// 0-based field position (tables only).
     pub(super) pos: usize,
     /// Binding prefix (everything but the row id).
@@ -330,6 +332,7 @@ pub(super) fn layout(
             prefix: binding_prefix(&opts.context, &id),
             id,
             pos,
+            index: 0,
         });
     }
     let row_id = opts
@@ -354,6 +357,9 @@ pub(super) fn layout(
                 return Err(Error::usage(format!("--row-id names {id} twice")));
             }
         }
+    }
+    for (j, s) in selected.iter_mut().enumerate() {
+        s.index = j;
     }
     let bidx = blind_cols(opts, header, &selected, &row_id, &resolve)?;
     let width = width.unwrap_or(0);

@@ -31,6 +31,7 @@ pub mod blind_index;
 mod cells;
 pub mod csv;
 mod format;
+pub mod inspect;
 pub mod jsonl;
 mod layout;
 mod options;
@@ -88,6 +89,13 @@ pub fn rewrap(
     output: impl Write,
 ) -> Result<ColumnStats> {
     pipeline::run(Mode::Rewrap(backend, target), opts, input, output)
+}
+
+/// Counts, per selected column of `input`, NULLs, clear values, tokens per
+/// key version and malformed tokens ([`inspect`], in
+/// [`ColumnStats::inspect`]): no key is used, nothing is written.
+pub fn inspect(opts: &ColumnOptions, input: impl Read + Send + 'static) -> Result<ColumnStats> {
+    pipeline::run(Mode::Inspect, opts, input, std::io::sink())
 }
 
 /// Parses and rewrites the selected columns without any cryptography: the

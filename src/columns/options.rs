@@ -89,4 +89,8 @@ pub struct ColumnStats {
     /// target, or each token's own key at its current version).
     #[serde(skip)]
     pub targets: Vec<crate::backend::KeyRef>,
+    /// [`super::inspect`]: per selected column (layout order: field order
+    /// for tables, `--columns` order for JSONL).
+    #[serde(skip)]
+    pub inspect: Vec<(super::token::ColumnId, super::inspect::ColumnCounts)>,
 }

@@ -256,6 +256,14 @@ pub(super) fn run(
         .flush()
         .map_err(|e| Error::io(format!("writing the output: {e}")))?;
     let mut seen = vec![false; layout.selected.len()];
+    if matches!(mode, Mode::Inspect) {
+        // Every selected column is listed, also with no rows.
+        stats.inspect = layout
+            .selected
+            .iter()
+            .map(|s| (s.id.clone(), Default::default()))
+            .collect();
+    }
     for w in &worker_totals {
         stats.rows += w.rows;
         stats.cells += w.cells;
@@ -268,6 +276,11 @@ pub(super) fn run(
         stats.bytes_in += w.bytes_in;
         for (s, w) in seen.iter_mut().zip(&w.seen) {
             *s |= *w;
+        }
+        if matches!(mode, Mode::Inspect) {
+            for (s, w) in stats.inspect.iter_mut().zip(&w.inspect) {
+                s.1.merge(w);
+            }
         }
     }
     match mode {

@@ -275,6 +275,22 @@ pub struct PgEncryptArgs {
     /// Key (KWK) name; default from the configuration.
     #[arg(long, short = 'k', env = "HSMSEAL_KEY", hide_env_values = true)]
     pub key: Option<String>,
+    /// Also write a blind index (a keyed, truncated hash) of COL's
+    /// plaintext into column TARGET (default COL_bidx), in the same UPDATE
+    /// as the token, for equality lookups (see `hsmseal columns index`,
+    /// with --context SCHEMA.TABLE). COL must be one of --columns; a missing
+    /// TARGET is added as text with --alter (without it: an error). Values
+    /// that already are tokens keep their index. Repeatable. Equal values
+    /// get equal indexes: read docs/SECURITY.md, "Blind indexes: what they
+    /// leak".
+    #[arg(long, value_name = "COL[=TARGET]")]
+    pub blind_index: Vec<String>,
+    /// Blind-index length in bits: a multiple of 8 from 16 to 256.
+    #[arg(long, value_name = "N", default_value_t = hsmseal::columns::blind_index::DEFAULT_BITS)]
+    pub blind_index_bits: u16,
+    /// How values are normalised before their blind index is computed.
+    #[arg(long, value_enum, value_name = "MODE", default_value = "none")]
+    pub blind_index_normalize: NormalizeArg,
 }
 
 #[derive(Debug, clap::Args)]
@@ -619,6 +635,14 @@ pub enum ColumnsCommand {
     /// `rotate` is another name for this command (its earlier name).
     #[command(visible_alias = "rotate", after_help = EX_COLUMNS_REWRAP)]
     Rewrap(ColumnsRewrapArgs),
+    /// Count, per selected column of a dump, NULLs, clear values, tokens per
+    /// key version and token format, and malformed tokens.
+    ///
+    /// Reads only the token headers: no HSM, no key, nothing decrypted
+    /// (whether a token opens is `columns decrypt`'s question). Use it
+    /// before `key purge` to see which key versions a dump still needs.
+    #[command(after_help = EX_COLUMNS_INSPECT)]
+    Inspect(ColumnsInspectArgs),
     /// Print the blind index of a value read from stdin, exactly as
     /// `columns encrypt --blind-index` stores it, for an equality lookup
     /// (WHERE email_bidx = '<printed value>').
@@ -819,6 +843,24 @@ pub struct ColumnsDecryptArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct ColumnsInspectArgs {
+    /// Columns to count, written as for `columns decrypt` (names, or
+    /// 1-based positions with --no-header; comma-separated, repeatable).
+    #[arg(long, short = 'c', value_name = "COLS", required = true)]
+    pub columns: Vec<String>,
+    /// The dump's format. Required when reading stdin; otherwise taken from
+    /// the input file's extension as for `columns decrypt`.
+    #[arg(long, short = 'f', value_enum, ignore_case = true)]
+    pub format: Option<DumpFormat>,
+    /// The first record is data, not a header: --columns are positions.
+    #[arg(long)]
+    pub no_header: bool,
+    /// The dump to read ("-" or absent: stdin).
+    #[arg(value_name = "INPUT")]
+    pub inputs: Vec<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct ColumnsRewrapArgs {
     #[command(flatten)]
     pub dump: DumpArgs,
@@ -996,6 +1038,11 @@ const EX_COLUMNS_REWRAP: &str = "\
 Examples:
   # After `hsmseal key rotate pii`: each token's batch key to its key's current version
   hsmseal columns rewrap -c ssn,email --row-id id users.enc.csv -o users.rewrapped.csv";
+
+const EX_COLUMNS_INSPECT: &str = "\
+Examples:
+  hsmseal columns inspect -c ssn,email users.enc.csv
+  psql -c '\\copy app.users TO STDOUT (HEADER)' | hsmseal columns inspect --json -f pgcopy -c ssn";
 
 const EX_AUDIT: &str = "\
 Examples:

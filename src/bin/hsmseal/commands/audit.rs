@@ -48,8 +48,8 @@ pub fn logged_name(cmd: &Command) -> Option<String> {
             ColumnsCommand::Encrypt(_) => "columns encrypt",
             ColumnsCommand::Decrypt(_) => "columns decrypt",
             ColumnsCommand::Rewrap(_) => "columns rotate",
+            ColumnsCommand::Passthrough(_) | ColumnsCommand::Inspect(_) => return None,
             ColumnsCommand::Index(_) => "columns index",
-            ColumnsCommand::Passthrough(_) => return None,
         },
         Command::Pg(p) => match p {
             PgCommand::Encrypt(_) => "pg encrypt",

@@ -16,8 +16,8 @@
 
 use crate::app::App;
 use crate::cli::{
-    ColumnsCommand, ColumnsDecryptArgs, ColumnsEncryptArgs, ColumnsIndexArgs, ColumnsRewrapArgs,
-    DumpArgs,
+    ColumnsCommand, ColumnsDecryptArgs, ColumnsEncryptArgs, ColumnsIndexArgs, ColumnsInspectArgs,
+    ColumnsRewrapArgs, DumpArgs,
 };
 use hsmseal::backend::{KeyBackend, KeyRef};
 use hsmseal::columns::{self, abort, ColumnOptions, ColumnStats, Format};
@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
     let cmd = match cmd {
         ColumnsCommand::Index(a) => return index(app, &a),
+        ColumnsCommand::Inspect(a) => return inspect(app, &a),
         cmd => cmd,
     };
     // Usage errors first: no PIN prompt or HSM login for a mistyped flag.
@@ -133,8 +134,71 @@ fn dump_args(cmd: &ColumnsCommand) -> Option<&DumpArgs> {
         ColumnsCommand::Decrypt(a) => Some(&a.dump),
         ColumnsCommand::Rewrap(a) => Some(&a.dump),
         ColumnsCommand::Passthrough(a) => Some(a),
-        ColumnsCommand::Index(_) => None,
+        ColumnsCommand::Index(_) | ColumnsCommand::Inspect(_) => None,
     }
+}
+
+/// `columns inspect`'s arguments as the dump arguments the other `columns`
+/// commands share (no output, no binding: inspect reads token headers only).
+fn inspect_dump(a: &ColumnsInspectArgs) -> DumpArgs {
+    DumpArgs {
+        columns: a.columns.clone(),
+        format: a.format,
+        no_header: a.no_header,
+        row_id: Vec::new(),
+        context: String::new(),
+        inputs: a.inputs.clone(),
+        input: None,
+        output: None,
+        force: false,
+        stats: false,
+    }
+}
+
+/// `columns inspect`: per selected column, what its values are (NULL,
+/// clear, tokens per key version, malformed), from token headers alone:
+/// no backend is opened. One `column` line each (text), or one JSON line
+/// each of type `column` with the fields of `pg status` (FORMAT §8).
+fn inspect(app: &App, a: &ColumnsInspectArgs) -> Result<i32> {
+    let dump = inspect_dump(a);
+    let input_path = input_of(&dump)?;
+    let mut opts = options(&dump)?;
+    opts.jobs = app.jobs;
+    let input: Box<dyn Read + Send> = match input_path {
+        Some(p) => Box::new(
+            std::fs::File::open(p).map_err(|e| Error::io_at("cannot open", p.display(), &e))?,
+        ),
+        None => Box::new(std::io::stdin()),
+    };
+    let place = input_path.map_or_else(|| "stdin".to_string(), |p| p.display().to_string());
+    let stats = columns::inspect(&opts, input).map_err(|e| e.context(&place))?;
+    for (id, c) in &stats.inspect {
+        let column = match id {
+            columns::token::ColumnId::Name(n) => serde_json::Value::from(n.as_str()),
+            columns::token::ColumnId::Index(i) => serde_json::Value::from(*i),
+        };
+        if app.json {
+            let mut m = c.to_json();
+            m.insert("input".into(), place.clone().into());
+            m.insert("column".into(), column);
+            crate::report::emit("column", &m);
+        } else {
+            crate::report::print_line(format_args!("{place}: {id}: {}", c.summary()));
+        }
+        for k in c.key_refs() {
+            app.stats.add_key(k);
+        }
+    }
+    let malformed: u64 = stats.inspect.iter().map(|(_, c)| c.malformed).sum();
+    if malformed > 0 {
+        // Counted, not fatal: the report is what was asked; the exit code
+        // says the dump holds values decrypt would refuse.
+        app.info(format!(
+            "hsmseal: {place}: {malformed} token-looking values do not parse (malformed): columns decrypt would fail on them"
+        ));
+        return Ok(1);
+    }
+    Ok(0)
 }
 
 /// `--blind-index COL[=TARGET]` with the run's bits and normalisation.
@@ -229,6 +293,7 @@ pub fn execute_with_stats(
         ColumnsCommand::Rewrap(_) => "rotate",
         ColumnsCommand::Passthrough(_) => "passthrough",
         ColumnsCommand::Index(_) => "index",
+        ColumnsCommand::Inspect(_) => "inspect",
     };
     let Some(dump) = dump_args(&cmd) else {
         return Err(Error::usage(format!("columns {op} reads no dump")));
@@ -247,7 +312,7 @@ pub fn execute_with_stats(
             opts.nested = a.nested;
         }
         ColumnsCommand::Rewrap(a) => opts.allow_plaintext = a.allow_plaintext,
-        ColumnsCommand::Passthrough(_) | ColumnsCommand::Index(_) => {}
+        ColumnsCommand::Passthrough(_) | ColumnsCommand::Index(_) | ColumnsCommand::Inspect(_) => {}
     }
     let backend = || backend.ok_or_else(|| Error::usage("no key backend for this command"));
     let input_path = input_of(dump)?;
@@ -286,6 +351,7 @@ pub fn execute_with_stats(
             ColumnsCommand::Rewrap(_) => columns::rewrap(backend()?, given, &opts, input, out),
             ColumnsCommand::Passthrough(_) => columns::passthrough(&opts, input, out),
             ColumnsCommand::Index(_) => Err(Error::usage("columns index reads no dump")),
+            ColumnsCommand::Inspect(_) => Err(Error::usage("columns inspect writes no dump")),
         }
     };
     let sink = match output_path {

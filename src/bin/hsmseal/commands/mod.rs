@@ -25,7 +25,7 @@ pub mod verify;
 mod tests;
 
 use crate::app::App;
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, ColumnsCommand, Command};
 use crate::config::{self as settings, Overrides};
 use hsmseal::error::Result;
 
@@ -59,7 +59,8 @@ pub fn run(cli: Cli, prepared: Result<Option<settings::Settings>>) -> Result<i32
     let _stdout = columns::guard_stdout(&cli.command);
     // `columns` writes its dump to stdout (or -o): its JSON lines, errors
     // included, always go to stderr, which then carries nothing else.
-    if matches!(cli.command, Command::Columns(_)) {
+    // `columns inspect` writes no dump: its report is its stdout.
+    if matches!(&cli.command, Command::Columns(c) if !matches!(c, ColumnsCommand::Inspect(_))) {
         crate::report::json_on_stderr();
     }
     let g = &cli.global;
