@@ -46,6 +46,7 @@
 
 pub mod audit_key;
 mod backend;
+pub mod backup;
 pub mod doctor;
 mod errors;
 pub mod kdk;

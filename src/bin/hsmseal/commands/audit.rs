@@ -42,6 +42,10 @@ pub fn logged_name(cmd: &Command) -> Option<String> {
             KeyCommand::Enable { .. } => "key enable",
             KeyCommand::Destroy { .. } => "key destroy",
             KeyCommand::Purge { .. } => "key purge",
+            KeyCommand::BackupTarget { .. } => "key backup-target",
+            KeyCommand::BackupTrust { .. } => "key backup-trust",
+            KeyCommand::Backup { .. } => "key backup",
+            KeyCommand::Restore { .. } => "key restore",
             KeyCommand::List | KeyCommand::Info { .. } => return None,
         },
         Command::Columns(c) => match c {
