@@ -525,13 +525,47 @@ impl Hsm {
 
     /// On the source token A, as its security officer: imports `tk` as a
     /// trusted wrap-only public key (`CKA_TRUSTED`, `CKA_WRAP` true;
-    /// encrypt and verify false; `CKM_RSA_PKCS_OAEP` only). This `Hsm` must
-    /// not be logged in as the user. Idempotent for the same key; refuses a
-    /// different key under the same name.
-    pub fn trust_transport_key(&self, so_pin: &Pin, tk: &TransportKey) -> Result<bool> {
+    /// encrypt and verify false; `CKM_RSA_PKCS_OAEP` only). PKCS#11 allows
+    /// one login per application: if this process is logged in as the user
+    /// (an audited run checks its log first), give `user_pin` and the user
+    /// is logged out for the SO's step and back in after it. Idempotent
+    /// for the same key; refuses a different object under the same label.
+    pub fn trust_transport_key(
+        &self,
+        so_pin: &Pin,
+        tk: &TransportKey,
+        user_pin: Option<&Pin>,
+    ) -> Result<bool> {
+        let result = self.trust_as_so(so_pin, tk, user_pin.is_some());
+        if let Some(pin) = user_pin {
+            // Handles of private objects do not survive a logout (SoftHSM2
+            // invalidates them): forget every cached one.
+            *super::lock(&self.audit_key) = None;
+            super::lock(&self.kdks).clear();
+            self.verified
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+            self.current
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+            self.login(pin)?;
+        }
+        result
+    }
+
+    fn trust_as_so(&self, so_pin: &Pin, tk: &TransportKey, user_in: bool) -> Result<bool> {
         let t = &self.token_label;
         let label = tk.label();
         let admin = self.admin(super::lock::Mode::Exclusive)?;
+        if user_in {
+            match admin.logout() {
+                Ok(()) => {}
+                Err(e) if rv_of(&e) == Some(RvError::UserNotLoggedIn) => {}
+                Err(e) => return Err(token_error(e, t, "logging out the user for the SO's step")),
+            }
+        }
         let so = AuthPin::from(so_pin.expose());
         admin
             .login(UserType::So, Some(&so))

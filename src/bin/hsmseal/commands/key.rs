@@ -333,8 +333,14 @@ fn backup_trust(
                 .ok_or_else(|| Error::pin("HSMSEAL_SO_PIN is not UTF-8 text"))?
         }
     };
-    let hsm = app.open_hsm(false)?;
-    let added = hsm.trust_transport_key(&pin, &tk)?;
+    // An audited run has logged in as the user already (to check the log
+    // first) and appends its entry as the user afterwards.
+    let (hsm, user_pin) = if super::audit::configured_log(app).is_some() {
+        (app.hsm()?, Some(app.settings.read_pin()?))
+    } else {
+        (std::sync::Arc::new(app.open_hsm(false)?), None)
+    };
+    let added = hsm.trust_transport_key(&pin, &tk, user_pin.as_ref())?;
     if added {
         app.stats.ok.fetch_add(1, Ordering::Relaxed);
     } else {
