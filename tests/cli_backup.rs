@@ -480,3 +480,51 @@ fn bad_transport_and_backup_files_are_named_format_errors() {
     let out = c.run(&["key", "restore", "missing.bk"]);
     assert_eq!(code(&out), 7, "{}", stderr(&out));
 }
+
+/// Restore writes B's token under its exclusive lock, from its check that
+/// the version is absent to its last check: two restores of one file at
+/// once make one copy and one "already exists" (exit 4), never two objects
+/// with one label.
+#[test]
+fn concurrent_restores_of_one_backup_make_one_copy() {
+    let a = Cli::new();
+    let b = Cli::new();
+    a.ok(&["key", "create", "k", "--backup"]);
+    b.ok(&["key", "backup-target", "dr", "-o", "dr.pub"]);
+    copy(&b, &a, "dr.pub");
+    assert_eq!(code(&trust(&a, "dr.pub")), 0);
+    a.ok(&["key", "backup", "k", "--to", "dr.pub", "-o", "k.bk"]);
+    copy(&a, &b, "k.bk");
+    for round in 0..3 {
+        if round > 0 {
+            b.ok(&["key", "destroy", "k", "--version", "1", "--yes", "--force"]);
+        }
+        let children: Vec<_> = (0..3)
+            .map(|_| {
+                let mut c = b.cmd();
+                c.args(["key", "restore", "k.bk"])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped());
+                c.spawn().unwrap()
+            })
+            .collect();
+        let codes: Vec<i32> = children
+            .into_iter()
+            .map(|c| code(&c.wait_with_output().unwrap()))
+            .collect();
+        let mut sorted = codes.clone();
+        sorted.sort();
+        assert_eq!(sorted, [0, 4, 4], "round {round}: {codes:?}");
+        let listing = list_objects(&b);
+        assert_eq!(
+            listing.matches("label:      hsmseal:k:v1\n").count(),
+            1,
+            "{listing}"
+        );
+        assert_eq!(
+            listing.matches("label:      hsmseal-kdk:k:v1\n").count(),
+            1,
+            "{listing}"
+        );
+    }
+}
