@@ -344,12 +344,24 @@ fn rotation_keeps_backup_capability_and_restore_can_keep_it() {
     copy(&b, &a, "dr.pub");
     assert_eq!(code(&trust(&a, "dr.pub")), 0);
     // Default version: the current one (v2).
-    a.ok(&["key", "backup", "k", "--to", "dr.pub", "-o", "k.bk"]);
+    let out = a.ok(&[
+        "--json", "key", "backup", "k", "--to", "dr.pub", "-o", "k.bk",
+    ]);
+    let j = support::json_one(&out, "key_backup");
+    assert_eq!(
+        (j["key"].as_str(), j["version"].as_u64()),
+        (Some("k"), Some(2))
+    );
+    assert!(j["fingerprint"].as_str().unwrap().starts_with("sha256:"));
     assert!(std::fs::read_to_string(a.path("k.bk"))
         .unwrap()
         .contains("version: 2\n"));
     copy(&a, &b, "k.bk");
-    b.ok(&["key", "restore", "k.bk", "--backup"]);
+    let out = b.ok(&["--json", "key", "restore", "k.bk", "--backup"]);
+    let r = support::json_one(&out, "key_restore");
+    assert_eq!(r["fingerprint"], j["fingerprint"]);
+    assert_eq!(r["backup_capable"], true);
+    assert_eq!(r["current_version"], 2);
     let list = String::from_utf8(b.ok(&["key", "list"])).unwrap();
     assert!(
         list.contains("ok (restored from a backup, backup-capable)"),
