@@ -562,6 +562,10 @@ pub struct EncryptArgs {
 pub struct DecryptArgs {
     #[command(flatten)]
     pub io: OutputArgs,
+    /// Decrypt even past the per-key limits of hsmseal.toml [limits.KEY]
+    /// (the audit entry records the override)
+    #[arg(long)]
+    pub override_limits: bool,
 }
 
 /// Inputs and where their outputs go, shared by encrypt and decrypt.

@@ -30,6 +30,8 @@ pub fn configured_log(app: &App) -> Option<PathBuf> {
 pub fn logged_name(cmd: &Command) -> Option<String> {
     let name = match cmd {
         Command::Encrypt(_) => "encrypt",
+        // An override of the decrypt limits is named in the entry itself.
+        Command::Decrypt(a) if a.override_limits => "decrypt --override-limits",
         Command::Decrypt(_) => "decrypt",
         Command::Verify(_) => "verify",
         // The names entries had before `rotate` became `rewrap`, kept so

@@ -1,0 +1,94 @@
+//! Bulk-decrypt guardrails (issue 12, item 5): per-key limits from
+//! hsmseal.toml `[limits.KEY]` refuse an over-limit `decrypt` before any
+//! output exists; `--override-limits` lets it through and the audit entry
+//! names the override.
+
+mod support;
+
+use support::{code, data, stderr, write, Cli};
+
+fn setup(limits: &str) -> Cli {
+    let c = Cli::with_key();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        write(&c.path(name), &data(10_000, i as u64));
+        c.ok(&["encrypt", "--key", "k", name]);
+        std::fs::remove_file(c.path(name)).unwrap();
+    }
+    write(&c.path("hsmseal.toml"), limits.as_bytes());
+    c
+}
+
+#[test]
+fn an_over_limit_decrypt_is_refused_before_any_output() {
+    let c = setup("[limits.k]\nmax_items = 2\n");
+    let before = c.files();
+    let out = c.run(&["decrypt", "a.hseal", "b.hseal", "c.hseal"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("3 items (max_items = 2)")
+            && err.contains("[limits.k]")
+            && err.contains("--override-limits"),
+        "{err}"
+    );
+    assert_eq!(c.files(), before, "nothing written");
+    // Within the limit: fine.
+    c.ok(&["decrypt", "a.hseal", "b.hseal"]);
+    assert_eq!(std::fs::read(c.path("a")).unwrap(), data(10_000, 0));
+
+    // Bytes: a file's size is charged before it is opened.
+    let c = setup("[limits.k]\nmax_bytes = 15000\n");
+    let before = c.files();
+    let out = c.run(&["decrypt", "a.hseal", "b.hseal"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("(max_bytes = 15000)"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(c.files(), before);
+    // A stream's size is unknown before decrypting: refused under a byte limit.
+    let sealed = std::fs::read(c.path("a.hseal")).unwrap();
+    let out = c.run_in(&["decrypt", "-o", "-", "-"], &sealed);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(out.stdout.is_empty());
+    assert!(stderr(&out).contains("standard input"), "{}", stderr(&out));
+    // Another key's limits do not apply.
+    let c = setup("[limits.other]\nmax_items = 1\n");
+    c.ok(&["decrypt", "a.hseal", "b.hseal", "c.hseal"]);
+}
+
+#[test]
+fn the_override_decrypts_and_is_audit_logged() {
+    let c = setup("[limits.k]\nmax_items = 1\n");
+    c.ok(&["--audit-log", "audit.log", "audit", "init"]);
+    let out = c.run(&["--audit-log", "audit.log", "decrypt", "a.hseal", "b.hseal"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    c.ok(&[
+        "--audit-log",
+        "audit.log",
+        "decrypt",
+        "--override-limits",
+        "a.hseal",
+        "b.hseal",
+    ]);
+    assert_eq!(std::fs::read(c.path("b")).unwrap(), data(10_000, 1));
+    let log = std::fs::read_to_string(c.path("audit.log")).unwrap();
+    let last = log.lines().last().unwrap();
+    assert!(
+        last.contains("\"command\":\"decrypt --override-limits\"")
+            && last.contains("\"result\":\"ok\""),
+        "{log}"
+    );
+    // The refused run is logged too, as a plain decrypt that ended in error.
+    assert!(log.contains("\"command\":\"decrypt\""), "{log}");
+    c.ok(&["--audit-log", "audit.log", "audit", "verify"]);
+}
+
+#[test]
+fn a_bad_limits_table_is_a_configuration_error() {
+    let c = setup("[limits.k]\nmax_files = 1\n");
+    let out = c.run(&["decrypt", "a.hseal"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("hsmseal.toml"), "{}", stderr(&out));
+}
