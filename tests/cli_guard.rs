@@ -92,3 +92,101 @@ fn a_bad_limits_table_is_a_configuration_error() {
     assert_eq!(code(&out), 2, "{}", stderr(&out));
     assert!(stderr(&out).contains("hsmseal.toml"), "{}", stderr(&out));
 }
+
+#[test]
+fn audit_report_sums_decrypts_per_user_host_key_and_command() {
+    let c = setup("[limits.k]\nmax_items = 1\n");
+    let log = ["--audit-log", "audit.log"];
+    let run = |args: &[&str]| {
+        let mut v = log.to_vec();
+        v.extend_from_slice(args);
+        c.ok(&v)
+    };
+    run(&["audit", "init"]);
+    run(&["decrypt", "a.hseal"]);
+    run(&["decrypt", "--override-limits", "b.hseal", "c.hseal"]);
+    write(&c.path("u.csv"), b"id,ssn\n1,x\n2,y\n3,z\n");
+    let cols = [
+        "--format",
+        "csv",
+        "--columns",
+        "ssn",
+        "--row-id",
+        "id",
+        "--context",
+        "t",
+    ];
+    let mut enc = vec!["columns", "encrypt", "--key", "k"];
+    enc.extend(cols);
+    enc.extend(["-i", "u.csv", "-o", "u.enc"]);
+    run(&enc);
+    let mut dec = vec!["columns", "decrypt"];
+    dec.extend(cols);
+    dec.extend(["-i", "u.enc", "-o", "u.out"]);
+    run(&dec);
+
+    let out = run(&["--json", "audit", "report", "--since", "24h"]);
+    let rows = support::json_of_type(&out, "audit_report");
+    let row = |command: &str| {
+        rows.iter()
+            .find(|r| r["command"] == command)
+            .unwrap_or_else(|| panic!("{command} in {rows:?}"))
+            .clone()
+    };
+    let files = row("decrypt");
+    assert_eq!(files["key"], "k");
+    assert_eq!(
+        (files["runs"].as_u64(), files["items"].as_u64()),
+        (Some(2), Some(3))
+    );
+    assert_eq!(files["overrides"], 1);
+    assert!(files["bytes"].as_u64().unwrap() >= 30_000);
+    let cells = row("columns decrypt");
+    assert_eq!(
+        (cells["cells"].as_u64(), cells["items"].as_u64()),
+        (Some(3), Some(0))
+    );
+    // Encrypt runs are not decrypts.
+    assert!(
+        rows.iter().all(|r| r["command"] != "columns encrypt"),
+        "{rows:?}"
+    );
+    assert_eq!(rows.len(), 2, "{rows:?}");
+
+    // Alerts: 6 items and cells under k.
+    let report = |n: &str| {
+        c.run(&[
+            "--audit-log",
+            "audit.log",
+            "audit",
+            "report",
+            "--alert-over",
+            n,
+        ])
+    };
+    let out = report("6");
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stdout));
+    let out = report("5");
+    assert_eq!(
+        code(&out),
+        1,
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("decrypted 6 items and cells (alert over 5)"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A tampered log is not summarised.
+    let text = std::fs::read_to_string(c.path("audit.log")).unwrap();
+    write(
+        &c.path("audit.log"),
+        text.replacen("\"decrypt\"", "\"verify\"", 1).as_bytes(),
+    );
+    let out = report("100");
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    assert!(stderr(&out).contains("not summarised"), "{}", stderr(&out));
+}

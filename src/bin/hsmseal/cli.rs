@@ -312,6 +312,27 @@ pub enum AuditCommand {
         /// The log (default: the configured audit log)
         log: Option<PathBuf>,
     },
+    /// Summarise what was decrypted: items, cells and bytes per user, host, key and command
+    ///
+    /// Verifies the log first (as `audit verify`: exit 3 if it is not
+    /// intact), then sums the decrypt runs (decrypt, columns decrypt, pg
+    /// decrypt) of the last DURATION. A run naming several keys counts in
+    /// full under each. Runs that used --override-limits are listed.
+    /// With --alert-over N, exits 1 if any user on one host decrypted more
+    /// than N items and cells together, all keys (for cron or CI). Changes
+    /// nothing.
+    #[command(after_help = EX_AUDIT_REPORT)]
+    Report {
+        /// The log (default: the configured audit log)
+        log: Option<PathBuf>,
+        /// Window: a whole number and a unit, s m h d or w (24h, 7d)
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "24h")]
+        since: u64,
+        /// Exit 1 if a user on one host decrypted more than N items and cells
+        /// together in the window
+        #[arg(long, value_name = "N")]
+        alert_over: Option<u64>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -1019,6 +1040,12 @@ Examples:
 const EX_AUDIT_INIT: &str = "\
 Examples:
   hsmseal --audit-log /var/log/hsmseal/audit.log audit init";
+
+const EX_AUDIT_REPORT: &str = "\
+Examples:
+  hsmseal audit report --since 24h
+  # nightly, from cron: mail when anyone decrypted more than 100000 items/cells
+  hsmseal audit report --since 24h --alert-over 100000 --json";
 
 const EX_AUDIT_VERIFY: &str = "\
 Examples:
