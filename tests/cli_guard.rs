@@ -190,3 +190,62 @@ fn audit_report_sums_decrypts_per_user_host_key_and_command() {
     assert_eq!(code(&out), 3, "{}", stderr(&out));
     assert!(stderr(&out).contains("not summarised"), "{}", stderr(&out));
 }
+
+#[test]
+fn columns_decrypt_counts_cells_before_decrypting_any() {
+    let c = setup("");
+    write(&c.path("u.csv"), b"id,ssn\n1,x\n2,y\n3,z\n");
+    let cols = [
+        "--format",
+        "csv",
+        "--columns",
+        "ssn",
+        "--row-id",
+        "id",
+        "--context",
+        "t",
+    ];
+    let mut enc = vec!["columns", "encrypt", "--key", "k"];
+    enc.extend(cols);
+    enc.extend(["-i", "u.csv", "-o", "u.enc"]);
+    c.ok(&enc);
+    let dec = |extra: &[&str]| {
+        let _ = std::fs::remove_file(c.path("u.out"));
+        let mut v = vec!["columns", "decrypt"];
+        v.extend(cols);
+        v.extend(extra);
+        c.run(&v)
+    };
+    write(&c.path("hsmseal.toml"), b"[limits.k]\nmax_cells = 2\n");
+    let out = dec(&["-i", "u.enc", "-o", "u.out"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("3 cells (max_cells = 2)"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!c.path("u.out").exists());
+    // From stdin: cannot be counted first.
+    let sealed = std::fs::read(c.path("u.enc")).unwrap();
+    let mut v = vec!["columns", "decrypt"];
+    v.extend(cols);
+    let out = c.run_in(&v, &sealed);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    // Nothing released: at most the abort marker a failed run leaves on a
+    // stdout dump (FORMAT section 6, "Failed runs").
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.is_empty() || stdout.starts_with("hsmseal: aborted"),
+        "{stdout}"
+    );
+    // The override, and a limit the dump fits in.
+    let out = dec(&["-i", "u.enc", "-o", "u.out", "--override-limits"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read(c.path("u.out")).unwrap(),
+        b"id,ssn\n1,x\n2,y\n3,z\n"
+    );
+    write(&c.path("hsmseal.toml"), b"[limits.k]\nmax_cells = 3\n");
+    let out = dec(&["-i", "u.enc", "-o", "u.out"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}

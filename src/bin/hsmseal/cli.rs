@@ -846,6 +846,10 @@ pub struct ColumnsDecryptArgs {
     /// instead of failing on them.
     #[arg(long)]
     pub nested: bool,
+    /// Decrypt even past the per-key limits of hsmseal.toml [limits.KEY]
+    /// (the audit entry records the override)
+    #[arg(long)]
+    pub override_limits: bool,
 }
 
 #[derive(Debug, clap::Args)]

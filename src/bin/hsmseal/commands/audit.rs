@@ -57,6 +57,7 @@ pub fn logged_name(cmd: &Command) -> Option<String> {
         },
         Command::Columns(c) => match c {
             ColumnsCommand::Encrypt(_) => "columns encrypt",
+            ColumnsCommand::Decrypt(a) if a.override_limits => "columns decrypt --override-limits",
             ColumnsCommand::Decrypt(_) => "columns decrypt",
             ColumnsCommand::Rewrap(_) => "columns rotate",
             ColumnsCommand::Passthrough(_) => return None,
@@ -224,7 +225,7 @@ struct ReportRow {
 fn decrypt_kind(command: &str) -> Option<bool> {
     match command {
         "decrypt" | "decrypt --override-limits" => Some(false),
-        "columns decrypt" | "pg decrypt" => Some(true),
+        "columns decrypt" | "columns decrypt --override-limits" | "pg decrypt" => Some(true),
         _ => None,
     }
 }
