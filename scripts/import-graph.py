@@ -69,6 +69,7 @@ LAYERS = [
     ("lib::stream", 3),
     ("lib::backend", 2),
     ("lib::keys", 2),
+    ("lib::guard", 2),
     ("lib::fs", 1),
     ("lib::output", 1),
     ("lib::notify", 0),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what hsmseal's build, demo and tests need on a fresh Debian machine:
 # SoftHSM2 (the development HSM) and OpenSC's pkcs11-tool (for inspecting
-# tokens by hand). Extra Debian packages can be named as arguments
+# tokens by hand; tests/cli_backup.rs reads restored keys' attributes with it). Extra Debian packages can be named as arguments
 # (the PostgreSQL test and the benchmarks add theirs).
 # Idempotent: installs only what is missing.
 set -euo pipefail

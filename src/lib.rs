@@ -137,6 +137,7 @@ pub mod deps;
 pub mod envelope;
 pub mod error;
 pub mod fs;
+pub mod guard;
 pub mod hsm;
 pub mod notify;
 pub mod secret;

@@ -302,7 +302,11 @@ impl fmt::Display for DoctorReport {
                         continue;
                     }
                     let created = k.created.as_deref().unwrap_or("unknown");
-                    let status = super::kwk::status(&k.problems);
+                    let status = format!(
+                        "{}{}",
+                        super::kwk::status(&k.problems),
+                        super::kwk::provenance_note(k)
+                    );
                     writeln!(
                         f,
                         "  {name:<24} {:<12} created {created:<20}  {status}",

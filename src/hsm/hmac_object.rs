@@ -282,7 +282,7 @@ impl Hsm {
                             k.name
                         )),
                         KeyState::Disabled => {
-                            problems = without_sign_false(super::kdk::kdk_problems(&a));
+                            problems = without_sign_false(super::kdk::kdk_problems(&super::kwk::relax_backup(&a)));
                             if a.sign == Some(true) {
                                 problems.push(format!(
                                     "{k} is disabled but its KDK can still sign: run `hsmseal key disable {} --version {v}` again",
@@ -290,7 +290,7 @@ impl Hsm {
                                 ));
                             }
                         }
-                        _ => problems = super::kdk::kdk_problems(&a),
+                        _ => problems = super::kdk::kdk_problems(&super::kwk::relax_backup(&a)),
                     }
                 }
                 None => {

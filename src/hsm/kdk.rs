@@ -25,7 +25,7 @@
 
 use super::errors::{is_gone, is_not_permitted, token_error};
 use super::hmac_object;
-use super::kwk::KeyAttributes;
+use super::kwk::{self, KeyAttributes};
 use super::Hsm;
 use crate::backend::KeyRef;
 use crate::error::{Error, Result};
@@ -84,14 +84,22 @@ impl Hsm {
     /// Generates the KDK of `k` and checks what the token made; the caller
     /// holds the exclusive token lock (it has just made the KWK `k`).
     /// Returns the new object, or an error after destroying it.
-    pub(super) fn generate_kdk(&self, admin: &Session, k: &KeyRef) -> Result<ObjectHandle> {
+    /// With `backup`, the KDK is backup-capable like its KWK
+    /// (`kwk::make_backup_capable`).
+    pub(super) fn generate_kdk(
+        &self,
+        admin: &Session,
+        k: &KeyRef,
+        backup: bool,
+    ) -> Result<ObjectHandle> {
         let t = &self.token_label;
         let label = kdk_label(&k.name, k.version);
+        let mut template = kdk_template(&k.name, k.version, crate::time::now_unix());
+        if backup {
+            kwk::make_backup_capable(&mut template);
+        }
         let h = admin
-            .generate_key(
-                &Mechanism::GenericSecretKeyGen,
-                &kdk_template(&k.name, k.version, crate::time::now_unix()),
-            )
+            .generate_key(&Mechanism::GenericSecretKeyGen, &template)
             .map_err(|e| {
                 token_error(
                     e,
@@ -101,7 +109,7 @@ impl Hsm {
                     ),
                 )
             })?;
-        let problems = kdk_problems(&self.read_attributes(admin, h)?);
+        let problems = kdk_problems(&kwk::relax_backup(&self.read_attributes(admin, h)?));
         if !problems.is_empty() {
             let destroyed = match admin.destroy_object(h) {
                 Ok(()) => "it was destroyed",
@@ -159,7 +167,7 @@ impl Hsm {
         let h = match self.kdk_objects(&admin, k)?.as_slice() {
             [] => None,
             [h] => {
-                let problems = kdk_problems(&self.read_attributes(&admin, *h)?);
+                let problems = kdk_problems(&kwk::relax_backup(&self.read_attributes(&admin, *h)?));
                 if !problems.is_empty() {
                     return Err(Error::key(format!(
                         "the key-derivation key {label} on token {t:?} is refused: {}",

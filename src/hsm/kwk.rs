@@ -137,6 +137,11 @@ pub struct KeyAttributes {
     /// `CKA_ALLOWED_MECHANISMS`; an empty list means "no restriction" in
     /// PKCS#11, the same as the attribute being absent.
     pub allowed_mechanisms: Option<Vec<String>>,
+    /// `CKA_WRAP_WITH_TRUSTED`: only a `CKA_TRUSTED` key may wrap it (the
+    /// backup ceremony, `super::backup`).
+    pub wrap_with_trusted: Option<bool>,
+    /// `CKA_LOCAL`: generated in this token (false: unwrapped or imported).
+    pub local: Option<bool>,
     /// `CKA_START_DATE` as `YYYY-MM-DD`.
     pub start_date: Option<String>,
 }
@@ -165,6 +170,8 @@ pub const CHECKED_ATTRIBUTES: &[AttributeType] = &[
     AttributeType::Verify,
     AttributeType::Derive,
     AttributeType::AllowedMechanisms,
+    AttributeType::WrapWithTrusted,
+    AttributeType::Local,
 ];
 
 impl KeyAttributes {
@@ -193,6 +200,8 @@ impl KeyAttributes {
                     k.allowed_mechanisms = Some(m.iter().map(|m| m.to_string()).collect())
                 }
                 Attribute::StartDate(d) => k.start_date = date_string(d),
+                Attribute::WrapWithTrusted(b) => k.wrap_with_trusted = Some(*b),
+                Attribute::Local(b) => k.local = Some(*b),
                 _ => {}
             }
         }
@@ -331,11 +340,101 @@ pub fn disabled_refusal(key: &KeyRef) -> String {
     )
 }
 
+/// How a key object came to be, as far as its attributes tell
+/// (docs/FORMAT.md section 1, "Backup-capable and restored versions").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Provenance {
+    /// Generated in this token, never extractable: the default.
+    Generated,
+    /// Generated here with `--backup`: `CKA_EXTRACTABLE` true, but only
+    /// together with `CKA_WRAP_WITH_TRUSTED` true (only a key the security
+    /// officer marked `CKA_TRUSTED` may wrap it) and still sensitive.
+    BackupCapable,
+    /// Made by `key restore` (`C_UnwrapKey`): `CKA_LOCAL`,
+    /// `CKA_ALWAYS_SENSITIVE` and `CKA_NEVER_EXTRACTABLE` false as PKCS#11
+    /// requires of an unwrapped key, `CKA_WRAP_WITH_TRUSTED` true.
+    Restored,
+}
+
+/// Which [`Provenance`] `a` shows; `None` when it fits none of them (then
+/// [`problems`] names what is wrong). Only the attributes that tell the
+/// three apart are looked at here; everything else is checked as before.
+pub fn provenance(a: &KeyAttributes) -> Option<Provenance> {
+    let trusted_only = a.wrap_with_trusted == Some(true) && a.sensitive == Some(true);
+    match (a.extractable, a.always_sensitive, a.never_extractable) {
+        (Some(false), Some(true), Some(true)) => Some(Provenance::Generated),
+        (Some(true), Some(true), Some(false)) if trusted_only => Some(Provenance::BackupCapable),
+        (Some(_), Some(false), Some(false)) if trusted_only && a.local == Some(false) => {
+            Some(Provenance::Restored)
+        }
+        _ => None,
+    }
+}
+
+/// `a` with the attributes the backup rule accepts set to the values of a
+/// generated key, so the strict checks ([`problems`], the KDK's check) stay
+/// as they are and name anything else: extractable is accepted only with
+/// `CKA_WRAP_WITH_TRUSTED` (and sensitive); not-always-sensitive and
+/// not-never-extractable only for a restored object (not `CKA_LOCAL`,
+/// wrap-with-trusted). What PKCS#11 cannot tell apart: a key imported in
+/// clear by another tool with these attributes looks restored; docs/SECURITY.md
+/// says so, and `key list` shows the provenance.
+pub fn relax_backup(a: &KeyAttributes) -> KeyAttributes {
+    let mut out = a.clone();
+    if matches!(
+        provenance(a),
+        Some(Provenance::BackupCapable | Provenance::Restored)
+    ) {
+        out.extractable = Some(false);
+        out.always_sensitive = Some(true);
+        out.never_extractable = Some(true);
+    }
+    // SoftHSM2 2.6.1 reports CKA_VALUE_LEN 0 for a secret key made by
+    // C_UnwrapKey and refuses the attribute in the unwrap template
+    // (CKR_ATTRIBUTE_READ_ONLY). `key restore` checked the length the only
+    // way left: the restored key opened the check value made on the source
+    // token with a key that passed this check (docs/FORMAT.md section 9).
+    if provenance(a) == Some(Provenance::Restored) && a.value_len == Some(0) {
+        out.value_len = Some(KWK_LEN);
+    }
+    out
+}
+
+/// What `key list` and `doctor` add after a version's status: whether it
+/// is backup-capable or was restored from a backup (empty otherwise).
+pub fn provenance_note(k: &KeyInfo) -> &'static str {
+    match k.attributes.as_ref().and_then(provenance) {
+        Some(Provenance::BackupCapable) => " (backup-capable)",
+        Some(Provenance::Restored)
+            if k.attributes.as_ref().and_then(|a| a.extractable) == Some(true) =>
+        {
+            " (restored from a backup, backup-capable)"
+        }
+        Some(Provenance::Restored) => " (restored from a backup)",
+        _ => "",
+    }
+}
+
+/// Makes a generation template (KWK or KDK) backup-capable: extractable,
+/// but only under a trusted key (`CKA_WRAP_WITH_TRUSTED`, which the token
+/// never lets anyone turn off again).
+pub fn make_backup_capable(template: &mut Vec<Attribute>) {
+    for a in template.iter_mut() {
+        if let Attribute::Extractable(e) = a {
+            *e = true;
+        }
+    }
+    template.push(Attribute::WrapWithTrusted(true));
+}
+
 /// Every way `a` is weaker than a KWK made by [`kwk_template`], each as a
 /// short clause naming the attribute and why it matters. Empty = usable.
 /// A disabled key ([`is_disabled`]) is not weak: its `CKA_ENCRYPT` and
-/// `CKA_DECRYPT` being false is reported as disabled, not here.
+/// `CKA_DECRYPT` being false is reported as disabled, not here. A
+/// backup-capable or restored key is held to the same rules after
+/// [`relax_backup`].
 pub fn problems(a: &KeyAttributes) -> Vec<String> {
+    let a = &relax_backup(a);
     let mut p = Vec::new();
     let disabled = is_disabled(a);
     let secret_key = ObjectClass::SECRET_KEY.to_string();
@@ -574,7 +673,68 @@ mod tests {
             derive: Some(false),
             allowed_mechanisms: Some(vec![MechanismType::AES_GCM.to_string()]),
             start_date: Some("2024-01-02".into()),
+            wrap_with_trusted: Some(false),
+            local: Some(true),
         }
+    }
+
+    #[test]
+    fn backup_capable_and_restored_keys_pass_only_with_wrap_with_trusted() {
+        assert_eq!(provenance(&good()), Some(Provenance::Generated));
+        // `key create --backup`.
+        let mut b = good();
+        b.extractable = Some(true);
+        b.never_extractable = Some(false);
+        b.wrap_with_trusted = Some(true);
+        assert_eq!(provenance(&b), Some(Provenance::BackupCapable));
+        assert!(problems(&b).is_empty(), "{:?}", problems(&b));
+        // Extractable without wrap-with-trusted: any wrapping key could
+        // export it.
+        let mut weak = b.clone();
+        weak.wrap_with_trusted = Some(false);
+        assert_eq!(provenance(&weak), None);
+        assert!(problems(&weak)
+            .iter()
+            .any(|p| p.contains("CKA_EXTRACTABLE is true")));
+        // Extractable and not sensitive: refused whatever else.
+        let mut weak = b.clone();
+        weak.sensitive = Some(false);
+        assert!(problems(&weak)
+            .iter()
+            .any(|p| p.contains("CKA_EXTRACTABLE is true")));
+        // `key restore`: unwrapped, so not local, not always sensitive,
+        // not never extractable; with or without --backup.
+        let mut r = good();
+        r.local = Some(false);
+        r.always_sensitive = Some(false);
+        r.never_extractable = Some(false);
+        r.wrap_with_trusted = Some(true);
+        assert_eq!(provenance(&r), Some(Provenance::Restored));
+        assert!(problems(&r).is_empty(), "{:?}", problems(&r));
+        r.extractable = Some(true);
+        assert_eq!(provenance(&r), Some(Provenance::Restored));
+        assert!(problems(&r).is_empty(), "{:?}", problems(&r));
+        // The same, but generated here (CKA_LOCAL true) or without the
+        // wrap-with-trusted mark: once readable, refused as before.
+        for f in [
+            (|a: &mut KeyAttributes| a.local = Some(true)) as fn(&mut KeyAttributes),
+            |a| a.local = None,
+            |a| a.wrap_with_trusted = Some(false),
+        ] {
+            let mut x = r.clone();
+            f(&mut x);
+            assert_eq!(provenance(&x), None);
+            assert!(problems(&x)
+                .iter()
+                .any(|p| p.contains("CKA_ALWAYS_SENSITIVE is false")));
+        }
+        // The template change is exactly extractable + wrap-with-trusted.
+        let mut t = kwk_template("k", 1, 0);
+        make_backup_capable(&mut t);
+        let a = KeyAttributes::from_attributes(&t);
+        assert_eq!(a.extractable, Some(true));
+        assert_eq!(a.wrap_with_trusted, Some(true));
+        assert_eq!(a.sensitive, Some(true));
     }
 
     #[test]
@@ -720,6 +880,8 @@ mod tests {
         expected.always_sensitive = None;
         expected.never_extractable = None;
         expected.start_date = Some("2024-03-09".into());
+        expected.wrap_with_trusted = None;
+        expected.local = None;
         assert_eq!(a, expected);
         assert!(t.contains(&Attribute::Label(b"hsmseal:k:v2".to_vec())));
         assert!(t.contains(&Attribute::Id(

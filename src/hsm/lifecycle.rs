@@ -201,6 +201,13 @@ impl Hsm {
     /// and creation happen under one exclusive token lock, so two hsmseal
     /// processes creating the same name make one key and one error.
     pub fn create_key(&self, name: &str) -> Result<KeyInfo> {
+        self.create_key_with(name, false)
+    }
+
+    /// [`Self::create_key`]; with `backup`, the KWK and its KDK are
+    /// backup-capable (extractable only under a `CKA_TRUSTED` key:
+    /// `super::backup`, docs/FORMAT.md section 1).
+    pub fn create_key_with(&self, name: &str, backup: bool) -> Result<KeyInfo> {
         validate_key_name(name)?;
         let admin = self.admin_logged_in()?;
         let family = self.family(&admin, name)?;
@@ -217,7 +224,7 @@ impl Hsm {
                 u64::from(last) + 1
             )));
         }
-        let (mut info, h) = self.generate(&admin, name, 1)?;
+        let (mut info, h) = self.generate(&admin, name, 1, backup)?;
         self.ensure_unique(&admin, &info.key_ref(), h)?;
         info.state = KeyState::Active;
         Ok(info)
@@ -227,13 +234,31 @@ impl Hsm {
     /// N being the highest version ever issued (destroyed ones included), and
     /// returns it: it is the current version from now on.
     pub fn create_next_version(&self, name: &str) -> Result<KeyInfo> {
+        self.create_next_version_with(name, false)
+    }
+
+    /// [`Self::create_next_version`]; the new version is backup-capable if
+    /// `backup` or if the newest existing version is (rotation keeps the
+    /// property, so a backed-up key stays backed up).
+    pub fn create_next_version_with(&self, name: &str, backup: bool) -> Result<KeyInfo> {
         validate_key_name(name)?;
         let admin = self.admin_logged_in()?;
         let family = self.family(&admin, name)?;
         if family.is_empty() {
             return Err(self.key_not_found(name));
         }
-        self.next_version_locked(&admin, &family, name)
+        let backup = backup || self.newest_is_backup_capable(&admin, &family)?;
+        self.next_version_locked(&admin, &family, name, backup)
+    }
+
+    /// True if the newest version object of `family` is extractable under
+    /// a trusted key (made with `--backup`, or restored with it).
+    fn newest_is_backup_capable(&self, admin: &Session, family: &Family) -> Result<bool> {
+        let Some(&(_, h)) = family.keys.last() else {
+            return Ok(false);
+        };
+        let a = self.read_attributes(admin, h)?;
+        Ok(a.extractable == Some(true) && a.wrap_with_trusted == Some(true))
     }
 
     /// Rotates `name` only if its current version was created at or before
@@ -294,7 +319,8 @@ impl Hsm {
                 }
             },
         };
-        let info = self.next_version_locked(&admin, &family, name)?;
+        let backup = self.newest_is_backup_capable(&admin, &family)?;
+        let info = self.next_version_locked(&admin, &family, name, backup)?;
         Ok(RotateReport {
             key: name.to_string(),
             token: self.token_label.clone(),
@@ -309,11 +335,17 @@ impl Hsm {
 
     /// Creates the next version of `family` (non-empty); the caller holds
     /// the exclusive token lock from its scan.
-    fn next_version_locked(&self, admin: &Session, family: &Family, name: &str) -> Result<KeyInfo> {
+    fn next_version_locked(
+        &self,
+        admin: &Session,
+        family: &Family,
+        name: &str,
+        backup: bool,
+    ) -> Result<KeyInfo> {
         let next = family.last_issued().checked_add(1).ok_or_else(|| {
             Error::key(format!("key {name:?} has reached the last version number"))
         })?;
-        let (mut info, h) = self.generate(admin, name, next)?;
+        let (mut info, h) = self.generate(admin, name, next, backup)?;
         self.ensure_unique(admin, &info.key_ref(), h)?;
         info.state = KeyState::Active;
         Ok(info)
@@ -462,12 +494,16 @@ impl Hsm {
         admin: &Session,
         name: &str,
         version: u32,
+        backup: bool,
     ) -> Result<(KeyInfo, ObjectHandle)> {
         let k = KeyRef {
             name: name.to_string(),
             version,
         };
-        let template = kwk::kwk_template(name, version, crate::time::now_unix());
+        let mut template = kwk::kwk_template(name, version, crate::time::now_unix());
+        if backup {
+            kwk::make_backup_capable(&mut template);
+        }
         let h = admin
             .generate_key(&Mechanism::AesKeyGen, &template)
             .map_err(|e| {
@@ -494,7 +530,7 @@ impl Hsm {
         // Its key-derivation key (v2 column tokens), made under the same
         // lock: a version never exists without one. If it cannot be made,
         // the new KWK is destroyed too and the creation fails.
-        if let Err(e) = self.generate_kdk(admin, &k) {
+        if let Err(e) = self.generate_kdk(admin, &k, backup) {
             let _ = admin.destroy_object(h);
             return Err(e);
         }

@@ -48,6 +48,7 @@
 
 pub mod audit_key;
 mod backend;
+pub mod backup;
 pub mod bidx_key;
 pub mod doctor;
 mod errors;

@@ -136,6 +136,7 @@ impl App {
             },
             audit_log: None,
             softhsm2_conf: None,
+            limits: Default::default(),
         };
         App {
             test_backend: Some(backend),

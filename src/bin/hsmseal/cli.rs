@@ -328,6 +328,27 @@ pub enum AuditCommand {
         /// The log (default: the configured audit log)
         log: Option<PathBuf>,
     },
+    /// Summarise what was decrypted: items, cells and bytes per user, host, key and command
+    ///
+    /// Verifies the log first (as `audit verify`: exit 3 if it is not
+    /// intact), then sums the decrypt runs (decrypt, columns decrypt, pg
+    /// decrypt) of the last DURATION. A run naming several keys counts in
+    /// full under each. Runs that used --override-limits are listed.
+    /// With --alert-over N, exits 1 if any user on one host decrypted more
+    /// than N items and cells together, all keys (for cron or CI). Changes
+    /// nothing.
+    #[command(after_help = EX_AUDIT_REPORT)]
+    Report {
+        /// The log (default: the configured audit log)
+        log: Option<PathBuf>,
+        /// Window: a whole number and a unit, s m h d or w (24h, 7d)
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "24h")]
+        since: u64,
+        /// Exit 1 if a user on one host decrypted more than N items and cells
+        /// together in the window
+        #[arg(long, value_name = "N")]
+        alert_over: Option<u64>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -361,6 +382,11 @@ pub enum KeyCommand {
     Create {
         /// Key name: 1-64 characters from A-Z a-z 0-9 . _ -
         name: String,
+        /// Make it backup-capable: extractable, but only wrapped by a key the
+        /// token's security officer marked trusted (`key backup`); still
+        /// sensitive. Versions made by `key rotate` keep this
+        #[arg(long)]
+        backup: bool,
     },
     /// Create version N+1 of a key and make it the one new encryptions use
     ///
@@ -383,6 +409,10 @@ pub enum KeyCommand {
         /// number and a unit, s m h d or w (30d, 12h, 2w)
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         if_older_than: Option<u64>,
+        /// Make the new version backup-capable (see `key create --backup`);
+        /// without it, it is backup-capable if the newest version is
+        #[arg(long)]
+        backup: bool,
     },
     /// List hsmseal keys on the token: every version with its state and creation time
     ///
@@ -489,6 +519,71 @@ pub enum KeyCommand {
         #[arg(long, value_name = "PATH", num_args = 1..)]
         check: Vec<PathBuf>,
     },
+    /// Backup ceremony, on the recovery token: make a transport key to receive backups
+    ///
+    /// Changes in the HSM: generates an RSA-3072 key pair; the private key
+    /// stays on this token (sensitive, never extractable, CKA_UNWRAP only,
+    /// labelled hsmseal-transport:NAME). Changes on disk: writes the public
+    /// key to FILE (a text file with its fingerprint; not secret).
+    #[command(name = "backup-target", after_help = EX_KEY_BACKUP)]
+    BackupTarget {
+        /// Transport key name
+        name: String,
+        /// Public key file to write (must not exist)
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: PathBuf,
+    },
+    /// Backup ceremony, on the source token, as its security officer: trust a transport key
+    ///
+    /// Changes in the HSM: imports the public key in FILE as a CKA_TRUSTED,
+    /// wrap-only public key object. Only the security officer can set
+    /// CKA_TRUSTED: the SO PIN comes from HSMSEAL_SO_PIN or --so-pin-file,
+    /// never the command line. Changes on disk: none.
+    #[command(name = "backup-trust", after_help = EX_KEY_BACKUP)]
+    BackupTrust {
+        /// Transport public key file (from `key backup-target`)
+        file: PathBuf,
+        /// File holding the security officer PIN (else HSMSEAL_SO_PIN)
+        #[arg(long, value_name = "FILE")]
+        so_pin_file: Option<PathBuf>,
+    },
+    /// Backup ceremony, on the source token: wrap a key version for the recovery token
+    ///
+    /// Wraps the version (default: the current one) and its key-derivation
+    /// key under the trusted transport key (C_WrapKey, RSA-OAEP); the token
+    /// refuses unless the key was made with --backup and the transport key
+    /// is trusted. Changes in the HSM: none. Changes on disk: writes the
+    /// backup file (mode 0600, atomically); it opens only on the token
+    /// holding the transport private key.
+    #[command(after_help = EX_KEY_BACKUP)]
+    Backup {
+        /// Key name
+        name: String,
+        /// Version to back up (default: the current version)
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        version: Option<u32>,
+        /// Transport public key file (from `key backup-target`)
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+        /// Backup file to write (must not exist)
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: PathBuf,
+    },
+    /// Backup ceremony, on the recovery token: restore a key version from a backup file
+    ///
+    /// Changes in the HSM: unwraps the key version and its key-derivation
+    /// key with the transport private key into objects with the same labels
+    /// and IDs (not extractable unless --backup), after checking them
+    /// against the file; refuses a version that already exists here.
+    /// Changes on disk: none.
+    #[command(after_help = EX_KEY_BACKUP)]
+    Restore {
+        /// Backup file (from `key backup`)
+        file: PathBuf,
+        /// Keep the restored version backup-capable (to copy it on again)
+        #[arg(long)]
+        backup: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -504,6 +599,10 @@ pub struct EncryptArgs {
 pub struct DecryptArgs {
     #[command(flatten)]
     pub io: OutputArgs,
+    /// Decrypt even past the per-key limits of hsmseal.toml [limits.KEY]
+    /// (the audit entry records the override)
+    #[arg(long)]
+    pub override_limits: bool,
 }
 
 /// Inputs and where their outputs go, shared by encrypt and decrypt.
@@ -840,6 +939,10 @@ pub struct ColumnsDecryptArgs {
     /// instead of failing on them.
     #[arg(long)]
     pub nested: bool,
+    /// Decrypt even past the per-key limits of hsmseal.toml [limits.KEY]
+    /// (the audit entry records the override)
+    #[arg(long)]
+    pub override_limits: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -928,10 +1031,21 @@ Examples:
   hsmseal key rotate backups && hsmseal rewrap -r /srv/backups
   hsmseal key list --json";
 
+const EX_KEY_BACKUP: &str = "\
+Examples:
+  # README \"Disaster recovery\". On the recovery token B
+  hsmseal --token dr key backup-target dr1 -o dr1.pub
+  # on the source token A: the security officer, then the key holder
+  hsmseal --token prod key backup-trust dr1.pub --so-pin-file so.pin
+  hsmseal --token prod key backup pii --to dr1.pub -o pii-v3.hsbackup
+  # on B
+  hsmseal --token dr key restore pii-v3.hsbackup";
+
 const EX_KEY_CREATE: &str = "\
 Examples:
   hsmseal key create backups
-  hsmseal --token prod key create pii";
+  hsmseal --token prod key create pii
+  hsmseal key create pii --backup   # can be copied to a recovery HSM";
 
 const EX_KEY_ROTATE: &str = "\
 Examples:
@@ -1052,6 +1166,12 @@ Examples:
 const EX_AUDIT_INIT: &str = "\
 Examples:
   hsmseal --audit-log /var/log/hsmseal/audit.log audit init";
+
+const EX_AUDIT_REPORT: &str = "\
+Examples:
+  hsmseal audit report --since 24h
+  # nightly, from cron: mail when anyone decrypted more than 100000 items/cells
+  hsmseal audit report --since 24h --alert-over 100000 --json";
 
 const EX_AUDIT_VERIFY: &str = "\
 Examples:

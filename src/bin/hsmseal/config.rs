@@ -31,6 +31,10 @@ pub struct FileConfig {
     /// For SoftHSM2 dev tokens: the SOFTHSM2_CONF to use when the
     /// environment does not set one.
     pub softhsm2_conf: Option<PathBuf>,
+    /// Bulk-decrypt guardrails: `[limits.KEY]` with `max_items`,
+    /// `max_cells`, `max_bytes` (`hsmseal::guard`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub limits: std::collections::BTreeMap<String, hsmseal::guard::Limits>,
 }
 
 /// Where a resolved value came from.
@@ -82,6 +86,10 @@ pub struct Settings {
     pub jobs: Setting<usize>,
     pub audit_log: Option<Setting<PathBuf>>,
     pub softhsm2_conf: Option<Setting<PathBuf>>,
+    /// From hsmseal.toml only (`[limits.KEY]`): no flag or variable can
+    /// raise a limit, only `--override-limits`, which is audit-logged.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub limits: std::collections::BTreeMap<String, hsmseal::guard::Limits>,
 }
 
 /// Finds and parses hsmseal.toml, if any.
@@ -238,6 +246,7 @@ pub fn resolve(flags: &Overrides) -> Result<Settings> {
         jobs,
         audit_log,
         softhsm2_conf,
+        limits: cfg.limits.clone(),
     })
 }
 

@@ -16,6 +16,11 @@ pub fn run(app: &App, cmd: AuditCommand) -> Result<i32> {
     match cmd {
         AuditCommand::Init => init(app),
         AuditCommand::Verify { log } => verify(app, log),
+        AuditCommand::Report {
+            log,
+            since,
+            alert_over,
+        } => report(app, log, since, alert_over),
     }
 }
 
@@ -30,6 +35,8 @@ pub fn configured_log(app: &App) -> Option<PathBuf> {
 pub fn logged_name(cmd: &Command) -> Option<String> {
     let name = match cmd {
         Command::Encrypt(_) => "encrypt",
+        // An override of the decrypt limits is named in the entry itself.
+        Command::Decrypt(a) if a.override_limits => "decrypt --override-limits",
         Command::Decrypt(_) => "decrypt",
         Command::Verify(_) => "verify",
         // The names entries had before `rotate` became `rewrap`, kept so
@@ -42,10 +49,15 @@ pub fn logged_name(cmd: &Command) -> Option<String> {
             KeyCommand::Enable { .. } => "key enable",
             KeyCommand::Destroy { .. } => "key destroy",
             KeyCommand::Purge { .. } => "key purge",
+            KeyCommand::BackupTarget { .. } => "key backup-target",
+            KeyCommand::BackupTrust { .. } => "key backup-trust",
+            KeyCommand::Backup { .. } => "key backup",
+            KeyCommand::Restore { .. } => "key restore",
             KeyCommand::List | KeyCommand::Info { .. } => return None,
         },
         Command::Columns(c) => match c {
             ColumnsCommand::Encrypt(_) => "columns encrypt",
+            ColumnsCommand::Decrypt(a) if a.override_limits => "columns decrypt --override-limits",
             ColumnsCommand::Decrypt(_) => "columns decrypt",
             ColumnsCommand::Rewrap(_) => "columns rotate",
             ColumnsCommand::Passthrough(_) | ColumnsCommand::Inspect(_) => return None,
@@ -189,6 +201,180 @@ fn init(app: &App) -> Result<i32> {
         ),
     }
     Ok(0)
+}
+
+/// One group of `audit report`: decrypt runs of one user, host, key and
+/// command in the window.
+#[derive(serde::Serialize, Default, Clone)]
+struct ReportRow {
+    user: String,
+    host: String,
+    key: String,
+    command: String,
+    runs: u64,
+    /// Files (decrypt) decrypted.
+    items: u64,
+    /// Column cells (columns decrypt, pg decrypt) decrypted.
+    cells: u64,
+    bytes: u64,
+    /// Runs that used --override-limits.
+    overrides: u64,
+}
+
+/// The commands `audit report` counts, and whether their `ok` counts are
+/// cells (columns, pg) or items (files).
+fn decrypt_kind(command: &str) -> Option<bool> {
+    match command {
+        "decrypt" | "decrypt --override-limits" => Some(false),
+        "columns decrypt" | "columns decrypt --override-limits" | "pg decrypt" => Some(true),
+        _ => None,
+    }
+}
+
+/// `audit report`: verify the log (an unverified log is not summarised),
+/// then sum the decrypt runs since `now - since`.
+fn report(app: &App, log: Option<PathBuf>, since: u64, alert_over: Option<u64>) -> Result<i32> {
+    let path = log.or_else(|| configured_log(app)).ok_or_else(|| {
+        Error::usage(
+            "no audit log given: pass LOG, or configure one with --audit-log, HSMSEAL_AUDIT_LOG or audit_log in hsmseal.toml",
+        )
+    })?;
+    let hsm = app.hsm()?;
+    let checked = audit::verify(&*hsm, &path)?;
+    if let Some(p) = &checked.problem {
+        return Err(Error::integrity(format!(
+            "audit log {}: line {}: {} [{}]; not summarised (run `hsmseal audit verify`)",
+            path.display(),
+            p.line,
+            p.message,
+            p.kind
+        )));
+    }
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Error::io_at("cannot read", path.display(), &e))?;
+    let now = hsmseal::time::now_unix();
+    let cutoff = now.saturating_sub(since);
+    let mut rows: std::collections::BTreeMap<(String, String, String, String), ReportRow> =
+        Default::default();
+    let mut totals: std::collections::BTreeMap<(String, String), u64> = Default::default();
+    // Only the lines `verify` found intact (a torn last line is not).
+    for line in text.lines().take(checked.entries) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+        let Some(cells) = decrypt_kind(&s("command")) else {
+            continue;
+        };
+        let Some(t) = hsmseal::time::parse_rfc3339(&s("time")) else {
+            continue;
+        };
+        if t < cutoff {
+            continue;
+        }
+        let ok = v["items"]["ok"].as_u64().unwrap_or(0);
+        let bytes = v["bytes"].as_u64().unwrap_or(0);
+        let command = s("command");
+        let plain = command.trim_end_matches(" --override-limits").to_string();
+        let keys: Vec<String> = v["keys"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|k| k.as_str())
+                    // "name vN": the report is per key name.
+                    .map(|k| k.split(' ').next().unwrap_or(k).to_string())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect()
+            })
+            .unwrap_or_default();
+        // Alerts: per user and host, every key and command together, each
+        // run once (column decrypt entries do not name their keys: they
+        // count under "-" in the rows).
+        *totals.entry((s("user"), s("host"))).or_default() += ok;
+        let keys = if keys.is_empty() {
+            vec!["-".to_string()]
+        } else {
+            keys
+        };
+        for key in keys {
+            let id = (s("user"), s("host"), key.clone(), plain.clone());
+            let r = rows.entry(id).or_insert_with(|| ReportRow {
+                user: s("user"),
+                host: s("host"),
+                key,
+                command: plain.clone(),
+                ..ReportRow::default()
+            });
+            r.runs += 1;
+            if cells {
+                r.cells += ok;
+            } else {
+                r.items += ok;
+            }
+            r.bytes += bytes;
+            if command != plain {
+                r.overrides += 1;
+            }
+        }
+    }
+    let alerts: Vec<String> = match alert_over {
+        Some(n) => totals
+            .iter()
+            .filter(|(_, t)| **t > n)
+            .map(|((u, h), t)| format!("{u}@{h} decrypted {t} items and cells (alert over {n})"))
+            .collect(),
+        None => Vec::new(),
+    };
+    let since_text = hsmseal::time::rfc3339(cutoff);
+    if app.json {
+        for r in rows.values() {
+            crate::report::emit("audit_report", r);
+        }
+        crate::report::emit(
+            "audit_report_summary",
+            &serde_json::json!({"log": path.display().to_string(), "since": since_text, "entries": checked.entries, "groups": rows.len(), "alerts": alerts}),
+        );
+    } else {
+        crate::outln!(
+            "decrypted since {since_text} ({}, verified):",
+            path.display()
+        );
+        if rows.is_empty() {
+            crate::outln!("  nothing");
+        } else {
+            crate::outln!(
+                "  {:<12} {:<16} {:<16} {:<16} {:>5} {:>10} {:>10} {:>14} {:>9}",
+                "USER",
+                "HOST",
+                "KEY",
+                "COMMAND",
+                "RUNS",
+                "ITEMS",
+                "CELLS",
+                "BYTES",
+                "OVERRIDES"
+            );
+            for r in rows.values() {
+                crate::outln!(
+                    "  {:<12} {:<16} {:<16} {:<16} {:>5} {:>10} {:>10} {:>14} {:>9}",
+                    r.user,
+                    r.host,
+                    r.key,
+                    r.command,
+                    r.runs,
+                    r.items,
+                    r.cells,
+                    r.bytes,
+                    r.overrides
+                );
+            }
+        }
+    }
+    for a in &alerts {
+        eprintln!("hsmseal: alert: {a}");
+    }
+    Ok(if alerts.is_empty() { 0 } else { 1 })
 }
 
 fn verify(app: &App, log: Option<PathBuf>) -> Result<i32> {

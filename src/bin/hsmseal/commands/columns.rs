@@ -30,6 +30,57 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Runs a `columns` subcommand; returns the exit code.
+/// The decrypt limits of hsmseal.toml, checked before anything is
+/// decrypted: the dump file is scanned for tokens (no HSM call) and each
+/// key is charged its cells and the file's size. A dump on standard input
+/// cannot be counted first: with limits configured it is refused (unless
+/// overridden).
+fn charge_limits(app: &App, a: &crate::cli::ColumnsDecryptArgs) -> Result<()> {
+    let guard = hsmseal::guard::Guard::new(app.settings.limits.clone(), a.override_limits);
+    if !guard.is_active() || a.override_limits {
+        return Ok(());
+    }
+    let Some(path) = input_of(&a.dump)? else {
+        return Err(Error::usage(
+            "refusing to decrypt a dump from standard input: decrypt limits are configured (hsmseal.toml [limits.KEY]) and a stream cannot be counted before decrypting it; pass -i FILE, or --override-limits (the audit log records it)",
+        ));
+    };
+    let mut f =
+        std::fs::File::open(path).map_err(|e| Error::io_at("cannot open", path.display(), &e))?;
+    let size = f
+        .metadata()
+        .map_err(|e| Error::io_at("cannot read", path.display(), &e))?
+        .len();
+    let mut scanner = hsmseal::deps::TokenScanner::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| Error::io_at("cannot read", path.display(), &e))?;
+        if n == 0 {
+            break;
+        }
+        scanner.feed(&buf[..n]);
+    }
+    let mut cells: std::collections::BTreeMap<String, u64> = Default::default();
+    for (k, n) in scanner.finish() {
+        *cells.entry(k.name).or_default() += n;
+    }
+    for (key, n) in cells {
+        guard
+            .charge(
+                &key,
+                hsmseal::guard::Usage {
+                    cells: n,
+                    bytes: size,
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| e.context(path.display().to_string()))?;
+    }
+    Ok(())
+}
+
 pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
     let cmd = match cmd {
         ColumnsCommand::Index(a) => return index(app, &a),
@@ -58,6 +109,7 @@ pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
     }
     if let ColumnsCommand::Decrypt(a) = &cmd {
         token_formats(a)?;
+        charge_limits(app, a)?;
     }
     let backend = match &cmd {
         ColumnsCommand::Passthrough(_) => None,

@@ -22,6 +22,10 @@ pub fn run(app: &App, args: DecryptArgs) -> Result<i32> {
         return Err(Error::usage("--in-place works on files, not stdin"));
     }
     let outputs = plan_outputs(io, &items, |p| strip_suffix(p, &io.select.suffix))?;
+    let guard = hsmseal::guard::Guard::new(app.settings.limits.clone(), args.override_limits);
+    if guard.is_active() {
+        charge_files(&guard, &items)?;
+    }
     let spec = Spec {
         action: "decrypt",
         bytes_progress: true,
@@ -37,6 +41,9 @@ pub fn run(app: &App, args: DecryptArgs) -> Result<i32> {
         let sink = prepare(input, &output, io)?;
         // Reject what is not an hsmseal file before touching the HSM.
         let (header, reader) = input.open_sealed()?;
+        if guard.is_active() && *input == Input::Stdin {
+            charge_stdin(&guard, &header)?;
+        }
         let backend = app.backend()?;
         write_item(
             app,
@@ -49,6 +56,56 @@ pub fn run(app: &App, args: DecryptArgs) -> Result<i32> {
             |w| file::open_payload(&*backend, &header, reader, w, opts),
         )
     })
+}
+
+/// The limits, checked before anything is decrypted: every file's key
+/// (from its header) is charged one item and the file's size (an upper
+/// bound of its plaintext). A run over a limit decrypts nothing.
+/// Standard input is charged when its header is read (see `charge_stdin`).
+fn charge_files(guard: &hsmseal::guard::Guard, items: &[select::Item]) -> Result<()> {
+    for item in items {
+        let Input::File(p) = &item.input else {
+            continue;
+        };
+        let (header, _) = item
+            .input
+            .open_sealed()
+            .map_err(|e| e.context(p.display().to_string()))?;
+        let size = std::fs::metadata(p)
+            .map_err(|e| Error::io_at("cannot read", p.display(), &e))?
+            .len();
+        let key = &header.active().1.kwk.name;
+        guard.charge(
+            key,
+            hsmseal::guard::Usage {
+                items: 1,
+                bytes: size,
+                ..Default::default()
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// Standard input's size is not known before decrypting it: with a byte
+/// limit on its key, it is refused (unless overridden).
+fn charge_stdin(
+    guard: &hsmseal::guard::Guard,
+    header: &hsmseal::envelope::header::Header,
+) -> Result<()> {
+    let key = &header.active().1.kwk.name;
+    if guard.limits(key).max_bytes.is_some() && !guard.overridden() {
+        return Err(Error::usage(format!(
+            "refusing to decrypt standard input: key {key} has a byte limit (max_bytes in hsmseal.toml [limits.{key}]) and the size of a stream is not known before decrypting it; decrypt the file by name, or pass --override-limits (the audit log records it)"
+        )));
+    }
+    guard.charge(
+        key,
+        hsmseal::guard::Usage {
+            items: 1,
+            ..Default::default()
+        },
+    )
 }
 
 fn strip_suffix(p: &Path, suffix: &str) -> Result<PathBuf> {

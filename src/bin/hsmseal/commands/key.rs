@@ -21,14 +21,21 @@ use std::sync::atomic::Ordering;
 pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
     // Names are checked before the PIN is asked for.
     match &cmd {
-        KeyCommand::List => {}
-        KeyCommand::Create { name }
+        KeyCommand::List | KeyCommand::BackupTrust { .. } | KeyCommand::Restore { .. } => {}
+        KeyCommand::Create { name, .. }
+        | KeyCommand::BackupTarget { name, .. }
+        | KeyCommand::Backup { name, .. }
         | KeyCommand::Rotate { name, .. }
         | KeyCommand::Info { name }
         | KeyCommand::Disable { name, .. }
         | KeyCommand::Enable { name, .. }
         | KeyCommand::Destroy { name, .. }
         | KeyCommand::Purge { name, .. } => validate_key_name(name)?,
+    }
+    // The security officer's step runs without the user PIN (PKCS#11
+    // allows one login per application: SO or user).
+    if let KeyCommand::BackupTrust { file, so_pin_file } = &cmd {
+        return backup_trust(app, file, so_pin_file.as_deref());
     }
     let hsm = app.hsm()?;
     let token = hsm.token_label().to_string();
@@ -53,8 +60,8 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
         _ => {}
     }
     match cmd {
-        KeyCommand::Create { name } => {
-            let info = hsm.create_key(&name)?;
+        KeyCommand::Create { name, backup } => {
+            let info = hsm.create_key_with(&name, backup)?;
             done(info.key_ref(), true);
             if app.json {
                 crate::report::emit("key", &info);
@@ -69,6 +76,7 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
         KeyCommand::Rotate {
             name,
             if_older_than: Some(age),
+            backup: false,
         } => {
             let r = hsm.rotate_if_older(&name, age, hsmseal::time::now_unix())?;
             let k = KeyRef {
@@ -92,8 +100,16 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
                 );
             }
         }
-        KeyCommand::Rotate { name, .. } => {
-            let info = hsm.create_next_version(&name)?;
+        KeyCommand::Rotate {
+            if_older_than: Some(_),
+            ..
+        } => {
+            return Err(Error::usage(
+                "--backup and --if-older-than cannot be combined: rotate with --backup once; later rotations keep the property",
+            ))
+        }
+        KeyCommand::Rotate { name, backup, .. } => {
+            let info = hsm.create_next_version_with(&name, backup)?;
             done(info.key_ref(), true);
             if app.json {
                 crate::report::emit("key", &info);
@@ -230,8 +246,181 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
                 return Ok(1);
             }
         }
+        KeyCommand::BackupTarget { name, output } => {
+            let tk = hsm.create_transport_key(&name)?;
+            write_new(&output, tk.to_text().as_bytes(), 0o644)?;
+            app.stats.ok.fetch_add(1, Ordering::Relaxed);
+            if app.json {
+                crate::report::emit(
+                    "transport_key",
+                    &serde_json::json!({"name": name, "token": token, "fingerprint": tk.fingerprint(), "file": output.display().to_string()}),
+                );
+            } else {
+                crate::outln!(
+                    "created transport key hsmseal-transport:{name} on token {token} (RSA-3072, private key unwrap-only, never extractable); public key written to {}, fingerprint {}. Give it to the source token's security officer (`hsmseal key backup-trust`) and compare the fingerprint there",
+                    output.display(),
+                    tk.fingerprint()
+                );
+            }
+        }
+        KeyCommand::BackupTrust { .. } => unreachable!("handled before login"),
+        KeyCommand::Backup {
+            name,
+            version,
+            to,
+            output,
+        } => {
+            let tk = read_transport(&to)?;
+            let version = match version {
+                Some(v) => v,
+                None => hsmseal::backend::KeyBackend::current_version(&*hsm, &name)?,
+            };
+            let k = KeyRef { name, version };
+            app.stats.add_key(k.clone());
+            let b = hsm.backup_version(&k, &tk)?;
+            write_new(&output, b.to_text().as_bytes(), 0o600)?;
+            app.stats.ok.fetch_add(1, Ordering::Relaxed);
+            if app.json {
+                crate::report::emit(
+                    "key_backup",
+                    &serde_json::json!({"key": k.name, "version": k.version, "token": token, "transport": tk.fingerprint(), "fingerprint": b.fingerprint(), "file": output.display().to_string()}),
+                );
+            } else {
+                crate::outln!(
+                    "backed up {k} and its key-derivation key from token {token} to {}, wrapped for transport key {} ({}); backup fingerprint {}: compare it with what `hsmseal key restore` prints on the recovery token",
+                    output.display(),
+                    tk.label(),
+                    tk.fingerprint(),
+                    b.fingerprint()
+                );
+            }
+        }
+        KeyCommand::Restore { file, backup } => {
+            let text = read_small(&file, "backup file")?;
+            let source = file.display().to_string();
+            let b = hsmseal::hsm::backup::Backup::parse(&text, &source)?;
+            app.stats.add_key(b.key.clone());
+            let r = hsm.restore_backup(&b, backup, &source)?;
+            app.stats.ok.fetch_add(1, Ordering::Relaxed);
+            if app.json {
+                crate::report::emit("key_restore", &r);
+            } else {
+                crate::outln!(
+                    "restored {} v{} on token {token} ({}); backup fingerprint {}: it must match what `hsmseal key backup` printed. {}",
+                    r.key,
+                    r.version,
+                    if r.backup_capable {
+                        "backup-capable"
+                    } else {
+                        "not extractable"
+                    },
+                    r.fingerprint,
+                    current_note(&r.key, r.current_version)
+                );
+            }
+        }
     }
     Ok(0)
+}
+
+/// `key backup-trust`: the SO PIN from --so-pin-file or HSMSEAL_SO_PIN,
+/// never from the command line; the token is opened without the user PIN.
+fn backup_trust(
+    app: &App,
+    file: &std::path::Path,
+    so_pin_file: Option<&std::path::Path>,
+) -> Result<i32> {
+    let tk = read_transport(file)?;
+    let pin = match so_pin_file {
+        Some(p) => crate::config::read_pin_file(p, &crate::config::Source::Flag)?,
+        None => {
+            use std::os::unix::ffi::OsStringExt;
+            let v = zeroize::Zeroizing::new(
+                std::env::var_os("HSMSEAL_SO_PIN")
+                    .map(|v| v.into_vec())
+                    .unwrap_or_default(),
+            );
+            if v.is_empty() {
+                return Err(Error::pin(
+                    "`key backup-trust` needs the security officer PIN: set HSMSEAL_SO_PIN or pass --so-pin-file FILE",
+                ));
+            }
+            hsmseal::secret::Pin::from_utf8(v)
+                .ok_or_else(|| Error::pin("HSMSEAL_SO_PIN is not UTF-8 text"))?
+        }
+    };
+    // An audited run has logged in as the user already (to check the log
+    // first) and appends its entry as the user afterwards.
+    let (hsm, user_pin) = if super::audit::configured_log(app).is_some() {
+        (app.hsm()?, Some(app.settings.read_pin()?))
+    } else {
+        (std::sync::Arc::new(app.open_hsm(false)?), None)
+    };
+    let added = hsm.trust_transport_key(&pin, &tk, user_pin.as_ref())?;
+    if added {
+        app.stats.ok.fetch_add(1, Ordering::Relaxed);
+    } else {
+        app.stats.skipped.fetch_add(1, Ordering::Relaxed);
+    }
+    let token = hsm.token_label();
+    if app.json {
+        crate::report::emit(
+            "transport_trust",
+            &serde_json::json!({"name": tk.name, "token": token, "fingerprint": tk.fingerprint(), "changed": added}),
+        );
+    } else if added {
+        crate::outln!(
+            "imported transport key {} as trusted, wrap-only, on token {token}; fingerprint {} (it must match what `key backup-target` printed)",
+            tk.label(),
+            tk.fingerprint()
+        );
+    } else {
+        crate::outln!(
+            "transport key {} (fingerprint {}) is already on token {token}; nothing changed",
+            tk.label(),
+            tk.fingerprint()
+        );
+    }
+    Ok(0)
+}
+
+fn read_transport(path: &std::path::Path) -> Result<hsmseal::hsm::backup::TransportKey> {
+    let text = read_small(path, "transport key file")?;
+    hsmseal::hsm::backup::TransportKey::parse(&text, &path.display().to_string())
+}
+
+/// A small text file (transport key, backup): at most 64 KiB of UTF-8.
+fn read_small(path: &std::path::Path, what: &str) -> Result<String> {
+    use std::io::Read;
+    let f =
+        std::fs::File::open(path).map_err(|e| Error::io_at("cannot open", path.display(), &e))?;
+    let mut buf = Vec::new();
+    f.take(64 * 1024 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| Error::io_at("cannot read", path.display(), &e))?;
+    if buf.len() > 64 * 1024 {
+        return Err(Error::format(format!(
+            "{} is larger than any {what} (64 KiB)",
+            path.display()
+        )));
+    }
+    String::from_utf8(buf).map_err(|_| {
+        Error::format(format!(
+            "{} is not a {what}: not UTF-8 text",
+            path.display()
+        ))
+    })
+}
+
+/// Writes `bytes` to `path` atomically (never half-written under its
+/// name); refuses an existing file.
+fn write_new(path: &std::path::Path, bytes: &[u8], mode: u32) -> Result<()> {
+    use std::io::Write;
+    let mut f = hsmseal::fs::AtomicFile::create(path, mode, false)?;
+    f.write_all(bytes)
+        .map_err(|e| Error::io_at("cannot write", path.display(), &e))?;
+    f.commit()?;
+    Ok(())
 }
 
 /// `v1, v3`
@@ -347,7 +536,11 @@ fn print_keys(app: &App, keys: &[KeyInfo]) {
     for k in keys {
         let status = match (k.state, k.problems.is_empty()) {
             (KeyState::Destroyed, _) => "-".to_string(),
-            _ => hsmseal::hsm::kwk::status(&k.problems),
+            _ => format!(
+                "{}{}",
+                hsmseal::hsm::kwk::status(&k.problems),
+                hsmseal::hsm::kwk::provenance_note(k)
+            ),
         };
         crate::outln!(
             "{:<24} {:>7}  {:<12}  {:<20}  {status}",
