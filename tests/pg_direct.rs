@@ -889,3 +889,65 @@ fn blind_index_lookup_finds_exactly_the_row_and_reruns_keep_it() {
         1
     );
 }
+
+/// The decrypt limits of hsmseal.toml (issue 12 item 5) hold for `pg
+/// decrypt`: the table's tokens are counted and charged before any value
+/// is decrypted, so an over-limit run changes nothing (exit 2); a table
+/// within the limit decrypts; `--override-limits` goes through and the
+/// audit entry names the override.
+#[test]
+fn pg_decrypt_limits_are_charged_before_anything_is_decrypted() {
+    let Some(db) = Pg::start() else { return };
+    let cli = Cli::with_key();
+    let mut c = db.client();
+    c.batch_execute(
+        "CREATE TABLE public.lim (id int PRIMARY KEY, s text);
+         INSERT INTO public.lim SELECT g, 'v' || g FROM generate_series(1, 50) g;",
+    )
+    .unwrap();
+    let enc = [
+        "encrypt",
+        "--table",
+        "public.lim",
+        "--columns",
+        "s",
+        "--key",
+        "k",
+    ];
+    let dec = ["decrypt", "--table", "public.lim", "--columns", "s"];
+    let tokens = |c: &mut Client| count(c, "SELECT count(*) FROM public.lim WHERE s LIKE 'hsc%'");
+    pg_ok(&cli, &db, &enc);
+    assert_eq!(tokens(&mut c), 50);
+
+    std::fs::write(cli.path("hsmseal.toml"), "[limits.k]\nmax_cells = 49\n").unwrap();
+    let out = pg(&cli, &db, &dec);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("[limits.k]"), "{}", stderr(&out));
+    assert_eq!(tokens(&mut c), 50, "an over-limit run decrypts nothing");
+
+    std::fs::write(cli.path("hsmseal.toml"), "[limits.k]\nmax_cells = 50\n").unwrap();
+    pg_ok(&cli, &db, &dec);
+    assert_eq!(tokens(&mut c), 0);
+
+    pg_ok(&cli, &db, &enc);
+    std::fs::write(cli.path("hsmseal.toml"), "[limits.k]\nmax_cells = 1\n").unwrap();
+    cli.ok(&["--audit-log", "audit.log", "audit", "init"]);
+    let dsn = db.dsn();
+    let over = [
+        &["--audit-log", "audit.log", "pg", "decrypt", "--dsn", &dsn][..],
+        &dec[1..],
+        &["--override-limits"],
+    ]
+    .concat();
+    let out = cli.run_with(&over, None, &[("PGPASSWORD", PASSWORD)]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(tokens(&mut c), 0);
+    let log = std::fs::read_to_string(cli.path("audit.log")).unwrap();
+    assert!(
+        log.lines()
+            .last()
+            .unwrap()
+            .contains("\"command\":\"pg decrypt --override-limits\""),
+        "{log}"
+    );
+}

@@ -210,7 +210,7 @@ pub enum PgCommand {
     /// Decrypt the tokens in the selected columns (and restore the types
     /// --alter recorded once no token is left).
     #[command(after_help = EX_PG_DECRYPT)]
-    Decrypt(PgArgs),
+    Decrypt(PgDecryptArgs),
     /// Rewrap tokens to the current version of their key (or of --key);
     /// tokens already there are left alone.
     #[command(after_help = EX_PG_ROTATE)]
@@ -291,6 +291,16 @@ pub struct PgEncryptArgs {
     /// How values are normalised before their blind index is computed.
     #[arg(long, value_enum, value_name = "MODE", default_value = "none")]
     pub blind_index_normalize: NormalizeArg,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PgDecryptArgs {
+    #[command(flatten)]
+    pub target: PgArgs,
+    /// Decrypt even past the per-key limits of hsmseal.toml [limits.KEY]
+    /// (the audit entry records the override)
+    #[arg(long)]
+    pub override_limits: bool,
 }
 
 #[derive(Debug, clap::Args)]

@@ -65,6 +65,7 @@ pub fn logged_name(cmd: &Command) -> Option<String> {
         },
         Command::Pg(p) => match p {
             PgCommand::Encrypt(_) => "pg encrypt",
+            PgCommand::Decrypt(a) if a.override_limits => "pg decrypt --override-limits",
             PgCommand::Decrypt(_) => "pg decrypt",
             PgCommand::Rotate(_) => "pg rotate",
             PgCommand::Verify(_) => "pg verify",
@@ -226,7 +227,10 @@ struct ReportRow {
 fn decrypt_kind(command: &str) -> Option<bool> {
     match command {
         "decrypt" | "decrypt --override-limits" => Some(false),
-        "columns decrypt" | "columns decrypt --override-limits" | "pg decrypt" => Some(true),
+        "columns decrypt"
+        | "columns decrypt --override-limits"
+        | "pg decrypt"
+        | "pg decrypt --override-limits" => Some(true),
         _ => None,
     }
 }

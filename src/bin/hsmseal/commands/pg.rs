@@ -69,6 +69,7 @@ impl Op {
 /// Runs a `pg` subcommand; returns the exit code.
 pub fn run(app: &App, cmd: PgCommand) -> Result<i32> {
     let mut bidx = Vec::new();
+    let mut limits = None;
     let (op, args, key) = match cmd {
         PgCommand::Encrypt(a) => {
             for s in &a.blind_index {
@@ -80,7 +81,11 @@ pub fn run(app: &App, cmd: PgCommand) -> Result<i32> {
             }
             (Op::Encrypt, a.target, Some(app.key_name(a.key.as_deref())?))
         }
-        PgCommand::Decrypt(a) => (Op::Decrypt, a, None),
+        PgCommand::Decrypt(a) => {
+            let guard = hsmseal::guard::Guard::new(app.settings.limits.clone(), a.override_limits);
+            limits = Some(guard);
+            (Op::Decrypt, a.target, None)
+        }
         PgCommand::Rotate(a) => {
             if let Some(k) = &a.key {
                 hsmseal::backend::validate_key_name(k)?;
@@ -94,6 +99,11 @@ pub fn run(app: &App, cmd: PgCommand) -> Result<i32> {
     let mut client = connect(&args.dsn)?;
     let mut t = Table::load(&mut client, &args, op == Op::Encrypt)?;
     t.blind_targets(&mut client, &args, bidx)?;
+    if let Some(guard) = limits.filter(|g| g.is_active()) {
+        if !args.dry_run {
+            charge_limits(&mut client, &t, &guard)?;
+        }
+    }
     if args.dry_run && op.writes() {
         return walk(app, &mut client, &t, &args, op, key, true);
     }
@@ -1230,64 +1240,7 @@ fn status(app: &App, a: &PgArgs) -> Result<i32> {
     let args = a.clone();
     let t = Table::load(&mut client, &args, false)?;
     for col in &t.cols {
-        let c = ident(&col.name);
-        // Clear: no token prefix; malformed: the prefix without a token's
-        // shape (decrypt would refuse it), as `columns inspect` counts.
-        let counts = client
-            .query_one(
-                &format!(
-                    "SELECT count(*) FILTER (WHERE {c} IS NULL),
-                            count(*) FILTER (WHERE {c} IS NOT NULL AND left({c}::text, {n}) NOT IN ('{p1}', '{p2}')),
-                            count(*) FILTER (WHERE left({c}::text, {n}) IN ('{p1}', '{p2}') AND NOT {p}),
-                            count(*) FROM {}",
-                    t.sql,
-                    n = PREFIX.len(),
-                    p1 = String::from_utf8_lossy(PREFIX),
-                    p2 = String::from_utf8_lossy(PREFIX_V2),
-                    p = token_pred(&format!("{c}::text"))
-                ),
-                &[],
-            )
-            .map_err(db_err(&format!("cannot count {}", t.label)))?;
-        let (nulls, clear, malformed, total): (i64, i64, i64, i64) =
-            (counts.get(0), counts.get(1), counts.get(2), counts.get(3));
-        // The envelope's head (u8 n | key name | u32be version), decoded
-        // from the base64 after the prefix by the server.
-        let q = format!(
-            "WITH h AS (
-               SELECT decode(translate(substr(v, {s}, 4 * ((5 + n + 2) / 3)), '-_', '+/'), 'base64') AS b, n,
-                      substr(v, 4, 1)::int AS f
-                 FROM (SELECT {c}::text AS v,
-                              get_byte(decode(translate(substr({c}::text, {s}, 4), '-_', '+/'), 'base64'), 0) AS n
-                         FROM {} WHERE {p}) x)
-             SELECT convert_from(substring(b FROM 2 FOR n), 'UTF8'),
-                    (get_byte(b, 1 + n)::int8 << 24) + (get_byte(b, 2 + n) << 16) + (get_byte(b, 3 + n) << 8) + get_byte(b, 4 + n),
-                    f, count(*)
-               FROM h GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
-            t.sql,
-            s = PREFIX.len() + 1,
-            p = token_pred(&format!("{c}::text"))
-        );
-        let by_key = client
-            .query(&q, &[])
-            .map_err(db_err(&format!("cannot count the tokens of {}", t.label)))?;
-        // The same counts, JSON and line as `columns inspect` (FORMAT §8).
-        let mut cc = ColumnCounts {
-            rows: total as u64,
-            nulls: nulls as u64,
-            clear: clear as u64,
-            malformed: malformed as u64,
-            ..Default::default()
-        };
-        for r in &by_key {
-            let (name, version, tv, n): (String, i64, i32, i64) =
-                (r.get(0), r.get(1), r.get(2), r.get(3));
-            let (Ok(version), Ok(tv)) = (u32::try_from(version), u8::try_from(tv)) else {
-                cc.malformed += n as u64;
-                continue;
-            };
-            *cc.keys.entry((name, version, tv)).or_default() += n as u64;
-        }
+        let cc = count_column(&mut client, &t, &col.name)?;
         if app.json {
             let mut m = cc.to_json();
             m.insert("table".into(), t.label.clone().into());
@@ -1314,6 +1267,110 @@ fn status(app: &App, a: &PgArgs) -> Result<i32> {
         let _ = std::io::Write::flush(&mut std::io::stdout());
     }
     Ok(0)
+}
+
+/// NULLs, clear values, malformed tokens and tokens per key version of one
+/// column, counted by the server from the token headers (no HSM call); the
+/// same counts `columns inspect` gives for a dump.
+fn count_column(client: &mut Client, t: &Table, name: &str) -> Result<ColumnCounts> {
+    let c = ident(name);
+    // Clear: no token prefix; malformed: the prefix without a token's
+    // shape (decrypt would refuse it), as `columns inspect` counts.
+    let counts = client
+        .query_one(
+            &format!(
+                "SELECT count(*) FILTER (WHERE {c} IS NULL),
+                        count(*) FILTER (WHERE {c} IS NOT NULL AND left({c}::text, {n}) NOT IN ('{p1}', '{p2}')),
+                        count(*) FILTER (WHERE left({c}::text, {n}) IN ('{p1}', '{p2}') AND NOT {p}),
+                        count(*) FROM {}",
+                t.sql,
+                n = PREFIX.len(),
+                p1 = String::from_utf8_lossy(PREFIX),
+                p2 = String::from_utf8_lossy(PREFIX_V2),
+                p = token_pred(&format!("{c}::text"))
+            ),
+            &[],
+        )
+        .map_err(db_err(&format!("cannot count {}", t.label)))?;
+    let (nulls, clear, malformed, total): (i64, i64, i64, i64) =
+        (counts.get(0), counts.get(1), counts.get(2), counts.get(3));
+    // The envelope's head (u8 n | key name | u32be version), decoded
+    // from the base64 after the prefix by the server.
+    let q = format!(
+        "WITH h AS (
+           SELECT decode(translate(substr(v, {s}, 4 * ((5 + n + 2) / 3)), '-_', '+/'), 'base64') AS b, n,
+                  substr(v, 4, 1)::int AS f
+             FROM (SELECT {c}::text AS v,
+                          get_byte(decode(translate(substr({c}::text, {s}, 4), '-_', '+/'), 'base64'), 0) AS n
+                     FROM {} WHERE {p}) x)
+         SELECT convert_from(substring(b FROM 2 FOR n), 'UTF8'),
+                (get_byte(b, 1 + n)::int8 << 24) + (get_byte(b, 2 + n) << 16) + (get_byte(b, 3 + n) << 8) + get_byte(b, 4 + n),
+                f, count(*)
+           FROM h GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+        t.sql,
+        s = PREFIX.len() + 1,
+        p = token_pred(&format!("{c}::text"))
+    );
+    let by_key = client
+        .query(&q, &[])
+        .map_err(db_err(&format!("cannot count the tokens of {}", t.label)))?;
+    // The same counts, JSON and line as `columns inspect` (FORMAT §8).
+    let mut cc = ColumnCounts {
+        rows: total as u64,
+        nulls: nulls as u64,
+        clear: clear as u64,
+        malformed: malformed as u64,
+        ..Default::default()
+    };
+    for r in &by_key {
+        let (name, version, tv, n): (String, i64, i32, i64) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        let (Ok(version), Ok(tv)) = (u32::try_from(version), u8::try_from(tv)) else {
+            cc.malformed += n as u64;
+            continue;
+        };
+        *cc.keys.entry((name, version, tv)).or_default() += n as u64;
+    }
+    Ok(cc)
+}
+
+/// The decrypt limits of hsmseal.toml ([limits.KEY]), charged before any
+/// value is decrypted: each key its tokens in the selected columns (cells)
+/// and the bytes of all their tokens (an upper bound of the plaintext, as
+/// `columns decrypt` charges the whole dump). Over a limit: exit 2, nothing
+/// written.
+fn charge_limits(client: &mut Client, t: &Table, guard: &hsmseal::guard::Guard) -> Result<()> {
+    let mut cells: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut bytes = 0u64;
+    for col in &t.cols {
+        let cc = count_column(client, t, &col.name)?;
+        for ((name, _, _), n) in &cc.keys {
+            *cells.entry(name.clone()).or_default() += n;
+        }
+        let c = ident(&col.name);
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT coalesce(sum(octet_length({c}::text)), 0)::int8 FROM {} WHERE {}",
+                    t.sql,
+                    token_pred(&format!("{c}::text"))
+                ),
+                &[],
+            )
+            .map_err(db_err(&format!("cannot count {}", t.label)))?;
+        bytes += row.get::<_, i64>(0) as u64;
+    }
+    for (key, n) in cells {
+        guard.charge(
+            &key,
+            hsmseal::guard::Usage {
+                cells: n,
+                bytes,
+                ..Default::default()
+            },
+        )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
