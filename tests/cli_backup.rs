@@ -253,6 +253,26 @@ fn restore_drill_file_and_v2_dump_open_on_b_even_after_a_destroys_the_key() {
     assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
     let list = String::from_utf8(b.ok(&["key", "list"])).unwrap();
     assert!(list.contains("ok (restored from a backup)"), "{list}");
+    // doctor checks the KDKs too (hmac_keys): a backup-capable KDK on A and
+    // a restored one on B pass the same relaxed rule as their KWKs.
+    for (side, cli) in [("A", &a), ("B", &b)] {
+        let out = cli.run(&["--json", "doctor"]);
+        assert_eq!(code(&out), 0, "doctor on {side}: {}", stderr(&out));
+        let d = support::json_one(&out.stdout, "doctor");
+        assert!(
+            d["hmac_keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|k| k["kind"] == "kdk" && k["key"] == "pii"),
+            "{d}"
+        );
+        assert_eq!(
+            d["problems"].as_array().unwrap().len(),
+            0,
+            "doctor on {side}: {d}"
+        );
+    }
 
     // Attributes on B, as another PKCS#11 client sees them.
     let listing = list_objects(&b);
