@@ -68,7 +68,7 @@ pub(super) struct Layout {
     pub(super) slots: Vec<Slot>,
     /// One per `bidx` entry, made by the encrypt run once the key is known
     /// (one HSM call each); empty otherwise.
-    pub(super) indexers: Vec<super::BlindIndexer>,
+    pub(super) indexers: Vec<super::blind_index::BlindIndexer>,
 }
 
 impl Layout {

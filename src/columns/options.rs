@@ -39,7 +39,7 @@ pub struct ColumnOptions {
     /// source column must be one of `columns`, each target an existing
     /// column whose values are replaced by the index of the source's
     /// plaintext.
-    pub blind_indexes: Vec<super::BlindIndexSpec>,
+    pub blind_indexes: Vec<super::blind_index::BlindIndexSpec>,
 }
 
 impl Default for ColumnOptions {

@@ -25,7 +25,7 @@ pub struct DoctorReport {
     /// are private objects, invisible before login).
     pub keys: Option<Vec<KeyInfo>>,
     /// The KDKs and blind-index keys, checked; `None` when not logged in.
-    pub hmac_keys: Option<Vec<super::hmac_object::HmacKeyInfo>>,
+    pub hmac_keys: Option<Vec<super::hmac_keys::HmacKeyInfo>>,
     /// Everything that would stop hsmseal from working, one line each.
     pub problems: Vec<String>,
 }
@@ -338,7 +338,7 @@ impl fmt::Display for DoctorReport {
 
 /// One KDK or blind-index key for `doctor` and `key list`: label, what it
 /// is, creation time, status.
-pub fn hmac_key_line(o: &super::hmac_object::HmacKeyInfo) -> String {
+pub fn hmac_key_line(o: &super::hmac_keys::HmacKeyInfo) -> String {
     let what = match o.version {
         Some(v) => format!("key-derivation key of {} v{v}", o.key),
         None => format!("blind-index key of {}", o.key),

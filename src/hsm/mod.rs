@@ -52,6 +52,7 @@ pub mod backup;
 pub mod bidx_key;
 pub mod doctor;
 mod errors;
+pub mod hmac_keys;
 pub mod hmac_object;
 pub mod kdk;
 pub mod kwk;
