@@ -4,143 +4,14 @@
 //! TCP) and its own SoftHSM2 token. Skipped, with the reason printed, only
 //! when no PostgreSQL binaries are installed; CI installs them.
 
+#[path = "support/pg.rs"]
+mod pgserver;
 mod support;
 
-use postgres::{Client, NoTls};
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use pgserver::{Pg, PASSWORD};
+use postgres::Client;
+use std::process::{Output, Stdio};
 use support::{code, stderr, Cli, BIN};
-
-const PASSWORD: &str = "pg-s3cret-Pw";
-
-struct Pg {
-    dir: tempfile::TempDir,
-    bin: PathBuf,
-    port: u16,
-}
-
-fn pg_bindir() -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .filter_map(|e| Some(e.ok()?.path().join("bin")))
-        .filter(|p| p.join("initdb").exists() && p.join("pg_ctl").exists())
-        .collect();
-    dirs.sort_by_key(|p| {
-        p.parent()
-            .and_then(|v| v.file_name()?.to_str()?.parse::<u32>().ok())
-            .unwrap_or(0)
-    });
-    dirs.pop()
-}
-
-fn as_pg(bin: &std::path::Path) -> Command {
-    if unsafe { libc::getuid() } == 0 {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(bin);
-        c
-    } else {
-        Command::new(bin)
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl Pg {
-    /// A fresh server, or `None` (printed) when PostgreSQL is not installed.
-    fn start() -> Option<Pg> {
-        let Some(bin) = pg_bindir() else {
-            eprintln!("SKIPPED: no PostgreSQL binaries under /usr/lib/postgresql (apt-get install postgresql)");
-            return None;
-        };
-        let dir = tempfile::Builder::new()
-            .prefix("hsmseal-pg")
-            .tempdir()
-            .unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-        let pwfile = dir.path().join("pw");
-        std::fs::write(&pwfile, PASSWORD).unwrap();
-        std::fs::set_permissions(&pwfile, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let data = dir.path().join("data");
-        let out = as_pg(&bin.join("initdb"))
-            .arg("-D")
-            .arg(&data)
-            .args([
-                "-U",
-                "postgres",
-                "--auth-local=trust",
-                "--auth-host=scram-sha-256",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-sync",
-            ])
-            .arg(format!("--pwfile={}", pwfile.display()))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let port = free_port();
-        let out = as_pg(&bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(dir.path().join("log"))
-            .args(["-w", "-t", "120", "-o"])
-            .arg(format!(
-                "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off -c full_page_writes=off -c synchronous_commit=off",
-                dir.path().display()
-            ))
-            .arg("start")
-            .stdout(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "pg_ctl start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Some(Pg { dir, bin, port })
-    }
-
-    fn dsn(&self) -> String {
-        format!(
-            "postgresql://postgres@127.0.0.1:{}/postgres?sslmode=disable",
-            self.port
-        )
-    }
-
-    fn client(&self) -> Client {
-        let mut c = postgres::Config::new();
-        c.host("127.0.0.1")
-            .port(self.port)
-            .user("postgres")
-            .dbname("postgres")
-            .password(PASSWORD);
-        c.connect(NoTls).unwrap()
-    }
-}
-
-impl Drop for Pg {
-    fn drop(&mut self) {
-        let _ = as_pg(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.path().join("data"))
-            .args(["-m", "immediate", "-w", "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
 
 /// The one way the tests run `hsmseal [--json] pg SUBCOMMAND --dsn DSN
 /// REST…` (`args` = SUBCOMMAND, REST…) with extra environment `env` (the

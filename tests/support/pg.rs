@@ -1,8 +1,8 @@
 //! A throwaway PostgreSQL server for tests: initdb (as the `postgres` user
 //! when run as root) in a temp dir, on a free loopback port, password
-//! authentication over TCP; stopped on drop. The same setup as
-//! tests/pg_direct.rs, here so other test binaries can include it with
-//! `#[path = "support/pg.rs"] mod pg;` (pg_direct.rs can move to it).
+//! authentication over TCP; stopped on drop. Shared by
+//! the test binaries that need a server, which include it with
+//! `#[path = "support/pg.rs"] mod pg;` (pg_direct.rs and columns_bidx.rs do).
 #![allow(dead_code)]
 
 use postgres::{Client, NoTls};
