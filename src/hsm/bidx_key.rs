@@ -28,7 +28,7 @@
 //! - The label does not start with `hsmseal:` (the KWK prefix), so the key
 //!   scan and version numbering never mistake it for a KWK.
 
-use super::errors::{is_gone, is_not_permitted, token_error};
+use super::errors::{is_gone, token_error};
 use super::hmac_object;
 use super::kwk::KeyAttributes;
 use super::Hsm;
@@ -38,7 +38,6 @@ use crate::secret::SecretKey;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, ObjectHandle};
 use cryptoki::session::Session;
-use std::sync::atomic::Ordering;
 
 /// Label prefix of blind-index keys; the key name follows.
 pub const BIDX_LABEL_PREFIX: &str = "hsmseal-bidx:";
@@ -216,38 +215,20 @@ impl Hsm {
     /// current version passed its check. A stale cached handle is looked up
     /// again once.
     pub(super) fn bidx_mac(&self, name: &str, data: &[u8]) -> Result<SecretKey> {
-        let mut retried = false;
-        loop {
-            self.current_version(name)?;
-            let h = self.bidx_handle(name)?;
-            let session = self.session()?;
-            self.calls.fetch_add(1, Ordering::Relaxed);
-            match session.get().sign(&Mechanism::Sha256Hmac, h, data) {
-                Ok(mut mac) => {
-                    let n = mac.len();
-                    return SecretKey::from_slice(&mut mac).ok_or_else(|| {
-                        Error::token(format!(
-                            "C_Sign with CKM_SHA256_HMAC on token {:?} returned {n} bytes, expected 32",
-                            self.token_label
-                        ))
-                    });
-                }
-                Err(e) => {
-                    session.discard();
-                    if (is_gone(&e) || is_not_permitted(&e)) && !retried {
-                        retried = true;
-                        super::lock(&self.bidx_keys).remove(name);
-                        self.forget_current(name);
-                        continue;
-                    }
-                    return Err(token_error(
-                        e,
-                        &self.token_label,
-                        &format!("computing a blind-index key with {}", bidx_label(name)),
-                    ));
-                }
-            }
-        }
+        let mac = self.hmac_sign(
+            data,
+            || {
+                self.current_version(name)?;
+                self.bidx_handle(name).map(Some)
+            },
+            || {
+                super::lock(&self.bidx_keys).remove(name);
+                self.forget_current(name);
+            },
+            &format!("computing a blind-index key with {}", bidx_label(name)),
+        )?;
+        // `bidx_handle` finds or makes the key, so there always is one.
+        mac.ok_or_else(|| Error::token(format!("no {} on the token", bidx_label(name))))
     }
 }
 

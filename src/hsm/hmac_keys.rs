@@ -1,16 +1,21 @@
 //! Lists the KDKs and blind-index keys on a token with their checks, for
-//! `key list` and `doctor` (reads only, shared token lock). Apart from
+//! `key list` and `doctor` (reads only, shared token lock), and signs with
+//! them ([`Hsm::hmac_sign`]). Apart from
 //! [`super::hmac_object`] (the rules) because it needs each object's own
 //! check ([`super::kdk`], [`super::bidx_key`]), which use those rules.
 
-use super::errors::{is_gone, token_error};
+use super::errors::{is_gone, is_not_permitted, token_error};
 use super::kwk::{KeyAttributes, KeyInfo, KeyState};
 use super::Hsm;
 use crate::backend::KeyRef;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::secret::SecretKey;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::ObjectHandle;
 use cryptoki::object::{Attribute, AttributeType, ObjectClass};
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 
 /// One KDK or blind-index key as found on the token, with its check
 /// (`key list`, `doctor`; JSON type `hmac_key`).
@@ -142,5 +147,51 @@ impl Hsm {
             out.extend(same);
         }
         Ok(out)
+    }
+}
+
+impl Hsm {
+    /// HMAC-SHA256 of `data` by the token (C_Sign, `CKM_SHA256_HMAC`) with
+    /// the HMAC object `handle` finds (after whatever check it makes; `None`:
+    /// there is none, returned as is). A handle that went stale (the object
+    /// was destroyed or replaced by another process, or disabled meanwhile)
+    /// is looked up once more after `forget` drops the caches; `what` names
+    /// the operation in the error. Shared by the KDK's batch-key derivation
+    /// and the blind-index key's per-column key.
+    pub(super) fn hmac_sign(
+        &self,
+        data: &[u8],
+        mut handle: impl FnMut() -> Result<Option<ObjectHandle>>,
+        forget: impl Fn(),
+        what: &str,
+    ) -> Result<Option<SecretKey>> {
+        let mut retried = false;
+        loop {
+            let Some(h) = handle()? else {
+                return Ok(None);
+            };
+            let session = self.session()?;
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            match session.get().sign(&Mechanism::Sha256Hmac, h, data) {
+                Ok(mut mac) => {
+                    let n = mac.len();
+                    return SecretKey::from_slice(&mut mac).map(Some).ok_or_else(|| {
+                        Error::token(format!(
+                            "C_Sign with CKM_SHA256_HMAC on token {:?} returned {n} bytes, expected 32",
+                            self.token_label
+                        ))
+                    });
+                }
+                Err(e) => {
+                    session.discard();
+                    if (is_gone(&e) || is_not_permitted(&e)) && !retried {
+                        retried = true;
+                        forget();
+                        continue;
+                    }
+                    return Err(token_error(e, &self.token_label, what));
+                }
+            }
+        }
     }
 }

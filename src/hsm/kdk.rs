@@ -23,7 +23,7 @@
 //! - The label does not start with `hsmseal:` (the KWK prefix), so the key
 //!   scan, `key list` and version numbering never mistake a KDK for a KWK.
 
-use super::errors::{is_gone, is_not_permitted, token_error};
+use super::errors::{is_gone, token_error};
 use super::hmac_object;
 use super::kwk::{self, KeyAttributes};
 use super::Hsm;
@@ -33,7 +33,6 @@ use crate::secret::SecretKey;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, ObjectHandle};
 use cryptoki::session::Session;
-use std::sync::atomic::Ordering;
 
 /// Label prefix of KDKs; `{name}:v{version}` follows.
 pub const KDK_LABEL_PREFIX: &str = "hsmseal-kdk:";
@@ -192,40 +191,18 @@ impl Hsm {
     /// or destroyed version derives nothing). A stale cached handle is
     /// looked up again once.
     pub(super) fn derive_with_kdk(&self, kwk: &KeyRef, data: &[u8]) -> Result<Option<SecretKey>> {
-        let mut retried = false;
-        loop {
-            self.resolve(kwk)?;
-            let Some(h) = self.kdk_handle(kwk)? else {
-                return Ok(None);
-            };
-            let session = self.session()?;
-            self.calls.fetch_add(1, Ordering::Relaxed);
-            match session.get().sign(&Mechanism::Sha256Hmac, h, data) {
-                Ok(mut mac) => {
-                    let n = mac.len();
-                    return SecretKey::from_slice(&mut mac).map(Some).ok_or_else(|| {
-                        Error::token(format!(
-                            "C_Sign with CKM_SHA256_HMAC on token {:?} returned {n} bytes, expected 32",
-                            self.token_label
-                        ))
-                    });
-                }
-                Err(e) => {
-                    session.discard();
-                    if (is_gone(&e) || is_not_permitted(&e)) && !retried {
-                        retried = true;
-                        super::lock(&self.kdks).remove(kwk);
-                        self.evict(kwk);
-                        continue;
-                    }
-                    return Err(token_error(
-                        e,
-                        &self.token_label,
-                        &format!("deriving a batch key with the key-derivation key of {kwk}"),
-                    ));
-                }
-            }
-        }
+        self.hmac_sign(
+            data,
+            || {
+                self.resolve(kwk)?;
+                self.kdk_handle(kwk)
+            },
+            || {
+                super::lock(&self.kdks).remove(kwk);
+                self.evict(kwk);
+            },
+            &format!("deriving a batch key with the key-derivation key of {kwk}"),
+        )
     }
 }
 
