@@ -18,6 +18,30 @@ fn setup(limits: &str) -> Cli {
     c
 }
 
+/// The column options of the dump the columns tests seal.
+const DUMP_COLS: [&str; 8] = [
+    "--format",
+    "csv",
+    "--columns",
+    "ssn",
+    "--row-id",
+    "id",
+    "--context",
+    "t",
+];
+
+/// Writes u.csv (three SSN cells under key k's context `t`) and returns the
+/// `columns encrypt` arguments that seal it into u.enc.
+fn seal_dump(c: &Cli) -> Vec<&'static str> {
+    write(&c.path("u.csv"), b"id,ssn\n1,x\n2,y\n3,z\n");
+    [
+        &["columns", "encrypt", "--key", "k"][..],
+        &DUMP_COLS,
+        &["-i", "u.csv", "-o", "u.enc"],
+    ]
+    .concat()
+}
+
 #[test]
 fn an_over_limit_decrypt_is_refused_before_any_output() {
     let c = setup("[limits.k]\nmax_items = 2\n");
@@ -105,21 +129,8 @@ fn audit_report_sums_decrypts_per_user_host_key_and_command() {
     run(&["audit", "init"]);
     run(&["decrypt", "a.hseal"]);
     run(&["decrypt", "--override-limits", "b.hseal", "c.hseal"]);
-    write(&c.path("u.csv"), b"id,ssn\n1,x\n2,y\n3,z\n");
-    let cols = [
-        "--format",
-        "csv",
-        "--columns",
-        "ssn",
-        "--row-id",
-        "id",
-        "--context",
-        "t",
-    ];
-    let mut enc = vec!["columns", "encrypt", "--key", "k"];
-    enc.extend(cols);
-    enc.extend(["-i", "u.csv", "-o", "u.enc"]);
-    run(&enc);
+    run(&seal_dump(&c));
+    let cols = DUMP_COLS;
     let mut dec = vec!["columns", "decrypt"];
     dec.extend(cols);
     dec.extend(["-i", "u.enc", "-o", "u.out"]);
@@ -194,21 +205,8 @@ fn audit_report_sums_decrypts_per_user_host_key_and_command() {
 #[test]
 fn columns_decrypt_counts_cells_before_decrypting_any() {
     let c = setup("");
-    write(&c.path("u.csv"), b"id,ssn\n1,x\n2,y\n3,z\n");
-    let cols = [
-        "--format",
-        "csv",
-        "--columns",
-        "ssn",
-        "--row-id",
-        "id",
-        "--context",
-        "t",
-    ];
-    let mut enc = vec!["columns", "encrypt", "--key", "k"];
-    enc.extend(cols);
-    enc.extend(["-i", "u.csv", "-o", "u.enc"]);
-    c.ok(&enc);
+    c.ok(&seal_dump(&c));
+    let cols = DUMP_COLS;
     let dec = |extra: &[&str]| {
         let _ = std::fs::remove_file(c.path("u.out"));
         let mut v = vec!["columns", "decrypt"];
