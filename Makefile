@@ -5,7 +5,7 @@
 CARGO ?= cargo
 BIN := target/release/hsmseal
 
-.PHONY: all build deps test unit-test pg-e2e demo bench docs bless lint fmt clean fuzz test-containers
+.PHONY: all build deps test unit-test pg-e2e demo bench docs bless lint fmt clean fuzz test-containers spark-e2e
 
 all: build
 
@@ -32,6 +32,13 @@ pg-e2e: deps build
 # compiles the `containers` feature (testcontainers, ~240 crates).
 test-containers: deps
 	CARGO=$(CARGO) ./scripts/test-containers.sh
+
+# hsmseal as a stage of a Spark job: 1 M rows, 4 partitions in local mode,
+# each piped through its own hsmseal (scripts/spark-e2e.sh; README "Running
+# on Spark"). Installs OpenJDK headless (Debian) and PySpark (PyPI, a venv
+# in .cache/spark-venv, reused) if missing.
+spark-e2e: deps build
+	./scripts/spark-e2e.sh $(BIN)
 
 demo: deps build
 	./scripts/demo.sh $(BIN)
