@@ -3,7 +3,7 @@
 # machine; writes docs/PERFORMANCE.md. Never used as a test: no thresholds.
 #
 #   scripts/bench.sh [path/to/hsmseal]      (env: BENCH_SIZE_MIB=1024, BENCH_BIG_MIB=4096,
-#                                            BENCH_REPS=5, BENCH_ONLY=files)
+#                                            BENCH_REPS=5, BENCH_ONLY=files|spark)
 #
 # Files: a 1 GiB file from the page cache to a file, encrypted and decrypted by
 # hsmseal (default settings), age (X25519 recipient), openssl enc -aes-256-ctr
@@ -22,6 +22,15 @@ BIG_MIB=${BENCH_BIG_MIB:-4096}
 OUT="$ROOT/bench-out"
 # rage (the Rust age), if installed or named: BENCH_RAGE=path.
 RAGE=${BENCH_RAGE:-$(command -v rage || true)}
+# BENCH_ONLY=spark: only the Spark stage against the CLI (scripts/bench-spark.sh,
+# into bench-out/spark.md); not in the default run: it downloads PySpark and
+# takes minutes.
+if [ "${BENCH_ONLY:-}" = spark ]; then
+    mkdir -p "$OUT"
+    "$ROOT/scripts/bench-spark.sh" "$BIN" > "$OUT/spark.md"
+    echo "bench: wrote $OUT/spark.md" >&2
+    exit 0
+fi
 "$ROOT/scripts/install-deps.sh" age gnupg openssl time
 rm -rf "$OUT"; mkdir -p "$OUT"; cd "$OUT"
 
