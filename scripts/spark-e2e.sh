@@ -89,6 +89,7 @@ job_or_die() {
     grep '^job:' "$WORK/$name.log" >&2 || true
 }
 
+"$PY" "$ROOT/scripts/spark/selftest.py" "$HSMSEAL"
 check gen "$ROWS" "$WORK/users.jsonl"
 
 log "encrypt: Spark local[2,2], 4 partitions, partition 1's first attempt killed mid-stream"
