@@ -23,8 +23,8 @@
 //! (a damaged token still marks its version as needed). Tokens inside
 //! compressed data (e.g. `pg_dump -Fc`) are not visible to any scan.
 
-use crate::backend::{validate_key_name, KeyRef};
-use crate::columns::token::{token_len, token_len_v2, PREFIX};
+use crate::backend::KeyRef;
+use crate::columns::token::{key_ref_prefix, token_len, token_len_v2, PREFIX};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use std::collections::BTreeMap;
@@ -33,8 +33,9 @@ use std::io;
 /// Longest key name a token envelope can hold (FORMAT.md section 6).
 const MAX_NAME: usize = 64;
 /// Base64 characters needed to decode the envelope's key reference: 1 length
-/// byte, up to 64 name bytes and a 4-byte version, rounded up to whole quads.
-const REF_CHARS: usize = (1 + MAX_NAME + 4).div_ceil(3) * 4;
+/// byte, up to 64 name bytes and a version (4 bytes in v1, a varint of up
+/// to 5 in v2), rounded up to whole quads.
+const REF_CHARS: usize = (1 + MAX_NAME + 5).div_ceil(3) * 4;
 
 fn is_token_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
@@ -62,17 +63,12 @@ pub fn token_key_ref(head: &[u8], total_chars: u64) -> Option<KeyRef> {
 pub fn token_key_ref_of(format: u8, head: &[u8], total_chars: u64) -> Option<KeyRef> {
     let usable = head.len().min(REF_CHARS) / 4 * 4;
     let bytes = URL_SAFE_NO_PAD.decode(&head[..usable]).ok()?;
-    let n = *bytes.first()? as usize;
-    if n == 0 || n > MAX_NAME || bytes.len() < 1 + n + 4 {
-        return None;
-    }
-    let name = std::str::from_utf8(&bytes[1..1 + n]).ok()?;
-    validate_key_name(name).ok()?;
-    let version = u32::from_be_bytes(bytes[1 + n..1 + n + 4].try_into().ok()?);
-    if version == 0 {
+    let (kref, _) = key_ref_prefix(format, &bytes)?;
+    if kref.version == 0 {
         return None;
     }
     // Shorter than the smallest token for this name: not a token.
+    let n = kref.name.len();
     let min_chars = if format == 2 {
         token_len_v2(n, 0)
     } else {
@@ -82,10 +78,7 @@ pub fn token_key_ref_of(format: u8, head: &[u8], total_chars: u64) -> Option<Key
     if total_chars < min_chars {
         return None;
     }
-    Some(KeyRef {
-        name: name.to_string(),
-        version,
-    })
+    Some(kref)
 }
 
 /// Where the scanner is in the byte stream.

@@ -445,6 +445,60 @@ fn hsm_calls_grow_with_batches_not_cells() {
     assert_eq!(s2.batches, s.batches);
 }
 
+/// v2 cell keys are told apart by the cell's index within its batch: with
+/// several workers sealing at once, every token of a batch (same header,
+/// so same random batch salt) must carry its own index. Parse every token
+/// of a parallel run: the indexes of each header are distinct, below the
+/// batch size, and the headers (batch salts) of different batches differ.
+#[test]
+fn parallel_workers_never_give_two_cells_of_a_batch_the_same_index() {
+    use hsmseal::columns::token;
+    let (b, k) = backend();
+    let mut input = b"id,a,b,c\n".to_vec();
+    for i in 0..30_000 {
+        input.extend_from_slice(format!("{i},x{i},y{i},z{i}\n").as_bytes());
+    }
+    for jobs in [2, 4] {
+        let mut o = opts(Format::Csv, &["a", "b", "c"]);
+        o.batch_size = 1_000;
+        o.jobs = jobs;
+        let (encd, s) = enc(&b, &k, &o, &input).unwrap();
+        assert_eq!(s.cells, 90_000);
+        let mut by_header = std::collections::HashMap::<Vec<u8>, Vec<u32>>::new();
+        let mut body = Vec::new();
+        for line in encd
+            .split(|&c| c == b'\n')
+            .skip(1)
+            .filter(|l| !l.is_empty())
+        {
+            for cell in line.split(|&c| c == b',').skip(1) {
+                assert_eq!(token::decode_text(cell, &mut body).unwrap(), 2);
+                let (_, at) = token::key_ref_prefix(2, &body).unwrap();
+                let hlen = at + token::SALT_LEN;
+                let (index, _) = token::get_varint(&body[hlen..]).unwrap();
+                by_header
+                    .entry(body[..hlen].to_vec())
+                    .or_default()
+                    .push(index);
+            }
+        }
+        assert_eq!(by_header.len() as u64, s.batches, "one header per batch");
+        assert!(by_header.len() >= 90, "{}", by_header.len());
+        let mut total = 0;
+        for idx in by_header.values_mut() {
+            let n = idx.len();
+            total += n;
+            idx.sort_unstable();
+            idx.dedup();
+            assert_eq!(idx.len(), n, "an index repeated within a batch");
+            assert!(idx.iter().all(|&i| i < 1_000));
+        }
+        assert_eq!(total, 90_000);
+        let (decd, _) = dec(&b, &o, &encd).unwrap();
+        assert_eq!(decd, input);
+    }
+}
+
 #[test]
 fn rotate_reencrypts_to_v2_and_rewraps_v1_envelopes_only() {
     let (b, k) = backend();
@@ -756,7 +810,7 @@ fn spec_test_vector() {
 fn spec_test_vector_v2() {
     let token = spec_token_v2();
     assert_eq!(token, SPEC_VECTOR_V2);
-    assert_eq!(token.len(), 85);
+    assert_eq!(token.len(), 68);
     let mut o = opts(Format::Csv, &["ssn"]);
     o.row_id = vec!["id".into()];
     o.context = "app.users".into();
@@ -799,7 +853,8 @@ fn spec_token_v2() -> String {
     };
     let kdk: Vec<u8> = (0x80u8..0xa0).collect();
     let batch_salt: Vec<u8> = (0xa0u8..0xac).collect();
-    let cell_salt: Vec<u8> = (0xb0u8..0xbc).collect();
+    // Cell index 300: a two-byte varint in the body (0xac 0x02).
+    let index: u32 = 300;
     let mut input = Vec::new();
     lp(&mut input, b"hsmseal/columns/batch-key/v2");
     lp(&mut input, b"pii");
@@ -807,7 +862,7 @@ fn spec_token_v2() -> String {
     input.extend_from_slice(&batch_salt);
     let batch_key = hmac(&kdk, &input);
     let mut cell_in = b"hsmseal/columns/cell-key/v2".to_vec();
-    cell_in.extend_from_slice(&cell_salt);
+    cell_in.extend_from_slice(&index.to_be_bytes());
     let cell_key = hmac(&batch_key, &cell_in);
     let mut binding = Vec::new();
     lp(&mut binding, b"hsmseal/columns/record");
@@ -831,11 +886,11 @@ fn spec_token_v2() -> String {
         .unwrap();
     let mut body = vec![3u8];
     body.extend_from_slice(b"pii");
-    body.extend_from_slice(&1u32.to_be_bytes());
+    body.push(1); // key version 1, a one-byte varint
     body.extend_from_slice(&batch_salt);
-    body.extend_from_slice(&cell_salt);
+    body.extend_from_slice(&[0xac, 0x02]); // 300 = 0b10_0101100: 0x80 | 0x2c, then 0x02
     body.extend_from_slice(&ct);
-    assert_eq!(body.len(), 46 + 3 + 11);
+    assert_eq!(body.len(), 33 + 3 + 11);
     let token = format!(
         "hsc2.{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&body)
@@ -844,8 +899,7 @@ fn spec_token_v2() -> String {
     token
 }
 
-const SPEC_VECTOR_V2: &str =
-    "hsc2.A3BpaQAAAAGgoaKjpKWmp6ipqquwsbKztLW2t7i5uruFLYUggwqpaA1OgrjBlnFGRBuAgWDfZeTmE88v";
+const SPEC_VECTOR_V2: &str = "hsc2.A3BpaQGgoaKjpKWmp6ipqqusAtbc95i_I6_JLMZIXSsWLUrZssECamQpnNvx7xY";
 
 fn spec_token(flags: u8) -> String {
     use aes_gcm::aead::{Aead, KeyInit, Payload};

@@ -198,15 +198,15 @@ fn batch_size_counts_cells_not_rows() {
     assert_eq!(s["nulls"], 100);
     assert_eq!(s["batches"], 20);
     assert_eq!(s["hsm_calls"], 20);
-    // Tokens of one batch share their v2 header, the token text's first 29
-    // characters ("hsc2." and the base64 of the 18-byte header for key
+    // Tokens of one batch share their v2 header, the token text's first 25
+    // characters ("hsc2." and the base64 of the 15-byte header for key
     // "k": name, version, batch salt): 20 headers, each in exactly 10 tokens.
     let text = String::from_utf8(enc.stdout).unwrap();
     let mut per_batch = std::collections::BTreeMap::<String, usize>::new();
     for line in text.lines().skip(1) {
         for cell in line.split(',').skip(1).take(2) {
             assert!(cell.starts_with("hsc2."), "{line}");
-            *per_batch.entry(cell[..29].to_string()).or_default() += 1;
+            *per_batch.entry(cell[..25].to_string()).or_default() += 1;
         }
     }
     assert_eq!(per_batch.len(), 20, "{per_batch:?}");

@@ -15,7 +15,7 @@ use hsmseal::audit;
 use hsmseal::columns::{self, token, ColumnOptions, Format};
 use hsmseal::envelope::{file, rewrap};
 use hsmseal::stream::StreamOptions;
-use hsmseal_fuzz::{column_options, v1, AuditKeys, FixedKeys};
+use hsmseal_fuzz::{column_options, v1, v2, AuditKeys, FixedKeys};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -147,7 +147,28 @@ fn tokens(keys: &FixedKeys, corpus: &Path) {
         s.seal(&aad, flags, value, &mut t).unwrap();
         put(corpus, "token", name, &t);
     }
+    // The same values as v2 tokens (v2 is the version with a KDK in the
+    // harness keys), past 128 cells for a two-byte cell index varint.
+    let mut s = token::Sealer::new(keys, &v2(), 1000).unwrap();
+    for (name, flags, value) in [
+        ("v2-ssn", 0u8, &b"123-45-6789"[..]),
+        ("v2-quoted", token::FLAG_QUOTED, b"Smith, John"),
+        ("v2-json", token::FLAG_JSON, b"{\"a\":[1,2]}"),
+        ("v2-empty", 0, b""),
+        ("v2-binary", 0, b"\x00\xff\r\n\t\\N"),
+    ] {
+        let mut t = Vec::new();
+        s.seal(&aad, flags, value, &mut t).unwrap();
+        put(corpus, "token", name, &t);
+    }
+    for _ in 5..300 {
+        s.seal(&aad, 0, b"x", &mut Vec::new()).unwrap();
+    }
+    let mut t = Vec::new();
+    s.seal(&aad, 0, b"x", &mut t).unwrap();
+    put(corpus, "token", "v2-index300", &t);
     put(corpus, "token", "fake", b"hsc1.AAAA");
+    put(corpus, "token", "v2-fake", b"hsc2.AAAA");
     put(corpus, "token", "plain", b"123-45-6789");
 }
 

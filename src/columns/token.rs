@@ -5,11 +5,12 @@
 //!
 //! ```text
 //! v2: token = "hsc2." base64url-no-pad(body)
-//!     body  = u8 n | key name (n) | u32be key version | batch salt (12) | cell salt (12)
+//!     body  = u8 n | key name (n) | varint key version | batch salt (12) | varint cell index
 //!           | AES-256-GCM(cell key, 0^12, flags || value, AAD = binding) (1 + len + 16)
 //!     batch key = HMAC-SHA256(KDK of name/version, in the HSM,
 //!                 lp(BATCH_DOMAIN_V2) | lp(name) | u32be version | batch salt)
-//!     cell key  = HMAC-SHA256(batch key, CELL_DOMAIN | cell salt), on the host
+//!     cell key  = HMAC-SHA256(batch key, CELL_DOMAIN | u32be cell index), on the host
+//!     varint = unsigned LEB128, minimal (no trailing 0x00 byte), at most a u32
 //! v1: token = "hsc1." base64url-no-pad(body)
 //! body   = envelope record
 //! envelope (replaceable by rotation, not authenticated by the record):
@@ -33,12 +34,17 @@
 //!   it rather than write the value with the wrong escaping (issue 9);
 //!   tokens from before that record format 0, "unknown".
 //!
-//! - v2: every cell key is a PRF output of its own random 96-bit cell salt
-//!   under a batch key that is itself a PRF output of the KDK (which never
-//!   leaves the HSM), so it is used for exactly one message: the fixed
-//!   all-zero nonce is safe. The binding is the value layer's AAD. Nothing
-//!   in a v2 token is outside authentication: the key name, version and
-//!   salts select the key, and any change selects another key and fails.
+//! - v2: every cell key is a PRF output of the cell's index within its
+//!   batch (0, 1, 2, ... below [`MAX_BATCH_SIZE`]) under a batch key that
+//!   is itself a PRF output of the KDK (which never leaves the HSM) and a
+//!   random 96-bit batch salt. One batch belongs to one [`Sealer`] (one
+//!   worker thread), which hands out its indexes in order and never twice,
+//!   so each cell key is used for exactly one message: the fixed all-zero
+//!   nonce is safe. The binding is the value layer's AAD. Nothing in a v2
+//!   token is outside authentication: the key name, version, batch salt and
+//!   cell index select the key, and any change selects another key and
+//!   fails. Varints must be minimal, so every key has one encoding and a
+//!   token one text.
 //! - v2 has no separable envelope: rotation re-encrypts the cell
 //!   ([`Rewrapper`] opens it under its binding and seals it again).
 //!
@@ -74,8 +80,53 @@ pub const PREFIX_LEN: usize = 5;
 pub const BATCH_DOMAIN_V2: &[u8] = b"hsmseal/columns/batch-key/v2";
 /// Domain separation string of a v2 cell key derivation (HMAC input).
 pub const CELL_DOMAIN: &[u8] = b"hsmseal/columns/cell-key/v2";
-/// Length of a v2 batch salt and of a v2 cell salt.
+/// Length of a v2 batch salt.
 pub const SALT_LEN: usize = 12;
+/// Longest unsigned LEB128 encoding of a u32.
+const MAX_VARINT_LEN: usize = 5;
+
+/// Appends `v` as unsigned LEB128: 7 bits per byte, least significant
+/// first, the high bit set on every byte but the last (1 byte below 128).
+pub fn put_varint(out: &mut Vec<u8>, mut v: u32) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+/// The unsigned LEB128 value at the start of `b` and its length. `None` if
+/// it is truncated, longer than 5 bytes, over `u32::MAX`, or not minimal
+/// (a last byte of 0 after the first): one value, one encoding, so a token
+/// has exactly one text for each key it selects.
+pub fn get_varint(b: &[u8]) -> Option<(u32, usize)> {
+    let mut v: u64 = 0;
+    for (i, &byte) in b.iter().enumerate().take(MAX_VARINT_LEN) {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            if i > 0 && byte == 0 {
+                return None;
+            }
+            return u32::try_from(v).ok().map(|v| (v, i + 1));
+        }
+    }
+    None
+}
+
+/// Length of the unsigned LEB128 encoding of `v`.
+pub const fn varint_len(v: u32) -> usize {
+    match v {
+        0..=0x7f => 1,
+        0x80..=0x3fff => 2,
+        0x4000..=0x1f_ffff => 3,
+        0x20_0000..=0x0fff_ffff => 4,
+        _ => 5,
+    }
+}
 
 /// True if `value` starts with the prefix of a token of any version.
 pub fn has_prefix(value: &[u8]) -> bool {
@@ -135,14 +186,17 @@ const DEK_CT_LEN: usize = 32 + TAG_LEN;
 /// Bytes of a v1 body besides the key name and the value.
 const FIXED_LEN: usize =
     1 + 4 + WRAP_IV_LEN + WRAPPED_KEY_LEN + NONCE_LEN + DEK_CT_LEN + 1 + TAG_LEN;
-/// Bytes of a v2 body besides the key name and the value.
-const FIXED_LEN_V2: usize = 1 + 4 + SALT_LEN + SALT_LEN + 1 + TAG_LEN;
+/// Bytes of the shortest v2 body besides the key name and the value (key
+/// version below 128, cell index below 128: one varint byte each).
+const FIXED_LEN_V2: usize = 1 + 1 + SALT_LEN + 1 + 1 + TAG_LEN;
 
 /// Default number of cells (selected non-NULL values, not rows) protected
 /// by one batch key.
 pub const DEFAULT_BATCH_SIZE: u64 = 10_000;
 /// Largest `--batch-size`: stays far below the 2^32 random-nonce limit of
-/// AES-GCM under one key.
+/// AES-GCM under one (v1) batch key, and bounds the v2 cell index: a token
+/// with an index of `MAX_BATCH_SIZE` or more is malformed (at most 3
+/// varint bytes).
 pub const MAX_BATCH_SIZE: u64 = 1_000_000;
 
 /// How many unwrapped batch keys decryption keeps (FIFO, zeroized on drop).
@@ -155,9 +209,20 @@ pub const fn token_len(name_len: usize, value_len: usize) -> usize {
 }
 
 /// Length of the whole v2 token text for a key name of `name_len` bytes and
-/// a value of `value_len` bytes.
+/// a value of `value_len` bytes, under a key version below 128 for one of
+/// the first 128 cells of its batch (the shortest; see
+/// [`token_len_v2_at`]).
 pub const fn token_len_v2(name_len: usize, value_len: usize) -> usize {
-    PREFIX_V2.len() + base64_len(FIXED_LEN_V2 + name_len + value_len)
+    token_len_v2_at(name_len, value_len, 1, 0)
+}
+
+/// Length of the whole v2 token text for a key name of `name_len` bytes, a
+/// value of `value_len` bytes, key version `version`, cell index `index`.
+pub const fn token_len_v2_at(name_len: usize, value_len: usize, version: u32, index: u32) -> usize {
+    PREFIX_V2.len()
+        + base64_len(
+            FIXED_LEN_V2 - 2 + varint_len(version) + varint_len(index) + name_len + value_len,
+        )
 }
 
 const fn base64_len(n: usize) -> usize {
@@ -309,13 +374,33 @@ fn envelope_len(body: &[u8]) -> Result<usize> {
 }
 
 /// Length of the v2 header (key name, version, batch salt) at the start of
-/// `body`, after checking the body is long enough to hold a whole token.
+/// `body`, after checking the body is long enough to hold a whole token
+/// and its varints are well formed (the cell index also below the batch
+/// bound).
 fn header_len_v2(body: &[u8]) -> Result<usize> {
     let n = name_len(body)?;
     if body.len() < FIXED_LEN_V2 + n {
         return Err(Error::format("malformed token: too short"));
     }
-    Ok(1 + n + 4 + SALT_LEN)
+    let (_, vlen) = get_varint(&body[1 + n..])
+        .ok_or_else(|| Error::format("malformed token: bad key version"))?;
+    let hlen = 1 + n + vlen + SALT_LEN;
+    cell_index(body, hlen)?;
+    Ok(hlen)
+}
+
+/// The cell index after a v2 header of `hlen` bytes and its length,
+/// after checking a value layer (flags and tag at least) follows it.
+fn cell_index(body: &[u8], hlen: usize) -> Result<(u32, usize)> {
+    let (index, ilen) = body
+        .get(hlen..)
+        .and_then(get_varint)
+        .filter(|&(i, _)| u64::from(i) < MAX_BATCH_SIZE)
+        .ok_or_else(|| Error::format("malformed token: bad cell index"))?;
+    if body.len() < hlen + ilen + 1 + TAG_LEN {
+        return Err(Error::format("malformed token: too short"));
+    }
+    Ok((index, ilen))
 }
 
 fn name_len(body: &[u8]) -> Result<usize> {
@@ -328,20 +413,42 @@ fn name_len(body: &[u8]) -> Result<usize> {
     Ok(n)
 }
 
-/// The key name and version at the start of a body (both versions begin
-/// `u8 n | name | u32be version`); the caller checked the length.
-fn parse_key_ref(body: &[u8]) -> Result<KeyRef> {
-    let n = body[0] as usize;
-    let name = std::str::from_utf8(&body[1..1 + n])
+/// The key name and version at the start of a body of token format
+/// `format` (both begin `u8 n | name`, then the version: `u32be` in v1, a
+/// varint in v2); the caller checked the length.
+fn parse_key_ref(format: u8, body: &[u8]) -> Result<KeyRef> {
+    key_ref_prefix(format, body)
+        .map(|(k, _)| k)
+        .ok_or_else(|| Error::format("malformed token: invalid key name or version"))
+}
+
+/// The key name and version at the start of `body`, a (possibly partial)
+/// body of token format `format`, and the bytes they take. `None` if they
+/// are malformed or `body` ends before them. Nothing is authenticated:
+/// this is what `inspect`, `pg status` and dependency scans read.
+pub fn key_ref_prefix(format: u8, body: &[u8]) -> Option<(KeyRef, usize)> {
+    let n = *body.first()? as usize;
+    if n == 0 || n > crate::backend::MAX_KEY_NAME_LEN {
+        return None;
+    }
+    let name = std::str::from_utf8(body.get(1..1 + n)?)
         .ok()
-        .filter(|s| crate::backend::validate_key_name(s).is_ok())
-        .ok_or_else(|| Error::format("malformed token: invalid key name"))?;
-    let mut v = [0u8; 4];
-    v.copy_from_slice(&body[1 + n..5 + n]);
-    Ok(KeyRef {
-        name: name.to_string(),
-        version: u32::from_be_bytes(v),
-    })
+        .filter(|s| crate::backend::validate_key_name(s).is_ok())?;
+    let (version, vlen) = if format == 2 {
+        get_varint(body.get(1 + n..)?)?
+    } else {
+        (
+            u32::from_be_bytes(body.get(1 + n..5 + n)?.try_into().ok()?),
+            4,
+        )
+    };
+    Some((
+        KeyRef {
+            name: name.to_string(),
+            version,
+        },
+        1 + n + vlen,
+    ))
 }
 
 /// The HMAC input whose output under the KDK of `kwk` is the v2 batch key.
@@ -357,12 +464,12 @@ pub fn batch_input_v2(kwk: &KeyRef, batch_salt: &[u8]) -> Vec<u8> {
 type HmacSha256 = Hmac<Sha256>;
 
 /// The value cipher of one v2 cell: AES-256-GCM under
-/// HMAC-SHA256(batch key, CELL_DOMAIN | cell salt). `batch` is the batch
-/// key's HMAC state (keyed once per batch, cloned per cell).
-fn cell_cipher(batch: &HmacSha256, cell_salt: &[u8]) -> Aes256Gcm {
+/// HMAC-SHA256(batch key, CELL_DOMAIN | u32be cell index). `batch` is the
+/// batch key's HMAC state (keyed once per batch, cloned per cell).
+fn cell_cipher(batch: &HmacSha256, index: u32) -> Aes256Gcm {
     let mut mac = batch.clone();
     mac.update(CELL_DOMAIN);
-    mac.update(cell_salt);
+    mac.update(&index.to_be_bytes());
     let mut key: [u8; 32] = mac.finalize().into_bytes().into();
     let cipher = Aes256Gcm::new(&key.into());
     key.zeroize();
@@ -467,7 +574,9 @@ impl<'a> Sealer<'a> {
             kwk: kwk.clone(),
             wrap_aad: wrap_aad(kwk),
             rng,
-            batch_size: batch_size.max(1),
+            // The bound is the v2 cell index's too (a token with an index
+            // beyond it does not open): enforced here, not only by the CLI.
+            batch_size: batch_size.clamp(1, MAX_BATCH_SIZE),
             batch: None,
             used: 0,
             body: Vec::with_capacity(512),
@@ -499,10 +608,11 @@ impl<'a> Sealer<'a> {
         {
             Some(key) => {
                 self.hsm_calls += 1;
-                let mut head = Vec::with_capacity(1 + self.kwk.name.len() + 4 + SALT_LEN);
+                let mut head =
+                    Vec::with_capacity(1 + self.kwk.name.len() + MAX_VARINT_LEN + SALT_LEN);
                 head.push(self.kwk.name.len() as u8);
                 head.extend_from_slice(self.kwk.name.as_bytes());
-                head.extend_from_slice(&self.kwk.version.to_be_bytes());
+                put_varint(&mut head, self.kwk.version);
                 head.extend_from_slice(&salt);
                 let mut text_head = Vec::new();
                 encode_text_version(2, &head[..head.len() / 3 * 3], &mut text_head);
@@ -563,6 +673,12 @@ impl<'a> Sealer<'a> {
         if self.batch.is_none() || self.used >= self.batch_size {
             self.new_batch()?;
         }
+        // The cell's index within its batch: `used` counts the cells sealed
+        // under this batch by this sealer, and a batch is made by one
+        // sealer and never leaves it (a worker thread owns its sealer), so
+        // no two cells of a batch get the same index, whatever the number
+        // of workers; `batch_size` <= MAX_BATCH_SIZE bounds it.
+        let index = self.used as u32;
         self.used += 1;
         let batch = self.batch.as_ref().expect("batch made above");
         // `body` holds the token body from byte 3k of the head on.
@@ -571,15 +687,13 @@ impl<'a> Sealer<'a> {
         body.extend_from_slice(&batch.head[batch.head.len() / 3 * 3..]);
         match &batch.kind {
             BatchKind::V2(mac) => {
-                let mut salt = [0u8; SALT_LEN];
-                self.rng.fill_bytes(&mut salt);
-                body.extend_from_slice(&salt);
+                put_varint(body, index);
                 let at = body.len();
                 body.push(flags);
                 body.extend_from_slice(value);
                 // One message per cell key: the all-zero nonce is never
                 // reused under a key.
-                let tag = cell_cipher(mac, &salt)
+                let tag = cell_cipher(mac, index)
                     .encrypt_in_place_detached(&Nonce::default(), aad, &mut body[at..])
                     .map_err(|_| Error::format("encryption failed"))?;
                 body.extend_from_slice(&tag);
@@ -689,7 +803,7 @@ pub struct OpenKey(BatchKind);
 
 /// Batch keys for decryption, keyed by the v1 envelope or the v2 header.
 /// The two never collide: both start with the name length n, and a v1
-/// envelope is n + 65 bytes long, a v2 header n + 17.
+/// envelope is n + 65 bytes long, a v2 header n + 14 to n + 18.
 pub type BatchCache = EnvelopeCache<Arc<OpenKey>>;
 /// What the workers of one `columns rewrap` run share: the new envelope
 /// by old envelope (v1 to a version without KDK: one unwrap and one wrap
@@ -795,7 +909,7 @@ impl<'a> Opener<'a> {
             let backend = self.backend;
             let c = self.cache.get(head, 1, || {
                 if version == 2 {
-                    let kwk = parse_key_ref(head)?;
+                    let kwk = parse_key_ref(2, head)?;
                     let key = backend
                         .derive(&kwk, &batch_input_v2(&kwk, &head[hlen - SALT_LEN..]))?
                         .ok_or_else(|| {
@@ -819,13 +933,14 @@ impl<'a> Opener<'a> {
         let body = &mut self.body;
         let start = match &batch.0 {
             BatchKind::V2(mac) => {
-                let (salt, value_ct) = body[hlen..].split_at_mut(SALT_LEN);
-                let cipher = cell_cipher(mac, salt);
+                let (index, ilen) = cell_index(body, hlen)?;
+                let cipher = cell_cipher(mac, index);
+                let value_ct = &mut body[hlen + ilen..];
                 let (pt, tag) = value_ct.split_at_mut(value_ct.len() - TAG_LEN);
                 cipher
                     .decrypt_in_place_detached(&Nonce::default(), aad, pt, Tag::from_slice(tag))
                     .map_err(|_| auth_failed())?;
-                hlen + SALT_LEN
+                hlen + ilen
             }
             BatchKind::V1(batch) => {
                 let (nonce, rest) = body[hlen..].split_at_mut(NONCE_LEN);
@@ -864,7 +979,7 @@ impl<'a> Opener<'a> {
 pub fn token_key(text: &[u8]) -> Result<(u8, KeyRef)> {
     let mut body = Vec::new();
     let v = decode_text(text, &mut body)?;
-    Ok((v, parse_key_ref(&body)?))
+    Ok((v, parse_key_ref(v, &body)?))
 }
 
 /// A rewrapped envelope, or `None` for one already under its target.
@@ -950,7 +1065,7 @@ impl<'a> Rewrapper<'a> {
     /// `decrypt` remains the check.
     pub fn rewrap(&mut self, aad: &[u8], text: &[u8], out: &mut Vec<u8>) -> Result<bool> {
         let version = decode_text(text, &mut self.body)?;
-        let kwk = parse_key_ref(&self.body)?;
+        let kwk = parse_key_ref(version, &self.body)?;
         let target = match self.target {
             Some(t) => t.clone(),
             None => self.cache.current(self.backend, &kwk.name)?,
@@ -1106,8 +1221,8 @@ mod tests {
         tok
     }
 
-    /// FORMAT.md section 6: 11-byte SSN under "pii" is 85 characters in v2
-    /// (74 of overhead), 213 in v1.
+    /// FORMAT.md section 6: 11-byte SSN under "pii" is 67 characters in v2
+    /// (56 of overhead), 213 in v1.
     #[test]
     fn v2_is_compact_and_v1_is_what_a_version_without_kdk_writes() {
         let b = MemoryBackend::new();
@@ -1123,8 +1238,8 @@ mod tests {
         let t1 = seal_one(&b, &old, &aad, b"123-45-6789");
         let t2 = seal_one(&b, &new, &aad, b"123-45-6789");
         assert!(t1.starts_with(PREFIX) && t2.starts_with(PREFIX_V2));
-        assert_eq!((t1.len(), t2.len()), (213, 85));
-        assert_eq!((token_len(3, 11), token_len_v2(3, 11)), (213, 85));
+        assert_eq!((t1.len(), t2.len()), (213, 67));
+        assert_eq!((token_len(3, 11), token_len_v2(3, 11)), (213, 67));
         assert!(looks_like_token(&t1) && looks_like_token(&t2));
         let cache = BatchCache::new();
         let mut o = Opener::new(&b, &cache);
@@ -1163,7 +1278,7 @@ mod tests {
         let mut body = Vec::new();
         decode_text(&tok, &mut body).unwrap();
         let mut to_v2 = body.clone();
-        to_v2[7] = 2; // version 1 -> 2 (u32be at bytes 4..8)
+        to_v2[4] = 2; // version 1 -> 2 (a one-byte varint at byte 4)
         let mut to_pix = body.clone();
         to_pix[3] = b'x';
         // A v2 body under the v1 prefix is refused too (too short for v1).
@@ -1172,6 +1287,162 @@ mod tests {
             encode_text_version(version, &b2, &mut t);
             assert!(o.open(&aad, &t).is_err(), "{what}");
         }
+    }
+
+    #[test]
+    fn varints_are_minimal_leb128_within_u32() {
+        for v in [0, 1, 127, 128, 300, 16_383, 16_384, 999_999, u32::MAX] {
+            let mut b = Vec::new();
+            put_varint(&mut b, v);
+            assert_eq!(b.len(), varint_len(v), "{v}");
+            b.push(0x55); // what follows is not read
+            assert_eq!(get_varint(&b), Some((v, varint_len(v))), "{v}");
+        }
+        assert_eq!(get_varint(&[0x7f]), Some((127, 1)));
+        assert_eq!(get_varint(&[0x80, 0x01]), Some((128, 2)));
+        for bad in [
+            &[][..],
+            &[0x80],                         // truncated
+            &[0x81, 0x00],                   // non-minimal 1
+            &[0x80, 0x80, 0x00],             // non-minimal 0
+            &[0xff, 0xff, 0xff, 0xff, 0x10], // 2^32
+            &[0x80, 0x80, 0x80, 0x80, 0x80, 0x01],
+        ] {
+            assert_eq!(get_varint(bad), None, "{bad:02x?}");
+        }
+    }
+
+    /// A v2 token body, its header length and where its cell index is.
+    fn v2_parts(tok: &[u8]) -> (Vec<u8>, usize) {
+        let mut body = Vec::new();
+        assert_eq!(decode_text(tok, &mut body).unwrap(), 2);
+        let n = body[0] as usize;
+        let (_, vlen) = get_varint(&body[1 + n..]).unwrap();
+        (body, 1 + n + vlen + SALT_LEN)
+    }
+
+    /// Seals `count` cells in batches of `batch`; returns the tokens.
+    fn seal_many(
+        b: &MemoryBackend,
+        k: &KeyRef,
+        aad: &[u8],
+        batch: u64,
+        count: usize,
+    ) -> Vec<Vec<u8>> {
+        let mut s = Sealer::new(b, k, batch).unwrap();
+        (0..count)
+            .map(|i| {
+                let mut t = Vec::new();
+                s.seal(aad, 0, format!("v{i}").as_bytes(), &mut t).unwrap();
+                t
+            })
+            .collect()
+    }
+
+    /// The cell index counts 0, 1, 2 ... within a batch under one shared
+    /// header (batch salt), and starts again at 0 under a new batch salt;
+    /// indexes of 128 and more take two varint bytes.
+    #[test]
+    fn v2_cells_of_a_batch_share_the_header_and_count_up() {
+        let (b, k) = setup();
+        let aad = aad_for("c", "x", None);
+        let toks = seal_many(&b, &k, &aad, 200, 400);
+        let mut seen = std::collections::BTreeMap::<Vec<u8>, Vec<u32>>::new();
+        for t in &toks {
+            let (body, hlen) = v2_parts(t);
+            let (i, ilen) = get_varint(&body[hlen..]).unwrap();
+            assert_eq!(ilen, varint_len(i));
+            seen.entry(body[..hlen].to_vec()).or_default().push(i);
+        }
+        assert_eq!(seen.len(), 2);
+        for idx in seen.values() {
+            assert_eq!(*idx, (0..200).collect::<Vec<u32>>());
+        }
+        assert_eq!(toks[0].len(), token_len_v2_at(3, 2, 1, 0));
+        assert_eq!(toks[150].len(), token_len_v2_at(3, 4, 1, 150));
+        let cache = BatchCache::new();
+        let mut o = Opener::new(&b, &cache);
+        assert_eq!(o.open(&aad, &toks[150]).unwrap().1, b"v150");
+    }
+
+    /// Edits a v2 token can get after sealing, each re-encoded as canonical
+    /// base64 so only the parser or the cryptography can refuse it: another
+    /// cell index, another version varint, non-minimal varints, an index
+    /// at or over the batch bound, a truncated body. None opens.
+    #[test]
+    fn v2_edited_index_version_varints_and_truncation_are_rejected() {
+        let (b, k) = setup();
+        let aad = aad_for("c", "x", Some(b"1"));
+        let toks = seal_many(&b, &k, &aad, 1000, 200);
+        let cache = BatchCache::new();
+        let mut o = Opener::new(&b, &cache);
+        let (body, hlen) = v2_parts(&toks[5]);
+        let vat = 1 + body[0] as usize;
+        assert_eq!(&body[vat..vat + 1], &[1]);
+        assert_eq!(body[hlen], 5);
+        let with = |at: usize, len: usize, new: &[u8]| {
+            let mut x = body[..at].to_vec();
+            x.extend_from_slice(new);
+            x.extend_from_slice(&body[at + len..]);
+            let mut t = Vec::new();
+            encode_text_version(2, &x, &mut t);
+            t
+        };
+        let mut big = Vec::new();
+        put_varint(&mut big, MAX_BATCH_SIZE as u32);
+        let cases: Vec<(&str, Vec<u8>, crate::error::ErrorKind)> = vec![
+            (
+                "index 5 -> 6",
+                with(hlen, 1, &[6]),
+                crate::error::ErrorKind::Integrity,
+            ),
+            (
+                "index 5 -> 133",
+                with(hlen, 1, &[0x85, 0x01]),
+                crate::error::ErrorKind::Integrity,
+            ),
+            (
+                "index non-minimal",
+                with(hlen, 1, &[0x85, 0x00]),
+                crate::error::ErrorKind::Format,
+            ),
+            (
+                "index at the bound",
+                with(hlen, 1, &big),
+                crate::error::ErrorKind::Format,
+            ),
+            (
+                "version 1 -> 2",
+                with(vat, 1, &[2]),
+                crate::error::ErrorKind::Key,
+            ),
+            (
+                "version non-minimal",
+                with(vat, 1, &[0x81, 0x00]),
+                crate::error::ErrorKind::Format,
+            ),
+            (
+                "version over u32",
+                with(vat, 1, &[0x81, 0x80, 0x80, 0x80, 0x10]),
+                crate::error::ErrorKind::Format,
+            ),
+        ];
+        for (what, t, kind) in cases {
+            let e = o.open(&aad, &t).unwrap_err();
+            assert_eq!(e.kind(), kind, "{what}: {e}");
+        }
+        // An unterminated index swallows the flags byte's ciphertext: a
+        // bad varint or another key, refused either way.
+        assert!(o.open(&aad, &with(hlen, 1, &[0x85])).is_err());
+        // Truncated anywhere: too short or failing authentication, never opened.
+        for len in 0..body.len() {
+            let mut t = Vec::new();
+            encode_text_version(2, &body[..len], &mut t);
+            assert!(o.open(&aad, &t).is_err(), "truncated to {len}");
+        }
+        // The unedited token still opens (the cases above did not poison
+        // the batch cache).
+        assert_eq!(o.open(&aad, &toks[5]).unwrap().1, b"v5");
     }
 
     #[test]

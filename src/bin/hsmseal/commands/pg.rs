@@ -1201,8 +1201,8 @@ fn restore_types(app: &App, c: &mut Client, t: &Table) -> Result<()> {
 }
 
 /// SQL: the value of `col` has the shape of a token of either format
-/// version ([`looks_like_token`]; `hsc1.` and `hsc2.` share their length
-/// and the head of their body: u8 n | key name | u32be version).
+/// version ([`looks_like_token`]; `hsc1.` and `hsc2.` share their prefix
+/// length and the head of their body: u8 n | key name | version).
 fn token_pred(col: &str) -> String {
     debug_assert_eq!(PREFIX.len(), PREFIX_V2.len());
     format!("(length({col}) >= {MIN_TOKEN_LEN} AND {col} ~ '^hsc[12]\\.[A-Za-z0-9_-]*$')")
@@ -1294,22 +1294,31 @@ fn count_column(client: &mut Client, t: &Table, name: &str) -> Result<ColumnCoun
         .map_err(db_err(&format!("cannot count {}", t.label)))?;
     let (nulls, clear, malformed, total): (i64, i64, i64, i64) =
         (counts.get(0), counts.get(1), counts.get(2), counts.get(3));
-    // The envelope's head (u8 n | key name | u32be version), decoded
-    // from the base64 after the prefix by the server.
+    // The head of the body (u8 n | key name | version: u32be in v1, a
+    // minimal LEB128 varint in v2), decoded from the base64 after the
+    // prefix by the server: the first 4 * ceil((6 + n) / 3) characters
+    // hold the 6 + n bytes the longest v1 or v2 version needs. A value too
+    // short for them, or with a malformed version, counts as malformed
+    // (version -1), as `columns inspect` counts it.
     let q = format!(
         "WITH h AS (
-           SELECT decode(translate(substr(v, {s}, 4 * ((5 + n + 2) / 3)), '-_', '+/'), 'base64') AS b, n,
-                  substr(v, 4, 1)::int AS f
+           SELECT CASE WHEN n BETWEEN 1 AND 64 AND length(v) >= {p0} + 4 * ((6 + n + 2) / 3)
+                       THEN decode(translate(substr(v, {s}, 4 * ((6 + n + 2) / 3)), '-_', '+/'), 'base64') END AS b,
+                  n, substr(v, 4, 1)::int AS f
              FROM (SELECT {c}::text AS v,
                           get_byte(decode(translate(substr({c}::text, {s}, 4), '-_', '+/'), 'base64'), 0) AS n
                      FROM {} WHERE {p}) x)
-         SELECT convert_from(substring(b FROM 2 FOR n), 'UTF8'),
-                (get_byte(b, 1 + n)::int8 << 24) + (get_byte(b, 2 + n) << 16) + (get_byte(b, 3 + n) << 8) + get_byte(b, 4 + n),
+         SELECT CASE WHEN b IS NULL THEN '' ELSE convert_from(substring(b FROM 2 FOR n), 'UTF8') END,
+                CASE WHEN b IS NULL THEN -1
+                     WHEN f = 1 THEN (get_byte(b, 1 + n)::int8 << 24) + (get_byte(b, 2 + n) << 16) + (get_byte(b, 3 + n) << 8) + get_byte(b, 4 + n)
+                     ELSE {varint} END,
                 f, count(*)
            FROM h GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
         t.sql,
         s = PREFIX.len() + 1,
-        p = token_pred(&format!("{c}::text"))
+        p0 = PREFIX.len(),
+        p = token_pred(&format!("{c}::text")),
+        varint = sql_varint("b", "1 + n")
     );
     let by_key = client
         .query(&q, &[])
@@ -1332,6 +1341,35 @@ fn count_column(client: &mut Client, t: &Table, name: &str) -> Result<ColumnCoun
         *cc.keys.entry((name, version, tv)).or_default() += n as u64;
     }
     Ok(cc)
+}
+
+/// SQL: the unsigned LEB128 varint at byte offset `at` of bytea `b` as an
+/// int8, or -1 if it is longer than 5 bytes or not minimal (a last byte of
+/// 0 after the first): the rule of `token::get_varint` (a value over
+/// u32 is refused by the caller's conversion).
+fn sql_varint(b: &str, at: &str) -> String {
+    let byte = |i: usize| format!("get_byte({b}, {at} + {i})::int8");
+    let mut sql = String::from("CASE");
+    for last in 0..5 {
+        let mut value = String::new();
+        for i in 0..=last {
+            if i > 0 {
+                value.push_str(" + ");
+            }
+            value.push_str(&format!("(({} & 127) << {})", byte(i), 7 * i));
+        }
+        let minimal = if last == 0 {
+            "TRUE".to_string()
+        } else {
+            format!("{} <> 0", byte(last))
+        };
+        sql.push_str(&format!(
+            " WHEN {} < 128 THEN CASE WHEN {minimal} THEN {value} ELSE -1 END",
+            byte(last)
+        ));
+    }
+    sql.push_str(" ELSE -1 END");
+    sql
 }
 
 /// The decrypt limits of hsmseal.toml ([limits.KEY]), charged before any
