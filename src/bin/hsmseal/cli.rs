@@ -598,9 +598,14 @@ pub enum KeyCommand {
 
 #[derive(Args, Debug)]
 pub struct EncryptArgs {
-    /// Key to encrypt under (default: default_key from hsmseal.toml)
+    /// Key to encrypt under (default: default_key from hsmseal.toml); give
+    /// it several times for a file that opens under any of the keys
+    /// (format v2, one key slot per key)
     #[arg(long, short = 'k', env = "HSMSEAL_KEY", hide_env_values = true)]
-    pub key: Option<String>,
+    pub key: Vec<String>,
+    /// Encrypt to every key of [groups.NAME] in hsmseal.toml (format v2)
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
     #[command(flatten)]
     pub io: OutputArgs,
 }

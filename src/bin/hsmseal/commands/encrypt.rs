@@ -28,12 +28,20 @@ pub fn run(app: &App, args: EncryptArgs) -> Result<i32> {
         s.push(&io.select.suffix);
         Ok(PathBuf::from(s))
     })?;
-    let name = app.key_name(args.key.as_deref())?;
+    let names = key_names(app, &args)?;
     let backend = app.backend()?;
-    let kwk = KeyRef {
-        version: backend.current_version(&name)?,
-        name,
-    };
+    // One key, no group: format v1, as before (byte layout unchanged).
+    // Several keys or a group: format v2, a slot per key, in the order given.
+    let multi = names.len() > 1 || args.group.is_some();
+    let mut keys = Vec::with_capacity(names.len());
+    for name in names {
+        keys.push(KeyRef {
+            version: backend.current_version(&name)?,
+            name,
+        });
+    }
+    let kwk = keys[0].clone();
+    let targets: Vec<file::Target> = keys.into_iter().map(file::Target::Kwk).collect();
     let spec = Spec {
         action: "encrypt",
         bytes_progress: true,
@@ -84,7 +92,58 @@ pub fn run(app: &App, args: EncryptArgs) -> Result<i32> {
             input,
             &output,
             &sink,
-            |w| file::seal(&*backend, &kwk, chained, w, opts),
+            |w| {
+                if multi {
+                    file::seal_slots(Some(&*backend), &targets, chained, w, opts)
+                } else {
+                    file::seal(&*backend, &kwk, chained, w, opts)
+                }
+            },
         )
     })
+}
+
+/// The key names to seal to: `--key` (repeatable) and `--group`'s keys, or
+/// the default key; each name once.
+fn key_names(app: &App, args: &EncryptArgs) -> Result<Vec<String>> {
+    let mut names: Vec<String> = Vec::new();
+    for k in &args.key {
+        hsmseal::backend::validate_key_name(k)?;
+        names.push(k.clone());
+    }
+    if let Some(g) = &args.group {
+        let group = app.settings.groups.get(g).ok_or_else(|| {
+            Error::usage(format!(
+                "no group {g:?} in hsmseal.toml: add [groups.{g}] keys = [\"NAME\", ...]"
+            ))
+        })?;
+        if group.keys.is_empty() {
+            return Err(Error::usage(format!(
+                "group {g:?} in hsmseal.toml has no keys: give [groups.{g}] keys = [\"NAME\", ...]"
+            )));
+        }
+        for k in &group.keys {
+            hsmseal::backend::validate_key_name(k).map_err(|e| {
+                Error::usage(format!("[groups.{g}] in hsmseal.toml: {}", e.message()))
+            })?;
+            names.push(k.clone());
+        }
+    }
+    if names.is_empty() {
+        names.push(app.key_name(None)?);
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(d) = names.iter().find(|n| !seen.insert(n.as_str())) {
+        return Err(Error::usage(format!(
+            "key {d} is given twice (--key and --group together name each key once)"
+        )));
+    }
+    if names.len() > hsmseal::envelope::slots::MAX_SLOTS {
+        return Err(Error::usage(format!(
+            "{} keys given; a file has at most {} key slots",
+            names.len(),
+            hsmseal::envelope::slots::MAX_SLOTS
+        )));
+    }
+    Ok(names)
 }
