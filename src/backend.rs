@@ -112,6 +112,13 @@ pub trait KeyBackend: Send + Sync {
         Ok(true)
     }
 
+    /// Whether the store holds the private key of public-key KWK version
+    /// `kwk` whose public key has SPKI SHA-256 `fingerprint`.
+    fn has_private_key(&self, kwk: &KeyRef, fingerprint: &[u8; 32]) -> Result<bool> {
+        let _ = (kwk, fingerprint);
+        Ok(false)
+    }
+
     /// Decrypts `ciphertext` with the private key of the public-key KWK
     /// version `kwk` whose SPKI has SHA-256 `fingerprint` (RSA-OAEP, MGF1
     /// with the same hash, empty label): the 32-byte slot key of a v2

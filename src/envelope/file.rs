@@ -235,7 +235,11 @@ fn unwrap_v2(
         if found.is_some() && !all {
             break;
         }
-        if !backend.has_version(&s.kwk)? {
+        let here = match s.kind {
+            SlotKind::Aes => backend.has_version(&s.kwk)?,
+            SlotKind::RsaOaep => backend.has_private_key(&s.kwk, &s.fingerprint)?,
+        };
+        if !here {
             reports[i].status = "not on this token".into();
             continue;
         }

@@ -165,18 +165,23 @@ impl Recipient {
         Recipient::parse(&text, &path.display().to_string())
     }
 
+    /// RSA-OAEP encryption of `msg` to this recipient (host side).
+    pub fn encrypt_raw(&self, msg: &[u8]) -> Result<Vec<u8>> {
+        let key = RsaPublicKey::from_public_key_der(&self.spki)
+            .map_err(|_| Error::format(format!("recipient {} has a bad public key", self.name)))?;
+        let mut rng = rand::rngs::OsRng;
+        match self.oaep {
+            OaepHash::Sha1 => key.encrypt(&mut rng, Oaep::new::<sha1::Sha1>(), msg),
+            OaepHash::Sha256 => key.encrypt(&mut rng, Oaep::new::<Sha256>(), msg),
+        }
+        .map_err(|e| Error::format(format!("RSA-OAEP encryption to {} failed: {e}", self.name)))
+    }
+
     /// A v2 slot holding `dek` for this recipient, in a header of `n`
     /// slots. Host-side only: no key store is involved.
     pub fn seal_slot(&self, n: usize, dek: &SecretKey) -> Result<Slot> {
-        let key = RsaPublicKey::from_public_key_der(&self.spki)
-            .map_err(|_| Error::format(format!("recipient {} has a bad public key", self.name)))?;
         let slot_key = SecretKey::random();
-        let mut rng = rand::rngs::OsRng;
-        let transport = match self.oaep {
-            OaepHash::Sha1 => key.encrypt(&mut rng, Oaep::new::<sha1::Sha1>(), slot_key.expose()),
-            OaepHash::Sha256 => key.encrypt(&mut rng, Oaep::new::<Sha256>(), slot_key.expose()),
-        }
-        .map_err(|e| Error::format(format!("RSA-OAEP encryption to {} failed: {e}", self.name)))?;
+        let transport = self.encrypt_raw(slot_key.expose())?;
         let mut slot = Slot {
             kind: SlotKind::RsaOaep,
             kwk: self.key_ref(),

@@ -303,6 +303,20 @@ impl KeyBackend for Hsm {
         Ok(!handles.is_empty())
     }
 
+    fn has_private_key(&self, kwk: &KeyRef, fingerprint: &[u8; 32]) -> Result<bool> {
+        self.rsa_has(kwk, fingerprint)
+    }
+
+    fn rsa_decrypt(
+        &self,
+        kwk: &KeyRef,
+        fingerprint: &[u8; 32],
+        sha256: bool,
+        ciphertext: &[u8],
+    ) -> Result<SecretKey> {
+        self.rsa_open(kwk, fingerprint, sha256, ciphertext)
+    }
+
     fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
     }

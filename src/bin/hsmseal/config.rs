@@ -48,6 +48,9 @@ pub struct Group {
     /// AES KWK names, each a slot of every file sealed to the group.
     #[serde(default)]
     pub keys: Vec<String>,
+    /// Recipient files (relative to hsmseal.toml), each a slot.
+    #[serde(default)]
+    pub recipients: Vec<PathBuf>,
 }
 
 /// Where a resolved value came from.
