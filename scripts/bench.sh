@@ -15,6 +15,10 @@
 # writes bench-out/files.md instead of docs/PERFORMANCE.md. Then bulk runs over a tree of 10,000 small files
 # (scripts/bench-bulk.sh) and the column benchmarks (scripts/bench-columns.sh).
 set -euo pipefail
+# BENCH_ONLY=recipients: only the 10,000-file --recipient vs AES KWK case.
+if [ "${BENCH_ONLY:-}" = recipients ]; then
+    exec "$(dirname "$0")/bench-recipients.sh" "$@"
+fi
 BIN=$(realpath "${1:-target/release/hsmseal}")
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SIZE_MIB=${BENCH_SIZE_MIB:-1024}

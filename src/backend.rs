@@ -103,6 +103,39 @@ pub trait KeyBackend: Send + Sync {
         )))
     }
 
+    /// Whether the key store holds an object for the version `k` (a v2
+    /// file's slots under keys this store lacks are skipped without an
+    /// HSM decrypt: another token opens them). A destroyed version is
+    /// absent too.
+    fn has_version(&self, k: &KeyRef) -> Result<bool> {
+        let _ = k;
+        Ok(true)
+    }
+
+    /// Whether the store holds the private key of public-key KWK version
+    /// `kwk` whose public key has SPKI SHA-256 `fingerprint`.
+    fn has_private_key(&self, kwk: &KeyRef, fingerprint: &[u8; 32]) -> Result<bool> {
+        let _ = (kwk, fingerprint);
+        Ok(false)
+    }
+
+    /// Decrypts `ciphertext` with the private key of the public-key KWK
+    /// version `kwk` whose SPKI has SHA-256 `fingerprint` (RSA-OAEP, MGF1
+    /// with the same hash, empty label): the 32-byte slot key of a v2
+    /// public-key slot (docs/FORMAT.md section 3.3).
+    fn rsa_decrypt(
+        &self,
+        kwk: &KeyRef,
+        fingerprint: &[u8; 32],
+        sha256: bool,
+        ciphertext: &[u8],
+    ) -> Result<SecretKey> {
+        let _ = (fingerprint, sha256, ciphertext);
+        Err(Error::key(format!(
+            "this key store has no public-key KWKs, so it cannot open the slot of {kwk}"
+        )))
+    }
+
     /// How many calls into the key store (HSM) this backend has made so far.
     fn calls(&self) -> u64;
 }
@@ -175,6 +208,15 @@ impl MemoryBackend {
 }
 
 impl KeyBackend for MemoryBackend {
+    fn has_version(&self, k: &KeyRef) -> Result<bool> {
+        Ok(self
+            .keys
+            .lock()
+            .expect("memory backend lock")
+            .get(&k.name)
+            .is_some_and(|v| k.version >= 1 && v.len() >= k.version as usize))
+    }
+
     fn current_version(&self, name: &str) -> Result<u32> {
         let keys = self.keys.lock().expect("memory backend lock");
         match keys.get(name) {

@@ -1,11 +1,18 @@
 //! Envelopes: how a data key travels with the data it protects.
 //!
-//! `header` is the file format's envelope (a fixed 1024-byte header with
-//! room for two key envelopes, so a rewrap can replace one in place,
-//! crash-safely); `file` puts the header and the chunked payload together;
-//! `rewrap` moves a file to the current KWK version (header only) or
-//! re-encrypts it under a fresh data key.
+//! `header` is the v1 file header (a fixed 1024-byte header with room for
+//! two key envelopes, so a rewrap can replace one in place, crash-safely);
+//! `slots` is the v2 header (the data key wrapped once per KWK or
+//! recipient, the whole slot set in two places A/B); `recipient` seals a
+//! v2 slot to a public key on the host; `file` puts a header and the
+//! chunked payload together; `rewrap` moves a file to the current KWK
+//! versions (header only) or re-encrypts it under a fresh data key.
+//!
+//! Invariant: one key with no group writes v1 byte for byte as before;
+//! readers take both versions.
 
 pub mod file;
 pub mod header;
+pub mod recipient;
 pub mod rewrap;
+pub mod slots;

@@ -283,6 +283,40 @@ impl KeyBackend for Hsm {
         self.bidx_mac(name, data)
     }
 
+    /// One label look-up (no token scan), or none when the version was
+    /// already verified.
+    fn has_version(&self, k: &KeyRef) -> Result<bool> {
+        if self
+            .verified
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(k)
+        {
+            return Ok(true);
+        }
+        validate_key_name(&k.name)?;
+        let admin = self.admin_reading()?;
+        let label = kwk::label(&k.name, k.version);
+        let handles = admin
+            .find_objects(&[Attribute::Label(label.into_bytes())])
+            .map_err(|e| token_error(e, &self.token_label, &format!("looking up key {k}")))?;
+        Ok(!handles.is_empty())
+    }
+
+    fn has_private_key(&self, kwk: &KeyRef, fingerprint: &[u8; 32]) -> Result<bool> {
+        self.rsa_has(kwk, fingerprint)
+    }
+
+    fn rsa_decrypt(
+        &self,
+        kwk: &KeyRef,
+        fingerprint: &[u8; 32],
+        sha256: bool,
+        ciphertext: &[u8],
+    ) -> Result<SecretKey> {
+        self.rsa_open(kwk, fingerprint, sha256, ciphertext)
+    }
+
     fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
     }

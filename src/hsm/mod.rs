@@ -60,6 +60,7 @@ pub mod lifecycle;
 pub mod lock;
 mod module;
 mod objects;
+pub mod pubkey;
 mod session;
 pub mod uri;
 

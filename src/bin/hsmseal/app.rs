@@ -137,6 +137,7 @@ impl App {
             audit_log: None,
             softhsm2_conf: None,
             limits: Default::default(),
+            groups: Default::default(),
         };
         App {
             test_backend: Some(backend),

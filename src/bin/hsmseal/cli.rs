@@ -397,6 +397,28 @@ pub enum KeyCommand {
         /// sensitive. Versions made by `key rotate` keep this
         #[arg(long)]
         backup: bool,
+        /// Key type: aes (AES-256, the default) or rsa-oaep (an RSA key pair:
+        /// the private key decrypt-only in the HSM, the public key exported
+        /// with `key export-public` for `encrypt --recipient`)
+        #[arg(long = "type", value_name = "TYPE", default_value = "aes", value_parser = ["aes", "rsa-oaep"])]
+        key_type: String,
+        /// RSA modulus size for --type rsa-oaep: 3072 or 4096
+        #[arg(long, value_name = "BITS", default_value_t = 3072, value_parser = clap::builder::TypedValueParser::map(clap::builder::PossibleValuesParser::new(["3072", "4096"]), |s: String| s.parse::<u64>().unwrap_or(3072)))]
+        bits: u64,
+    },
+    /// Write the recipient file of an rsa-oaep key to stdout
+    ///
+    /// The recipient file (docs/FORMAT.md section 3.4: name, version,
+    /// algorithm, OAEP hash, public key, fingerprint) is not secret: hosts
+    /// with it run `hsmseal encrypt --recipient FILE` without the token or
+    /// PIN. Changes in the HSM and on disk: none.
+    #[command(name = "export-public", after_help = EX_KEY_EXPORT_PUBLIC)]
+    ExportPublic {
+        /// Key name
+        name: String,
+        /// Key version (default 1)
+        #[arg(long, value_name = "N")]
+        version: Option<u32>,
     },
     /// Create version N+1 of a key and make it the one new encryptions use
     ///
@@ -598,9 +620,19 @@ pub enum KeyCommand {
 
 #[derive(Args, Debug)]
 pub struct EncryptArgs {
-    /// Key to encrypt under (default: default_key from hsmseal.toml)
+    /// Key to encrypt under (default: default_key from hsmseal.toml); give
+    /// it several times for a file that opens under any of the keys
+    /// (format v2, one key slot per key)
     #[arg(long, short = 'k', env = "HSMSEAL_KEY", hide_env_values = true)]
-    pub key: Option<String>,
+    pub key: Vec<String>,
+    /// Encrypt to every key of [groups.NAME] in hsmseal.toml (format v2)
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
+    /// Encrypt to the rsa-oaep key in this recipient file (from `hsmseal
+    /// key export-public`), repeatable; with recipients only, no PKCS#11
+    /// module, token or PIN is used (format v2)
+    #[arg(long, value_name = "FILE")]
+    pub recipient: Vec<PathBuf>,
     #[command(flatten)]
     pub io: OutputArgs,
 }
@@ -1050,6 +1082,14 @@ Examples:
   hsmseal --token prod key backup pii --to dr1.pub -o pii-v3.hsbackup
   # on B
   hsmseal --token dr key restore pii-v3.hsbackup";
+
+const EX_KEY_EXPORT_PUBLIC: &str = "\
+Examples:
+  # README \"Deploying: backup hosts without the PIN\". On the token
+  hsmseal key create backups-dr --type rsa-oaep
+  hsmseal key export-public backups-dr > backups-dr.pub
+  # on a backup host: no module, token or PIN
+  hsmseal encrypt --recipient backups-dr.pub dump.sql";
 
 const EX_KEY_CREATE: &str = "\
 Examples:

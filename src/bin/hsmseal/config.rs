@@ -35,6 +35,22 @@ pub struct FileConfig {
     /// `max_cells`, `max_bytes` (`hsmseal::guard`).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub limits: std::collections::BTreeMap<String, hsmseal::guard::Limits>,
+    /// Key groups: `[groups.NAME] keys = [...]`, for `encrypt --group NAME`
+    /// (one v2 file with a slot per key).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub groups: std::collections::BTreeMap<String, Group>,
+}
+
+/// One `[groups.NAME]` table.
+#[derive(Debug, Default, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    /// AES KWK names, each a slot of every file sealed to the group.
+    #[serde(default)]
+    pub keys: Vec<String>,
+    /// Recipient files (relative to hsmseal.toml), each a slot.
+    #[serde(default)]
+    pub recipients: Vec<PathBuf>,
 }
 
 /// Where a resolved value came from.
@@ -90,6 +106,9 @@ pub struct Settings {
     /// raise a limit, only `--override-limits`, which is audit-logged.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub limits: std::collections::BTreeMap<String, hsmseal::guard::Limits>,
+    /// From hsmseal.toml only (`[groups.NAME]`).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub groups: std::collections::BTreeMap<String, Group>,
 }
 
 /// Finds and parses hsmseal.toml, if any.
@@ -247,6 +266,7 @@ pub fn resolve(flags: &Overrides) -> Result<Settings> {
         audit_log,
         softhsm2_conf,
         limits: cfg.limits.clone(),
+        groups: cfg.groups.clone(),
     })
 }
 

@@ -2,7 +2,7 @@
 //! is a regular file has its header read under a shared lock, so it never
 //! sees a rewrap half-way.
 
-use hsmseal::envelope::header::Header;
+use hsmseal::envelope::file::AnyHeader as Header;
 use hsmseal::error::{Error, Result};
 use hsmseal::fs::LockMode;
 use std::fs::File;

@@ -53,7 +53,9 @@ pub fn logged_name(cmd: &Command) -> Option<String> {
             KeyCommand::BackupTrust { .. } => "key backup-trust",
             KeyCommand::Backup { .. } => "key backup",
             KeyCommand::Restore { .. } => "key restore",
-            KeyCommand::List | KeyCommand::Info { .. } => return None,
+            KeyCommand::List | KeyCommand::Info { .. } | KeyCommand::ExportPublic { .. } => {
+                return None
+            }
         },
         Command::Columns(c) => match c {
             ColumnsCommand::Encrypt(_) => "columns encrypt",

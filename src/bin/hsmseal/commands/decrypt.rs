@@ -74,15 +74,18 @@ fn charge_files(guard: &hsmseal::guard::Guard, items: &[select::Item]) -> Result
         let size = std::fs::metadata(p)
             .map_err(|e| Error::io_at("cannot read", p.display(), &e))?
             .len();
-        let key = &header.active().1.kwk.name;
-        guard.charge(
-            key,
-            hsmseal::guard::Usage {
-                items: 1,
-                bytes: size,
-                ..Default::default()
-            },
-        )?;
+        // A multi-key (v2) file is charged to each of its keys: a limit on
+        // a key counts every file that key can open.
+        for key in key_names(&header) {
+            guard.charge(
+                &key,
+                hsmseal::guard::Usage {
+                    items: 1,
+                    bytes: size,
+                    ..Default::default()
+                },
+            )?;
+        }
     }
     Ok(())
 }
@@ -91,9 +94,20 @@ fn charge_files(guard: &hsmseal::guard::Guard, items: &[select::Item]) -> Result
 /// limit on its key, it is refused (unless overridden).
 fn charge_stdin(
     guard: &hsmseal::guard::Guard,
-    header: &hsmseal::envelope::header::Header,
+    header: &hsmseal::envelope::file::AnyHeader,
 ) -> Result<()> {
-    let key = &header.active().1.kwk.name;
+    for key in key_names(header) {
+        charge_stdin_key(guard, &key)?;
+    }
+    Ok(())
+}
+
+/// The distinct key names a file's slots are under.
+fn key_names(header: &hsmseal::envelope::file::AnyHeader) -> std::collections::BTreeSet<String> {
+    header.keys().into_iter().map(|k| k.name).collect()
+}
+
+fn charge_stdin_key(guard: &hsmseal::guard::Guard, key: &str) -> Result<()> {
     if guard.limits(key).max_bytes.is_some() && !guard.overridden() {
         return Err(Error::usage(format!(
             "refusing to decrypt standard input: key {key} has a byte limit (max_bytes in hsmseal.toml [limits.{key}]) and the size of a stream is not known before decrypting it; decrypt the file by name, or pass --override-limits (the audit log records it)"

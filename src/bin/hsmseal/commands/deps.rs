@@ -133,8 +133,11 @@ fn search_file(
         deps.add_tokens(&scanner.finish(), &path);
         return Ok(false);
     }
-    let h = header::Header::parse(&head)?;
-    deps.add_file(&h.active().1.kwk, &path);
+    let mut reader = std::io::Read::chain(std::io::Cursor::new(head), reader);
+    let (h, _) = file::read_header(&mut reader)?;
+    for k in h.keys() {
+        deps.add_file(&k, &path);
+    }
     if open_sealed {
         let backend = app.backend()?;
         let mut scanner = TokenScanner::new();

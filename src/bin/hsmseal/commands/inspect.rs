@@ -10,7 +10,8 @@ use crate::cli::InspectArgs;
 use crate::input::{read_header_locked, Input};
 use crate::report::ItemReport;
 use crate::select::{self, Want};
-use hsmseal::envelope::{file, header};
+use hsmseal::envelope::file;
+use hsmseal::envelope::slots::SlotKind;
 use hsmseal::error::{count, Error, Result};
 use serde::Serialize;
 
@@ -35,6 +36,21 @@ struct Inspection {
     #[serde(skip_serializing_if = "Option::is_none")]
     chunks: Option<u64>,
     authenticated: bool,
+    /// Every key slot in force, in order (a v1 file: its one envelope).
+    slots: Vec<SlotInfo>,
+}
+
+#[derive(Serialize)]
+struct SlotInfo {
+    key: String,
+    version: u32,
+    /// "aes" or "rsa-oaep".
+    r#type: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    oaep_hash: Option<&'static str>,
+    /// `sha256:` and the hex SHA-256 of the public key's SPKI DER.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fingerprint: Option<String>,
 }
 
 pub fn run(app: &App, args: InspectArgs) -> Result<i32> {
@@ -53,7 +69,23 @@ pub fn run(app: &App, args: InspectArgs) -> Result<i32> {
     for_each_item(app, &spec, &items, |_, item, _| {
         let input = &item.input;
         let (h, _) = input.open_sealed()?;
-        let (place, envelope) = h.active();
+        let (place, seq) = match &h {
+            file::AnyHeader::V1(v) => (v.active().0, v.active().1.seq),
+            file::AnyHeader::V2(v) => (v.active().0, v.active().1.seq),
+        };
+        let slots: Vec<SlotInfo> = h
+            .slots()
+            .iter()
+            .map(|s| SlotInfo {
+                key: s.kwk.name.clone(),
+                version: s.kwk.version,
+                r#type: s.kind.name(),
+                oaep_hash: s.oaep.map(|o| o.name()),
+                fingerprint: (s.kind != SlotKind::Aes)
+                    .then(|| format!("sha256:{}", hsmseal::envelope::slots::hex(&s.fingerprint))),
+            })
+            .collect();
+        let first = &slots[0];
         let file_bytes = match input {
             Input::File(p) => Some(
                 std::fs::metadata(p)
@@ -63,7 +95,7 @@ pub fn run(app: &App, args: InspectArgs) -> Result<i32> {
             Input::Stdin => None,
         };
         let plaintext_bytes = match file_bytes {
-            Some(len) => Some(file::plaintext_len(len).ok_or_else(|| {
+            Some(len) => Some(file::plaintext_len_after(&h, len).ok_or_else(|| {
                 Error::integrity(format!(
                     "file length {len} is impossible for an hsmseal file: truncated or extended"
                 ))
@@ -74,24 +106,49 @@ pub fn run(app: &App, args: InspectArgs) -> Result<i32> {
             path: input.display(),
             action: "inspect",
             status: "ok",
-            format_version: header::FORMAT_VERSION,
-            header_bytes: header::HEADER_LEN,
+            format_version: h.format_version(),
+            header_bytes: h.len(),
             payload: "c2sp.org/chunked-encryption@v1 Cobblestone-256 (AES-256-GCM, HKDF-SHA-512, 16 KiB chunks)",
-            key: envelope.kwk.name.clone(),
-            key_version: envelope.kwk.version,
+            key: first.key.clone(),
+            key_version: first.version,
             envelope_slot: place,
-            envelope_sequence: envelope.seq,
+            envelope_sequence: seq,
             file_bytes,
             plaintext_bytes,
             chunks: plaintext_bytes.map(|p| p / hsmseal::stream::CHUNK_SIZE as u64 + 1),
             authenticated: false,
+            slots,
         };
         let json_line = crate::report::typed("item", &info);
         let mut text = format!(
-            "{}\n  format:      hsmseal v{} ({} byte header)\n  payload:     {}\n  key:         {} v{} (envelope {}, sequence {})",
+            "{}\n  format:      hsmseal v{} ({} byte header)\n  payload:     {}",
             info.path, info.format_version, info.header_bytes, info.payload,
-            info.key, info.key_version, place, envelope.seq
         );
+        if info.format_version == 1 {
+            text.push_str(&format!(
+                "\n  key:         {} v{} (envelope {}, sequence {})",
+                info.key, info.key_version, place, seq
+            ));
+        } else {
+            text.push_str(&format!(
+                "\n  slots:       {} (place {}, sequence {})",
+                info.slots.len(),
+                if place == 0 { "A" } else { "B" },
+                seq
+            ));
+            for (i, s) in info.slots.iter().enumerate() {
+                text.push_str(&format!(
+                    "\n  slot {i}:      {} v{} ({}{})",
+                    s.key,
+                    s.version,
+                    s.r#type,
+                    s.fingerprint
+                        .as_ref()
+                        .map(|f| format!(", oaep {}, {f}", s.oaep_hash.unwrap_or("?")))
+                        .unwrap_or_default()
+                ));
+            }
+        }
         if let (Some(f), Some(p), Some(c)) = (info.file_bytes, info.plaintext_bytes, info.chunks) {
             text.push_str(&format!(
                 "\n  size:        {} ({} of plaintext in {})",
@@ -171,17 +228,18 @@ fn summarise(app: &App, sel: &crate::cli::SelectArgs) -> Result<i32> {
                 .and_then(|f| read_header_locked(&f, &path));
             match parsed {
                 Ok(h) => {
-                    let k = &h.active().1.kwk;
-                    let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-                    let u = uses
-                        .entry((k.name.clone(), k.version))
-                        .or_insert_with(|| KeyUse {
-                            key: k.name.clone(),
-                            version: k.version,
-                            ..Default::default()
-                        });
-                    u.files += 1;
-                    u.bytes += len;
+                    for k in &h.keys() {
+                        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                        let u = uses
+                            .entry((k.name.clone(), k.version))
+                            .or_insert_with(|| KeyUse {
+                                key: k.name.clone(),
+                                version: k.version,
+                                ..Default::default()
+                            });
+                        u.files += 1;
+                        u.bytes += len;
+                    }
                 }
                 Err(e) => damaged.push(serde_json::json!({
                     "path": path.display().to_string(), "error": e.message()

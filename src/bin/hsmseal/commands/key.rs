@@ -24,6 +24,7 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
         KeyCommand::List | KeyCommand::BackupTrust { .. } | KeyCommand::Restore { .. } => {}
         KeyCommand::Create { name, .. }
         | KeyCommand::BackupTarget { name, .. }
+        | KeyCommand::ExportPublic { name, .. }
         | KeyCommand::Backup { name, .. }
         | KeyCommand::Rotate { name, .. }
         | KeyCommand::Info { name }
@@ -60,7 +61,38 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
         _ => {}
     }
     match cmd {
-        KeyCommand::Create { name, backup } => {
+        KeyCommand::Create {
+            name,
+            key_type,
+            bits,
+            backup,
+        } if key_type == "rsa-oaep" => {
+            if backup {
+                return Err(Error::usage(
+                    "--backup is for aes keys; an rsa-oaep key's data stays reachable through the other keys of each file (encrypt --key and --recipient together)",
+                ));
+            }
+            let r = hsm.create_rsa_key(&name, bits)?;
+            done(r.key_ref(), true);
+            let fp = format!("sha256:{}", hsmseal::envelope::slots::hex(&r.fingerprint()));
+            if app.json {
+                crate::report::emit(
+                    "key",
+                    &serde_json::json!({"name": name, "version": r.version, "type": "rsa-oaep", "bits": r.bits, "oaep_hash": r.oaep.name(), "fingerprint": fp}),
+                );
+            } else {
+                crate::outln!(
+                    "created {name} v1 on token {token} (RSA-{}, private key decrypt-only, never extractable, OAEP {}); fingerprint {fp}; `hsmseal key export-public {name}` writes its recipient file",
+                    r.bits,
+                    r.oaep.name()
+                );
+            }
+        }
+        KeyCommand::ExportPublic { name, version } => {
+            let r = hsm.export_recipient(&name, version)?;
+            crate::outln!("{}", r.to_text().trim_end());
+        }
+        KeyCommand::Create { name, backup, .. } => {
             let info = hsm.create_key_with(&name, backup)?;
             done(info.key_ref(), true);
             if app.json {

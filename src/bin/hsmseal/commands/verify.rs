@@ -25,12 +25,18 @@ pub fn run(app: &App, args: VerifyArgs) -> Result<i32> {
         let backend = app.backend()?;
         let report = file::verify_payload(&*backend, &header, reader, opts)?;
         let text = (!app.quiet).then(|| {
-            format!(
+            let mut t = format!(
                 "{}: OK ({}, key {})",
                 item.display(),
                 hsmseal::error::count(report.plaintext_bytes, "byte", "bytes"),
                 report.kwk
-            )
+            );
+            // A v2 file: what became of every key slot (slots under other
+            // tokens' keys cannot be checked here).
+            for (i, s) in report.slots.iter().enumerate() {
+                t.push_str(&format!("\n  slot {i} ({}): {}", s.slot, s.status));
+            }
+            t
         });
         Ok(ItemReport {
             path: item.display(),
