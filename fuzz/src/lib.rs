@@ -697,6 +697,8 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// The scanner-level properties of [`dump`].
 fn scanner(format: Format, buf: &[u8]) {
     match format {
+        // Parquet is read by the parquet crate, not by a record scanner.
+        Format::Parquet => {}
         Format::Csv | Format::Tsv => {
             let delim = if format == Format::Csv { b',' } else { b'\t' };
             records(buf, |b, eof, f| {

@@ -14,6 +14,9 @@ pub enum Format {
     Jsonl,
     #[serde(rename = "pgcopy")]
     PgCopy,
+    /// A Parquet file (`super::parquet`): not a stream, not parsed by the
+    /// pipeline's record parsers.
+    Parquet,
 }
 
 impl Format {
@@ -24,14 +27,15 @@ impl Format {
             "tsv" => Ok(Format::Tsv),
             "jsonl" | "ndjson" => Ok(Format::Jsonl),
             "pgcopy" => Ok(Format::PgCopy),
+            "parquet" => Ok(Format::Parquet),
             _ => Err(Error::usage(format!(
-                "unknown format {s:?}: use csv, tsv, jsonl or pgcopy"
+                "unknown format {s:?}: use csv, tsv, jsonl, pgcopy or parquet"
             ))),
         }
     }
 
     /// The format a file name suggests: `.csv`, `.tsv`/`.tab`,
-    /// `.jsonl`/`.ndjson`, `.copy`/`.pgcopy`.
+    /// `.jsonl`/`.ndjson`, `.copy`/`.pgcopy`, `.parquet`.
     pub fn from_path(p: &Path) -> Option<Format> {
         let ext = p.extension()?.to_str()?.to_ascii_lowercase();
         match ext.as_str() {
@@ -39,6 +43,7 @@ impl Format {
             "tsv" | "tab" => Some(Format::Tsv),
             "jsonl" | "ndjson" => Some(Format::Jsonl),
             "copy" | "pgcopy" => Some(Format::PgCopy),
+            "parquet" => Some(Format::Parquet),
             _ => None,
         }
     }
@@ -50,6 +55,7 @@ impl Format {
             Format::Tsv => "tsv",
             Format::Jsonl => "jsonl",
             Format::PgCopy => "pgcopy",
+            Format::Parquet => "parquet",
         }
     }
 

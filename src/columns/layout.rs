@@ -183,6 +183,8 @@ pub(super) fn parse_one(
             None if eof => Some((buf.len(), 0)),
             None => None,
         }),
+        // `pipeline::run` refuses Parquet before any parsing.
+        Format::Parquet => Err(Error::usage("a Parquet file has no records to parse")),
     }
 }
 

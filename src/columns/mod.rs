@@ -35,6 +35,7 @@ pub mod inspect;
 pub mod jsonl;
 mod layout;
 mod options;
+pub mod parquet;
 pub mod pgcopy;
 mod pipeline;
 mod scan;

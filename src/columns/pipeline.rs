@@ -105,6 +105,13 @@ pub(super) fn run(
 ) -> Result<ColumnStats> {
     let t0 = Instant::now();
     let fmt = opts.format;
+    if fmt == Format::Parquet {
+        // Parquet's footer comes last: it is read from a file
+        // (`super::parquet`), never as a stream.
+        return Err(Error::usage(
+            "--format parquet needs the input as a file (INPUT or -i FILE), not a stream",
+        ));
+    }
     if fmt == Format::Jsonl && !opts.header {
         return Err(Error::usage(
             "--no-header does not apply to JSONL: --columns names top-level keys",

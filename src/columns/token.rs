@@ -157,6 +157,7 @@ pub fn format_code(f: Format) -> u8 {
         Format::Tsv => 2,
         Format::PgCopy => 3,
         Format::Jsonl => 4,
+        Format::Parquet => 5,
     }
 }
 
@@ -166,13 +167,14 @@ pub fn format_flags(f: Format) -> u8 {
 }
 
 /// The format recorded in `flags`: `None` for tokens made before formats
-/// were bound. Only called on flags [`Opener::open`] accepted (code 0-4).
+/// were bound. Only called on flags [`Opener::open`] accepted (code 0-5).
 pub fn token_format(flags: u8) -> Option<Format> {
     match (flags & FORMAT_MASK) >> FORMAT_SHIFT {
         1 => Some(Format::Csv),
         2 => Some(Format::Tsv),
         3 => Some(Format::PgCopy),
         4 => Some(Format::Jsonl),
+        5 => Some(Format::Parquet),
         _ => None,
     }
 }
@@ -965,7 +967,7 @@ impl<'a> Opener<'a> {
         };
         let flags = self.body[start];
         // Format codes 5-7 are unassigned: unknown, like unknown bits.
-        if flags & !KNOWN_FLAGS != 0 || (flags & FORMAT_MASK) >> FORMAT_SHIFT > 4 {
+        if flags & !KNOWN_FLAGS != 0 || (flags & FORMAT_MASK) >> FORMAT_SHIFT > 5 {
             return Err(Error::format("token has unknown flags"));
         }
         let end = self.body.len() - TAG_LEN;

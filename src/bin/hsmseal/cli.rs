@@ -855,7 +855,7 @@ pub struct DumpArgs {
     pub columns: Vec<String>,
     /// The dump's format. Required when reading stdin; otherwise taken from
     /// the input file's extension (.csv, .tsv/.tab, .jsonl/.ndjson,
-    /// .copy/.pgcopy) if it has one of these.
+    /// .copy/.pgcopy, .parquet) if it has one of these.
     #[arg(long, short = 'f', value_enum, ignore_case = true)]
     pub format: Option<DumpFormat>,
     /// The first record is data, not a header: --columns are positions.
@@ -905,6 +905,8 @@ pub enum DumpFormat {
     Jsonl,
     /// PostgreSQL COPY text format
     Pgcopy,
+    /// Apache Parquet (a file: INPUT and -o FILE, never a stream)
+    Parquet,
 }
 
 impl From<DumpFormat> for hsmseal::columns::Format {
@@ -914,6 +916,7 @@ impl From<DumpFormat> for hsmseal::columns::Format {
             DumpFormat::Tsv => Self::Tsv,
             DumpFormat::Jsonl => Self::Jsonl,
             DumpFormat::Pgcopy => Self::PgCopy,
+            DumpFormat::Parquet => Self::Parquet,
         }
     }
 }

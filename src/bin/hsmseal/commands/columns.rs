@@ -51,6 +51,32 @@ fn charge_limits(app: &App, a: &crate::cli::ColumnsDecryptArgs) -> Result<()> {
         .metadata()
         .map_err(|e| Error::io_at("cannot read", path.display(), &e))?
         .len();
+    let opts = options(&a.dump)?;
+    if opts.format == Format::Parquet {
+        // Compressed pages hide the token text from a byte scan: the
+        // selected columns are read and their tokens counted instead.
+        let stats = columns::parquet::inspect(&opts, f)
+            .map_err(|e| e.context(path.display().to_string()))?;
+        let mut cells: std::collections::BTreeMap<String, u64> = Default::default();
+        for (_, c) in &stats.inspect {
+            for ((name, _, _), n) in &c.keys {
+                *cells.entry(name.clone()).or_default() += n;
+            }
+        }
+        for (key, n) in cells {
+            guard
+                .charge(
+                    &key,
+                    hsmseal::guard::Usage {
+                        cells: n,
+                        bytes: size,
+                        ..Default::default()
+                    },
+                )
+                .map_err(|e| e.context(path.display().to_string()))?;
+        }
+        return Ok(());
+    }
     let mut scanner = hsmseal::deps::TokenScanner::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -103,6 +129,7 @@ pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
     if let Some(dump) = dump_args(&cmd) {
         input_of(dump)?;
         options(dump)?;
+        parquet_output(dump)?;
     }
     if let ColumnsCommand::Encrypt(a) = &cmd {
         blind_indexes(a)?;
@@ -216,14 +243,19 @@ fn inspect(app: &App, a: &ColumnsInspectArgs) -> Result<i32> {
     let input_path = input_of(&dump)?;
     let mut opts = options(&dump)?;
     opts.jobs = app.jobs;
-    let input: Box<dyn Read + Send> = match input_path {
-        Some(p) => Box::new(
+    let place = input_path.map_or_else(|| "stdin".to_string(), |p| p.display().to_string());
+    let stats = match input_path {
+        Some(p) if opts.format == Format::Parquet => columns::parquet::inspect(
+            &opts,
             std::fs::File::open(p).map_err(|e| Error::io_at("cannot open", p.display(), &e))?,
         ),
-        None => Box::new(std::io::stdin()),
-    };
-    let place = input_path.map_or_else(|| "stdin".to_string(), |p| p.display().to_string());
-    let stats = columns::inspect(&opts, input).map_err(|e| e.context(&place))?;
+        Some(p) => columns::inspect(
+            &opts,
+            std::fs::File::open(p).map_err(|e| Error::io_at("cannot open", p.display(), &e))?,
+        ),
+        None => columns::inspect(&opts, std::io::stdin()),
+    }
+    .map_err(|e| e.context(&place))?;
     for (id, c) in &stats.inspect {
         let column = match id {
             columns::token::ColumnId::Name(n) => serde_json::Value::from(n.as_str()),
@@ -385,6 +417,50 @@ pub fn execute_with_stats(
         }
         _ => None,
     };
+    if opts.format == Format::Parquet {
+        parquet_output(dump)?;
+        let (Some(i), Some(o)) = (input_path, output_path) else {
+            unreachable!("checked by options and parquet_output");
+        };
+        let place = i.display().to_string();
+        let file =
+            std::fs::File::open(i).map_err(|e| Error::io_at("cannot open", i.display(), &e))?;
+        let real = match resolve_output(o, dump.force)? {
+            Sink::File(real) => real,
+            _ => return Err(parquet_stream_error(o)),
+        };
+        // Written in full to a temporary file, fsynced, then renamed: a
+        // failed run leaves nothing under the output's name.
+        let mut f = AtomicFile::create(&real, 0o600, dump.force)?;
+        let given = target.as_ref();
+        let stats = match &cmd {
+            ColumnsCommand::Encrypt(_) => columns::parquet::encrypt(
+                backend()?,
+                given.ok_or_else(|| Error::usage("no key given: pass --key NAME"))?,
+                &opts,
+                file,
+                &mut f,
+            ),
+            ColumnsCommand::Decrypt(_) => {
+                columns::parquet::decrypt(backend()?, &opts, file, &mut f)
+            }
+            ColumnsCommand::Rewrap(_) => {
+                columns::parquet::rewrap(backend()?, given, &opts, file, &mut f)
+            }
+            ColumnsCommand::Passthrough(_) => columns::parquet::passthrough(&opts, file, &mut f),
+            ColumnsCommand::Index(_) | ColumnsCommand::Inspect(_) => {
+                Err(Error::usage("columns index and inspect write no dump"))
+            }
+        }
+        .map_err(|e| e.context(&place))?;
+        f.commit()?;
+        report(json, dump, op, opts.format, target.as_ref(), &stats);
+        let keys = match &cmd {
+            ColumnsCommand::Rewrap(_) => stats.targets.clone(),
+            _ => target.into_iter().collect(),
+        };
+        return Ok((stats, keys));
+    }
     let input: Box<dyn Read + Send> = match input_path {
         Some(p) => Box::new(
             std::fs::File::open(p).map_err(|e| Error::io_at("cannot open", p.display(), &e))?,
@@ -445,7 +521,7 @@ fn format_of(a: &DumpArgs) -> Result<Format> {
     if let Some(f) = a.format {
         return Ok(f.into());
     }
-    const CHOICES: &str = "pass --format csv, tsv, jsonl or pgcopy";
+    const CHOICES: &str = "pass --format csv, tsv, jsonl, pgcopy or parquet";
     let input = input_of(a)?;
     let Some(input) = input else {
         return Err(Error::usage(format!(
@@ -473,6 +549,31 @@ fn format_of(a: &DumpArgs) -> Result<Format> {
         }
     }
     Ok(format)
+}
+
+/// A Parquet run's output: a file (`-o FILE`), written whole and renamed
+/// into place; never stdout or another stream, where a failed run could not
+/// be taken back (Parquet has no abort marker a reader would see).
+fn parquet_output(a: &DumpArgs) -> Result<()> {
+    if format_of(a)? != Format::Parquet {
+        return Ok(());
+    }
+    match a.output.as_deref().filter(|p| *p != Path::new("-")) {
+        None => Err(Error::usage(
+            "--format parquet writes a file, not standard output: pass -o FILE",
+        )),
+        Some(o) => match resolve_output(o, a.force)? {
+            Sink::File(_) => Ok(()),
+            _ => Err(parquet_stream_error(o)),
+        },
+    }
+}
+
+fn parquet_stream_error(o: &Path) -> Error {
+    Error::usage(format!(
+        "--format parquet writes a regular file, but {} is a stream (FIFO, device or stdout): pass -o FILE",
+        o.display()
+    ))
 }
 
 /// The input dump: the positional INPUT or `-i FILE` (clap refuses both);
@@ -504,6 +605,13 @@ fn token_formats(a: &ColumnsDecryptArgs) -> Result<Vec<Format>> {
 
 fn options(a: &DumpArgs) -> Result<ColumnOptions> {
     let format = format_of(a)?;
+    if format == Format::Parquet && input_of(a)?.is_none() {
+        // Not spooled to a temporary file: Parquet keeps its index in a
+        // footer at the end, and a copy of a large stdin is a surprise.
+        return Err(Error::usage(
+            "--format parquet reads a file (its index is at the end), not standard input: pass INPUT or -i FILE",
+        ));
+    }
     Ok(ColumnOptions {
         format,
         columns: names("--columns", &a.columns)?,
@@ -645,6 +753,10 @@ pub fn guard_stdout(cmd: &crate::cli::Command) -> Option<StdoutGuard> {
     crate::signals::on_stop_end_stream(abort_stdout_for_exit);
     // `columns index` prints one value, no dump: nothing to end.
     let args = dump_args(c)?;
+    // Parquet never writes to a stream (`parquet_output`): no marker.
+    if matches!(format_of(args), Ok(Format::Parquet)) {
+        return Some(StdoutGuard);
+    }
     let to_stdout = match args.output.as_deref() {
         None => true,
         Some(p) if p == Path::new("-") => true,

@@ -223,7 +223,7 @@ fn the_format_is_never_guessed() {
     let cases: [(Vec<&str>, &str); 4] = [
         (
             vec!["encrypt", "--no-header", "-c", "2"],
-            "the dump comes from stdin, which has no file name to tell its format by: pass --format csv, tsv, jsonl or pgcopy",
+            "the dump comes from stdin, which has no file name to tell its format by: pass --format csv, tsv, jsonl, pgcopy or parquet",
         ),
         (
             vec!["decrypt", "--no-header", "-c", "2", "-i", "-"],
@@ -231,7 +231,7 @@ fn the_format_is_never_guessed() {
         ),
         (
             vec!["encrypt", "-c", "2", "-i", &txt],
-            "dump.txt from its name: pass --format csv, tsv, jsonl or pgcopy",
+            "dump.txt from its name: pass --format csv, tsv, jsonl, pgcopy or parquet",
         ),
         (
             vec!["encrypt", "-c", "name", "-i", &csv, "-o", &tsv],
