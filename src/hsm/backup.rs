@@ -38,6 +38,7 @@
 use super::errors::{ckr_name, rv_of, token_error};
 use super::kdk::{kdk_label, kdk_problems};
 use super::kwk::{self, KeyInfo, KeyState};
+use super::objects::private_key_problems;
 use super::Hsm;
 use crate::backend::{validate_key_name, KeyRef};
 use crate::error::{Error, Result};
@@ -419,36 +420,18 @@ fn restore_template(kind_kwk: bool, o: &BackupObject, backup: bool) -> Vec<Attri
 /// Why a transport private key on B is weaker than [`Hsm::create_transport_key`]
 /// makes it (empty: usable).
 fn transport_private_problems(attrs: &[Attribute]) -> Vec<String> {
-    let mut p = Vec::new();
-    let want: [(AttributeType, bool); 7] = [
-        (AttributeType::Sensitive, true),
-        (AttributeType::Extractable, false),
-        (AttributeType::Unwrap, true),
-        (AttributeType::Decrypt, false),
-        (AttributeType::Sign, false),
-        (AttributeType::Derive, false),
-        (AttributeType::Token, true),
-    ];
-    for (ty, value) in want {
-        let got = attrs.iter().find_map(|a| match (a, ty) {
-            (Attribute::Sensitive(b), AttributeType::Sensitive)
-            | (Attribute::Extractable(b), AttributeType::Extractable)
-            | (Attribute::Unwrap(b), AttributeType::Unwrap)
-            | (Attribute::Decrypt(b), AttributeType::Decrypt)
-            | (Attribute::Sign(b), AttributeType::Sign)
-            | (Attribute::Derive(b), AttributeType::Derive)
-            | (Attribute::Token(b), AttributeType::Token) => Some(*b),
-            _ => None,
-        });
-        // A token that does not report sign/derive for an RSA key is not
-        // penalised; the others must be as made.
-        match got {
-            Some(b) if b == value => {}
-            None if matches!(ty, AttributeType::Sign | AttributeType::Derive) => {}
-            other => p.push(format!("{ty} is {other:?}, not {value}")),
-        }
-    }
-    p
+    private_key_problems(
+        attrs,
+        &[
+            (AttributeType::Sensitive, true),
+            (AttributeType::Extractable, false),
+            (AttributeType::Unwrap, true),
+            (AttributeType::Decrypt, false),
+            (AttributeType::Sign, false),
+            (AttributeType::Derive, false),
+            (AttributeType::Token, true),
+        ],
+    )
 }
 
 impl Hsm {

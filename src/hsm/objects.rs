@@ -297,6 +297,38 @@ pub(super) fn make_key_info(
     }
 }
 
+/// Why a private key's boolean attributes differ from `want` (empty: as
+/// made). A token that does not report `CKA_SIGN` or `CKA_DERIVE` for an RSA
+/// key is not penalised; every other attribute must be reported as made.
+/// Shared by the transport key of the backup ceremony and the RSA-OAEP KWK,
+/// which want different usages but the same reading of the answer.
+pub(super) fn private_key_problems(
+    attrs: &[Attribute],
+    want: &[(AttributeType, bool)],
+) -> Vec<String> {
+    let mut p = Vec::new();
+    for &(ty, value) in want {
+        let got = attrs.iter().find_map(|a| match (a, ty) {
+            (Attribute::Token(b), AttributeType::Token)
+            | (Attribute::Private(b), AttributeType::Private)
+            | (Attribute::Sensitive(b), AttributeType::Sensitive)
+            | (Attribute::Extractable(b), AttributeType::Extractable)
+            | (Attribute::Decrypt(b), AttributeType::Decrypt)
+            | (Attribute::Unwrap(b), AttributeType::Unwrap)
+            | (Attribute::Sign(b), AttributeType::Sign)
+            | (Attribute::Derive(b), AttributeType::Derive)
+            | (Attribute::NeverExtractable(b), AttributeType::NeverExtractable) => Some(*b),
+            _ => None,
+        });
+        match got {
+            Some(b) if b == value => {}
+            None if matches!(ty, AttributeType::Sign | AttributeType::Derive) => {}
+            other => p.push(format!("{ty} is {other:?}, not {value}")),
+        }
+    }
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,6 +18,7 @@
 //! disable, destroy and purge of RSA keys are not implemented yet.
 
 use super::errors::token_error;
+use super::objects::private_key_problems;
 use super::Hsm;
 use crate::backend::{validate_key_name, KeyRef};
 use crate::envelope::recipient::{fingerprint_of, Recipient};
@@ -48,38 +49,20 @@ fn oaep(hash: OaepHash) -> Mechanism<'static> {
 
 /// Why a private key is weaker than `key create --type rsa-oaep` makes it.
 fn private_problems(attrs: &[Attribute]) -> Vec<String> {
-    let mut p = Vec::new();
-    let want: [(AttributeType, bool); 9] = [
-        (AttributeType::Token, true),
-        (AttributeType::Private, true),
-        (AttributeType::Sensitive, true),
-        (AttributeType::Extractable, false),
-        (AttributeType::Decrypt, true),
-        (AttributeType::Unwrap, false),
-        (AttributeType::Sign, false),
-        (AttributeType::Derive, false),
-        (AttributeType::NeverExtractable, true),
-    ];
-    for (ty, value) in want {
-        let got = attrs.iter().find_map(|a| match (a, ty) {
-            (Attribute::Token(b), AttributeType::Token)
-            | (Attribute::Private(b), AttributeType::Private)
-            | (Attribute::Sensitive(b), AttributeType::Sensitive)
-            | (Attribute::Extractable(b), AttributeType::Extractable)
-            | (Attribute::Decrypt(b), AttributeType::Decrypt)
-            | (Attribute::Unwrap(b), AttributeType::Unwrap)
-            | (Attribute::Sign(b), AttributeType::Sign)
-            | (Attribute::Derive(b), AttributeType::Derive)
-            | (Attribute::NeverExtractable(b), AttributeType::NeverExtractable) => Some(*b),
-            _ => None,
-        });
-        match got {
-            Some(b) if b == value => {}
-            None if matches!(ty, AttributeType::Sign | AttributeType::Derive) => {}
-            other => p.push(format!("{ty} is {other:?}, not {value}")),
-        }
-    }
-    p
+    private_key_problems(
+        attrs,
+        &[
+            (AttributeType::Token, true),
+            (AttributeType::Private, true),
+            (AttributeType::Sensitive, true),
+            (AttributeType::Extractable, false),
+            (AttributeType::Decrypt, true),
+            (AttributeType::Unwrap, false),
+            (AttributeType::Sign, false),
+            (AttributeType::Derive, false),
+            (AttributeType::NeverExtractable, true),
+        ],
+    )
 }
 
 fn strip_zeros(b: &[u8]) -> Vec<u8> {
