@@ -266,6 +266,10 @@ CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
         echo "$COLUMNS_MD"
     fi
     if [ -x "$ROOT/scripts/bench-pg.sh" ]; then echo; "$ROOT/scripts/bench-pg.sh" "$BIN"; fi
-} > "$ROOT/docs/PERFORMANCE.md"
+} > "$OUT/PERFORMANCE.new.md"
+# Sections this run did not regenerate (BENCH_ONLY runs, per-issue analyses)
+# are kept, marked as such, rather than silently dropped.
+python3 "$ROOT/scripts/perf-merge.py" "$ROOT/docs/PERFORMANCE.md" "$OUT/PERFORMANCE.new.md" > "$OUT/PERFORMANCE.merged.md"
+mv "$OUT/PERFORMANCE.merged.md" "$ROOT/docs/PERFORMANCE.md"
 rm -f input.bin
 echo "bench: wrote docs/PERFORMANCE.md" >&2
