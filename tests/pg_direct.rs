@@ -11,7 +11,7 @@ mod support;
 use pgserver::{Pg, PASSWORD};
 use postgres::Client;
 use std::process::{Output, Stdio};
-use support::{code, stderr, Cli, BIN};
+use support::{blind_index, code, stderr, Cli, BIN};
 
 /// The one way the tests run `hsmseal [--json] pg SUBCOMMAND --dsn DSN
 /// REST…` (`args` = SUBCOMMAND, REST…) with extra environment `env` (the
@@ -620,7 +620,7 @@ fn blind_index_lookup_finds_exactly_the_row_and_reruns_keep_it() {
          INSERT INTO public.users VALUES (1000, NULL, 'no mail'), (1001, ' Alice@Example.COM ', 'alice');",
     )
     .unwrap();
-    let enc = [
+    let walk = [
         "encrypt",
         "--table",
         "public.users",
@@ -628,13 +628,10 @@ fn blind_index_lookup_finds_exactly_the_row_and_reruns_keep_it() {
         "email,name",
         "--key",
         "k",
-        "--blind-index",
-        "email",
-        "--blind-index-normalize",
-        "lower-trim",
         "--chunk-rows",
         "100",
     ];
+    let enc = [&walk[..], &blind_index("email", "lower-trim", None)].concat();
     // No email_bidx column and no --alter: exit 2 naming it, nothing changed.
     let out = pg(&cli, &db, &enc);
     assert_eq!(code(&out), 2, "{}", stderr(&out));
@@ -647,7 +644,11 @@ fn blind_index_lookup_finds_exactly_the_row_and_reruns_keep_it() {
         0
     );
     // An index not on an encrypted column: exit 2.
-    let out = pg(&cli, &db, &[&enc[..7], &["--blind-index", "id"]].concat());
+    let out = pg(
+        &cli,
+        &db,
+        &[&walk[..], &blind_index("id", "none", None)].concat(),
+    );
     assert_eq!(code(&out), 2, "{}", stderr(&out));
 
     let mut with_alter = enc.to_vec();
