@@ -300,6 +300,36 @@ fn a_token_moved_to_another_row_fails_and_bad_setups_are_refused() {
         ),
         1
     );
+    // A cursor edited by hand in hsmseal.progress (a NULL element, or not
+    // one value per key column) is refused with the fix, not resumed from
+    // (and not a panic): exit 8, the value left in clear.
+    for bad in ["ARRAY[NULL]::text[]", "ARRAY['1', '2']"] {
+        c.batch_execute(&format!(
+            "INSERT INTO hsmseal.progress VALUES ('public.nopk', '[\"secret\"]', 'encrypt', {bad}, 5, now(), now())"
+        ))
+        .unwrap();
+        let out = pg(&cli, &db, &[&nopk[..], &["--row-id", "x"]].concat());
+        assert_eq!(code(&out), 8, "{bad}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("DELETE FROM hsmseal.progress WHERE table_name = 'public.nopk'"),
+            "{}",
+            stderr(&out)
+        );
+        assert_eq!(
+            stderr(&out).trim_end().lines().count(),
+            1,
+            "{}",
+            stderr(&out)
+        );
+        c.batch_execute("DELETE FROM hsmseal.progress").unwrap();
+    }
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM public.nopk WHERE secret = 'a'"
+        ),
+        1
+    );
 
     // The password: refused in --dsn, never printed; a wrong one fails
     // without echoing it; ~/.pgpass (PGPASSFILE) supplies a right one.
