@@ -6,9 +6,14 @@
 # puts it into docs/PERFORMANCE.md). No thresholds: a measurement.
 #
 #   scripts/bench-pg.sh [path/to/hsmseal]
+# Environment: BENCH_PG_ROWS, BENCH_PG_CHUNK (rows per chunk, default 2000),
+# BENCH_PG_PAD=N adds an unencrypted text column of N bytes per row (the
+# issue's table shape, ~137 bytes per row, is BENCH_PG_PAD=20).
 set -euo pipefail
 BIN=$(realpath "${1:-target/release/hsmseal}")
 ROWS=${BENCH_PG_ROWS:-1000000}
+PAD=${BENCH_PG_PAD:-0}
+[[ $PAD =~ ^[0-9]+$ ]] || { echo "bench-pg: BENCH_PG_PAD must be a number of bytes" >&2; exit 2; }
 log() { printf 'bench-pg: %s\n' "$*" >&2; }
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
 [[ -x $PGBIN/initdb ]] || { log "no PostgreSQL (apt-get install postgresql)"; exit 2; }
@@ -46,6 +51,7 @@ CREATE TABLE src (id bigint PRIMARY KEY, name text, email text, ssn text);
 INSERT INTO src SELECT g, 'Name ' || g || ' Surname', 'user' || g || '@example.com',
        lpad((g % 1000)::text, 3, '0') || '-' || lpad((g % 100)::text, 2, '0') || '-' || lpad((g % 10000)::text, 4, '0')
   FROM generate_series(1, $ROWS) g;
+$( ((PAD > 0)) && echo "ALTER TABLE src ADD COLUMN note text; UPDATE src SET note = rpad('note ' || id, $PAD, '.'); VACUUM FULL src;")
 CREATE TABLE plain (LIKE src INCLUDING ALL);
 CREATE TABLE dump (LIKE src INCLUDING ALL);
 CREATE TABLE direct AS SELECT * FROM src;
@@ -104,7 +110,7 @@ row() { # NAME SECONDS SIZE HSM RSS BPC HSMSEAL_CPU SERVER_CPU
 log "done"
 echo "## PostgreSQL tables: ${ROWS} rows x 3 text columns"
 echo
-echo "One table (id bigint primary key, name, email, ssn: $(( SRC_SIZE / 1048576 )) MiB) on a local PostgreSQL"
+echo "One table (id bigint primary key, name, email, ssn$( ((PAD > 0)) && echo ", note of $PAD bytes, not encrypted"): $(( SRC_SIZE / 1048576 )) MiB, $(( SRC_SIZE / ROWS )) bytes per row) on a local PostgreSQL"
 echo "$("$PGBIN/postgres" --version | awk '{print $3}') (fsync off), SoftHSM2, one run (\`scripts/bench-pg.sh\`). \"× COPY\" is the"
 echo "wall time over a plain \`COPY TO | COPY FROM\` of the same table in the same run; sizes are"
 echo "\`pg_total_relation_size\` (for \`pg encrypt\`, after \`VACUUM FULL\`: the UPDATEs leave the old row"

@@ -11,7 +11,15 @@ mod pg;
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use support::{code, stderr as err, Cli};
+use support::{blind_index, code, stderr as err, Cli};
+
+/// `columns encrypt -f FORMAT -k k -c COLUMNS`, then `rest` (row id,
+/// context, blind indexes…).
+fn encrypt<'a>(format: &'a str, columns: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec!["columns", "encrypt", "-f", format, "-k", "k", "-c", columns];
+    a.extend_from_slice(rest);
+    a
+}
 
 /// `columns index` of `value` (stdin), as printed (without the newline).
 fn index(e: &Cli, args: &[&str], value: &[u8]) -> String {
@@ -63,21 +71,14 @@ fn csv_round_trip_every_index_is_what_columns_index_prints() {
     }
     csv.extend_from_slice(b"6,,old6,n6\n");
     let args = [
-        "columns",
-        "encrypt",
-        "-f",
-        "csv",
-        "-k",
-        "k",
-        "-c",
-        "email",
-        "--row-id",
-        "id",
-        "--context",
-        "app.users",
-        "--blind-index",
-        "email",
-    ];
+        encrypt(
+            "csv",
+            "email",
+            &["--row-id", "id", "--context", "app.users"],
+        ),
+        blind_index("email", "none", None),
+    ]
+    .concat();
     let enc = e.run_in(&args, &csv);
     assert_eq!(code(&enc), 0, "{}", err(&enc));
     let r = rows(&enc.stdout);
@@ -155,26 +156,14 @@ fn pgcopy_without_header_by_position_and_nulls() {
     let dump = b"1\tAlice@X.org\t\\N\n2\t\\N\told\n3\t alice@x.org \tx\n4\tbob\\tx\t\n\\.\n";
     let enc = e.run_in(
         &[
-            "columns",
-            "encrypt",
-            "-f",
-            "pgcopy",
-            "--no-header",
-            "-k",
-            "k",
-            "-c",
-            "2",
-            "--row-id",
-            "1",
-            "--context",
-            "t",
-            "--blind-index",
-            "2=3",
-            "--blind-index-normalize",
-            "lower-trim",
-            "--blind-index-bits",
-            "128",
-        ],
+            encrypt(
+                "pgcopy",
+                "2",
+                &["--no-header", "--row-id", "1", "--context", "t"],
+            ),
+            blind_index("2=3", "lower-trim", Some("128")),
+        ]
+        .concat(),
         dump,
     );
     assert_eq!(code(&enc), 0, "{}", err(&enc));
@@ -340,14 +329,13 @@ fn refusals_are_usage_or_format_errors_naming_the_fix() {
     let e = Cli::with_key();
     let csv = b"id,email,other\n1,a@x.org,z\n";
     let enc = |extra: &[&str]| {
-        let mut a = vec![
-            "columns", "encrypt", "-f", "csv", "-k", "k", "-c", "email", "--row-id", "id",
-        ];
-        a.extend_from_slice(extra);
-        e.run_in(&a, csv)
+        e.run_in(
+            &[encrypt("csv", "email", &["--row-id", "id"]), extra.to_vec()].concat(),
+            csv,
+        )
     };
     // TARGET missing from the dump: exit 2 naming it, nothing written.
-    let o = enc(&["--blind-index", "email"]);
+    let o = enc(&blind_index("email", "none", None));
     assert_eq!(code(&o), 2, "{}", err(&o));
     assert!(
         err(&o).contains("\"email_bidx\" is not in the header"),
@@ -356,7 +344,7 @@ fn refusals_are_usage_or_format_errors_naming_the_fix() {
     );
     assert!(!String::from_utf8_lossy(&o.stdout).contains("a@x.org"));
     // COL not encrypted.
-    let o = enc(&["--blind-index", "other=other"]);
+    let o = enc(&blind_index("other=other", "none", None));
     assert_eq!(code(&o), 2, "{}", err(&o));
     assert!(
         err(&o).contains("not one of the encrypted --columns"),
@@ -365,12 +353,12 @@ fn refusals_are_usage_or_format_errors_naming_the_fix() {
     );
     // The target is the encrypted column itself, or the row id.
     for t in ["email=email", "email=id"] {
-        let o = enc(&["--blind-index", t]);
+        let o = enc(&blind_index(t, "none", None));
         assert_eq!(code(&o), 2, "{t}: {}", err(&o));
     }
     // Bad bits.
     for bits in ["8", "60", "264"] {
-        let o = enc(&["--blind-index", "email=other", "--blind-index-bits", bits]);
+        let o = enc(&blind_index("email=other", "none", Some(bits)));
         assert_eq!(code(&o), 2, "{bits}: {}", err(&o));
         assert!(
             err(&o).contains("multiple of 8 from 16 to 256"),
@@ -394,19 +382,10 @@ fn refusals_are_usage_or_format_errors_naming_the_fix() {
     // Not UTF-8 under lower-trim: a format error naming the row and column.
     let o = e.run_in(
         &[
-            "columns",
-            "encrypt",
-            "-f",
-            "csv",
-            "-k",
-            "k",
-            "-c",
-            "email",
-            "--blind-index",
-            "email=other",
-            "--blind-index-normalize",
-            "lower-trim",
-        ],
+            encrypt("csv", "email", &[]),
+            blind_index("email=other", "lower-trim", None),
+        ]
+        .concat(),
         b"id,email,other\n1,a\xff,z\n",
     );
     assert_eq!(code(&o), 8, "{}", err(&o));
@@ -520,23 +499,14 @@ fn a_lookup_in_postgresql_finds_exactly_the_right_rows() {
         .unwrap();
     let enc = e.run_in(
         &[
-            "columns",
-            "encrypt",
-            "-f",
-            "csv",
-            "-k",
-            "k",
-            "-c",
-            "email",
-            "--row-id",
-            "id",
-            "--context",
-            "public.users",
-            "--blind-index",
-            "email",
-            "--blind-index-normalize",
-            "lower-trim",
-        ],
+            encrypt(
+                "csv",
+                "email",
+                &["--row-id", "id", "--context", "public.users"],
+            ),
+            blind_index("email", "lower-trim", None),
+        ]
+        .concat(),
         &dump,
     );
     assert_eq!(code(&enc), 0, "{}", err(&enc));
@@ -622,19 +592,10 @@ fn jsonl_strings_numbers_nulls_and_missing_targets() {
 {\"id\":3,\"email\":null,\"email_bidx\":\"old\"}\n\
 {\"id\":4,\"email\":42,\"email_bidx\":0}\n";
     let args = [
-        "columns",
-        "encrypt",
-        "-f",
-        "jsonl",
-        "-k",
-        "k",
-        "-c",
-        "email",
-        "--row-id",
-        "id",
-        "--blind-index",
-        "email",
-    ];
+        encrypt("jsonl", "email", &["--row-id", "id"]),
+        blind_index("email", "none", None),
+    ]
+    .concat();
     let enc = e.run_in(&args, dump);
     assert_eq!(code(&enc), 0, "{}", err(&enc));
     let lines: Vec<serde_json::Value> = enc

@@ -11,7 +11,7 @@ mod support;
 use pgserver::{Pg, PASSWORD};
 use postgres::Client;
 use std::process::{Output, Stdio};
-use support::{code, stderr, Cli, BIN};
+use support::{blind_index, code, stderr, Cli, BIN};
 
 /// The one way the tests run `hsmseal [--json] pg SUBCOMMAND --dsn DSN
 /// REST…` (`args` = SUBCOMMAND, REST…) with extra environment `env` (the
@@ -293,6 +293,36 @@ fn a_token_moved_to_another_row_fails_and_bad_setups_are_refused() {
         "x",
     ];
     assert_eq!(pg_ok(&cli, &db, &a)["changed"], 1);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM public.nopk WHERE secret = 'a'"
+        ),
+        1
+    );
+    // A cursor edited by hand in hsmseal.progress (a NULL element, or not
+    // one value per key column) is refused with the fix, not resumed from
+    // (and not a panic): exit 8, the value left in clear.
+    for bad in ["ARRAY[NULL]::text[]", "ARRAY['1', '2']"] {
+        c.batch_execute(&format!(
+            "INSERT INTO hsmseal.progress VALUES ('public.nopk', '[\"secret\"]', 'encrypt', {bad}, 5, now(), now())"
+        ))
+        .unwrap();
+        let out = pg(&cli, &db, &[&nopk[..], &["--row-id", "x"]].concat());
+        assert_eq!(code(&out), 8, "{bad}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("DELETE FROM hsmseal.progress WHERE table_name = 'public.nopk'"),
+            "{}",
+            stderr(&out)
+        );
+        assert_eq!(
+            stderr(&out).trim_end().lines().count(),
+            1,
+            "{}",
+            stderr(&out)
+        );
+        c.batch_execute("DELETE FROM hsmseal.progress").unwrap();
+    }
     assert_eq!(
         count(
             &mut c,
@@ -620,7 +650,7 @@ fn blind_index_lookup_finds_exactly_the_row_and_reruns_keep_it() {
          INSERT INTO public.users VALUES (1000, NULL, 'no mail'), (1001, ' Alice@Example.COM ', 'alice');",
     )
     .unwrap();
-    let enc = [
+    let walk = [
         "encrypt",
         "--table",
         "public.users",
@@ -628,13 +658,10 @@ fn blind_index_lookup_finds_exactly_the_row_and_reruns_keep_it() {
         "email,name",
         "--key",
         "k",
-        "--blind-index",
-        "email",
-        "--blind-index-normalize",
-        "lower-trim",
         "--chunk-rows",
         "100",
     ];
+    let enc = [&walk[..], &blind_index("email", "lower-trim", None)].concat();
     // No email_bidx column and no --alter: exit 2 naming it, nothing changed.
     let out = pg(&cli, &db, &enc);
     assert_eq!(code(&out), 2, "{}", stderr(&out));
@@ -647,7 +674,11 @@ fn blind_index_lookup_finds_exactly_the_row_and_reruns_keep_it() {
         0
     );
     // An index not on an encrypted column: exit 2.
-    let out = pg(&cli, &db, &[&enc[..7], &["--blind-index", "id"]].concat());
+    let out = pg(
+        &cli,
+        &db,
+        &[&walk[..], &blind_index("id", "none", None)].concat(),
+    );
     assert_eq!(code(&out), 2, "{}", stderr(&out));
 
     let mut with_alter = enc.to_vec();
@@ -821,4 +852,91 @@ fn pg_decrypt_limits_are_charged_before_anything_is_decrypted() {
             .contains("\"command\":\"pg decrypt --override-limits\""),
         "{log}"
     );
+}
+
+/// Key versions of two LEB128 bytes (issue 11's gap: `pg status` decodes
+/// the v2 header's varint version in SQL, `columns inspect` in Rust, and
+/// both were only run on 1-byte versions). Column `a` is sealed under v127
+/// (`7f`, the last 1-byte varint), column `b` under v128 (`80 01`, the
+/// first 2-byte one); both readers must count each column under its own
+/// version, and nothing as malformed.
+#[test]
+fn status_and_inspect_count_tokens_of_two_byte_key_versions() {
+    let Some(db) = Pg::start() else { return };
+    let cli = Cli::with_key();
+    // The only way to version 127 is 126 rotations (a third of a second
+    // each on SoftHSM2): no shortcut that a real token would not take.
+    for _ in 0..126 {
+        cli.ok(&["key", "rotate", "k"]);
+    }
+    let mut c = db.client();
+    c.batch_execute(
+        "CREATE TABLE public.v (id int PRIMARY KEY, a text, b text);
+         INSERT INTO public.v SELECT g, CASE WHEN g % 10 = 0 THEN NULL ELSE 'a' || g END,
+                CASE WHEN g % 7 = 0 THEN NULL ELSE 'b' || g END
+           FROM generate_series(1, 300) g;",
+    )
+    .unwrap();
+    let enc = |col: &str| {
+        let s = pg_ok(
+            &cli,
+            &db,
+            &["encrypt", "--table", "public.v", "-c", col, "--key", "k"],
+        );
+        assert_eq!(s["keys"][0]["version"], if col == "a" { 127 } else { 128 });
+    };
+    enc("a");
+    cli.ok(&["key", "rotate", "k"]);
+    enc("b");
+    let (a_tokens, b_tokens) = (300 - 30, 300 - 42);
+    let expect = |col: &str| {
+        let (v, n) = if col == "a" {
+            (127, a_tokens)
+        } else {
+            (128, b_tokens)
+        };
+        serde_json::json!([{"name": "k", "version": v, "token_version": 2, "tokens": n}])
+    };
+
+    let out = run_pg(
+        &cli,
+        true,
+        &db.dsn(),
+        &["status", "--table", "public.v", "-c", "a,b"],
+        &[("PGPASSWORD", PASSWORD)],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let lines = support::json_of_type(&out.stdout, "pg_column");
+    assert_eq!(lines.len(), 2);
+    for l in &lines {
+        let col = l["column"].as_str().unwrap();
+        assert_eq!(l["malformed"], 0, "{l}");
+        assert_eq!(l["keys"], expect(col), "pg status, column {col}");
+    }
+
+    // The same table as a COPY text dump through `columns inspect`.
+    let mut dump = Vec::new();
+    let mut r = c
+        .copy_out("COPY public.v TO STDOUT (FORMAT text, HEADER)")
+        .unwrap();
+    std::io::Read::read_to_end(&mut r, &mut dump).unwrap();
+    drop(r);
+    let out = cli.run_in(
+        &[
+            "--json", "columns", "inspect", "--format", "pgcopy", "-c", "a,b",
+        ],
+        &dump,
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let lines = support::json_of_type(&out.stdout, "column");
+    assert_eq!(lines.len(), 2, "{}", String::from_utf8_lossy(&out.stdout));
+    for l in &lines {
+        let col = l["column"].as_str().unwrap();
+        assert_eq!(l["malformed"], 0, "{l}");
+        assert_eq!(l["keys"], expect(col), "columns inspect, column {col}");
+    }
+
+    // And the tokens open: a v128 token is not misread as another version.
+    let s = pg_ok(&cli, &db, &["verify", "--table", "public.v", "-c", "a,b"]);
+    assert_eq!(s["cells"], a_tokens + b_tokens);
 }

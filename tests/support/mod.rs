@@ -186,3 +186,18 @@ pub fn json_one(bytes: &[u8], ty: &str) -> serde_json::Value {
     );
     v.pop().unwrap()
 }
+
+/// `--blind-index SPEC`, `--blind-index-normalize NORM` unless NORM is
+/// `none` (the default), `--blind-index-bits BITS` if given: how every
+/// test (columns dumps and `pg encrypt`) spells one blind index, so each
+/// reads as its scenario.
+pub fn blind_index<'a>(spec: &'a str, normalize: &'a str, bits: Option<&'a str>) -> Vec<&'a str> {
+    let mut a = vec!["--blind-index", spec];
+    if normalize != "none" {
+        a.extend(["--blind-index-normalize", normalize]);
+    }
+    if let Some(b) = bits {
+        a.extend(["--blind-index-bits", b]);
+    }
+    a
+}

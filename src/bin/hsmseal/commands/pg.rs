@@ -14,6 +14,12 @@
 //!   UPDATE of the changed rows, and the cursor in `hsmseal.progress`, all
 //!   committed together. A killed run loses at most its open chunk, which
 //!   rolls back, and resumes after the last committed one.
+//! - One thread owns the connection. The cells of a chunk are sealed,
+//!   opened or rewrapped on a worker thread ([`CellWork`]) from rows
+//!   already read under the chunk's locks, part by part, while the main
+//!   thread sends the UPDATE of the part before; nothing is committed
+//!   until every part of the chunk is back, so the chunk stays one
+//!   transaction.
 //! - A value is changed at most once: encrypt leaves a value that is already
 //!   a token of this cell alone (and fails on one that is not: moved from
 //!   another row), decrypt leaves clear values alone, rotate leaves tokens
@@ -517,6 +523,10 @@ impl Table {
     }
 
     /// `(k1, k2)` in SQL, prefixed with `t.` or not.
+    fn key_names(&self) -> Vec<&str> {
+        self.key.iter().map(|k| k.name.as_str()).collect()
+    }
+
     fn key_list(&self, prefix: &str) -> String {
         let v: Vec<String> = self
             .key
@@ -642,7 +652,7 @@ fn walk(
     }
     let batch_cache = BatchCache::new();
     let rewrap_cache = RewrapCache::new();
-    let mut engine = match op {
+    let engine = match op {
         Op::Encrypt if !dry_run => {
             let k = target.as_ref().expect("encrypt has a key");
             Engine::Seal(
@@ -698,8 +708,24 @@ fn walk(
             )
             .map_err(db_err("cannot read hsmseal.progress"))?
         {
-            last = Some(r.get(0));
-            resumed = r.get(1);
+            // The cursor is server data anyone with the rights can edit:
+            // a NULL element or one per key column too many or too few is
+            // refused with the fix, never taken as a place to resume from.
+            let cursor: Option<Vec<Option<String>>> = r.try_get(0).ok();
+            let cursor: Option<Vec<String>> = cursor
+                .filter(|c| c.len() == t.key.len())
+                .and_then(|c| c.into_iter().collect());
+            let Some(cursor) = cursor else {
+                return Err(Error::format(format!(
+                    "hsmseal.progress holds a cursor for pg {} of {} that is not one value per key column ({}): delete it (DELETE FROM hsmseal.progress WHERE table_name = '{}') and run again; rows already done are left as they are",
+                    op.name(),
+                    t.label,
+                    t.key_names().join(", "),
+                    t.label.replace('\'', "''")
+                )));
+            };
+            last = Some(cursor);
+            resumed = r.try_get::<_, i64>(1).unwrap_or(0).max(0);
             app.info(format!(
                 "hsmseal: resuming pg {} of {} after {resumed} rows (hsmseal.progress)",
                 op.name(),
@@ -803,10 +829,18 @@ fn walk(
         "DELETE FROM hsmseal.progress WHERE table_name = $1 AND columns = $2 AND op = $3";
 
     let mut counts = Counts::default();
-    let mut aad = Vec::with_capacity(256);
-    let mut out = Vec::with_capacity(512);
-    let mut rid = Vec::with_capacity(64);
-    let fmt_flags = token::format_flags(Format::PgCopy);
+    let mut work = CellWork {
+        t,
+        op,
+        writes,
+        engine,
+        indexers,
+        prefixes,
+        fmt_flags: token::format_flags(Format::PgCopy),
+        aad: Vec::with_capacity(256),
+        out: Vec::with_capacity(512),
+        rid: Vec::with_capacity(64),
+    };
 
     // Transactions by hand: per chunk BEGIN … COMMIT, or with --atomic one
     // BEGIN … COMMIT around savepoints. On an error the connection is
@@ -826,215 +860,132 @@ fn walk(
     let mut update_stmt: Option<postgres::Statement> = None;
     let atomic = a.atomic && writes;
     let sql = |c: &mut Client, q: &str| c.batch_execute(q).map_err(db_err("transaction control"));
-    if atomic {
-        sql(client, "BEGIN")?;
-    }
-    loop {
-        sql(
-            client,
-            if atomic {
-                "SAVEPOINT hsmseal_chunk"
-            } else {
-                "BEGIN"
-            },
-        )?;
-        let tx = &mut *client;
-        let rows = match &last {
-            None => tx.query(&select_first, &[]),
-            Some(l) => {
-                let p: Vec<&(dyn postgres::types::ToSql + Sync)> = l
-                    .iter()
-                    .map(|s| s as &(dyn postgres::types::ToSql + Sync))
-                    .collect();
-                tx.query(&select_next, &p)
-            }
+    // Pipelining: the cryptography of a chunk runs on a worker thread, part
+    // by part, while this thread, which alone owns the connection, sends
+    // the UPDATE of the part before (the server's time, measured as most of
+    // a walk, then overlaps hsmseal's). Only the work moved: each chunk's
+    // rows are still read, updated and committed with its cursor in one
+    // transaction by this thread, so resume and kill -9 behave as before.
+    // The worker gets a chunk's parts in order and returns each, in order,
+    // through a channel of depth 2 (at most two sealed parts wait).
+    let part_rows = (a.chunk_rows as usize).div_ceil(PARTS_PER_CHUNK).max(1);
+    let work = std::thread::scope(|s| -> Result<CellWork> {
+        let (to_worker, parts_in) = std::sync::mpsc::channel::<Vec<postgres::Row>>();
+        let (parts_out, from_worker) = std::sync::mpsc::sync_channel::<Result<Part>>(2);
+        let worker = std::thread::Builder::new()
+            .name("pg-cells".into())
+            .spawn_scoped(s, move || {
+                for rows in parts_in {
+                    let r = work.part(&rows);
+                    let failed = r.is_err();
+                    // A closed channel: the walk stopped on an error.
+                    if parts_out.send(r).is_err() || failed {
+                        break;
+                    }
+                }
+                work
+            })
+            .map_err(|e| Error::io(format!("cannot start a worker thread: {e}")))?;
+        if atomic {
+            sql(client, "BEGIN")?;
         }
-        .map_err(db_err(&format!("cannot read {}", t.label)))?;
-        let n = rows.len();
-        let mut upd: Vec<Vec<Option<String>>> = vec![Vec::new(); nk + t.cols.len() + nb + 1];
-        for row in &rows {
-            counts.rows += 1;
-            let mut kv: Vec<String> = Vec::with_capacity(nk);
-            for i in 0..nk {
-                let v: Option<String> = row.try_get(i).map_err(db_err("cannot read a row id"))?;
-                kv.push(v.ok_or_else(|| {
-                    Error::format(format!(
-                        "row id column {:?} is NULL in a row of {}: each row needs a non-NULL id",
-                        t.key[i].name, t.label
-                    ))
-                })?);
+        loop {
+            sql(
+                client,
+                if atomic {
+                    "SAVEPOINT hsmseal_chunk"
+                } else {
+                    "BEGIN"
+                },
+            )?;
+            let tx = &mut *client;
+            let mut rows = match &last {
+                None => tx.query(&select_first, &[]),
+                Some(l) => {
+                    let p: Vec<&(dyn postgres::types::ToSql + Sync)> = l
+                        .iter()
+                        .map(|s| s as &(dyn postgres::types::ToSql + Sync))
+                        .collect();
+                    tx.query(&select_next, &p)
+                }
             }
-            let place = || {
-                let names: Vec<&str> = t.key.iter().map(|k| k.name.as_str()).collect();
-                format!("row ({}) = ({})", names.join(", "), kv.join(", "))
-            };
-            let ids: Vec<&[u8]> = kv.iter().map(|s| s.as_bytes()).collect();
-            let mut changed_row = false;
-            let mut new_vals: Vec<Option<String>> = vec![None; t.cols.len()];
-            let mut new_bidx: Vec<Option<String>> = vec![None; nb];
-            for (j, col) in t.cols.iter().enumerate() {
-                let v: Option<&str> = row.try_get(nk + j).map_err(db_err("cannot read a value"))?;
-                let Some(v) = v else {
-                    counts.nulls += 1;
-                    continue;
-                };
-                counts.cells += 1;
-                let cell_err = |e: Error| {
-                    e.context(format!("{}, {}, column {:?}", t.label, place(), col.name))
-                };
-                row_binding(&mut aad, &prefixes[j], &ids, &mut rid);
-                let is_token = looks_like_token(v.as_bytes());
-                match (&mut engine, op) {
-                    (Engine::Seal(s, o), _) => {
-                        if is_token {
-                            // Already encrypted (a re-run or resumed run):
-                            // it must be this cell's token, else it was moved.
-                            o.open(&aad, v.as_bytes()).map_err(cell_err)?;
-                            counts.unchanged_tokens += 1;
-                            continue;
-                        }
-                        let raw;
-                        let value: &[u8] = if col.bytea() {
-                            raw = hex_decode(v.as_bytes()).ok_or_else(|| {
-                                cell_err(Error::format("a bytea value in text form should start with \\x and hold hex digits"))
-                            })?;
-                            &raw
-                        } else {
-                            v.as_bytes()
-                        };
-                        for (i, (_, ix)) in
-                            indexers.iter().enumerate().filter(|(_, (c, _))| *c == j)
-                        {
-                            out.clear();
-                            ix.index(value, &mut out).map_err(cell_err)?;
-                            new_bidx[i] =
-                                Some(String::from_utf8(out.clone()).expect("an index is hex"));
-                        }
-                        out.clear();
-                        s.seal(&aad, fmt_flags, value, &mut out).map_err(cell_err)?;
-                        new_vals[j] =
-                            Some(String::from_utf8(out.clone()).expect("tokens are ASCII"));
-                    }
-                    (Engine::Open(o), Op::Encrypt) => {
-                        // --dry-run of encrypt: what would be sealed.
-                        if is_token {
-                            o.open(&aad, v.as_bytes()).map_err(cell_err)?;
-                            counts.unchanged_tokens += 1;
-                            continue;
-                        }
-                    }
-                    (Engine::Open(o), _) => {
-                        if !is_token {
-                            counts.clear += 1;
-                            continue;
-                        }
-                        let (_, value) = o.open(&aad, v.as_bytes()).map_err(cell_err)?;
-                        if op == Op::Decrypt {
-                            let text = if col.bytea() {
-                                hex_encode(value)
-                            } else {
-                                String::from_utf8(value.to_vec()).map_err(|_| {
-                                    cell_err(Error::format(
-                                        "the decrypted value is not UTF-8 text, so it cannot go into a text column (a bytea value? its column's type record is missing from hsmseal.columns)",
-                                    ))
-                                })?
-                            };
-                            new_vals[j] = Some(text);
-                        } else {
-                            // verify: opened, nothing written.
-                            continue;
-                        }
-                    }
-                    (Engine::Rewrap(r), _) => {
-                        if !is_token {
-                            counts.clear += 1;
-                            continue;
-                        }
-                        out.clear();
-                        if !r.rewrap(&aad, v.as_bytes(), &mut out).map_err(cell_err)? {
-                            counts.unchanged_tokens += 1;
-                            continue;
-                        }
-                        new_vals[j] =
-                            Some(String::from_utf8(out.clone()).expect("tokens are ASCII"));
-                    }
-                }
-                counts.changed += 1;
-                changed_row = true;
+            .map_err(db_err(&format!("cannot read {}", t.label)))?;
+            let n = rows.len();
+            let mut parts = 0;
+            while !rows.is_empty() {
+                let rest = rows.split_off(part_rows.min(rows.len()));
+                // The worker only stops early after an error, which the
+                // receive below reports.
+                let _ = to_worker.send(std::mem::replace(&mut rows, rest));
+                parts += 1;
             }
-            if changed_row && writes {
-                for (i, k) in kv.iter().enumerate() {
-                    upd[i].push(Some(k.clone()));
+            for _ in 0..parts {
+                let part = from_worker
+                    .recv()
+                    .map_err(|_| Error::io("the worker thread of the walk stopped"))??;
+                counts.add(&part.counts);
+                if part.last.is_some() {
+                    last = part.last;
                 }
-                for (j, v) in new_vals.into_iter().enumerate() {
-                    upd[nk + j].push(v);
+                if write_stmts.is_some() && !part.upd[0].is_empty() {
+                    if update_stmt.is_none() {
+                        update_stmt = Some(prep(client, &update)?);
+                    }
+                    let update = update_stmt.as_ref().expect("prepared above");
+                    let p: Vec<&(dyn postgres::types::ToSql + Sync)> = part
+                        .upd
+                        .iter()
+                        .map(|v| v as &(dyn postgres::types::ToSql + Sync))
+                        .collect();
+                    client
+                        .execute(update, &p)
+                        .map_err(db_err(&format!("cannot update {}", t.label)))?;
                 }
-                for (i, v) in new_bidx.into_iter().enumerate() {
-                    upd[nk + t.cols.len() + i].push(v);
-                }
-                let tid: String = row
-                    .try_get(nk + t.cols.len())
-                    .map_err(db_err("cannot read a row's ctid"))?;
-                upd[nk + t.cols.len() + nb].push(Some(tid));
             }
-            if let Some(l) = &mut last {
-                *l = kv;
-            } else {
-                last = Some(kv);
-            }
-        }
-        if let Some((save, done_sql)) = &write_stmts {
-            if !upd[0].is_empty() {
-                if update_stmt.is_none() {
-                    update_stmt = Some(prep(client, &update)?);
+            if let Some((save, done_sql)) = &write_stmts {
+                if n < a.chunk_rows as usize {
+                    client
+                        .execute(done_sql, &[&t.label, &cols_key, &op.name()])
+                        .map_err(db_err("cannot update hsmseal.progress"))?;
+                } else {
+                    let l = last.as_ref().expect("a full chunk has rows");
+                    client
+                        .execute(save, &[&t.label, &cols_key, &op.name(), l, &(n as i64)])
+                        .map_err(db_err("cannot update hsmseal.progress"))?;
                 }
-                let update = update_stmt.as_ref().expect("prepared above");
-                let p: Vec<&(dyn postgres::types::ToSql + Sync)> = upd
-                    .iter()
-                    .map(|v| v as &(dyn postgres::types::ToSql + Sync))
-                    .collect();
-                client
-                    .execute(update, &p)
-                    .map_err(db_err(&format!("cannot update {}", t.label)))?;
+            }
+            sql(
+                client,
+                if atomic {
+                    "RELEASE SAVEPOINT hsmseal_chunk"
+                } else {
+                    "COMMIT"
+                },
+            )
+            .map_err(|e| e.context(format!("committing a chunk of {}", t.label)))?;
+            counts.chunks += 1;
+            if let Some(pb) = &bar {
+                pb.inc(n as u64);
             }
             if n < a.chunk_rows as usize {
-                client
-                    .execute(done_sql, &[&t.label, &cols_key, &op.name()])
-                    .map_err(db_err("cannot update hsmseal.progress"))?;
-            } else {
-                let l = last.as_ref().expect("a full chunk has rows");
-                client
-                    .execute(save, &[&t.label, &cols_key, &op.name(), l, &(n as i64)])
-                    .map_err(db_err("cannot update hsmseal.progress"))?;
+                break;
             }
         }
-        sql(
-            client,
-            if atomic {
-                "RELEASE SAVEPOINT hsmseal_chunk"
-            } else {
-                "COMMIT"
-            },
-        )
-        .map_err(|e| e.context(format!("committing a chunk of {}", t.label)))?;
-        counts.chunks += 1;
-        if let Some(pb) = &bar {
-            pb.inc(n as u64);
+        if atomic {
+            sql(client, "COMMIT").map_err(|e| e.context("committing the --atomic transaction"))?;
         }
-        if n < a.chunk_rows as usize {
-            break;
-        }
-    }
-    if atomic {
-        sql(client, "COMMIT").map_err(|e| e.context("committing the --atomic transaction"))?;
-    }
+        drop(to_worker);
+        worker
+            .join()
+            .map_err(|_| Error::io("the worker thread of the walk panicked"))
+    })?;
     if let Some(pb) = &bar {
         pb.finish_and_clear();
     }
     if op == Op::Decrypt && writes {
         restore_types(app, client, t)?;
     }
-    let hsm_calls = match &engine {
+    let hsm_calls = match &work.engine {
         Engine::Seal(s, _) => s.hsm_calls + batch_cache.hsm_calls(),
         Engine::Open(_) => batch_cache.hsm_calls(),
         Engine::Rewrap(_) => rewrap_cache.hsm_calls(),
@@ -1105,6 +1056,195 @@ fn walk(
         ));
     }
     Ok(0)
+}
+
+/// A chunk is handed to the worker thread in this many parts, so the
+/// server's UPDATE of one part overlaps the cryptography of the next.
+const PARTS_PER_CHUNK: usize = 4;
+
+/// What the worker returns for one part of a chunk: the UPDATE's arrays
+/// (key columns, new values, new blind indexes, ctid; NULL keeps a value),
+/// the part's counts and the key of its last row.
+struct Part {
+    upd: Vec<Vec<Option<String>>>,
+    counts: Counts,
+    last: Option<Vec<String>>,
+}
+
+impl Counts {
+    fn add(&mut self, o: &Counts) {
+        self.rows += o.rows;
+        self.cells += o.cells;
+        self.changed += o.changed;
+        self.nulls += o.nulls;
+        self.clear += o.clear;
+        self.unchanged_tokens += o.unchanged_tokens;
+        self.chunks += o.chunks;
+    }
+}
+
+/// The per-cell work of a walk, owned by its worker thread: it never
+/// touches the connection, only rows already read under the chunk's lock.
+struct CellWork<'a, 't> {
+    t: &'t Table,
+    op: Op,
+    writes: bool,
+    engine: Engine<'a>,
+    indexers: Vec<(usize, BlindIndexer)>,
+    prefixes: Vec<Vec<u8>>,
+    fmt_flags: u8,
+    aad: Vec<u8>,
+    out: Vec<u8>,
+    rid: Vec<u8>,
+}
+
+impl CellWork<'_, '_> {
+    /// Seals, opens or rewraps the cells of `rows` (key columns, then the
+    /// selected columns, then the ctid, all as text).
+    fn part(&mut self, rows: &[postgres::Row]) -> Result<Part> {
+        let t = self.t;
+        let (op, writes) = (self.op, self.writes);
+        let nk = t.key.len();
+        let nb = self.indexers.len();
+        let mut counts = Counts::default();
+        let mut last = None;
+        let mut upd: Vec<Vec<Option<String>>> = vec![Vec::new(); nk + t.cols.len() + nb + 1];
+        let (aad, out, rid) = (&mut self.aad, &mut self.out, &mut self.rid);
+        for row in rows {
+            counts.rows += 1;
+            let mut kv: Vec<String> = Vec::with_capacity(nk);
+            for i in 0..nk {
+                let v: Option<String> = row.try_get(i).map_err(db_err("cannot read a row id"))?;
+                kv.push(v.ok_or_else(|| {
+                    Error::format(format!(
+                        "row id column {:?} is NULL in a row of {}: each row needs a non-NULL id",
+                        t.key[i].name, t.label
+                    ))
+                })?);
+            }
+            let place = || {
+                let names: Vec<&str> = t.key.iter().map(|k| k.name.as_str()).collect();
+                format!("row ({}) = ({})", names.join(", "), kv.join(", "))
+            };
+            let ids: Vec<&[u8]> = kv.iter().map(|s| s.as_bytes()).collect();
+            let mut changed_row = false;
+            let mut new_vals: Vec<Option<String>> = vec![None; t.cols.len()];
+            let mut new_bidx: Vec<Option<String>> = vec![None; nb];
+            for (j, col) in t.cols.iter().enumerate() {
+                let v: Option<&str> = row.try_get(nk + j).map_err(db_err("cannot read a value"))?;
+                let Some(v) = v else {
+                    counts.nulls += 1;
+                    continue;
+                };
+                counts.cells += 1;
+                let cell_err = |e: Error| {
+                    e.context(format!("{}, {}, column {:?}", t.label, place(), col.name))
+                };
+                row_binding(aad, &self.prefixes[j], &ids, rid);
+                let is_token = looks_like_token(v.as_bytes());
+                match (&mut self.engine, op) {
+                    (Engine::Seal(s, o), _) => {
+                        if is_token {
+                            // Already encrypted (a re-run or resumed run):
+                            // it must be this cell's token, else it was moved.
+                            o.open(aad, v.as_bytes()).map_err(cell_err)?;
+                            counts.unchanged_tokens += 1;
+                            continue;
+                        }
+                        let raw;
+                        let value: &[u8] = if col.bytea() {
+                            raw = hex_decode(v.as_bytes()).ok_or_else(|| {
+                                cell_err(Error::format("a bytea value in text form should start with \\x and hold hex digits"))
+                            })?;
+                            &raw
+                        } else {
+                            v.as_bytes()
+                        };
+                        for (i, (_, ix)) in self
+                            .indexers
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, (c, _))| *c == j)
+                        {
+                            out.clear();
+                            ix.index(value, out).map_err(cell_err)?;
+                            new_bidx[i] = Some(ascii(out));
+                        }
+                        out.clear();
+                        s.seal(aad, self.fmt_flags, value, out).map_err(cell_err)?;
+                        new_vals[j] = Some(ascii(out));
+                    }
+                    (Engine::Open(o), Op::Encrypt) => {
+                        // --dry-run of encrypt: what would be sealed.
+                        if is_token {
+                            o.open(aad, v.as_bytes()).map_err(cell_err)?;
+                            counts.unchanged_tokens += 1;
+                            continue;
+                        }
+                    }
+                    (Engine::Open(o), _) => {
+                        if !is_token {
+                            counts.clear += 1;
+                            continue;
+                        }
+                        let (_, value) = o.open(aad, v.as_bytes()).map_err(cell_err)?;
+                        if op == Op::Decrypt {
+                            let text = if col.bytea() {
+                                hex_encode(value)
+                            } else {
+                                String::from_utf8(value.to_vec()).map_err(|_| {
+                                    cell_err(Error::format(
+                                        "the decrypted value is not UTF-8 text, so it cannot go into a text column (a bytea value? its column's type record is missing from hsmseal.columns)",
+                                    ))
+                                })?
+                            };
+                            new_vals[j] = Some(text);
+                        } else {
+                            // verify: opened, nothing written.
+                            continue;
+                        }
+                    }
+                    (Engine::Rewrap(r), _) => {
+                        if !is_token {
+                            counts.clear += 1;
+                            continue;
+                        }
+                        out.clear();
+                        if !r.rewrap(aad, v.as_bytes(), out).map_err(cell_err)? {
+                            counts.unchanged_tokens += 1;
+                            continue;
+                        }
+                        new_vals[j] = Some(ascii(out));
+                    }
+                }
+                counts.changed += 1;
+                changed_row = true;
+            }
+            if changed_row && writes {
+                for (i, k) in kv.iter().enumerate() {
+                    upd[i].push(Some(k.clone()));
+                }
+                for (j, v) in new_vals.into_iter().enumerate() {
+                    upd[nk + j].push(v);
+                }
+                for (i, v) in new_bidx.into_iter().enumerate() {
+                    upd[nk + t.cols.len() + i].push(v);
+                }
+                let tid: String = row
+                    .try_get(nk + t.cols.len())
+                    .map_err(db_err("cannot read a row's ctid"))?;
+                upd[nk + t.cols.len() + nb].push(Some(tid));
+            }
+            last = Some(kv);
+        }
+        Ok(Part { upd, counts, last })
+    }
+}
+
+/// Tokens and blind indexes are base64url or hex: ASCII, so this copy
+/// never loses a byte (a lossy conversion rather than a panic all the same).
+fn ascii(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
 }
 
 /// Takes the table's session advisory lock: one writing hsmseal run per
