@@ -1110,3 +1110,20 @@ fn two_runs_writing_one_output_at_once_leave_one_complete_file() {
         }
     }
 }
+
+#[test]
+fn decrypt_limits_count_the_tokens_of_a_parquet_file_before_decrypting() {
+    let c = Cli::with_key();
+    typed_file(&c, "in.parquet");
+    ok(&encrypt(&c, "in.parquet", "enc.parquet", &[]));
+    // Snappy or not, the tokens are counted from the columns read, not from
+    // a byte scan: every non-NULL cell of the 20 encrypted columns.
+    support::write(&c.path("hsmseal.toml"), b"[limits.k]\nmax_cells = 5\n");
+    let o = decrypt(&c, "dec.parquet", "out.parquet", &[]);
+    assert_eq!(code(&o), 7, "a missing input first: {}", err(&o));
+    let o = decrypt(&c, "enc.parquet", "out.parquet", &[]);
+    let e = refused(&c, &o, 2, "out.parquet");
+    assert!(e.contains("cells (max_cells = 5)"), "{e}");
+    support::write(&c.path("hsmseal.toml"), b"[limits.k]\nmax_cells = 1000\n");
+    ok(&decrypt(&c, "enc.parquet", "out.parquet", &[]));
+}

@@ -813,6 +813,30 @@ fn unsupported(name: &str, dt: &DataType) -> Error {
     ))
 }
 
+/// Cell `i` of a token column for decrypt and rewrap: `None` for NULL,
+/// else its token, whose binding (`prefix` and row id `rid`) is then in
+/// `aad`. A value without the token prefix is a format error (the caller
+/// adds row and column).
+fn token_cell<'a>(
+    sa: &'a arrow_array::StringArray,
+    i: usize,
+    prefix: &[u8],
+    rid: &[u8],
+    aad: &mut Vec<u8>,
+) -> Result<Option<&'a [u8]>> {
+    if sa.is_null(i) {
+        return Ok(None);
+    }
+    let v = sa.value(i).as_bytes();
+    if !has_prefix(v) {
+        return Err(Error::format(
+            "expected an hsmseal token but found a plaintext value",
+        ));
+    }
+    binding_encoded(aad, prefix, rid);
+    Ok(Some(v))
+}
+
 /// Per-run scratch buffers and counts.
 struct State<'s> {
     aad: Vec<u8>,
@@ -935,21 +959,13 @@ impl State<'_> {
                     let sa = a.as_string::<i32>();
                     self.plains.clear();
                     for i in 0..n {
-                        if sa.is_null(i) {
+                        let Some(v) = token_cell(sa, i, &s.prefix, rid_of(i), &mut self.aad)
+                            .map_err(|e| cell_err(i, e))?
+                        else {
                             self.plains.null();
                             self.stats.nulls += 1;
                             continue;
-                        }
-                        let v = sa.value(i).as_bytes();
-                        if !has_prefix(v) {
-                            return Err(cell_err(
-                                i,
-                                Error::format(
-                                    "expected an hsmseal token but found a plaintext value",
-                                ),
-                            ));
-                        }
-                        binding_encoded(&mut self.aad, &s.prefix, rid_of(i));
+                        };
                         let (flags, value) =
                             opener.open(&self.aad, v).map_err(|e| cell_err(i, e))?;
                         if token::token_format(flags) != Some(Format::Parquet) {
@@ -969,21 +985,13 @@ impl State<'_> {
                     let sa = a.as_string::<i32>();
                     let mut b = arrow_array::builder::StringBuilder::with_capacity(n, n * 200);
                     for i in 0..n {
-                        if sa.is_null(i) {
+                        let Some(v) = token_cell(sa, i, &s.prefix, rid_of(i), &mut self.aad)
+                            .map_err(|e| cell_err(i, e))?
+                        else {
                             b.append_null();
                             self.stats.nulls += 1;
                             continue;
-                        }
-                        let v = sa.value(i).as_bytes();
-                        if !has_prefix(v) {
-                            return Err(cell_err(
-                                i,
-                                Error::format(
-                                    "expected an hsmseal token but found a plaintext value",
-                                ),
-                            ));
-                        }
-                        binding_encoded(&mut self.aad, &s.prefix, rid_of(i));
+                        };
                         self.tok.clear();
                         rw.rewrap(&self.aad, v, &mut self.tok)
                             .map_err(|e| cell_err(i, e))?;
