@@ -5,7 +5,7 @@
 CARGO ?= cargo
 BIN := target/release/hsmseal
 
-.PHONY: all build deps test unit-test pg-e2e demo bench docs bless lint fmt clean fuzz test-containers spark-e2e
+.PHONY: all build deps test unit-test pg-e2e demo bench docs bless lint fmt clean fuzz test-containers spark-e2e parquet-pyarrow
 
 all: build
 
@@ -39,6 +39,12 @@ test-containers: deps
 # in .cache/spark-venv, reused) if missing.
 spark-e2e: deps build
 	./scripts/spark-e2e.sh $(BIN)
+
+# pyarrow reads every Parquet file hsmseal writes, and the decrypted table
+# equals the one pyarrow wrote (scripts/parquet-pyarrow.sh; pyarrow from
+# PyPI into target/pyarrow-venv, reused). Seconds, plus the download.
+parquet-pyarrow: deps build
+	./scripts/parquet-pyarrow.sh $(BIN)
 
 demo: deps build
 	./scripts/demo.sh $(BIN)

@@ -3,7 +3,7 @@
 # machine; writes docs/PERFORMANCE.md. Never used as a test: no thresholds.
 #
 #   scripts/bench.sh [path/to/hsmseal]      (env: BENCH_SIZE_MIB=1024, BENCH_BIG_MIB=4096,
-#                                            BENCH_REPS=5, BENCH_ONLY=files|spark)
+#                                            BENCH_REPS=5, BENCH_ONLY=files|spark|parquet)
 #
 # Files: a 1 GiB file from the page cache to a file, encrypted and decrypted by
 # hsmseal (default settings), age (X25519 recipient), openssl enc -aes-256-ctr
@@ -29,6 +29,14 @@ RAGE=${BENCH_RAGE:-$(command -v rage || true)}
 # BENCH_ONLY=spark: only the Spark stage against the CLI (scripts/bench-spark.sh,
 # into bench-out/spark.md); not in the default run: it downloads PySpark and
 # takes minutes.
+# BENCH_ONLY=parquet: only the Parquet column case (scripts/bench-parquet.sh,
+# into bench-out/parquet.md; 1 M and 4 M rows, pyarrow in target/pyarrow-venv).
+if [ "${BENCH_ONLY:-}" = parquet ]; then
+    mkdir -p "$OUT"
+    "$ROOT/scripts/bench-parquet.sh" "$BIN" > "$OUT/parquet.md"
+    echo "bench: wrote $OUT/parquet.md" >&2
+    exit 0
+fi
 if [ "${BENCH_ONLY:-}" = spark ]; then
     mkdir -p "$OUT"
     "$ROOT/scripts/bench-spark.sh" "$BIN" > "$OUT/spark.md"

@@ -11,6 +11,10 @@
 //!   renamed only after it is complete (`fs::AtomicFile`).
 //! - Memory is bounded by one row group: row groups are read, transformed
 //!   and written one at a time (the writer buffers the current group only).
+//! - Row group k of the output holds the rows of row group k of the input,
+//!   an empty group included.
+//! - A malformed input is an error (exit 8), never a panic: every call
+//!   into the parquet crate's reader goes through [`reading`].
 //! - NULLs stay NULL (never a token); a non-NULL cell's plaintext is the
 //!   byte encoding of [`plain`], and the column's type string is bound into
 //!   every token (the column id of the binding), so a changed type in the
@@ -36,6 +40,7 @@ use arrow_array::{make_array, Array, ArrayRef, BooleanArray, RecordBatch};
 use arrow_buffer::{Buffer, NullBuffer, OffsetBuffer, ScalarBuffer};
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::arrow_writer::compute_leaves;
 use parquet::arrow::ArrowWriter;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
@@ -53,6 +58,11 @@ pub const META_KEY: &str = "hsmseal.columns";
 /// Rows per Arrow batch read from a row group (a row group is read in
 /// several batches and written as one group).
 const READ_BATCH: usize = 8192;
+
+/// First byte of the binding's row id of a Parquet cell bound to its
+/// position (no `--row-id`): the row id encodings of FORMAT section 6 use
+/// 0, 1 and 2, so a position never reads as a row id value.
+const ROW_POSITION_TAG: u8 = 3;
 
 /// What the `hsmseal.columns` metadata value holds.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -400,6 +410,39 @@ fn pq_err(place: &str, e: impl std::fmt::Display) -> Error {
     ))
 }
 
+thread_local! {
+    /// Set while [`reading`] runs a call into the parquet crate on this
+    /// thread: a panic then is contained and becomes an error.
+    static CONTAINED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// True while a panic on this thread is contained by [`reading`] (a
+/// malformed file the parquet crate panics on rather than rejects): the
+/// binary's panic hook stays silent then, the error says it all.
+pub fn panic_is_contained() -> bool {
+    CONTAINED.with(|c| c.get())
+}
+
+/// Runs `f`, a call into the parquet crate reading the input, turning its
+/// error or its panic (some malformed files reach an `unwrap` inside the
+/// crate: tests/columns_parquet.rs found one in the footer's thrift
+/// decoder) into a format error (exit 8) naming `place`. Nothing of the
+/// reader is used after a panic: it is dropped with the unwinding closure
+/// or by the caller's early return.
+fn reading<T, E: std::fmt::Display>(
+    place: &str,
+    f: impl FnOnce() -> std::result::Result<T, E>,
+) -> Result<T> {
+    let was = CONTAINED.with(|c| c.replace(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CONTAINED.with(|c| c.set(was));
+    match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(pq_err(place, e)),
+        Err(_) => Err(pq_err(place, "the Parquet reader failed on malformed data")),
+    }
+}
+
 /// Encrypts the selected columns of the Parquet file `input` to `output`.
 pub fn encrypt(
     backend: &dyn KeyBackend,
@@ -503,8 +546,9 @@ fn run(
         .metadata()
         .map_err(|e| Error::io(format!("cannot read the input's size: {e}")))?
         .len();
-    let meta = ArrowReaderMetadata::load(&input, Default::default())
-        .map_err(|e| pq_err("not a readable Parquet file", e))?;
+    let meta = reading("not a readable Parquet file", || {
+        ArrowReaderMetadata::load(&input, Default::default())
+    })?;
     let schema = meta.schema().clone();
     let file_meta = meta.metadata().file_metadata();
     let kv: Vec<KeyValue> = file_meta.key_value_metadata().cloned().unwrap_or_default();
@@ -657,14 +701,20 @@ fn run(
         }
     }
     let inspecting = matches!(op, Op::Inspect(_));
+    // The low-level writer, so each input row group becomes one output row
+    // group, an empty one included (`ArrowWriter::flush` skips a group with
+    // no rows, which would drop the input's empty groups).
     let mut writer = if inspecting {
         None
     } else {
         Some(
             ArrowWriter::try_new(output, out_schema.clone(), Some(props.build()))
+                .and_then(|w| w.into_serialized_writer())
                 .map_err(|e| Error::format(format!("cannot write the Parquet output: {e}")))?,
         )
     };
+    let write_err =
+        |e: parquet::errors::ParquetError| Error::io(format!("writing the Parquet output: {e}"));
     let mut stats = ColumnStats {
         bytes_in: size,
         ..Default::default()
@@ -679,33 +729,51 @@ fn run(
     };
     let mut row: u64 = 0;
     for g in 0..pq_meta.num_row_groups() {
-        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(
-            input
-                .try_clone()
-                .map_err(|e| Error::io(format!("cannot reopen the input: {e}")))?,
-            meta.clone(),
-        )
-        .with_row_groups(vec![g])
-        .with_batch_size(READ_BATCH)
-        .build()
-        .map_err(|e| pq_err(&format!("row group {}", g + 1), e))?;
-        for batch in reader {
-            let batch = batch.map_err(|e| pq_err(&format!("row group {}", g + 1), e))?;
+        let place = format!("row group {}", g + 1);
+        let mut reader = reading(&place, || {
+            ParquetRecordBatchReaderBuilder::new_with_metadata(
+                input.try_clone().map_err(|e| e.to_string())?,
+                meta.clone(),
+            )
+            .with_row_groups(vec![g])
+            .with_batch_size(READ_BATCH)
+            .build()
+            .map_err(|e| e.to_string())
+        })?;
+        let mut columns = match &writer {
+            Some((_, factory)) => Some(factory.create_column_writers(g).map_err(write_err)?),
+            None => None,
+        };
+        while let Some(batch) = reading(&place, || reader.next().transpose())? {
             let out = st.batch(&mut op, &sels, &rids, &out_schema, &batch, row)?;
             row += batch.num_rows() as u64;
-            if let Some(w) = writer.as_mut() {
-                w.write(&out)
-                    .map_err(|e| Error::io(format!("writing the Parquet output: {e}")))?;
+            if let Some(cw) = columns.as_mut() {
+                let mut leaves = cw.iter_mut();
+                for (field, array) in out_schema.fields().iter().zip(out.columns()) {
+                    for leaf in compute_leaves(field, array).map_err(write_err)? {
+                        leaves
+                            .next()
+                            .ok_or_else(|| {
+                                Error::format("internal error: more leaf columns than writers")
+                            })?
+                            .write(&leaf)
+                            .map_err(write_err)?;
+                    }
+                }
             }
         }
-        if let Some(w) = writer.as_mut() {
-            w.flush()
-                .map_err(|e| Error::io(format!("writing the Parquet output: {e}")))?;
+        if let (Some((w, _)), Some(cw)) = (writer.as_mut(), columns) {
+            let mut rg = w.next_row_group().map_err(write_err)?;
+            for c in cw {
+                c.close()
+                    .and_then(|chunk| chunk.append_to_row_group(&mut rg))
+                    .map_err(write_err)?;
+            }
+            rg.close().map_err(write_err)?;
         }
     }
-    if let Some(mut w) = writer {
-        w.finish()
-            .map_err(|e| Error::io(format!("writing the Parquet output: {e}")))?;
+    if let Some((mut w, _)) = writer {
+        w.finish().map_err(write_err)?;
         stats.bytes_out = w.bytes_written() as u64;
     }
     stats.rows = row;
@@ -745,6 +813,30 @@ fn unsupported(name: &str, dt: &DataType) -> Error {
     ))
 }
 
+/// Cell `i` of a token column for decrypt and rewrap: `None` for NULL,
+/// else its token, whose binding (`prefix` and row id `rid`) is then in
+/// `aad`. A value without the token prefix is a format error (the caller
+/// adds row and column).
+fn token_cell<'a>(
+    sa: &'a arrow_array::StringArray,
+    i: usize,
+    prefix: &[u8],
+    rid: &[u8],
+    aad: &mut Vec<u8>,
+) -> Result<Option<&'a [u8]>> {
+    if sa.is_null(i) {
+        return Ok(None);
+    }
+    let v = sa.value(i).as_bytes();
+    if !has_prefix(v) {
+        return Err(Error::format(
+            "expected an hsmseal token but found a plaintext value",
+        ));
+    }
+    binding_encoded(aad, prefix, rid);
+    Ok(Some(v))
+}
+
 /// Per-run scratch buffers and counts.
 struct State<'s> {
     aad: Vec<u8>,
@@ -774,9 +866,14 @@ impl State<'_> {
         if !matches!(op, Op::Copy | Op::Inspect(_)) {
             for i in 0..n {
                 if rids.is_empty() {
-                    // Default binding: the row's 0-based position in the file.
-                    row_id_start(&mut self.rid, 1);
-                    row_id_part(&mut self.rid, &(row0 + i as u64).to_be_bytes());
+                    // Default binding: the row's 0-based position in the
+                    // file, under its own tag: encoded as a one-column row
+                    // id it would equal `--row-id ID` of an int64 ID equal
+                    // to the position, and a token bound to one would open
+                    // under the other.
+                    self.rid.clear();
+                    self.rid.push(ROW_POSITION_TAG);
+                    self.rid.extend_from_slice(&(row0 + i as u64).to_be_bytes());
                 } else {
                     row_id_start(&mut self.rid, rids.len());
                     for &c in rids {
@@ -862,21 +959,13 @@ impl State<'_> {
                     let sa = a.as_string::<i32>();
                     self.plains.clear();
                     for i in 0..n {
-                        if sa.is_null(i) {
+                        let Some(v) = token_cell(sa, i, &s.prefix, rid_of(i), &mut self.aad)
+                            .map_err(|e| cell_err(i, e))?
+                        else {
                             self.plains.null();
                             self.stats.nulls += 1;
                             continue;
-                        }
-                        let v = sa.value(i).as_bytes();
-                        if !has_prefix(v) {
-                            return Err(cell_err(
-                                i,
-                                Error::format(
-                                    "expected an hsmseal token but found a plaintext value",
-                                ),
-                            ));
-                        }
-                        binding_encoded(&mut self.aad, &s.prefix, rid_of(i));
+                        };
                         let (flags, value) =
                             opener.open(&self.aad, v).map_err(|e| cell_err(i, e))?;
                         if token::token_format(flags) != Some(Format::Parquet) {
@@ -896,21 +985,13 @@ impl State<'_> {
                     let sa = a.as_string::<i32>();
                     let mut b = arrow_array::builder::StringBuilder::with_capacity(n, n * 200);
                     for i in 0..n {
-                        if sa.is_null(i) {
+                        let Some(v) = token_cell(sa, i, &s.prefix, rid_of(i), &mut self.aad)
+                            .map_err(|e| cell_err(i, e))?
+                        else {
                             b.append_null();
                             self.stats.nulls += 1;
                             continue;
-                        }
-                        let v = sa.value(i).as_bytes();
-                        if !has_prefix(v) {
-                            return Err(cell_err(
-                                i,
-                                Error::format(
-                                    "expected an hsmseal token but found a plaintext value",
-                                ),
-                            ));
-                        }
-                        binding_encoded(&mut self.aad, &s.prefix, rid_of(i));
+                        };
                         self.tok.clear();
                         rw.rewrap(&self.aad, v, &mut self.tok)
                             .map_err(|e| cell_err(i, e))?;

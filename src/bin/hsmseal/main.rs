@@ -22,6 +22,14 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches};
 fn main() {
     // Before anything reads the PIN or a key: no core dump may hold them.
     hardening::disable_core_dumps();
+    // A panic the Parquet reader raises on a malformed file is contained
+    // and reported as a one-line error (exit 8): no panic message for it.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !hsmseal::columns::parquet::panic_is_contained() {
+            hook(info)
+        }
+    }));
     // An empty HSMSEAL_* variable means "unset" (config::resolve reads them
     // so); clap would parse it as an empty value. Removed here, before any
     // thread exists, so the environment is never changed under a reader.

@@ -63,19 +63,7 @@ fn charge_limits(app: &App, a: &crate::cli::ColumnsDecryptArgs) -> Result<()> {
                 *cells.entry(name.clone()).or_default() += n;
             }
         }
-        for (key, n) in cells {
-            guard
-                .charge(
-                    &key,
-                    hsmseal::guard::Usage {
-                        cells: n,
-                        bytes: size,
-                        ..Default::default()
-                    },
-                )
-                .map_err(|e| e.context(path.display().to_string()))?;
-        }
-        return Ok(());
+        return charge_cells(&guard, cells, size, path);
     }
     let mut scanner = hsmseal::deps::TokenScanner::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -92,6 +80,17 @@ fn charge_limits(app: &App, a: &crate::cli::ColumnsDecryptArgs) -> Result<()> {
     for (k, n) in scanner.finish() {
         *cells.entry(k.name).or_default() += n;
     }
+    charge_cells(&guard, cells, size, path)
+}
+
+/// Charges each key's cell count (and the dump's `size` in bytes) against
+/// its decrypt limits; an error names the dump at `path`.
+fn charge_cells(
+    guard: &hsmseal::guard::Guard,
+    cells: std::collections::BTreeMap<String, u64>,
+    size: u64,
+    path: &Path,
+) -> Result<()> {
     for (key, n) in cells {
         guard
             .charge(
