@@ -97,6 +97,27 @@ fn rsa_versions_rotate_disable_destroy_and_purge_as_aes_keys_do() {
         c.ok(&["decrypt", "-o", "-", "p1.hseal"]),
         b"sealed to dr v1"
     );
+    // `rotate` re-seals a slot this token can open to the current version
+    // (the token holds its public key), payload untouched; it still opens
+    // after v1 is destroyed below.
+    std::fs::copy(c.path("p1.hseal"), c.path("r1.hseal")).unwrap();
+    let before = std::fs::read(c.path("r1.hseal")).unwrap();
+    c.ok(&["rotate", "r1.hseal"]);
+    let after = std::fs::read(c.path("r1.hseal")).unwrap();
+    let hl = hsmseal::envelope::slots::header_len(1);
+    assert_eq!(before[hl..], after[hl..], "payload changed");
+    let s = support::json_one(&c.ok(&["--json", "inspect", "r1.hseal"]), "item");
+    assert_eq!(s["slots"][0]["version"], 2, "{s}");
+    assert_eq!(
+        c.ok(&["decrypt", "-o", "-", "r1.hseal"]),
+        b"sealed to dr v1"
+    );
+    c.ok(&["rotate", "r1.hseal"]);
+    assert_eq!(
+        std::fs::read(c.path("r1.hseal")).unwrap(),
+        after,
+        "second rotate"
+    );
     // A young key is not rotated again by a nightly job.
     let out = c.ok(&["--json", "key", "rotate", "dr", "--if-older-than", "1d"]);
     let r = support::json_one(&out, "key_rotation");
@@ -172,6 +193,10 @@ fn rsa_versions_rotate_disable_destroy_and_purge_as_aes_keys_do() {
     assert!(!c.path("p1.out").exists());
     assert_eq!(
         c.ok(&["decrypt", "-o", "-", "both.hseal"]),
+        b"sealed to dr v1"
+    );
+    assert_eq!(
+        c.ok(&["decrypt", "-o", "-", "r1.hseal"]),
         b"sealed to dr v1"
     );
     let out = c.run(&["key", "export-public", "dr", "--version", "1"]);

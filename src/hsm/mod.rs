@@ -126,6 +126,10 @@ pub struct Hsm {
     /// this `Hsm`'s public-key lifecycle changes, and a handle the token
     /// stops accepting is looked up again.
     pub_private: Mutex<HashMap<(KeyRef, [u8; 32]), ObjectHandle>>,
+    /// The current recipient of each public-key KWK name (`None`: the name
+    /// is no public-key KWK here), once built, for `rotate`'s re-sealing;
+    /// cleared with `pub_private`.
+    pub_current: Mutex<HashMap<String, Option<crate::envelope::recipient::Recipient>>>,
 }
 
 impl std::fmt::Debug for Hsm {
@@ -189,6 +193,7 @@ impl Hsm {
             kdks: Mutex::new(HashMap::new()),
             bidx_keys: Mutex::new(HashMap::new()),
             pub_private: Mutex::new(HashMap::new()),
+            pub_current: Mutex::new(HashMap::new()),
         })
     }
 

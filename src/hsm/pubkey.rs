@@ -471,6 +471,34 @@ impl Hsm {
     /// Drops every cached public-key handle (after a lifecycle change).
     pub(super) fn forget_pub(&self) {
         super::lock(&self.pub_private).clear();
+        super::lock(&self.pub_current).clear();
+    }
+
+    /// The recipient of `name`'s current version (`None`: `name` is no
+    /// public-key KWK on this token), built once per run (it costs a scan
+    /// and an OAEP probe).
+    pub(super) fn current_pub_recipient(&self, name: &str) -> Result<Option<Recipient>> {
+        if let Some(r) = super::lock(&self.pub_current).get(name) {
+            return Ok(r.clone());
+        }
+        let r = {
+            let admin = self.admin_reading()?;
+            match self.pub_family(&admin, name)? {
+                None => None,
+                Some(f) => {
+                    let k = KeyRef {
+                        name: name.to_string(),
+                        version: self.pub_current(&admin, &f)?,
+                    };
+                    let spki = self
+                        .pub_spki(&admin, f.ty, &k)?
+                        .ok_or_else(|| self.pub_missing_version(&f, k.version))?;
+                    Some(self.recipient_from(&admin, &k, spki)?)
+                }
+            }
+        };
+        super::lock(&self.pub_current).insert(name.to_string(), r.clone());
+        Ok(r)
     }
 
     /// Whether this token holds the private key of `k` with `fingerprint`
