@@ -136,6 +136,18 @@ pub trait KeyBackend: Send + Sync {
         )))
     }
 
+    /// The recipient of public-key KWK `name` at its current version, if
+    /// this store holds such a key (its public half is on the token), so
+    /// `rotate` can re-seal that key's slots to the current version
+    /// without anyone handing it a recipient file.
+    fn current_recipient(
+        &self,
+        name: &str,
+    ) -> Result<Option<crate::envelope::recipient::Recipient>> {
+        let _ = name;
+        Ok(None)
+    }
+
     /// How many calls into the key store (HSM) this backend has made so far.
     fn calls(&self) -> u64;
 }

@@ -276,6 +276,18 @@ fn error_messages_and_exit_codes_match_their_snapshot() {
             2,
         ),
         (
+            "columns encrypt --recipient",
+            vec!["columns", "encrypt", "-c", "ssn", "--recipient", "dr.pub"],
+            vec![],
+            2,
+        ),
+        (
+            "columns encrypt --group",
+            vec!["columns", "encrypt", "-c", "ssn", "--group", "backups"],
+            vec![],
+            2,
+        ),
+        (
             "dump format from stdin",
             vec!["columns", "encrypt", "-k", "k", "-c", "ssn"],
             vec![],

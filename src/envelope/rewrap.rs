@@ -200,17 +200,38 @@ fn rewrap_v2(
             )));
         }
     }
+    // AES slots move to their key's current version. A public-key slot
+    // whose private key this token holds is re-sealed to the current
+    // version's public key, which the token also holds (so nobody needs to
+    // hand `rotate` a recipient file); slots this token cannot open are
+    // kept byte-identical.
     let mut changes: Vec<(usize, KeyRef)> = Vec::new();
+    let mut reseal: Vec<(usize, crate::envelope::recipient::Recipient)> = Vec::new();
     for (i, s) in active.slots.iter().enumerate() {
-        if s.kind != SlotKind::Aes || name.is_some_and(|n| n != s.kwk.name) {
+        if name.is_some_and(|n| n != s.kwk.name) {
             continue;
         }
-        if !backend.has_version(&s.kwk)? {
-            continue;
-        }
-        let to = target_for(backend, &s.kwk, None)?;
-        if to != s.kwk {
-            changes.push((i, to));
+        match s.kind {
+            SlotKind::Aes => {
+                if !backend.has_version(&s.kwk)? {
+                    continue;
+                }
+                let to = target_for(backend, &s.kwk, None)?;
+                if to != s.kwk {
+                    changes.push((i, to));
+                }
+            }
+            SlotKind::RsaOaep => {
+                if !backend.has_private_key(&s.kwk, &s.fingerprint)? {
+                    continue;
+                }
+                if let Some(r) = backend.current_recipient(&s.kwk.name)? {
+                    if r.version != s.kwk.version {
+                        changes.push((i, r.key_ref()));
+                        reseal.push((i, r));
+                    }
+                }
+            }
         }
     }
     let Some((first, first_to)) = changes.first().cloned() else {
@@ -235,6 +256,10 @@ fn rewrap_v2(
         slots: active.slots.clone(),
     };
     for (i, to) in &changes {
+        if let Some((_, r)) = reseal.iter().find(|(j, _)| j == i) {
+            place.slots[*i] = r.seal_slot(n, &dek)?;
+            continue;
+        }
         let s = &mut place.slots[*i];
         s.kwk = to.clone();
         s.wrapped = backend.wrap(to, &dek, &slots::dek_aad(n, s))?;

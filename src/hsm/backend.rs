@@ -317,6 +317,13 @@ impl KeyBackend for Hsm {
         self.rsa_open(kwk, fingerprint, sha256, ciphertext)
     }
 
+    fn current_recipient(
+        &self,
+        name: &str,
+    ) -> Result<Option<crate::envelope::recipient::Recipient>> {
+        self.current_pub_recipient(name)
+    }
+
     fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
     }

@@ -62,7 +62,11 @@ impl std::fmt::Display for KeyState {
 pub struct KeyInfo {
     pub name: String,
     pub version: u32,
-    /// `hsmseal:{name}:v{version}`.
+    /// `aes` for a KWK; `rsa-oaep-3072`, `rsa-oaep-4096` (and other
+    /// public-key types, `super::pubkey::PubKeyType`) for a public-key KWK.
+    /// (Serialized as `key_type`: `type` is the JSON line's record tag.)
+    pub key_type: String,
+    /// `hsmseal:{name}:v{version}` (a public-key KWK: its type's prefix).
     pub label: String,
     pub state: KeyState,
     /// Creation time: `YYYY-MM-DDTHH:MM:SSZ` from `CKA_ID`, else the
@@ -100,6 +104,7 @@ impl KeyInfo {
         KeyInfo {
             name: name.to_string(),
             version,
+            key_type: "aes".into(),
             label: label(name, version),
             state: KeyState::Destroyed,
             created: None,

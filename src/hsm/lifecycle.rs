@@ -210,6 +210,7 @@ impl Hsm {
     pub fn create_key_with(&self, name: &str, backup: bool) -> Result<KeyInfo> {
         validate_key_name(name)?;
         let admin = self.admin_logged_in()?;
+        self.refuse_pub_name(&admin, name)?;
         let family = self.family(&admin, name)?;
         let t = &self.token_label;
         if let Some(newest) = family.newest() {
@@ -245,6 +246,16 @@ impl Hsm {
         let admin = self.admin_logged_in()?;
         let family = self.family(&admin, name)?;
         if family.is_empty() {
+            // A public-key KWK rotates the same way, under the same lock.
+            if let Some(pf) = self.pub_family(&admin, name)? {
+                if backup {
+                    return Err(Error::usage(format!(
+                        "--backup is for aes keys; {name} is a {} key",
+                        pf.ty.name()
+                    )));
+                }
+                return self.pub_rotate_locked(&admin, &pf);
+            }
             return Err(self.key_not_found(name));
         }
         let backup = backup || self.newest_is_backup_capable(&admin, &family)?;
@@ -274,10 +285,18 @@ impl Hsm {
         validate_key_name(name)?;
         let admin = self.admin_logged_in()?;
         let family = self.family(&admin, name)?;
-        if family.is_empty() {
-            return Err(self.key_not_found(name));
-        }
-        let versions = self.version_infos(&admin, &family)?;
+        let pub_family = if family.is_empty() {
+            match self.pub_family(&admin, name)? {
+                Some(pf) => Some(pf),
+                None => return Err(self.key_not_found(name)),
+            }
+        } else {
+            None
+        };
+        let versions = match &pub_family {
+            Some(pf) => self.pub_version_infos(&admin, pf)?,
+            None => self.version_infos(&admin, &family)?,
+        };
         let cutoff = now.saturating_sub(older_than);
         let current = versions.iter().find(|k| k.state == KeyState::Active);
         let stamp = |k: &KeyInfo| {
@@ -319,8 +338,13 @@ impl Hsm {
                 }
             },
         };
-        let backup = self.newest_is_backup_capable(&admin, &family)?;
-        let info = self.next_version_locked(&admin, &family, name, backup)?;
+        let info = match &pub_family {
+            Some(pf) => self.pub_rotate_locked(&admin, pf)?,
+            None => {
+                let backup = self.newest_is_backup_capable(&admin, &family)?;
+                self.next_version_locked(&admin, &family, name, backup)?
+            }
+        };
         Ok(RotateReport {
             key: name.to_string(),
             token: self.token_label.clone(),
@@ -370,6 +394,11 @@ impl Hsm {
                 out.extend(self.version_infos(&admin, &family)?);
             }
         }
+        // Public-key KWKs, with their type, in the same list.
+        for pf in self.pub_families(&admin)? {
+            out.extend(self.pub_version_infos(&admin, &pf)?);
+        }
+        out.sort_by(|a, b| (&a.name, a.version).cmp(&(&b.name, b.version)));
         Ok(out)
     }
 
@@ -380,7 +409,10 @@ impl Hsm {
         let admin = self.admin_reading()?;
         let family = self.family(&admin, name)?;
         if family.is_empty() {
-            return Err(self.key_not_found(name));
+            return match self.pub_family(&admin, name)? {
+                Some(pf) => self.pub_version_infos(&admin, &pf),
+                None => Err(self.key_not_found(name)),
+            };
         }
         self.version_infos(&admin, &family)
     }
@@ -404,6 +436,11 @@ impl Hsm {
         validate_key_name(&k.name)?;
         let admin = self.admin_reading()?;
         let family = self.family(&admin, &k.name)?;
+        if family.is_empty() {
+            if let Some(pf) = self.pub_family(&admin, &k.name)? {
+                return self.pub_destroy_target(&admin, &pf, k, force);
+            }
+        }
         self.destroy_target(&admin, &family, k, force)
     }
 
@@ -415,6 +452,22 @@ impl Hsm {
         validate_key_name(&k.name)?;
         let admin = self.admin_logged_in()?;
         let family = self.family(&admin, &k.name)?;
+        if family.is_empty() {
+            if let Some(pf) = self.pub_family(&admin, &k.name)? {
+                let target = self.pub_destroy_target(&admin, &pf, k, force)?;
+                // Also finishes an interrupted destroy (a public key left
+                // beside a destroyed private key).
+                self.pub_destroy_locked(&admin, &pf, &[k.version])?;
+                let previous = target.as_ref().map_or(KeyState::Destroyed, |i| i.state);
+                return self.pub_destroy_change(
+                    &admin,
+                    &k.name,
+                    k.version,
+                    previous,
+                    target.is_some(),
+                );
+            }
+        }
         let target = self.destroy_target(&admin, &family, k, force)?;
         let previous_state = target
             .as_ref()
@@ -463,15 +516,26 @@ impl Hsm {
             self.admin_logged_in()?
         };
         let family = self.family(&admin, name)?;
-        if family.is_empty() {
-            return Err(self.key_not_found(name));
-        }
-        let versions = self.version_infos(&admin, &family)?;
+        let pub_family = if family.is_empty() {
+            match self.pub_family(&admin, name)? {
+                Some(pf) => Some(pf),
+                None => return Err(self.key_not_found(name)),
+            }
+        } else {
+            None
+        };
+        let versions = match &pub_family {
+            Some(pf) => self.pub_version_infos(&admin, pf)?,
+            None => self.version_infos(&admin, &family)?,
+        };
         let cutoff = now.saturating_sub(older_than);
         let (destroyed, spared) = plan_purge(&versions, cutoff, needed);
         if !dry_run && !destroyed.is_empty() {
             let targets: Vec<u32> = destroyed.iter().map(|i| i.version).collect();
-            self.destroy_versions(&admin, &family, &targets)?;
+            match &pub_family {
+                Some(pf) => self.pub_destroy_locked(&admin, pf, &targets)?,
+                None => self.destroy_versions(&admin, &family, &targets)?,
+            }
         }
         Ok(PurgeReport {
             key: name.to_string(),
@@ -626,6 +690,11 @@ impl Hsm {
         let action = if enable { "enable" } else { "disable" };
         let admin = self.admin_logged_in()?;
         let family = self.family(&admin, &k.name)?;
+        if family.is_empty() {
+            if let Some(pf) = self.pub_family(&admin, &k.name)? {
+                return self.pub_set_enabled(&admin, &pf, k.version, enable);
+            }
+        }
         let handles = family.handles(k.version);
         if handles.is_empty() {
             return Err(self.missing_version(&family, k.version));
@@ -746,6 +815,33 @@ impl Hsm {
         if info.state == KeyState::Active && !force {
             return Err(Error::usage(format!(
                 "refusing to destroy {k}: it is the current version, which new encryptions under {} use. Run `hsmseal key rotate {}` first, or pass --force (new encryptions then use the highest remaining enabled version, or fail if there is none)",
+                k.name, k.name
+            )));
+        }
+        Ok(Some(info))
+    }
+
+    /// [`Self::destroy_target`] for a public-key KWK: the same rules.
+    fn pub_destroy_target(
+        &self,
+        admin: &Session,
+        pf: &super::pubkey_lifecycle::PubFamily,
+        k: &KeyRef,
+        force: bool,
+    ) -> Result<Option<KeyInfo>> {
+        if k.version > pf.last_issued() {
+            return Err(self.pub_missing_version(pf, k.version));
+        }
+        let versions = self.pub_version_infos(admin, pf)?;
+        let Some(info) = versions
+            .into_iter()
+            .find(|i| i.version == k.version && i.state != KeyState::Destroyed)
+        else {
+            return Ok(None);
+        };
+        if info.state == KeyState::Active && !force {
+            return Err(Error::usage(format!(
+                "refusing to destroy {k}: it is the current version, which `key export-public {}` hands out for new encryptions. Run `hsmseal key rotate {}` first, or pass --force",
                 k.name, k.name
             )));
         }

@@ -61,6 +61,7 @@ pub mod lock;
 mod module;
 mod objects;
 pub mod pubkey;
+mod pubkey_lifecycle;
 mod session;
 pub mod uri;
 
@@ -120,6 +121,15 @@ pub struct Hsm {
     /// The checked blind-index key of each key name, once found or made
     /// (see [`bidx_key`]); dropped when the last version is destroyed.
     bidx_keys: Mutex<HashMap<String, ObjectHandle>>,
+    /// The checked private key of each public-key KWK version (by version
+    /// and SPKI fingerprint), once looked up (see [`pubkey`]); cleared by
+    /// this `Hsm`'s public-key lifecycle changes, and a handle the token
+    /// stops accepting is looked up again.
+    pub_private: Mutex<HashMap<(KeyRef, [u8; 32]), ObjectHandle>>,
+    /// The current recipient of each public-key KWK name (`None`: the name
+    /// is no public-key KWK here), once built, for `rotate`'s re-sealing;
+    /// cleared with `pub_private`.
+    pub_current: Mutex<HashMap<String, Option<crate::envelope::recipient::Recipient>>>,
 }
 
 impl std::fmt::Debug for Hsm {
@@ -182,6 +192,8 @@ impl Hsm {
             audit_key: Mutex::new(None),
             kdks: Mutex::new(HashMap::new()),
             bidx_keys: Mutex::new(HashMap::new()),
+            pub_private: Mutex::new(HashMap::new()),
+            pub_current: Mutex::new(HashMap::new()),
         })
     }
 

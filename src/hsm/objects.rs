@@ -217,7 +217,7 @@ impl Hsm {
 /// The value of a high-water record: a canonical decimal version number in
 /// a `CKO_DATA` object. Anything else is ignored (the record only guards
 /// against reusing a version number; see [`lifecycle`]).
-fn read_high_water(admin: &Session, h: ObjectHandle) -> Option<u32> {
+pub(super) fn read_high_water(admin: &Session, h: ObjectHandle) -> Option<u32> {
     let attrs = admin
         .get_attributes(h, &[AttributeType::Class, AttributeType::Value])
         .ok()?;
@@ -288,6 +288,7 @@ pub(super) fn make_key_info(
     KeyInfo {
         name: k.name.clone(),
         version: k.version,
+        key_type: "aes".into(),
         label: kwk::label(&k.name, k.version),
         state,
         created,

@@ -956,6 +956,13 @@ pub struct ColumnsEncryptArgs {
     /// How values are normalised before their blind index is computed.
     #[arg(long, value_enum, value_name = "MODE", default_value = "none")]
     pub blind_index_normalize: NormalizeArg,
+    /// Not supported (hidden): accepted only to refuse it with the reason
+    /// (cells take AES keys only), instead of clap's unknown-argument error.
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub recipient: Vec<PathBuf>,
+    /// Not supported (hidden), as --recipient: a cell has one key.
+    #[arg(long, value_name = "NAME", hide = true)]
+    pub group: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]

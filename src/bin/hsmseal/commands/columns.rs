@@ -113,6 +113,18 @@ pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
         cmd => cmd,
     };
     // Usage errors first: no PIN prompt or HSM login for a mistyped flag.
+    if let ColumnsCommand::Encrypt(a) = &cmd {
+        if !a.recipient.is_empty() {
+            return Err(Error::usage(
+                "columns encrypt takes AES keys only (--key), not --recipient: each cell token would grow by a public-key ciphertext per recipient (384 bytes for RSA-3072); seal the whole dump to a recipient with `hsmseal encrypt --recipient FILE` instead (docs/FORMAT.md section 3.4)",
+            ));
+        }
+        if let Some(g) = &a.group {
+            return Err(Error::usage(format!(
+                "columns encrypt takes one AES key (--key), not --group {g}: a cell token holds one wrapped key, and recipients would grow each cell by a public-key ciphertext; seal the whole dump with `hsmseal encrypt --group {g}` instead (docs/FORMAT.md section 3.4)"
+            )));
+        }
+    }
     let key_name = match &cmd {
         ColumnsCommand::Encrypt(ColumnsEncryptArgs { key, .. }) => {
             Some(app.key_name(key.as_deref())?)

@@ -145,6 +145,12 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
             done(info.key_ref(), true);
             if app.json {
                 crate::report::emit("key", &info);
+            } else if info.key_type != "aes" {
+                crate::outln!(
+                    "created {name} v{v} on token {token} ({}): `hsmseal key export-public {name}` now hands out v{v}; older versions stay decrypt-only. Files were not changed (`hsmseal rotate` re-seals their {name} slots to v{v})",
+                    info.key_type,
+                    v = info.version
+                );
             } else {
                 crate::outln!(
                     "created {name} v{v} on token {token}: new encryptions under {name} use v{v}; older versions stay decrypt-only. Files were not changed (`hsmseal rewrap` rewraps them under v{v})",
@@ -559,9 +565,10 @@ fn print_keys(app: &App, keys: &[KeyInfo]) {
         return;
     }
     crate::outln!(
-        "{:<24} {:>7}  {:<12}  {:<20}  STATUS",
+        "{:<24} {:>7}  {:<13}  {:<12}  {:<20}  STATUS",
         "NAME",
         "VERSION",
+        "TYPE",
         "STATE",
         "CREATED"
     );
@@ -575,9 +582,10 @@ fn print_keys(app: &App, keys: &[KeyInfo]) {
             ),
         };
         crate::outln!(
-            "{:<24} {:>7}  {:<12}  {:<20}  {status}",
+            "{:<24} {:>7}  {:<13}  {:<12}  {:<20}  {status}",
             k.name,
             k.version,
+            k.key_type,
             k.state.to_string(),
             k.created.as_deref().unwrap_or("-"),
         );

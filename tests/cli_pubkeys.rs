@@ -1,0 +1,301 @@
+//! The lifecycle of public-key KWKs (issue 12 item 1) on real SoftHSM2
+//! tokens: versions, `key rotate` (also `--if-older-than`), disable and
+//! enable, destroy (crypto-shredding one slot while the file's other slot
+//! still opens it), purge with `--check`, `export-public` following the
+//! current version, `key list --json` showing the type, one type per name,
+//! and two `key rotate` of one RSA key at once issuing distinct versions.
+
+mod support;
+
+use std::process::Stdio;
+use support::{code, stderr, write, Cli};
+
+/// `key list --json` lines of key `name`: (version, state, key_type).
+fn listed(c: &Cli, name: &str) -> Vec<(u64, String, String)> {
+    let out = c.ok(&["--json", "key", "list"]);
+    support::json_of_type(&out, "key")
+        .iter()
+        .filter(|k| k["name"] == name)
+        .map(|k| {
+            (
+                k["version"].as_u64().unwrap(),
+                k["state"].as_str().unwrap().to_string(),
+                k["key_type"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn export(c: &Cli, name: &str, version: Option<&str>, file: &str) -> String {
+    let mut args = vec!["key", "export-public", name];
+    if let Some(v) = version {
+        args.extend(["--version", v]);
+    }
+    let out = c.ok(&args);
+    write(&c.path(file), &out);
+    String::from_utf8(out).unwrap()
+}
+
+#[test]
+fn rsa_versions_rotate_disable_destroy_and_purge_as_aes_keys_do() {
+    let c = Cli::new();
+    c.ok(&["key", "create", "dr", "--type", "rsa-oaep"]);
+    c.ok(&["key", "create", "a"]);
+    assert!(export(&c, "dr", None, "dr1.pub").contains("\nversion: 1\n"));
+    write(&c.path("p"), b"sealed to dr v1");
+    c.ok(&["encrypt", "--recipient", "dr1.pub", "-o", "p1.hseal", "p"]);
+    c.ok(&[
+        "encrypt",
+        "--key",
+        "a",
+        "--recipient",
+        "dr1.pub",
+        "-o",
+        "both.hseal",
+        "p",
+    ]);
+
+    // One type per name, both ways; nothing is created.
+    for (args, want) in [
+        (vec!["key", "create", "dr"], "is a rsa-oaep key"),
+        (
+            vec!["key", "create", "a", "--type", "rsa-oaep"],
+            "is an aes key",
+        ),
+        (
+            vec!["key", "create", "dr", "--type", "rsa-oaep"],
+            "already exists",
+        ),
+    ] {
+        let out = c.run(&args);
+        assert_eq!(code(&out), 4, "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
+        assert_eq!(
+            stderr(&out).trim_end().lines().count(),
+            1,
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert_eq!(listed(&c, "a").len(), 1);
+
+    // Rotate: v2 is current, same size; export-public follows it; the v1
+    // file still opens.
+    c.ok(&["key", "rotate", "dr"]);
+    assert_eq!(
+        listed(&c, "dr"),
+        [
+            (1, "decrypt-only".into(), "rsa-oaep-3072".into()),
+            (2, "active".into(), "rsa-oaep-3072".into())
+        ]
+    );
+    assert_eq!(listed(&c, "a")[0].2, "aes");
+    let v2 = export(&c, "dr", None, "dr2.pub");
+    assert!(v2.contains("\nversion: 2\n"), "{v2}");
+    assert_ne!(v2, export(&c, "dr", Some("1"), "dr1b.pub"));
+    assert_eq!(
+        c.ok(&["decrypt", "-o", "-", "p1.hseal"]),
+        b"sealed to dr v1"
+    );
+    // `rotate` re-seals a slot this token can open to the current version
+    // (the token holds its public key), payload untouched; it still opens
+    // after v1 is destroyed below.
+    std::fs::copy(c.path("p1.hseal"), c.path("r1.hseal")).unwrap();
+    let before = std::fs::read(c.path("r1.hseal")).unwrap();
+    c.ok(&["rotate", "r1.hseal"]);
+    let after = std::fs::read(c.path("r1.hseal")).unwrap();
+    let hl = hsmseal::envelope::slots::header_len(1);
+    assert_eq!(before[hl..], after[hl..], "payload changed");
+    let s = support::json_one(&c.ok(&["--json", "inspect", "r1.hseal"]), "item");
+    assert_eq!(s["slots"][0]["version"], 2, "{s}");
+    assert_eq!(
+        c.ok(&["decrypt", "-o", "-", "r1.hseal"]),
+        b"sealed to dr v1"
+    );
+    c.ok(&["rotate", "r1.hseal"]);
+    assert_eq!(
+        std::fs::read(c.path("r1.hseal")).unwrap(),
+        after,
+        "second rotate"
+    );
+    // A young key is not rotated again by a nightly job.
+    let out = c.ok(&["--json", "key", "rotate", "dr", "--if-older-than", "1d"]);
+    let r = support::json_one(&out, "key_rotation");
+    assert_eq!(
+        (r["rotated"].as_bool(), r["current_version"].as_u64()),
+        (Some(false), Some(2))
+    );
+
+    // Disable v1: the token refuses it; the file's AES slot still opens
+    // the other file; enable restores it.
+    c.ok(&["key", "disable", "dr", "--version", "1"]);
+    assert_eq!(listed(&c, "dr")[0].1, "disabled");
+    let out = c.run(&["decrypt", "-o", "p1.out", "p1.hseal"]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    assert!(stderr(&out).contains("is disabled"), "{}", stderr(&out));
+    assert!(!c.path("p1.out").exists());
+    assert_eq!(
+        c.ok(&["decrypt", "-o", "-", "both.hseal"]),
+        b"sealed to dr v1"
+    );
+    c.ok(&["key", "enable", "dr", "--version", "1"]);
+    assert_eq!(
+        c.ok(&["decrypt", "-o", "-", "p1.hseal"]),
+        b"sealed to dr v1"
+    );
+    // Disabling every version leaves no current version to export.
+    c.ok(&["key", "disable", "dr", "--version", "2"]);
+    c.ok(&["key", "disable", "dr", "--version", "1"]);
+    let out = c.run(&["key", "export-public", "dr"]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no usable version"),
+        "{}",
+        stderr(&out)
+    );
+    c.ok(&["key", "enable", "dr", "--version", "1"]);
+    c.ok(&["key", "enable", "dr", "--version", "2"]);
+
+    // Destroy: the current version only with --force; nothing without --yes.
+    let out = c.run(&["key", "destroy", "dr", "--version", "2", "--yes"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("current version"), "{}", stderr(&out));
+    let out = c.run(&["key", "destroy", "dr", "--version", "1"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("without --yes"), "{}", stderr(&out));
+    // --check: a file sealed to v1 still needs it.
+    std::fs::create_dir(c.path("data")).unwrap();
+    std::fs::copy(c.path("p1.hseal"), c.path("data/p1.hseal")).unwrap();
+    let out = c.run(&[
+        "key",
+        "destroy",
+        "dr",
+        "--version",
+        "1",
+        "--yes",
+        "--check",
+        "data",
+    ]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("refusing to destroy dr v1"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(listed(&c, "dr")[0].1, "decrypt-only");
+    c.ok(&["key", "destroy", "dr", "--version", "1", "--yes"]);
+    assert_eq!(listed(&c, "dr")[0].1, "destroyed");
+    // (It can no longer be searched: its only slot is gone.)
+    std::fs::remove_file(c.path("data/p1.hseal")).unwrap();
+    // Crypto-shredding: v1's slot is gone, the AES slot still opens.
+    let out = c.run(&["decrypt", "-o", "p1.out", "p1.hseal"]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    assert!(!c.path("p1.out").exists());
+    assert_eq!(
+        c.ok(&["decrypt", "-o", "-", "both.hseal"]),
+        b"sealed to dr v1"
+    );
+    assert_eq!(
+        c.ok(&["decrypt", "-o", "-", "r1.hseal"]),
+        b"sealed to dr v1"
+    );
+    let out = c.run(&["key", "export-public", "dr", "--version", "1"]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    assert!(stderr(&out).contains("was destroyed"), "{}", stderr(&out));
+
+    // Purge: v3 current; v2 old enough (cutoff now) but a file needs it.
+    c.ok(&["key", "rotate", "dr"]);
+    c.ok(&[
+        "encrypt",
+        "--recipient",
+        "dr2.pub",
+        "-o",
+        "data/p2.hseal",
+        "p",
+    ]);
+    let out = c.run(&["key", "purge", "dr", "--older-than", "0s"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("would destroy v2"),
+        "{}",
+        stderr(&out)
+    );
+    let out = c.run(&[
+        "key",
+        "purge",
+        "dr",
+        "--older-than",
+        "0s",
+        "--yes",
+        "--check",
+        "data",
+    ]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert_eq!(listed(&c, "dr")[1].1, "decrypt-only");
+    c.ok(&["key", "purge", "dr", "--older-than", "0s", "--yes"]);
+    let states: Vec<String> = listed(&c, "dr").into_iter().map(|v| v.1).collect();
+    assert_eq!(states, ["destroyed", "destroyed", "active"]);
+    // Destroying the newest keeps its number: the next rotate makes v4.
+    c.ok(&["key", "destroy", "dr", "--version", "3", "--yes", "--force"]);
+    c.ok(&["key", "rotate", "dr"]);
+    let numbers: Vec<u64> = listed(&c, "dr").into_iter().map(|v| v.0).collect();
+    assert_eq!(numbers, [1, 2, 3, 4]);
+    assert!(export(&c, "dr", None, "dr4.pub").contains("\nversion: 4\n"));
+}
+
+#[test]
+fn doctor_lists_public_key_kwks_with_their_type() {
+    let c = Cli::new();
+    c.ok(&["key", "create", "dr", "--type", "rsa-oaep"]);
+    let out = c.ok(&["--json", "doctor"]);
+    let v: serde_json::Value = support::json_lines(&out)
+        .into_iter()
+        .find(|l| l.get("keys").is_some())
+        .expect("doctor report");
+    let keys = v["keys"].as_array().unwrap();
+    let dr: Vec<_> = keys.iter().filter(|k| k["name"] == "dr").collect();
+    assert_eq!(dr.len(), 1, "{keys:?}");
+    assert_eq!(dr[0]["key_type"], "rsa-oaep-3072");
+    assert_eq!(dr[0]["label"], "hsmseal-rsa:dr:v1");
+    assert!(dr[0]["problems"].as_array().unwrap().is_empty());
+    let text = String::from_utf8(c.ok(&["key", "list"])).unwrap();
+    assert!(text.contains("rsa-oaep-3072"), "{text}");
+}
+
+/// Two `key rotate` of one RSA key at once: the exclusive token lock AES
+/// rotation takes makes them issue distinct versions.
+#[test]
+fn two_rsa_rotates_at_once_issue_distinct_versions() {
+    let c = Cli::new();
+    c.ok(&["key", "create", "dr", "--type", "rsa-oaep"]);
+    let rounds = 3;
+    for round in 0..rounds {
+        let children: Vec<_> = (0..2)
+            .map(|_| {
+                let mut cmd = c.cmd();
+                cmd.args(["key", "rotate", "dr"])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                cmd.spawn().unwrap()
+            })
+            .collect();
+        for ch in children {
+            let out = ch.wait_with_output().unwrap();
+            assert_eq!(code(&out), 0, "round {round}: {}", stderr(&out));
+        }
+    }
+    let versions: Vec<u64> = listed(&c, "dr").into_iter().map(|v| v.0).collect();
+    assert_eq!(versions, (1..=1 + 2 * rounds).collect::<Vec<u64>>());
+    // Each version is a distinct key pair.
+    let mut fingerprints = std::collections::BTreeSet::new();
+    for v in 1..=1 + 2 * rounds {
+        let text = export(&c, "dr", Some(&v.to_string()), "x.pub");
+        let fp = text
+            .lines()
+            .find(|l| l.starts_with("fingerprint: "))
+            .unwrap()
+            .to_string();
+        assert!(fingerprints.insert(fp), "v{v} repeats a key pair");
+    }
+}
