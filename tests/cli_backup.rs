@@ -10,7 +10,6 @@
 mod support;
 
 use std::path::Path;
-use std::process::Command;
 use support::{code, data, stderr, write, Cli};
 
 /// `hsmseal key backup-trust` as A's security officer (PIN in the
@@ -26,30 +25,6 @@ fn trust(a: &Cli, file: &str) -> std::process::Output {
 
 fn copy(from: &Cli, to: &Cli, name: &str) {
     std::fs::copy(from.path(name), to.path(name)).unwrap();
-}
-
-/// `pkcs11-tool --list-objects` on `c`'s token, logged in.
-fn list_objects(c: &Cli) -> String {
-    let out = Command::new("pkcs11-tool")
-        .env("SOFTHSM2_CONF", &c.token.conf)
-        .arg("--module")
-        .arg(&c.token.module)
-        .args([
-            "--token-label",
-            &c.token.label,
-            "--login",
-            "--pin",
-            &c.token.pin,
-        ])
-        .arg("--list-objects")
-        .output()
-        .expect("run pkcs11-tool (apt-get install opensc)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// The lines pkcs11-tool prints for the object labelled `label`.
@@ -237,7 +212,7 @@ fn restore_drill_file_and_v2_dump_open_on_b_even_after_a_destroys_the_key() {
         write(&b.path(name), bad.as_bytes());
         let out = b.run(&["key", "restore", name]);
         assert_eq!(code(&out), exit, "{name}: {}", stderr(&out));
-        let listing = list_objects(&b);
+        let listing = support::list_objects(&b);
         assert!(!listing.contains("hsmseal:pii"), "{name} left:\n{listing}");
         assert!(
             !listing.contains("hsmseal-kdk:pii"),
@@ -275,7 +250,7 @@ fn restore_drill_file_and_v2_dump_open_on_b_even_after_a_destroys_the_key() {
     }
 
     // Attributes on B, as another PKCS#11 client sees them.
-    let listing = list_objects(&b);
+    let listing = support::list_objects(&b);
     let kwk = object(&listing, "hsmseal:pii:v1");
     assert!(kwk[0].starts_with("Secret Key Object; AES"), "{kwk:?}");
     assert_eq!(field(&kwk, "Usage"), "encrypt, decrypt", "{kwk:?}");
@@ -292,7 +267,7 @@ fn restore_drill_file_and_v2_dump_open_on_b_even_after_a_destroys_the_key() {
         "{tk:?}"
     );
     // On A, the trusted copy of the public key only wraps.
-    let on_a = list_objects(&a);
+    let on_a = support::list_objects(&a);
     let pubkey = object(&on_a, "hsmseal-transport:dr1");
     assert!(
         pubkey[0].starts_with("Public Key Object; RSA 3072"),
@@ -547,7 +522,7 @@ fn concurrent_restores_of_one_backup_make_one_copy() {
         let mut sorted = codes.clone();
         sorted.sort();
         assert_eq!(sorted, [0, 4, 4], "round {round}: {codes:?}");
-        let listing = list_objects(&b);
+        let listing = support::list_objects(&b);
         assert_eq!(
             listing.matches("label:      hsmseal:k:v1\n").count(),
             1,

@@ -299,3 +299,40 @@ fn two_rsa_rotates_at_once_issue_distinct_versions() {
         assert!(fingerprints.insert(fp), "v{v} repeats a key pair");
     }
 }
+
+/// With an audit log configured, a recipients-only encrypt on a host that
+/// cannot reach the token is refused before anything is written, naming
+/// the audit_log setting to change (never an unauthenticated entry).
+#[test]
+fn an_audited_recipient_encrypt_without_the_token_names_the_audit_log_setting() {
+    let c = Cli::new();
+    c.ok(&["key", "create", "dr", "--type", "rsa-oaep"]);
+    export(&c, "dr", None, "dr.pub");
+    write(&c.path("p"), b"backup");
+    let run = |audit: bool| {
+        let mut cmd = std::process::Command::new(support::BIN);
+        support::clear_hsmseal_env(&mut cmd);
+        cmd.current_dir(c.work.path())
+            .env("HSMSEAL_PKCS11_MODULE", "/nonexistent/no-such-pkcs11.so")
+            .args(["encrypt", "--recipient", "dr.pub", "-o", "p.hseal", "p"]);
+        if audit {
+            cmd.env("HSMSEAL_AUDIT_LOG", "audit.log");
+        }
+        support::run_cmd(cmd, None)
+    };
+    let out = run(true);
+    assert_ne!(code(&out), 0, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("remove that audit_log setting")
+            && err.contains("environment HSMSEAL_AUDIT_LOG"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(!c.path("p.hseal").exists());
+    assert!(!c.path("audit.log").exists());
+    // Without the audit log the same host encrypts.
+    let out = run(false);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(c.path("p.hseal").exists());
+}

@@ -163,30 +163,6 @@ fn groups_from_the_config_file_and_their_refusals() {
     assert_eq!(&std::fs::read(c.path("q.hseal")).unwrap()[8..10], &[0, 1]);
 }
 
-/// `pkcs11-tool --list-objects` on `c`'s token, logged in.
-fn list_objects(c: &Cli) -> String {
-    let out = std::process::Command::new("pkcs11-tool")
-        .env("SOFTHSM2_CONF", &c.token.conf)
-        .arg("--module")
-        .arg(&c.token.module)
-        .args([
-            "--token-label",
-            &c.token.label,
-            "--login",
-            "--pin",
-            &c.token.pin,
-        ])
-        .arg("--list-objects")
-        .output()
-        .expect("run pkcs11-tool (apt-get install opensc)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// The pkcs11-tool lines of the object of class `class` labelled `label`.
 fn object(listing: &str, class: &str, label: &str) -> String {
     let blocks: Vec<String> = listing.split("\n").fold(Vec::<String>::new(), |mut v, l| {
@@ -222,7 +198,7 @@ fn a_recipient_encrypts_without_the_token_and_opens_only_where_the_private_key_i
     write(&a.path("dr.pub"), &public);
 
     // The private key: sensitive, never extractable, decrypt only.
-    let listing = list_objects(&b);
+    let listing = support::list_objects(&b);
     let private = object(&listing, "Private Key Object", "hsmseal-rsa:dr:v1");
     assert!(private.contains("Usage:      decrypt\n"), "{private}");
     assert!(

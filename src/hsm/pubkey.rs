@@ -202,6 +202,31 @@ impl Hsm {
         })
     }
 
+    /// The one object of `class` labelled as `k`; `None` if there is none,
+    /// refused if there are several (no guessing which one a slot means).
+    fn one_pub(
+        &self,
+        s: &Session,
+        ty: PubKeyType,
+        k: &KeyRef,
+        class: ObjectClass,
+    ) -> Result<Option<ObjectHandle>> {
+        match self.find_pub(s, ty, k, class)?.as_slice() {
+            [] => Ok(None),
+            [h] => Ok(Some(*h)),
+            _ => Err(Error::key(format!(
+                "token {:?} has several {} objects labelled {}; refusing to guess",
+                self.token_label,
+                if class == ObjectClass::PUBLIC_KEY {
+                    "public-key"
+                } else {
+                    "private-key"
+                },
+                ty.label(&k.name, k.version)
+            ))),
+        }
+    }
+
     /// The SPKI DER of the public key object of `k`, if there is exactly one.
     pub(super) fn pub_spki(
         &self,
@@ -217,18 +242,8 @@ impl Hsm {
     /// The SPKI DER of the RSA public key object of `k`, if there is exactly one.
     fn rsa_spki(&self, s: &Session, k: &KeyRef) -> Result<Option<Vec<u8>>> {
         let t = &self.token_label;
-        let h = match self
-            .find_pub(s, PubKeyType::RsaOaep, k, ObjectClass::PUBLIC_KEY)?
-            .as_slice()
-        {
-            [] => return Ok(None),
-            [h] => *h,
-            _ => {
-                return Err(Error::key(format!(
-                    "token {t:?} has several public keys labelled {}; refusing to guess",
-                    rsa_label(&k.name, k.version)
-                )))
-            }
+        let Some(h) = self.one_pub(s, PubKeyType::RsaOaep, k, ObjectClass::PUBLIC_KEY)? else {
+            return Ok(None);
         };
         let attrs =
             match s.get_attributes(h, &[AttributeType::Modulus, AttributeType::PublicExponent]) {
@@ -272,18 +287,8 @@ impl Hsm {
             Some(spki) if fingerprint_of(&spki) == *fingerprint => {}
             _ => return Ok(None),
         }
-        let h = match self
-            .find_pub(s, ty, k, ObjectClass::PRIVATE_KEY)?
-            .as_slice()
-        {
-            [] => return Ok(None),
-            [h] => *h,
-            _ => {
-                return Err(Error::key(format!(
-                    "token {t:?} has several private keys labelled {}; refusing to guess",
-                    ty.label(&k.name, k.version)
-                )))
-            }
+        let Some(h) = self.one_pub(s, ty, k, ObjectClass::PRIVATE_KEY)? else {
+            return Ok(None);
         };
         let attrs = s
             .get_attributes(h, &private_attribute_types(ty))

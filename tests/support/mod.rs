@@ -201,3 +201,28 @@ pub fn blind_index<'a>(spec: &'a str, normalize: &'a str, bits: Option<&'a str>)
     }
     a
 }
+
+/// `pkcs11-tool --list-objects` on `c`'s token, logged in (the
+/// attribute checks of tests/cli_backup.rs and tests/cli_recipients.rs).
+pub fn list_objects(c: &Cli) -> String {
+    let out = std::process::Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", &c.token.conf)
+        .arg("--module")
+        .arg(&c.token.module)
+        .args([
+            "--token-label",
+            &c.token.label,
+            "--login",
+            "--pin",
+            &c.token.pin,
+        ])
+        .arg("--list-objects")
+        .output()
+        .expect("run pkcs11-tool (apt-get install opensc)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}

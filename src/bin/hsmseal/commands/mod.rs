@@ -83,7 +83,10 @@ pub fn run(cli: Cli, prepared: Result<Option<settings::Settings>>) -> Result<i32
     let logged = audit::logged_name(&cli.command)
         .and_then(|name| audit::configured_log(&app).map(|log| (name, log)));
     if let Some((name, log)) = &logged {
-        hsmseal::audit::check(&*app.hsm()?, log)?;
+        let hsm = app
+            .hsm()
+            .map_err(|e| tokenless_audit(&app, &cli.command, e))?;
+        hsmseal::audit::check(&*hsm, log)?;
         audit::log_if_interrupted(&app, name, log);
     }
     let outcome = match cli.command {
@@ -103,5 +106,29 @@ pub fn run(cli: Cli, prepared: Result<Option<settings::Settings>>) -> Result<i32
     match logged {
         Some((name, log)) => audit::after_run(&app, &name, &log, outcome),
         None => outcome,
+    }
+}
+
+/// A recipients-only `encrypt` needs no token, except for a configured
+/// audit log: its entries are MACed by the token's audit key. On a host
+/// that cannot reach the token the run is refused, naming the setting to
+/// change, rather than logged unauthenticated: an entry anyone could have
+/// written is what an audit log must never contain, and an operator who
+/// configured one expects every run in it (docs/SECURITY.md, "The audit
+/// log"; README, "Deploying: backup hosts without the PIN").
+fn tokenless_audit(app: &App, cmd: &Command, e: hsmseal::error::Error) -> hsmseal::error::Error {
+    let recipients_only = matches!(cmd, Command::Encrypt(a)
+        if a.key.is_empty() && a.group.is_none() && !a.recipient.is_empty());
+    match &app.settings.audit_log {
+        Some(s) if recipients_only => hsmseal::error::Error::new(
+            e.kind(),
+            format!(
+                "encrypt --recipient needs no token, but the audit log {} (audit_log, set by {}) is signed with the token's audit key, which this host cannot reach ({}); on a backup host without the token remove that audit_log setting (the token's hosts keep the log), or give this host the token",
+                s.value.display(),
+                s.source,
+                e.message()
+            ),
+        ),
+        _ => e,
     }
 }
