@@ -11,6 +11,7 @@
 //! Invariant: one key with no group writes v1 byte for byte as before;
 //! readers take both versions.
 
+pub mod ec_recipient;
 pub mod file;
 pub mod header;
 pub mod recipient;

@@ -317,6 +317,14 @@ impl KeyBackend for Hsm {
         self.rsa_open(kwk, fingerprint, sha256, ciphertext)
     }
 
+    fn has_ec_private_key(&self, kwk: &KeyRef, fingerprint: &[u8; 32]) -> Result<bool> {
+        self.ec_has(kwk, fingerprint)
+    }
+
+    fn ecdh_derive(&self, kwk: &KeyRef, fingerprint: &[u8; 32], point: &[u8]) -> Result<SecretKey> {
+        self.ec_derive(kwk, fingerprint, point)
+    }
+
     fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
     }

@@ -187,6 +187,12 @@ impl Hsm {
             || !admin
                 .find_objects(&[Attribute::Label(super::kwk::label(name, 1).into_bytes())])
                 .map_err(|e| token_error(e, t, "looking up keys"))?
+                .is_empty()
+            || !admin
+                .find_objects(&[Attribute::Label(
+                    super::ecdh::ec_label(name, 1).into_bytes(),
+                )])
+                .map_err(|e| token_error(e, t, "looking up keys"))?
                 .is_empty();
         if taken {
             return Err(Error::key(format!(
