@@ -29,7 +29,7 @@ use p256::PublicKey;
 /// The `algorithm:` line of an EC-P256 recipient file and the slot type.
 pub const EC_ALGORITHM: &str = "ec-p256";
 /// An uncompressed SEC1 P-256 point: 0x04 || X (32) || Y (32).
-pub const POINT_LEN: usize = 65;
+pub const POINT_LEN: usize = slots::EC_POINT_LEN;
 /// HKDF info: domain separation of the slot key.
 const SLOT_KEY_INFO: &[u8] = b"hsmseal ec-p256 slot key v1\0";
 
@@ -201,7 +201,7 @@ impl EcRecipient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::recipient::AnyRecipient;
+    use crate::envelope::any_recipient::AnyRecipient;
     use crate::envelope::slots::Header2;
     use aes_gcm::aead::{Aead, KeyInit, Payload};
     use sha2::{Digest, Sha256};

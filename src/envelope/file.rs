@@ -108,7 +108,7 @@ pub fn is_v2(h: &[u8]) -> bool {
 /// recipient's public key (sealed on the host, no key store needed).
 pub enum Target {
     Kwk(KeyRef),
-    Recipient(super::recipient::AnyRecipient),
+    Recipient(super::any_recipient::AnyRecipient),
 }
 
 impl Target {

@@ -48,6 +48,8 @@ pub const PLACES_OFFSET: usize = 512;
 const PLACE_HEAD: usize = 32;
 /// Largest public-key ciphertext a slot holds (RSA-4096).
 pub const MAX_TRANSPORT_LEN: usize = 512;
+/// The public-key field of a kind-3 slot: an uncompressed P-256 point.
+pub const EC_POINT_LEN: usize = 65;
 
 // Offsets inside a slot.
 const KIND: usize = 0;
@@ -444,7 +446,7 @@ fn decode_slot(b: &[u8]) -> std::result::Result<Slot, String> {
         // The point's curve check is at unwrap time (a bad point fails
         // that slot only, as a bad RSA ciphertext does); here its form.
         SlotKind::EcP256 => {
-            if b[HASH] != 0 || tlen != super::ec_recipient::POINT_LEN || b[TRANSPORT] != 0x04 {
+            if b[HASH] != 0 || tlen != EC_POINT_LEN || b[TRANSPORT] != 0x04 {
                 return Err("an ec-p256 slot with a bad hash or point field".into());
             }
             None

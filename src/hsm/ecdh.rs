@@ -39,16 +39,11 @@ use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
-/// Label prefix of EC-P256 KWK objects.
-pub const EC_LABEL_PREFIX: &str = "hsmseal-ec:";
+pub use super::kwk::{ec_label, EC_LABEL_PREFIX};
 
 /// DER of the named-curve OID prime256v1 (1.2.840.10045.3.1.7), the
 /// `CKA_EC_PARAMS` of every key this module makes.
 pub const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-
-pub fn ec_label(name: &str, version: u32) -> String {
-    format!("{EC_LABEL_PREFIX}{name}:v{version}")
-}
 
 /// The attributes the private-key check reads.
 const CHECKED: [AttributeType; 9] = [

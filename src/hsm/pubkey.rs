@@ -189,9 +189,7 @@ impl Hsm {
                 .map_err(|e| token_error(e, t, "looking up keys"))?
                 .is_empty()
             || !admin
-                .find_objects(&[Attribute::Label(
-                    super::ecdh::ec_label(name, 1).into_bytes(),
-                )])
+                .find_objects(&[Attribute::Label(super::kwk::ec_label(name, 1).into_bytes())])
                 .map_err(|e| token_error(e, t, "looking up keys"))?
                 .is_empty();
         if taken {

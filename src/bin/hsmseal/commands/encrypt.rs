@@ -11,7 +11,7 @@ use crate::report::ItemReport;
 use crate::select::walk::{classify, Kind};
 use crate::select::{self, check_suffix, Want};
 use hsmseal::backend::{KeyBackend, KeyRef, WrappedKey};
-use hsmseal::envelope::recipient::AnyRecipient;
+use hsmseal::envelope::any_recipient::AnyRecipient;
 use hsmseal::envelope::{file, header};
 use hsmseal::error::{Error, Result};
 use hsmseal::secret::SecretKey;
