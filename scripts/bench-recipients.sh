@@ -2,7 +2,9 @@
 # `BENCH_ONLY=recipients scripts/bench.sh` (or this script directly): bulk
 # encrypt of 10,000 small files with `--recipient` (RSA-OAEP on the host,
 # no token) against the same with an AES KWK (one C_Encrypt per file), and
-# decrypt of both (C_Decrypt with AES-GCM, resp. RSA-OAEP, in SoftHSM2).
+# decrypt of both (C_Decrypt with AES-GCM, resp. RSA-OAEP, in SoftHSM2);
+# and the same with an ec-p256 recipient (ECDH on the host; C_DeriveKey
+# with CKM_ECDH1_DERIVE in SoftHSM2 to decrypt).
 # Prints a Markdown table of medians of BENCH_REPS (default 3) interleaved
 # rounds. Never used as a test: no thresholds.
 #
@@ -23,6 +25,8 @@ softhsm2-util --init-token --free --label bench --pin "$HSMSEAL_PIN" --so-pin so
 "$BIN" key create bench >/dev/null
 "$BIN" key create dr --type rsa-oaep >/dev/null
 "$BIN" key export-public dr > dr.pub
+"$BIN" key create ec --type ec-p256 >/dev/null
+"$BIN" key export-public ec > ec.pub
 # 10,000 files of 1-4 KiB.
 for i in $(seq "$N"); do head -c $((1024 + (i % 4) * 1024)) /dev/urandom > "tree/f$i"; done
 
@@ -35,18 +39,22 @@ run() { # NAME CMD...
     echo "$name: $(echo "$t1 - $t0" | bc)s" >&2
 }
 for rep in $(seq "$REPS"); do
-    rm -rf aes rcp dec-aes dec-rcp
+    rm -rf aes rcp ecp dec-aes dec-rcp dec-ecp
     run "encrypt-aes" "$BIN" --jobs "$JOBS" encrypt --key bench -r tree --output-dir aes
     # Recipient only: no module, token or PIN in the environment.
     run "encrypt-recipient" env -u HSMSEAL_PIN -u HSMSEAL_TOKEN -u SOFTHSM2_CONF \
         HSMSEAL_PKCS11_MODULE=/nonexistent.so "$BIN" --jobs "$JOBS" encrypt --recipient dr.pub -r tree --output-dir rcp
+    run "encrypt-ec" env -u HSMSEAL_PIN -u HSMSEAL_TOKEN -u SOFTHSM2_CONF \
+        HSMSEAL_PKCS11_MODULE=/nonexistent.so "$BIN" --jobs "$JOBS" encrypt --recipient ec.pub -r tree --output-dir ecp
     run "decrypt-aes" "$BIN" --jobs "$JOBS" decrypt -r aes --output-dir dec-aes
     run "decrypt-recipient" "$BIN" --jobs "$JOBS" decrypt -r rcp --output-dir dec-rcp
+    run "decrypt-ec" "$BIN" --jobs "$JOBS" decrypt -r ecp --output-dir dec-ecp
 done
 median() { grep "^$1 " raw.txt | awk '{print $2}' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 ea=$(median encrypt-aes); er=$(median encrypt-recipient)
 da=$(median decrypt-aes); dr=$(median decrypt-recipient)
-echo "| $N files, --jobs $JOBS | AES KWK (s) | --recipient RSA-3072 (s) | ratio |"
-echo "|---|---:|---:|---:|"
-echo "| encrypt | $ea | $er | $(echo "scale=2; $er / $ea" | bc) |"
-echo "| decrypt | $da | $dr | $(echo "scale=2; $dr / $da" | bc) |"
+ee=$(median encrypt-ec); de=$(median decrypt-ec)
+echo "| $N files, --jobs $JOBS | AES KWK (s) | --recipient RSA-3072 (s) | ratio | --recipient EC-P256 (s) | ratio |"
+echo "|---|---:|---:|---:|---:|---:|"
+echo "| encrypt | $ea | $er | $(echo "scale=2; $er / $ea" | bc) | $ee | $(echo "scale=2; $ee / $ea" | bc) |"
+echo "| decrypt | $da | $dr | $(echo "scale=2; $dr / $da" | bc) | $de | $(echo "scale=2; $de / $da" | bc) |"

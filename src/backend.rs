@@ -148,6 +148,24 @@ pub trait KeyBackend: Send + Sync {
         Ok(None)
     }
 
+    /// Whether the store holds the private key of EC-P256 KWK version
+    /// `kwk` whose public key has SPKI SHA-256 `fingerprint`.
+    fn has_ec_private_key(&self, kwk: &KeyRef, fingerprint: &[u8; 32]) -> Result<bool> {
+        let _ = (kwk, fingerprint);
+        Ok(false)
+    }
+
+    /// The ECDH shared secret (x-coordinate, 32 bytes) of the private key
+    /// of EC-P256 KWK version `kwk` whose SPKI has SHA-256 `fingerprint`
+    /// and the uncompressed P-256 `point` of a v2 kind-3 slot
+    /// (docs/FORMAT.md section 3.3). The point is validated first.
+    fn ecdh_derive(&self, kwk: &KeyRef, fingerprint: &[u8; 32], point: &[u8]) -> Result<SecretKey> {
+        let _ = (fingerprint, point);
+        Err(Error::key(format!(
+            "this key store has no EC keys, so it cannot open the slot of {kwk}"
+        )))
+    }
+
     /// How many calls into the key store (HSM) this backend has made so far.
     fn calls(&self) -> u64;
 }

@@ -108,7 +108,7 @@ pub fn is_v2(h: &[u8]) -> bool {
 /// recipient's public key (sealed on the host, no key store needed).
 pub enum Target {
     Kwk(KeyRef),
-    Recipient(super::recipient::Recipient),
+    Recipient(super::any_recipient::AnyRecipient),
 }
 
 impl Target {
@@ -208,6 +208,10 @@ pub fn unwrap_slot(backend: &dyn KeyBackend, n: usize, slot: &Slot) -> Result<Se
             )?;
             super::recipient::gcm_unwrap(&k, &slot.wrapped, &aad)
         }
+        SlotKind::EcP256 => {
+            let z = backend.ecdh_derive(&slot.kwk, &slot.fingerprint, &slot.transport)?;
+            super::ec_recipient::open_slot(&z, n, slot)
+        }
     }
 }
 
@@ -238,6 +242,7 @@ fn unwrap_v2(
         let here = match s.kind {
             SlotKind::Aes => backend.has_version(&s.kwk)?,
             SlotKind::RsaOaep => backend.has_private_key(&s.kwk, &s.fingerprint)?,
+            SlotKind::EcP256 => backend.has_ec_private_key(&s.kwk, &s.fingerprint)?,
         };
         if !here {
             reports[i].status = "not on this token".into();

@@ -51,6 +51,59 @@ pub fn fingerprint_of(spki: &[u8]) -> [u8; 32] {
     Sha256::digest(spki).into()
 }
 
+/// The `key: value` lines of a recipient file, shared by every algorithm.
+pub(super) struct Fields<'a> {
+    source: &'a str,
+    fields: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> Fields<'a> {
+    /// Checks the first line and splits the rest; each key once.
+    pub(super) fn parse(text: &'a str, source: &'a str) -> Result<Fields<'a>> {
+        let mut f = Fields {
+            source,
+            fields: Vec::new(),
+        };
+        let mut lines = text.lines();
+        if lines.next() != Some(RECIPIENT_MAGIC) {
+            return Err(f.bad(&format!("its first line is not `{RECIPIENT_MAGIC}`")));
+        }
+        for l in lines {
+            if l.trim().is_empty() || l.starts_with('#') {
+                continue;
+            }
+            let (k, v) = l
+                .split_once(": ")
+                .ok_or_else(|| f.bad(&format!("line {l:?} is not `key: value`")))?;
+            if f.fields.iter().any(|(x, _)| *x == k) {
+                return Err(f.bad(&format!("`{k}:` appears twice")));
+            }
+            f.fields.push((k, v.trim()));
+        }
+        Ok(f)
+    }
+
+    /// The error for a bad file: names it and the fix.
+    pub(super) fn bad(&self, why: &str) -> Error {
+        Error::format(format!(
+            "{} is not a valid hsmseal recipient file: {why} (export it again with `hsmseal key export-public NAME` on the token that holds the key)",
+            self.source
+        ))
+    }
+
+    pub(super) fn has(&self, k: &str) -> bool {
+        self.fields.iter().any(|(x, _)| *x == k)
+    }
+
+    pub(super) fn get(&self, k: &str) -> Result<&'a str> {
+        self.fields
+            .iter()
+            .find(|(x, _)| *x == k)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| self.bad(&format!("no `{k}:` line")))
+    }
+}
+
 impl Recipient {
     pub fn key_ref(&self) -> KeyRef {
         KeyRef {
@@ -81,35 +134,9 @@ impl Recipient {
 
     /// Parses [`Self::to_text`]; `source` names the file in errors.
     pub fn parse(text: &str, source: &str) -> Result<Recipient> {
-        let bad = |why: &str| {
-            Error::format(format!(
-                "{source} is not a valid hsmseal recipient file: {why} (export it again with `hsmseal key export-public NAME` on the token that holds the key)"
-            ))
-        };
-        let mut lines = text.lines();
-        if lines.next() != Some(RECIPIENT_MAGIC) {
-            return Err(bad(&format!("its first line is not `{RECIPIENT_MAGIC}`")));
-        }
-        let mut fields: Vec<(&str, &str)> = Vec::new();
-        for l in lines {
-            if l.trim().is_empty() || l.starts_with('#') {
-                continue;
-            }
-            let (k, v) = l
-                .split_once(": ")
-                .ok_or_else(|| bad(&format!("line {l:?} is not `key: value`")))?;
-            if fields.iter().any(|(x, _)| *x == k) {
-                return Err(bad(&format!("`{k}:` appears twice")));
-            }
-            fields.push((k, v.trim()));
-        }
-        let get = |k: &str| -> Result<&str> {
-            fields
-                .iter()
-                .find(|(x, _)| *x == k)
-                .map(|(_, v)| *v)
-                .ok_or_else(|| bad(&format!("no `{k}:` line")))
-        };
+        let f = Fields::parse(text, source)?;
+        let bad = |why: &str| f.bad(why);
+        let get = |k: &str| f.get(k);
         let name = get("name")?.to_string();
         validate_key_name(&name).map_err(|_| bad("bad key name"))?;
         let version: u32 = get("version")?
@@ -135,7 +162,7 @@ impl Recipient {
         let algorithm = get("algorithm")?;
         if !["rsa-oaep-3072", "rsa-oaep-4096"].contains(&algorithm) {
             return Err(bad(&format!(
-                "unknown algorithm {algorithm:?} (this hsmseal knows rsa-oaep-3072 and rsa-oaep-4096)"
+                "unknown algorithm {algorithm:?} (this hsmseal knows rsa-oaep-3072, rsa-oaep-4096 and ec-p256)"
             )));
         }
         let r = Recipient {

@@ -232,6 +232,9 @@ fn rewrap_v2(
                     }
                 }
             }
+            // EC keys have version 1 only for now (no `key rotate`), so an
+            // EC slot is always at its key's current version: kept as is.
+            SlotKind::EcP256 => {}
         }
     }
     let Some((first, first_to)) = changes.first().cloned() else {

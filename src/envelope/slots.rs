@@ -48,6 +48,8 @@ pub const PLACES_OFFSET: usize = 512;
 const PLACE_HEAD: usize = 32;
 /// Largest public-key ciphertext a slot holds (RSA-4096).
 pub const MAX_TRANSPORT_LEN: usize = 512;
+/// The public-key field of a kind-3 slot: an uncompressed P-256 point.
+pub const EC_POINT_LEN: usize = 65;
 
 // Offsets inside a slot.
 const KIND: usize = 0;
@@ -72,8 +74,10 @@ const PAYLOAD_CONTEXT_LABEL: &[u8] = b"hsmseal file payload v2\0";
 pub enum SlotKind {
     /// Kind 1: AES-256-GCM under a KWK in the HSM (`C_Encrypt`), as v1.
     Aes,
-    /// Kind 2: an RSA-OAEP public key. Kind 3 (EC-P256) is reserved.
+    /// Kind 2: an RSA-OAEP public key.
     RsaOaep,
+    /// Kind 3: an EC-P256 public key (ephemeral-static ECDH, HKDF).
+    EcP256,
 }
 
 impl SlotKind {
@@ -81,12 +85,14 @@ impl SlotKind {
         match self {
             SlotKind::Aes => 1,
             SlotKind::RsaOaep => 2,
+            SlotKind::EcP256 => 3,
         }
     }
     pub fn name(self) -> &'static str {
         match self {
             SlotKind::Aes => "aes",
             SlotKind::RsaOaep => "rsa-oaep",
+            SlotKind::EcP256 => "ec-p256",
         }
     }
 }
@@ -128,7 +134,8 @@ pub struct Slot {
     /// Public-key slots: the OAEP hash and SHA-256 of the key's SPKI DER.
     pub oaep: Option<OaepHash>,
     pub fingerprint: [u8; 32],
-    /// Public-key slots: RSA-OAEP ciphertext of the 32-byte slot key.
+    /// Public-key slots: RSA-OAEP ciphertext of the 32-byte slot key
+    /// (kind 2), or the ephemeral P-256 point, uncompressed (kind 3).
     pub transport: Vec<u8>,
     /// The DEK under AES-256-GCM: by the KWK in the HSM (kind 1) or by the
     /// slot key (kind 2), with [`dek_aad`].
@@ -163,6 +170,11 @@ impl Slot {
             SlotKind::Aes => format!("aes key {}", self.kwk),
             SlotKind::RsaOaep => format!(
                 "rsa-oaep key {} (fingerprint sha256:{})",
+                self.kwk,
+                hex(&self.fingerprint[..8])
+            ),
+            SlotKind::EcP256 => format!(
+                "ec-p256 key {} (fingerprint sha256:{})",
                 self.kwk,
                 hex(&self.fingerprint[..8])
             ),
@@ -400,7 +412,7 @@ fn decode_slot(b: &[u8]) -> std::result::Result<Slot, String> {
     let kind = match b[KIND] {
         1 => SlotKind::Aes,
         2 => SlotKind::RsaOaep,
-        3 => return Err("kind 3 (EC-P256) is not supported by this hsmseal".into()),
+        3 => SlotKind::EcP256,
         k => return Err(format!("unknown slot kind {k}")),
     };
     let name_len = b[NAME_LEN] as usize;
@@ -430,6 +442,14 @@ fn decode_slot(b: &[u8]) -> std::result::Result<Slot, String> {
                 return Err("bad public-key ciphertext length".into());
             }
             Some(h)
+        }
+        // The point's curve check is at unwrap time (a bad point fails
+        // that slot only, as a bad RSA ciphertext does); here its form.
+        SlotKind::EcP256 => {
+            if b[HASH] != 0 || tlen != EC_POINT_LEN || b[TRANSPORT] != 0x04 {
+                return Err("an ec-p256 slot with a bad hash or point field".into());
+            }
+            None
         }
     };
     if b[HASH + 1] != 0

@@ -324,6 +324,14 @@ impl KeyBackend for Hsm {
         self.current_pub_recipient(name)
     }
 
+    fn has_ec_private_key(&self, kwk: &KeyRef, fingerprint: &[u8; 32]) -> Result<bool> {
+        self.ec_has(kwk, fingerprint)
+    }
+
+    fn ecdh_derive(&self, kwk: &KeyRef, fingerprint: &[u8; 32], point: &[u8]) -> Result<SecretKey> {
+        self.ec_derive(kwk, fingerprint, point)
+    }
+
     fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
     }

@@ -219,6 +219,15 @@ pub fn label(name: &str, version: u32) -> String {
     format!("{LABEL_PREFIX}{name}:v{version}")
 }
 
+/// Label prefix of EC-P256 KWK objects (`hsm::ecdh`); here, beside the AES
+/// label, so each key type's creation can refuse a name another type holds.
+pub const EC_LABEL_PREFIX: &str = "hsmseal-ec:";
+
+/// The label of both objects of an EC-P256 KWK version.
+pub fn ec_label(name: &str, version: u32) -> String {
+    format!("{EC_LABEL_PREFIX}{name}:v{version}")
+}
+
 /// The `CKA_ID` of a key version: its label, `@`, and its creation time
 /// (RFC 3339, UTC, whole seconds). Keys are looked up by label, so the ID is
 /// free to carry the time.

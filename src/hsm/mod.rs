@@ -51,6 +51,7 @@ mod backend;
 pub mod backup;
 pub mod bidx_key;
 pub mod doctor;
+pub mod ecdh;
 mod errors;
 pub mod hmac_keys;
 pub mod hmac_object;

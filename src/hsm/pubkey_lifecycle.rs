@@ -197,6 +197,7 @@ impl Hsm {
         name: &str,
     ) -> Result<()> {
         let t = &self.token_label;
+        self.refuse_ec_name(admin, name, ty.name())?;
         if !self.family(admin, name)?.is_empty() {
             return Err(Error::key(format!(
                 "key {name:?} on token {t:?} is an aes key; a name is used by one key type only, so it cannot also be {}: choose another name",
@@ -220,8 +221,27 @@ impl Hsm {
         Ok(())
     }
 
+    /// Refuses `name` when an `ec-p256` key uses it. EC keys are not in
+    /// [`PUBKEY_TYPES`] yet (they have version 1 only, made by
+    /// `Hsm::create_ec_key`), so their one label is looked up directly;
+    /// once EC joins the table, `pub_family` covers it and this goes.
+    pub(super) fn refuse_ec_name(&self, admin: &Session, name: &str, wanted: &str) -> Result<()> {
+        let label = super::kwk::ec_label(name, 1);
+        let found = admin
+            .find_objects(&[Attribute::Label(label.into_bytes())])
+            .map_err(|e| token_error(e, &self.token_label, "looking up keys"))?;
+        if found.is_empty() {
+            return Ok(());
+        }
+        Err(Error::key(format!(
+            "key {name:?} on token {:?} is an ec-p256 key; a name is used by one key type only, so it cannot also be {wanted}: choose another name",
+            self.token_label
+        )))
+    }
+
     /// Refuses to create an AES key under a name a public-key KWK uses.
     pub(super) fn refuse_pub_name(&self, admin: &Session, name: &str) -> Result<()> {
+        self.refuse_ec_name(admin, name, "aes")?;
         match self.pub_family(admin, name)? {
             None => Ok(()),
             Some(f) => Err(Error::key(format!(

@@ -397,16 +397,18 @@ pub enum KeyCommand {
         /// sensitive. Versions made by `key rotate` keep this
         #[arg(long)]
         backup: bool,
-        /// Key type: aes (AES-256, the default) or rsa-oaep (an RSA key pair:
+        /// Key type: aes (AES-256, the default), rsa-oaep (an RSA key pair:
         /// the private key decrypt-only in the HSM, the public key exported
-        /// with `key export-public` for `encrypt --recipient`)
-        #[arg(long = "type", value_name = "TYPE", default_value = "aes", value_parser = ["aes", "rsa-oaep"])]
+        /// with `key export-public` for `encrypt --recipient`) or ec-p256 (a
+        /// P-256 key pair, the private key derive-only (ECDH), exported the
+        /// same way)
+        #[arg(long = "type", value_name = "TYPE", default_value = "aes", value_parser = ["aes", "rsa-oaep", "ec-p256"])]
         key_type: String,
         /// RSA modulus size for --type rsa-oaep: 3072 or 4096
         #[arg(long, value_name = "BITS", default_value_t = 3072, value_parser = clap::builder::TypedValueParser::map(clap::builder::PossibleValuesParser::new(["3072", "4096"]), |s: String| s.parse::<u64>().unwrap_or(3072)))]
         bits: u64,
     },
-    /// Write the recipient file of an rsa-oaep key to stdout
+    /// Write the recipient file of an rsa-oaep or ec-p256 key to stdout
     ///
     /// The recipient file (docs/FORMAT.md section 3.4: name, version,
     /// algorithm, OAEP hash, public key, fingerprint) is not secret: hosts
@@ -628,7 +630,7 @@ pub struct EncryptArgs {
     /// Encrypt to every key of [groups.NAME] in hsmseal.toml (format v2)
     #[arg(long, value_name = "NAME")]
     pub group: Option<String>,
-    /// Encrypt to the rsa-oaep key in this recipient file (from `hsmseal
+    /// Encrypt to the rsa-oaep or ec-p256 key in this recipient file (from `hsmseal
     /// key export-public`), repeatable; with recipients only, no PKCS#11
     /// module, token or PIN is used (format v2)
     #[arg(long, value_name = "FILE")]

@@ -11,7 +11,7 @@ use crate::report::ItemReport;
 use crate::select::walk::{classify, Kind};
 use crate::select::{self, check_suffix, Want};
 use hsmseal::backend::{KeyBackend, KeyRef, WrappedKey};
-use hsmseal::envelope::recipient::Recipient;
+use hsmseal::envelope::any_recipient::AnyRecipient;
 use hsmseal::envelope::{file, header};
 use hsmseal::error::{Error, Result};
 use hsmseal::secret::SecretKey;
@@ -148,10 +148,10 @@ impl KeyBackend for NoKeyStore {
 /// The key names (`--key`, repeatable, and `--group`'s keys, or the
 /// default key when no recipient is given) and the recipients
 /// (`--recipient` and `--group`'s recipients) to seal to; each once.
-fn key_names(app: &App, args: &EncryptArgs) -> Result<(Vec<String>, Vec<Recipient>)> {
+fn key_names(app: &App, args: &EncryptArgs) -> Result<(Vec<String>, Vec<AnyRecipient>)> {
     let mut recipients = Vec::new();
     for p in &args.recipient {
-        recipients.push(Recipient::load(p)?);
+        recipients.push(AnyRecipient::load(p)?);
     }
     if let Some(g) = &args.group {
         if let Some(group) = app.settings.groups.get(g) {
@@ -162,17 +162,17 @@ fn key_names(app: &App, args: &EncryptArgs) -> Result<(Vec<String>, Vec<Recipien
                 .and_then(Path::parent)
                 .unwrap_or(Path::new("."));
             for p in &group.recipients {
-                recipients.push(Recipient::load(&base.join(p))?);
+                recipients.push(AnyRecipient::load(&base.join(p))?);
             }
         }
     }
     let names = key_names_only(app, args, recipients.is_empty())?;
     let mut seen = std::collections::BTreeSet::new();
     for r in &recipients {
-        if names.contains(&r.name) || !seen.insert(r.name.clone()) {
+        let name = r.key_ref().name;
+        if names.contains(&name) || !seen.insert(name.clone()) {
             return Err(Error::usage(format!(
-                "key {} is given twice (each key or recipient gets one slot)",
-                r.name
+                "key {name} is given twice (each key or recipient gets one slot)"
             )));
         }
     }

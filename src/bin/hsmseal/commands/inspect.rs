@@ -44,7 +44,7 @@ struct Inspection {
 struct SlotInfo {
     key: String,
     version: u32,
-    /// "aes" or "rsa-oaep".
+    /// "aes", "rsa-oaep" or "ec-p256".
     r#type: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     oaep_hash: Option<&'static str>,

@@ -88,9 +88,39 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
                 );
             }
         }
+        KeyCommand::Create {
+            name,
+            key_type,
+            backup,
+            ..
+        } if key_type == "ec-p256" => {
+            if backup {
+                return Err(Error::usage(
+                    "--backup is for aes keys; an ec-p256 key's data stays reachable through the other keys of each file (encrypt --key and --recipient together)",
+                ));
+            }
+            let r = hsm.create_ec_key(&name)?;
+            done(r.key_ref(), true);
+            let fp = format!("sha256:{}", hsmseal::envelope::slots::hex(&r.fingerprint()));
+            if app.json {
+                crate::report::emit(
+                    "key",
+                    &serde_json::json!({"name": name, "version": r.version, "key_type": "ec-p256", "fingerprint": fp}),
+                );
+            } else {
+                crate::outln!(
+                    "created {name} v1 on token {token} (EC P-256, private key derive-only (ECDH), never extractable); fingerprint {fp}; `hsmseal key export-public {name}` writes its recipient file"
+                );
+            }
+        }
         KeyCommand::ExportPublic { name, version } => {
-            let r = hsm.export_recipient(&name, version)?;
-            crate::outln!("{}", r.to_text().trim_end());
+            // An EC key of that name first; otherwise RSA (whose error
+            // names the missing key).
+            let text = match hsm.export_ec_recipient(&name, version.unwrap_or(1))? {
+                Some(r) => r.to_text(),
+                None => hsm.export_recipient(&name, version)?.to_text(),
+            };
+            crate::outln!("{}", text.trim_end());
         }
         KeyCommand::Create { name, backup, .. } => {
             let info = hsm.create_key_with(&name, backup)?;

@@ -1,0 +1,342 @@
+//! EC-P256 recipients (issue 12 item 1, slot kind 3) end to end on real
+//! SoftHSM2 tokens: `key create --type ec-p256` (private key checked with
+//! pkcs11-tool), `key export-public`, `encrypt --recipient` with no module,
+//! token or PIN, decrypt/verify/inspect where the private key is, a file
+//! under an AES key on token A and the EC key on token B opening from
+//! either, `rotate` on A keeping B's slot byte-identical, and the
+//! refusals: every edited slot field, an off-curve or identity ephemeral
+//! point, a recipient file with a bad point, a name already taken.
+
+mod support;
+
+use hsmseal::envelope::file::AnyHeader;
+use hsmseal::envelope::slots::{self, Header2, Slot};
+use support::{code, data, stderr, write, Cli};
+
+fn slots_json(c: &Cli, file: &str) -> Vec<serde_json::Value> {
+    let out = c.ok(&["--json", "inspect", file]);
+    let v = support::json_one(&out, "item");
+    v["slots"].as_array().unwrap().clone()
+}
+
+/// Bytes of slot `i` in the place in force of a 2-slot v2 file.
+fn slot_bytes(file: &[u8], i: usize) -> Vec<u8> {
+    let h = Header2::parse(file).unwrap();
+    let off = slots::place_offset(2, h.active().0) + 32 + i * slots::SLOT_LEN;
+    file[off..off + slots::SLOT_LEN].to_vec()
+}
+
+/// `file` (a v2 file) with slot `i` of its place in force changed by `edit`
+/// and the place's checksum recomputed: what an attacker can write.
+fn edited(file: &[u8], i: usize, edit: impl Fn(&mut Slot)) -> Vec<u8> {
+    let AnyHeader::V2(h) = AnyHeader::parse(file).unwrap() else {
+        panic!("v1")
+    };
+    let mut e = h.clone();
+    let (idx, _) = e.active();
+    if let Some(Ok(p)) = &mut e.places[idx] {
+        edit(&mut p.slots[i]);
+    }
+    let mut bytes = e.to_bytes();
+    bytes.extend_from_slice(&file[h.len()..]);
+    bytes
+}
+
+/// The pkcs11-tool description of the private key labelled `label`.
+fn private_key_listing(c: &Cli, label: &str) -> String {
+    let out = std::process::Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", &c.token.conf)
+        .arg("--module")
+        .arg(&c.token.module)
+        .args(["--token-label", &c.token.label, "--login", "--pin"])
+        .arg(&c.token.pin)
+        .args(["--list-objects", "--type", "privkey"])
+        .output()
+        .expect("run pkcs11-tool (apt-get install opensc)");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let at = text
+        .find(&format!("label:      {label}\n"))
+        .unwrap_or_else(|| panic!("no private key {label} in:\n{text}"));
+    let end = text[at..]
+        .find("\nPrivate Key Object")
+        .map_or(text.len(), |e| at + e);
+    text[at..end].to_string()
+}
+
+/// A token with an AES key `a`, a token with the EC key `dr`, and `dr`'s
+/// recipient file in A's work directory.
+fn two_tokens() -> (Cli, Cli, String) {
+    let a = Cli::new();
+    a.ok(&["key", "create", "a"]);
+    let b = Cli::new();
+    let out = b.ok(&["key", "create", "dr", "--type", "ec-p256"]);
+    let said = String::from_utf8_lossy(&out);
+    assert!(
+        said.contains("EC P-256") && said.contains("fingerprint sha256:"),
+        "{said}"
+    );
+    let public = b.ok(&["key", "export-public", "dr"]);
+    write(&a.path("dr.pub"), &public);
+    (a, b, String::from_utf8(public).unwrap())
+}
+
+#[test]
+fn an_ec_recipient_encrypts_without_the_token_and_opens_only_where_the_private_key_is() {
+    let (a, b, text) = two_tokens();
+    assert!(
+        text.starts_with(
+            "hsmseal-recipient v1\nname: dr\nversion: 1\nalgorithm: ec-p256\npublic-key: "
+        ) && !text.contains("oaep-hash"),
+        "{text}"
+    );
+    // `--version 1` names the same key; the JSON of create names the type.
+    assert_eq!(
+        b.ok(&["key", "export-public", "dr", "--version", "1"]),
+        text.as_bytes()
+    );
+    let out = b.ok(&["--json", "key", "create", "dr2", "--type", "ec-p256"]);
+    assert_eq!(support::json_one(&out, "key")["key_type"], "ec-p256");
+
+    // The private key: sensitive, never extractable, derive only.
+    let private = private_key_listing(&b, "hsmseal-ec:dr:v1");
+    assert!(private.contains("Usage:      derive\n"), "{private}");
+    assert!(
+        private.contains("Access:     sensitive, always sensitive, never extractable, local"),
+        "{private}"
+    );
+
+    // Recipient only, no module, no token, no PIN: works.
+    let plain = data(70_000, 5);
+    write(&a.path("p"), &plain);
+    let mut cmd = std::process::Command::new(support::BIN);
+    support::clear_hsmseal_env(&mut cmd);
+    cmd.current_dir(a.work.path())
+        .env("HSMSEAL_PKCS11_MODULE", "/nonexistent/no-such-pkcs11.so")
+        .args(["encrypt", "--recipient", "dr.pub", "-o", "r.hseal", "p"]);
+    let out = support::run_cmd(cmd, None);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    // ... and opens only on B.
+    let out = a.run(&["decrypt", "-o", "r.out", "r.hseal"]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("slot 0 (ec-p256 key dr v1"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!a.path("r.out").exists());
+    std::fs::copy(a.path("r.hseal"), b.path("r.hseal")).unwrap();
+    b.ok(&["decrypt", "-o", "r.out", "r.hseal"]);
+    assert_eq!(std::fs::read(b.path("r.out")).unwrap(), plain);
+    // Another EC key of the same name on another token: not this slot.
+    let c = Cli::new();
+    c.ok(&["key", "create", "dr", "--type", "ec-p256"]);
+    std::fs::copy(a.path("r.hseal"), c.path("r.hseal")).unwrap();
+    let out = c.run(&["decrypt", "-o", "r.out", "r.hseal"]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    assert!(!c.path("r.out").exists());
+
+    // An AES key on A and the recipient on B: either token alone opens it.
+    a.ok(&["encrypt", "--key", "a", "--recipient", "dr.pub", "p"]);
+    let sealed = std::fs::read(a.path("p.hseal")).unwrap();
+    let s = slots_json(&a, "p.hseal");
+    assert_eq!(s[1]["type"], "ec-p256");
+    assert!(s[1].get("oaep_hash").is_none(), "{s:?}");
+    let fp = text
+        .lines()
+        .find_map(|l| l.strip_prefix("fingerprint: "))
+        .unwrap();
+    assert_eq!(s[1]["fingerprint"], fp);
+    a.ok(&["decrypt", "-o", "p.out", "p.hseal"]);
+    assert_eq!(std::fs::read(a.path("p.out")).unwrap(), plain);
+    std::fs::copy(a.path("p.hseal"), b.path("p.hseal")).unwrap();
+    b.ok(&["decrypt", "-o", "p.out", "p.hseal"]);
+    assert_eq!(std::fs::read(b.path("p.out")).unwrap(), plain);
+    let out = b.ok(&["verify", "p.hseal"]);
+    let t = String::from_utf8_lossy(&out);
+    assert!(
+        t.contains("slot 0 (aes key a v1): not on this token")
+            && t.contains("slot 1 (ec-p256 key dr v1 (fingerprint sha256:")
+            && t.contains("): ok"),
+        "{t}"
+    );
+
+    // key rotate + rotate on A: B's slot byte-identical, B still opens it.
+    a.ok(&["key", "rotate", "a"]);
+    a.ok(&["rotate", "p.hseal"]);
+    let after = std::fs::read(a.path("p.hseal")).unwrap();
+    assert_eq!(
+        slot_bytes(&sealed, 1),
+        slot_bytes(&after, 1),
+        "EC slot changed"
+    );
+    assert_ne!(slot_bytes(&sealed, 0), slot_bytes(&after, 0));
+    std::fs::copy(a.path("p.hseal"), b.path("p2.hseal")).unwrap();
+    b.ok(&["decrypt", "-o", "p2.out", "p2.hseal"]);
+    assert_eq!(std::fs::read(b.path("p2.out")).unwrap(), plain);
+    // rotate on B (no AES key there) leaves the file alone.
+    b.ok(&["rotate", "p2.hseal"]);
+    assert_eq!(std::fs::read(b.path("p2.hseal")).unwrap(), after);
+
+    // A file with only the EC slot (r.hseal) opens on B, and each edited
+    // slot field (checksum recomputed) is refused there, nothing released.
+    let only = std::fs::read(b.path("r.hseal")).unwrap();
+    let other_point = {
+        // A valid point of another key: the slot fails authentication.
+        let h = Header2::parse(&after).unwrap();
+        let mut p = h.active().1.slots[1].transport.clone();
+        let AnyHeader::V2(r) = AnyHeader::parse(&only).unwrap() else {
+            panic!()
+        };
+        if r.active().1.slots[0].transport == p {
+            p[1] ^= 1;
+        }
+        p
+    };
+    type Edit = Box<dyn Fn(&mut Slot)>;
+    let edits: Vec<(&str, i32, Edit)> = vec![
+        ("version", 4, Box::new(|s| s.kwk.version = 2)),
+        ("name", 4, Box::new(|s| s.kwk.name = "dx".into())),
+        ("fingerprint", 4, Box::new(|s| s.fingerprint[0] ^= 1)),
+        (
+            "point",
+            3,
+            Box::new(move |s| s.transport = other_point.clone()),
+        ),
+        ("wrapped", 3, Box::new(|s| s.wrapped.ciphertext[0] ^= 1)),
+        ("iv", 3, Box::new(|s| s.wrapped.iv[0] ^= 1)),
+        ("off-curve point", 3, Box::new(|s| s.transport[64] ^= 1)),
+        ("identity point", 3, Box::new(|s| s.transport = vec![0])),
+        (
+            "compressed point",
+            3,
+            Box::new(|s| s.transport.truncate(33)),
+        ),
+    ];
+    for (what, want, edit) in edits {
+        write(&b.path("e.hseal"), &edited(&only, 0, edit));
+        let out = b.run(&["decrypt", "-o", "e.out", "e.hseal"]);
+        assert_eq!(code(&out), want, "{what}: {}", stderr(&out));
+        assert!(!b.path("e.out").exists(), "{what}");
+        if what == "off-curve point" {
+            assert!(
+                stderr(&out)
+                    .contains("ephemeral key of the key slot of dr v1 is not a point on P-256"),
+                "{what}: {}",
+                stderr(&out)
+            );
+        }
+        let out = b.run(&["verify", "e.hseal"]);
+        assert_eq!(code(&out), want, "verify {what}: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn bad_recipient_files_and_taken_names_are_refused() {
+    let (a, b, text) = two_tokens();
+    write(&a.path("p"), b"x");
+    let key_line = text
+        .lines()
+        .find(|l| l.starts_with("public-key: "))
+        .unwrap();
+    let fp_line = text
+        .lines()
+        .find(|l| l.starts_with("fingerprint: "))
+        .unwrap();
+    // The point moved off the curve, the fingerprint made to match it.
+    let spki = {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut der = b64
+            .decode(key_line.trim_start_matches("public-key: "))
+            .unwrap();
+        let last = der.len() - 1;
+        der[last] ^= 1;
+        (
+            b64.encode(&der),
+            slots::hex(&hsmseal::envelope::recipient::fingerprint_of(&der)),
+        )
+    };
+    let off_curve = text
+        .replace(key_line, &format!("public-key: {}", spki.0))
+        .replace(fp_line, &format!("fingerprint: sha256:{}", spki.1));
+    for (name, edited, want) in [
+        ("curve.pub", off_curve, "point on the curve"),
+        (
+            "fp.pub",
+            text.replace(fp_line, &fp_line.replace("sha256:", "sha256:00")),
+            "fingerprint",
+        ),
+        (
+            "oaep.pub",
+            text.replace("algorithm: ec-p256", "algorithm: ec-p256\noaep-hash: sha1"),
+            "oaep-hash",
+        ),
+    ] {
+        write(&a.path(name), edited.as_bytes());
+        let out = a.run(&["encrypt", "--recipient", name, "-o", "x.hseal", "p"]);
+        assert_eq!(code(&out), 8, "{name}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("is not a valid hsmseal recipient file") && err.contains(want),
+            "{name}: {err}"
+        );
+        assert!(!a.path("x.hseal").exists());
+    }
+    // A name taken by any type is refused for every type.
+    for (ty, on) in [("ec-p256", &b), ("rsa-oaep", &b), ("ec-p256", &a)] {
+        let name = if std::ptr::eq(on, &a) { "a" } else { "dr" };
+        let out = on.run(&["key", "create", name, "--type", ty]);
+        assert_eq!(code(&out), 4, "{ty} {name}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("already has a key"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    // --backup is for AES keys only; an unknown key exports nothing.
+    let out = b.run(&["key", "create", "e2", "--type", "ec-p256", "--backup"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let out = b.run(&["key", "export-public", "nope"]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+}
+
+/// Each worker derives on its own pooled session and destroys its session
+/// object; several workers and two processes at once all open their files
+/// (docs/SECURITY.md, "ECDH derives").
+#[test]
+fn ec_slots_open_from_several_workers_and_processes_at_once() {
+    let b = Cli::new();
+    b.ok(&["key", "create", "dr", "--type", "ec-p256"]);
+    write(&b.path("dr.pub"), &b.ok(&["key", "export-public", "dr"]));
+    std::fs::create_dir(b.path("tree")).unwrap();
+    let n = 24;
+    for i in 0..n {
+        write(&b.path(&format!("tree/f{i}")), &data(3000 + i, i as u64));
+    }
+    b.ok(&[
+        "encrypt",
+        "--recipient",
+        "dr.pub",
+        "-r",
+        "tree",
+        "--output-dir",
+        "enc",
+    ]);
+    let spawn = |out: &str| {
+        let mut c = b.cmd();
+        c.args(["--jobs", "4", "decrypt", "-r", "enc", "--output-dir", out])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c.spawn().expect("spawn hsmseal")
+    };
+    let (x, y) = (spawn("dec1"), spawn("dec2"));
+    for (child, dir) in [(x, "dec1"), (y, "dec2")] {
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(code(&out), 0, "{dir}: {}", stderr(&out));
+        for i in 0..n {
+            let got = std::fs::read(b.path(&format!("{dir}/f{i}"))).unwrap();
+            assert_eq!(got, data(3000 + i, i as u64), "{dir}/f{i}");
+        }
+    }
+}
