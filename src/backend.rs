@@ -136,14 +136,13 @@ pub trait KeyBackend: Send + Sync {
         )))
     }
 
-    /// The recipient of public-key KWK `name` at its current version, if
-    /// this store holds such a key (its public half is on the token), so
-    /// `rotate` can re-seal that key's slots to the current version
-    /// without anyone handing it a recipient file.
-    fn current_recipient(
-        &self,
-        name: &str,
-    ) -> Result<Option<crate::envelope::recipient::Recipient>> {
+    /// The recipient file text (docs/FORMAT.md 3.4) of public-key KWK
+    /// `name` at its current version, if this store holds such a key (its
+    /// public half is on the token), so `rotate` can re-seal that key's
+    /// slots to the current version without anyone handing it a recipient
+    /// file. Text rather than the parsed type so this layer does not
+    /// depend on the envelope layer above it.
+    fn current_recipient_text(&self, name: &str) -> Result<Option<String>> {
         let _ = name;
         Ok(None)
     }

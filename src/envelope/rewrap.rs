@@ -225,7 +225,16 @@ fn rewrap_v2(
                 if !backend.has_private_key(&s.kwk, &s.fingerprint)? {
                     continue;
                 }
-                if let Some(r) = backend.current_recipient(&s.kwk.name)? {
+                let current = backend
+                    .current_recipient_text(&s.kwk.name)?
+                    .map(|text| {
+                        crate::envelope::recipient::Recipient::parse(
+                            &text,
+                            "the token's current public key",
+                        )
+                    })
+                    .transpose()?;
+                if let Some(r) = current {
                     if r.version != s.kwk.version {
                         changes.push((i, r.key_ref()));
                         reseal.push((i, r));

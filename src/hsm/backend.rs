@@ -317,11 +317,8 @@ impl KeyBackend for Hsm {
         self.rsa_open(kwk, fingerprint, sha256, ciphertext)
     }
 
-    fn current_recipient(
-        &self,
-        name: &str,
-    ) -> Result<Option<crate::envelope::recipient::Recipient>> {
-        self.current_pub_recipient(name)
+    fn current_recipient_text(&self, name: &str) -> Result<Option<String>> {
+        Ok(self.current_pub_recipient(name)?.map(|r| r.to_text()))
     }
 
     fn has_ec_private_key(&self, kwk: &KeyRef, fingerprint: &[u8; 32]) -> Result<bool> {

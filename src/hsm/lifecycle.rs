@@ -821,33 +821,6 @@ impl Hsm {
         Ok(Some(info))
     }
 
-    /// [`Self::destroy_target`] for a public-key KWK: the same rules.
-    fn pub_destroy_target(
-        &self,
-        admin: &Session,
-        pf: &super::pubkey_lifecycle::PubFamily,
-        k: &KeyRef,
-        force: bool,
-    ) -> Result<Option<KeyInfo>> {
-        if k.version > pf.last_issued() {
-            return Err(self.pub_missing_version(pf, k.version));
-        }
-        let versions = self.pub_version_infos(admin, pf)?;
-        let Some(info) = versions
-            .into_iter()
-            .find(|i| i.version == k.version && i.state != KeyState::Destroyed)
-        else {
-            return Ok(None);
-        };
-        if info.state == KeyState::Active && !force {
-            return Err(Error::usage(format!(
-                "refusing to destroy {k}: it is the current version, which `key export-public {}` hands out for new encryptions. Run `hsmseal key rotate {}` first, or pass --force",
-                k.name, k.name
-            )));
-        }
-        Ok(Some(info))
-    }
-
     /// Destroys every object of each of `versions`, after recording the
     /// newest version number if it is among them (so it is never reused).
     fn destroy_versions(&self, admin: &Session, family: &Family, versions: &[u32]) -> Result<()> {

@@ -253,6 +253,33 @@ impl Hsm {
         }
     }
 
+    /// `Hsm::destroy_target` (lifecycle.rs) for a public-key KWK: the same rules.
+    pub(super) fn pub_destroy_target(
+        &self,
+        admin: &Session,
+        pf: &PubFamily,
+        k: &KeyRef,
+        force: bool,
+    ) -> Result<Option<KeyInfo>> {
+        if k.version > pf.last_issued() {
+            return Err(self.pub_missing_version(pf, k.version));
+        }
+        let versions = self.pub_version_infos(admin, pf)?;
+        let Some(info) = versions
+            .into_iter()
+            .find(|i| i.version == k.version && i.state != KeyState::Destroyed)
+        else {
+            return Ok(None);
+        };
+        if info.state == KeyState::Active && !force {
+            return Err(Error::usage(format!(
+                "refusing to destroy {k}: it is the current version, which `key export-public {}` hands out for new encryptions. Run `hsmseal key rotate {}` first, or pass --force",
+                k.name, k.name
+            )));
+        }
+        Ok(Some(info))
+    }
+
     /// Every version of `f` from v1 to the highest issued, with states.
     pub(super) fn pub_version_infos(&self, admin: &Session, f: &PubFamily) -> Result<Vec<KeyInfo>> {
         let t = &self.token_label;
