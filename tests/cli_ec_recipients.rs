@@ -289,7 +289,7 @@ fn bad_recipient_files_and_taken_names_are_refused() {
         let out = on.run(&["key", "create", name, "--type", ty]);
         assert_eq!(code(&out), 4, "{ty} {name}: {}", stderr(&out));
         assert!(
-            stderr(&out).contains("already has a key"),
+            stderr(&out).contains("a name is used by one key type only"),
             "{}",
             stderr(&out)
         );
