@@ -708,6 +708,26 @@ fn refusals_are_one_line_usage_errors_naming_the_column() {
     ]);
     let e = refused(&c, &o, 2, "out.parquet");
     assert!(e.contains("is not encrypted"), "{e}");
+    // Dump flags Parquet has no use for are refused before any token is
+    // touched: with the module pointing nowhere the refusal is still the
+    // usage error, not the module's.
+    let no_module = [("HSMSEAL_PKCS11_MODULE", "/nonexistent/libnone.so")];
+    for (sub, flag) in [
+        ("encrypt", vec!["--key", "k", "--blind-index", "s"]),
+        ("encrypt", vec!["--key", "k", "--skip-tokens"]),
+        ("decrypt", vec!["--allow-plaintext"]),
+        ("decrypt", vec!["--token-format", "csv"]),
+    ] {
+        let mut a = vec!["columns", sub, "--format", "parquet", "--columns", "s"];
+        a.extend_from_slice(&flag);
+        a.extend_from_slice(&["n.parquet", "-o", "out.parquet"]);
+        let o = c.run_with(&a, None, &no_module);
+        let e = refused(&c, &o, 2, "out.parquet");
+        assert!(
+            e.contains("does not apply to --format parquet"),
+            "{flag:?}: {e}"
+        );
+    }
     // Encrypting a column twice.
     ok(&run("s", &["n.parquet", "-o", "e.parquet"]));
     let o = run("s", &["e.parquet", "-o", "out.parquet"]);

@@ -514,7 +514,10 @@ pub fn inspect(opts: &ColumnOptions, input: File) -> Result<ColumnStats> {
     )
 }
 
-fn refuse_flags(opts: &ColumnOptions) -> Result<()> {
+/// Refuses the dump flags that have no meaning for Parquet (exit 2). The
+/// command line calls it before login too, so a mistyped run never asks
+/// for the PIN.
+pub fn refuse_flags(opts: &ColumnOptions) -> Result<()> {
     let unsupported = [
         (opts.allow_plaintext, "--allow-plaintext"),
         (opts.skip_tokens, "--skip-tokens"),

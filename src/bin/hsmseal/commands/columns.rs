@@ -139,14 +139,13 @@ pub fn run(app: &App, cmd: ColumnsCommand) -> Result<i32> {
     };
     if let Some(dump) = dump_args(&cmd) {
         input_of(dump)?;
-        options(dump)?;
+        let opts = command_options(&cmd, dump)?;
         parquet_output(dump)?;
-    }
-    if let ColumnsCommand::Encrypt(a) = &cmd {
-        blind_indexes(a)?;
+        if opts.format == Format::Parquet {
+            columns::parquet::refuse_flags(&opts)?;
+        }
     }
     if let ColumnsCommand::Decrypt(a) = &cmd {
-        token_formats(a)?;
         charge_limits(app, a)?;
     }
     let backend = match &cmd {
@@ -369,6 +368,28 @@ fn index(app: &App, a: &ColumnsIndexArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// The dump options of `cmd`: the shared dump flags ([`options`]) plus
+/// the subcommand's own. Built once before login to refuse bad flags
+/// (no PIN prompt for a mistyped run) and again for the run itself.
+fn command_options(cmd: &ColumnsCommand, dump: &DumpArgs) -> Result<ColumnOptions> {
+    let mut opts = options(dump)?;
+    match cmd {
+        ColumnsCommand::Encrypt(a) => {
+            opts.batch_size = a.batch_size;
+            opts.skip_tokens = a.skip_tokens;
+            opts.blind_indexes = blind_indexes(a)?;
+        }
+        ColumnsCommand::Decrypt(a) => {
+            opts.allow_plaintext = a.allow_plaintext;
+            opts.token_formats = token_formats(a)?;
+            opts.nested = a.nested;
+        }
+        ColumnsCommand::Rewrap(a) => opts.allow_plaintext = a.allow_plaintext,
+        ColumnsCommand::Passthrough(_) | ColumnsCommand::Index(_) | ColumnsCommand::Inspect(_) => {}
+    }
+    Ok(opts)
+}
+
 /// Runs a `columns` subcommand with a given key backend (the HSM, or the
 /// memory backend in the unit tests): `key_name` is the resolved key for
 /// encrypt and rewrap (for rewrap, `None`: each token to its own key),
@@ -393,22 +414,8 @@ pub fn execute_with_stats(
     let Some(dump) = dump_args(&cmd) else {
         return Err(Error::usage(format!("columns {op} reads no dump")));
     };
-    let mut opts = options(dump)?;
+    let mut opts = command_options(&cmd, dump)?;
     opts.jobs = jobs;
-    match &cmd {
-        ColumnsCommand::Encrypt(a) => {
-            opts.batch_size = a.batch_size;
-            opts.skip_tokens = a.skip_tokens;
-            opts.blind_indexes = blind_indexes(a)?;
-        }
-        ColumnsCommand::Decrypt(a) => {
-            opts.allow_plaintext = a.allow_plaintext;
-            opts.token_formats = token_formats(a)?;
-            opts.nested = a.nested;
-        }
-        ColumnsCommand::Rewrap(a) => opts.allow_plaintext = a.allow_plaintext,
-        ColumnsCommand::Passthrough(_) | ColumnsCommand::Index(_) | ColumnsCommand::Inspect(_) => {}
-    }
     let backend = || backend.ok_or_else(|| Error::usage("no key backend for this command"));
     let input_path = input_of(dump)?;
     let output_path = dump.output.as_deref().filter(|p| *p != Path::new("-"));
