@@ -18,4 +18,5 @@ pub mod file;
 pub mod header;
 pub mod recipient;
 pub mod rewrap;
+pub mod rsa_oaep;
 pub mod slots;

@@ -4,7 +4,7 @@
 //!
 //! Sealing to a recipient needs no PKCS#11 module, token or PIN: a fresh
 //! 32-byte slot key is RSA-OAEP-encrypted to the public key (on the host,
-//! RustCrypto `rsa`), and the slot key AES-256-GCM-wraps the file's DEK
+//! [`super::rsa_oaep`]), and the slot key AES-256-GCM-wraps the file's DEK
 //! under the slot's AAD. Only the token holding the private key can
 //! decrypt the slot key (`C_Decrypt`, `CKM_RSA_PKCS_OAEP`).
 //!
@@ -17,6 +17,7 @@
 //! SHA-256 of its SubjectPublicKeyInfo DER, its algorithm line names the
 //! key's actual size, and its OAEP hash is one hsmseal knows.
 
+use super::rsa_oaep::OaepPublicKey;
 use super::slots::{self, hex, OaepHash, Slot, SlotKind};
 use crate::backend::{validate_key_name, KeyRef, WrappedKey, WRAPPED_KEY_LEN, WRAP_IV_LEN};
 use crate::error::{Error, Result};
@@ -28,8 +29,9 @@ use base64::Engine as _;
 use rand::RngCore;
 use rsa::pkcs8::DecodePublicKey;
 use rsa::traits::PublicKeyParts;
-use rsa::{Oaep, RsaPublicKey};
+use rsa::RsaPublicKey;
 use sha2::{Digest, Sha256};
+use std::sync::{Arc, OnceLock};
 
 /// First line of a recipient file.
 pub const RECIPIENT_MAGIC: &str = "hsmseal-recipient v1";
@@ -44,7 +46,23 @@ pub struct Recipient {
     pub oaep: OaepHash,
     /// SubjectPublicKeyInfo, DER.
     pub spki: Vec<u8>,
+    /// `spki` prepared for encryption, on first use.
+    pub(crate) prepared: PreparedKey,
 }
+
+/// A recipient's public key prepared for RSA-OAEP encryption
+/// ([`OaepPublicKey`]: its Montgomery parameters), made once per recipient
+/// rather than once per file, and shared by clones. Derived from `spki`
+/// alone, so it takes no part in comparisons.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PreparedKey(Arc<OnceLock<OaepPublicKey>>);
+
+impl PartialEq for PreparedKey {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for PreparedKey {}
 
 /// SHA-256 of a SubjectPublicKeyInfo DER.
 pub fn fingerprint_of(spki: &[u8]) -> [u8; 32] {
@@ -171,6 +189,7 @@ impl Recipient {
             bits,
             oaep,
             spki,
+            prepared: PreparedKey::default(),
         };
         if algorithm != r.algorithm() {
             return Err(bad(&format!(
@@ -194,14 +213,18 @@ impl Recipient {
 
     /// RSA-OAEP encryption of `msg` to this recipient (host side).
     pub fn encrypt_raw(&self, msg: &[u8]) -> Result<Vec<u8>> {
-        let key = RsaPublicKey::from_public_key_der(&self.spki)
-            .map_err(|_| Error::format(format!("recipient {} has a bad public key", self.name)))?;
-        let mut rng = rand::rngs::OsRng;
-        match self.oaep {
-            OaepHash::Sha1 => key.encrypt(&mut rng, Oaep::new::<sha1::Sha1>(), msg),
-            OaepHash::Sha256 => key.encrypt(&mut rng, Oaep::new::<Sha256>(), msg),
-        }
-        .map_err(|e| Error::format(format!("RSA-OAEP encryption to {} failed: {e}", self.name)))
+        let key = match self.prepared.0.get() {
+            Some(k) => k,
+            None => {
+                let what = format!("recipient {}", self.name);
+                let key = RsaPublicKey::from_public_key_der(&self.spki)
+                    .map_err(|_| Error::format(format!("{what} has a bad public key")))?;
+                // Another thread may have won the race: either value is the same.
+                let _ = self.prepared.0.set(OaepPublicKey::new(&key, &what)?);
+                self.prepared.0.get().expect("set just above")
+            }
+        };
+        key.encrypt(self.oaep, msg)
     }
 
     /// A v2 slot holding `dek` for this recipient, in a header of `n`
@@ -269,7 +292,7 @@ mod tests {
     use super::*;
     use crate::envelope::slots::Header2;
     use rsa::pkcs8::EncodePublicKey;
-    use rsa::RsaPrivateKey;
+    use rsa::{Oaep, RsaPrivateKey};
 
     fn pair(hash: OaepHash) -> (RsaPrivateKey, Recipient) {
         let k = RsaPrivateKey::new(&mut rand::rngs::OsRng, 3072).unwrap();
@@ -280,6 +303,7 @@ mod tests {
             bits: 3072,
             oaep: hash,
             spki,
+            prepared: Default::default(),
         };
         (k, r)
     }

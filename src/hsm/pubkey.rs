@@ -443,6 +443,7 @@ impl Hsm {
                 bits,
                 oaep: hash,
                 spki: spki.clone(),
+                prepared: Default::default(),
             };
             let secret = SecretKey::random();
             let ct = r.encrypt_raw(secret.expose())?;
@@ -470,6 +471,7 @@ impl Hsm {
             bits,
             oaep,
             spki,
+            prepared: Default::default(),
         })
     }
 
