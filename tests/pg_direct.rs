@@ -486,9 +486,22 @@ fn interoperates_with_the_dump_path() {
 
 /// kill -9 at 20 points of `pg encrypt` over 200,000 rows, then a resumed
 /// run: every value encrypted exactly once, decrypting to the original;
-/// and two runs at once on one table (the advisory lock).
+/// and two runs at once on one table (the advisory lock). One connection.
 #[test]
 fn killed_runs_resume_and_concurrent_runs_serialise() {
+    kill_and_resume(1);
+}
+
+/// The same with two key ranges walked at once (`--jobs 2`): each range
+/// commits chunk by chunk with its own cursor row, so a kill leaves both
+/// ranges resumable, and the resumed runs walk the ranges stored by the
+/// first run.
+#[test]
+fn killed_two_job_runs_resume_and_concurrent_runs_serialise() {
+    kill_and_resume(2);
+}
+
+fn kill_and_resume(jobs: u32) {
     let Some(db) = Pg::start() else { return };
     let cli = Cli::with_key();
     let mut c = db.client();
@@ -500,6 +513,7 @@ fn killed_runs_resume_and_concurrent_runs_serialise() {
     )
     .unwrap();
     let dsn = db.dsn();
+    let jobs_s = jobs.to_string();
     let args = [
         "pg",
         "encrypt",
@@ -513,6 +527,8 @@ fn killed_runs_resume_and_concurrent_runs_serialise() {
         "k",
         "--chunk-rows",
         "500",
+        "--jobs",
+        &jobs_s,
     ];
     // Deterministic "random" delays (xorshift), 150-600 ms: long enough to
     // log in and get going, short enough not to finish.
@@ -548,15 +564,27 @@ fn killed_runs_resume_and_concurrent_runs_serialise() {
         progress.windows(2).all(|w| w[0] <= w[1]),
         "progress went backwards: {progress:?}"
     );
-    // The cursor exists until the walk ends.
-    if *progress.last().unwrap() < 200000 {
+    // The cursors (one per key range, stored before the first chunk)
+    // exist until the walk ends.
+    let last = *progress.last().unwrap();
+    if last > 0 && last < 200000 {
         assert_eq!(
             count(
                 &mut c,
                 "SELECT count(*) FROM hsmseal.progress WHERE op = 'encrypt'"
             ),
-            1
+            i64::from(jobs)
         );
+        if jobs > 1 {
+            // Both ranges made progress: they are walked at once.
+            assert_eq!(
+                count(
+                    &mut c,
+                    "SELECT count(*) FROM hsmseal.progress WHERE op = 'encrypt' AND rows_done > 0"
+                ),
+                i64::from(jobs)
+            );
+        }
     }
     // Two runs at once: one waits for the other's advisory lock.
     let spawn = || {
@@ -939,4 +967,166 @@ fn status_and_inspect_count_tokens_of_two_byte_key_versions() {
     // And the tokens open: a v128 token is not misread as another version.
     let s = pg_ok(&cli, &db, &["verify", "--table", "public.v", "-c", "a,b"]);
     assert_eq!(s["cells"], a_tokens + b_tokens);
+}
+
+/// A token-shaped value whose key name is not UTF-8 (or is UTF-8 but not a
+/// valid key name): `pg status` counts it as malformed and exits 0, as
+/// `columns inspect` does for the same text, instead of failing the whole
+/// count (the server's convert_from() refused the name, exit 7).
+#[test]
+fn status_counts_a_token_with_a_non_utf8_key_name_as_malformed_as_inspect_does() {
+    use base64::Engine as _;
+    let Some(db) = Pg::start() else { return };
+    let cli = Cli::with_key();
+    let mut c = db.client();
+    c.batch_execute(
+        "CREATE TABLE public.m (id int PRIMARY KEY, a text);
+         INSERT INTO public.m SELECT g, CASE WHEN g = 10 THEN NULL ELSE 'v' || g END
+           FROM generate_series(1, 10) g;",
+    )
+    .unwrap();
+    pg_ok(
+        &cli,
+        &db,
+        &["encrypt", "--table", "public.m", "-c", "a", "--key", "k"],
+    );
+    // Real tokens of rows 1 and 2, their one-byte key name "k" replaced:
+    // 0xff (not UTF-8) and a space (UTF-8, not a key name). Everything else
+    // keeps the shape of a token.
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    for (id, byte) in [(1, 0xffu8), (2, b' ')] {
+        let tok: String = c
+            .query_one("SELECT a FROM public.m WHERE id = $1", &[&id])
+            .unwrap()
+            .get(0);
+        let (prefix, body) = tok.split_at(5);
+        let mut body = b64.decode(body).unwrap();
+        assert_eq!(&body[..2], &[1, b'k'], "a token under key k");
+        body[1] = byte;
+        let bad = format!("{prefix}{}", b64.encode(&body));
+        c.execute("UPDATE public.m SET a = $1 WHERE id = $2", &[&bad, &id])
+            .unwrap();
+    }
+    let out = run_pg(
+        &cli,
+        true,
+        &db.dsn(),
+        &["status", "--table", "public.m", "-c", "a"],
+        &[("PGPASSWORD", PASSWORD)],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let st = support::json_one(&out.stdout, "pg_column");
+    assert_eq!(
+        (
+            &st["rows"],
+            &st["nulls"],
+            &st["clear"],
+            &st["tokens"],
+            &st["malformed"]
+        ),
+        (&10.into(), &1.into(), &0.into(), &7.into(), &2.into()),
+        "{st}"
+    );
+    assert_eq!(st["keys"].as_array().unwrap().len(), 1, "{st}");
+    assert_eq!(st["keys"][0]["name"], "k", "{st}");
+    // The line form says it too.
+    let out = pg(&cli, &db, &["status", "--table", "public.m", "-c", "a"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(", 2 malformed"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // The same table as a COPY text dump through `columns inspect`.
+    let mut dump = Vec::new();
+    let mut r = c
+        .copy_out("COPY public.m TO STDOUT (FORMAT text, HEADER)")
+        .unwrap();
+    std::io::Read::read_to_end(&mut r, &mut dump).unwrap();
+    drop(r);
+    let out = cli.run_in(
+        &[
+            "--json", "columns", "inspect", "--format", "pgcopy", "-c", "a",
+        ],
+        &dump,
+    );
+    // inspect warns with exit 1 about malformed values in a dump (its
+    // documented code); pg status reports them and exits 0.
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("2 token-looking values do not parse"),
+        "{}",
+        stderr(&out)
+    );
+    let ins = support::json_one(&out.stdout, "column");
+    for f in ["rows", "nulls", "clear", "tokens", "malformed", "keys"] {
+        assert_eq!(st[f], ins[f], "pg status and columns inspect differ on {f}");
+    }
+}
+
+/// A database whose hsmseal.progress has the schema from before key ranges
+/// (no part, parts, hi_key, done; last_key NOT NULL) and holds a cursor of
+/// an interrupted run: the next run adds the columns once and resumes from
+/// that cursor, as one open-ended range (rows at or before it are left
+/// alone), and removes the cursor at the end.
+#[test]
+fn progress_of_the_old_schema_is_migrated_and_resumed() {
+    let Some(db) = Pg::start() else { return };
+    let cli = Cli::with_key();
+    let mut c = db.client();
+    c.batch_execute(
+        r#"CREATE TABLE public.o (id int PRIMARY KEY, a text);
+         INSERT INTO public.o SELECT g, 'v' || g FROM generate_series(1, 100) g;
+         CREATE SCHEMA hsmseal;
+         CREATE TABLE hsmseal.progress (
+             table_name text NOT NULL, columns text NOT NULL, op text NOT NULL,
+             last_key text[] NOT NULL, rows_done bigint NOT NULL,
+             started timestamptz NOT NULL, updated timestamptz NOT NULL,
+             PRIMARY KEY (table_name, columns, op));
+         INSERT INTO hsmseal.progress VALUES ('public.o', '["a"]', 'encrypt', ARRAY['40'], 40, now(), now());"#,
+    )
+    .unwrap();
+    let s = pg_ok(
+        &cli,
+        &db,
+        &[
+            "encrypt", "--table", "public.o", "-c", "a", "--key", "k", "--jobs", "2",
+        ],
+    );
+    assert_eq!(s["resumed_after_rows"], 40, "{s}");
+    assert_eq!(s["changed"], 60, "{s}");
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM public.o WHERE id <= 40 AND a NOT LIKE 'hsc_.%'"
+        ),
+        40,
+        "rows before the cursor were walked again"
+    );
+    assert_eq!(count(&mut c, "SELECT count(*) FROM hsmseal.progress"), 0);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM information_schema.columns
+              WHERE table_schema = 'hsmseal' AND table_name = 'progress'
+                AND column_name IN ('part', 'parts', 'hi_key', 'done')"
+        ),
+        4
+    );
+    // The next run (no cursor) splits the table into two ranges and
+    // encrypts the rest.
+    let s = pg_ok(
+        &cli,
+        &db,
+        &[
+            "encrypt", "--table", "public.o", "-c", "a", "--key", "k", "--jobs", "2",
+        ],
+    );
+    assert_eq!(
+        (&s["changed"], &s["unchanged_tokens"]),
+        (&40.into(), &60.into()),
+        "{s}"
+    );
+    assert_eq!(s["chunks"], 2, "one chunk per range: {s}");
 }

@@ -194,7 +194,9 @@ pub enum Command {
     ///
     /// Walks the table in primary-key order in short transactions (chunks),
     /// keeping its place in hsmseal.progress: a killed run resumes where it
-    /// stopped, and a re-run changes nothing twice. Tokens are those of
+    /// stopped, and a re-run changes nothing twice. Writing runs walk
+    /// --jobs key ranges at once (default 2), each on its own connection
+    /// with its own cursor; --atomic walks them in one transaction. Tokens are those of
     /// `columns --format pgcopy --context SCHEMA.TABLE --row-id PK` on a
     /// COPY dump of the table. The password comes from PGPASSWORD or
     /// ~/.pgpass (PGPASSFILE), never from --dsn.

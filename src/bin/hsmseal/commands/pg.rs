@@ -14,6 +14,12 @@
 //!   UPDATE of the changed rows, and the cursor in `hsmseal.progress`, all
 //!   committed together. A killed run loses at most its open chunk, which
 //!   rolls back, and resumes after the last committed one.
+//! - `--jobs N` (default 2) splits the key space at quantiles into N
+//!   disjoint ranges, each walked as above on its own connection with its
+//!   own cursor row; the ranges' bounds are stored before the first chunk,
+//!   so a resumed run walks the same ranges whatever the table or --jobs
+//!   say then. `--atomic` walks them one after another in its one
+//!   transaction.
 //! - One thread owns the connection. The cells of a chunk are sealed,
 //!   opened or rewrapped on a worker thread ([`CellWork`]) from rows
 //!   already read under the chunk's locks, part by part, while the main
@@ -321,6 +327,26 @@ CREATE TABLE IF NOT EXISTS hsmseal.progress (
     started    timestamptz NOT NULL,
     updated    timestamptz NOT NULL,
     PRIMARY KEY (table_name, columns, op));
+-- Key ranges walked at once (--jobs): one cursor row per range, keyed by
+-- part. Databases from before get the columns once; their rows keep their
+-- meaning (part 0 of 1, open-ended, not done: one cursor as before).
+DO $$
+DECLARE pk text;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'hsmseal.progress'::regclass
+                  AND attname = 'part' AND NOT attisdropped) THEN
+    SELECT conname INTO pk FROM pg_constraint
+     WHERE conrelid = 'hsmseal.progress'::regclass AND contype = 'p';
+    ALTER TABLE hsmseal.progress
+      ADD COLUMN part int NOT NULL DEFAULT 0,
+      ADD COLUMN parts int NOT NULL DEFAULT 1,
+      ADD COLUMN hi_key text[],
+      ADD COLUMN done boolean NOT NULL DEFAULT false,
+      ALTER COLUMN last_key DROP NOT NULL;
+    EXECUTE format('ALTER TABLE hsmseal.progress DROP CONSTRAINT %I', pk);
+    ALTER TABLE hsmseal.progress ADD PRIMARY KEY (table_name, columns, op, part);
+  END IF;
+END $$;
 CREATE TABLE IF NOT EXISTS hsmseal.columns (
     table_name    text NOT NULL,
     column_name   text NOT NULL,
@@ -652,47 +678,65 @@ fn walk(
     }
     let batch_cache = BatchCache::new();
     let rewrap_cache = RewrapCache::new();
-    let engine = match op {
-        Op::Encrypt if !dry_run => {
-            let k = target.as_ref().expect("encrypt has a key");
-            Engine::Seal(
-                Box::new(Sealer::new(backend, k, token::DEFAULT_BATCH_SIZE)?),
-                Opener::new(backend, &batch_cache),
-            )
-        }
-        Op::Encrypt => Engine::Open(Opener::new(backend, &batch_cache)),
-        Op::Decrypt | Op::Verify => Engine::Open(Opener::new(backend, &batch_cache)),
-        Op::Rotate => Engine::Rewrap(Rewrapper::new(backend, target.as_ref(), &rewrap_cache)),
-    };
-    // One indexer per --blind-index (one HSM call each), for encrypt only:
-    // the column id is the token binding's, ColumnId::Name(column).
-    let indexers: Vec<(usize, BlindIndexer)> = match (&engine, &key_name) {
-        (Engine::Seal(..), Some(k)) => t
-            .bidx
-            .iter()
-            .map(|(j, spec, _)| {
-                BlindIndexer::new(
-                    backend,
-                    k,
-                    &context,
-                    &columns::blind_index::column_id(&ColumnId::Name(spec.column.clone())),
-                    spec.bits,
-                    spec.normalize,
-                )
-                .map(|ix| (*j, ix))
-            })
-            .collect::<Result<_>>()?,
-        _ => Vec::new(),
-    };
-    let nb = indexers.len();
     let prefixes: Vec<Vec<u8>> = t
         .cols
         .iter()
         .map(|c| binding_prefix(&context, &ColumnId::Name(c.name.clone())))
         .collect();
-    // Resume: the cursor of an interrupted run of this op on these columns.
+    // One CellWork per key range walked at once: its own sealer (batch) and
+    // blind indexers (one HSM call each), the caches shared.
+    let new_work = || -> Result<CellWork> {
+        let engine = match op {
+            Op::Encrypt if !dry_run => {
+                let k = target.as_ref().expect("encrypt has a key");
+                Engine::Seal(
+                    Box::new(Sealer::new(backend, k, token::DEFAULT_BATCH_SIZE)?),
+                    Opener::new(backend, &batch_cache),
+                )
+            }
+            Op::Encrypt => Engine::Open(Opener::new(backend, &batch_cache)),
+            Op::Decrypt | Op::Verify => Engine::Open(Opener::new(backend, &batch_cache)),
+            Op::Rotate => Engine::Rewrap(Rewrapper::new(backend, target.as_ref(), &rewrap_cache)),
+        };
+        // One indexer per --blind-index, for encrypt only: the column id
+        // is the token binding's, ColumnId::Name(column).
+        let indexers: Vec<(usize, BlindIndexer)> = match (&engine, &key_name) {
+            (Engine::Seal(..), Some(k)) => t
+                .bidx
+                .iter()
+                .map(|(j, spec, _)| {
+                    BlindIndexer::new(
+                        backend,
+                        k,
+                        &context,
+                        &columns::blind_index::column_id(&ColumnId::Name(spec.column.clone())),
+                        spec.bits,
+                        spec.normalize,
+                    )
+                    .map(|ix| (*j, ix))
+                })
+                .collect::<Result<_>>()?,
+            _ => Vec::new(),
+        };
+        Ok(CellWork {
+            t,
+            op,
+            writes,
+            engine,
+            indexers,
+            prefixes: prefixes.clone(),
+            fmt_flags: token::format_flags(Format::PgCopy),
+            aad: Vec::with_capacity(256),
+            out: Vec::with_capacity(512),
+            rid: Vec::with_capacity(64),
+        })
+    };
+    let atomic = a.atomic && writes;
+    // The key ranges: those of an interrupted run of this op on these
+    // columns (whatever --jobs says now: the bounds were stored so a resumed
+    // run walks exactly the ranges whose cursors it finds), else new ones.
     // A cursor of another op is stale once this one runs: dropped.
-    let mut last: Option<Vec<String>> = None;
+    let mut ranges = vec![Range::all()];
     let mut resumed = 0i64;
     if writes {
         client
@@ -701,295 +745,157 @@ fn walk(
                 &[&t.label, &op.name()],
             )
             .map_err(db_err("cannot read hsmseal.progress"))?;
-        if let Some(r) = client
-            .query_opt(
-                "SELECT last_key, rows_done FROM hsmseal.progress WHERE table_name = $1 AND columns = $2 AND op = $3",
-                &[&t.label, &cols_key, &op.name()],
-            )
-            .map_err(db_err("cannot read hsmseal.progress"))?
-        {
-            // The cursor is server data anyone with the rights can edit:
-            // a NULL element or one per key column too many or too few is
-            // refused with the fix, never taken as a place to resume from.
-            let cursor: Option<Vec<Option<String>>> = r.try_get(0).ok();
-            let cursor: Option<Vec<String>> = cursor
-                .filter(|c| c.len() == t.key.len())
-                .and_then(|c| c.into_iter().collect());
-            let Some(cursor) = cursor else {
-                return Err(Error::format(format!(
-                    "hsmseal.progress holds a cursor for pg {} of {} that is not one value per key column ({}): delete it (DELETE FROM hsmseal.progress WHERE table_name = '{}') and run again; rows already done are left as they are",
+        match load_ranges(client, t, &cols_key, op)? {
+            Some((r, done)) => {
+                resumed = done;
+                app.info(format!(
+                    "hsmseal: resuming pg {} of {} after {resumed} rows ({} of {} key ranges left, hsmseal.progress)",
                     op.name(),
                     t.label,
-                    t.key_names().join(", "),
-                    t.label.replace('\'', "''")
-                )));
-            };
-            last = Some(cursor);
-            resumed = r.try_get::<_, i64>(1).unwrap_or(0).max(0);
-            app.info(format!(
-                "hsmseal: resuming pg {} of {} after {resumed} rows (hsmseal.progress)",
-                op.name(),
-                t.label
-            ));
+                    r.iter().filter(|r| !r.done).count(),
+                    r.len()
+                ));
+                ranges = r;
+            }
+            // --atomic: one transaction, rolled back whole if killed, so
+            // nothing to resume: no cursor row is stored.
+            None if atomic => {}
+            None => {
+                ranges = split_ranges(client, t, pg_jobs(app))?;
+                save_ranges(client, t, &cols_key, op, &ranges)?;
+            }
         }
     }
     let bar = progress_bar(app, client, t)?;
     if let Some(pb) = &bar {
         pb.set_position(resumed as u64);
     }
-
-    // The chunk's SELECT: key columns, then the selected columns, as text.
-    let nk = t.key.len();
-    // Qualified: a bare name in ORDER BY would pick the `::text` output
-    // column of the same name and sort as text.
-    let keys_t = t.key_list("t.");
-    let sel_cols: Vec<String> = t
-        .key
-        .iter()
-        .map(|k| format!("t.{}::text", ident(&k.name)))
-        .chain(t.cols.iter().map(|c| format!("t.{}::text", ident(&c.name))))
-        // The row's physical address, last: the UPDATE finds the row by it
-        // (a TID scan) instead of descending the key's index once more.
-        .chain(std::iter::once("t.ctid::text".to_string()))
-        .collect();
-    let after: Vec<String> = t
-        .key
-        .iter()
-        .enumerate()
-        .map(|(i, k)| format!("${}::text::{}", i + 1, k.ty))
-        .collect();
-    let lock = if writes { " FOR UPDATE" } else { "" };
-    let select_first = format!(
-        "SELECT {} FROM {} AS t ORDER BY {keys_t} LIMIT {}{lock}",
-        sel_cols.join(", "),
-        t.sql,
-        a.chunk_rows
-    );
-    let select_next = format!(
-        "SELECT {} FROM {} AS t WHERE ({keys_t}) > ({}) ORDER BY {keys_t} LIMIT {}{lock}",
-        sel_cols.join(", "),
-        t.sql,
-        after.join(", "),
-        a.chunk_rows
-    );
-    // The chunk's UPDATE: the changed rows from arrays, NULL meaning "keep".
-    // Rows are found by ctid (measured: a third less server time per chunk
-    // than a join on the key, docs/PERFORMANCE.md). The ctid cannot change
-    // between the SELECT and the UPDATE: the row is locked FOR UPDATE by
-    // this transaction, and VACUUM never moves a tuple. The key columns
-    // are still compared, so a wrong ctid could only update nothing.
-    let vals: Vec<String> = (0..nk + t.cols.len() + nb + 1)
-        .map(|i| format!("${}::text[]", i + 1))
-        .collect();
-    let names: Vec<String> = (0..nk)
-        .map(|i| format!("k{i}"))
-        .chain((0..t.cols.len()).map(|i| format!("v{i}")))
-        .chain((0..nb).map(|i| format!("b{i}")))
-        .chain(std::iter::once("tid".to_string()))
-        .collect();
-    let sets: Vec<String> = t
-        .cols
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            format!(
-                "{} = COALESCE(v.v{i}, t.{})",
-                ident(&c.name),
-                ident(&c.name)
-            )
-        })
-        // A blind index changes only with its value's token: NULL keeps it.
-        .chain(t.bidx.iter().take(nb).enumerate().map(|(i, (_, spec, _))| {
-            format!(
-                "{} = COALESCE(v.b{i}, t.{})",
-                ident(&spec.target),
-                ident(&spec.target)
-            )
-        }))
-        .collect();
-    let matches: Vec<String> = t
-        .key
-        .iter()
-        .enumerate()
-        .map(|(i, k)| format!("t.{} = v.k{i}::{}", ident(&k.name), k.ty))
-        .collect();
-    let update = format!(
-        "UPDATE {} AS t SET {} FROM unnest({}) AS v({}) WHERE t.ctid = v.tid::tid AND {}",
-        t.sql,
-        sets.join(", "),
-        vals.join(", "),
-        names.join(", "),
-        matches.join(" AND ")
-    );
-    let save = "INSERT INTO hsmseal.progress AS p (table_name, columns, op, last_key, rows_done, started, updated)
-                VALUES ($1, $2, $3, $4, $5, now(), clock_timestamp())
-                ON CONFLICT (table_name, columns, op) DO UPDATE
-                SET last_key = EXCLUDED.last_key, rows_done = p.rows_done + EXCLUDED.rows_done, updated = clock_timestamp()";
+    // Blind indexes are written by encrypt only (not its --dry-run).
+    let nb = if op == Op::Encrypt && !dry_run {
+        t.bidx.len()
+    } else {
+        0
+    };
+    let ctx = WalkCtx::new(t, a, op, writes, atomic, &cols_key, nb);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let todo: Vec<&Range> = ranges.iter().filter(|r| !r.done).collect();
+    let mut counts = Counts::default();
+    let mut trace = Trace::default();
+    let mut sealer_calls = 0u64;
+    let mut add = |(c, w, tr): (Counts, CellWork, Trace)| {
+        counts.add(&c);
+        trace.add(&tr);
+        if let Engine::Seal(s, _) = &w.engine {
+            sealer_calls += s.hsm_calls;
+        }
+    };
     let done_sql =
         "DELETE FROM hsmseal.progress WHERE table_name = $1 AND columns = $2 AND op = $3";
-
-    let mut counts = Counts::default();
-    let mut work = CellWork {
-        t,
-        op,
-        writes,
-        engine,
-        indexers,
-        prefixes,
-        fmt_flags: token::format_flags(Format::PgCopy),
-        aad: Vec::with_capacity(256),
-        out: Vec::with_capacity(512),
-        rid: Vec::with_capacity(64),
-    };
-
-    // Transactions by hand: per chunk BEGIN … COMMIT, or with --atomic one
-    // BEGIN … COMMIT around savepoints. On an error the connection is
-    // dropped with the transaction open: the server rolls it back.
-    // Prepared once: each chunk then costs no parse or plan round trip.
-    let prep = |c: &mut Client, q: &str| c.prepare(q).map_err(db_err("cannot prepare a statement"));
-    let select_first = prep(client, &select_first)?;
-    let select_next = prep(client, &select_next)?;
-    let write_stmts = if writes {
-        Some((prep(client, save)?, prep(client, done_sql)?))
-    } else {
-        None
-    };
-    // The UPDATE is prepared when first needed: a column that is not text
-    // (a decrypt re-run after the type was restored) holds no token, is
-    // never updated, and would not type-check in it.
-    let mut update_stmt: Option<postgres::Statement> = None;
-    let atomic = a.atomic && writes;
     let sql = |c: &mut Client, q: &str| c.batch_execute(q).map_err(db_err("transaction control"));
-    // Pipelining: the cryptography of a chunk runs on a worker thread, part
-    // by part, while this thread, which alone owns the connection, sends
-    // the UPDATE of the part before (the server's time, measured as most of
-    // a walk, then overlaps hsmseal's). Only the work moved: each chunk's
-    // rows are still read, updated and committed with its cursor in one
-    // transaction by this thread, so resume and kill -9 behave as before.
-    // The worker gets a chunk's parts in order and returns each, in order,
-    // through a channel of depth 2 (at most two sealed parts wait).
-    let part_rows = (a.chunk_rows as usize).div_ceil(PARTS_PER_CHUNK).max(1);
-    let work = std::thread::scope(|s| -> Result<CellWork> {
-        let (to_worker, parts_in) = std::sync::mpsc::channel::<Vec<postgres::Row>>();
-        let (parts_out, from_worker) = std::sync::mpsc::sync_channel::<Result<Part>>(2);
-        let worker = std::thread::Builder::new()
-            .name("pg-cells".into())
-            .spawn_scoped(s, move || {
-                for rows in parts_in {
-                    let r = work.part(&rows);
-                    let failed = r.is_err();
-                    // A closed channel: the walk stopped on an error.
-                    if parts_out.send(r).is_err() || failed {
-                        break;
-                    }
-                }
-                work
-            })
-            .map_err(|e| Error::io(format!("cannot start a worker thread: {e}")))?;
+    if atomic || todo.len() <= 1 {
+        // One connection: this one (--atomic: all ranges in its one
+        // transaction, the cursors removed before its COMMIT).
         if atomic {
             sql(client, "BEGIN")?;
         }
-        loop {
-            sql(
-                client,
-                if atomic {
-                    "SAVEPOINT hsmseal_chunk"
-                } else {
-                    "BEGIN"
-                },
-            )?;
-            let tx = &mut *client;
-            let mut rows = match &last {
-                None => tx.query(&select_first, &[]),
-                Some(l) => {
-                    let p: Vec<&(dyn postgres::types::ToSql + Sync)> = l
-                        .iter()
-                        .map(|s| s as &(dyn postgres::types::ToSql + Sync))
-                        .collect();
-                    tx.query(&select_next, &p)
-                }
-            }
-            .map_err(db_err(&format!("cannot read {}", t.label)))?;
-            let n = rows.len();
-            let mut parts = 0;
-            while !rows.is_empty() {
-                let rest = rows.split_off(part_rows.min(rows.len()));
-                // The worker only stops early after an error, which the
-                // receive below reports.
-                let _ = to_worker.send(std::mem::replace(&mut rows, rest));
-                parts += 1;
-            }
-            for _ in 0..parts {
-                let part = from_worker
-                    .recv()
-                    .map_err(|_| Error::io("the worker thread of the walk stopped"))??;
-                counts.add(&part.counts);
-                if part.last.is_some() {
-                    last = part.last;
-                }
-                if write_stmts.is_some() && !part.upd[0].is_empty() {
-                    if update_stmt.is_none() {
-                        update_stmt = Some(prep(client, &update)?);
-                    }
-                    let update = update_stmt.as_ref().expect("prepared above");
-                    let p: Vec<&(dyn postgres::types::ToSql + Sync)> = part
-                        .upd
-                        .iter()
-                        .map(|v| v as &(dyn postgres::types::ToSql + Sync))
-                        .collect();
-                    client
-                        .execute(update, &p)
-                        .map_err(db_err(&format!("cannot update {}", t.label)))?;
-                }
-            }
-            if let Some((save, done_sql)) = &write_stmts {
-                if n < a.chunk_rows as usize {
-                    client
-                        .execute(done_sql, &[&t.label, &cols_key, &op.name()])
-                        .map_err(db_err("cannot update hsmseal.progress"))?;
-                } else {
-                    let l = last.as_ref().expect("a full chunk has rows");
-                    client
-                        .execute(save, &[&t.label, &cols_key, &op.name(), l, &(n as i64)])
-                        .map_err(db_err("cannot update hsmseal.progress"))?;
-                }
-            }
-            sql(
-                client,
-                if atomic {
-                    "RELEASE SAVEPOINT hsmseal_chunk"
-                } else {
-                    "COMMIT"
-                },
-            )
-            .map_err(|e| e.context(format!("committing a chunk of {}", t.label)))?;
-            counts.chunks += 1;
-            if let Some(pb) = &bar {
-                pb.inc(n as u64);
-            }
-            if n < a.chunk_rows as usize {
-                break;
-            }
+        for r in &todo {
+            let w = new_work()?;
+            let out = walk_range(client, &ctx, r, w, bar.as_ref(), &stop)?;
+            add(out.expect("nothing else stops a lone walker"));
+        }
+        if writes {
+            client
+                .execute(done_sql, &[&t.label, &cols_key, &op.name()])
+                .map_err(db_err("cannot update hsmseal.progress"))?;
         }
         if atomic {
             sql(client, "COMMIT").map_err(|e| e.context("committing the --atomic transaction"))?;
         }
-        drop(to_worker);
-        worker
-            .join()
-            .map_err(|_| Error::io("the worker thread of the walk panicked"))
-    })?;
+    } else {
+        // Parallel: one connection and walker per key range, the first on
+        // this connection (which holds the table's advisory lock), the
+        // others on their own. Each range commits chunk by chunk with its
+        // own cursor row, exactly as a lone walker does, so kill -9 and
+        // resume are per range. On an error the others stop at their next
+        // chunk; the ranges' cursors stay for the resumed run.
+        let works: Vec<CellWork> = todo.iter().map(|_| new_work()).collect::<Result<_>>()?;
+        let ctx = &ctx;
+        let (stop, bar) = (&stop, bar.as_ref());
+        let results: Vec<Result<Option<(Counts, CellWork, Trace)>>> = std::thread::scope(|s| {
+            let mut handles = Vec::new();
+            let mut main = Some(&mut *client);
+            for (r, w) in todo.iter().copied().zip(works) {
+                let mine = main.take();
+                let h = std::thread::Builder::new()
+                    .name(format!("pg-range-{}", r.part))
+                    .spawn_scoped(s, move || {
+                        let res = match mine {
+                            Some(c) => walk_range(c, ctx, r, w, bar, stop),
+                            None => connect(&a.dsn)
+                                .and_then(|mut c| walk_range(&mut c, ctx, r, w, bar, stop)),
+                        };
+                        if res.is_err() {
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                        res
+                    });
+                handles.push(h);
+            }
+            handles
+                .into_iter()
+                .map(|h| match h {
+                    Ok(h) => h
+                        .join()
+                        .unwrap_or_else(|_| Err(Error::io("a walker thread panicked"))),
+                    Err(e) => {
+                        stop.store(true, Ordering::Relaxed);
+                        Err(Error::io(format!("cannot start a walker thread: {e}")))
+                    }
+                })
+                .collect()
+        });
+        let mut first_err = None;
+        let mut stopped = false;
+        for r in results {
+            match r {
+                Ok(Some(out)) => add(out),
+                Ok(None) => stopped = true,
+                Err(e) => first_err = first_err.or(Some(e)),
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        if stopped {
+            return Err(Error::io("a walker of the walk stopped without an error"));
+        }
+        client
+            .execute(done_sql, &[&t.label, &cols_key, &op.name()])
+            .map_err(db_err("cannot update hsmseal.progress"))?;
+    }
+    if std::env::var_os("HSMSEAL_PG_TRACE").is_some() {
+        // A diagnostic (docs/PERFORMANCE.md): the connections' time per
+        // statement kind, summed over the ranges walked.
+        app.info(format!(
+            "hsmseal: pg trace: {} ranges, SELECT ... FOR UPDATE {:.2} s, UPDATE {:.2} s, cursor + COMMIT {:.2} s, waiting for sealed parts {:.2} s",
+            todo.len(),
+            trace.select.as_secs_f64(),
+            trace.update.as_secs_f64(),
+            trace.commit.as_secs_f64(),
+            trace.wait.as_secs_f64()
+        ));
+    }
     if let Some(pb) = &bar {
         pb.finish_and_clear();
     }
     if op == Op::Decrypt && writes {
         restore_types(app, client, t)?;
     }
-    let hsm_calls = match &work.engine {
-        Engine::Seal(s, _) => s.hsm_calls + batch_cache.hsm_calls(),
-        Engine::Open(_) => batch_cache.hsm_calls(),
-        Engine::Rewrap(_) => rewrap_cache.hsm_calls(),
-    };
+    let hsm_calls = sealer_calls
+        + match op {
+            Op::Rotate => rewrap_cache.hsm_calls(),
+            _ => batch_cache.hsm_calls(),
+        };
     // Audit entry: cells changed (or checked) are the items.
     let done = if op == Op::Verify {
         counts.cells - counts.clear
@@ -1056,6 +962,508 @@ fn walk(
         ));
     }
     Ok(0)
+}
+
+/// Key ranges walked at once, each on its own connection: `--jobs` (or
+/// HSMSEAL_JOBS, hsmseal.toml) if given, else 2 (1 on one core). Not the
+/// number of cores, the default of file runs: each range is a server
+/// backend writing at full speed, and the table stays online.
+fn pg_jobs(app: &App) -> u32 {
+    let j = &app.settings.jobs;
+    let n = match j.source {
+        crate::config::Source::Default => j.value.min(2),
+        _ => j.value,
+    };
+    u32::try_from(n).unwrap_or(u32::MAX).max(1)
+}
+
+/// One key range of a walk: the rows after `lo` (exclusive; `None`: from
+/// the first row) up to `hi` (inclusive; `None`: to the last), with cursor
+/// row `part` in hsmseal.progress (`lo` is that row's `last_key`, moved
+/// forward by each committed chunk).
+#[derive(Clone, Debug)]
+struct Range {
+    part: i32,
+    lo: Option<Vec<String>>,
+    hi: Option<Vec<String>>,
+    /// Finished by an interrupted run (its cursor row says so).
+    done: bool,
+}
+
+impl Range {
+    fn all() -> Range {
+        Range {
+            part: 0,
+            lo: None,
+            hi: None,
+            done: false,
+        }
+    }
+}
+
+/// The key ranges an interrupted run of `op` on these columns stored, and
+/// the rows it did, or `None` if there is none. Cursor rows are server data
+/// anyone with the rights can edit: a set that is not one row per range
+/// 0..parts, or a key with a NULL element or one per key column too many
+/// or too few, is refused with the fix, never taken as a place to resume.
+fn load_ranges(
+    c: &mut Client,
+    t: &Table,
+    cols_key: &str,
+    op: Op,
+) -> Result<Option<(Vec<Range>, i64)>> {
+    let rows = c
+        .query(
+            "SELECT part, parts, last_key, hi_key, rows_done, done FROM hsmseal.progress
+              WHERE table_name = $1 AND columns = $2 AND op = $3 ORDER BY part",
+            &[&t.label, &cols_key, &op.name()],
+        )
+        .map_err(db_err("cannot read hsmseal.progress"))?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let bad = || {
+        Error::format(format!(
+            "hsmseal.progress holds cursors for pg {} of {} that are not one row per key range with one value per key column ({}): delete them (DELETE FROM hsmseal.progress WHERE table_name = '{}') and run again; rows already done are left as they are",
+            op.name(),
+            t.label,
+            t.key_names().join(", "),
+            t.label.replace('\'', "''")
+        ))
+    };
+    let key = |v: Option<Vec<Option<String>>>| -> Result<Option<Vec<String>>> {
+        match v {
+            None => Ok(None),
+            Some(k) if k.len() == t.key.len() => k
+                .into_iter()
+                .collect::<Option<_>>()
+                .map(Some)
+                .ok_or_else(bad),
+            Some(_) => Err(bad()),
+        }
+    };
+    let mut ranges = Vec::new();
+    let mut done_rows = 0i64;
+    for (i, r) in rows.iter().enumerate() {
+        let (part, parts): (i32, i32) = (r.get(0), r.get(1));
+        if part != i as i32 || parts != rows.len() as i32 {
+            return Err(bad());
+        }
+        let lo = key(r.try_get(2).map_err(|_| bad())?)?;
+        let hi = key(r.try_get(3).map_err(|_| bad())?)?;
+        // Only the last range is open-ended.
+        if hi.is_none() != (i + 1 == rows.len()) {
+            return Err(bad());
+        }
+        done_rows += r.try_get::<_, i64>(4).unwrap_or(0).max(0);
+        ranges.push(Range {
+            part,
+            lo,
+            hi,
+            done: r.get(5),
+        });
+    }
+    Ok(Some((ranges, done_rows)))
+}
+
+/// `jobs` key ranges of about equal row counts, cut at quantiles of the
+/// key (one scan of it); fewer if the table has fewer rows.
+fn split_ranges(c: &mut Client, t: &Table, jobs: u32) -> Result<Vec<Range>> {
+    if jobs <= 1 {
+        return Ok(vec![Range::all()]);
+    }
+    let keys = t.key_list("");
+    let desc: Vec<String> = t
+        .key
+        .iter()
+        .map(|k| format!("{} DESC", ident(&k.name)))
+        .collect();
+    let texts: Vec<String> = t
+        .key
+        .iter()
+        .map(|k| format!("{}::text", ident(&k.name)))
+        .collect();
+    // The last key of each tile but the last: the ranges' upper bounds.
+    let q = format!(
+        "SELECT {} FROM (SELECT DISTINCT ON (q) {keys}, q FROM
+           (SELECT {keys}, ntile({jobs}) OVER (ORDER BY {keys}) AS q FROM {}) x
+           ORDER BY q, {}) y WHERE q < {jobs} ORDER BY q",
+        texts.join(", "),
+        t.sql,
+        desc.join(", ")
+    );
+    let bounds: Vec<Vec<String>> = c
+        .query(&q, &[])
+        .map_err(db_err(&format!("cannot split {} into key ranges", t.label)))?
+        .iter()
+        .map(|r| (0..t.key.len()).map(|i| r.get(i)).collect())
+        .collect();
+    let mut ranges = Vec::new();
+    let mut lo = None;
+    for (i, b) in bounds.iter().enumerate() {
+        ranges.push(Range {
+            part: i as i32,
+            lo: lo.take(),
+            hi: Some(b.clone()),
+            done: false,
+        });
+        lo = Some(b.clone());
+    }
+    ranges.push(Range {
+        part: ranges.len() as i32,
+        lo,
+        hi: None,
+        done: false,
+    });
+    Ok(ranges)
+}
+
+/// Stores new ranges' cursor rows, all in one transaction, before any is
+/// walked: a resumed run finds all of them or none.
+fn save_ranges(c: &mut Client, t: &Table, cols_key: &str, op: Op, ranges: &[Range]) -> Result<()> {
+    let mut tx = c.transaction().map_err(db_err("cannot begin"))?;
+    for r in ranges {
+        tx.execute(
+            "INSERT INTO hsmseal.progress (table_name, columns, op, part, parts, last_key, hi_key, rows_done, done, started, updated)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, false, now(), now())",
+            &[&t.label, &cols_key, &op.name(), &r.part, &(ranges.len() as i32), &r.lo, &r.hi],
+        )
+        .map_err(db_err("cannot write hsmseal.progress"))?;
+    }
+    tx.commit().map_err(db_err("cannot write hsmseal.progress"))
+}
+
+/// Time a walker's connection spent per kind of statement
+/// (`HSMSEAL_PG_TRACE`), and waiting for the worker's sealed parts.
+#[derive(Default)]
+struct Trace {
+    select: Duration,
+    update: Duration,
+    commit: Duration,
+    wait: Duration,
+}
+
+impl Trace {
+    fn add(&mut self, o: &Trace) {
+        self.select += o.select;
+        self.update += o.update;
+        self.commit += o.commit;
+        self.wait += o.wait;
+    }
+}
+
+/// What every walker of one walk shares: the table, the op, and the SQL
+/// it prepares on its connection.
+struct WalkCtx<'t> {
+    t: &'t Table,
+    op: Op,
+    writes: bool,
+    atomic: bool,
+    chunk_rows: u32,
+    cols_key: &'t str,
+    /// Key columns, then the selected columns, then the ctid, as text.
+    sel_cols: String,
+    update: String,
+}
+
+impl<'t> WalkCtx<'t> {
+    fn new(
+        t: &'t Table,
+        a: &PgArgs,
+        op: Op,
+        writes: bool,
+        atomic: bool,
+        cols_key: &'t str,
+        nb: usize,
+    ) -> WalkCtx<'t> {
+        let nk = t.key.len();
+        let sel_cols: Vec<String> = t
+            .key
+            .iter()
+            .map(|k| format!("t.{}::text", ident(&k.name)))
+            .chain(t.cols.iter().map(|c| format!("t.{}::text", ident(&c.name))))
+            // The row's physical address, last: the UPDATE finds the row by it
+            // (a TID scan) instead of descending the key's index once more.
+            .chain(std::iter::once("t.ctid::text".to_string()))
+            .collect();
+        // The chunk's UPDATE: the changed rows from arrays, NULL meaning "keep".
+        // Rows are found by ctid (measured: a third less server time per chunk
+        // than a join on the key, docs/PERFORMANCE.md). The ctid cannot change
+        // between the SELECT and the UPDATE: the row is locked FOR UPDATE by
+        // this transaction, and VACUUM never moves a tuple. The key columns
+        // are still compared, so a wrong ctid could only update nothing.
+        let vals: Vec<String> = (0..nk + t.cols.len() + nb + 1)
+            .map(|i| format!("${}::text[]", i + 1))
+            .collect();
+        let names: Vec<String> = (0..nk)
+            .map(|i| format!("k{i}"))
+            .chain((0..t.cols.len()).map(|i| format!("v{i}")))
+            .chain((0..nb).map(|i| format!("b{i}")))
+            .chain(std::iter::once("tid".to_string()))
+            .collect();
+        let sets: Vec<String> = t
+            .cols
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                format!(
+                    "{} = COALESCE(v.v{i}, t.{})",
+                    ident(&c.name),
+                    ident(&c.name)
+                )
+            })
+            // A blind index changes only with its value's token: NULL keeps it.
+            .chain(t.bidx.iter().take(nb).enumerate().map(|(i, (_, spec, _))| {
+                format!(
+                    "{} = COALESCE(v.b{i}, t.{})",
+                    ident(&spec.target),
+                    ident(&spec.target)
+                )
+            }))
+            .collect();
+        let matches: Vec<String> = t
+            .key
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("t.{} = v.k{i}::{}", ident(&k.name), k.ty))
+            .collect();
+        let update = format!(
+            "UPDATE {} AS t SET {} FROM unnest({}) AS v({}) WHERE t.ctid = v.tid::tid AND {}",
+            t.sql,
+            sets.join(", "),
+            vals.join(", "),
+            names.join(", "),
+            matches.join(" AND ")
+        );
+        WalkCtx {
+            t,
+            op,
+            writes,
+            atomic,
+            chunk_rows: a.chunk_rows,
+            cols_key,
+            sel_cols: sel_cols.join(", "),
+            update,
+        }
+    }
+
+    /// A chunk's SELECT: after the cursor (`$1..$k`) if `after`, up to and
+    /// including the range's upper bound (the next `$`s) if `upto`.
+    fn select(&self, after: bool, upto: bool) -> String {
+        let t = self.t;
+        // Qualified: a bare name in ORDER BY would pick the `::text` output
+        // column of the same name and sort as text.
+        let keys_t = t.key_list("t.");
+        let bound = |from: usize| -> String {
+            let v: Vec<String> = t
+                .key
+                .iter()
+                .enumerate()
+                .map(|(i, k)| format!("${}::text::{}", from + i, k.ty))
+                .collect();
+            v.join(", ")
+        };
+        let mut conds = Vec::new();
+        if after {
+            conds.push(format!("({keys_t}) > ({})", bound(1)));
+        }
+        if upto {
+            let from = if after { t.key.len() + 1 } else { 1 };
+            conds.push(format!("({keys_t}) <= ({})", bound(from)));
+        }
+        let filter = if conds.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conds.join(" AND "))
+        };
+        format!(
+            "SELECT {} FROM {} AS t{filter} ORDER BY {keys_t} LIMIT {}{}",
+            self.sel_cols,
+            t.sql,
+            self.chunk_rows,
+            if self.writes { " FOR UPDATE" } else { "" }
+        )
+    }
+}
+
+/// Walks one key range on `client`, chunk by chunk, until its end; returns
+/// its counts, its cell work (for the HSM call count) and its trace, or
+/// `None` if `stop` was set (another range failed) before its end.
+///
+/// Transactions by hand: per chunk BEGIN … COMMIT, or with --atomic a
+/// savepoint per chunk inside the caller's BEGIN … COMMIT. On an error the
+/// connection is dropped with the transaction open: the server rolls it
+/// back.
+#[allow(clippy::type_complexity)]
+fn walk_range<'a, 't>(
+    client: &mut Client,
+    ctx: &WalkCtx<'t>,
+    range: &Range,
+    work: CellWork<'a, 't>,
+    bar: Option<&indicatif::ProgressBar>,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<Option<(Counts, CellWork<'a, 't>, Trace)>> {
+    let t = ctx.t;
+    let chunk_rows = ctx.chunk_rows as usize;
+    // Prepared once: each chunk then costs no parse or plan round trip.
+    let prep = |c: &mut Client, q: &str| c.prepare(q).map_err(db_err("cannot prepare a statement"));
+    let upto = range.hi.is_some();
+    let select_first = prep(client, &ctx.select(false, upto))?;
+    let select_next = prep(client, &ctx.select(true, upto))?;
+    // The range's cursor row moves with each chunk, in its transaction;
+    // `done` once its last chunk is in.
+    let save = if ctx.writes {
+        Some(prep(
+            client,
+            "UPDATE hsmseal.progress SET last_key = COALESCE($4, last_key), rows_done = rows_done + $5,
+                    done = $6, updated = clock_timestamp()
+              WHERE table_name = $1 AND columns = $2 AND op = $3 AND part = $7",
+        )?)
+    } else {
+        None
+    };
+    // The UPDATE is prepared when first needed: a column that is not text
+    // (a decrypt re-run after the type was restored) holds no token, is
+    // never updated, and would not type-check in it.
+    let mut update_stmt: Option<postgres::Statement> = None;
+    let sql = |c: &mut Client, q: &str| c.batch_execute(q).map_err(db_err("transaction control"));
+    let mut last = range.lo.clone();
+    let mut counts = Counts::default();
+    let mut trace = Trace::default();
+    // Pipelining: the cryptography of a chunk runs on a worker thread, part
+    // by part, while this thread, which alone owns the connection, sends
+    // the UPDATE of the part before (the server's time, measured as most of
+    // a walk, then overlaps hsmseal's). Only the work moved: each chunk's
+    // rows are still read, updated and committed with its cursor in one
+    // transaction by this thread, so resume and kill -9 behave as before.
+    // The worker gets a chunk's parts in order and returns each, in order,
+    // through a channel of depth 2 (at most two sealed parts wait).
+    let part_rows = chunk_rows.div_ceil(PARTS_PER_CHUNK).max(1);
+    std::thread::scope(|s| -> Result<Option<(Counts, CellWork, Trace)>> {
+        let (to_worker, parts_in) = std::sync::mpsc::channel::<Vec<postgres::Row>>();
+        let (parts_out, from_worker) = std::sync::mpsc::sync_channel::<Result<Part>>(2);
+        let mut work = work;
+        let worker = std::thread::Builder::new()
+            .name("pg-cells".into())
+            .spawn_scoped(s, move || {
+                for rows in parts_in {
+                    let r = work.part(&rows);
+                    let failed = r.is_err();
+                    // A closed channel: the walk stopped on an error.
+                    if parts_out.send(r).is_err() || failed {
+                        break;
+                    }
+                }
+                work
+            })
+            .map_err(|e| Error::io(format!("cannot start a worker thread: {e}")))?;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            let t0 = Instant::now();
+            sql(
+                client,
+                if ctx.atomic {
+                    "SAVEPOINT hsmseal_chunk"
+                } else {
+                    "BEGIN"
+                },
+            )?;
+            let mut p: Vec<&(dyn postgres::types::ToSql + Sync)> = Vec::new();
+            if let Some(l) = &last {
+                p.extend(l.iter().map(|s| s as &(dyn postgres::types::ToSql + Sync)));
+            }
+            if let Some(h) = &range.hi {
+                p.extend(h.iter().map(|s| s as &(dyn postgres::types::ToSql + Sync)));
+            }
+            let stmt = if last.is_some() {
+                &select_next
+            } else {
+                &select_first
+            };
+            let mut rows = client
+                .query(stmt, &p)
+                .map_err(db_err(&format!("cannot read {}", t.label)))?;
+            trace.select += t0.elapsed();
+            let n = rows.len();
+            let mut parts = 0;
+            while !rows.is_empty() {
+                let rest = rows.split_off(part_rows.min(rows.len()));
+                // The worker only stops early after an error, which the
+                // receive below reports.
+                let _ = to_worker.send(std::mem::replace(&mut rows, rest));
+                parts += 1;
+            }
+            for _ in 0..parts {
+                let t0 = Instant::now();
+                let part = from_worker
+                    .recv()
+                    .map_err(|_| Error::io("the worker thread of the walk stopped"))??;
+                trace.wait += t0.elapsed();
+                counts.add(&part.counts);
+                if part.last.is_some() {
+                    last = part.last;
+                }
+                if save.is_some() && !part.upd[0].is_empty() {
+                    let t0 = Instant::now();
+                    if update_stmt.is_none() {
+                        update_stmt = Some(prep(client, &ctx.update)?);
+                    }
+                    let update = update_stmt.as_ref().expect("prepared above");
+                    let p: Vec<&(dyn postgres::types::ToSql + Sync)> = part
+                        .upd
+                        .iter()
+                        .map(|v| v as &(dyn postgres::types::ToSql + Sync))
+                        .collect();
+                    client
+                        .execute(update, &p)
+                        .map_err(db_err(&format!("cannot update {}", t.label)))?;
+                    trace.update += t0.elapsed();
+                }
+            }
+            let t0 = Instant::now();
+            let end = n < chunk_rows;
+            if let Some(save) = &save {
+                client
+                    .execute(
+                        save,
+                        &[
+                            &t.label,
+                            &ctx.cols_key,
+                            &ctx.op.name(),
+                            &last,
+                            &(n as i64),
+                            &end,
+                            &range.part,
+                        ],
+                    )
+                    .map_err(db_err("cannot update hsmseal.progress"))?;
+            }
+            sql(
+                client,
+                if ctx.atomic {
+                    "RELEASE SAVEPOINT hsmseal_chunk"
+                } else {
+                    "COMMIT"
+                },
+            )
+            .map_err(|e| e.context(format!("committing a chunk of {}", t.label)))?;
+            trace.commit += t0.elapsed();
+            counts.chunks += 1;
+            if let Some(pb) = bar {
+                pb.inc(n as u64);
+            }
+            if end {
+                break;
+            }
+        }
+        drop(to_worker);
+        let work = worker
+            .join()
+            .map_err(|_| Error::io("the worker thread of the walk panicked"))?;
+        Ok(Some((counts, work, trace)))
+    })
 }
 
 /// A chunk is handed to the worker thread in this many parts, so the
@@ -1439,7 +1847,10 @@ fn count_column(client: &mut Client, t: &Table, name: &str) -> Result<ColumnCoun
     // prefix by the server: the first 4 * ceil((6 + n) / 3) characters
     // hold the 6 + n bytes the longest v1 or v2 version needs. A value too
     // short for them, or with a malformed version, counts as malformed
-    // (version -1), as `columns inspect` counts it.
+    // (version -1), as `columns inspect` counts it. The key name comes
+    // back as bytes: the server's convert_from() would fail the whole count
+    // on one name that is not UTF-8, where inspect counts that value as
+    // malformed (decoded and checked below, as `token::key_ref_prefix` does).
     let q = format!(
         "WITH h AS (
            SELECT CASE WHEN n BETWEEN 1 AND 64 AND length(v) >= {p0} + 4 * ((6 + n + 2) / 3)
@@ -1448,7 +1859,7 @@ fn count_column(client: &mut Client, t: &Table, name: &str) -> Result<ColumnCoun
              FROM (SELECT {c}::text AS v,
                           get_byte(decode(translate(substr({c}::text, {s}, 4), '-_', '+/'), 'base64'), 0) AS n
                      FROM {} WHERE {p}) x)
-         SELECT CASE WHEN b IS NULL THEN '' ELSE convert_from(substring(b FROM 2 FOR n), 'UTF8') END,
+         SELECT CASE WHEN b IS NULL THEN ''::bytea ELSE substring(b FROM 2 FOR n) END,
                 CASE WHEN b IS NULL THEN -1
                      WHEN f = 1 THEN (get_byte(b, 1 + n)::int8 << 24) + (get_byte(b, 2 + n) << 16) + (get_byte(b, 3 + n) << 8) + get_byte(b, 4 + n)
                      ELSE {varint} END,
@@ -1472,9 +1883,15 @@ fn count_column(client: &mut Client, t: &Table, name: &str) -> Result<ColumnCoun
         ..Default::default()
     };
     for r in &by_key {
-        let (name, version, tv, n): (String, i64, i32, i64) =
+        let (name, version, tv, n): (Vec<u8>, i64, i32, i64) =
             (r.get(0), r.get(1), r.get(2), r.get(3));
-        let (Ok(version), Ok(tv)) = (u32::try_from(version), u8::try_from(tv)) else {
+        // A name inspect would refuse (not UTF-8, or not a valid key name):
+        // malformed, as it counts it.
+        let name = String::from_utf8(name)
+            .ok()
+            .filter(|s| hsmseal::backend::validate_key_name(s).is_ok());
+        let (Some(name), Ok(version), Ok(tv)) = (name, u32::try_from(version), u8::try_from(tv))
+        else {
             cc.malformed += n as u64;
             continue;
         };
