@@ -163,24 +163,6 @@ fn groups_from_the_config_file_and_their_refusals() {
     assert_eq!(&std::fs::read(c.path("q.hseal")).unwrap()[8..10], &[0, 1]);
 }
 
-/// The pkcs11-tool lines of the object of class `class` labelled `label`.
-fn object(listing: &str, class: &str, label: &str) -> String {
-    let blocks: Vec<String> = listing.split("\n").fold(Vec::<String>::new(), |mut v, l| {
-        if !l.starts_with(' ') {
-            v.push(String::new());
-        }
-        if let Some(b) = v.last_mut() {
-            b.push_str(l);
-            b.push('\n');
-        }
-        v
-    });
-    blocks
-        .into_iter()
-        .find(|b| b.starts_with(class) && b.contains(&format!("label:      {label}\n")))
-        .unwrap_or_else(|| panic!("no {class} {label} in:\n{listing}"))
-}
-
 #[test]
 fn a_recipient_encrypts_without_the_token_and_opens_only_where_the_private_key_is() {
     let a = Cli::new();
@@ -199,35 +181,17 @@ fn a_recipient_encrypts_without_the_token_and_opens_only_where_the_private_key_i
 
     // The private key: sensitive, never extractable, decrypt only.
     let listing = support::list_objects(&b);
-    let private = object(&listing, "Private Key Object", "hsmseal-rsa:dr:v1");
+    let private = support::object(&listing, "Private Key Object", "hsmseal-rsa:dr:v1");
     assert!(private.contains("Usage:      decrypt\n"), "{private}");
     assert!(
         private.contains("Access:     sensitive, always sensitive, never extractable, local"),
         "{private}"
     );
 
-    // Recipient only, no module, no token, no PIN: works.
+    // Recipient only, no module, no token, no PIN: works, and opens only
+    // on B.
     let plain = data(50_000, 9);
-    write(&a.path("p"), &plain);
-    let mut cmd = std::process::Command::new(support::BIN);
-    support::clear_hsmseal_env(&mut cmd);
-    cmd.current_dir(a.work.path())
-        .env("HSMSEAL_PKCS11_MODULE", "/nonexistent/no-such-pkcs11.so")
-        .args(["encrypt", "--recipient", "dr.pub", "-o", "r.hseal", "p"]);
-    let out = support::run_cmd(cmd, None);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    // ... and opens only on B.
-    let out = a.run(&["decrypt", "-o", "r.out", "r.hseal"]);
-    assert_eq!(code(&out), 4, "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("slot 0 (rsa-oaep key dr v1"),
-        "{}",
-        stderr(&out)
-    );
-    assert!(!a.path("r.out").exists());
-    std::fs::copy(a.path("r.hseal"), b.path("r.hseal")).unwrap();
-    b.ok(&["decrypt", "-o", "r.out", "r.hseal"]);
-    assert_eq!(std::fs::read(b.path("r.out")).unwrap(), plain);
+    support::sealed_without_token_opens_only_on(&a, &b, &plain, "slot 0 (rsa-oaep key dr v1");
 
     // An AES key on A and the recipient on B: either token alone opens it.
     a.ok(&["encrypt", "--key", "a", "--recipient", "dr.pub", "p"]);

@@ -226,3 +226,45 @@ pub fn list_objects(c: &Cli) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// The block of a `pkcs11-tool --list-objects` listing ([`list_objects`])
+/// of class `class` (e.g. "Private Key Object") labelled `label`.
+pub fn object(listing: &str, class: &str, label: &str) -> String {
+    let blocks: Vec<String> = listing.split('\n').fold(Vec::<String>::new(), |mut v, l| {
+        if !l.starts_with(' ') {
+            v.push(String::new());
+        }
+        if let Some(b) = v.last_mut() {
+            b.push_str(l);
+            b.push('\n');
+        }
+        v
+    });
+    blocks
+        .into_iter()
+        .find(|b| b.starts_with(class) && b.contains(&format!("label:      {label}\n")))
+        .unwrap_or_else(|| panic!("no {class} {label} in:\n{listing}"))
+}
+
+/// A backup host's encrypt: `plain` (written to `p` in `a`'s directory)
+/// sealed to the recipient file `dr.pub` there as `r.hseal`, with no
+/// PKCS#11 module, token or PIN. Then: `a` cannot open it (exit 4, the
+/// slot report naming `slot0`, e.g. "slot 0 (ec-p256 key dr v1") and
+/// writes nothing; `b`, holding the private key, opens it.
+pub fn sealed_without_token_opens_only_on(a: &Cli, b: &Cli, plain: &[u8], slot0: &str) {
+    write(&a.path("p"), plain);
+    let mut cmd = Command::new(BIN);
+    clear_hsmseal_env(&mut cmd);
+    cmd.current_dir(a.work.path())
+        .env("HSMSEAL_PKCS11_MODULE", "/nonexistent/no-such-pkcs11.so")
+        .args(["encrypt", "--recipient", "dr.pub", "-o", "r.hseal", "p"]);
+    let out = run_cmd(cmd, None);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = a.run(&["decrypt", "-o", "r.out", "r.hseal"]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    assert!(stderr(&out).contains(slot0), "{}", stderr(&out));
+    assert!(!a.path("r.out").exists());
+    std::fs::copy(a.path("r.hseal"), b.path("r.hseal")).unwrap();
+    b.ok(&["decrypt", "-o", "r.out", "r.hseal"]);
+    assert_eq!(std::fs::read(b.path("r.out")).unwrap(), plain);
+}
