@@ -273,7 +273,7 @@ fn oaep(hash: OaepHash) -> Mechanism<'static> {
 pub(super) fn private_problems(ty: PubKeyType, attrs: &[Attribute]) -> (bool, Vec<String>) {
     let usage = ty.usage();
     let off = ty.usage_attribute(false);
-    let disabled = attrs.iter().any(|a| *a == off);
+    let disabled = attrs.contains(&off);
     let want: Vec<(AttributeType, bool)> = ty
         .private_want()
         .iter()
