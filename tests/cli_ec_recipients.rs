@@ -13,19 +13,6 @@ use hsmseal::envelope::file::AnyHeader;
 use hsmseal::envelope::slots::{self, Header2, Slot};
 use support::{code, data, stderr, write, Cli};
 
-fn slots_json(c: &Cli, file: &str) -> Vec<serde_json::Value> {
-    let out = c.ok(&["--json", "inspect", file]);
-    let v = support::json_one(&out, "item");
-    v["slots"].as_array().unwrap().clone()
-}
-
-/// Bytes of slot `i` in the place in force of a 2-slot v2 file.
-fn slot_bytes(file: &[u8], i: usize) -> Vec<u8> {
-    let h = Header2::parse(file).unwrap();
-    let off = slots::place_offset(2, h.active().0) + 32 + i * slots::SLOT_LEN;
-    file[off..off + slots::SLOT_LEN].to_vec()
-}
-
 /// `file` (a v2 file) with slot `i` of its place in force changed by `edit`
 /// and the place's checksum recomputed: what an attacker can write.
 fn edited(file: &[u8], i: usize, edit: impl Fn(&mut Slot)) -> Vec<u8> {
@@ -44,24 +31,7 @@ fn edited(file: &[u8], i: usize, edit: impl Fn(&mut Slot)) -> Vec<u8> {
 
 /// The pkcs11-tool description of the private key labelled `label`.
 fn private_key_listing(c: &Cli, label: &str) -> String {
-    let out = std::process::Command::new("pkcs11-tool")
-        .env("SOFTHSM2_CONF", &c.token.conf)
-        .arg("--module")
-        .arg(&c.token.module)
-        .args(["--token-label", &c.token.label, "--login", "--pin"])
-        .arg(&c.token.pin)
-        .args(["--list-objects", "--type", "privkey"])
-        .output()
-        .expect("run pkcs11-tool (apt-get install opensc)");
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = String::from_utf8(out.stdout).unwrap();
-    let at = text
-        .find(&format!("label:      {label}\n"))
-        .unwrap_or_else(|| panic!("no private key {label} in:\n{text}"));
-    let end = text[at..]
-        .find("\nPrivate Key Object")
-        .map_or(text.len(), |e| at + e);
-    text[at..end].to_string()
+    support::object(&support::list_objects(c), "Private Key Object", label)
 }
 
 /// A token with an AES key `a`, a token with the EC key `dr`, and `dr`'s
@@ -106,28 +76,10 @@ fn an_ec_recipient_encrypts_without_the_token_and_opens_only_where_the_private_k
         "{private}"
     );
 
-    // Recipient only, no module, no token, no PIN: works.
+    // Recipient only, no module, no token, no PIN: works, and opens only
+    // on B.
     let plain = data(70_000, 5);
-    write(&a.path("p"), &plain);
-    let mut cmd = std::process::Command::new(support::BIN);
-    support::clear_hsmseal_env(&mut cmd);
-    cmd.current_dir(a.work.path())
-        .env("HSMSEAL_PKCS11_MODULE", "/nonexistent/no-such-pkcs11.so")
-        .args(["encrypt", "--recipient", "dr.pub", "-o", "r.hseal", "p"]);
-    let out = support::run_cmd(cmd, None);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    // ... and opens only on B.
-    let out = a.run(&["decrypt", "-o", "r.out", "r.hseal"]);
-    assert_eq!(code(&out), 4, "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("slot 0 (ec-p256 key dr v1"),
-        "{}",
-        stderr(&out)
-    );
-    assert!(!a.path("r.out").exists());
-    std::fs::copy(a.path("r.hseal"), b.path("r.hseal")).unwrap();
-    b.ok(&["decrypt", "-o", "r.out", "r.hseal"]);
-    assert_eq!(std::fs::read(b.path("r.out")).unwrap(), plain);
+    support::sealed_without_token_opens_only_on(&a, &b, &plain, "slot 0 (ec-p256 key dr v1");
     // Another EC key of the same name on another token: not this slot.
     let c = Cli::new();
     c.ok(&["key", "create", "dr", "--type", "ec-p256"]);
@@ -136,44 +88,16 @@ fn an_ec_recipient_encrypts_without_the_token_and_opens_only_where_the_private_k
     assert_eq!(code(&out), 4, "{}", stderr(&out));
     assert!(!c.path("r.out").exists());
 
-    // An AES key on A and the recipient on B: either token alone opens it.
-    a.ok(&["encrypt", "--key", "a", "--recipient", "dr.pub", "p"]);
-    let sealed = std::fs::read(a.path("p.hseal")).unwrap();
-    let s = slots_json(&a, "p.hseal");
-    assert_eq!(s[1]["type"], "ec-p256");
+    // An AES key on A and the recipient on B: either token alone opens it;
+    // key rotate + rotate on A keeps B's slot byte-identical.
+    let (s, _, after) =
+        support::aes_and_recipient_slots_open_from_either_token(&a, &b, &plain, "ec-p256");
     assert!(s[1].get("oaep_hash").is_none(), "{s:?}");
     let fp = text
         .lines()
         .find_map(|l| l.strip_prefix("fingerprint: "))
         .unwrap();
     assert_eq!(s[1]["fingerprint"], fp);
-    a.ok(&["decrypt", "-o", "p.out", "p.hseal"]);
-    assert_eq!(std::fs::read(a.path("p.out")).unwrap(), plain);
-    std::fs::copy(a.path("p.hseal"), b.path("p.hseal")).unwrap();
-    b.ok(&["decrypt", "-o", "p.out", "p.hseal"]);
-    assert_eq!(std::fs::read(b.path("p.out")).unwrap(), plain);
-    let out = b.ok(&["verify", "p.hseal"]);
-    let t = String::from_utf8_lossy(&out);
-    assert!(
-        t.contains("slot 0 (aes key a v1): not on this token")
-            && t.contains("slot 1 (ec-p256 key dr v1 (fingerprint sha256:")
-            && t.contains("): ok"),
-        "{t}"
-    );
-
-    // key rotate + rotate on A: B's slot byte-identical, B still opens it.
-    a.ok(&["key", "rotate", "a"]);
-    a.ok(&["rotate", "p.hseal"]);
-    let after = std::fs::read(a.path("p.hseal")).unwrap();
-    assert_eq!(
-        slot_bytes(&sealed, 1),
-        slot_bytes(&after, 1),
-        "EC slot changed"
-    );
-    assert_ne!(slot_bytes(&sealed, 0), slot_bytes(&after, 0));
-    std::fs::copy(a.path("p.hseal"), b.path("p2.hseal")).unwrap();
-    b.ok(&["decrypt", "-o", "p2.out", "p2.hseal"]);
-    assert_eq!(std::fs::read(b.path("p2.out")).unwrap(), plain);
     // rotate on B (no AES key there) leaves the file alone.
     b.ok(&["rotate", "p2.hseal"]);
     assert_eq!(std::fs::read(b.path("p2.hseal")).unwrap(), after);
@@ -283,16 +207,30 @@ fn bad_recipient_files_and_taken_names_are_refused() {
         );
         assert!(!a.path("x.hseal").exists());
     }
-    // A name taken by any type is refused for every type.
-    for (ty, on) in [("ec-p256", &b), ("rsa-oaep", &b), ("ec-p256", &a)] {
+    // A name taken by another type is refused for every type; the same
+    // type is told to rotate.
+    for (ty, on, want) in [
+        ("ec-p256", &b, "already exists"),
+        (
+            "rsa-oaep",
+            &b,
+            "is an ec-p256 key; a name is used by one key type only",
+        ),
+        (
+            "aes",
+            &b,
+            "is an ec-p256 key; a name is used by one key type only",
+        ),
+        (
+            "ec-p256",
+            &a,
+            "is an aes key; a name is used by one key type only",
+        ),
+    ] {
         let name = if std::ptr::eq(on, &a) { "a" } else { "dr" };
         let out = on.run(&["key", "create", name, "--type", ty]);
         assert_eq!(code(&out), 4, "{ty} {name}: {}", stderr(&out));
-        assert!(
-            stderr(&out).contains("a name is used by one key type only"),
-            "{}",
-            stderr(&out)
-        );
+        assert!(stderr(&out).contains(want), "{ty} {name}: {}", stderr(&out));
     }
     // --backup is for AES keys only; an unknown key exports nothing.
     let out = b.run(&["key", "create", "e2", "--type", "ec-p256", "--backup"]);
@@ -337,6 +275,63 @@ fn ec_slots_open_from_several_workers_and_processes_at_once() {
         for i in 0..n {
             let got = std::fs::read(b.path(&format!("{dir}/f{i}"))).unwrap();
             assert_eq!(got, data(3000 + i, i as u64), "{dir}/f{i}");
+        }
+    }
+}
+
+/// After `key rotate`, a slot opens only with the version whose public key
+/// has the slot's fingerprint: v1 never opens a slot naming v2's
+/// fingerprint, v2 never one naming v1's, whatever version number the slot
+/// claims (checksum recomputed, as an attacker would).
+#[test]
+fn a_slot_naming_another_versions_fingerprint_is_not_opened() {
+    use hsmseal::envelope::any_recipient::AnyRecipient;
+    let b = Cli::new();
+    b.ok(&["key", "create", "dr", "--type", "ec-p256"]);
+    let v1 = String::from_utf8(b.ok(&["key", "export-public", "dr"])).unwrap();
+    write(&b.path("dr1.pub"), v1.as_bytes());
+    b.ok(&["key", "rotate", "dr"]);
+    let v2 = String::from_utf8(b.ok(&["key", "export-public", "dr"])).unwrap();
+    let fp1 = AnyRecipient::parse(&v1, "v1").unwrap().fingerprint();
+    let fp2 = AnyRecipient::parse(&v2, "v2").unwrap().fingerprint();
+    assert_ne!(fp1, fp2);
+    write(&b.path("p"), b"sealed to v1");
+    b.ok(&["encrypt", "--recipient", "dr1.pub", "-o", "f1.hseal", "p"]);
+    let f1 = std::fs::read(b.path("f1.hseal")).unwrap();
+    assert_eq!(b.ok(&["decrypt", "-o", "-", "f1.hseal"]), b"sealed to v1");
+    type Edit = Box<dyn Fn(&mut Slot)>;
+    let edits: Vec<(&str, i32, Edit)> = vec![
+        (
+            "v1 naming v2's fingerprint",
+            4,
+            Box::new(move |s| s.fingerprint = fp2),
+        ),
+        (
+            "v2 naming v1's fingerprint",
+            4,
+            Box::new(|s| s.kwk.version = 2),
+        ),
+        (
+            // The token's v2 does the derive; the slot was sealed to v1.
+            "v2 and its fingerprint",
+            3,
+            Box::new(move |s| {
+                s.kwk.version = 2;
+                s.fingerprint = fp2;
+            }),
+        ),
+    ];
+    for (what, want, edit) in edits {
+        write(&b.path("e.hseal"), &edited(&f1, 0, edit));
+        let out = b.run(&["decrypt", "-o", "e.out", "e.hseal"]);
+        assert_eq!(code(&out), want, "{what}: {}", stderr(&out));
+        assert!(!b.path("e.out").exists(), "{what}");
+        if want == 4 {
+            assert!(
+                stderr(&out).contains("not on this token"),
+                "{what}: {}",
+                stderr(&out)
+            );
         }
     }
 }

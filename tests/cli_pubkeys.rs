@@ -1,9 +1,12 @@
-//! The lifecycle of public-key KWKs (issue 12 item 1) on real SoftHSM2
-//! tokens: versions, `key rotate` (also `--if-older-than`), disable and
-//! enable, destroy (crypto-shredding one slot while the file's other slot
-//! still opens it), purge with `--check`, `export-public` following the
-//! current version, `key list --json` showing the type, one type per name,
-//! and two `key rotate` of one RSA key at once issuing distinct versions.
+//! The lifecycle of public-key KWKs (issue 12 item 1), RSA-OAEP and
+//! EC-P256 alike, on real SoftHSM2 tokens: versions, `key rotate` (also
+//! `--if-older-than`), `rotate` re-sealing a file's slot to the current
+//! version, disable and enable (the token's own usage attribute, checked
+//! with pkcs11-tool), destroy (crypto-shredding one slot while the file's
+//! other slot still opens it), purge with `--check`, `export-public`
+//! following the current version, `key list --json` showing the type, one
+//! type per name (also when two creates of one name race), and two `key
+//! rotate` of one key at once issuing distinct versions.
 
 mod support;
 
@@ -36,10 +39,43 @@ fn export(c: &Cli, name: &str, version: Option<&str>, file: &str) -> String {
     String::from_utf8(out).unwrap()
 }
 
+/// The `fingerprint:` line of a recipient file.
+fn fingerprint(text: &str) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix("fingerprint: "))
+        .unwrap_or_else(|| panic!("no fingerprint in {text}"))
+        .to_string()
+}
+
+/// pkcs11-tool's view of the private key of `dr` version `v` of type `ty`.
+fn private_key(c: &Cli, ty: &str, v: u32) -> String {
+    let prefix = if ty == "ec-p256" {
+        "hsmseal-ec"
+    } else {
+        "hsmseal-rsa"
+    };
+    support::object(
+        &support::list_objects(c),
+        "Private Key Object",
+        &format!("{prefix}:dr:v{v}"),
+    )
+}
+
 #[test]
 fn rsa_versions_rotate_disable_destroy_and_purge_as_aes_keys_do() {
+    versions_rotate_disable_destroy_and_purge("rsa-oaep", "rsa-oaep-3072", "decrypt");
+}
+
+#[test]
+fn ec_versions_rotate_disable_destroy_and_purge_as_aes_keys_do() {
+    versions_rotate_disable_destroy_and_purge("ec-p256", "ec-p256", "derive");
+}
+
+/// The whole lifecycle of a public-key KWK `dr` of type `ty` (listed as
+/// `listed_type`), whose private key's one usage pkcs11-tool calls `usage`.
+fn versions_rotate_disable_destroy_and_purge(ty: &str, listed_type: &str, usage: &str) {
     let c = Cli::new();
-    c.ok(&["key", "create", "dr", "--type", "rsa-oaep"]);
+    c.ok(&["key", "create", "dr", "--type", ty]);
     c.ok(&["key", "create", "a"]);
     assert!(export(&c, "dr", None, "dr1.pub").contains("\nversion: 1\n"));
     write(&c.path("p"), b"sealed to dr v1");
@@ -56,16 +92,17 @@ fn rsa_versions_rotate_disable_destroy_and_purge_as_aes_keys_do() {
     ]);
 
     // One type per name, both ways; nothing is created.
+    let other = if ty == "ec-p256" {
+        "rsa-oaep"
+    } else {
+        "ec-p256"
+    };
+    let taken = format!("is an {ty} key");
     for (args, want) in [
-        (vec!["key", "create", "dr"], "is a rsa-oaep key"),
-        (
-            vec!["key", "create", "a", "--type", "rsa-oaep"],
-            "is an aes key",
-        ),
-        (
-            vec!["key", "create", "dr", "--type", "rsa-oaep"],
-            "already exists",
-        ),
+        (vec!["key", "create", "dr"], taken.as_str()),
+        (vec!["key", "create", "dr", "--type", other], taken.as_str()),
+        (vec!["key", "create", "a", "--type", ty], "is an aes key"),
+        (vec!["key", "create", "dr", "--type", ty], "already exists"),
     ] {
         let out = c.run(&args);
         assert_eq!(code(&out), 4, "{args:?}: {}", stderr(&out));
@@ -79,20 +116,32 @@ fn rsa_versions_rotate_disable_destroy_and_purge_as_aes_keys_do() {
     }
     assert_eq!(listed(&c, "a").len(), 1);
 
-    // Rotate: v2 is current, same size; export-public follows it; the v1
-    // file still opens.
+    // Rotate: v2 is current, same type and size; export-public follows
+    // it, `--version 1` still gives v1's key; the v1 file still opens.
     c.ok(&["key", "rotate", "dr"]);
     assert_eq!(
         listed(&c, "dr"),
         [
-            (1, "decrypt-only".into(), "rsa-oaep-3072".into()),
-            (2, "active".into(), "rsa-oaep-3072".into())
+            (1, "decrypt-only".into(), listed_type.into()),
+            (2, "active".into(), listed_type.into())
         ]
     );
     assert_eq!(listed(&c, "a")[0].2, "aes");
     let v2 = export(&c, "dr", None, "dr2.pub");
     assert!(v2.contains("\nversion: 2\n"), "{v2}");
-    assert_ne!(v2, export(&c, "dr", Some("1"), "dr1b.pub"));
+    let v1 = export(&c, "dr", Some("1"), "dr1b.pub");
+    assert!(v1.contains("\nversion: 1\n"), "{v1}");
+    assert_ne!(fingerprint(&v2), fingerprint(&v1));
+    // The new private key as `key create` makes it.
+    let private = private_key(&c, ty, 2);
+    assert!(
+        private.contains(&format!("Usage:      {usage}\n")),
+        "{private}"
+    );
+    assert!(
+        private.contains("Access:     sensitive, always sensitive, never extractable, local"),
+        "{private}"
+    );
     assert_eq!(
         c.ok(&["decrypt", "-o", "-", "p1.hseal"]),
         b"sealed to dr v1"
@@ -108,6 +157,8 @@ fn rsa_versions_rotate_disable_destroy_and_purge_as_aes_keys_do() {
     assert_eq!(before[hl..], after[hl..], "payload changed");
     let s = support::json_one(&c.ok(&["--json", "inspect", "r1.hseal"]), "item");
     assert_eq!(s["slots"][0]["version"], 2, "{s}");
+    assert_eq!(s["slots"][0]["type"], ty, "{s}");
+    assert_eq!(s["slots"][0]["fingerprint"], fingerprint(&v2), "{s}");
     assert_eq!(
         c.ok(&["decrypt", "-o", "-", "r1.hseal"]),
         b"sealed to dr v1"
@@ -124,6 +175,25 @@ fn rsa_versions_rotate_disable_destroy_and_purge_as_aes_keys_do() {
     assert_eq!(
         (r["rotated"].as_bool(), r["current_version"].as_u64()),
         (Some(false), Some(2))
+    );
+
+    // Disable v2: its private key's usage is off in the token itself, the
+    // re-sealed file is refused, export-public falls back to v1; enable
+    // restores all of it.
+    c.ok(&["key", "disable", "dr", "--version", "2"]);
+    assert_eq!(listed(&c, "dr")[1].1, "disabled");
+    let private = private_key(&c, ty, 2);
+    assert!(private.contains("Usage:      none\n"), "{private}");
+    let out = c.run(&["decrypt", "-o", "r1.out", "r1.hseal"]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    assert!(stderr(&out).contains("is disabled"), "{}", stderr(&out));
+    assert!(!c.path("r1.out").exists());
+    assert!(export(&c, "dr", None, "x.pub").contains("\nversion: 1\n"));
+    c.ok(&["key", "enable", "dr", "--version", "2"]);
+    assert!(private_key(&c, ty, 2).contains(&format!("Usage:      {usage}\n")));
+    assert_eq!(
+        c.ok(&["decrypt", "-o", "-", "r1.hseal"]),
+        b"sealed to dr v1"
     );
 
     // Disable v1: the token refuses it; the file's AES slot still opens
@@ -247,56 +317,132 @@ fn rsa_versions_rotate_disable_destroy_and_purge_as_aes_keys_do() {
 fn doctor_lists_public_key_kwks_with_their_type() {
     let c = Cli::new();
     c.ok(&["key", "create", "dr", "--type", "rsa-oaep"]);
+    c.ok(&["key", "create", "de", "--type", "ec-p256"]);
     let out = c.ok(&["--json", "doctor"]);
     let v: serde_json::Value = support::json_lines(&out)
         .into_iter()
         .find(|l| l.get("keys").is_some())
         .expect("doctor report");
     let keys = v["keys"].as_array().unwrap();
-    let dr: Vec<_> = keys.iter().filter(|k| k["name"] == "dr").collect();
-    assert_eq!(dr.len(), 1, "{keys:?}");
-    assert_eq!(dr[0]["key_type"], "rsa-oaep-3072");
-    assert_eq!(dr[0]["label"], "hsmseal-rsa:dr:v1");
-    assert!(dr[0]["problems"].as_array().unwrap().is_empty());
+    for (name, key_type, label) in [
+        ("dr", "rsa-oaep-3072", "hsmseal-rsa:dr:v1"),
+        ("de", "ec-p256", "hsmseal-ec:de:v1"),
+    ] {
+        let k: Vec<_> = keys.iter().filter(|k| k["name"] == name).collect();
+        assert_eq!(k.len(), 1, "{keys:?}");
+        assert_eq!(k[0]["key_type"], key_type);
+        assert_eq!(k[0]["label"], label);
+        assert!(k[0]["problems"].as_array().unwrap().is_empty(), "{k:?}");
+        assert!(k[0]["created"].is_string(), "{k:?}");
+    }
     let text = String::from_utf8(c.ok(&["key", "list"])).unwrap();
-    assert!(text.contains("rsa-oaep-3072"), "{text}");
+    assert!(
+        text.contains("rsa-oaep-3072") && text.contains("ec-p256"),
+        "{text}"
+    );
 }
 
-/// Two `key rotate` of one RSA key at once: the exclusive token lock AES
-/// rotation takes makes them issue distinct versions.
+/// Two `key create` of one name at the same instant, of different types
+/// (and once of the same type): the exclusive token lock around each
+/// create's name check and generation lets exactly one win; the other gets
+/// the one-type-per-name refusal (exit 4), and the token holds one key of
+/// the winner's type.
 #[test]
-fn two_rsa_rotates_at_once_issue_distinct_versions() {
+fn two_creates_of_one_name_at_once_make_one_key_of_one_type() {
     let c = Cli::new();
-    c.ok(&["key", "create", "dr", "--type", "rsa-oaep"]);
-    let rounds = 3;
-    for round in 0..rounds {
-        let children: Vec<_> = (0..2)
-            .map(|_| {
-                let mut cmd = c.cmd();
-                cmd.args(["key", "rotate", "dr"])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped());
-                cmd.spawn().unwrap()
-            })
-            .collect();
-        for ch in children {
-            let out = ch.wait_with_output().unwrap();
-            assert_eq!(code(&out), 0, "round {round}: {}", stderr(&out));
-        }
+    let pairs = [
+        ("aes", "ec-p256"),
+        ("ec-p256", "aes"),
+        ("ec-p256", "rsa-oaep"),
+        ("rsa-oaep", "ec-p256"),
+        ("aes", "rsa-oaep"),
+        ("ec-p256", "ec-p256"),
+    ];
+    for (round, (x, y)) in pairs.into_iter().enumerate() {
+        let name = format!("race{round}");
+        let outs = at_once(
+            &c,
+            &[
+                &["key", "create", &name, "--type", x],
+                &["key", "create", &name, "--type", y],
+            ],
+        );
+        let won: Vec<usize> = (0..2).filter(|i| code(&outs[*i]) == 0).collect();
+        assert_eq!(
+            won.len(),
+            1,
+            "round {round} ({x} vs {y}): {} / {}",
+            stderr(&outs[0]),
+            stderr(&outs[1])
+        );
+        let (winner, loser) = (won[0], 1 - won[0]);
+        let err = stderr(&outs[loser]);
+        assert_eq!(code(&outs[loser]), 4, "round {round}: {err}");
+        let want = if x == y {
+            "already exists".to_string()
+        } else {
+            format!(
+                "is an {} key; a name is used by one key type only",
+                [x, y][winner]
+            )
+        };
+        assert!(err.contains(&want), "round {round}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        let keys = listed(&c, &name);
+        assert_eq!(keys.len(), 1, "round {round}: {keys:?}");
+        assert_eq!(keys[0].0, 1);
+        assert!(
+            keys[0].2.starts_with([x, y][winner]),
+            "round {round}: {keys:?}"
+        );
     }
-    let versions: Vec<u64> = listed(&c, "dr").into_iter().map(|v| v.0).collect();
-    assert_eq!(versions, (1..=1 + 2 * rounds).collect::<Vec<u64>>());
-    // Each version is a distinct key pair.
-    let mut fingerprints = std::collections::BTreeSet::new();
-    for v in 1..=1 + 2 * rounds {
-        let text = export(&c, "dr", Some(&v.to_string()), "x.pub");
-        let fp = text
-            .lines()
-            .find(|l| l.starts_with("fingerprint: "))
-            .unwrap()
-            .to_string();
-        assert!(fingerprints.insert(fp), "v{v} repeats a key pair");
+}
+
+/// Runs each of `commands` as its own `hsmseal` process on `c`'s token,
+/// all started before any is waited for.
+fn at_once(c: &Cli, commands: &[&[&str]]) -> Vec<std::process::Output> {
+    let children: Vec<_> = commands
+        .iter()
+        .map(|args| {
+            let mut cmd = c.cmd();
+            cmd.args(*args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            cmd.spawn().unwrap()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|ch| ch.wait_with_output().unwrap())
+        .collect()
+}
+
+/// Two `key rotate` of one public key at once (RSA and EC): the exclusive
+/// token lock AES rotation takes makes them issue distinct versions.
+#[test]
+fn two_public_key_rotates_at_once_issue_distinct_versions() {
+    let c = Cli::new();
+    let rounds = 3;
+    for ty in ["rsa-oaep", "ec-p256"] {
+        c.ok(&["key", "create", ty, "--type", ty]);
+        for round in 0..rounds {
+            let rotate: &[&str] = &["key", "rotate", ty];
+            for out in at_once(&c, &[rotate, rotate]) {
+                assert_eq!(code(&out), 0, "{ty} round {round}: {}", stderr(&out));
+            }
+        }
+        let versions: Vec<u64> = listed(&c, ty).into_iter().map(|v| v.0).collect();
+        assert_eq!(versions, (1..=1 + 2 * rounds).collect::<Vec<u64>>(), "{ty}");
+        // Each version is a distinct key pair.
+        let mut fingerprints = std::collections::BTreeSet::new();
+        for v in 1..=1 + 2 * rounds {
+            let text = export(&c, ty, Some(&v.to_string()), "x.pub");
+            assert!(
+                fingerprints.insert(fingerprint(&text)),
+                "{ty} v{v} repeats a key pair"
+            );
+        }
     }
 }
 

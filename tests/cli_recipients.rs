@@ -8,21 +8,6 @@ mod support;
 
 use support::{code, data, stderr, write, Cli};
 
-fn slots(c: &Cli, file: &str) -> Vec<serde_json::Value> {
-    let out = c.ok(&["--json", "inspect", file]);
-    let v = support::json_one(&out, "item");
-    v["slots"].as_array().unwrap().clone()
-}
-
-/// Bytes of slot `i` in the place in force of a 2-slot v2 file.
-fn slot_bytes(file: &[u8], i: usize) -> Vec<u8> {
-    let n = 2;
-    let h = hsmseal::envelope::slots::Header2::parse(file).unwrap();
-    let (place, _) = h.active();
-    let off = hsmseal::envelope::slots::place_offset(n, place) + 32 + i * 768;
-    file[off..off + 768].to_vec()
-}
-
 #[test]
 fn two_keys_one_file_opens_under_either_and_rotation_keeps_the_other_slot() {
     let c = Cli::new();
@@ -33,7 +18,7 @@ fn two_keys_one_file_opens_under_either_and_rotation_keeps_the_other_slot() {
     c.ok(&["encrypt", "--key", "a", "--key", "b", "p"]);
     let sealed = std::fs::read(c.path("p.hseal")).unwrap();
     assert_eq!(&sealed[8..10], &[0, 2], "format v2");
-    let s = slots(&c, "p.hseal");
+    let s = support::slots_json(&c, "p.hseal");
     assert_eq!(s.len(), 2);
     assert_eq!(
         (s[0]["key"].as_str(), s[0]["version"].as_u64()),
@@ -56,12 +41,18 @@ fn two_keys_one_file_opens_under_either_and_rotation_keeps_the_other_slot() {
     let hl = hsmseal::envelope::slots::header_len(2);
     assert_eq!(sealed[hl..], after[hl..], "payload changed");
     assert_eq!(
-        slot_bytes(&sealed, 1),
-        slot_bytes(&after, 1),
+        support::slot_bytes(&sealed, 1),
+        support::slot_bytes(&after, 1),
         "b's slot changed"
     );
-    assert_ne!(slot_bytes(&sealed, 0), slot_bytes(&after, 0));
-    assert_eq!(slots(&c, "p.hseal")[0]["version"].as_u64(), Some(2));
+    assert_ne!(
+        support::slot_bytes(&sealed, 0),
+        support::slot_bytes(&after, 0)
+    );
+    assert_eq!(
+        support::slots_json(&c, "p.hseal")[0]["version"].as_u64(),
+        Some(2)
+    );
     // A second rotate is a no-op.
     c.ok(&["rotate", "p.hseal"]);
     assert_eq!(std::fs::read(c.path("p.hseal")).unwrap(), after);
@@ -138,7 +129,7 @@ fn groups_from_the_config_file_and_their_refusals() {
     write(&c.path("p"), b"grouped");
     let out = c.run_with(&["encrypt", "--group", "backups", "p"], None, &cfg);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let s = slots(&c, "p.hseal");
+    let s = support::slots_json(&c, "p.hseal");
     let names: Vec<_> = s.iter().map(|x| x["key"].as_str().unwrap()).collect();
     assert_eq!(names, ["a", "b"]);
     let out = c.run_with(&["decrypt", "-o", "-", "p.hseal"], None, &cfg);
@@ -163,24 +154,6 @@ fn groups_from_the_config_file_and_their_refusals() {
     assert_eq!(&std::fs::read(c.path("q.hseal")).unwrap()[8..10], &[0, 1]);
 }
 
-/// The pkcs11-tool lines of the object of class `class` labelled `label`.
-fn object(listing: &str, class: &str, label: &str) -> String {
-    let blocks: Vec<String> = listing.split("\n").fold(Vec::<String>::new(), |mut v, l| {
-        if !l.starts_with(' ') {
-            v.push(String::new());
-        }
-        if let Some(b) = v.last_mut() {
-            b.push_str(l);
-            b.push('\n');
-        }
-        v
-    });
-    blocks
-        .into_iter()
-        .find(|b| b.starts_with(class) && b.contains(&format!("label:      {label}\n")))
-        .unwrap_or_else(|| panic!("no {class} {label} in:\n{listing}"))
-}
-
 #[test]
 fn a_recipient_encrypts_without_the_token_and_opens_only_where_the_private_key_is() {
     let a = Cli::new();
@@ -199,70 +172,24 @@ fn a_recipient_encrypts_without_the_token_and_opens_only_where_the_private_key_i
 
     // The private key: sensitive, never extractable, decrypt only.
     let listing = support::list_objects(&b);
-    let private = object(&listing, "Private Key Object", "hsmseal-rsa:dr:v1");
+    let private = support::object(&listing, "Private Key Object", "hsmseal-rsa:dr:v1");
     assert!(private.contains("Usage:      decrypt\n"), "{private}");
     assert!(
         private.contains("Access:     sensitive, always sensitive, never extractable, local"),
         "{private}"
     );
 
-    // Recipient only, no module, no token, no PIN: works.
+    // Recipient only, no module, no token, no PIN: works, and opens only
+    // on B.
     let plain = data(50_000, 9);
-    write(&a.path("p"), &plain);
-    let mut cmd = std::process::Command::new(support::BIN);
-    support::clear_hsmseal_env(&mut cmd);
-    cmd.current_dir(a.work.path())
-        .env("HSMSEAL_PKCS11_MODULE", "/nonexistent/no-such-pkcs11.so")
-        .args(["encrypt", "--recipient", "dr.pub", "-o", "r.hseal", "p"]);
-    let out = support::run_cmd(cmd, None);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    // ... and opens only on B.
-    let out = a.run(&["decrypt", "-o", "r.out", "r.hseal"]);
-    assert_eq!(code(&out), 4, "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("slot 0 (rsa-oaep key dr v1"),
-        "{}",
-        stderr(&out)
-    );
-    assert!(!a.path("r.out").exists());
-    std::fs::copy(a.path("r.hseal"), b.path("r.hseal")).unwrap();
-    b.ok(&["decrypt", "-o", "r.out", "r.hseal"]);
-    assert_eq!(std::fs::read(b.path("r.out")).unwrap(), plain);
+    support::sealed_without_token_opens_only_on(&a, &b, &plain, "slot 0 (rsa-oaep key dr v1");
 
-    // An AES key on A and the recipient on B: either token alone opens it.
-    a.ok(&["encrypt", "--key", "a", "--recipient", "dr.pub", "p"]);
-    let sealed = std::fs::read(a.path("p.hseal")).unwrap();
-    let s = slots(&a, "p.hseal");
-    assert_eq!(s[1]["type"], "rsa-oaep");
+    // An AES key on A and the recipient on B: either token alone opens it;
+    // key rotate + rotate on A keeps B's slot byte-identical.
+    let (s, _, after) =
+        support::aes_and_recipient_slots_open_from_either_token(&a, &b, &plain, "rsa-oaep");
     assert_eq!(s[1]["oaep_hash"], "sha1");
     assert!(s[1]["fingerprint"].as_str().unwrap().starts_with("sha256:"));
-    a.ok(&["decrypt", "-o", "p.out", "p.hseal"]);
-    assert_eq!(std::fs::read(a.path("p.out")).unwrap(), plain);
-    std::fs::copy(a.path("p.hseal"), b.path("p.hseal")).unwrap();
-    b.ok(&["decrypt", "-o", "p.out", "p.hseal"]);
-    assert_eq!(std::fs::read(b.path("p.out")).unwrap(), plain);
-    let out = b.ok(&["verify", "p.hseal"]);
-    let t = String::from_utf8_lossy(&out);
-    assert!(
-        t.contains("slot 0 (aes key a v1): not on this token")
-            && t.contains("v1 (fingerprint sha256:")
-            && t.contains("): ok"),
-        "{t}"
-    );
-
-    // key rotate + rotate on A: B's slot byte-identical, B still opens it.
-    a.ok(&["key", "rotate", "a"]);
-    a.ok(&["rotate", "p.hseal"]);
-    let after = std::fs::read(a.path("p.hseal")).unwrap();
-    assert_eq!(
-        slot_bytes(&sealed, 1),
-        slot_bytes(&after, 1),
-        "recipient slot changed"
-    );
-    assert_ne!(slot_bytes(&sealed, 0), slot_bytes(&after, 0));
-    std::fs::copy(a.path("p.hseal"), b.path("p2.hseal")).unwrap();
-    b.ok(&["decrypt", "-o", "p2.out", "p2.hseal"]);
-    assert_eq!(std::fs::read(b.path("p2.out")).unwrap(), plain);
 
     // Each field of the recipient slot edited (checksum recomputed): B
     // refuses, nothing released.
@@ -309,7 +236,7 @@ fn a_recipient_encrypts_without_the_token_and_opens_only_where_the_private_key_i
         &[("HSMSEAL_CONFIG", "etc/hsmseal.toml")],
     );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let s = slots(&a, "g.hseal");
+    let s = support::slots_json(&a, "g.hseal");
     assert_eq!(
         (s[0]["type"].as_str(), s[1]["type"].as_str()),
         (Some("aes"), Some("rsa-oaep"))

@@ -1055,6 +1055,69 @@ fn keys_without_a_time_in_their_id_fall_back_and_are_never_purged() {
     }
 }
 
+/// An EC-P256 v1 key made the way `key create --type ec-p256` did before
+/// EC keys joined the public-key lifecycle (same labels and attributes,
+/// no `CKA_ID`) is a full member of it: listed as ec-p256 and current,
+/// exported, rotated to a v2 with the creation time in its `CKA_ID`,
+/// refused as an aes name, and never purged (its creation time is
+/// unknown).
+#[test]
+fn an_ec_v1_key_made_before_ec_rotation_joins_the_lifecycle() {
+    use hsmseal::hsm::ecdh::P256_PARAMS;
+    let _serial = serial();
+    let label = b"hsmseal-ec:ec-old:v1".to_vec();
+    raw_session()
+        .generate_key_pair(
+            &Mechanism::EccKeyPairGen,
+            &[
+                Attribute::Token(true),
+                Attribute::Private(false),
+                Attribute::EcParams(P256_PARAMS.to_vec()),
+                Attribute::Verify(false),
+                Attribute::Encrypt(false),
+                Attribute::Wrap(false),
+                Attribute::Derive(false),
+                Attribute::Label(label.clone()),
+            ],
+            &[
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Derive(true),
+                Attribute::Decrypt(false),
+                Attribute::Unwrap(false),
+                Attribute::Sign(false),
+                Attribute::AllowedMechanisms(vec![MechanismType::ECDH1_DERIVE]),
+                Attribute::Label(label),
+            ],
+        )
+        .unwrap();
+    let h = hsm();
+    let v = h.key_versions("ec-old").unwrap();
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert_eq!(
+        (v[0].key_type.as_str(), v[0].state, v[0].created.as_deref()),
+        ("ec-p256", KeyState::Active, None)
+    );
+    assert!(v[0].problems.is_empty(), "{:?}", v[0].problems);
+    let r1 = h.export_recipient("ec-old", None).unwrap();
+    assert_eq!(r1.key_ref(), kref("ec-old", 1));
+    let e = h.create_key("ec-old").unwrap_err();
+    assert!(e.to_string().contains("is an ec-p256 key"), "{e}");
+    let v2 = h.create_next_version("ec-old").unwrap();
+    assert_eq!((v2.version, v2.state), (2, KeyState::Active));
+    assert!(v2.created.is_some(), "{v2:?}");
+    let r2 = h.export_recipient("ec-old", None).unwrap();
+    assert_eq!(r2.key_ref(), kref("ec-old", 2));
+    assert_ne!(r1.fingerprint(), r2.fingerprint());
+    let r = h
+        .purge("ec-old", 0, now_unix() + 86_400, false, &Default::default())
+        .unwrap();
+    assert!(r.destroyed.is_empty(), "{r:?}");
+    assert!(r.spared[0].reason.contains("unknown"), "{r:?}");
+}
+
 /// Token v2: every version made by create/rotate has a sign-only HMAC KDK
 /// beside it; hsmseal derives v2 batch keys with it, refuses it when the
 /// version is disabled or the KDK weak, writes v1 tokens under a version

@@ -38,6 +38,14 @@ impl AnyRecipient {
         AnyRecipient::parse(&text, &path.display().to_string())
     }
 
+    /// The kind of slot this recipient seals.
+    pub fn kind(&self) -> super::slots::SlotKind {
+        match self {
+            AnyRecipient::Rsa(_) => super::slots::SlotKind::RsaOaep,
+            AnyRecipient::Ec(_) => super::slots::SlotKind::EcP256,
+        }
+    }
+
     pub fn key_ref(&self) -> KeyRef {
         match self {
             AnyRecipient::Rsa(r) => r.key_ref(),

@@ -23,6 +23,7 @@
 //! after a `--reencrypt` renamed a new file over it, the waiter rewraps the
 //! new file, not the orphaned old one.
 
+use super::any_recipient::AnyRecipient;
 use super::file::{self, AnyHeader, Target};
 use super::header::{self, Envelope, Header, ENVELOPE_LEN, ENVELOPE_OFFSETS};
 use super::slots::{self, Header2, Place, SlotKind};
@@ -201,17 +202,17 @@ fn rewrap_v2(
         }
     }
     // AES slots move to their key's current version. A public-key slot
-    // whose private key this token holds is re-sealed to the current
-    // version's public key, which the token also holds (so nobody needs to
-    // hand `rotate` a recipient file); slots this token cannot open are
-    // kept byte-identical.
+    // (RSA-OAEP or EC-P256) whose private key this token holds is re-sealed
+    // to the current version's public key, which the token also holds (so
+    // nobody needs to hand `rotate` a recipient file); slots this token
+    // cannot open are kept byte-identical.
     let mut changes: Vec<(usize, KeyRef)> = Vec::new();
-    let mut reseal: Vec<(usize, crate::envelope::recipient::Recipient)> = Vec::new();
+    let mut reseal: Vec<(usize, AnyRecipient)> = Vec::new();
     for (i, s) in active.slots.iter().enumerate() {
         if name.is_some_and(|n| n != s.kwk.name) {
             continue;
         }
-        match s.kind {
+        let here = match s.kind {
             SlotKind::Aes => {
                 if !backend.has_version(&s.kwk)? {
                     continue;
@@ -220,30 +221,25 @@ fn rewrap_v2(
                 if to != s.kwk {
                     changes.push((i, to));
                 }
+                continue;
             }
-            SlotKind::RsaOaep => {
-                if !backend.has_private_key(&s.kwk, &s.fingerprint)? {
-                    continue;
-                }
-                let current = backend
-                    .current_recipient_text(&s.kwk.name)?
-                    .map(|text| {
-                        crate::envelope::recipient::Recipient::parse(
-                            &text,
-                            "the token's current public key",
-                        )
-                    })
-                    .transpose()?;
-                if let Some(r) = current {
-                    if r.version != s.kwk.version {
-                        changes.push((i, r.key_ref()));
-                        reseal.push((i, r));
-                    }
-                }
+            SlotKind::RsaOaep => backend.has_private_key(&s.kwk, &s.fingerprint)?,
+            SlotKind::EcP256 => backend.has_ec_private_key(&s.kwk, &s.fingerprint)?,
+        };
+        if !here {
+            continue;
+        }
+        let current = backend
+            .current_recipient_text(&s.kwk.name)?
+            .map(|text| AnyRecipient::parse(&text, "the token's current public key"))
+            .transpose()?;
+        // A name is used by one type only, so the current key is of the
+        // slot's kind; a token that says otherwise gets no re-seal.
+        if let Some(r) = current.filter(|r| r.kind() == s.kind) {
+            if r.key_ref().version != s.kwk.version {
+                changes.push((i, r.key_ref()));
+                reseal.push((i, r));
             }
-            // EC keys have version 1 only for now (no `key rotate`), so an
-            // EC slot is always at its key's current version: kept as is.
-            SlotKind::EcP256 => {}
         }
     }
     let Some((first, first_to)) = changes.first().cloned() else {

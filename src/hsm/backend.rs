@@ -304,7 +304,7 @@ impl KeyBackend for Hsm {
     }
 
     fn has_private_key(&self, kwk: &KeyRef, fingerprint: &[u8; 32]) -> Result<bool> {
-        self.rsa_has(kwk, fingerprint)
+        self.pub_has(super::pubkey::PubKeyType::RsaOaep, kwk, fingerprint)
     }
 
     fn rsa_decrypt(
@@ -322,7 +322,7 @@ impl KeyBackend for Hsm {
     }
 
     fn has_ec_private_key(&self, kwk: &KeyRef, fingerprint: &[u8; 32]) -> Result<bool> {
-        self.ec_has(kwk, fingerprint)
+        self.pub_has(super::pubkey::PubKeyType::EcP256, kwk, fingerprint)
     }
 
     fn ecdh_derive(&self, kwk: &KeyRef, fingerprint: &[u8; 32], point: &[u8]) -> Result<SecretKey> {

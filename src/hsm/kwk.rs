@@ -57,6 +57,48 @@ impl std::fmt::Display for KeyState {
     }
 }
 
+/// What `key disable`, `key enable` or `key destroy` did.
+#[derive(Serialize, Clone, Debug)]
+pub struct StateChange {
+    pub key: String,
+    pub version: u32,
+    pub token: String,
+    /// `disable`, `enable` or `destroy`.
+    pub action: &'static str,
+    /// False if the version was already in the requested state.
+    pub changed: bool,
+    pub previous_state: KeyState,
+    pub state: KeyState,
+    /// The version new encryptions use after the change (`None`: none can).
+    pub current_version: Option<u32>,
+}
+
+impl StateChange {
+    pub fn key_ref(&self) -> KeyRef {
+        KeyRef {
+            name: self.key.clone(),
+            version: self.version,
+        }
+    }
+}
+
+/// The version marked active in a listing of one key.
+pub(super) fn current_of(versions: &[KeyInfo]) -> Option<u32> {
+    versions
+        .iter()
+        .find(|k| k.state == KeyState::Active)
+        .map(|k| k.version)
+}
+
+/// The state of `version` in a listing of one key (absent: destroyed).
+pub(super) fn state_of(versions: &[KeyInfo], version: u32) -> KeyState {
+    versions
+        .iter()
+        .find(|k| k.version == version)
+        .map(|k| k.state)
+        .unwrap_or(KeyState::Destroyed)
+}
+
 /// One version of a named KWK as found on the token.
 #[derive(Serialize, Clone, Debug)]
 pub struct KeyInfo {
@@ -217,15 +259,6 @@ impl KeyAttributes {
 /// The label of a key version.
 pub fn label(name: &str, version: u32) -> String {
     format!("{LABEL_PREFIX}{name}:v{version}")
-}
-
-/// Label prefix of EC-P256 KWK objects (`hsm::ecdh`); here, beside the AES
-/// label, so each key type's creation can refuse a name another type holds.
-pub const EC_LABEL_PREFIX: &str = "hsmseal-ec:";
-
-/// The label of both objects of an EC-P256 KWK version.
-pub fn ec_label(name: &str, version: u32) -> String {
-    format!("{EC_LABEL_PREFIX}{name}:v{version}")
 }
 
 /// The `CKA_ID` of a key version: its label, `@`, and its creation time

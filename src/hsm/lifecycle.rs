@@ -42,8 +42,10 @@
 //! report it).
 
 use super::errors::{c_function_name, ckr_name, is_gone, rv_of, token_error};
-use super::kwk::{self, KeyInfo, KeyState};
+use super::kwk::{self, current_of, state_of, KeyInfo, KeyState, StateChange};
 use super::objects::Family;
+use super::pubkey::KeyKind;
+use super::pubkey_lifecycle::PubFamily;
 use super::Hsm;
 use super::Verified;
 use crate::backend::{validate_key_name, KeyRef};
@@ -61,31 +63,6 @@ use std::sync::Arc;
 /// only keeps a stray `hsmseal:x:v4000000000` object from another tool from
 /// making `key list` enumerate billions of entries.
 const MAX_LISTED_DESTROYED: usize = 4096;
-
-/// What `key disable`, `key enable` or `key destroy` did.
-#[derive(Serialize, Clone, Debug)]
-pub struct StateChange {
-    pub key: String,
-    pub version: u32,
-    pub token: String,
-    /// `disable`, `enable` or `destroy`.
-    pub action: &'static str,
-    /// False if the version was already in the requested state.
-    pub changed: bool,
-    pub previous_state: KeyState,
-    pub state: KeyState,
-    /// The version new encryptions use after the change (`None`: none can).
-    pub current_version: Option<u32>,
-}
-
-impl StateChange {
-    pub fn key_ref(&self) -> KeyRef {
-        KeyRef {
-            name: self.key.clone(),
-            version: self.version,
-        }
-    }
-}
 
 /// One version considered by `key purge`.
 #[derive(Serialize, Clone, Debug, PartialEq, Eq)]
@@ -171,20 +148,20 @@ pub fn plan_purge(
     (destroy, spare)
 }
 
-/// The version marked active in a listing of one key.
-fn current_of(versions: &[KeyInfo]) -> Option<u32> {
-    versions
-        .iter()
-        .find(|k| k.state == KeyState::Active)
-        .map(|k| k.version)
+/// The versions of one key name: its AES KWK family or, if the token has
+/// none, its public-key KWK family (a name is used by one type only).
+enum KeyFamily {
+    Aes(Family),
+    Pub(PubFamily),
 }
 
-fn state_of(versions: &[KeyInfo], version: u32) -> KeyState {
-    versions
-        .iter()
-        .find(|k| k.version == version)
-        .map(|k| k.state)
-        .unwrap_or(KeyState::Destroyed)
+impl KeyFamily {
+    fn last_issued(&self) -> u32 {
+        match self {
+            KeyFamily::Aes(f) => f.last_issued(),
+            KeyFamily::Pub(f) => f.last_issued(),
+        }
+    }
 }
 
 /// "C_X returned CKR_Y" for a message of our own.
@@ -210,21 +187,7 @@ impl Hsm {
     pub fn create_key_with(&self, name: &str, backup: bool) -> Result<KeyInfo> {
         validate_key_name(name)?;
         let admin = self.admin_logged_in()?;
-        self.refuse_pub_name(&admin, name)?;
-        let family = self.family(&admin, name)?;
-        let t = &self.token_label;
-        if let Some(newest) = family.newest() {
-            return Err(Error::key(format!(
-                "key {name:?} already exists on token {t:?} (latest v{newest}); use `hsmseal key rotate {name}` to add a version"
-            )));
-        }
-        if !family.is_empty() {
-            let last = family.last_issued();
-            return Err(Error::key(format!(
-                "key {name:?} existed on token {t:?}: v1 to v{last} were destroyed; `hsmseal key rotate {name}` creates v{} (version numbers are never reused)",
-                u64::from(last) + 1
-            )));
-        }
+        self.refuse_taken_name(&admin, KeyKind::Aes, name)?;
         let (mut info, h) = self.generate(&admin, name, 1, backup)?;
         self.ensure_unique(&admin, &info.key_ref(), h)?;
         info.state = KeyState::Active;
@@ -250,7 +213,7 @@ impl Hsm {
             if let Some(pf) = self.pub_family(&admin, name)? {
                 if backup {
                     return Err(Error::usage(format!(
-                        "--backup is for aes keys; {name} is a {} key",
+                        "--backup is for aes keys; {name} is an {} key",
                         pf.ty.name()
                     )));
                 }
@@ -284,19 +247,7 @@ impl Hsm {
     pub fn rotate_if_older(&self, name: &str, older_than: u64, now: u64) -> Result<RotateReport> {
         validate_key_name(name)?;
         let admin = self.admin_logged_in()?;
-        let family = self.family(&admin, name)?;
-        let pub_family = if family.is_empty() {
-            match self.pub_family(&admin, name)? {
-                Some(pf) => Some(pf),
-                None => return Err(self.key_not_found(name)),
-            }
-        } else {
-            None
-        };
-        let versions = match &pub_family {
-            Some(pf) => self.pub_version_infos(&admin, pf)?,
-            None => self.version_infos(&admin, &family)?,
-        };
+        let (family, versions) = self.key_family(&admin, name)?;
         let cutoff = now.saturating_sub(older_than);
         let current = versions.iter().find(|k| k.state == KeyState::Active);
         let stamp = |k: &KeyInfo| {
@@ -338,11 +289,11 @@ impl Hsm {
                 }
             },
         };
-        let info = match &pub_family {
-            Some(pf) => self.pub_rotate_locked(&admin, pf)?,
-            None => {
-                let backup = self.newest_is_backup_capable(&admin, &family)?;
-                self.next_version_locked(&admin, &family, name, backup)?
+        let info = match &family {
+            KeyFamily::Pub(pf) => self.pub_rotate_locked(&admin, pf)?,
+            KeyFamily::Aes(family) => {
+                let backup = self.newest_is_backup_capable(&admin, family)?;
+                self.next_version_locked(&admin, family, name, backup)?
             }
         };
         Ok(RotateReport {
@@ -407,14 +358,24 @@ impl Hsm {
     pub fn key_versions(&self, name: &str) -> Result<Vec<KeyInfo>> {
         validate_key_name(name)?;
         let admin = self.admin_reading()?;
-        let family = self.family(&admin, name)?;
-        if family.is_empty() {
-            return match self.pub_family(&admin, name)? {
-                Some(pf) => self.pub_version_infos(&admin, &pf),
-                None => Err(self.key_not_found(name)),
-            };
+        Ok(self.key_family(&admin, name)?.1)
+    }
+
+    /// `name`'s family (AES, else public-key) and every version of it with
+    /// its state; `ErrorKind::Key` if the token knows no such key.
+    fn key_family(&self, admin: &Session, name: &str) -> Result<(KeyFamily, Vec<KeyInfo>)> {
+        let family = self.family(admin, name)?;
+        if !family.is_empty() {
+            let versions = self.version_infos(admin, &family)?;
+            return Ok((KeyFamily::Aes(family), versions));
         }
-        self.version_infos(&admin, &family)
+        match self.pub_family(admin, name)? {
+            Some(pf) => {
+                let versions = self.pub_version_infos(admin, &pf)?;
+                Ok((KeyFamily::Pub(pf), versions))
+            }
+            None => Err(self.key_not_found(name)),
+        }
     }
 
     /// Turns version `k` off in the HSM: `CKA_ENCRYPT` and `CKA_DECRYPT`
@@ -435,13 +396,8 @@ impl Hsm {
     pub fn check_destroy(&self, k: &KeyRef, force: bool) -> Result<Option<KeyInfo>> {
         validate_key_name(&k.name)?;
         let admin = self.admin_reading()?;
-        let family = self.family(&admin, &k.name)?;
-        if family.is_empty() {
-            if let Some(pf) = self.pub_family(&admin, &k.name)? {
-                return self.pub_destroy_target(&admin, &pf, k, force);
-            }
-        }
-        self.destroy_target(&admin, &family, k, force)
+        let (family, versions) = self.key_family(&admin, &k.name)?;
+        self.destroy_target(&family, versions, k, force)
     }
 
     /// Deletes every object labelled as version `k` from the token
@@ -451,10 +407,11 @@ impl Hsm {
     pub fn destroy_version(&self, k: &KeyRef, force: bool) -> Result<StateChange> {
         validate_key_name(&k.name)?;
         let admin = self.admin_logged_in()?;
-        let family = self.family(&admin, &k.name)?;
-        if family.is_empty() {
-            if let Some(pf) = self.pub_family(&admin, &k.name)? {
-                let target = self.pub_destroy_target(&admin, &pf, k, force)?;
+        let (family, versions) = self.key_family(&admin, &k.name)?;
+        let target = self.destroy_target(&family, versions, k, force)?;
+        let family = match family {
+            KeyFamily::Aes(f) => f,
+            KeyFamily::Pub(pf) => {
                 // Also finishes an interrupted destroy (a public key left
                 // beside a destroyed private key).
                 self.pub_destroy_locked(&admin, &pf, &[k.version])?;
@@ -467,8 +424,7 @@ impl Hsm {
                     target.is_some(),
                 );
             }
-        }
-        let target = self.destroy_target(&admin, &family, k, force)?;
+        };
         let previous_state = target
             .as_ref()
             .map(|i| i.state)
@@ -515,26 +471,14 @@ impl Hsm {
         } else {
             self.admin_logged_in()?
         };
-        let family = self.family(&admin, name)?;
-        let pub_family = if family.is_empty() {
-            match self.pub_family(&admin, name)? {
-                Some(pf) => Some(pf),
-                None => return Err(self.key_not_found(name)),
-            }
-        } else {
-            None
-        };
-        let versions = match &pub_family {
-            Some(pf) => self.pub_version_infos(&admin, pf)?,
-            None => self.version_infos(&admin, &family)?,
-        };
+        let (family, versions) = self.key_family(&admin, name)?;
         let cutoff = now.saturating_sub(older_than);
         let (destroyed, spared) = plan_purge(&versions, cutoff, needed);
         if !dry_run && !destroyed.is_empty() {
             let targets: Vec<u32> = destroyed.iter().map(|i| i.version).collect();
-            match &pub_family {
-                Some(pf) => self.pub_destroy_locked(&admin, pf, &targets)?,
-                None => self.destroy_versions(&admin, &family, &targets)?,
+            match &family {
+                KeyFamily::Pub(pf) => self.pub_destroy_locked(&admin, pf, &targets)?,
+                KeyFamily::Aes(family) => self.destroy_versions(&admin, family, &targets)?,
             }
         }
         Ok(PurgeReport {
@@ -790,22 +734,23 @@ impl Hsm {
         Ok(changed)
     }
 
-    /// `k`'s entry if [`Self::destroy_version`] may destroy it, `None` if it
-    /// is already destroyed, or why not.
+    /// `k`'s entry among `versions` (of `family`) if
+    /// [`Self::destroy_version`] may destroy it, `None` if it is already
+    /// destroyed, or why not: the current version only with `force`, for
+    /// every key type.
     fn destroy_target(
         &self,
-        admin: &Session,
-        family: &Family,
+        family: &KeyFamily,
+        versions: Vec<KeyInfo>,
         k: &KeyRef,
         force: bool,
     ) -> Result<Option<KeyInfo>> {
-        if family.is_empty() {
-            return Err(self.key_not_found(&k.name));
-        }
         if k.version > family.last_issued() {
-            return Err(self.missing_version(family, k.version));
+            return Err(match family {
+                KeyFamily::Aes(f) => self.missing_version(f, k.version),
+                KeyFamily::Pub(f) => self.pub_missing_version(f, k.version),
+            });
         }
-        let versions = self.version_infos(admin, family)?;
         let Some(info) = versions
             .into_iter()
             .find(|i| i.version == k.version && i.state != KeyState::Destroyed)
@@ -813,10 +758,15 @@ impl Hsm {
             return Ok(None);
         };
         if info.state == KeyState::Active && !force {
-            return Err(Error::usage(format!(
-                "refusing to destroy {k}: it is the current version, which new encryptions under {} use. Run `hsmseal key rotate {}` first, or pass --force (new encryptions then use the highest remaining enabled version, or fail if there is none)",
-                k.name, k.name
-            )));
+            let name = &k.name;
+            return Err(Error::usage(match family {
+                KeyFamily::Aes(_) => format!(
+                    "refusing to destroy {k}: it is the current version, which new encryptions under {name} use. Run `hsmseal key rotate {name}` first, or pass --force (new encryptions then use the highest remaining enabled version, or fail if there is none)"
+                ),
+                KeyFamily::Pub(_) => format!(
+                    "refusing to destroy {k}: it is the current version, which `key export-public {name}` hands out for new encryptions. Run `hsmseal key rotate {name}` first, or pass --force"
+                ),
+            }));
         }
         Ok(Some(info))
     }

@@ -67,8 +67,8 @@ mod session;
 pub mod uri;
 
 pub use doctor::DoctorReport;
-pub use kwk::{KeyAttributes, KeyInfo, KeyState};
-pub use lifecycle::{PurgeItem, PurgeReport, RotateReport, StateChange};
+pub use kwk::{KeyAttributes, KeyInfo, KeyState, StateChange};
+pub use lifecycle::{PurgeItem, PurgeReport, RotateReport};
 pub use session::{lock_token, quiesce, token_lock_path, TokenGuard};
 pub use uri::TokenSpec;
 
@@ -130,7 +130,7 @@ pub struct Hsm {
     /// The current recipient of each public-key KWK name (`None`: the name
     /// is no public-key KWK here), once built, for `rotate`'s re-sealing;
     /// cleared with `pub_private`.
-    pub_current: Mutex<HashMap<String, Option<crate::envelope::recipient::Recipient>>>,
+    pub_current: Mutex<HashMap<String, Option<crate::envelope::any_recipient::AnyRecipient>>>,
 }
 
 impl std::fmt::Debug for Hsm {

@@ -6,14 +6,19 @@
 //! (`super::pubkey_lifecycle`) scans every prefix in [`PUBKEY_TYPES`], so a
 //! new type plugs in by adding an entry and its generate/open code.
 //!
-//! RSA-OAEP objects: the private key and the public key, both labelled
-//! `hsmseal-rsa:NAME:vN` (not under `hsmseal:`, so the AES KWK scan, list
-//! and doctor never take them for AES keys), `CKA_ID` = label `@` creation
-//! time as for AES keys. Private key: token, private, sensitive, never
-//! extractable, `CKA_DECRYPT` true and every other usage false,
-//! `CKA_ALLOWED_MECHANISMS = { CKM_RSA_PKCS_OAEP }`. A *disabled* version
-//! has its private key's usage attribute (`CKA_DECRYPT`) false: the token
-//! itself then refuses it, whoever asks.
+//! Objects of a version: the private key and the public key, both
+//! labelled `{prefix}NAME:vN` (`hsmseal-rsa:` for RSA-OAEP, `hsmseal-ec:`
+//! for EC-P256; not under `hsmseal:`, so the AES KWK scan, list and doctor
+//! never take them for AES keys), `CKA_ID` = label `@` creation time as for
+//! AES keys. Private key: token, private, sensitive, never extractable, its
+//! type's one usage true (`CKA_DECRYPT` for RSA-OAEP, `CKA_DERIVE` for
+//! EC-P256) and every other usage false, `CKA_ALLOWED_MECHANISMS` = that
+//! usage's one mechanism (`CKM_RSA_PKCS_OAEP`, `CKM_ECDH1_DERIVE`). A
+//! *disabled* version has its private key's usage attribute false: the
+//! token itself then refuses it, whoever asks. (EC v1 keys made before EC
+//! joined this table carry the same labels and attributes but no
+//! `CKA_ID`: their creation time shows as unknown, so `key purge` spares
+//! them.)
 //!
 //! Invariant: a private key is used only after its attributes passed
 //! [`private_problems`], it is not disabled, and its public key's SPKI
@@ -24,6 +29,7 @@ use super::errors::{is_gone, is_not_permitted, token_error};
 use super::objects::private_key_problems;
 use super::Hsm;
 use crate::backend::{validate_key_name, KeyRef};
+use crate::envelope::any_recipient::AnyRecipient;
 use crate::envelope::recipient::{fingerprint_of, Recipient};
 use crate::envelope::slots::OaepHash;
 use crate::error::{Error, Result};
@@ -37,25 +43,40 @@ use rsa::{BigUint, RsaPublicKey};
 
 /// The public-key KWK types. Adding one: an entry here and in
 /// [`PUBKEY_TYPES`], its arms in the `match`es below, its generation in
-/// [`Hsm::generate_pub_pair`] and its slot opening.
+/// [`Hsm::generate_pub_pair`], its SPKI reading and its slot opening.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PubKeyType {
     /// RSA-OAEP key transport (`key create --type rsa-oaep`).
     RsaOaep,
+    /// EC-P256 ephemeral-static ECDH (`key create --type ec-p256`,
+    /// `super::ecdh`).
+    EcP256,
 }
 
 /// Every public-key type the lifecycle scans for.
-pub const PUBKEY_TYPES: &[PubKeyType] = &[PubKeyType::RsaOaep];
+pub const PUBKEY_TYPES: &[PubKeyType] = &[PubKeyType::RsaOaep, PubKeyType::EcP256];
 
 /// Label prefix of RSA-OAEP KWK objects.
 pub const RSA_LABEL_PREFIX: &str = "hsmseal-rsa:";
+/// Label prefix of EC-P256 KWK objects.
+pub const EC_LABEL_PREFIX: &str = "hsmseal-ec:";
+
+/// DER of the named-curve OID prime256v1 (1.2.840.10045.3.1.7), the
+/// `CKA_EC_PARAMS` of every EC key hsmseal makes.
+pub const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 
 impl PubKeyType {
     /// The `--type` name.
     pub fn name(self) -> &'static str {
         match self {
             PubKeyType::RsaOaep => "rsa-oaep",
+            PubKeyType::EcP256 => "ec-p256",
         }
+    }
+
+    /// The type whose `--type` name is `name`.
+    pub fn from_name(name: &str) -> Option<PubKeyType> {
+        PUBKEY_TYPES.iter().copied().find(|t| t.name() == name)
     }
 
     /// Every object of this type is labelled `{prefix}{name}:v{n}`; its
@@ -63,6 +84,7 @@ impl PubKeyType {
     pub fn label_prefix(self) -> &'static str {
         match self {
             PubKeyType::RsaOaep => RSA_LABEL_PREFIX,
+            PubKeyType::EcP256 => EC_LABEL_PREFIX,
         }
     }
 
@@ -70,6 +92,15 @@ impl PubKeyType {
     pub fn usage(self) -> AttributeType {
         match self {
             PubKeyType::RsaOaep => AttributeType::Decrypt,
+            PubKeyType::EcP256 => AttributeType::Derive,
+        }
+    }
+
+    /// [`Self::usage`] as an attribute with value `on`.
+    pub(super) fn usage_attribute(self, on: bool) -> Attribute {
+        match self {
+            PubKeyType::RsaOaep => Attribute::Decrypt(on),
+            PubKeyType::EcP256 => Attribute::Derive(on),
         }
     }
 
@@ -87,7 +118,73 @@ impl PubKeyType {
                 (AttributeType::Derive, false),
                 (AttributeType::NeverExtractable, true),
             ],
+            PubKeyType::EcP256 => &[
+                (AttributeType::Token, true),
+                (AttributeType::Private, true),
+                (AttributeType::Sensitive, true),
+                (AttributeType::Extractable, false),
+                (AttributeType::Derive, true),
+                (AttributeType::Decrypt, false),
+                (AttributeType::Unwrap, false),
+                (AttributeType::Sign, false),
+                (AttributeType::NeverExtractable, true),
+            ],
         }
+    }
+
+    /// The public and private key templates of a version labelled
+    /// `label` with `CKA_ID` `id` (`bits`: the RSA modulus size). The
+    /// private key gets exactly what [`Self::private_want`] checks (the
+    /// token sets `CKA_NEVER_EXTRACTABLE` itself) and its one mechanism.
+    /// EC-P256: as `key create --type ec-p256` made v1 before EC keys had
+    /// versions, plus `CKA_ID`.
+    pub(super) fn pair_templates(
+        self,
+        label: &str,
+        id: &[u8],
+        bits: u64,
+    ) -> (Vec<Attribute>, Vec<Attribute>) {
+        let (mut public, mechanism) = match self {
+            PubKeyType::RsaOaep => (
+                vec![
+                    Attribute::ModulusBits(bits.into()),
+                    Attribute::PublicExponent(vec![1, 0, 1]),
+                ],
+                MechanismType::RSA_PKCS_OAEP,
+            ),
+            PubKeyType::EcP256 => (
+                vec![
+                    Attribute::EcParams(P256_PARAMS.to_vec()),
+                    Attribute::Derive(false),
+                ],
+                MechanismType::ECDH1_DERIVE,
+            ),
+        };
+        let labelled = [
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Id(id.to_vec()),
+        ];
+        public.extend([
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::Encrypt(false),
+            Attribute::Wrap(false),
+            Attribute::Verify(false),
+        ]);
+        public.extend(labelled.clone());
+        let mut private = vec![
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Decrypt(self == PubKeyType::RsaOaep),
+            Attribute::Derive(self == PubKeyType::EcP256),
+            Attribute::Unwrap(false),
+            Attribute::Sign(false),
+            Attribute::AllowedMechanisms(vec![mechanism]),
+        ];
+        private.extend(labelled);
+        (public, private)
     }
 
     pub fn label(self, name: &str, version: u32) -> String {
@@ -105,6 +202,22 @@ impl PubKeyType {
             self.label(name, version),
             crate::time::rfc3339(created_unix)
         )
+    }
+}
+
+/// What `key create` makes: an AES KWK or a public-key KWK of a type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum KeyKind {
+    Aes,
+    Pub(PubKeyType),
+}
+
+impl KeyKind {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            KeyKind::Aes => "aes",
+            KeyKind::Pub(ty) => ty.name(),
+        }
     }
 }
 
@@ -143,6 +256,10 @@ pub fn rsa_label(name: &str, version: u32) -> String {
     PubKeyType::RsaOaep.label(name, version)
 }
 
+pub fn ec_label(name: &str, version: u32) -> String {
+    PubKeyType::EcP256.label(name, version)
+}
+
 fn oaep(hash: OaepHash) -> Mechanism<'static> {
     let (h, m) = match hash {
         OaepHash::Sha1 => (MechanismType::SHA1, PkcsMgfType::MGF1_SHA1),
@@ -155,13 +272,8 @@ fn oaep(hash: OaepHash) -> Mechanism<'static> {
 /// whether it is disabled (its usage false: not a weakness, a state).
 pub(super) fn private_problems(ty: PubKeyType, attrs: &[Attribute]) -> (bool, Vec<String>) {
     let usage = ty.usage();
-    let disabled = attrs.iter().any(|a| {
-        matches!(
-            (a, usage),
-            (Attribute::Decrypt(false), AttributeType::Decrypt)
-                | (Attribute::Derive(false), AttributeType::Derive)
-        )
-    });
+    let off = ty.usage_attribute(false);
+    let disabled = attrs.contains(&off);
     let want: Vec<(AttributeType, bool)> = ty
         .private_want()
         .iter()
@@ -204,6 +316,7 @@ impl Hsm {
 
     /// The one object of `class` labelled as `k`; `None` if there is none,
     /// refused if there are several (no guessing which one a slot means).
+    /// The one look-up of a version's public or private key, every type.
     fn one_pub(
         &self,
         s: &Session,
@@ -227,24 +340,26 @@ impl Hsm {
         }
     }
 
-    /// The SPKI DER of the public key object of `k`, if there is exactly one.
+    /// The SPKI DER of the public key object of `k`, if there is exactly
+    /// one (`None` also if it vanished while being read).
     pub(super) fn pub_spki(
         &self,
         s: &Session,
         ty: PubKeyType,
         k: &KeyRef,
     ) -> Result<Option<Vec<u8>>> {
+        let Some(h) = self.one_pub(s, ty, k, ObjectClass::PUBLIC_KEY)? else {
+            return Ok(None);
+        };
         match ty {
-            PubKeyType::RsaOaep => self.rsa_spki(s, k),
+            PubKeyType::RsaOaep => self.rsa_spki(s, k, h),
+            PubKeyType::EcP256 => self.ec_spki(s, k, h),
         }
     }
 
-    /// The SPKI DER of the RSA public key object of `k`, if there is exactly one.
-    fn rsa_spki(&self, s: &Session, k: &KeyRef) -> Result<Option<Vec<u8>>> {
+    /// The SPKI DER of the RSA public key object `h` of `k`.
+    fn rsa_spki(&self, s: &Session, k: &KeyRef, h: ObjectHandle) -> Result<Option<Vec<u8>>> {
         let t = &self.token_label;
-        let Some(h) = self.one_pub(s, PubKeyType::RsaOaep, k, ObjectClass::PUBLIC_KEY)? else {
-            return Ok(None);
-        };
         let attrs =
             match s.get_attributes(h, &[AttributeType::Modulus, AttributeType::PublicExponent]) {
                 Ok(a) => a,
@@ -307,21 +422,18 @@ impl Hsm {
         Ok(Some(h))
     }
 
-    /// `key create NAME --type rsa-oaep`: an RSA key pair of `bits` (3072
-    /// or 4096) generated in the token, version 1. Refuses a name that
-    /// already has a key of any type (a name is used by one type only).
-    pub fn create_rsa_key(&self, name: &str, bits: u64) -> Result<Recipient> {
-        self.create_pub_key(PubKeyType::RsaOaep, name, bits)
-    }
-
-    /// Version 1 of a new public-key KWK of type `ty` (`bits`: RSA only).
-    pub fn create_pub_key(&self, ty: PubKeyType, name: &str, bits: u64) -> Result<Recipient> {
+    /// `key create NAME --type rsa-oaep|ec-p256`: version 1 of a new
+    /// public-key KWK of type `ty` generated in the token (`bits`: the RSA
+    /// modulus size, 3072 or 4096; ignored for EC). Refuses a name that
+    /// already has a key of any type (a name is used by one type only),
+    /// checked and created under one exclusive token lock.
+    pub fn create_pub_key(&self, ty: PubKeyType, name: &str, bits: u64) -> Result<AnyRecipient> {
         validate_key_name(name)?;
         if ty == PubKeyType::RsaOaep && bits != 3072 && bits != 4096 {
             return Err(Error::usage("--bits is 3072 or 4096"));
         }
         let admin = self.admin_logged_in()?;
-        self.refuse_taken_name(&admin, ty, name)?;
+        self.refuse_taken_name(&admin, KeyKind::Pub(ty), name)?;
         let r = self.generate_pub_pair(&admin, ty, name, 1, bits)?;
         self.forget_pub();
         Ok(r)
@@ -329,7 +441,8 @@ impl Hsm {
 
     /// Generates version `version` of `name` (the caller holds the
     /// exclusive token lock and checked the number is free), checks what
-    /// the token made, and returns its recipient; backs out on failure.
+    /// the token made (attributes, and one slot key through it), and
+    /// returns its recipient; backs out on failure.
     pub(super) fn generate_pub_pair(
         &self,
         admin: &Session,
@@ -337,7 +450,7 @@ impl Hsm {
         name: &str,
         version: u32,
         bits: u64,
-    ) -> Result<Recipient> {
+    ) -> Result<AnyRecipient> {
         let t = &self.token_label;
         let k = KeyRef {
             name: name.to_string(),
@@ -347,44 +460,21 @@ impl Hsm {
         let id = ty
             .key_id(name, version, crate::time::now_unix())
             .into_bytes();
-        let (pub_h, priv_h) = match ty {
-            PubKeyType::RsaOaep => {
-                let public = [
-                    Attribute::Token(true),
-                    Attribute::Private(false),
-                    Attribute::ModulusBits(bits.into()),
-                    Attribute::PublicExponent(vec![1, 0, 1]),
-                    Attribute::Encrypt(false),
-                    Attribute::Wrap(false),
-                    Attribute::Verify(false),
-                    Attribute::Label(label.clone().into_bytes()),
-                    Attribute::Id(id.clone()),
-                ];
-                let private = [
-                    Attribute::Token(true),
-                    Attribute::Private(true),
-                    Attribute::Sensitive(true),
-                    Attribute::Extractable(false),
-                    Attribute::Decrypt(true),
-                    Attribute::Unwrap(false),
-                    Attribute::Sign(false),
-                    Attribute::Derive(false),
-                    Attribute::AllowedMechanisms(vec![MechanismType::RSA_PKCS_OAEP]),
-                    Attribute::Label(label.clone().into_bytes()),
-                    Attribute::Id(id),
-                ];
-                admin
-                    .generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &public, &private)
-                    .map_err(|e| token_error(e, t, &format!("generating {label} (RSA-{bits})")))?
-            }
+        let (public, private) = ty.pair_templates(&label, &id, bits);
+        let (keygen, what) = match ty {
+            PubKeyType::RsaOaep => (Mechanism::RsaPkcsKeyPairGen, format!("RSA-{bits}")),
+            PubKeyType::EcP256 => (Mechanism::EccKeyPairGen, "EC P-256".to_string()),
         };
+        let (pub_h, priv_h) = admin
+            .generate_key_pair(&keygen, &public, &private)
+            .map_err(|e| token_error(e, t, &format!("generating {label} ({what})")))?;
         let made = (|| {
             let spki = self
                 .pub_spki(admin, ty, &k)?
                 .ok_or_else(|| Error::token("the new public key is not found"))?;
             self.pub_private(admin, ty, &k, &fingerprint_of(&spki))?
                 .ok_or_else(|| Error::token("the new private key is not found"))?;
-            self.recipient_from(admin, &k, spki)
+            self.recipient_from(admin, ty, &k, spki)
         })();
         if made.is_err() {
             let _ = admin.destroy_object(priv_h);
@@ -395,7 +485,7 @@ impl Hsm {
 
     /// The recipient of `name`: version `version`, or the current one (the
     /// newest enabled version) if `None`.
-    pub fn export_recipient(&self, name: &str, version: Option<u32>) -> Result<Recipient> {
+    pub fn export_recipient(&self, name: &str, version: Option<u32>) -> Result<AnyRecipient> {
         validate_key_name(name)?;
         let admin = self.admin_reading()?;
         let t = &self.token_label;
@@ -406,7 +496,7 @@ impl Hsm {
                 "an aes key, not a public-key KWK: it has no public half to export; there is"
             };
             return Err(Error::key(format!(
-                "{name:?} is {what} on token {t:?} (make one with `hsmseal key create NAME --type rsa-oaep`)"
+                "{name:?} is {what} on token {t:?} (make one with `hsmseal key create NAME --type ec-p256` or `--type rsa-oaep`)"
             )));
         };
         let ty = family.ty;
@@ -428,13 +518,30 @@ impl Hsm {
                     ty.name()
                 ))
             })?;
-        self.recipient_from(&admin, &k, spki)
+        self.recipient_from(&admin, ty, &k, spki)
     }
 
-    /// Builds the recipient, probing the OAEP hash: SHA-256 if the token
-    /// decrypts with it, SHA-1 when it refuses SHA-256 (SoftHSM2 2.6.1:
-    /// `CKR_ARGUMENTS_BAD`).
-    fn recipient_from(&self, s: &Session, k: &KeyRef, spki: Vec<u8>) -> Result<Recipient> {
+    /// The recipient of version `k` of type `ty` whose public key is
+    /// `spki`, after one slot key sealed to it on the host opened through
+    /// the token (so a recipient file is never handed out for a key the
+    /// token cannot use as hsmseal will ask it to).
+    fn recipient_from(
+        &self,
+        s: &Session,
+        ty: PubKeyType,
+        k: &KeyRef,
+        spki: Vec<u8>,
+    ) -> Result<AnyRecipient> {
+        Ok(match ty {
+            PubKeyType::RsaOaep => AnyRecipient::Rsa(self.rsa_recipient(s, k, spki)?),
+            PubKeyType::EcP256 => AnyRecipient::Ec(self.ec_recipient(s, k, spki)?),
+        })
+    }
+
+    /// Builds the RSA recipient, probing the OAEP hash: SHA-256 if the
+    /// token decrypts with it, SHA-1 when it refuses SHA-256 (SoftHSM2
+    /// 2.6.1: `CKR_ARGUMENTS_BAD`).
+    fn rsa_recipient(&self, s: &Session, k: &KeyRef, spki: Vec<u8>) -> Result<Recipient> {
         let bits = RsaPublicKey::from_public_key_der_bytes(&spki)?;
         let probe = |hash: OaepHash| -> Result<bool> {
             let r = Recipient {
@@ -484,7 +591,7 @@ impl Hsm {
     /// The recipient of `name`'s current version (`None`: `name` is no
     /// public-key KWK on this token), built once per run (it costs a scan
     /// and an OAEP probe).
-    pub(super) fn current_pub_recipient(&self, name: &str) -> Result<Option<Recipient>> {
+    pub(super) fn current_pub_recipient(&self, name: &str) -> Result<Option<AnyRecipient>> {
         if let Some(r) = super::lock(&self.pub_current).get(name) {
             return Ok(r.clone());
         }
@@ -500,7 +607,7 @@ impl Hsm {
                     let spki = self
                         .pub_spki(&admin, f.ty, &k)?
                         .ok_or_else(|| self.pub_missing_version(&f, k.version))?;
-                    Some(self.recipient_from(&admin, &k, spki)?)
+                    Some(self.recipient_from(&admin, f.ty, &k, spki)?)
                 }
             }
         };
@@ -508,16 +615,21 @@ impl Hsm {
         Ok(r)
     }
 
-    /// Whether this token holds the private key of `k` with `fingerprint`
-    /// (present: it may still be disabled or weak, which opening reports
-    /// as that slot's failure, so the file's other slots are still tried).
-    /// A checked handle is cached; otherwise one label look-up.
-    pub(super) fn rsa_has(&self, k: &KeyRef, fingerprint: &[u8; 32]) -> Result<bool> {
+    /// Whether this token holds the private key of `k` (type `ty`) with
+    /// `fingerprint` (present: it may still be disabled or weak, which
+    /// opening reports as that slot's failure, so the file's other slots
+    /// are still tried). A checked handle is cached; otherwise one label
+    /// look-up.
+    pub(super) fn pub_has(
+        &self,
+        ty: PubKeyType,
+        k: &KeyRef,
+        fingerprint: &[u8; 32],
+    ) -> Result<bool> {
         if super::lock(&self.pub_private).contains_key(&(k.clone(), *fingerprint)) {
             return Ok(true);
         }
         let s = self.session()?;
-        let ty = PubKeyType::RsaOaep;
         Ok(match self.pub_spki(s.get(), ty, k)? {
             Some(spki) if fingerprint_of(&spki) == *fingerprint => !self
                 .find_pub(s.get(), ty, k, ObjectClass::PRIVATE_KEY)?
@@ -526,20 +638,26 @@ impl Hsm {
         })
     }
 
-    /// The checked private-key handle of `k`, cached per run as AES KWK
-    /// handles are (`Verified`): a bulk decrypt looks it up once.
-    fn rsa_handle(&self, s: &Session, k: &KeyRef, fingerprint: &[u8; 32]) -> Result<ObjectHandle> {
+    /// The checked private-key handle of `k` (type `ty`), cached per run
+    /// as AES KWK handles are (`Verified`): a bulk decrypt looks it up
+    /// once. (The cache is keyed by fingerprint, which names the type too.)
+    pub(super) fn pub_handle(
+        &self,
+        s: &Session,
+        ty: PubKeyType,
+        k: &KeyRef,
+        fingerprint: &[u8; 32],
+    ) -> Result<ObjectHandle> {
         if let Some(h) = super::lock(&self.pub_private).get(&(k.clone(), *fingerprint)) {
             return Ok(*h);
         }
-        let h = self
-            .pub_private(s, PubKeyType::RsaOaep, k, fingerprint)?
-            .ok_or_else(|| {
-                Error::key(format!(
-                    "RSA key {k} with this fingerprint is not on token {:?}",
-                    self.token_label
-                ))
-            })?;
+        let h = self.pub_private(s, ty, k, fingerprint)?.ok_or_else(|| {
+            Error::key(format!(
+                "{} key {k} with this fingerprint is not on token {:?}",
+                ty.name(),
+                self.token_label
+            ))
+        })?;
         super::lock(&self.pub_private).insert((k.clone(), *fingerprint), h);
         Ok(h)
     }
@@ -559,7 +677,7 @@ impl Hsm {
         let mut retried = false;
         loop {
             let s = self.session()?;
-            let h = self.rsa_handle(s.get(), k, fingerprint)?;
+            let h = self.pub_handle(s.get(), PubKeyType::RsaOaep, k, fingerprint)?;
             self.calls
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             match s.get().decrypt(&oaep(hash), h, ciphertext) {
@@ -608,34 +726,42 @@ mod tests {
 
     #[test]
     fn private_key_checks_name_each_weakness() {
-        let good = vec![
-            Attribute::Token(true),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Decrypt(true),
-            Attribute::Unwrap(false),
-            Attribute::Sign(false),
-            Attribute::Derive(false),
-            Attribute::NeverExtractable(true),
-        ];
-        let ty = PubKeyType::RsaOaep;
-        assert_eq!(private_problems(ty, &good), (false, vec![]));
-        let mut weak = good.clone();
-        weak[3] = Attribute::Extractable(true);
-        weak[5] = Attribute::Unwrap(true);
-        let (disabled, p) = private_problems(ty, &weak);
-        assert!(!disabled);
-        assert_eq!(p.len(), 2, "{p:?}");
-        // CKA_DECRYPT false is the disabled state, not a weakness; but a
-        // disabled key that is also extractable is still weak.
-        let mut off = good.clone();
-        off[4] = Attribute::Decrypt(false);
-        assert_eq!(private_problems(ty, &off), (true, vec![]));
-        off[3] = Attribute::Extractable(true);
-        let (disabled, p) = private_problems(ty, &off);
-        assert!(disabled);
-        assert_eq!(p.len(), 1, "{p:?}");
+        for &ty in PUBKEY_TYPES {
+            let (_, template) = ty.pair_templates("l", b"id", 3072);
+            // What `key create` asks for, plus what the token then sets.
+            let mut good: Vec<Attribute> = template
+                .into_iter()
+                .filter(|a| {
+                    !matches!(
+                        a,
+                        Attribute::AllowedMechanisms(_) | Attribute::Label(_) | Attribute::Id(_)
+                    )
+                })
+                .collect();
+            good.push(Attribute::NeverExtractable(true));
+            assert_eq!(private_problems(ty, &good), (false, vec![]), "{ty:?}");
+            let at = |t: AttributeType| good.iter().position(|a| a.attribute_type() == t).unwrap();
+            let mut weak = good.clone();
+            weak[at(AttributeType::Extractable)] = Attribute::Extractable(true);
+            weak[at(AttributeType::Unwrap)] = Attribute::Unwrap(true);
+            let (disabled, p) = private_problems(ty, &weak);
+            assert!(!disabled);
+            assert_eq!(p.len(), 2, "{ty:?} {p:?}");
+            // The usage false is the disabled state, not a weakness; but a
+            // disabled key that is also extractable is still weak.
+            let mut off = good.clone();
+            off[at(ty.usage())] = ty.usage_attribute(false);
+            assert_eq!(private_problems(ty, &off), (true, vec![]), "{ty:?}");
+            off[at(AttributeType::Extractable)] = Attribute::Extractable(true);
+            let (disabled, p) = private_problems(ty, &off);
+            assert!(disabled);
+            assert_eq!(p.len(), 1, "{ty:?} {p:?}");
+            // The other type's usage is a weakness.
+            let o = PUBKEY_TYPES.iter().find(|o| **o != ty).unwrap();
+            let mut other = good.clone();
+            other[at(o.usage())] = o.usage_attribute(true);
+            assert_eq!(private_problems(ty, &other).1.len(), 1, "{ty:?}");
+        }
     }
 
     #[test]

@@ -8,8 +8,8 @@
 //!   key carries its creation time in `CKA_ID` as AES KWKs do;
 //! - **current**: the highest version whose private key exists and is not
 //!   disabled; `key export-public` exports it by default;
-//! - **disabled**: the private key's one usage (`CKA_DECRYPT` for RSA-OAEP)
-//!   set to false, so the token refuses it whoever asks; the public key is
+//! - **disabled**: the private key's one usage (`CKA_DECRYPT` for RSA-OAEP,
+//!   `CKA_DERIVE` for EC-P256) set to false, so the token refuses it whoever asks; the public key is
 //!   untouched (hosts holding the recipient file can still encrypt to it,
 //!   which `key disable` says);
 //! - **destroyed**: both objects gone; a number below the highest issued
@@ -20,16 +20,18 @@
 //! Concurrency: every method that changes objects runs on the admin
 //! session under the exclusive token lock (`Hsm::admin_logged_in`) from its
 //! scan to its last check, the same lock AES rotation takes, so two
-//! `key rotate` of one RSA key issue two distinct versions.
+//! `key rotate` of one public key issue two distinct versions.
 //!
-//! A name is used by one type only: creating an AES key under a name a
-//! public-key KWK uses (or the reverse) is refused under the same lock.
+//! A name is used by one type only: every `key create` (aes, rsa-oaep,
+//! ec-p256) asks [`Hsm::refuse_taken_name`] under the exclusive lock it
+//! then generates under, so two creates of one name at once (of the same
+//! or different types) make one key and one refusal.
 
 use super::errors::{is_gone, token_error};
-use super::kwk::{KeyAttributes, KeyInfo, KeyState};
-use super::lifecycle::StateChange;
+use super::kwk::{current_of, state_of, KeyAttributes, KeyInfo, KeyState, StateChange};
 use super::pubkey::{
-    parse_pub_high_water, parse_pub_label, private_attribute_types, private_problems, PubKeyType,
+    parse_pub_high_water, parse_pub_label, private_attribute_types, private_problems, KeyKind,
+    PubKeyType,
 };
 use super::Hsm;
 use crate::backend::KeyRef;
@@ -92,41 +94,27 @@ impl PubFamily {
     }
 }
 
-/// The `key_type` shown for a version: `rsa-oaep-3072`, ...
+/// The modulus size of the RSA public key `h`, if it reads.
+fn modulus_bits(admin: &Session, h: ObjectHandle) -> Option<u64> {
+    admin
+        .get_attributes(h, &[AttributeType::ModulusBits])
+        .ok()?
+        .into_iter()
+        .find_map(|a| match a {
+            Attribute::ModulusBits(b) => Some(u64::from(b)),
+            _ => None,
+        })
+}
+
+/// The `key_type` shown for a version: `rsa-oaep-3072`, `ec-p256`, ...
 fn describe(admin: &Session, ty: PubKeyType, public: Option<ObjectHandle>) -> String {
     match ty {
-        PubKeyType::RsaOaep => {
-            let bits = public.and_then(|h| {
-                admin
-                    .get_attributes(h, &[AttributeType::ModulusBits])
-                    .ok()?
-                    .into_iter()
-                    .find_map(|a| match a {
-                        Attribute::ModulusBits(b) => Some(u64::from(b)),
-                        _ => None,
-                    })
-            });
-            match bits {
-                Some(b) => format!("{}-{b}", ty.name()),
-                None => ty.name().to_string(),
-            }
-        }
+        PubKeyType::RsaOaep => match public.and_then(|h| modulus_bits(admin, h)) {
+            Some(b) => format!("{}-{b}", ty.name()),
+            None => ty.name().to_string(),
+        },
+        PubKeyType::EcP256 => ty.name().to_string(),
     }
-}
-
-fn current_of(versions: &[KeyInfo]) -> Option<u32> {
-    versions
-        .iter()
-        .find(|k| k.state == KeyState::Active)
-        .map(|k| k.version)
-}
-
-fn state_of(versions: &[KeyInfo], version: u32) -> KeyState {
-    versions
-        .iter()
-        .find(|k| k.version == version)
-        .map(|k| k.state)
-        .unwrap_or(KeyState::Destroyed)
 }
 
 impl Hsm {
@@ -188,96 +176,43 @@ impl Hsm {
             .find(|f| f.name == name))
     }
 
-    /// Refuses to create `name` as a public-key KWK of `ty` when the name
-    /// is taken by any key (AES or public-key, any version ever issued).
+    /// The one check every `key create` makes, under the exclusive token
+    /// lock the caller then generates under: refuses `name` when any key
+    /// uses it (AES or public-key, any version ever issued, destroyed ones
+    /// included: numbers are never reused). The same type says how to add
+    /// a version instead; another type says a name is used by one type only.
     pub(super) fn refuse_taken_name(
         &self,
         admin: &Session,
-        ty: PubKeyType,
+        wanted: KeyKind,
         name: &str,
     ) -> Result<()> {
         let t = &self.token_label;
-        self.refuse_ec_name(admin, name, ty.name())?;
-        if !self.family(admin, name)?.is_empty() {
-            return Err(Error::key(format!(
-                "key {name:?} on token {t:?} is an aes key; a name is used by one key type only, so it cannot also be {}: choose another name",
-                ty.name()
-            )));
-        }
-        if let Some(f) = self.pub_family(admin, name)? {
-            return Err(Error::key(if f.ty == ty {
-                format!(
-                    "key {name:?} already exists on token {t:?} ({}, latest v{}); use `hsmseal key rotate {name}` to add a version",
-                    ty.name(),
-                    f.last_issued()
-                )
-            } else {
-                format!(
-                    "key {name:?} on token {t:?} is a {} key; a name is used by one key type only: choose another name",
-                    f.ty.name()
-                )
-            }));
-        }
-        Ok(())
-    }
-
-    /// Refuses `name` when an `ec-p256` key uses it. EC keys are not in
-    /// [`PUBKEY_TYPES`] yet (they have version 1 only, made by
-    /// `Hsm::create_ec_key`), so their one label is looked up directly;
-    /// once EC joins the table, `pub_family` covers it and this goes.
-    pub(super) fn refuse_ec_name(&self, admin: &Session, name: &str, wanted: &str) -> Result<()> {
-        let label = super::kwk::ec_label(name, 1);
-        let found = admin
-            .find_objects(&[Attribute::Label(label.into_bytes())])
-            .map_err(|e| token_error(e, &self.token_label, "looking up keys"))?;
-        if found.is_empty() {
+        let family = self.family(admin, name)?;
+        let (taken_by, last) = if !family.is_empty() {
+            (KeyKind::Aes, family.last_issued())
+        } else if let Some(f) = self.pub_family(admin, name)? {
+            (KeyKind::Pub(f.ty), f.last_issued())
+        } else {
             return Ok(());
-        }
-        Err(Error::key(format!(
-            "key {name:?} on token {:?} is an ec-p256 key; a name is used by one key type only, so it cannot also be {wanted}: choose another name",
-            self.token_label
-        )))
-    }
-
-    /// Refuses to create an AES key under a name a public-key KWK uses.
-    pub(super) fn refuse_pub_name(&self, admin: &Session, name: &str) -> Result<()> {
-        self.refuse_ec_name(admin, name, "aes")?;
-        match self.pub_family(admin, name)? {
-            None => Ok(()),
-            Some(f) => Err(Error::key(format!(
-                "key {name:?} on token {:?} is a {} key; a name is used by one key type only, so it cannot also be an aes key: choose another name (or `hsmseal key rotate {name}` for a new {} version)",
-                self.token_label,
-                f.ty.name(),
-                f.ty.name()
-            ))),
-        }
-    }
-
-    /// `Hsm::destroy_target` (lifecycle.rs) for a public-key KWK: the same rules.
-    pub(super) fn pub_destroy_target(
-        &self,
-        admin: &Session,
-        pf: &PubFamily,
-        k: &KeyRef,
-        force: bool,
-    ) -> Result<Option<KeyInfo>> {
-        if k.version > pf.last_issued() {
-            return Err(self.pub_missing_version(pf, k.version));
-        }
-        let versions = self.pub_version_infos(admin, pf)?;
-        let Some(info) = versions
-            .into_iter()
-            .find(|i| i.version == k.version && i.state != KeyState::Destroyed)
-        else {
-            return Ok(None);
         };
-        if info.state == KeyState::Active && !force {
-            return Err(Error::usage(format!(
-                "refusing to destroy {k}: it is the current version, which `key export-public {}` hands out for new encryptions. Run `hsmseal key rotate {}` first, or pass --force",
-                k.name, k.name
-            )));
-        }
-        Ok(Some(info))
+        let other = taken_by.name();
+        Err(Error::key(match (taken_by == wanted, family.newest()) {
+            (false, _) => format!(
+                "key {name:?} on token {t:?} is an {other} key; a name is used by one key type only, so it cannot also be an {} key: choose another name (or `hsmseal key rotate {name}` for a new {other} version)",
+                wanted.name()
+            ),
+            (true, _) if taken_by != KeyKind::Aes => format!(
+                "key {name:?} already exists on token {t:?} ({other}, latest v{last}); use `hsmseal key rotate {name}` to add a version"
+            ),
+            (true, Some(newest)) => format!(
+                "key {name:?} already exists on token {t:?} (latest v{newest}); use `hsmseal key rotate {name}` to add a version"
+            ),
+            (true, None) => format!(
+                "key {name:?} existed on token {t:?}: v1 to v{last} were destroyed; `hsmseal key rotate {name}` creates v{} (version numbers are never reused)",
+                u64::from(last) + 1
+            ),
+        }))
     }
 
     /// Every version of `f` from v1 to the highest issued, with states.
@@ -414,21 +349,16 @@ impl Hsm {
                 f.name
             ))
         })?;
-        let bits = f
-            .pubs
-            .iter()
-            .rev()
-            .find_map(|(_, h)| {
-                admin
-                    .get_attributes(*h, &[AttributeType::ModulusBits])
-                    .ok()?
-                    .into_iter()
-                    .find_map(|a| match a {
-                        Attribute::ModulusBits(b) => Some(u64::from(b)),
-                        _ => None,
-                    })
-            })
-            .unwrap_or(3072);
+        // The newest version's size (RSA); EC-P256 has one size.
+        let bits = match f.ty {
+            PubKeyType::RsaOaep => f
+                .pubs
+                .iter()
+                .rev()
+                .find_map(|(_, h)| modulus_bits(admin, *h))
+                .unwrap_or(3072),
+            PubKeyType::EcP256 => 0,
+        };
         self.generate_pub_pair(admin, f.ty, &f.name, next, bits)?;
         self.forget_pub();
         let after = self
@@ -465,10 +395,7 @@ impl Hsm {
         let mut changed = false;
         if (was == KeyState::Disabled) == enable {
             let usage = f.ty.usage();
-            let attr = match usage {
-                AttributeType::Derive => Attribute::Derive(enable),
-                _ => Attribute::Decrypt(enable),
-            };
+            let attr = f.ty.usage_attribute(enable);
             for h in privs {
                 admin.update_attributes(h, std::slice::from_ref(&attr)).map_err(|e| {
                     Error::token(format!(

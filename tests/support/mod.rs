@@ -226,3 +226,104 @@ pub fn list_objects(c: &Cli) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// The block of a `pkcs11-tool --list-objects` listing ([`list_objects`])
+/// of class `class` (e.g. "Private Key Object") labelled `label`.
+pub fn object(listing: &str, class: &str, label: &str) -> String {
+    let blocks: Vec<String> = listing.split('\n').fold(Vec::<String>::new(), |mut v, l| {
+        if !l.starts_with(' ') {
+            v.push(String::new());
+        }
+        if let Some(b) = v.last_mut() {
+            b.push_str(l);
+            b.push('\n');
+        }
+        v
+    });
+    blocks
+        .into_iter()
+        .find(|b| b.starts_with(class) && b.contains(&format!("label:      {label}\n")))
+        .unwrap_or_else(|| panic!("no {class} {label} in:\n{listing}"))
+}
+
+/// A backup host's encrypt: `plain` (written to `p` in `a`'s directory)
+/// sealed to the recipient file `dr.pub` there as `r.hseal`, with no
+/// PKCS#11 module, token or PIN. Then: `a` cannot open it (exit 4, the
+/// slot report naming `slot0`, e.g. "slot 0 (ec-p256 key dr v1") and
+/// writes nothing; `b`, holding the private key, opens it.
+pub fn sealed_without_token_opens_only_on(a: &Cli, b: &Cli, plain: &[u8], slot0: &str) {
+    write(&a.path("p"), plain);
+    let mut cmd = Command::new(BIN);
+    clear_hsmseal_env(&mut cmd);
+    cmd.current_dir(a.work.path())
+        .env("HSMSEAL_PKCS11_MODULE", "/nonexistent/no-such-pkcs11.so")
+        .args(["encrypt", "--recipient", "dr.pub", "-o", "r.hseal", "p"]);
+    let out = run_cmd(cmd, None);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = a.run(&["decrypt", "-o", "r.out", "r.hseal"]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    assert!(stderr(&out).contains(slot0), "{}", stderr(&out));
+    assert!(!a.path("r.out").exists());
+    std::fs::copy(a.path("r.hseal"), b.path("r.hseal")).unwrap();
+    b.ok(&["decrypt", "-o", "r.out", "r.hseal"]);
+    assert_eq!(std::fs::read(b.path("r.out")).unwrap(), plain);
+}
+
+/// `inspect --json`'s `slots` of `file` in `c`'s directory.
+pub fn slots_json(c: &Cli, file: &str) -> Vec<serde_json::Value> {
+    let out = c.ok(&["--json", "inspect", file]);
+    json_one(&out, "item")["slots"].as_array().unwrap().clone()
+}
+
+/// Bytes of slot `i` in the place in force of a 2-slot v2 file.
+pub fn slot_bytes(file: &[u8], i: usize) -> Vec<u8> {
+    use hsmseal::envelope::slots;
+    let h = slots::Header2::parse(file).unwrap();
+    let off = slots::place_offset(2, h.active().0) + 32 + i * slots::SLOT_LEN;
+    file[off..off + slots::SLOT_LEN].to_vec()
+}
+
+/// `a`'s `p` (holding `plain`) sealed on `a` to its AES key `a` and to the
+/// recipient file `dr.pub` (key `dr` of type `ty` on `b`) as `p.hseal`:
+/// either token alone opens it, and `verify` on `b` reports the AES slot
+/// as not on this token and the `ty` slot as ok. Then `key rotate a` and
+/// `rotate` on A change the AES slot only (B's slot byte-identical) and B
+/// still opens the result (as `p2.hseal`). Returns the slots as inspect
+/// shows them and the file before and after the rotate.
+pub fn aes_and_recipient_slots_open_from_either_token(
+    a: &Cli,
+    b: &Cli,
+    plain: &[u8],
+    ty: &str,
+) -> (Vec<serde_json::Value>, Vec<u8>, Vec<u8>) {
+    a.ok(&["encrypt", "--key", "a", "--recipient", "dr.pub", "p"]);
+    let sealed = std::fs::read(a.path("p.hseal")).unwrap();
+    let slots = slots_json(a, "p.hseal");
+    assert_eq!(slots[1]["type"], ty, "{slots:?}");
+    a.ok(&["decrypt", "-o", "p.out", "p.hseal"]);
+    assert_eq!(std::fs::read(a.path("p.out")).unwrap(), plain);
+    std::fs::copy(a.path("p.hseal"), b.path("p.hseal")).unwrap();
+    b.ok(&["decrypt", "-o", "p.out", "p.hseal"]);
+    assert_eq!(std::fs::read(b.path("p.out")).unwrap(), plain);
+    let out = b.ok(&["verify", "p.hseal"]);
+    let t = String::from_utf8_lossy(&out);
+    assert!(
+        t.contains("slot 0 (aes key a v1): not on this token")
+            && t.contains(&format!("slot 1 ({ty} key dr v1 (fingerprint sha256:"))
+            && t.contains("): ok"),
+        "{t}"
+    );
+    a.ok(&["key", "rotate", "a"]);
+    a.ok(&["rotate", "p.hseal"]);
+    let after = std::fs::read(a.path("p.hseal")).unwrap();
+    assert_eq!(
+        slot_bytes(&sealed, 1),
+        slot_bytes(&after, 1),
+        "{ty} slot changed"
+    );
+    assert_ne!(slot_bytes(&sealed, 0), slot_bytes(&after, 0));
+    std::fs::copy(a.path("p.hseal"), b.path("p2.hseal")).unwrap();
+    b.ok(&["decrypt", "-o", "p2.out", "p2.hseal"]);
+    assert_eq!(std::fs::read(b.path("p2.out")).unwrap(), plain);
+    (slots, sealed, after)
+}

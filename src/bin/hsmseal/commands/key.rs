@@ -14,7 +14,9 @@
 use crate::app::App;
 use crate::cli::KeyCommand;
 use hsmseal::backend::{validate_key_name, KeyRef};
+use hsmseal::envelope::any_recipient::AnyRecipient;
 use hsmseal::error::{Error, Result};
+use hsmseal::hsm::pubkey::PubKeyType;
 use hsmseal::hsm::{KeyInfo, KeyState, PurgeReport, StateChange};
 use std::sync::atomic::Ordering;
 
@@ -66,74 +68,52 @@ pub fn run(app: &App, cmd: KeyCommand) -> Result<i32> {
             key_type,
             bits,
             backup,
-        } if key_type == "rsa-oaep" => {
+        } => {
+            let Some(ty) = PubKeyType::from_name(&key_type) else {
+                // aes: the one type with no public half.
+                let info = hsm.create_key_with(&name, backup)?;
+                done(info.key_ref(), true);
+                if app.json {
+                    crate::report::emit("key", &info);
+                } else {
+                    crate::outln!(
+                        "created {} v{} on token {token}; files were not changed",
+                        info.name,
+                        info.version
+                    );
+                }
+                return Ok(0);
+            };
             if backup {
-                return Err(Error::usage(
-                    "--backup is for aes keys; an rsa-oaep key's data stays reachable through the other keys of each file (encrypt --key and --recipient together)",
-                ));
+                return Err(Error::usage(format!(
+                    "--backup is for aes keys; an {key_type} key's data stays reachable through the other keys of each file (encrypt --key and --recipient together)"
+                )));
             }
-            let r = hsm.create_rsa_key(&name, bits)?;
+            let r = hsm.create_pub_key(ty, &name, bits)?;
             done(r.key_ref(), true);
             let fp = format!("sha256:{}", hsmseal::envelope::slots::hex(&r.fingerprint()));
-            if app.json {
-                crate::report::emit(
+            match (&r, app.json) {
+                (AnyRecipient::Rsa(r), true) => crate::report::emit(
                     "key",
                     &serde_json::json!({"name": name, "version": r.version, "type": "rsa-oaep", "bits": r.bits, "oaep_hash": r.oaep.name(), "fingerprint": fp}),
-                );
-            } else {
-                crate::outln!(
+                ),
+                (AnyRecipient::Rsa(r), false) => crate::outln!(
                     "created {name} v1 on token {token} (RSA-{}, private key decrypt-only, never extractable, OAEP {}); fingerprint {fp}; `hsmseal key export-public {name}` writes its recipient file",
                     r.bits,
                     r.oaep.name()
-                );
-            }
-        }
-        KeyCommand::Create {
-            name,
-            key_type,
-            backup,
-            ..
-        } if key_type == "ec-p256" => {
-            if backup {
-                return Err(Error::usage(
-                    "--backup is for aes keys; an ec-p256 key's data stays reachable through the other keys of each file (encrypt --key and --recipient together)",
-                ));
-            }
-            let r = hsm.create_ec_key(&name)?;
-            done(r.key_ref(), true);
-            let fp = format!("sha256:{}", hsmseal::envelope::slots::hex(&r.fingerprint()));
-            if app.json {
-                crate::report::emit(
+                ),
+                (AnyRecipient::Ec(r), true) => crate::report::emit(
                     "key",
                     &serde_json::json!({"name": name, "version": r.version, "key_type": "ec-p256", "fingerprint": fp}),
-                );
-            } else {
-                crate::outln!(
+                ),
+                (AnyRecipient::Ec(_), false) => crate::outln!(
                     "created {name} v1 on token {token} (EC P-256, private key derive-only (ECDH), never extractable); fingerprint {fp}; `hsmseal key export-public {name}` writes its recipient file"
-                );
+                ),
             }
         }
         KeyCommand::ExportPublic { name, version } => {
-            // An EC key of that name first; otherwise RSA (whose error
-            // names the missing key).
-            let text = match hsm.export_ec_recipient(&name, version.unwrap_or(1))? {
-                Some(r) => r.to_text(),
-                None => hsm.export_recipient(&name, version)?.to_text(),
-            };
+            let text = hsm.export_recipient(&name, version)?.to_text();
             crate::outln!("{}", text.trim_end());
-        }
-        KeyCommand::Create { name, backup, .. } => {
-            let info = hsm.create_key_with(&name, backup)?;
-            done(info.key_ref(), true);
-            if app.json {
-                crate::report::emit("key", &info);
-            } else {
-                crate::outln!(
-                    "created {} v{} on token {token}; files were not changed",
-                    info.name,
-                    info.version
-                );
-            }
         }
         KeyCommand::Rotate {
             name,
