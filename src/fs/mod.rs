@@ -2,7 +2,8 @@
 //! locks on existing files. `atomic` (AtomicFile, the registry of temporary
 //! files being written, stale ones of killed runs), `durable` (the writer
 //! under AtomicFile: page-aligned writes, early write-back), `sink` (resolve_output,
-//! Sink, OutputFile, open_stream), `lock` (LockedFile and flock(2)).
+//! Sink, OutputFile, open_stream), `lock` (LockedFile and flock(2)), `spool`
+//! (an unlinked scratch file sealed under a key held only in memory).
 //!
 //! Invariants (docs/SECURITY.md, "Files: rewriting an existing hsmseal
 //! file", says why each holds):
@@ -34,6 +35,7 @@ mod atomic;
 mod durable;
 mod lock;
 mod sink;
+pub mod spool;
 
 pub use atomic::{remove_live_temps_for_exit, AtomicFile, TEMP_MARKER};
 pub use lock::{lock_wait, try_lock, unlock, LockMode, LockedFile, LOCK_NOTICE_AFTER};
