@@ -260,6 +260,15 @@ pub struct PgArgs {
     /// One transaction for the whole table instead of one per chunk.
     #[arg(long)]
     pub atomic: bool,
+    /// encrypt, decrypt, rotate: take the table offline (ACCESS EXCLUSIVE
+    /// lock) and rewrite it whole in one transaction: read, TRUNCATE,
+    /// COPY back. Much faster than the online walk and leaves no dead row
+    /// versions; readers wait for it. Refused for tables with triggers,
+    /// rules, row-level security, inheritance or partitions, or that a
+    /// foreign key references. Holds the table in an encrypted scratch
+    /// file in TMPDIR meanwhile.
+    #[arg(long)]
+    pub rewrite: bool,
     /// encrypt: change selected columns that are not text to text first,
     /// recording their type in hsmseal.columns (pg decrypt restores it).
     /// Without it such a column is an error.
@@ -1054,7 +1063,9 @@ Examples:
   export PGPASSWORD=...   # or ~/.pgpass; never in --dsn
   hsmseal pg encrypt --dsn postgresql://app@db/prod --table public.users -c email,ssn --key pii
   # A jsonb column: changed to text, its type recorded for pg decrypt
-  hsmseal pg encrypt --dsn postgresql://app@db/prod --table public.users -c profile --key pii --alter";
+  hsmseal pg encrypt --dsn postgresql://app@db/prod --table public.users -c profile --key pii --alter
+  # In a maintenance window: offline, one transaction, no dead rows left
+  hsmseal pg encrypt --dsn postgresql://app@db/prod --table public.users -c email,ssn --key pii --rewrite";
 
 const EX_PG_DECRYPT: &str = "\
 Examples:
