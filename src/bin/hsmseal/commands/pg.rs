@@ -754,6 +754,7 @@ fn walk(
             aad: Vec::with_capacity(256),
             out: Vec::with_capacity(512),
             rid: Vec::with_capacity(64),
+            ids_in_upd: true,
         })
     };
     let atomic = a.atomic && writes;
@@ -837,7 +838,12 @@ fn walk(
         // The cells on --jobs worker threads; the server's side is one
         // connection (one transaction).
         let works: Vec<CellWork> = (0..pg_jobs(app))
-            .map(|_| new_work())
+            .map(|_| {
+                new_work().map(|mut w| {
+                    w.ids_in_upd = false;
+                    w
+                })
+            })
             .collect::<Result<_>>()?;
         for out in rewrite::rewrite(app, client, &ctx, works, bar.as_ref())? {
             add(out);
@@ -926,14 +932,20 @@ fn walk(
     if std::env::var_os("HSMSEAL_PG_TRACE").is_some() {
         // A diagnostic (docs/PERFORMANCE.md): the connections' time per
         // statement kind, summed over the ranges walked.
-        app.info(format!(
-            "hsmseal: pg trace: {} ranges, SELECT ... FOR UPDATE {:.2} s, UPDATE {:.2} s, cursor + COMMIT {:.2} s, waiting for sealed parts {:.2} s",
-            todo.len(),
+        let (s, u, c, w) = (
             trace.select.as_secs_f64(),
             trace.update.as_secs_f64(),
             trace.commit.as_secs_f64(),
-            trace.wait.as_secs_f64()
-        ));
+            trace.wait.as_secs_f64(),
+        );
+        app.info(if rewrite {
+            format!("hsmseal: pg trace: rewrite, lock + COPY TO the spool {s:.2} s, TRUNCATE + cells + COPY FROM {u:.2} s, COMMIT {c:.2} s")
+        } else {
+            format!(
+                "hsmseal: pg trace: {} ranges, SELECT ... FOR UPDATE {s:.2} s, UPDATE {u:.2} s, cursor + COMMIT {c:.2} s, waiting for sealed parts {w:.2} s",
+                todo.len()
+            )
+        });
     }
     if let Some(pb) = &bar {
         pb.finish_and_clear();
@@ -1556,6 +1568,9 @@ struct CellWork<'a, 't> {
     aad: Vec<u8>,
     out: Vec<u8>,
     rid: Vec<u8>,
+    /// The UPDATE's arrays carry each changed row's key and ctid (the
+    /// online walk); a rewrite writes whole lines and needs only the values.
+    ids_in_upd: bool,
 }
 
 impl CellWork<'_, '_> {
@@ -1682,8 +1697,12 @@ impl CellWork<'_, '_> {
                 changed_row = true;
             }
             if changed_row && writes {
-                for (i, k) in kv.iter().enumerate() {
-                    upd[i].push(Some(k.clone()));
+                if self.ids_in_upd {
+                    for (i, k) in kv.iter().enumerate() {
+                        upd[i].push(Some(k.clone()));
+                    }
+                    let tid = row.text(nk + t.cols.len())?.unwrap_or_default();
+                    upd[nk + t.cols.len() + nb].push(Some(tid.to_string()));
                 }
                 for (j, v) in new_vals.into_iter().enumerate() {
                     upd[nk + j].push(v);
@@ -1691,8 +1710,6 @@ impl CellWork<'_, '_> {
                 for (i, v) in new_bidx.into_iter().enumerate() {
                     upd[nk + t.cols.len() + i].push(v);
                 }
-                let tid = row.text(nk + t.cols.len())?.unwrap_or_default();
-                upd[nk + t.cols.len() + nb].push(Some(tid.to_string()));
                 changed.push(ri);
             }
             last = Some(kv);

@@ -213,84 +213,97 @@ fn layout(c: &mut Client, t: &Table) -> Result<Layout> {
     })
 }
 
-/// One COPY text line: its raw fields, and the walk's cells decoded.
-struct CopyRow {
-    line: Vec<u8>,
-    /// Raw field ranges in `line`.
+/// A part of the spool: COPY text lines in one buffer, each line's raw
+/// fields, and the walk's cells decoded, all in flat arrays (a rewrite
+/// of a million rows allocates per part, not per row or cell).
+#[derive(Default)]
+struct CopyPart {
+    /// The lines, without their newlines, one after another.
+    text: Vec<u8>,
+    /// Raw field ranges in `text`, one per column, row after row.
     fields: Vec<(usize, usize)>,
-    /// The walk's cells (by walk index), decoded into `dec`; `None`: NULL
-    /// (or the ctid, which a COPY line has not).
+    /// The walk's cells, row after row: ranges in `dec`, `None` for NULL
+    /// (and for the ctid, which a COPY line has not).
     cells: Vec<Option<(usize, usize)>>,
     dec: Vec<u8>,
+    scratch: Vec<u8>,
+    rows: usize,
 }
 
-impl CopyRow {
-    fn parse(line: Vec<u8>, lay: &Layout) -> Result<CopyRow> {
-        let mut fields = Vec::with_capacity(lay.names.len());
-        let mut at = 0;
-        for (i, b) in line.iter().enumerate() {
+impl CopyPart {
+    /// Splits the line at the end of `text` (from `start`) into fields and
+    /// decodes the walk's cells.
+    fn add_line(&mut self, start: usize, lay: &Layout) -> Result<()> {
+        let first = self.fields.len();
+        let mut at = start;
+        for (i, b) in self.text[start..].iter().enumerate() {
             if *b == b'\t' {
-                fields.push((at, i));
-                at = i + 1;
+                self.fields.push((at, start + i));
+                at = start + i + 1;
             }
         }
-        fields.push((at, line.len()));
-        if fields.len() != lay.names.len() {
+        self.fields.push((at, self.text.len()));
+        let n = self.fields.len() - first;
+        if n != lay.names.len() {
             return Err(Error::integrity(format!(
-                "a COPY line read back has {} fields where the table has {} columns",
-                fields.len(),
+                "a COPY line read back has {n} fields where the table has {} columns",
                 lay.names.len()
             )));
         }
-        let mut dec = Vec::new();
-        let mut scratch = Vec::new();
-        let mut cells = Vec::with_capacity(lay.walk_field.len());
         for f in &lay.walk_field {
             let Some(f) = *f else {
-                cells.push(None);
+                self.cells.push(None);
                 continue;
             };
-            let (a, b) = fields[f];
-            let raw = &line[a..b];
-            if hsmseal::columns::pgcopy::is_null(raw) {
-                cells.push(None);
+            let (a, b) = self.fields[first + f];
+            let raw = &self.text[a..b];
+            if pgcopy::is_null(raw) {
+                self.cells.push(None);
                 continue;
             }
-            let v = pgcopy::decode(raw, &mut scratch);
-            let start = dec.len();
-            dec.extend_from_slice(v);
-            cells.push(Some((start, dec.len())));
+            let v = pgcopy::decode(raw, &mut self.scratch);
+            let from = self.dec.len();
+            self.dec.extend_from_slice(v);
+            self.cells.push(Some((from, self.dec.len())));
         }
-        Ok(CopyRow {
-            line,
-            fields,
-            cells,
-            dec,
-        })
+        self.rows += 1;
+        Ok(())
+    }
+
+    fn rows(&self) -> Vec<CopyRow<'_>> {
+        (0..self.rows).map(|i| CopyRow { p: self, i }).collect()
     }
 }
 
-impl TextRow for CopyRow {
+/// Row `i` of a [`CopyPart`], as the walk reads it.
+struct CopyRow<'p> {
+    p: &'p CopyPart,
+    i: usize,
+}
+
+impl TextRow for CopyRow<'_> {
     fn text(&self, i: usize) -> Result<Option<&str>> {
-        match self.cells.get(i).copied().flatten() {
+        let per_row = self.p.cells.len() / self.p.rows;
+        match self.p.cells[self.i * per_row + i] {
             None => Ok(None),
-            Some((a, b)) => std::str::from_utf8(&self.dec[a..b])
+            Some((a, b)) => std::str::from_utf8(&self.p.dec[a..b])
                 .map(Some)
                 .map_err(|_| Error::format("a value read back is not UTF-8 text")),
         }
     }
 }
 
-/// Appends `rows` as COPY text lines: each field as it was read, or the
-/// walk's new value where it changed one.
-fn encode(rows: &[CopyRow], part: &Part, t: &Table, lay: &Layout, out: &mut Vec<u8>) {
+/// Appends the part's rows as COPY text lines: each field as it was
+/// read, or the walk's new value where it changed one.
+fn encode(cp: &CopyPart, part: &Part, t: &Table, lay: &Layout, out: &mut Vec<u8>) {
     let (nk, nc) = (t.key.len(), t.cols.len());
     // Blind indexes in the part (encrypt, not --dry-run).
     let nb = part.upd.len() - nk - nc - 1;
+    let nf = lay.names.len();
     let mut changed = part.changed.iter().copied().enumerate().peekable();
-    for (ri, row) in rows.iter().enumerate() {
+    for ri in 0..cp.rows {
         let p = changed.next_if(|&(_, r)| r == ri).map(|(p, _)| p);
-        for (f, &(a, b)) in row.fields.iter().enumerate() {
+        for (f, &(a, b)) in cp.fields[ri * nf..(ri + 1) * nf].iter().enumerate() {
             if f > 0 {
                 out.push(b'\t');
             }
@@ -305,7 +318,7 @@ fn encode(rows: &[CopyRow], part: &Part, t: &Table, lay: &Layout, out: &mut Vec<
             });
             match new {
                 Some(v) => pgcopy::encode(v.as_bytes(), out),
-                None => out.extend_from_slice(&row.line[a..b]),
+                None => out.extend_from_slice(&cp.text[a..b]),
             }
         }
         out.push(b'\n');
@@ -357,9 +370,9 @@ pub(super) fn rewrite<'a, 't>(
         .batch_execute(&format!("TRUNCATE ONLY {}", t.sql))
         .map_err(db_err(&format!("cannot truncate {}", t.label)))?;
     app.info(format!(
-        "hsmseal: {} read ({} KiB) and truncated in this transaction; writing it back (until COMMIT, an error or kill leaves it as it was)",
+        "hsmseal: {} read ({:.1} MiB) and truncated in this transaction; writing it back (until COMMIT, an error or kill leaves it as it was)",
         t.label,
-        spool.len().div_ceil(1024)
+        spool.len() as f64 / 1048576.0
     ));
     // 3. The spool, line by line, through the cell workers into COPY FROM:
     // a reader thread cuts it into parts, the workers change their cells
@@ -368,7 +381,7 @@ pub(super) fn rewrite<'a, 't>(
     // channels keep memory flat whatever the table's size.
     let reader = spool.into_reader()?;
     let part_rows = (ctx.chunk_rows as usize).div_ceil(PARTS_PER_CHUNK).max(1);
-    let (to_workers, parts_in) = std::sync::mpsc::sync_channel::<Vec<CopyRow>>(4);
+    let (to_workers, parts_in) = std::sync::mpsc::sync_channel::<CopyPart>(4);
     let parts_in = std::sync::Mutex::new(parts_in);
     let (to_sender, blocks) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(4);
     let failed = AtomicBool::new(false);
@@ -381,19 +394,19 @@ pub(super) fn rewrite<'a, 't>(
         let cut = spawn("pg-rewrite-read")
             .spawn_scoped(s, move || -> Result<()> {
                 let mut lines = std::io::BufReader::with_capacity(1 << 20, reader);
-                let mut part = Vec::with_capacity(part_rows);
+                let mut part = CopyPart::default();
                 loop {
-                    let mut line = Vec::new();
-                    let n = std::io::BufRead::read_until(&mut lines, b'\n', &mut line)
+                    let start = part.text.len();
+                    let n = std::io::BufRead::read_until(&mut lines, b'\n', &mut part.text)
                         .map_err(|e| Error::integrity(e.to_string()))?;
                     if n > 0 {
-                        if line.pop() != Some(b'\n') {
+                        if part.text.pop() != Some(b'\n') {
                             return Err(Error::integrity("the spool file ends inside a line"));
                         }
-                        part.push(CopyRow::parse(line, lay)?);
+                        part.add_line(start, lay)?;
                     }
-                    if part.len() == part_rows || (n == 0 && !part.is_empty()) {
-                        let full = std::mem::replace(&mut part, Vec::with_capacity(part_rows));
+                    if part.rows == part_rows || (n == 0 && part.rows > 0) {
+                        let full = std::mem::take(&mut part);
                         if failed.load(Ordering::Relaxed) || to_workers.send(full).is_err() {
                             return Ok(());
                         }
@@ -413,8 +426,8 @@ pub(super) fn rewrite<'a, 't>(
                     let mut counts = Counts::default();
                     loop {
                         let next = parts_in.lock().map(|r| r.recv());
-                        let Ok(Ok(rows)) = next else { break };
-                        let part = match work.part(&rows) {
+                        let Ok(Ok(cp)) = next else { break };
+                        let part = match work.part(&cp.rows()) {
                             Ok(p) => p,
                             Err(e) => {
                                 failed.store(true, Ordering::Relaxed);
@@ -422,10 +435,9 @@ pub(super) fn rewrite<'a, 't>(
                             }
                         };
                         counts.add(&part.counts);
-                        let mut out =
-                            Vec::with_capacity(rows.iter().map(|r| r.line.len() * 2).sum());
-                        encode(&rows, &part, t, lay, &mut out);
-                        if to_sender.send((rows.len() as u64, out)).is_err() {
+                        let mut out = Vec::with_capacity(cp.text.len() * 3);
+                        encode(&cp, &part, t, lay, &mut out);
+                        if to_sender.send((cp.rows as u64, out)).is_err() {
                             break;
                         }
                     }
