@@ -180,9 +180,7 @@ fn hex(d: u8) -> u8 {
 pub fn encode(value: &[u8], out: &mut Vec<u8>) {
     let mut rest = value;
     loop {
-        let p = rest
-            .iter()
-            .position(|&c| c == b'\\' || (c < 0x20 && matches!(c, 8..=13)));
+        let p = first_to_escape(rest);
         match p {
             None => {
                 out.extend_from_slice(rest);
@@ -206,9 +204,56 @@ pub fn encode(value: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// The first byte `encode` escapes (backslash, 8..=13), if any: eight
+/// bytes at a time where none is near (tokens, most text), byte by byte
+/// from the first word that may hold one.
+fn first_to_escape(b: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let needs = |c: u8| c == b'\\' || matches!(c, 8..=13);
+    let mut at = 0;
+    while at + 8 <= b.len() {
+        let w = u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+        // A byte below 14, or a zero byte of w ^ backslashes: the classic
+        // "has less than n" test (exact for n <= 128, bytes of w < 0x80;
+        // bytes >= 0x80 never set it, as `!w` clears their high bit).
+        let lt14 = w.wrapping_sub(ONES * 14) & !w & HIGHS;
+        let bs = w ^ (ONES * u64::from(b'\\'));
+        let zero = bs.wrapping_sub(ONES) & !bs & HIGHS;
+        if lt14 | zero != 0 {
+            break;
+        }
+        at += 8;
+    }
+    b[at..].iter().position(|&c| needs(c)).map(|p| at + p)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_the_first_byte_to_escape_at_every_offset() {
+        // Against the byte-by-byte definition, for every position and
+        // every byte value, in runs long enough for the word-wise scan.
+        let slow = |b: &[u8]| b.iter().position(|&c| c == b'\\' || matches!(c, 8..=13));
+        for len in [0usize, 1, 7, 8, 9, 15, 16, 17, 40] {
+            for pos in 0..len {
+                for v in 0..=255u8 {
+                    let mut b = vec![b'A'; len];
+                    b[pos] = v;
+                    if pos + 1 < len {
+                        b[pos + 1] = 0xff;
+                    }
+                    assert_eq!(
+                        first_to_escape(&b),
+                        slow(&b),
+                        "len {len} pos {pos} byte {v}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn decode_and_encode() {
