@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `hsmseal pg encrypt` against the dump pipeline and a plain COPY round trip,
+# `hsmseal pg encrypt` (online, and `--rewrite`) against the dump pipeline and a plain COPY round trip,
 # on one table of BENCH_PG_ROWS rows (default 1,000,000) x 3 text columns,
 # in one run on a fresh PostgreSQL (as scripts/pg-e2e.sh starts it) and a
 # fresh SoftHSM2 token. Prints a markdown section on stdout (scripts/bench.sh
