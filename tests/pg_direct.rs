@@ -8,37 +8,10 @@
 mod pgserver;
 mod support;
 
-use pgserver::{Pg, PASSWORD};
+use pgserver::{count, pg, pg_ok, run_pg, Pg, PASSWORD};
 use postgres::Client;
 use std::process::{Output, Stdio};
 use support::{blind_index, code, stderr, Cli, BIN};
-
-/// The one way the tests run `hsmseal [--json] pg SUBCOMMAND --dsn DSN
-/// REST…` (`args` = SUBCOMMAND, REST…) with extra environment `env` (the
-/// password's source: PGPASSWORD, PGPASSFILE, or none).
-fn run_pg(cli: &Cli, json: bool, dsn: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
-    // --json is global: before the subcommand.
-    let mut all: Vec<&str> = if json { vec!["--json"] } else { vec![] };
-    all.extend_from_slice(&["pg", args[0], "--dsn", dsn]);
-    all.extend_from_slice(&args[1..]);
-    cli.run_with(&all, None, env)
-}
-
-/// `hsmseal pg ARGS` on `db` with PGPASSWORD set.
-fn pg(cli: &Cli, db: &Pg, args: &[&str]) -> Output {
-    run_pg(cli, false, &db.dsn(), args, &[("PGPASSWORD", PASSWORD)])
-}
-
-/// `hsmseal --json pg ARGS` on `db`, which must exit 0: its summary.
-fn pg_ok(cli: &Cli, db: &Pg, args: &[&str]) -> serde_json::Value {
-    let out = run_pg(cli, true, &db.dsn(), args, &[("PGPASSWORD", PASSWORD)]);
-    assert_eq!(code(&out), 0, "hsmseal pg {args:?}: {}", stderr(&out));
-    support::json_one(&out.stdout, "summary")
-}
-
-fn count(c: &mut Client, q: &str) -> i64 {
-    c.query_one(q, &[]).unwrap().get(0)
-}
 
 /// The nasty-value table of the issue, with a composite primary key.
 const NASTY: &str = r#"

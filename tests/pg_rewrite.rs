@@ -10,29 +10,10 @@
 mod pgserver;
 mod support;
 
-use pgserver::{Pg, PASSWORD};
+use pgserver::{count, pg, pg_ok, Pg, PASSWORD};
 use postgres::Client;
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use support::{code, stderr, Cli};
-
-fn pg(cli: &Cli, db: &Pg, json: bool, args: &[&str]) -> Output {
-    let dsn = db.dsn();
-    let mut all: Vec<&str> = if json { vec!["--json"] } else { vec![] };
-    all.extend_from_slice(&["pg", args[0], "--dsn", &dsn]);
-    all.extend_from_slice(&args[1..]);
-    cli.run_with(&all, None, &[("PGPASSWORD", PASSWORD)])
-}
-
-/// `hsmseal --json pg ARGS`, which must exit 0: its summary.
-fn pg_ok(cli: &Cli, db: &Pg, args: &[&str]) -> serde_json::Value {
-    let out = pg(cli, db, true, args);
-    assert_eq!(code(&out), 0, "hsmseal pg {args:?}: {}", stderr(&out));
-    support::json_one(&out.stdout, "summary")
-}
-
-fn count(c: &mut Client, q: &str) -> i64 {
-    c.query_one(q, &[]).unwrap().get(0)
-}
 
 /// Rows in one table and not the other, both ways (0 when equal as bags).
 fn diff(c: &mut Client, a: &str, b: &str) -> i64 {
@@ -264,7 +245,7 @@ fn a_bad_cell_rolls_the_whole_rewrite_back_and_unfit_tables_are_refused() {
         a.extend(base);
         a.extend(["--key", "k"]);
         a.extend(extra);
-        pg(&cli, &db, false, &a)
+        pg(&cli, &db, &a)
     };
     // Encrypt a, then move one token of a to another row, then ask for a
     // rewrite of a and b: the moved token fails the COPY, and the rollback
@@ -345,7 +326,7 @@ fn a_bad_cell_rolls_the_whole_rewrite_back_and_unfit_tables_are_refused() {
         let mut a = vec![sub];
         a.extend(base);
         a.push("--rewrite");
-        let out = pg(&cli, &db, false, &a);
+        let out = pg(&cli, &db, &a);
         assert_eq!(code(&out), 2, "{sub}: {}", stderr(&out));
     }
     // With the obstacles gone, the same rewrite goes through.

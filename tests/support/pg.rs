@@ -2,12 +2,43 @@
 //! when run as root) in a temp dir, on a free loopback port, password
 //! authentication over TCP; stopped on drop. Shared by
 //! the test binaries that need a server, which include it with
-//! `#[path = "support/pg.rs"] mod pg;` (pg_direct.rs and columns_bidx.rs do).
+//! `#[path = "support/pg.rs"] mod pg;` (pg_direct.rs, pg_rewrite.rs and
+//! columns_bidx.rs do, each beside `mod support;`), and the ways those tests
+//! run `hsmseal pg` against it.
 #![allow(dead_code)]
 
+use crate::support::{code, stderr, Cli};
 use postgres::{Client, NoTls};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
+
+/// The one way the tests run `hsmseal [--json] pg SUBCOMMAND --dsn DSN
+/// REST…` (`args` = SUBCOMMAND, REST…) with extra environment `env` (the
+/// password's source: PGPASSWORD, PGPASSFILE, or none).
+pub fn run_pg(cli: &Cli, json: bool, dsn: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    // --json is global: before the subcommand.
+    let mut all: Vec<&str> = if json { vec!["--json"] } else { vec![] };
+    all.extend_from_slice(&["pg", args[0], "--dsn", dsn]);
+    all.extend_from_slice(&args[1..]);
+    cli.run_with(&all, None, env)
+}
+
+/// `hsmseal pg ARGS` on `db` with PGPASSWORD set.
+pub fn pg(cli: &Cli, db: &Pg, args: &[&str]) -> Output {
+    run_pg(cli, false, &db.dsn(), args, &[("PGPASSWORD", PASSWORD)])
+}
+
+/// `hsmseal --json pg ARGS` on `db`, which must exit 0: its summary.
+pub fn pg_ok(cli: &Cli, db: &Pg, args: &[&str]) -> serde_json::Value {
+    let out = run_pg(cli, true, &db.dsn(), args, &[("PGPASSWORD", PASSWORD)]);
+    assert_eq!(code(&out), 0, "hsmseal pg {args:?}: {}", stderr(&out));
+    crate::support::json_one(&out.stdout, "summary")
+}
+
+/// The one value a query returns, as i64 (`count(*)`, sums).
+pub fn count(c: &mut Client, q: &str) -> i64 {
+    c.query_one(q, &[]).unwrap().get(0)
+}
 
 pub const PASSWORD: &str = "pg-s3cret-Pw";
 

@@ -178,23 +178,22 @@ fn layout(c: &mut Client, t: &Table) -> Result<Layout> {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let field = |n: &str| names.iter().position(|x| x == n);
+    // The walk's columns (keys, then selected) among them; a generated one
+    // is not in a COPY (and cannot be encrypted or bind a token anyway).
     let mut walk_field: Vec<Option<usize>> = Vec::new();
-    for k in &t.key {
-        walk_field.push(Some(field(&k.name).ok_or_else(|| {
+    let walked = t
+        .key
+        .iter()
+        .map(|k| &k.name)
+        .chain(t.cols.iter().map(|c| &c.name));
+    for name in walked {
+        let f = names.iter().position(|x| x == name).ok_or_else(|| {
             Error::usage(format!(
-                "cannot --rewrite {}: its row id column {:?} is generated",
-                t.label, k.name
+                "cannot --rewrite {}: column {name:?} is generated",
+                t.label
             ))
-        })?));
-    }
-    for col in &t.cols {
-        walk_field.push(Some(field(&col.name).ok_or_else(|| {
-            Error::usage(format!(
-                "cannot --rewrite {}: column {:?} is generated",
-                t.label, col.name
-            ))
-        })?));
+        })?;
+        walk_field.push(Some(f));
     }
     walk_field.push(None);
     let sel = names
