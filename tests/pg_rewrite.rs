@@ -247,21 +247,25 @@ fn a_bad_cell_rolls_the_whole_rewrite_back_and_unfit_tables_are_refused() {
         a.extend(extra);
         pg(&cli, &db, &a)
     };
-    // Encrypt a, then move one token of a to another row, then ask for a
+    // Encrypt a, then move one token of a to another row (row 2500 of
+    // 5000 in physical order: the reader of the spool is parts ahead of
+    // the worker when it fails, and half the table is still to come),
+    // then ask for a
     // rewrite of a and b: the moved token fails the COPY, and the rollback
     // leaves b in clear everywhere and the table byte for byte as it was.
     let out = enc(&[]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     c.batch_execute(
         "UPDATE public.p SET b = 'b' || id;
-         UPDATE public.p SET a = (SELECT a FROM public.p WHERE id = 17) WHERE id = 4711;
+         UPDATE public.p SET a = (SELECT a FROM public.p WHERE id = 17) WHERE id = 2500;
+         CLUSTER public.p USING p_pkey;
          CREATE TABLE public.p_before AS SELECT * FROM public.p;",
     )
     .unwrap();
     let node = filenode(&mut c, "public.p");
     let out = enc(&["--rewrite"]);
     assert_ne!(code(&out), 0, "a moved token must fail the rewrite");
-    assert!(stderr(&out).contains("id) = (4711)"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("id) = (2500)"), "{}", stderr(&out));
     let errors: Vec<_> = stderr(&out)
         .lines()
         .filter(|l| l.starts_with("hsmseal: error"))
@@ -275,6 +279,41 @@ fn a_bad_cell_rolls_the_whole_rewrite_back_and_unfit_tables_are_refused() {
     );
     assert_eq!(diff(&mut c, "public.p", "public.p_before"), 0);
     assert_eq!(filenode(&mut c, "public.p"), node);
+    // The same with one cell worker: its failure must stop the reader of
+    // the spool too (a run that hangs instead fails here after 2 minutes).
+    let dsn = db.dsn();
+    let mut child = cli
+        .cmd()
+        .args([
+            "pg", "encrypt", "--dsn", &dsn, "--table", "public.p", "-c", "a,b",
+        ])
+        .args([
+            "--key",
+            "k",
+            "--rewrite",
+            "--jobs",
+            "1",
+            "--chunk-rows",
+            "40",
+        ])
+        .env("PGPASSWORD", PASSWORD)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("a rewrite whose only worker failed did not end");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    assert_eq!(diff(&mut c, "public.p", "public.p_before"), 0);
     c.batch_execute("DROP TABLE public.p_before").unwrap();
 
     // Refused before anything is read, --dry-run included: exit 2, the
@@ -332,7 +371,7 @@ fn a_bad_cell_rolls_the_whole_rewrite_back_and_unfit_tables_are_refused() {
     // With the obstacles gone, the same rewrite goes through.
     let out = enc(&["--rewrite"]);
     assert_ne!(code(&out), 0, "the moved token is still there");
-    c.batch_execute("UPDATE public.p SET a = 'a' || id WHERE id = 4711")
+    c.batch_execute("UPDATE public.p SET a = 'a' || id WHERE id = 2500")
         .unwrap();
     let out = enc(&["--rewrite"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));

@@ -381,14 +381,16 @@ pub(super) fn rewrite<'a, 't>(
     let reader = spool.into_reader()?;
     let part_rows = (ctx.chunk_rows as usize).div_ceil(PARTS_PER_CHUNK).max(1);
     let (to_workers, parts_in) = std::sync::mpsc::sync_channel::<CopyPart>(4);
-    let parts_in = std::sync::Mutex::new(parts_in);
+    // Shared by the workers and dropped with the last of them, so the
+    // reader's send fails (and the reader ends) once no worker is left.
+    let parts_in = std::sync::Arc::new(std::sync::Mutex::new(parts_in));
     let (to_sender, blocks) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(4);
     let failed = AtomicBool::new(false);
     let mut w = client
         .copy_in(&format!("COPY {} ({names}) FROM STDIN", t.sql))
         .map_err(db_err(&format!("cannot write {} back", t.label)))?;
     let outs = std::thread::scope(|s| -> Result<Vec<(Counts, CellWork, Trace)>> {
-        let (failed, lay, parts_in) = (&failed, &lay, &parts_in);
+        let (failed, lay) = (&failed, &lay);
         let spawn = |name: &str| std::thread::Builder::new().name(name.into());
         let cut = spawn("pg-rewrite-read")
             .spawn_scoped(s, move || -> Result<()> {
@@ -419,11 +421,13 @@ pub(super) fn rewrite<'a, 't>(
         let mut workers = Vec::new();
         for work in works {
             let to_sender = to_sender.clone();
+            let parts_in = parts_in.clone();
             let h = spawn("pg-rewrite")
                 .spawn_scoped(s, move || -> Result<(Counts, CellWork, Trace)> {
                     let mut work = work;
                     let mut counts = Counts::default();
-                    loop {
+                    // Until the parts end, or any thread failed.
+                    while !failed.load(Ordering::Relaxed) {
                         let next = parts_in.lock().map(|r| r.recv());
                         let Ok(Ok(cp)) = next else { break };
                         let part = match work.part(&cp.rows()) {
@@ -446,6 +450,7 @@ pub(super) fn rewrite<'a, 't>(
             workers.push(h);
         }
         drop(to_sender);
+        drop(parts_in);
         // Sending: until every worker is done (the channel closes) or the
         // server refuses; then the workers and the reader are joined.
         let mut sent = Ok(());
