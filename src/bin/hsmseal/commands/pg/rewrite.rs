@@ -102,6 +102,9 @@ pub(super) fn refusals(c: &mut Client, t: &Table) -> Result<()> {
 /// the table online instead, which writes nothing and still opens every
 /// token encrypt leaves alone: a re-run does not rewrite the table.
 pub(super) fn has_work(c: &mut Client, t: &Table, op: Op) -> Result<bool> {
+    if op == Op::Rotate {
+        return Ok(true);
+    }
     let conds: Vec<String> = t
         .cols
         .iter()
@@ -113,9 +116,6 @@ pub(super) fn has_work(c: &mut Client, t: &Table, op: Op) -> Result<bool> {
             }
         })
         .collect();
-    if op == Op::Rotate {
-        return Ok(true);
-    }
     let q = format!(
         "SELECT EXISTS (SELECT 1 FROM {} AS t WHERE {})",
         t.sql,
